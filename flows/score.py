@@ -1,0 +1,78 @@
+"""Scoring flow: one task per input file, then one output and a summary table artifact.
+
+Each task scores its file into a part file beside the output; the parts are merged into the
+output atomically only when every file succeeded, so a failed run writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.batch_score import merge_scored_parts, score_files, summary_path, write_atomic
+from pipeline.bundle import Bundle
+from pipeline.config import ScoreJob
+
+
+@task(cache_policy=NO_CACHE)
+def check_bundle(bundle: Path) -> dict:
+    """Load the bundle and verify its file hashes."""
+    manifest = Bundle.load(bundle).manifest
+    return {"name": manifest["name"], "version": manifest["version"],
+            "target_fpr": manifest["calibration"]["target_fpr"],
+            "expected_fpr": manifest["calibration"]["expected_fpr"]}
+
+
+@task(cache_policy=NO_CACHE)
+def score_file(job: ScoreJob, input_path: Path, part: Path) -> dict:
+    """Score one input file into a part file."""
+    single = ScoreJob(bundle=job.bundle, inputs=(input_path,), output=part, device=job.device,
+                      batch_size=job.batch_size, threads=job.threads)
+    return score_files(single).to_dict()
+
+
+@task(cache_policy=NO_CACHE)
+def merge_parts(parts: list[tuple[str, Path]], output: Path) -> int:
+    """Merge the part files into the output."""
+    return merge_scored_parts(parts, output)
+
+
+@flow(name="vaeguard-score", log_prints=True)
+def score_flow(job: ScoreJob) -> dict:
+    bundle = check_bundle(job.bundle)
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    parts_dir = job.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"
+    parts_dir.mkdir()
+    try:
+        parts = [parts_dir / f"{i:05d}.parquet" for i in range(len(job.inputs))]
+        futures = [score_file.submit(job, path, part) for path, part in zip(job.inputs, parts)]
+        files = [future.result() for future in futures]
+        merge_parts([(str(p), part) for p, part in zip(job.inputs, parts)], job.output)
+    finally:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    summary = combine_summaries(job, bundle, files)
+    write_atomic(summary_path(job.output), json.dumps(summary, indent=2))
+    create_table_artifact(key="vaeguard-scoring", table=summary["files"],
+                          description=f"Scores of {len(job.inputs)} file(s) with bundle {bundle['name']}: "
+                                      f"{summary['rows']:,} rows, {summary['anomalies']:,} anomalies "
+                                      f"({summary['anomaly_rate']:.3%} against target {bundle['target_fpr']:.3%})")
+    return summary
+
+
+def combine_summaries(job: ScoreJob, bundle: dict, files: list[dict]) -> dict:
+    rows = sum(f["rows"] for f in files)
+    anomalies = sum(f["anomalies"] for f in files)
+    table = [{"file": str(path), "rows": f["rows"], "anomalies": f["anomalies"],
+              "anomaly_rate": round(f["anomaly_rate"], 6), "target_fpr": bundle["target_fpr"],
+              "auroc": None if f["auroc"] is None else round(f["auroc"], 4),
+              "rows_per_second": round(f["rows_per_second"] or 0)}
+             for path, f in zip(job.inputs, files)]
+    return {"bundle": str(job.bundle), "output": str(job.output), "rows": rows, "anomalies": anomalies,
+            "anomaly_rate": anomalies / rows if rows else 0.0, "target_fpr": bundle["target_fpr"],
+            "expected_fpr": bundle["expected_fpr"], "files": table}

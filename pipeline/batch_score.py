@@ -1,0 +1,270 @@
+"""Batch scoring of CSV / Parquet files through a bundle's scorer.onnx.
+
+Files are streamed in chunks, so memory stays bounded whatever their size; a reader thread
+parses the next chunk while the current one is scored (parsing, not the model, is the slow
+part). Output goes to a temporary file beside the target and is renamed into place only when
+every input has been scored, so a failed run leaves no partial output and never replaces an
+existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline.bundle import Bundle
+from pipeline.config import ScoreJob
+from pipeline.errors import ConfigError, DataError
+from pipeline.metrics import auprc, auroc
+from pipeline.runtime import BundleScorer
+from pipeline.tables import iter_batches, read_columns
+
+log = logging.getLogger("vaeguard")
+
+RESULT_COLUMNS = ("score", "recon", "kl", "p_value", "is_anomaly")
+
+
+@dataclass
+class FileSummary:
+    input: str
+    rows: int = 0
+    anomalies: int = 0
+
+
+@dataclass
+class ScoreSummary:
+    bundle: str
+    output: str
+    device: str
+    target_fpr: float
+    expected_fpr: float
+    rows: int = 0
+    anomalies: int = 0
+    seconds: float = 0.0
+    files: list[FileSummary] = field(default_factory=list)
+    auroc: float | None = None  # only when the input carries the bundle's label column
+    auprc: float | None = None
+
+    @property
+    def anomaly_rate(self) -> float:
+        return self.anomalies / self.rows if self.rows else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "anomaly_rate": self.anomaly_rate,
+                "rows_per_second": self.rows / self.seconds if self.seconds else None}
+
+    def describe(self) -> str:
+        text = (f"{self.rows:,} rows, {self.anomalies:,} anomalies: observed rate {self.anomaly_rate:.4%} "
+                f"against target FPR {self.target_fpr:.4%} (expected {self.expected_fpr:.4%} on normal data)")
+        if self.auroc is not None:
+            text += f"; AUROC {self.auroc:.4f}, AUPRC {self.auprc:.4f} on the label column"
+        return text
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".summary.json")
+
+
+def output_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".csv":
+        return "csv"
+    raise ConfigError(f"--output {path}: unsupported extension {suffix or '(none)'!r}; use .parquet or .csv")
+
+
+def required_columns(bundle: Bundle, path: Path) -> tuple[list[str], bool]:
+    """Check an input's header: missing columns fail, extra ones are ignored with a warning."""
+    schema = bundle.schema
+    columns = read_columns(path)
+    needed = list(schema.id_columns) + list(schema.feature_columns)
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing} that bundle {bundle.name!r} was trained on; "
+            f"add them (empty values are allowed) or score with a bundle trained on these columns"
+        )
+    has_label = bool(schema.label_column) and schema.label_column in columns
+    extra = [c for c in columns if c not in needed and c != schema.label_column]
+    if extra:
+        log.warning("%s: ignoring %d column(s) the bundle does not use: %s", path, len(extra),
+                    ", ".join(extra[:10]) + (" ..." if len(extra) > 10 else ""))
+    return needed, has_label
+
+
+def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Parse ahead in a thread; pyarrow releases the GIL, so parsing overlaps scoring."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            slots.put(exc)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
+class _OutputWriter:
+    """Writes result chunks to a hidden temp file; ``commit`` renames it into place."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.format = output_format(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._writer = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            if self.format == "parquet":
+                self._writer = pq.ParquetWriter(self.temp, table.schema)
+            else:
+                self._writer = pacsv.CSVWriter(self.temp, table.schema)
+        self._writer.write_table(table)
+
+    def commit(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        os.replace(self.temp, self.target)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - we're already failing
+                pass
+        self.temp.unlink(missing_ok=True)
+
+
+def _result_table(batch: pa.RecordBatch, id_columns: list[str], outputs: dict[str, np.ndarray],
+                  source: str | None) -> pa.Table:
+    columns, names = [], []
+    if source is not None:
+        columns.append(pa.array(np.full(batch.num_rows, source, dtype=object), pa.string()))
+        names.append("source")
+    for name in id_columns:
+        columns.append(batch.column(name))
+        names.append(name)
+    for name in RESULT_COLUMNS:
+        columns.append(pa.array(outputs[name]))
+        names.append(name)
+    return pa.Table.from_arrays(columns, names=names)
+
+
+def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSummary:
+    """Score every input into one output file (with a ``source`` column when several)."""
+    if job.batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
+    writer = _OutputWriter(job.output)  # validates the output extension before any work
+    bundle = scorer.bundle if scorer else Bundle.load(job.bundle)
+    checked = [(Path(p), *required_columns(bundle, Path(p))) for p in job.inputs]
+    scorer = scorer or BundleScorer(bundle, job.device, job.threads)
+    schema = bundle.schema
+    calibration = bundle.manifest["calibration"]
+    summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output), device=scorer.device,
+                           target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"])
+    labels, scores = [], []
+    started = time.perf_counter()
+    progress = tqdm(unit="rows", unit_scale=True, desc="scoring", disable=not sys.stderr.isatty(), leave=False)
+    try:
+        for path, _, has_label in checked:
+            file_summary = FileSummary(str(path))
+            numeric = list(schema.numeric) + ([schema.label_column] if has_label else [])
+            source = str(path) if len(checked) > 1 else None
+            batches = iter_batches(path, numeric, list(schema.categorical), list(schema.id_columns), job.batch_size)
+            for batch in _prefetch(batches):
+                outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows)
+                writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
+                file_summary.rows += batch.num_rows
+                file_summary.anomalies += int(outputs["is_anomaly"].sum())
+                if has_label:
+                    labels.append(batch.column(schema.label_column).to_numpy(zero_copy_only=False))
+                    scores.append(outputs["score"])
+                progress.update(batch.num_rows)
+            summary.files.append(file_summary)
+            summary.rows += file_summary.rows
+            summary.anomalies += file_summary.anomalies
+        if summary.rows == 0:
+            raise DataError(f"{', '.join(map(str, job.inputs))}: no data rows to score; expected at least one row")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    summary.seconds = time.perf_counter() - started
+    if labels:
+        y, s = np.concatenate(labels), np.concatenate(scores)
+        known = ~np.isnan(y)
+        summary.auroc, summary.auprc = auroc(y[known], s[known]), auprc(y[known], s[known])
+    write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2))
+    return summary
+
+
+def write_atomic(path: Path, text: str) -> None:
+    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
+    """Concatenate per-file score parts (Parquet) into one output, atomically.
+
+    Used when each input was scored by its own task; a ``source`` column names the input when
+    there is more than one. Returns the number of rows written.
+    """
+    writer = _OutputWriter(output)
+    rows = 0
+    try:
+        for source, part in parts:
+            for batch in pq.ParquetFile(part).iter_batches():
+                table = pa.Table.from_batches([batch])
+                if len(parts) > 1:
+                    table = table.add_column(0, "source", pa.array([source] * batch.num_rows, pa.string()))
+                writer.write(table)
+                rows += batch.num_rows
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return rows

@@ -1,0 +1,85 @@
+"""Threshold and conformal p-values from scores of normal rows that training never saw.
+
+With n calibration scores and a target false-positive rate alpha, a new normal row's
+conformal p-value p = (1 + #{calibration scores >= s}) / (n + 1) is uniform (up to ties), so
+flagging p <= alpha keeps the false-positive rate at most alpha, with no assumption about the
+score distribution. That rule is the same as ``score > threshold`` where the threshold is the
+k-th largest calibration score, k = floor(alpha * (n + 1)): the graph uses the threshold, the
+p-value is reported beside it, and the two never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Calibration:
+    scores: np.ndarray  # float32, sorted ascending
+    target_fpr: float
+    threshold: float
+    rank: int  # k: the threshold is the k-th largest calibration score
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def expected_fpr(self) -> float:
+        """The exact false-positive rate the conformal rule gives on exchangeable normal rows."""
+        return self.rank / (self.n + 1)
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        return conformal_p_values(self.scores, scores)
+
+    def to_dict(self) -> dict:
+        return {
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "expected_fpr": self.expected_fpr,
+            "rank": self.rank,
+            "n_calibration": self.n,
+            "rule": "is_anomaly = score > threshold  (equivalently p_value <= target_fpr)",
+            "p_value": "(1 + #{calibration scores >= score}) / (n_calibration + 1)",
+            "scores": [float(s) for s in self.scores],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Calibration":
+        return cls(np.asarray(raw["scores"], dtype=np.float32), raw["target_fpr"], raw["threshold"], raw["rank"])
+
+
+def min_calibration_rows(target_fpr: float) -> int:
+    """Fewest calibration rows for which some threshold reaches the target rate."""
+    check_target_fpr(target_fpr)
+    return math.ceil(1.0 / target_fpr) - 1
+
+
+def check_target_fpr(target_fpr: float) -> None:
+    if not 0.0 < target_fpr < 0.5:
+        raise ConfigError(f"target FPR must be in (0, 0.5), got {target_fpr}; 0.01 means 1% false alarms")
+
+
+def calibrate(scores: np.ndarray, target_fpr: float) -> Calibration:
+    check_target_fpr(target_fpr)
+    ordered = np.sort(np.asarray(scores, dtype=np.float32))
+    n = len(ordered)
+    rank = math.floor(target_fpr * (n + 1) + 1e-9)
+    if rank < 1:
+        raise DataError(
+            f"{n} calibration rows cannot calibrate a target FPR of {target_fpr}: at least "
+            f"{min_calibration_rows(target_fpr)} are needed; give more rows or raise the target FPR"
+        )
+    return Calibration(ordered, float(target_fpr), float(ordered[n - rank]), rank)
+
+
+def conformal_p_values(sorted_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(1 + #{cal >= s}) / (n + 1) in float32, computed as scorer.onnx computes it."""
+    n = len(sorted_scores)
+    below = np.searchsorted(sorted_scores, np.asarray(scores, dtype=np.float32), side="left")
+    return (np.float32(n + 1) - below.astype(np.float32)) / np.float32(n + 1)

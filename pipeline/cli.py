@@ -1,0 +1,158 @@
+"""The `vaeguard` command: train, score, inspect, demo.
+
+Errors the pipeline raises on purpose (PipelineError) are printed as one line, without a
+traceback, and the exit status is 1; `--verbose` adds the traceback and debug logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("vaeguard")
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaeguard", description="VAE anomaly detection for tables: "
+                                     "train, calibrate, export to ONNX, batch-score.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true", help="show debug logs and tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", parents=[common], help="train a bundle from a CSV or Parquet file")
+    train.add_argument("data", type=Path, help="training table (.csv or .parquet) of mostly normal rows")
+    train.add_argument("--name", required=True, help="bundle name: written to OUT/NAME/")
+    train.add_argument("--label-column", help="0/1 column (1 = anomaly); anomalies are never trained on")
+    train.add_argument("--id-columns", type=_columns, default=(), help="comma-separated columns copied to scores")
+    train.add_argument("--target-fpr", type=float, help="false-positive rate of the threshold (default 0.01)")
+    train.add_argument("--config", type=Path, help="YAML file with preprocess/model/training/calibration sections")
+    train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
+    train.add_argument("--out", type=Path, default=Path("exported"), help="output folder (default exported/)")
+
+    score = commands.add_parser("score", parents=[common], help="score tables with a bundle")
+    score.add_argument("bundle", type=Path, help="bundle folder written by `vaeguard train`")
+    score.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help=".csv or .parquet files")
+    score.add_argument("--output", "-o", type=Path, required=True, help="scores file: .parquet or .csv")
+    score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    score.add_argument("--batch-size", type=int, default=65_536, help="rows per chunk (default 65536)")
+    score.add_argument("--threads", type=int, help="onnxruntime threads (default: cores, at most 4)")
+
+    inspect = commands.add_parser("inspect", parents=[common], help="show a bundle's manifest")
+    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print the raw manifest")
+
+    demo = commands.add_parser("demo", parents=[common], help="train and score on generated data through Prefect")
+    demo.add_argument("--rows", type=int, default=20_000, help="rows of generated training data")
+    demo.add_argument("--out", type=Path, default=Path("exported"), help="bundle folder (default exported/)")
+    demo.add_argument("--work", type=Path, default=Path("runs/demo"), help="folder for data and scores")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline.config import TrainJob, load_config
+    from pipeline.workflow import run_training
+
+    config = load_config(args.config)
+    if args.target_fpr is not None:
+        config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, target_fpr=args.target_fpr))
+    overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, **overrides))
+    job = TrainJob(data=args.data, name=args.name, out_dir=args.out, label_column=args.label_column,
+                   id_columns=args.id_columns, config=config)
+    facts = run_training(job)
+    print(format_training(facts))
+
+
+def format_training(facts: dict) -> str:
+    data, sizes, trained, cal = (facts["load_and_validate"], facts["split"], facts["train_model"],
+                                 facts["calibrate_threshold"])
+    lines = [
+        f"bundle:      {facts['bundle']}",
+        f"data:        {data['rows']:,} rows; {data['numeric_columns']} numeric, "
+        f"{data['categorical_columns']} categorical columns"
+        + (f"; dropped {', '.join(data['dropped_columns'])}" if data["dropped_columns"] else ""),
+        f"splits:      train {sizes['train']:,}, validation {sizes['val']:,}, calibration {sizes['cal']:,}"
+        + (f", test {sizes['test']:,}" if sizes["test"] else ""),
+        f"training:    {trained['epochs']} epochs (best {trained['best_epoch']}) in {trained['seconds']:.1f}s on {trained['device']}",
+        f"threshold:   {cal['threshold']:.6g} (expected FPR {cal['expected_fpr']:.4%} from {cal['n_calibration']:,} calibration rows)",
+    ]
+    if "auroc" in cal:
+        lines.append(f"held-out:    AUROC {cal['auroc']:.4f}, AUPRC {cal['auprc']:.4f}, "
+                     f"FPR {cal['test_fpr']:.4%}, recall {cal['test_recall']:.2%}")
+    verify = facts["verify_bundle"]
+    lines.append(f"ONNX parity: max |score diff| {verify['max_abs_diff']['score']:.2e}, "
+                 f"decisions agree on {verify['decision_agreement']:.2%} of {verify['rows']:,} rows")
+    return "\n".join(lines)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from pipeline.batch_score import score_files, summary_path
+    from pipeline.config import ScoreJob
+
+    job = ScoreJob(bundle=args.bundle, inputs=tuple(args.inputs), output=args.output, device=args.device,
+                   batch_size=args.batch_size, threads=args.threads)
+    summary = score_files(job)
+    print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary.describe()}")
+    print(f"device:  {summary.device}; {summary.rows / max(summary.seconds, 1e-9):,.0f} rows/s")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from pipeline.bundle import Bundle
+    from pipeline.inspect import describe_manifest
+
+    bundle = Bundle.load(args.bundle)
+    print(json.dumps(bundle.manifest, indent=2) if args.json else describe_manifest(bundle.manifest))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    # The one command that reaches into flows/: the demo *is* the Prefect path.
+    from flows.demo import run_demo
+
+    run_demo(rows=args.rows, out_dir=args.out, work_dir=args.work)
+
+
+COMMANDS = {"train": cmd_train, "score": cmd_score, "inspect": cmd_inspect, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Only our own logger: Prefect configures its own, and a root handler would print its logs twice.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if args.verbose else "warning: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    log.propagate = False
+    try:
+        COMMANDS[args.command](args)
+    except PipelineError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Typed configuration shared by the CLI, the flows and the tests.
+
+Every knob has a default that works without a config file; a YAML file (``--config``) may set
+any subset, section by section, and unknown keys are an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    # Integer columns with at most this many distinct values are categories (codes, flags),
+    # not quantities. Kept small so ordinal scores such as 1..10 stay numeric.
+    max_integer_categories: int = 5
+    # At most this many categories per column are one-hot encoded; rarer ones share "unknown".
+    max_categories: int = 50
+    # A category seen fewer times than this in training goes to "unknown" too: one-hot
+    # columns that are almost always zero teach the model nothing.
+    min_category_count: int = 2
+    # Explicit overrides of the inferred column kinds.
+    categorical_columns: tuple[str, ...] = ()
+    numeric_columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # None: sized from the number of input features (see pipeline.model.default_layer_sizes).
+    hidden_sizes: tuple[int, ...] | None = None
+    latent_dim: int | None = None
+    # Weight of the KL term in the training loss (beta-VAE).
+    beta: float = 1.0
+    # Weight of the KL term in the anomaly score: score = recon + kl_weight * kl.
+    kl_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    max_epochs: int = 200
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    # Early stopping: stop after this many epochs without a better validation loss.
+    patience: int = 15
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    # None: every core up to 4. Set explicitly because torch's default thread pool
+    # thrashes on small shared machines (see DESIGN.md).
+    threads: int | None = None
+    progress: bool | None = None  # None: a progress bar only when stderr is a terminal
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    target_fpr: float = 0.01
+    cal_fraction: float = 0.2
+    # Share of normal rows held out for AUROC/AUPRC when a label column exists.
+    test_fraction: float = 0.2
+    # Beyond this many calibration rows p-values gain nothing; the rest go to training.
+    max_calibration_rows: int = 20_000
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "PipelineConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown section(s) {unknown}; expected some of {sorted(sections)}"
+            )
+        defaults = cls()
+        built = {
+            name: _build_section(getattr(defaults, name), raw.get(name) or {}, f"{source}:{name}")
+            for name in sections
+        }
+        return cls(**built)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What `vaeguard train` and the training flow are asked to do."""
+
+    data: Path
+    name: str
+    out_dir: Path = Path("exported")
+    label_column: str | None = None
+    id_columns: tuple[str, ...] = ()
+    config: PipelineConfig = field(default_factory=PipelineConfig)
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.out_dir / self.name
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """What `vaeguard score` and the scoring flow are asked to do."""
+
+    bundle: Path
+    inputs: tuple[Path, ...]
+    output: Path
+    device: str = "auto"
+    batch_size: int = 65_536
+    threads: int | None = None
+
+
+_T = TypeVar("_T")
+
+
+def _build_section(default: _T, raw: Any, source: str) -> _T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping, got {raw!r}")
+    known = {f.name: f for f in dataclasses.fields(default)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    values = {}
+    for key, value in raw.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return dataclasses.replace(default, **values)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
+    """Read a YAML config file; None gives the defaults."""
+    if path is None:
+        return PipelineConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    return PipelineConfig.from_dict(raw, source=str(path))
+
+
+def resolve_threads(threads: int | None) -> int:
+    return threads if threads and threads > 0 else max(1, min(os.cpu_count() or 1, 4))

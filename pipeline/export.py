@@ -1,0 +1,106 @@
+"""Writing the three ONNX graphs of a bundle: encoder, decoder and the self-contained scorer.
+
+Uses torch's TorchScript-based exporter (no onnxscript needed, one file per model, dynamic
+batch axis named ``batch_size``). The scorer's categorical front end (strings -> one-hot with
+an unknown bucket) is built with onnx.helper on the ai.onnx.ml OneHotEncoder and composed in
+front of the exported numeric graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, compose, helper
+
+from pipeline.model import VAE
+from pipeline.preprocess import Preprocessor
+from pipeline.scorer_graph import OUTPUT_NAMES, ScorerGraph
+
+OPSET = 17
+ML_OPSET = 3
+# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses; 10 is read everywhere.
+IR_VERSION = 10
+BATCH = "batch_size"
+
+
+def categorical_input_name(column: str) -> str:
+    return f"cat_{column}"
+
+
+def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+                  input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    axes = {name: {0: BATCH} for name in input_names + output_names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET,
+                          input_names=input_names, output_names=output_names,
+                          dynamic_axes=axes, do_constant_folding=True, external_data=False)
+    model = onnx.load(str(path))
+    model.ir_version = IR_VERSION
+    return model
+
+
+def export_encoder(vae: VAE, path: Path) -> None:
+    example = torch.zeros(2, vae.n_features)
+    model = _torch_export(vae.encoder.eval(), (example,), path, ["features"], ["mu", "logvar"])
+    onnx.save(model, str(path))
+
+
+def export_decoder(vae: VAE, path: Path) -> None:
+    example = torch.zeros(2, vae.latent_dim)
+    model = _torch_export(vae.decoder.eval(), (example,), path, ["z"], ["reconstruction"])
+    onnx.save(model, str(path))
+
+
+def export_scorer(graph: ScorerGraph, pre: Preprocessor, path: Path) -> None:
+    examples = []
+    if graph.has_numeric:
+        examples.append(torch.zeros(2, len(pre.numeric)))
+    if graph.has_onehot:
+        examples.append(torch.zeros(2, pre.n_onehot))
+    core = _torch_export(graph.eval(), tuple(examples), path, graph.input_names(), list(OUTPUT_NAMES))
+    if graph.has_onehot:
+        core = compose.merge_models(categorical_front(pre), core, io_map=[("onehot_block", "onehot")])
+        core.ir_version = IR_VERSION
+    onnx.save(core, str(path))
+
+
+def categorical_front(pre: Preprocessor) -> onnx.ModelProto:
+    """One string input per categorical column -> one float one-hot block with unknown buckets.
+
+    OneHotEncoder with zeros=1 maps an unseen string to all zeros; the unknown bucket is then
+    1 - (sum of the row), so each column's block always holds exactly one 1.
+    """
+    inputs, nodes, blocks = [], [], []
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    axis = helper.make_tensor("axis_1", TensorProto.INT64, [1], [1])
+    for i, stats in enumerate(pre.categorical):
+        name = categorical_input_name(stats.name)
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.STRING, [BATCH]))
+        known, seen, unknown = f"known_{i}", f"seen_{i}", f"unknown_{i}"
+        nodes += [
+            helper.make_node("OneHotEncoder", [name], [known], domain="ai.onnx.ml",
+                             cats_strings=list(stats.categories), zeros=1),
+            helper.make_node("ReduceSum", [known, "axis_1"], [seen], keepdims=1),
+            helper.make_node("Sub", ["one", seen], [unknown]),
+        ]
+        blocks += [known, unknown]
+    nodes.append(helper.make_node("Concat", blocks, ["onehot_block"], axis=1))
+    output = helper.make_tensor_value_info("onehot_block", TensorProto.FLOAT, [BATCH, pre.n_onehot])
+    graph = helper.make_graph(nodes, "categorical_front", inputs, [output], initializer=[one, axis])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("ai.onnx.ml", ML_OPSET)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+def set_metadata(path: Path, props: Mapping[str, str]) -> None:
+    """Key facts in the ONNX file itself, for runtimes that never read the manifest."""
+    model = onnx.load(str(path))
+    helper.set_model_props(model, {k: str(v) for k, v in props.items()})
+    model.ir_version = IR_VERSION
+    onnx.save(model, str(path))

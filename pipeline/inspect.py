@@ -1,0 +1,57 @@
+"""A bundle's manifest as text a person reads in a terminal (`vaeguard inspect`)."""
+
+from __future__ import annotations
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    if not rows:
+        return [indent + "(none)"]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "-" if value is None else str(value)
+
+
+def describe_manifest(manifest: dict) -> str:
+    schema, pre, cal = manifest["schema"], manifest["preprocessing"], manifest["calibration"]
+    lines = [
+        f"bundle {manifest['name']}  version {manifest['version']}  created {manifest['created_at']}",
+        f"trained on {manifest['source']['data']}",
+        "",
+        "numeric columns (median, robust scale, missing indicator):",
+        *_table([(s["name"], _fmt(s["median"]), _fmt(s["scale"]), "yes" if s["has_indicator"] else "")
+                 for s in pre["numeric"]]),
+        "categorical columns (kept categories; others map to unknown):",
+        *_table([(s["name"], ", ".join(repr(c) for c in s["categories"][:12])
+                  + (" ..." if len(s["categories"]) > 12 else "")) for s in pre["categorical"]]),
+        f"id columns: {', '.join(schema['id_columns']) or '-'}   label column: {schema['label_column'] or '-'}",
+    ]
+    if schema["dropped"]:
+        lines.append("dropped: " + ", ".join(f"{d['column']} ({d['reason']})" for d in schema["dropped"]))
+    model, training = manifest["model"], manifest["training"]
+    lines += [
+        "",
+        f"model: MLP VAE {model['n_features']} -> {model['hidden_sizes']} -> latent {model['latent_dim']} "
+        f"({model['activation']}), beta {model['beta']}",
+        f"score: {manifest['score']['definition']}",
+        f"training: {training['epochs']} epochs, best {training['best_epoch']}, {training['seconds']:.1f}s on {training['device']}",
+        "",
+        "calibration:",
+        *_table([("threshold", _fmt(cal["threshold"])), ("target FPR", _fmt(cal["target_fpr"])),
+                 ("expected FPR", _fmt(cal["expected_fpr"])), ("calibration rows", _fmt(cal["n_calibration"]))]),
+    ]
+    if manifest["metrics"]:
+        lines += ["held-out metrics:", *_table([(k, _fmt(v)) for k, v in manifest["metrics"].items()])]
+    verification = manifest.get("verification") or {}
+    if verification:
+        lines += ["export verification (onnxruntime vs PyTorch):",
+                  *_table([(k, f"{v:.2e}") for k, v in verification["max_abs_diff"].items()]
+                          + [("decision agreement", f"{verification['decision_agreement']:.4%}"),
+                             ("rows", _fmt(verification["rows"]))])]
+    lines += ["files (sha256):", *_table([(name, digest) for name, digest in manifest["files"].items()]),
+              "versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())]
+    return "\n".join(lines)

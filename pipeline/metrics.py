@@ -1,0 +1,47 @@
+"""Detection metrics on labelled rows (1 = anomaly), in NumPy so the library needs no scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the chance an anomaly outscores a normal row (ties count half)."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(np.asarray(scores, dtype=np.float64))
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auprc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision: precision averaged over the recall steps, highest scores first."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return float("nan")
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, hits = scores[order], labels[order]
+    # Evaluate only at the last index of each group of tied scores, as a threshold would.
+    last_of_group = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    true_pos = np.cumsum(hits)[last_of_group]
+    predicted = (np.arange(len(scores)) + 1)[last_of_group]
+    precision = true_pos / predicted
+    recall_step = np.diff(np.r_[0, true_pos]) / n_pos
+    return float((precision * recall_step).sum())
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    # Tied values share the mean of their ranks.
+    _, first, counts = np.unique(sorted_values, return_index=True, return_counts=True)
+    tied = counts > 1
+    for start, count in zip(first[tied], counts[tied]):
+        idx = order[start:start + count]
+        ranks[idx] = ranks[idx].mean()
+    return ranks

@@ -1,0 +1,84 @@
+"""The variational autoencoder: a pure nn.Module, no training loop, no I/O.
+
+Encoder: features -> (mu, logvar). Decoder: z -> reconstruction, with a linear output layer
+because standardized features are negative as often as positive (a ReLU output could not
+reconstruct them). Sampling happens only in ``forward`` during training; every score uses
+z = mu so it is the same on every run and in every runtime.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Bounds on log-variance keep exp() finite for wildly out-of-distribution rows.
+LOGVAR_MIN, LOGVAR_MAX = -12.0, 12.0
+
+
+def default_layer_sizes(n_features: int) -> tuple[tuple[int, ...], int]:
+    """Width tied to the input: wide enough for 1,500 one-hot features, small for 6 sensors."""
+    first = int(min(256, max(32, 2 * n_features)))
+    second = int(min(128, max(16, n_features)))
+    latent = int(min(16, max(2, n_features // 4)))
+    return (first, second), latent
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ELU()]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int):
+        super().__init__()
+        self.body = _mlp([n_features, *hidden_sizes])
+        self.mu = nn.Linear(hidden_sizes[-1], latent_dim)
+        self.logvar = nn.Linear(hidden_sizes[-1], latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.mu(h), self.logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
+class Decoder(nn.Module):
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int):
+        super().__init__()
+        reversed_sizes = list(reversed(hidden_sizes))
+        self.body = _mlp([latent_dim, *reversed_sizes])
+        self.out = nn.Linear(reversed_sizes[-1], n_features)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(z))
+
+
+class VAE(nn.Module):
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int):
+        super().__init__()
+        self.n_features, self.hidden_sizes, self.latent_dim = n_features, tuple(hidden_sizes), latent_dim
+        self.encoder = Encoder(n_features, self.hidden_sizes, latent_dim)
+        self.decoder = Decoder(n_features, self.hidden_sizes, latent_dim)
+
+    def forward(self, x: torch.Tensor, sample: bool = True):
+        mu, logvar = self.encoder(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        return self.decoder(z), mu, logvar
+
+    def config(self) -> dict:
+        return {"n_features": self.n_features, "hidden_sizes": list(self.hidden_sizes),
+                "latent_dim": self.latent_dim, "activation": "elu"}
+
+
+def score_components(x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor,
+                     logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row reconstruction error and KL divergence, both in nats.
+
+    recon: Gaussian negative log-likelihood with unit variance, without its constant, i.e. half
+    the squared error summed over the preprocessed features. Unit variance matches the robust
+    scaling, which puts every numeric feature on a standard-deviation scale.
+    kl: KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions.
+    """
+    recon = 0.5 * (x - x_hat).pow(2).sum(dim=1)
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+    return recon, kl

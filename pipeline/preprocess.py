@@ -1,0 +1,153 @@
+"""Preprocessing fitted on training rows: impute, flag missing, scale robustly, one-hot.
+
+The fitted state is plain data (medians, scales, category lists) that travels in the manifest
+and is baked into scorer.onnx. ``transform`` here is the reference the ONNX graph must match:
+it works in float32 and does the same operations in the same order.
+
+Features, in order: scaled numeric columns, then one missing-indicator per numeric column
+that had missing values in training, then per categorical column its kept categories and an
+"unknown" bucket (unseen or too-rare categories at scoring time land there, no error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import PreprocessConfig
+from pipeline.schema import TableSchema, categorical_strings, numeric_matrix
+
+UNKNOWN = "__unknown__"
+# Scaling by IQR / 1.349 makes a Gaussian column's scale equal its standard deviation, so
+# reconstruction errors are in familiar units while outliers in training don't set the scale.
+_IQR_TO_SIGMA = 1.349
+
+
+@dataclass(frozen=True)
+class NumericStats:
+    name: str
+    median: float
+    scale: float
+    has_indicator: bool
+
+
+@dataclass(frozen=True)
+class CategoricalStats:
+    name: str
+    categories: tuple[str, ...]  # "" is the missing value, when kept
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    numeric: tuple[NumericStats, ...]
+    categorical: tuple[CategoricalStats, ...]
+
+    @property
+    def numeric_columns(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.numeric)
+
+    @property
+    def categorical_columns(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.categorical)
+
+    @property
+    def indicator_index(self) -> list[int]:
+        """Positions (among numeric columns) of the columns that get a missing indicator."""
+        return [i for i, s in enumerate(self.numeric) if s.has_indicator]
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = [s.name for s in self.numeric]
+        names += [f"{s.name}__missing" for s in self.numeric if s.has_indicator]
+        for s in self.categorical:
+            names += [f"{s.name}={c}" for c in s.categories] + [f"{s.name}={UNKNOWN}"]
+        return names
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_onehot(self) -> int:
+        return sum(len(s.categories) + 1 for s in self.categorical)
+
+    def transform(self, numeric: np.ndarray, categories: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw inputs (float32 with NaN; arrays of str) to the model's float32 features."""
+        numeric = np.asarray(numeric, dtype=np.float32)
+        missing = np.isnan(numeric)
+        medians = np.array([s.median for s in self.numeric], dtype=np.float32)
+        scales = np.array([s.scale for s in self.numeric], dtype=np.float32)
+        filled = np.where(missing, medians, numeric)
+        parts = [(filled - medians) / scales, missing[:, self.indicator_index].astype(np.float32)]
+        parts += [self.one_hot(stats, values) for stats, values in zip(self.categorical, categories)]
+        return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+
+    def onehot_block(self, categories: Sequence[np.ndarray], n_rows: int) -> np.ndarray:
+        parts = [self.one_hot(stats, values) for stats, values in zip(self.categorical, categories)]
+        return np.concatenate(parts, axis=1) if parts else np.zeros((n_rows, 0), np.float32)
+
+    @staticmethod
+    def one_hot(stats: CategoricalStats, values: np.ndarray) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(stats.categories)}
+        unknown = len(stats.categories)
+        codes = np.fromiter((lookup.get(v, unknown) for v in values), dtype=np.int64, count=len(values))
+        return np.eye(unknown + 1, dtype=np.float32)[codes]
+
+    def transform_frame(self, frame: pd.DataFrame, source: str) -> np.ndarray:
+        return self.transform(
+            numeric_matrix(frame, self.numeric_columns, source),
+            categorical_strings(frame, self.categorical_columns),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "missing_category": "",
+            "unknown_category": UNKNOWN,
+            "numeric": [vars(s) for s in self.numeric],
+            "categorical": [{"name": s.name, "categories": list(s.categories)} for s in self.categorical],
+            "feature_names": self.feature_names,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Preprocessor":
+        return cls(
+            numeric=tuple(NumericStats(**s) for s in raw["numeric"]),
+            categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"])) for s in raw["categorical"]),
+        )
+
+
+def fit_preprocessor(frame: pd.DataFrame, schema: TableSchema, config: PreprocessConfig,
+                     source: str) -> Preprocessor:
+    """Learn medians, robust scales and category lists from training rows only."""
+    numeric = numeric_matrix(frame, schema.numeric, source).astype(np.float64)
+    stats = [
+        _numeric_stats(name, numeric[:, i]) for i, name in enumerate(schema.numeric)
+    ]
+    categorical = [
+        CategoricalStats(name, _kept_categories(values, config))
+        for name, values in zip(schema.categorical, categorical_strings(frame, schema.categorical))
+    ]
+    return Preprocessor(tuple(stats), tuple(categorical))
+
+
+def _numeric_stats(name: str, values: np.ndarray) -> NumericStats:
+    present = values[~np.isnan(values)]
+    median = float(np.median(present))
+    q25, q75 = np.percentile(present, [25, 75])
+    scale = float(q75 - q25) / _IQR_TO_SIGMA
+    if scale <= 0:
+        # Mostly-constant columns (sparse counts, rare flags): the IQR is zero, so fall back to
+        # the spread of all values, and to 1 if even that is zero.
+        scale = float(np.std(present)) or 1.0
+    return NumericStats(name, float(np.float32(median)), float(np.float32(scale)),
+                        bool(np.isnan(values).any()))
+
+
+def _kept_categories(values: np.ndarray, config: PreprocessConfig) -> tuple[str, ...]:
+    counts = pd.Series(values).value_counts()
+    counts = counts[counts >= config.min_category_count]
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return tuple(str(c) for c, _ in ordered[: config.max_categories])

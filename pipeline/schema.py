@@ -1,0 +1,161 @@
+"""Which column is what: features (numeric or categorical), identifiers, the label.
+
+Inferred from the training table and validated there, at the boundary, so every later step
+can trust its input. Messages name the file, the column and the (1-based) data row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipeline.config import PreprocessConfig
+from pipeline.errors import DataError
+from pipeline.tables import category_strings
+
+# Share of values that must parse as numbers before a text column counts as numeric with a
+# few bad cells (an error worth naming) rather than as a categorical column.
+_NUMERIC_TEXT_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    id_columns: tuple[str, ...] = ()
+    label_column: str | None = None
+    dropped: tuple[tuple[str, str], ...] = ()  # (column, why)
+
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        return self.numeric + self.categorical
+
+    def to_dict(self) -> dict:
+        return {
+            "numeric": list(self.numeric),
+            "categorical": list(self.categorical),
+            "id_columns": list(self.id_columns),
+            "label_column": self.label_column,
+            "dropped": [{"column": c, "reason": r} for c, r in self.dropped],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TableSchema":
+        return cls(
+            numeric=tuple(raw["numeric"]),
+            categorical=tuple(raw["categorical"]),
+            id_columns=tuple(raw["id_columns"]),
+            label_column=raw["label_column"],
+            dropped=tuple((d["column"], d["reason"]) for d in raw["dropped"]),
+        )
+
+
+def infer_schema(frame: pd.DataFrame, *, source: str, config: PreprocessConfig,
+                 label_column: str | None = None, id_columns: tuple[str, ...] = ()) -> TableSchema:
+    """Classify every column of a training table, failing on columns that can't be used."""
+    for name in (*id_columns, *([label_column] if label_column else [])):
+        if name not in frame.columns:
+            raise DataError(
+                f"{source}: column {name!r} was named as {'label' if name == label_column else 'id'} "
+                f"column but is not in the file; columns are {list(frame.columns)}"
+            )
+    for name in (*config.categorical_columns, *config.numeric_columns):
+        if name not in frame.columns:
+            raise DataError(f"{source}: config names column {name!r}, which is not in the file")
+
+    numeric, categorical, dropped = [], [], []
+    for name in frame.columns:
+        if name in id_columns or name == label_column:
+            continue
+        column = frame[name]
+        if column.isna().all():
+            raise DataError(
+                f"{source}: column {name!r} is empty (all values missing); drop it from the file "
+                f"or fill it"
+            )
+        kind = _column_kind(column, name, config, source)
+        distinct = column.nunique(dropna=kind == "numeric")
+        if distinct <= 1:
+            dropped.append((name, "constant"))
+        elif kind == "numeric":
+            numeric.append(name)
+        else:
+            categorical.append(name)
+    if not numeric and not categorical:
+        raise DataError(f"{source}: no usable feature columns; every column is an id, the label, or constant")
+    return TableSchema(tuple(numeric), tuple(categorical), tuple(id_columns), label_column, tuple(dropped))
+
+
+def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source: str) -> str:
+    if name in config.categorical_columns:
+        return "categorical"
+    if pd.api.types.is_bool_dtype(column):
+        return "categorical"
+    if pd.api.types.is_integer_dtype(column):
+        if name in config.numeric_columns:
+            return "numeric"
+        return "categorical" if column.nunique() <= config.max_integer_categories else "numeric"
+    if pd.api.types.is_float_dtype(column):
+        return "numeric"
+    # Text: numeric if nearly every value parses as a number (then the rest are typos to report).
+    parsed = pd.to_numeric(column, errors="coerce")
+    present = column.notna()
+    if name in config.numeric_columns or parsed[present].notna().mean() >= _NUMERIC_TEXT_SHARE:
+        bad = np.flatnonzero((parsed.isna() & present).to_numpy())
+        row = int(bad[0])
+        raise DataError(
+            f"{source}: column {name!r} must be numeric but row {row + 1} holds {column.iloc[row]!r}; "
+            f"fix or blank out that value"
+        )
+    return "categorical"
+
+
+def numeric_matrix(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> np.ndarray:
+    """Numeric features as float32 with NaN for missing; infinities are an error."""
+    if not columns:
+        return np.zeros((len(frame), 0), dtype=np.float32)
+    values = frame[list(columns)].to_numpy(dtype=np.float64, na_value=np.nan)
+    check_finite(values, columns, source)
+    return values.astype(np.float32)
+
+
+def check_finite(values: np.ndarray, columns: tuple[str, ...] | list[str], source: str,
+                 row_offset: int = 0) -> None:
+    infinite = np.isinf(values)
+    if infinite.any():
+        row, col = map(int, np.argwhere(infinite)[0])
+        raise DataError(
+            f"{source}: column {columns[col]!r} holds {values[row, col]} at row {row_offset + row + 1}; "
+            f"expected finite numbers: replace infinities with a number or leave the cell empty"
+        )
+
+
+def categorical_strings(frame: pd.DataFrame, columns: tuple[str, ...]) -> list[np.ndarray]:
+    """Each categorical column as an array of str, missing as "" (as the ONNX scorer expects)."""
+    return [as_category_array(pa.array(frame[name], from_pandas=True)) for name in columns]
+
+
+def as_category_array(column: pa.Array) -> np.ndarray:
+    return category_strings(column).fill_null("").to_numpy(zero_copy_only=False).astype(object)
+
+
+def label_vector(frame: pd.DataFrame, label_column: str, source: str) -> np.ndarray:
+    """The label as 0/1 ints; anything but two classes 0/1 (or False/True) is an error."""
+    column = frame[label_column]
+    if column.isna().any():
+        row = int(np.flatnonzero(column.isna().to_numpy())[0])
+        raise DataError(
+            f"{source}: label column {label_column!r} is missing a value at row {row + 1}; "
+            f"expected 0 (normal) or 1 (anomaly) on every row"
+        )
+    values = set(pd.unique(column).tolist())
+    if not values <= {0, 1, True, False}:
+        shown = sorted(map(repr, values))[:5]
+        raise DataError(
+            f"{source}: label column {label_column!r} must be binary (0 = normal, 1 = anomaly) but "
+            f"holds {', '.join(shown)}{' ...' if len(values) > 5 else ''}; recode it to 0/1"
+        )
+    return column.astype(int).to_numpy()

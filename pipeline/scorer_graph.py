@@ -1,0 +1,91 @@
+"""The self-contained scorer that becomes scorer.onnx (its numeric part).
+
+Raw numeric columns (NaN = missing) and the one-hot block of the categorical columns go in;
+score, recon, kl, p_value and is_anomaly come out. Imputation, scaling, the VAE with z = mu,
+the threshold and the calibration table all live inside, so another runtime reproduces the
+decisions with no Python. The string -> one-hot step is added in ONNX by pipeline.onnx_graphs,
+since torch has no string tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pipeline.calibrate import Calibration
+from pipeline.model import VAE, score_components
+from pipeline.preprocess import Preprocessor
+from pipeline.schema import categorical_strings, numeric_matrix
+
+OUTPUT_NAMES = ("score", "recon", "kl", "p_value", "is_anomaly")
+
+
+class ScorerGraph(nn.Module):
+    def __init__(self, vae: VAE, pre: Preprocessor, kl_weight: float,
+                 calibration: Calibration | None = None):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = float(kl_weight)
+        self.has_numeric = len(pre.numeric) > 0
+        self.has_onehot = pre.n_onehot > 0
+        self.register_buffer("median", torch.tensor([s.median for s in pre.numeric], dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor([s.scale for s in pre.numeric], dtype=torch.float32))
+        self.register_buffer("indicator_index", torch.tensor(pre.indicator_index, dtype=torch.long))
+        self.calibration = calibration
+        if calibration is not None:
+            # Padded with +inf to a power of two >= n + 1, so a fixed, branch-free binary search
+            # (log2 steps of Gather + Less + Where) counts the calibration scores below s.
+            size = 1 << int(np.ceil(np.log2(calibration.n + 1)))
+            padded = np.full(size, np.inf, dtype=np.float32)
+            padded[: calibration.n] = calibration.scores
+            self.register_buffer("calibration_scores", torch.from_numpy(padded))
+            self.register_buffer("threshold", torch.tensor(calibration.threshold, dtype=torch.float32))
+
+    def input_names(self) -> list[str]:
+        return (["numeric"] if self.has_numeric else []) + (["onehot"] if self.has_onehot else [])
+
+    def features(self, *inputs: torch.Tensor) -> torch.Tensor:
+        parts = []
+        rest = list(inputs)
+        if self.has_numeric:
+            numeric = rest.pop(0)
+            missing = torch.isnan(numeric)
+            filled = torch.where(missing, self.median, numeric)
+            parts += [(filled - self.median) / self.scale, missing[:, self.indicator_index].to(torch.float32)]
+        if self.has_onehot:
+            parts.append(rest.pop(0))
+        return torch.cat(parts, dim=1)
+
+    def components(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.features(*inputs)
+        mu, logvar = self.vae.encoder(x)
+        recon, kl = score_components(x, self.vae.decoder(mu), mu, logvar)
+        return recon + self.kl_weight * kl, recon, kl
+
+    def forward(self, *inputs: torch.Tensor):
+        score, recon, kl = self.components(*inputs)
+        return score, recon, kl, self.p_value(score), score > self.threshold
+
+    def p_value(self, score: torch.Tensor) -> torch.Tensor:
+        table = self.calibration_scores
+        n = self.calibration.n
+        below = torch.zeros_like(score, dtype=torch.long)
+        step = table.shape[0] // 2
+        while step >= 1:
+            candidate = below + step
+            below = torch.where(table[candidate - 1] < score, candidate, below)
+            step //= 2
+        return (n + 1 - below).to(torch.float32) / float(n + 1)
+
+
+def graph_inputs(pre: Preprocessor, frame: pd.DataFrame, source: str) -> tuple[torch.Tensor, ...]:
+    """The raw inputs ScorerGraph takes (numeric with NaN, one-hot block) for rows of a table."""
+    inputs = []
+    if pre.numeric:
+        inputs.append(torch.from_numpy(numeric_matrix(frame, pre.numeric_columns, source)))
+    if pre.categorical:
+        block = pre.onehot_block(categorical_strings(frame, pre.categorical_columns), len(frame))
+        inputs.append(torch.from_numpy(block))
+    return tuple(inputs)

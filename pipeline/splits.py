@@ -1,0 +1,69 @@
+"""Splitting rows into train / validation / calibration / test.
+
+Only normal rows are ever trained or calibrated on: labelled anomalies go to the test split,
+where, with held-out normal rows, they measure AUROC and AUPRC. Without labels there is no
+test split. Splits are random but fixed by the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.calibrate import min_calibration_rows
+from pipeline.config import CalibrationConfig, TrainingConfig
+from pipeline.errors import DataError
+
+MIN_TRAIN_ROWS = 50
+MIN_VAL_ROWS = 10
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: np.ndarray  # row positions in the training table
+    val: np.ndarray
+    cal: np.ndarray
+    test: np.ndarray  # held-out normal rows, then every anomaly
+
+    def sizes(self) -> dict[str, int]:
+        return {k: int(len(v)) for k, v in vars(self).items()}
+
+
+def _sizes(n_normal: int, cal: CalibrationConfig, training: TrainingConfig, labelled: bool):
+    n_cal = min(cal.max_calibration_rows, round(cal.cal_fraction * n_normal))
+    n_test = round(cal.test_fraction * n_normal) if labelled else 0
+    n_val = max(MIN_VAL_ROWS, round(training.val_fraction * n_normal))
+    return n_cal, n_val, n_test, n_normal - n_cal - n_val - n_test
+
+
+def rows_needed(cal: CalibrationConfig, training: TrainingConfig, labelled: bool) -> int:
+    """Fewest normal rows that give every split its minimum size."""
+    n = MIN_TRAIN_ROWS + MIN_VAL_ROWS
+    while True:
+        n_cal, _, _, n_train = _sizes(n, cal, training, labelled)
+        if n_cal >= min_calibration_rows(cal.target_fpr) and n_train >= MIN_TRAIN_ROWS:
+            return n
+        n = max(n + 1, math.ceil(n * 1.01))
+
+
+def split_rows(labels: np.ndarray | None, n_rows: int, cal: CalibrationConfig,
+               training: TrainingConfig, source: str) -> Splits:
+    rng = np.random.default_rng(training.seed)
+    labelled = labels is not None
+    normal = np.flatnonzero(labels == 0) if labelled else np.arange(n_rows)
+    anomalies = np.flatnonzero(labels == 1) if labelled else np.array([], dtype=np.int64)
+    n_cal, n_val, n_test, n_train = _sizes(len(normal), cal, training, labelled)
+    if n_cal < min_calibration_rows(cal.target_fpr) or n_train < MIN_TRAIN_ROWS:
+        needed = rows_needed(cal, training, labelled)
+        raise DataError(
+            f"{source}: too few rows to train and calibrate: {len(normal)} normal rows, need at "
+            f"least {needed} for target FPR {cal.target_fpr} (calibration alone needs "
+            f"{min_calibration_rows(cal.target_fpr)}); add rows or raise --target-fpr"
+        )
+    shuffled = rng.permutation(normal)
+    cuts = np.cumsum([n_train, n_val, n_cal])
+    train, val, cal_rows, test_normal = np.split(shuffled, cuts)
+    return Splits(train=np.sort(train), val=np.sort(val), cal=np.sort(cal_rows),
+                  test=np.concatenate([np.sort(test_normal), anomalies]))

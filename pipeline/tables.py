@@ -1,0 +1,181 @@
+"""Reading CSV and Parquet tables, whole (training) or in bounded chunks (scoring).
+
+Both paths go through pyarrow with the same parsing rules, so a value means the same thing at
+training and at scoring time: empty fields and the usual null markers ("NA", "null", ...) are
+missing in every column, strings included.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.errors import DataError, InputFileError
+
+SUPPORTED_SUFFIXES = (".csv", ".parquet", ".pq")
+
+# Large blocks keep the CSV parser's threads busy; one block is a few MB of text.
+_CSV_BLOCK_BYTES = 16 << 20
+
+
+def table_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise InputFileError(
+        f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of {SUPPORTED_SUFFIXES}"
+    )
+
+
+def check_input_file(path: str | Path) -> Path:
+    """Fail early, with the path in the message, on a missing or zero-byte input."""
+    path = Path(path)
+    table_format(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise InputFileError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise InputFileError(f"{path}: the file is empty; expected a header row and data rows")
+    return path
+
+
+def _csv_options(column_types: dict[str, pa.DataType] | None = None,
+                 include_columns: list[str] | None = None,
+                 block_size: int = _CSV_BLOCK_BYTES):
+    read = pacsv.ReadOptions(block_size=block_size)
+    convert = pacsv.ConvertOptions(
+        strings_can_be_null=True,
+        column_types=column_types or {},
+        include_columns=include_columns or [],
+    )
+    return read, convert
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a whole table for training; the header alone, or nothing, is an error."""
+    path = check_input_file(path)
+    try:
+        if table_format(path) == "csv":
+            read, convert = _csv_options()
+            table = pacsv.read_csv(path, read_options=read, convert_options=convert)
+        else:
+            table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputFileError(f"{path}: could not be read as {table_format(path)}: {_one_line(exc)}") from exc
+    if table.num_rows == 0:
+        raise DataError(f"{path}: has a header but no data rows; expected at least one row")
+    return table.to_pandas()
+
+
+def read_columns(path: str | Path) -> list[str]:
+    """The column names of a table, without reading its rows."""
+    path = check_input_file(path)
+    try:
+        if table_format(path) == "csv":
+            read, convert = _csv_options(block_size=1 << 20)
+            with pacsv.open_csv(path, read_options=read, convert_options=convert) as reader:
+                return list(reader.schema.names)
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputFileError(f"{path}: could not be read as {table_format(path)}: {_one_line(exc)}") from exc
+
+
+def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthrough: list[str],
+                 batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Stream a table in chunks of at most ``batch_rows`` rows with the given column types.
+
+    ``numeric`` columns come as float64 (missing -> null); ``text`` columns (categories) and
+    ``passthrough`` columns (identifiers) as strings, verbatim from a CSV so leading zeros
+    survive, so outputs of CSV and Parquet inputs share one schema. Memory stays bounded by a
+    few chunks whatever the file size. A value that is not a number in a numeric column raises a DataError naming
+    the column and the row.
+    """
+    path = check_input_file(path)
+    if table_format(path) == "parquet":
+        source = pq.ParquetFile(path)
+        target = pa.schema([(c, pa.float64()) for c in numeric] + [(c, pa.string()) for c in text + passthrough])
+        rows_before = 0
+        for batch in source.iter_batches(batch_size=batch_rows, columns=numeric + text + passthrough):
+            yield _cast_batch(batch, target, path, rows_before)
+            rows_before += batch.num_rows
+        return
+    types = {c: pa.float64() for c in numeric} | {c: pa.string() for c in text + passthrough}
+    read, convert = _csv_options(types, numeric + text + passthrough)
+    try:
+        with pacsv.open_csv(path, read_options=read, convert_options=convert) as reader:
+            for batch in reader:
+                for start in range(0, batch.num_rows, batch_rows):
+                    yield batch.slice(start, batch_rows)
+    except pa.ArrowInvalid as exc:
+        raise _diagnose_csv_error(path, numeric, exc) from exc
+
+
+def _cast_batch(batch: pa.RecordBatch, target: pa.Schema, path: Path, rows_before: int) -> pa.RecordBatch:
+    columns = []
+    for field_ in target:
+        column = batch.column(field_.name)
+        if column.type == field_.type:
+            columns.append(column)
+            continue
+        if pa.types.is_string(field_.type) or pa.types.is_large_string(field_.type):
+            columns.append(category_strings(column))
+            continue
+        try:
+            columns.append(column.cast(field_.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            values = pd.to_numeric(pd.Series(column.to_pylist()), errors="coerce")
+            bad = np.flatnonzero(values.isna().to_numpy() & pd.Series(column.to_pylist()).notna().to_numpy())
+            row = int(bad[0]) if bad.size else 0
+            raise DataError(
+                f"{path}: column {field_.name!r} must be numeric but row {rows_before + row + 1} holds "
+                f"{column[row].as_py()!r}; fix or blank out that value"
+            ) from None
+    return pa.RecordBatch.from_arrays(columns, schema=target)
+
+
+def category_strings(column: pa.Array) -> pa.Array:
+    """Categories as strings, spelled as training spelled them (integral floats without '.0')."""
+    if pa.types.is_floating(column.type):
+        values = column.to_numpy(zero_copy_only=False)
+        finite = values[~np.isnan(values)]
+        if finite.size and np.all(finite == np.round(finite)):
+            column = column.cast(pa.int64())
+    return column.cast(pa.string())
+
+
+def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataError:
+    """Arrow's conversion error names a column index; re-scan as text to name the column and row."""
+    read, convert = _csv_options({c: pa.string() for c in numeric}, numeric)
+    row_offset = 0
+    try:
+        with pacsv.open_csv(path, read_options=read, convert_options=convert) as reader:
+            for batch in reader:
+                for name in numeric:
+                    raw = batch.column(name).to_pandas()
+                    parsed = pd.to_numeric(raw, errors="coerce")
+                    bad = np.flatnonzero(parsed.isna().to_numpy() & raw.notna().to_numpy())
+                    if bad.size:
+                        row = row_offset + int(bad[0]) + 1
+                        return DataError(
+                            f"{path}: column {name!r} must be numeric but row {row} (line {row + 1}) "
+                            f"holds {raw.iloc[int(bad[0])]!r}; fix or blank out that value"
+                        )
+                row_offset += batch.num_rows
+    except pa.ArrowInvalid:
+        pass
+    return DataError(f"{path}: could not be parsed: {_one_line(exc)}")
+
+
+
+def _one_line(exc: Exception) -> str:
+    return re.sub(r"\s+", " ", str(exc)).strip()

@@ -1,0 +1,279 @@
+"""The training run as a sequence of steps that pass files, not objects.
+
+Each step reads what earlier steps wrote into the run folder and writes its own result there,
+returning only a small dict of facts. The Prefect flow runs each step as a task (tasks pass
+paths and small values); ``run_training`` runs them in order for the CLI. The run folder
+lives inside the output folder, so publishing the finished bundle is an atomic rename, and a
+failed run removes it and leaves any existing bundle untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, library_versions, publish_bundle, sha256_file, write_manifest
+from pipeline.calibrate import Calibration, calibrate
+from pipeline.config import PipelineConfig, TrainJob
+from pipeline.export import IR_VERSION, OPSET, categorical_input_name, export_decoder, export_encoder, export_scorer, set_metadata
+from pipeline.metrics import auprc, auroc
+from pipeline.model import VAE
+from pipeline.preprocess import Preprocessor, fit_preprocessor
+from pipeline.schema import TableSchema, infer_schema, label_vector, numeric_matrix
+from pipeline.scorer_graph import OUTPUT_NAMES, ScorerGraph, graph_inputs
+from pipeline.splits import Splits, split_rows
+from pipeline.tables import read_table
+from pipeline.train import train_vae
+from pipeline.verify import verify_export
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where one training run keeps its intermediate files."""
+
+    root: Path
+
+    @classmethod
+    def create(cls, job: TrainJob) -> "RunDir":
+        root = job.out_dir / f".{job.name}.run-{uuid.uuid4().hex[:8]}"
+        root.mkdir(parents=True)
+        return cls(root)
+
+    rows = property(lambda self: self.root / "rows.parquet")
+    schema = property(lambda self: self.root / "schema.json")
+    splits = property(lambda self: self.root / "splits.npz")
+    preprocessor = property(lambda self: self.root / "preprocessor.json")
+    features = property(lambda self: self.root / "features.npz")
+    model = property(lambda self: self.root / "model.pt")
+    history = property(lambda self: self.root / "history.json")
+    calibration = property(lambda self: self.root / "calibration.json")
+    bundle = property(lambda self: self.root / "bundle")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _source(job: TrainJob) -> str:
+    return str(job.data)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, allow_nan=False))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# --- steps -------------------------------------------------------------------------------
+
+
+def load_and_validate(job: TrainJob, run: RunDir) -> dict:
+    """Read the table, infer and check the schema, keep the usable columns."""
+    frame = read_table(job.data)
+    schema = infer_schema(frame, source=_source(job), config=job.config.preprocess,
+                          label_column=job.label_column, id_columns=job.id_columns)
+    numeric_matrix(frame, schema.numeric, _source(job))  # fails early on infinities
+    labels = label_vector(frame, schema.label_column, _source(job)) if schema.label_column else None
+    keep = list(schema.id_columns) + list(schema.feature_columns) + ([schema.label_column] if labels is not None else [])
+    frame[keep].reset_index(drop=True).to_parquet(run.rows)
+    _write_json(run.schema, schema.to_dict())
+    return {
+        "rows": len(frame),
+        "numeric_columns": len(schema.numeric),
+        "categorical_columns": len(schema.categorical),
+        "dropped_columns": [c for c, _ in schema.dropped],
+        "labelled_anomalies": int(labels.sum()) if labels is not None else None,
+    }
+
+
+def split(job: TrainJob, run: RunDir) -> dict:
+    """Random train / validation / calibration / test rows; anomalies only ever in test."""
+    schema = TableSchema.from_dict(_read_json(run.schema))
+    frame = pd.read_parquet(run.rows)
+    labels = frame[schema.label_column].to_numpy().astype(int) if schema.label_column else None
+    splits = split_rows(labels, len(frame), job.config.calibration, job.config.training, _source(job))
+    np.savez(run.splits, **vars(splits))
+    return splits.sizes()
+
+
+def _load_splits(run: RunDir) -> Splits:
+    with np.load(run.splits) as data:
+        return Splits(**{k: data[k] for k in data.files})
+
+
+def fit_preprocessing(job: TrainJob, run: RunDir) -> dict:
+    """Fit imputation, scaling and categories on training rows only; featurize every split."""
+    schema = TableSchema.from_dict(_read_json(run.schema))
+    frame = pd.read_parquet(run.rows)
+    splits = _load_splits(run)
+    pre = fit_preprocessor(frame.iloc[splits.train], schema, job.config.preprocess, _source(job))
+    _write_json(run.preprocessor, pre.to_dict())
+    np.savez(run.features, **{name: pre.transform_frame(frame.iloc[rows], _source(job))
+                              for name, rows in vars(splits).items()})
+    return {"features": pre.n_features}
+
+
+def train_model(job: TrainJob, run: RunDir) -> dict:
+    """Train the VAE with early stopping on the validation split."""
+    with np.load(run.features) as data:
+        train_x, val_x = data["train"], data["val"]
+    result = train_vae(train_x, val_x, job.config.model, job.config.training)
+    torch.save({"config": result.model.config(), "state_dict": result.model.state_dict()}, run.model)
+    facts = {"epochs": len(result.history), "best_epoch": result.best_epoch,
+             "seconds": round(result.seconds, 3), "device": result.device,
+             "best_val_loss": result.history[result.best_epoch - 1]["val_loss"]}
+    _write_json(run.history, {"facts": facts, "epochs": result.history})
+    return facts
+
+
+def _load_model(run: RunDir) -> VAE:
+    saved = torch.load(run.model, weights_only=True)
+    config = saved["config"]
+    model = VAE(config["n_features"], tuple(config["hidden_sizes"]), config["latent_dim"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def calibrate_threshold(job: TrainJob, run: RunDir) -> dict:
+    """Score calibration rows, set the threshold at the target FPR; measure on test rows."""
+    schema = TableSchema.from_dict(_read_json(run.schema))
+    pre = Preprocessor.from_dict(_read_json(run.preprocessor))
+    frame = pd.read_parquet(run.rows)
+    splits = _load_splits(run)
+    graph = ScorerGraph(_load_model(run), pre, job.config.model.kl_weight).eval()
+    with torch.no_grad():
+        cal_scores = graph.components(*graph_inputs(pre, frame.iloc[splits.cal], _source(job)))[0].numpy()
+    calibration = calibrate(cal_scores, job.config.calibration.target_fpr)
+    metrics: dict = {}
+    if schema.label_column and len(splits.test):
+        test = frame.iloc[splits.test]
+        with torch.no_grad():
+            scores = graph.components(*graph_inputs(pre, test, _source(job)))[0].numpy()
+        labels = test[schema.label_column].to_numpy().astype(int)
+        normal = labels == 0
+        metrics = {
+            "auroc": auroc(labels, scores), "auprc": auprc(labels, scores),
+            "test_normal_rows": int(normal.sum()), "test_anomaly_rows": int((~normal).sum()),
+            "test_fpr": float((scores[normal] > calibration.threshold).mean()) if normal.any() else None,
+            "test_recall": float((scores[~normal] > calibration.threshold).mean()) if (~normal).any() else None,
+        }
+    _write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": metrics})
+    return {"threshold": calibration.threshold, "n_calibration": calibration.n,
+            "expected_fpr": calibration.expected_fpr, **metrics}
+
+
+def _scorer_graph(job: TrainJob, run: RunDir) -> tuple[ScorerGraph, Preprocessor, Calibration]:
+    pre = Preprocessor.from_dict(_read_json(run.preprocessor))
+    calibration = Calibration.from_dict(_read_json(run.calibration)["calibration"])
+    return ScorerGraph(_load_model(run), pre, job.config.model.kl_weight, calibration).eval(), pre, calibration
+
+
+def export_bundle(job: TrainJob, run: RunDir) -> dict:
+    """Write encoder.onnx, decoder.onnx, scorer.onnx and manifest.json into the staging folder."""
+    graph, pre, calibration = _scorer_graph(job, run)
+    schema = TableSchema.from_dict(_read_json(run.schema))
+    run.bundle.mkdir(exist_ok=True)
+    export_encoder(graph.vae, run.bundle / "encoder.onnx")
+    export_decoder(graph.vae, run.bundle / "decoder.onnx")
+    export_scorer(graph, pre, run.bundle / "scorer.onnx")
+    created = datetime.now(timezone.utc)
+    version = created.strftime("%Y%m%dT%H%M%SZ")
+    facts = {
+        "vaeguard.bundle": job.name, "vaeguard.version": version, "vaeguard.created_at": created.isoformat(),
+        "vaeguard.threshold": repr(calibration.threshold), "vaeguard.target_fpr": repr(calibration.target_fpr),
+        "vaeguard.n_calibration": str(calibration.n),
+        "vaeguard.score": "score = recon + kl_weight * kl; recon = 0.5 * sum((x - x_hat)^2); z = mu",
+        "vaeguard.kl_weight": repr(job.config.model.kl_weight),
+        "vaeguard.numeric_columns": json.dumps(list(pre.numeric_columns)),
+        "vaeguard.categorical_columns": json.dumps(list(pre.categorical_columns)),
+        "vaeguard.feature_names": json.dumps(pre.feature_names),
+    }
+    for name in MODEL_FILES:
+        set_metadata(run.bundle / name, facts)
+    history = _read_json(run.history)
+    calibrated = _read_json(run.calibration)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "name": job.name, "version": version, "created_at": created.isoformat(),
+        "source": {"data": str(job.data), "host": socket.gethostname()},
+        "schema": schema.to_dict(),
+        "preprocessing": pre.to_dict(),
+        "model": {**graph.vae.config(), "beta": job.config.model.beta},
+        "score": {
+            "kl_weight": job.config.model.kl_weight,
+            "definition": "score = recon + kl_weight * kl, with z = mu (no sampling)",
+            "recon": "0.5 * sum over preprocessed features of (x - x_hat)^2 "
+                     "(Gaussian negative log-likelihood with unit variance, constant dropped)",
+            "kl": "0.5 * sum over latent dims of (mu^2 + exp(logvar) - 1 - logvar)",
+        },
+        "training": history["facts"],
+        "calibration": calibrated["calibration"],
+        "metrics": calibrated["metrics"],
+        "config": job.config.to_dict(),
+        "onnx": {
+            "opset": OPSET, "ir_version": IR_VERSION, "batch_axis": "batch_size",
+            "scorer_inputs": (
+                ([{"name": "numeric", "dtype": "float32", "shape": ["batch_size", len(pre.numeric)],
+                   "columns": list(pre.numeric_columns), "missing": "NaN"}] if pre.numeric else [])
+                + [{"name": categorical_input_name(c), "dtype": "string", "shape": ["batch_size"],
+                    "column": c, "missing": ""} for c in pre.categorical_columns]
+            ),
+            "scorer_outputs": list(OUTPUT_NAMES),
+        },
+        "verification": None,
+        "files": {name: sha256_file(run.bundle / name) for name in MODEL_FILES},
+        "versions": library_versions(),
+    }
+    write_manifest(run.bundle, manifest)
+    return {"bundle_version": version, "files": list(MODEL_FILES)}
+
+
+def verify_bundle(job: TrainJob, run: RunDir) -> dict:
+    """Check the ONNX files and their parity with PyTorch on the calibration rows."""
+    graph, _, _ = _scorer_graph(job, run)
+    frame = pd.read_parquet(run.rows)
+    splits = _load_splits(run)
+    with np.load(run.features) as data:
+        cal_features = data["cal"]
+    report = verify_export(run.bundle, graph, frame.iloc[splits.cal], cal_features)
+    manifest = _read_json(run.bundle / "manifest.json")
+    manifest["verification"] = report
+    write_manifest(run.bundle, manifest)
+    return report
+
+
+def publish(job: TrainJob, run: RunDir) -> Path:
+    """Swap the verified bundle into exported/NAME and clean up the run folder."""
+    publish_bundle(run.bundle, job.bundle_dir)
+    run.remove()
+    return job.bundle_dir
+
+
+STEPS = (load_and_validate, split, fit_preprocessing, train_model, calibrate_threshold, export_bundle, verify_bundle)
+
+
+def run_training(job: TrainJob) -> dict:
+    """All steps in order, without Prefect. Returns the facts each step reported."""
+    run = RunDir.create(job)
+    facts: dict = {}
+    try:
+        for step in STEPS:
+            facts[step.__name__] = step(job, run)
+        facts["bundle"] = str(publish(job, run))
+    finally:
+        run.remove()
+    return facts
+
+
+def default_job(data: Path, name: str, config: PipelineConfig | None = None, **kwargs) -> TrainJob:
+    return TrainJob(data=Path(data), name=name, config=config or PipelineConfig(), **kwargs)

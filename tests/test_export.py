@@ -1,0 +1,116 @@
+"""ONNX parity: encoder, decoder and scorer against PyTorch at batch sizes 1, 7 and 4096."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.bundle import Bundle
+from pipeline.model import VAE
+from pipeline.runtime import BundleScorer
+from pipeline.scorer_graph import ScorerGraph, graph_inputs
+from pipeline.synthetic import SyntheticSpec, make_sensor_table
+
+BATCHES = [1, 7, 4096]
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_bundle):
+    return Bundle.load(trained_bundle)
+
+
+@pytest.fixture(scope="module")
+def torch_graph(bundle):
+    """The PyTorch scorer rebuilt from the bundle's ONNX weights' source: the manifest + encoder/decoder."""
+    manifest = bundle.manifest
+    vae = VAE(manifest["model"]["n_features"], tuple(manifest["model"]["hidden_sizes"]), manifest["model"]["latent_dim"])
+    # Load the weights back from the ONNX initializers so the comparison needs no checkpoint.
+    state = {}
+    for name in ("encoder", "decoder"):
+        model = onnx.load(str(bundle.path / f"{name}.onnx"))
+        for init in model.graph.initializer:
+            state[f"{name}.{init.name}"] = torch.from_numpy(onnx.numpy_helper.to_array(init).copy())
+    vae.load_state_dict(state)
+    return ScorerGraph(vae.eval(), bundle.preprocessor, manifest["score"]["kl_weight"], bundle.calibration).eval()
+
+
+@pytest.fixture(scope="module")
+def rows():
+    frame = make_sensor_table(SyntheticSpec(n_rows=4096, seed=5))
+    frame.loc[3, "line"] = "never-seen-line"
+    frame.loc[4, ["pressure", "shift"]] = [np.nan, None]
+    return frame
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("n", BATCHES)
+def test_scorer_matches_pytorch(bundle, torch_graph, rows, n):
+    batch = rows.iloc[:n]
+    onnx_out = BundleScorer(bundle, device="cpu").score_frame(batch)
+    with torch.no_grad():
+        expected = torch_graph(*graph_inputs(bundle.preprocessor, batch, "rows"))
+    for name, value in zip(["score", "recon", "kl", "p_value", "is_anomaly"], expected):
+        np.testing.assert_allclose(onnx_out[name].to_numpy(), value.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("n", BATCHES)
+def test_encoder_and_decoder_match_pytorch(bundle, torch_graph, rows, n):
+    features = bundle.preprocessor.transform_frame(rows.iloc[:n], "rows")
+    mu, logvar = session(bundle.path / "encoder.onnx").run(None, {"features": features})
+    (reconstruction,) = session(bundle.path / "decoder.onnx").run(None, {"z": mu})
+    with torch.no_grad():
+        t_mu, t_logvar = torch_graph.vae.encoder(torch.from_numpy(features))
+        t_rec = torch_graph.vae.decoder(t_mu)
+    np.testing.assert_allclose(mu, t_mu.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logvar, t_logvar.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reconstruction, t_rec.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_scorer_p_values_and_decisions_follow_the_calibration(bundle, rows):
+    out = BundleScorer(bundle, device="cpu").score_frame(rows)
+    cal = bundle.calibration
+    np.testing.assert_array_equal(out["p_value"].to_numpy(), cal.p_values(out["score"].to_numpy()))
+    np.testing.assert_array_equal(out["is_anomaly"].to_numpy(), out["score"].to_numpy() > cal.threshold)
+    np.testing.assert_array_equal(out["is_anomaly"].to_numpy(), out["p_value"].to_numpy() <= cal.target_fpr)
+
+
+def test_unknown_category_maps_to_the_unknown_bucket(bundle, rows):
+    row = rows.iloc[[3]].copy()
+    scorer = BundleScorer(bundle, device="cpu")
+    unseen = scorer.score_frame(row)["score"].iloc[0]
+    row["line"] = "another-unseen-value"
+    assert scorer.score_frame(row)["score"].iloc[0] == unseen  # all unseen values are one bucket
+
+
+def test_graph_contract(bundle):
+    manifest = bundle.manifest
+    for name in ("encoder.onnx", "decoder.onnx", "scorer.onnx"):
+        model = onnx.load(str(bundle.path / name))
+        assert model.ir_version == 10
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        for value in list(model.graph.input) + list(model.graph.output):
+            assert value.type.tensor_type.shape.dim[0].dim_param == "batch_size", (name, value.name)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert float(props["vaeguard.threshold"]) == manifest["calibration"]["threshold"]
+        assert json.loads(props["vaeguard.numeric_columns"]) == manifest["schema"]["numeric"]
+    assert not list(bundle.path.glob("*.data"))
+    inputs = {i.name: i.type for i in session(bundle.scorer_path).get_inputs()}
+    assert inputs["numeric"] == "tensor(float)" and inputs["cat_line"] == "tensor(string)"
+    assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_diff"]["score"] < 1e-3
+
+
+def test_scores_are_identical_across_runs_and_batchings(bundle, rows):
+    scorer = BundleScorer(bundle, device="cpu")
+    whole = scorer.score_frame(rows)["score"].to_numpy()
+    pieces = np.concatenate([scorer.score_frame(rows.iloc[i:i + 1000])["score"].to_numpy()
+                             for i in range(0, len(rows), 1000)])
+    np.testing.assert_allclose(whole, pieces, rtol=1e-6, atol=1e-6)
+    again = BundleScorer(Bundle.load(bundle.path), device="cpu").score_frame(rows)["score"].to_numpy()
+    np.testing.assert_array_equal(whole, again)

@@ -1,0 +1,55 @@
+"""The Prefect flows, run for real against a temporary local server."""
+
+import asyncio
+import json
+
+import pandas as pd
+import pytest
+
+from flows.score import score_flow
+from flows.train import train_flow
+from pipeline.config import ScoreJob, TrainJob
+from tests.conftest import fast_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def read_artifact(key: str):
+    from prefect.client.orchestration import get_client
+
+    async def latest():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    return next(a for a in asyncio.run(latest()) if a.key == key)
+
+
+@pytest.fixture(scope="module")
+def flow_bundle(tmp_path_factory, sensor_csv):
+    out = tmp_path_factory.mktemp("flow-exported")
+    facts = train_flow(TrainJob(data=sensor_csv, name="flowed", out_dir=out, label_column="label",
+                                id_columns=("row_id",), config=fast_config()))
+    return facts
+
+
+def test_train_flow_publishes_a_verified_bundle_and_a_summary(flow_bundle):
+    bundle = flow_bundle["bundle"]
+    manifest = json.loads(open(f"{bundle}/manifest.json").read())
+    assert manifest["verification"]["passed"]
+    assert flow_bundle["calibrate_threshold"]["auroc"] > 0.7
+    artifact = read_artifact("vaeguard-training")
+    assert "flowed" in artifact.data and f"{manifest['calibration']['threshold']:.6g}" in artifact.data
+
+
+def test_score_flow_scores_each_file_into_one_output(flow_bundle, sensor_frame, incoming_csv, tmp_path):
+    second = tmp_path / "second.parquet"
+    sensor_frame.iloc[:500].to_parquet(second)
+    output = tmp_path / "out" / "scores.parquet"
+    summary = score_flow(ScoreJob(bundle=flow_bundle["bundle"], inputs=(incoming_csv, second), output=output))
+    scored = pd.read_parquet(output)
+    assert len(scored) == summary["rows"] == 2000 + 500
+    assert scored["source"].value_counts().to_dict() == {str(incoming_csv): 2000, str(second): 500}
+    assert summary["files"][0]["auroc"] > 0.7
+    assert sorted(p.name for p in output.parent.iterdir()) == ["scores.parquet", "scores.summary.json"]
+    table = read_artifact("vaeguard-scoring")
+    assert str(incoming_csv) in table.data

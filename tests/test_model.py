@@ -1,0 +1,43 @@
+import numpy as np
+import torch
+
+from pipeline.config import ModelConfig, TrainingConfig
+from pipeline.model import VAE, default_layer_sizes, score_components
+from pipeline.train import build_model, train_vae
+
+
+def test_scores_use_mu_and_are_deterministic():
+    torch.manual_seed(0)
+    vae = VAE(6, (16, 8), 3).eval()
+    x = torch.randn(32, 6)
+    first = vae(x, sample=False)
+    second = vae(x, sample=False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    recon, kl = score_components(x, *first)
+    assert recon.shape == kl.shape == (32,) and bool((recon >= 0).all()) and bool((kl >= 0).all())
+
+
+def test_output_layer_reconstructs_negative_values():
+    # A linear output (no ReLU) can produce the negative standardized values it must rebuild.
+    vae = VAE(4, (8,), 2)
+    assert isinstance(vae.decoder.out, torch.nn.Linear)
+
+
+def test_layer_sizes_follow_the_feature_count():
+    assert default_layer_sizes(6)[0][0] < default_layer_sizes(500)[0][0]
+    assert build_model(10, ModelConfig(hidden_sizes=(7,), latent_dim=2)).hidden_sizes == (7,)
+
+
+def test_training_is_reproducible_and_learns():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(600, 2))
+    data = np.c_[z, z @ rng.normal(size=(2, 4))].astype(np.float32)  # 6 features on a 2-D plane
+    config = TrainingConfig(max_epochs=15, patience=5, threads=1, progress=False, seed=3)
+    a = train_vae(data[:500], data[500:], ModelConfig(), config)
+    b = train_vae(data[:500], data[500:], ModelConfig(), config)
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key])
+    losses = [h["val_loss"] for h in a.history]
+    assert min(losses) < losses[0]
+    assert a.history[a.best_epoch - 1]["val_loss"] == min(losses)

@@ -1,0 +1,65 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import PreprocessConfig
+from pipeline.errors import DataError
+from pipeline.schema import infer_schema, label_vector, numeric_matrix
+
+
+@pytest.fixture
+def table():
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({
+        "id": np.arange(100),
+        "temp": rng.normal(size=100),
+        "count": rng.integers(0, 1000, 100),       # many distinct ints: numeric
+        "mode": rng.integers(0, 3, 100),           # few distinct ints: categorical
+        "site": rng.choice(["a", "b"], 100),
+        "const": np.full(100, 7.0),
+        "label": rng.integers(0, 2, 100),
+    })
+
+
+def test_column_kinds(table):
+    schema = infer_schema(table, source="t.csv", config=PreprocessConfig(), label_column="label", id_columns=("id",))
+    assert schema.numeric == ("temp", "count")
+    assert schema.categorical == ("mode", "site")
+    assert schema.dropped == (("const", "constant"),)
+
+
+def test_overrides_win(table):
+    config = PreprocessConfig(categorical_columns=("count",), numeric_columns=("mode",))
+    schema = infer_schema(table, source="t", config=config)
+    assert "count" in schema.categorical and "mode" in schema.numeric
+
+
+def test_all_missing_column_is_named(table):
+    table["empty"] = np.nan
+    with pytest.raises(DataError, match=r"t\.csv: column 'empty' is empty"):
+        infer_schema(table, source="t.csv", config=PreprocessConfig())
+
+
+def test_typo_in_numeric_column_names_column_and_row(table):
+    table["temp"] = table["temp"].astype(str)
+    table.loc[41, "temp"] = "n/a?"
+    with pytest.raises(DataError, match=r"column 'temp' must be numeric but row 42 holds 'n/a\?'"):
+        infer_schema(table, source="t.csv", config=PreprocessConfig())
+
+
+def test_infinity_names_column_and_row(table):
+    table.loc[9, "temp"] = np.inf
+    with pytest.raises(DataError, match=r"column 'temp' holds inf at row 10"):
+        numeric_matrix(table, ("temp", "count"), "t.csv")
+
+
+def test_label_must_be_binary(table):
+    assert set(label_vector(table, "label", "t")) <= {0, 1}
+    table.loc[3, "label"] = 2
+    with pytest.raises(DataError, match=r"label column 'label' must be binary"):
+        label_vector(table, "label", "t.csv")
+
+
+def test_named_columns_must_exist(table):
+    with pytest.raises(DataError, match="'nope'"):
+        infer_schema(table, source="t", config=PreprocessConfig(), id_columns=("nope",))

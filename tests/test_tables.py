@@ -1,0 +1,47 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.errors import DataError, InputFileError
+from pipeline.tables import iter_batches, read_columns, read_table
+
+
+def test_missing_empty_and_header_only_files(tmp_path):
+    with pytest.raises(InputFileError, match="not found"):
+        read_table(tmp_path / "nope.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(InputFileError, match="empty"):
+        read_table(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="no data rows"):
+        read_table(tmp_path / "header.csv")
+    with pytest.raises(InputFileError, match="unsupported file type"):
+        read_table(tmp_path / "x.txt")
+
+
+def test_null_markers_mean_missing_in_text_columns_too(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,s\n1,x\nNA,NA\n,\n")
+    frame = read_table(path)
+    assert frame["a"].isna().sum() == 2 and frame["s"].isna().sum() == 2
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_batches_are_bounded_and_complete(tmp_path, suffix):
+    frame = pd.DataFrame({"id": [f"{i:05d}" for i in range(1000)], "x": np.arange(1000.0), "c": ["a"] * 1000})
+    path = tmp_path / f"t{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    batches = list(iter_batches(path, ["x"], ["c"], ["id"], batch_rows=64))
+    assert max(b.num_rows for b in batches) <= 64
+    assert sum(b.num_rows for b in batches) == 1000
+    assert batches[0].column("id")[0].as_py() == "00000"  # ids verbatim, leading zeros kept
+    assert read_columns(path) == ["id", "x", "c"]
+
+
+def test_non_numeric_value_in_stream_names_column_and_row(tmp_path):
+    path = tmp_path / "t.csv"
+    rows = ["x,y"] + [f"{i},{i}" for i in range(500)]
+    rows[301] = "300,oops"  # data row 301
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"column 'y' must be numeric but row 301 \(line 302\) holds 'oops'"):
+        list(iter_batches(path, ["x", "y"], [], [], batch_rows=100))

@@ -1,0 +1,80 @@
+"""The training run end to end: detection quality, and nothing lost when a step fails."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import workflow
+from pipeline.bundle import Bundle
+from pipeline.config import TrainJob
+from pipeline.errors import DataError, ExportError
+from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+from tests.conftest import SHARED_DATA, fast_config
+
+
+def test_bundle_detects_injected_anomalies(trained_bundle):
+    metrics = Bundle.load(trained_bundle).manifest["metrics"]
+    assert metrics["auroc"] >= 0.90
+    assert metrics["test_anomaly_rows"] > 50 and metrics["test_normal_rows"] > 400
+
+
+def _existing_bundle(path: Path) -> bytes:
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_bytes(b'{"old": true}')
+    return b'{"old": true}'
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+def test_failed_export_keeps_the_existing_bundle(sensor_csv, tmp_path, monkeypatch):
+    old = _existing_bundle(tmp_path / "sensors")
+
+    def broken_verification(*args, **kwargs):
+        raise ExportError("parity broken on purpose")
+
+    monkeypatch.setattr(workflow, "verify_export", broken_verification)
+    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=fast_config(max_epochs=2))
+    with pytest.raises(ExportError):
+        workflow.run_training(job)
+    assert (tmp_path / "sensors" / "manifest.json").read_bytes() == old
+    assert _leftovers(tmp_path) == []
+
+
+def test_failed_validation_writes_nothing(tmp_path, sensor_frame):
+    small = write_table(sensor_frame.iloc[:100], tmp_path / "small.csv")
+    job = TrainJob(data=small, name="small", out_dir=tmp_path / "out", config=fast_config())
+    with pytest.raises(DataError, match="too few rows"):
+        workflow.run_training(job)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_retraining_replaces_the_bundle(sensor_csv, tmp_path):
+    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=fast_config(max_epochs=2))
+    workflow.run_training(job)
+    first = Bundle.load(tmp_path / "sensors").manifest["files"]
+    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=fast_config(max_epochs=3, seed=1))
+    workflow.run_training(job)
+    assert Bundle.load(tmp_path / "sensors").manifest["files"] != first
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_thyroid_semi_supervised_auroc(tmp_path):
+    """ADBench thyroid, semi protocol (train on normals; anomalies only in test).
+
+    Published VAE: 98.55 AUROC (Livernoche et al. 2024). Floor a little below, for seed noise.
+    """
+    data = np.load(SHARED_DATA / "adbench" / "38_thyroid.npz")
+    import pandas as pd
+
+    frame = pd.DataFrame(data["X"], columns=[f"f{i}" for i in range(data["X"].shape[1])])
+    frame["label"] = data["y"].astype(int)
+    path = write_table(frame, tmp_path / "thyroid.parquet")
+    job = TrainJob(data=path, name="thyroid", out_dir=tmp_path, label_column="label",
+                   config=fast_config(max_epochs=200, patience=15))
+    facts = workflow.run_training(job)["calibrate_threshold"]
+    assert facts["auroc"] >= 0.97
+    assert facts["test_fpr"] <= 0.03
