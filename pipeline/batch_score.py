@@ -150,12 +150,12 @@ class _OutputWriter:
     def __init__(self, target: Path):
         self.target = target
         self.format = output_format(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
         self.temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._writer = None
 
     def write(self, table: pa.Table) -> None:
         if self._writer is None:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
             if self.format == "parquet":
                 self._writer = pq.ParquetWriter(self.temp, table.schema)
             else:
@@ -163,8 +163,9 @@ class _OutputWriter:
         self._writer.write_table(table)
 
     def commit(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self._writer is None:
+            raise DataError(f"nothing to write to {self.target}: the inputs had no rows")
+        self._writer.close()
         os.replace(self.temp, self.target)
 
     def abort(self) -> None:
@@ -234,10 +235,12 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
         progress.close()
     summary.seconds = time.perf_counter() - started
     if labels:
+        # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.
         y, s = np.concatenate(labels), np.concatenate(scores)
         known = ~np.isnan(y)
-        summary.auroc, summary.auprc = auroc(y[known], s[known]), auprc(y[known], s[known])
-    write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2))
+        if len(np.unique(y[known])) == 2:
+            summary.auroc, summary.auprc = auroc(y[known], s[known]), auprc(y[known], s[known])
+    write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
     return summary
 
 

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only our own logger: Prefect configures its own, and a root handler would print its logs twice.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if args.verbose else "warning: %(message)s"))
-    log.addHandler(handler)
+    log.handlers[:] = [handler]  # replace, not add: main() may run many times in one process
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.propagate = False
     try:

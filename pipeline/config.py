@@ -37,8 +37,9 @@ class ModelConfig:
     # None: sized from the number of input features (see pipeline.model.default_layer_sizes).
     hidden_sizes: tuple[int, ...] | None = None
     latent_dim: int | None = None
-    # Weight of the KL term in the training loss (beta-VAE).
-    beta: float = 1.0
+    # Weight of the KL term in the training loss (beta-VAE). Below 1 the latent code keeps
+    # more detail, so reconstructions are sharper: better AUROC on thyroid and the demo data.
+    beta: float = 0.1
     # Weight of the KL term in the anomaly score: score = recon + kl_weight * kl.
     kl_weight: float = 1.0
 

@@ -2,7 +2,7 @@
 
 Encoder: features -> (mu, logvar). Decoder: z -> reconstruction, with a linear output layer
 because standardized features are negative as often as positive (a ReLU output could not
-reconstruct them). Sampling happens only in ``forward`` during training; every score uses
+reconstruct them), and a learned per-feature likelihood scale. Sampling happens only in ``forward`` during training; every score uses
 z = mu so it is the same on every run and in every runtime.
 """
 
@@ -13,6 +13,7 @@ from torch import nn
 
 # Bounds on log-variance keep exp() finite for wildly out-of-distribution rows.
 LOGVAR_MIN, LOGVAR_MAX = -12.0, 12.0
+LOG_SCALE_MIN, LOG_SCALE_MAX = -5.0, 5.0
 
 
 def default_layer_sizes(n_features: int) -> tuple[tuple[int, ...], int]:
@@ -48,9 +49,17 @@ class Decoder(nn.Module):
         reversed_sizes = list(reversed(hidden_sizes))
         self.body = _mlp([latent_dim, *reversed_sizes])
         self.out = nn.Linear(reversed_sizes[-1], n_features)
+        # Per-feature log standard deviation of the Gaussian likelihood, learned with the
+        # weights: features the model can predict from the others (correlated sensors) get a
+        # small sigma, so breaking their relation costs much more than noise in a free feature.
+        self.log_scale = nn.Parameter(torch.zeros(n_features))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(z))
+
+    def bounded_log_scale(self) -> torch.Tensor:
+        # Bounds keep one perfectly predictable feature from dominating every score.
+        return self.log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
 
 
 class VAE(nn.Module):
@@ -70,15 +79,21 @@ class VAE(nn.Module):
                 "latent_dim": self.latent_dim, "activation": "elu"}
 
 
-def score_components(x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor,
-                     logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def score_components(x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                     log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row reconstruction error and KL divergence, both in nats.
 
-    recon: Gaussian negative log-likelihood with unit variance, without its constant, i.e. half
-    the squared error summed over the preprocessed features. Unit variance matches the robust
-    scaling, which puts every numeric feature on a standard-deviation scale.
+    recon: Gaussian negative log-likelihood of x under N(x_hat, sigma^2) with the decoder's
+    learned per-feature sigma, without the terms that are equal for every row (sum log sigma
+    and the 2 pi constant): 0.5 * sum_j ((x_j - x_hat_j) / sigma_j)^2. Training adds
+    sum log sigma back (``likelihood_penalty``), which is what lets sigma be learned.
     kl: KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions.
     """
-    recon = 0.5 * (x - x_hat).pow(2).sum(dim=1)
+    recon = 0.5 * ((x - x_hat) * torch.exp(-log_scale)).pow(2).sum(dim=1)
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
     return recon, kl
+
+
+def likelihood_penalty(log_scale: torch.Tensor) -> torch.Tensor:
+    """The row-independent part of the Gaussian NLL: sum_j log sigma_j."""
+    return log_scale.sum()

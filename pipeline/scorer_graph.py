@@ -61,7 +61,7 @@ class ScorerGraph(nn.Module):
     def components(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.features(*inputs)
         mu, logvar = self.vae.encoder(x)
-        recon, kl = score_components(x, self.vae.decoder(mu), mu, logvar)
+        recon, kl = score_components(x, self.vae.decoder(mu), mu, logvar, self.vae.decoder.bounded_log_scale())
         return recon + self.kl_weight * kl, recon, kl
 
     def forward(self, *inputs: torch.Tensor):

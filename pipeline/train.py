@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import ModelConfig, TrainingConfig, resolve_threads
 from pipeline.errors import ConfigError, DeviceError
-from pipeline.model import VAE, default_layer_sizes, score_components
+from pipeline.model import VAE, default_layer_sizes, likelihood_penalty, score_components
 
 
 @dataclass
@@ -69,14 +69,15 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
         for start in range(0, len(order), config.batch_size):
             batch = train_t[order[start:start + config.batch_size]]
             x_hat, mu, logvar = model(batch, sample=True)
-            recon, kl = score_components(batch, x_hat, mu, logvar)
-            loss = (recon + beta * kl).mean()
+            log_scale = model.decoder.bounded_log_scale()
+            recon, kl = score_components(batch, x_hat, mu, logvar, log_scale)
+            loss = (recon + beta * kl).mean() + likelihood_penalty(log_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             sums += [recon.sum().item(), kl.sum().item()]
         val_recon, val_kl = _evaluate(model, val_t)
-        val_loss = val_recon + beta * val_kl
+        val_loss = val_recon + beta * val_kl + likelihood_penalty(model.decoder.bounded_log_scale()).item()
         result.history.append({
             "epoch": epoch,
             "train_recon": sums[0] / len(train_t), "train_kl": sums[1] / len(train_t),
@@ -104,7 +105,7 @@ def _evaluate(model: VAE, x: torch.Tensor, chunk: int = 65_536) -> tuple[float, 
     for start in range(0, len(x), chunk):
         batch = x[start:start + chunk]
         x_hat, mu, logvar = model(batch, sample=False)
-        recon, kl = score_components(batch, x_hat, mu, logvar)
+        recon, kl = score_components(batch, x_hat, mu, logvar, model.decoder.bounded_log_scale())
         recon_sum += recon.sum().item()
         kl_sum += kl.sum().item()
     return recon_sum / len(x), kl_sum / len(x)

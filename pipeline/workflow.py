@@ -161,12 +161,12 @@ def calibrate_threshold(job: TrainJob, run: RunDir) -> dict:
             scores = graph.components(*graph_inputs(pre, test, _source(job)))[0].numpy()
         labels = test[schema.label_column].to_numpy().astype(int)
         normal = labels == 0
-        metrics = {
-            "auroc": auroc(labels, scores), "auprc": auprc(labels, scores),
-            "test_normal_rows": int(normal.sum()), "test_anomaly_rows": int((~normal).sum()),
-            "test_fpr": float((scores[normal] > calibration.threshold).mean()) if normal.any() else None,
-            "test_recall": float((scores[~normal] > calibration.threshold).mean()) if (~normal).any() else None,
-        }
+        metrics = {"test_normal_rows": int(normal.sum()), "test_anomaly_rows": int((~normal).sum()),
+                   "test_fpr": float((scores[normal] > calibration.threshold).mean())}
+        # A label column with no anomalies (clean training data) leaves ranking metrics undefined.
+        if (~normal).any():
+            metrics |= {"auroc": auroc(labels, scores), "auprc": auprc(labels, scores),
+                        "test_recall": float((scores[~normal] > calibration.threshold).mean())}
     _write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": metrics})
     return {"threshold": calibration.threshold, "n_calibration": calibration.n,
             "expected_fpr": calibration.expected_fpr, **metrics}
@@ -192,7 +192,7 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
         "vaeguard.bundle": job.name, "vaeguard.version": version, "vaeguard.created_at": created.isoformat(),
         "vaeguard.threshold": repr(calibration.threshold), "vaeguard.target_fpr": repr(calibration.target_fpr),
         "vaeguard.n_calibration": str(calibration.n),
-        "vaeguard.score": "score = recon + kl_weight * kl; recon = 0.5 * sum((x - x_hat)^2); z = mu",
+        "vaeguard.score": "score = recon + kl_weight * kl; recon = 0.5 * sum(((x - x_hat) / sigma)^2); z = mu",
         "vaeguard.kl_weight": repr(job.config.model.kl_weight),
         "vaeguard.numeric_columns": json.dumps(list(pre.numeric_columns)),
         "vaeguard.categorical_columns": json.dumps(list(pre.categorical_columns)),
@@ -208,12 +208,14 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
         "source": {"data": str(job.data), "host": socket.gethostname()},
         "schema": schema.to_dict(),
         "preprocessing": pre.to_dict(),
-        "model": {**graph.vae.config(), "beta": job.config.model.beta},
+        "model": {**graph.vae.config(), "beta": job.config.model.beta,
+                  "decoder_log_scale": [float(v) for v in graph.vae.decoder.bounded_log_scale().detach()]},
         "score": {
             "kl_weight": job.config.model.kl_weight,
             "definition": "score = recon + kl_weight * kl, with z = mu (no sampling)",
-            "recon": "0.5 * sum over preprocessed features of (x - x_hat)^2 "
-                     "(Gaussian negative log-likelihood with unit variance, constant dropped)",
+            "recon": "0.5 * sum over preprocessed features j of ((x_j - x_hat_j) / exp(decoder_log_scale_j))^2 "
+                     "(Gaussian negative log-likelihood with the decoder's learned per-feature scale, "
+                     "row-independent terms dropped)",
             "kl": "0.5 * sum over latent dims of (mu^2 + exp(logvar) - 1 - logvar)",
         },
         "training": history["facts"],

@@ -18,9 +18,9 @@ from pipeline.workflow import run_training  # noqa: E402
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def fast_config(**training) -> PipelineConfig:
-    """Defaults, but few epochs: tests check behaviour, benchmarks check the defaults' quality."""
-    base = TrainingConfig(max_epochs=40, patience=8, threads=2, progress=False)
+def quiet_config(**training) -> PipelineConfig:
+    """The defaults, on 2 threads and without a progress bar; keyword arguments override training."""
+    base = TrainingConfig(max_epochs=200, patience=15, threads=2, progress=False)
     return PipelineConfig(training=dataclasses.replace(base, **training))
 
 
@@ -46,7 +46,7 @@ def trained_bundle(tmp_path_factory, sensor_csv) -> Path:
     """One bundle trained on the sensor table, shared read-only by every test that scores."""
     out = tmp_path_factory.mktemp("exported")
     job = TrainJob(data=sensor_csv, name="sensors", out_dir=out, label_column="label",
-                   id_columns=("row_id",), config=fast_config())
+                   id_columns=("row_id",), config=quiet_config())
     return Path(run_training(job)["bundle"])
 
 

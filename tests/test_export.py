@@ -25,7 +25,7 @@ def bundle(trained_bundle):
 
 @pytest.fixture(scope="module")
 def torch_graph(bundle):
-    """The PyTorch scorer rebuilt from the bundle's ONNX weights' source: the manifest + encoder/decoder."""
+    """The PyTorch scorer rebuilt from what a bundle ships: encoder/decoder weights and the manifest."""
     manifest = bundle.manifest
     vae = VAE(manifest["model"]["n_features"], tuple(manifest["model"]["hidden_sizes"]), manifest["model"]["latent_dim"])
     # Load the weights back from the ONNX initializers so the comparison needs no checkpoint.
@@ -34,6 +34,8 @@ def torch_graph(bundle):
         model = onnx.load(str(bundle.path / f"{name}.onnx"))
         for init in model.graph.initializer:
             state[f"{name}.{init.name}"] = torch.from_numpy(onnx.numpy_helper.to_array(init).copy())
+    # The decoder's likelihood scale is not an ONNX initializer of decoder.onnx: it is in the manifest.
+    state["decoder.log_scale"] = torch.tensor(manifest["model"]["decoder_log_scale"])
     vae.load_state_dict(state)
     return ScorerGraph(vae.eval(), bundle.preprocessor, manifest["score"]["kl_weight"], bundle.calibration).eval()
 

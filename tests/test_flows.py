@@ -9,7 +9,7 @@ import pytest
 from flows.score import score_flow
 from flows.train import train_flow
 from pipeline.config import ScoreJob, TrainJob
-from tests.conftest import fast_config
+from tests.conftest import quiet_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -28,7 +28,7 @@ def read_artifact(key: str):
 def flow_bundle(tmp_path_factory, sensor_csv):
     out = tmp_path_factory.mktemp("flow-exported")
     facts = train_flow(TrainJob(data=sensor_csv, name="flowed", out_dir=out, label_column="label",
-                                id_columns=("row_id",), config=fast_config()))
+                                id_columns=("row_id",), config=quiet_config()))
     return facts
 
 

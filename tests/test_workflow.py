@@ -10,7 +10,7 @@ from pipeline.bundle import Bundle
 from pipeline.config import TrainJob
 from pipeline.errors import DataError, ExportError
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
-from tests.conftest import SHARED_DATA, fast_config
+from tests.conftest import SHARED_DATA, quiet_config
 
 
 def test_bundle_detects_injected_anomalies(trained_bundle):
@@ -36,7 +36,7 @@ def test_failed_export_keeps_the_existing_bundle(sensor_csv, tmp_path, monkeypat
         raise ExportError("parity broken on purpose")
 
     monkeypatch.setattr(workflow, "verify_export", broken_verification)
-    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=fast_config(max_epochs=2))
+    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=quiet_config(max_epochs=2))
     with pytest.raises(ExportError):
         workflow.run_training(job)
     assert (tmp_path / "sensors" / "manifest.json").read_bytes() == old
@@ -45,17 +45,17 @@ def test_failed_export_keeps_the_existing_bundle(sensor_csv, tmp_path, monkeypat
 
 def test_failed_validation_writes_nothing(tmp_path, sensor_frame):
     small = write_table(sensor_frame.iloc[:100], tmp_path / "small.csv")
-    job = TrainJob(data=small, name="small", out_dir=tmp_path / "out", config=fast_config())
+    job = TrainJob(data=small, name="small", out_dir=tmp_path / "out", config=quiet_config())
     with pytest.raises(DataError, match="too few rows"):
         workflow.run_training(job)
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_retraining_replaces_the_bundle(sensor_csv, tmp_path):
-    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=fast_config(max_epochs=2))
+    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=quiet_config(max_epochs=2))
     workflow.run_training(job)
     first = Bundle.load(tmp_path / "sensors").manifest["files"]
-    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=fast_config(max_epochs=3, seed=1))
+    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path, config=quiet_config(max_epochs=3, seed=1))
     workflow.run_training(job)
     assert Bundle.load(tmp_path / "sensors").manifest["files"] != first
     assert _leftovers(tmp_path) == []
@@ -74,7 +74,7 @@ def test_thyroid_semi_supervised_auroc(tmp_path):
     frame["label"] = data["y"].astype(int)
     path = write_table(frame, tmp_path / "thyroid.parquet")
     job = TrainJob(data=path, name="thyroid", out_dir=tmp_path, label_column="label",
-                   config=fast_config(max_epochs=200, patience=15))
+                   config=quiet_config(max_epochs=200, patience=15))
     facts = workflow.run_training(job)["calibrate_threshold"]
     assert facts["auroc"] >= 0.97
     assert facts["test_fpr"] <= 0.03

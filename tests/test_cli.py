@@ -1,0 +1,218 @@
+"""The `vaeguard` command end to end: train -> score -> inspect, exit codes, stdout and stderr.
+
+One full run goes through real processes (`python -m pipeline.cli` and the installed
+`vaeguard` script), so the entry point, exit statuses and stderr are the real ones; the rest
+calls ``pipeline.cli.main(argv)`` in-process and reads its output with capsys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+from pipeline.runtime import gpu_present
+from pipeline.synthetic import write_table
+
+MODEL_FILES = ("encoder.onnx", "decoder.onnx", "scorer.onnx", "manifest.json")
+SCORE_COLUMNS = ["row_id", "score", "recon", "kl", "p_value", "is_anomaly"]
+FAST_YAML = "training:\n  max_epochs: 30\n  patience: 8\n  threads: 2\n  progress: false\n"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cli_logger():
+    """Each CLI call in a test behaves as in a fresh process: drop handlers main() added.
+
+    main() adds a stderr handler to the "vaeguard" logger on every call (see
+    test_bad_inputs.py::test_repeated_cli_calls_warn_once); without this, handlers bound to an
+    earlier test's captured stderr would leak into later tests.
+    """
+    logger = logging.getLogger("vaeguard")
+    before = list(logger.handlers)
+    yield
+    for handler in list(logger.handlers):
+        if handler not in before:
+            logger.removeHandler(handler)
+
+
+def run_process(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def vaeguard_process(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return run_process(sys.executable, "-m", "pipeline.cli", *args, cwd=cwd)
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_scores(path: Path) -> pd.DataFrame:
+    table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+    return table.to_pandas()
+
+
+def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney AUROC, ties counted half (independent of pipeline.metrics)."""
+    labels = np.asarray(labels).astype(bool)
+    ranks = pd.Series(scores).rank(method="average").to_numpy()
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def hidden_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def cli_trained(tmp_path_factory, sensor_csv) -> SimpleNamespace:
+    """`vaeguard train` as a real process, into a fresh output folder."""
+    work = tmp_path_factory.mktemp("cli")
+    config = work / "fast.yaml"
+    config.write_text(FAST_YAML)
+    out = work / "exported"
+    proc = vaeguard_process("train", sensor_csv, "--name", "sensors", "--label-column", "label",
+                            "--id-columns", "row_id", "--config", config, "--out", out, cwd=work)
+    return SimpleNamespace(proc=proc, work=work, out=out, bundle=out / "sensors")
+
+
+# --- train / score / inspect as real processes --------------------------------------------
+
+
+def test_train_writes_bundle_and_reports_auroc(cli_trained):
+    proc = cli_trained.proc
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
+    assert sorted(p.name for p in cli_trained.bundle.iterdir()) == sorted(MODEL_FILES)
+    assert "AUROC" in proc.stdout
+    assert str(cli_trained.bundle) in proc.stdout
+    # The run folder is cleaned up: only the bundle is left in the output folder.
+    assert [p.name for p in cli_trained.out.iterdir()] == ["sensors"]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_score_writes_one_row_per_input_row(cli_trained, incoming_csv, suffix):
+    assert cli_trained.proc.returncode == 0, cli_trained.proc.stderr
+    out_dir = cli_trained.work / f"scores{suffix.replace('.', '_')}"
+    output = out_dir / f"scores{suffix}"
+    proc = vaeguard_process("score", cli_trained.bundle, incoming_csv, "--output", output,
+                            cwd=cli_trained.work)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
+
+    incoming = pd.read_csv(incoming_csv)
+    scores = read_scores(output)
+    assert list(scores.columns) == SCORE_COLUMNS
+    assert len(scores) == len(incoming)
+    assert scores["row_id"].astype(str).tolist() == incoming["row_id"].astype(str).tolist()
+    assert np.isfinite(scores["score"]).all()
+    assert scores["p_value"].between(0.0, 1.0).all()
+
+    manifest = json.loads((cli_trained.bundle / "manifest.json").read_text())
+    threshold = manifest["calibration"]["threshold"]
+    flagged = scores["is_anomaly"].astype(bool).to_numpy()
+    np.testing.assert_array_equal(flagged, scores["score"].to_numpy(np.float64) > threshold)
+
+    summary_file = out_dir / "scores.summary.json"
+    assert summary_file.is_file()
+    summary = json.loads(summary_file.read_text())
+    assert summary["rows"] == len(incoming)
+    assert summary["anomalies"] == int(flagged.sum())
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([output.name, summary_file.name])
+
+    assert rank_auroc(incoming["label"].to_numpy(), scores["score"].to_numpy()) > 0.7
+
+
+def test_inspect_via_installed_script(cli_trained):
+    assert cli_trained.proc.returncode == 0, cli_trained.proc.stderr
+    script = Path(sys.executable).with_name("vaeguard")
+    command = [script] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    proc = run_process(*command, "inspect", cli_trained.bundle, cwd=cli_trained.work)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    manifest = json.loads((cli_trained.bundle / "manifest.json").read_text())
+    assert "threshold" in proc.stdout
+    assert f"{manifest['calibration']['threshold']:.6g}" in proc.stdout
+    for column in manifest["schema"]["numeric"] + manifest["schema"]["categorical"]:
+        assert column in proc.stdout
+
+
+# --- in-process ----------------------------------------------------------------------------
+
+
+def test_inspect_json_equals_manifest(capsys, trained_bundle):
+    code, out, err = run_main(capsys, "inspect", trained_bundle, "--json")
+    assert code == 0, err
+    assert json.loads(out) == json.loads((trained_bundle / "manifest.json").read_text())
+
+
+def test_two_inputs_add_source_column_first(capsys, tmp_path, trained_bundle, incoming_csv, sensor_frame):
+    second = write_table(sensor_frame.head(50), tmp_path / "second.parquet")
+    output = tmp_path / "out" / "scores.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, second, "--output", output,
+                            "--device", "cpu")
+    assert code == 0, err
+    scores = read_scores(output)
+    n_first = len(pd.read_csv(incoming_csv))
+    assert list(scores.columns) == ["source", *SCORE_COLUMNS]
+    assert scores["source"].tolist() == [str(incoming_csv)] * n_first + [str(second)] * 50
+    summary = json.loads((tmp_path / "out" / "scores.summary.json").read_text())
+    assert summary["rows"] == n_first + 50
+    assert [f["rows"] for f in summary["files"]] == [n_first, 50]
+
+
+def test_batch_size_does_not_change_scores(capsys, tmp_path, trained_bundle, incoming_csv):
+    outputs = {}
+    for name, extra in (("default", []), ("small", ["--batch-size", "100"])):
+        outputs[name] = tmp_path / f"{name}.parquet"
+        code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", outputs[name],
+                                "--device", "cpu", *extra)
+        assert code == 0, err
+    default, small = read_scores(outputs["default"]), read_scores(outputs["small"])
+    assert default["row_id"].tolist() == small["row_id"].tolist()
+    for column in ("score", "recon", "kl", "p_value"):
+        np.testing.assert_allclose(small[column], default[column], rtol=1e-5, atol=1e-6)
+    assert small["is_anomaly"].tolist() == default["is_anomaly"].tolist()
+
+
+@pytest.mark.skipif(gpu_present(), reason="this machine has a GPU: --device cuda may work here")
+def test_device_cuda_without_gpu_fails_clearly(capsys, tmp_path, trained_bundle, incoming_csv):
+    output = tmp_path / "scores.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", output,
+                            "--device", "cuda")
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert "cuda" in lines[0].lower() and "--device cpu" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_traceback_only_with_verbose(capsys, tmp_path, trained_bundle, verbose):
+    missing = tmp_path / "missing.csv"
+    output = tmp_path / "scores.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, missing, "--output", output, "--device", "cpu",
+                            *(["--verbose"] if verbose else []))
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    assert str(missing) in err
+    assert ("Traceback" in err) is verbose
+    if not verbose:
+        assert len(err.splitlines()) == 1, err
+    assert not output.exists()
