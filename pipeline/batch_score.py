@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
+from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import auprc, auroc
 from pipeline.runtime import BundleScorer
@@ -36,7 +37,7 @@ from pipeline.tables import iter_batches, read_columns
 
 log = logging.getLogger("vaeguard")
 
-RESULT_COLUMNS = ("score", "recon", "kl", "p_value", "is_anomaly")
+
 
 
 @dataclass
@@ -186,7 +187,7 @@ def _result_table(batch: pa.RecordBatch, id_columns: list[str], outputs: dict[st
     for name in id_columns:
         columns.append(batch.column(name))
         names.append(name)
-    for name in RESULT_COLUMNS:
+    for name in OUTPUT_NAMES:
         columns.append(pa.array(outputs[name]))
         names.append(name)
     return pa.Table.from_arrays(columns, names=names)

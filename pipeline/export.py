@@ -16,19 +16,11 @@ import onnx
 import torch
 from onnx import TensorProto, compose, helper
 
+from pipeline.contract import BATCH_AXIS as BATCH
+from pipeline.contract import IR_VERSION, ML_OPSET, OPSET, OUTPUT_NAMES, categorical_input_name
 from pipeline.model import VAE
 from pipeline.preprocess import Preprocessor
-from pipeline.scorer_graph import OUTPUT_NAMES, ScorerGraph
-
-OPSET = 17
-ML_OPSET = 3
-# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses; 10 is read everywhere.
-IR_VERSION = 10
-BATCH = "batch_size"
-
-
-def categorical_input_name(column: str) -> str:
-    return f"cat_{column}"
+from pipeline.scorer_graph import ScorerGraph
 
 
 def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,

@@ -18,9 +18,8 @@ import pyarrow as pa
 from pipeline.bundle import Bundle
 from pipeline.config import resolve_threads
 from pipeline.errors import ConfigError, DeviceError
-from pipeline.export import categorical_input_name
+from pipeline.contract import OUTPUT_NAMES, categorical_input_name
 from pipeline.schema import as_category_array, categorical_strings, check_finite, numeric_matrix
-from pipeline.scorer_graph import OUTPUT_NAMES
 
 log = logging.getLogger("vaeguard")
 

@@ -19,9 +19,6 @@ from pipeline.model import VAE, score_components
 from pipeline.preprocess import Preprocessor
 from pipeline.schema import categorical_strings, numeric_matrix
 
-OUTPUT_NAMES = ("score", "recon", "kl", "p_value", "is_anomaly")
-
-
 class ScorerGraph(nn.Module):
     def __init__(self, vae: VAE, pre: Preprocessor, kl_weight: float,
                  calibration: Calibration | None = None):

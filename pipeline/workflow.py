@@ -24,12 +24,13 @@ import torch
 from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, library_versions, publish_bundle, sha256_file, write_manifest
 from pipeline.calibrate import Calibration, calibrate
 from pipeline.config import PipelineConfig, TrainJob
-from pipeline.export import IR_VERSION, OPSET, categorical_input_name, export_decoder, export_encoder, export_scorer, set_metadata
+from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input_name
+from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata
 from pipeline.metrics import auprc, auroc
 from pipeline.model import VAE
 from pipeline.preprocess import Preprocessor, fit_preprocessor
 from pipeline.schema import TableSchema, infer_schema, label_vector, numeric_matrix
-from pipeline.scorer_graph import OUTPUT_NAMES, ScorerGraph, graph_inputs
+from pipeline.scorer_graph import ScorerGraph, graph_inputs
 from pipeline.splits import Splits, split_rows
 from pipeline.tables import read_table
 from pipeline.train import train_vae
