@@ -32,7 +32,7 @@ from pipeline.config import ScoreJob
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import auprc, auroc
-from pipeline.runtime import BundleScorer
+from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.tables import iter_batches, read_columns
 
 log = logging.getLogger("vaeguard")
@@ -198,9 +198,9 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
     writer = _OutputWriter(job.output)  # validates the output extension before any work
-    bundle = scorer.bundle if scorer else Bundle.load(job.bundle)
+    scorer = scorer or shared_scorer(job.bundle, job.device, job.threads)
+    bundle = scorer.bundle
     checked = [(Path(p), *required_columns(bundle, Path(p))) for p in job.inputs]
-    scorer = scorer or BundleScorer(bundle, job.device, job.threads)
     schema = bundle.schema
     calibration = bundle.manifest["calibration"]
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output), device=scorer.device,
@@ -272,3 +272,9 @@ def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
         writer.abort()
         raise
     return rows
+
+
+def read_score_column(paths: list[Path]) -> np.ndarray:
+    """The ``score`` column of scored files, for drift statistics over a run."""
+    parts = [pq.read_table(p, columns=["score"]).column("score").to_numpy() for p in paths]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -48,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--batch-size", type=int, default=65_536, help="rows per chunk (default 65536)")
     score.add_argument("--threads", type=int, help="onnxruntime threads (default: cores, at most 4)")
+    score.add_argument("--task-runner", choices=("local", "dask"), default="local",
+                       help="dask: one Prefect task per input file on a Dask cluster (prefect-dask)")
+    score.add_argument("--dask-address", help="tcp://host:port of a Dask scheduler (default: a local cluster)")
+
+    serve = commands.add_parser("serve", parents=[common],
+                                help="score a landing folder on a schedule (needs `prefect server start`)")
+    serve.add_argument("bundle", type=Path)
+    serve.add_argument("--watch", type=Path, required=True, help="landing folder: new CSV/Parquet files land here")
+    serve.add_argument("--output", type=Path, required=True, help="folder for scores, ledger and quarantine")
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron schedule, e.g. "0 * * * *" for every hour')
+    when.add_argument("--interval", type=float, help="schedule every N seconds")
+    serve.add_argument("--settle-seconds", type=float, default=30.0,
+                       help="a file whose mtime moved in the last N seconds is still being written: next run")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    serve.add_argument("--max-psi", type=float, default=0.25, help="alert above this score PSI")
+    serve.add_argument("--rate-p-value", type=float, default=0.001,
+                       help="alert when the anomaly rate is this unlikely under the target FPR")
+    serve.add_argument("--name", help="deployment name (default: vaeguard-<bundle name>)")
 
     inspect = commands.add_parser("inspect", parents=[common], help="show a bundle's manifest")
     inspect.add_argument("bundle", type=Path)
@@ -104,9 +124,43 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     job = ScoreJob(bundle=args.bundle, inputs=tuple(args.inputs), output=args.output, device=args.device,
                    batch_size=args.batch_size, threads=args.threads)
+    if args.task_runner == "dask":
+        from flows.score import score_flow
+        from prefect_dask import DaskTaskRunner
+
+        cluster = {"cluster_kwargs": {"n_workers": 2, "threads_per_worker": 1}}
+        runner = DaskTaskRunner(address=args.dask_address) if args.dask_address else DaskTaskRunner(**cluster)
+        summary = score_flow.with_options(task_runner=runner)(job)
+        print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary['rows']:,} rows, "
+              f"{summary['anomalies']:,} anomalies: observed rate {summary['anomaly_rate']:.4%} against target "
+              f"FPR {summary['target_fpr']:.4%}")
+        return
     summary = score_files(job)
     print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary.describe()}")
     print(f"device:  {summary.device}; {summary.rows / max(summary.seconds, 1e-9):,.0f} rows/s")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pipeline.bundle import Bundle
+    from pipeline.errors import ConfigError
+
+    bundle = Bundle.load(args.bundle)
+    if not args.watch.is_dir():
+        raise ConfigError(f"--watch {args.watch}: not a folder; create it or point at the landing folder")
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("vaeguard serve needs a running Prefect server: start one with `prefect server start` "
+                          "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.landing import landing_flow
+
+    parameters = {"bundle": str(args.bundle.resolve()), "watch": str(args.watch.resolve()),
+                  "output": str(args.output.resolve()), "settle_seconds": args.settle_seconds,
+                  "device": args.device, "max_psi": args.max_psi, "rate_p_value": args.rate_p_value}
+    # Runs of one deployment never overlap on a folder: the flow also takes a file lock.
+    landing_flow.serve(name=args.name or f"vaeguard-{bundle.name}", cron=args.cron, interval=args.interval,
+                       parameters=parameters, entrypoint_type=EntrypointType.MODULE_PATH)
+    print("vaeguard serve stopped")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -124,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(rows=args.rows, out_dir=args.out, work_dir=args.work)
 
 
-COMMANDS = {"train": cmd_train, "score": cmd_score, "inspect": cmd_inspect, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "score": cmd_score, "serve": cmd_serve, "inspect": cmd_inspect, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ falls back to the CPU with one warning.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,21 @@ class BundleScorer:
         numeric = numeric_matrix(frame, self.schema.numeric, source)
         outputs = self.score_arrays(numeric, categorical_strings(frame, self.schema.categorical))
         return pd.DataFrame(outputs, index=frame.index)
+
+
+_SHARED: dict[tuple, BundleScorer] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_scorer(bundle_path: str | Path, device: str = "auto", threads: int | None = None) -> BundleScorer:
+    """One onnxruntime session per bundle version, device and process, reused for every file.
+
+    A Dask worker or a flow scoring many files builds its session once instead of per file;
+    the bundle's hashes are still checked on every call, so a replaced bundle gets a new one.
+    """
+    bundle = Bundle.load(bundle_path)
+    key = (str(bundle.path.resolve()), tuple(sorted(bundle.manifest["files"].items())), device, threads)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = BundleScorer(bundle, device, threads)
+        return _SHARED[key]

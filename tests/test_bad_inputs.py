@@ -6,7 +6,6 @@ index 56 is data row 57 (1-based, header not counted), the row the message must 
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -23,21 +22,6 @@ FAST_YAML = "training:\n  max_epochs: 30\n  patience: 8\n  threads: 2\n  progres
 SCORE_COLUMNS = ["row_id", "score", "recon", "kl", "p_value", "is_anomaly"]
 BAD_INDEX = 56  # frame index of the planted value
 BAD_ROW = 57  # the same row as a 1-based data row
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_logger():
-    """Each CLI call in a test behaves as in a fresh process: drop handlers main() added.
-
-    main() adds a stderr handler on every call (see test_repeated_cli_calls_warn_once); left
-    in place, a handler bound to an earlier test's captured stderr leaks into later tests.
-    """
-    logger = logging.getLogger("vaeguard")
-    before = list(logger.handlers)
-    yield
-    for handler in list(logger.handlers):
-        if handler not in before:
-            logger.removeHandler(handler)
 
 
 # --- helpers -------------------------------------------------------------------------------

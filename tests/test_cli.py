@@ -8,7 +8,6 @@ calls ``pipeline.cli.main(argv)`` in-process and reads its output with capsys.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -28,22 +27,6 @@ from pipeline.synthetic import write_table
 MODEL_FILES = ("encoder.onnx", "decoder.onnx", "scorer.onnx", "manifest.json")
 SCORE_COLUMNS = ["row_id", "score", "recon", "kl", "p_value", "is_anomaly"]
 FAST_YAML = "training:\n  max_epochs: 30\n  patience: 8\n  threads: 2\n  progress: false\n"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cli_logger():
-    """Each CLI call in a test behaves as in a fresh process: drop handlers main() added.
-
-    main() adds a stderr handler to the "vaeguard" logger on every call (see
-    test_bad_inputs.py::test_repeated_cli_calls_warn_once); without this, handlers bound to an
-    earlier test's captured stderr would leak into later tests.
-    """
-    logger = logging.getLogger("vaeguard")
-    before = list(logger.handlers)
-    yield
-    for handler in list(logger.handlers):
-        if handler not in before:
-            logger.removeHandler(handler)
 
 
 def run_process(*args, cwd: Path) -> subprocess.CompletedProcess:

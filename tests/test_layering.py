@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 LIBRARY = ["config", "tables", "schema", "preprocess", "splits", "model", "train", "calibrate", "scorer_graph",
-           "export", "verify", "bundle", "runtime", "batch_score", "workflow", "inspect", "synthetic", "cli"]
+           "export", "verify", "bundle", "runtime", "batch_score", "workflow", "inspect", "synthetic", "cli",
+           "landing", "drift"]
 
 
 def imported_after(statement: str) -> set[str]:

@@ -1,0 +1,114 @@
+"""Scheduled scoring of a landing folder: every landed file scored exactly once, drift watched.
+
+One run: take the output folder's run lock (an overlapping run skips instead of racing),
+list the settled files the ledger has not seen, score each in its own task (retried), record
+each success in the ledger after its output is in place, quarantine what still fails, then
+compare the run's scores with the calibration scores and publish a markdown artifact, marked
+as an alert when drift passes the limits. `vaeguard serve` serves this flow on a schedule.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.batch_score import read_score_column, score_files, write_atomic
+from pipeline.bundle import Bundle
+from pipeline.config import ScoreJob
+from pipeline.drift import DriftLimits, drift_report
+from pipeline.landing import LandedFile, Ledger, output_path, pending_files, quarantine, run_lock
+
+FILE_RETRIES = 2
+
+
+@task(retries=FILE_RETRIES, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def score_landed_file(bundle: Path, landed: LandedFile, output: Path, device: str, batch_size: int) -> dict:
+    """Score one landed file into its own output (atomic)."""
+    summary = score_files(ScoreJob(bundle=bundle, inputs=(landed.path,), output=output, device=device,
+                                   batch_size=batch_size))
+    return {"rows": summary.rows, "anomalies": summary.anomalies}
+
+
+@flow(name="vaeguard-landing", log_prints=True)
+def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float = 30.0, device: str = "auto",
+                 batch_size: int = 65_536, rate_p_value: float = 0.001, max_psi: float = 0.25) -> dict:
+    logger = get_run_logger()
+    bundle, watch, output = Path(bundle), Path(watch), Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    manifest = Bundle.load(bundle).manifest  # a corrupted bundle fails the run before any file moves
+    with run_lock(output) as acquired:
+        if not acquired:
+            logger.warning("another run holds %s; skipping this one (its files are picked up next time)", output)
+            return {"skipped": True}
+        ledger = Ledger(output)
+        landed = pending_files(watch, ledger, settle_seconds)
+        futures = {item.relative: (item, score_landed_file.submit(bundle, item, output_path(output, item), device,
+                                                                  batch_size)) for item in landed}
+        files = []
+        for relative, (item, future) in futures.items():
+            future.wait()
+            state = future.state
+            if state.is_completed():
+                result = future.result()
+                ledger.record({"relative": relative, "sha256": item.sha256, "status": "scored",
+                               "output": str(output_path(output, item)), **result})
+                files.append({"file": relative, "status": "scored", **result})
+            else:
+                reason = _failure_reason(state)
+                quarantine(output, item, reason, ledger)
+                logger.warning("quarantined %s after %d retries: %s", relative, FILE_RETRIES, reason)
+                files.append({"file": relative, "status": "quarantined", "rows": 0, "anomalies": 0, "reason": reason})
+    scored_outputs = [output_path(output, futures[f["file"]][0]) for f in files if f["status"] == "scored"]
+    calibration = manifest["calibration"]
+    drift = drift_report(read_score_column(scored_outputs), sum(f["anomalies"] for f in files),
+                         _calibration_scores(calibration), calibration["expected_fpr"],
+                         DriftLimits(rate_p_value=rate_p_value, max_psi=max_psi))
+    for alert in drift.alerts:
+        logger.warning("drift alert: %s", alert)
+    report = {"finished_at": datetime.now(timezone.utc).isoformat(), "bundle": str(bundle),
+              "version": manifest["version"], "files": files, "drift": drift.to_dict(), "alert": drift.alert}
+    stamp = report["finished_at"].replace(":", "").replace("-", "")
+    (output / "runs").mkdir(exist_ok=True)
+    write_atomic(output / "runs" / f"{stamp}.json", json.dumps(report, indent=2, allow_nan=False))
+    create_markdown_artifact(key="vaeguard-landing-alert" if drift.alert else "vaeguard-landing",
+                             markdown=run_markdown(report, calibration["target_fpr"]),
+                             description=("ALERT: " if drift.alert else "") + f"{len(files)} file(s) scored from {watch}")
+    return report
+
+
+def _calibration_scores(calibration: dict) -> np.ndarray:
+    return np.asarray(calibration["scores"], dtype=np.float32)
+
+
+def _failure_reason(state) -> str:
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the reason is the point
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return state.message or state.name
+
+
+def run_markdown(report: dict, target_fpr: float) -> str:
+    drift = report["drift"]
+    rows = [f"| {f['file']} | {f['status']} | {f['rows']:,} | {f['anomalies']:,} | "
+            f"{(f['anomalies'] / f['rows']) if f['rows'] else 0:.3%} |" for f in report["files"]]
+    lines = [
+        f"# {'ALERT: ' if report['alert'] else ''}landing run of bundle version {report['version']}",
+        "", "| file | status | rows | anomalies | rate |", "|---|---|---|---|---|", *rows, "",
+        f"- rows {drift['rows']:,}, anomalies {drift['anomalies']:,}: rate {fmt(drift['observed_rate'], '.3%')} "
+        f"against target FPR {target_fpr:.3%} (binomial p = {fmt(drift['rate_p_value'], '.3g')})",
+        f"- score drift: PSI {fmt(drift['psi'], '.3f')}, KS {fmt(drift['ks_statistic'], '.3f')} "
+        f"(p = {fmt(drift['ks_p_value'], '.3g')})",
+        *[f"- **alert**: {a}" for a in drift["alerts"]],
+    ]
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -1,0 +1,311 @@
+"""Which files in a landing folder still need scoring, and the record of what has been scored.
+
+A scheduled run lists the landing folder, scores what ``pending_files`` returns and appends one
+ledger line per file once its output is in place. The pieces are built so that together they
+score every landed file exactly once:
+
+- a file is keyed by (relative path, sha256): new content under the same name is a new version
+  and is scored again, the same content is never scored twice;
+- a file whose mtime moved within ``settle_seconds`` is still being written and waits;
+- the output name is a function of (relative path, sha256), so a run killed after writing the
+  output but before the ledger line rewrites the same file on restart instead of adding one;
+- the ledger is appended with fsync and a torn last line is ignored, so a killed run leaves a
+  readable ledger;
+- ``run_lock`` keeps overlapping runs apart with a kernel lock that dies with its process;
+- ``quarantine`` takes a file that keeps failing out of the landing folder, with the reason
+  beside it, so it stops being retried.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
+
+from pipeline.bundle import sha256_file
+from pipeline.errors import PipelineError
+
+LEDGER_NAME = "ledger.jsonl"
+LOCK_NAME = ".run.lock"
+SCORES_DIR = "scores"
+QUARANTINE_DIR = "quarantine"
+DEFAULT_PATTERNS = ("*.csv", "*.parquet", "*.pq")
+# "failed" lines let a flow count attempts per version across runs before it quarantines;
+# only the final states make a version done.
+STATUSES = ("scored", "quarantined", "failed")
+DONE_STATUSES = frozenset({"scored", "quarantined"})
+
+
+class LedgerError(PipelineError, ValueError):
+    """The ledger file is unreadable, or an entry to record is incomplete."""
+
+
+@dataclass(frozen=True)
+class LandedFile:
+    path: Path  # absolute path in the landing folder
+    relative: str  # path relative to the landing folder, '/'-separated (the ledger key)
+    sha256: str
+    size: int
+
+
+class Ledger:
+    """Append-only JSON-lines record (OUT_DIR/ledger.jsonl) of every file scored or quarantined."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LEDGER_NAME
+
+    def entries(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        # Every acknowledged append ends with a newline, so whatever follows the last one is a
+        # run killed mid-append; record() cuts it, so reading must not count it either.
+        complete = self.path.read_bytes().split(b"\n")[:-1]
+        return [self._parse(line, number) for number, line in enumerate(complete, start=1) if line.strip()]
+
+    def _parse(self, line: bytes, number: int) -> dict:
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise LedgerError(
+                f"{self.path}:{number}: expected one JSON object per line, got {line[:80]!r} ({exc}); "
+                f"the ledger was edited by hand or corrupted: fix or delete that line (deleting it means "
+                f"that file is scored again)"
+            ) from None
+        if not isinstance(entry, dict):
+            raise LedgerError(f"{self.path}:{number}: expected a JSON object, got {type(entry).__name__}; "
+                              f"fix or delete that line")
+        return entry
+
+    def done_keys(self) -> set[tuple[str, str]]:
+        """(relative, sha256) of every version scored or quarantined; read once per listing."""
+        return {(e.get("relative"), e.get("sha256")) for e in self.entries() if e.get("status") in DONE_STATUSES}
+
+    def done(self, relative: str, sha256: str) -> bool:
+        return (relative, sha256) in self.done_keys()
+
+    def failures(self, relative: str, sha256: str) -> int:
+        """How many runs recorded a failure for this version (for a flow's quarantine decision)."""
+        return sum(1 for e in self.entries()
+                   if e.get("status") == "failed" and e.get("relative") == relative and e.get("sha256") == sha256)
+
+    def record(self, entry: dict) -> None:
+        line = self._line(entry)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_torn_tail()
+        with open(self.path, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            # The caller treats a returned record() as "this file will never be scored again".
+            os.fsync(handle.fileno())
+
+    def _line(self, entry: dict) -> bytes:
+        missing = [key for key in ("relative", "sha256", "status") if not entry.get(key)]
+        if missing:
+            raise LedgerError(f"ledger entry for {entry.get('relative', '?')!r} lacks {missing}; "
+                              f"every entry needs relative, sha256 and status")
+        if entry["status"] not in STATUSES:
+            raise LedgerError(f"ledger entry for {entry['relative']!r}: expected status in {STATUSES}, "
+                              f"got {entry['status']!r}")
+        full = {**entry, "recorded_at": utc_now()}
+        try:
+            text = json.dumps(full, allow_nan=False, default=_json_default)
+        except (TypeError, ValueError) as exc:
+            raise LedgerError(f"ledger entry for {entry['relative']!r} is not valid JSON ({exc}); "
+                              f"pass plain numbers and strings, with None for NaN / infinity") from None
+        return (text + "\n").encode()
+
+    def _drop_torn_tail(self) -> None:
+        # Appending after a torn line would glue the new entry onto it and corrupt both; the
+        # torn fragment was never acknowledged, so cutting it loses nothing.
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb+") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) == b"\n":
+                return
+            handle.seek(0)
+            handle.truncate(handle.read().rfind(b"\n") + 1)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _json_default(value):
+    # Numpy scalars and paths come straight from scoring summaries; anything else is a bug.
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def ledger_summary(ledger: Ledger) -> dict:
+    counts = Counter(entry.get("status") for entry in ledger.entries())
+    return {"entries": sum(counts.values()), **{status: counts.get(status, 0) for status in STATUSES},
+            **{str(status): n for status, n in counts.items() if status not in STATUSES}}
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+@contextmanager
+def run_lock(out_dir: Path) -> Iterator[bool]:
+    """fcntl.flock(LOCK_EX | LOCK_NB) on OUT_DIR/.run.lock; yields True if acquired, False if another run holds it.
+
+    The kernel drops a flock when its process dies, so a killed run never leaves a stale lock.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # "a" rather than "w": opening must not truncate the holder's pid before we own the lock.
+    with open(out_dir / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            _write_holder(handle)
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _write_holder(handle) -> None:
+    # Only for a person wondering which process holds the lock; the lock itself is the flock.
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+
+
+def pending_files(landing_dir: Path, ledger: Ledger, settle_seconds: float = 30.0,
+                  patterns: tuple[str, ...] = DEFAULT_PATTERNS, now: float | None = None) -> list[LandedFile]:
+    """Landed files not yet scored or quarantined with their current content, sorted by relative path.
+
+    Recursive. Skips hidden files and folders (writers' temp files), anything under a folder
+    named 'quarantine', names matching none of ``patterns`` (case-insensitive, like the
+    readers), and files whose mtime is younger than ``settle_seconds``: a writer keeps moving
+    mtime, so a file that has been still that long is taken as complete.
+    """
+    landing_dir = Path(landing_dir).resolve()
+    if not landing_dir.is_dir():
+        raise LedgerError(f"landing folder {landing_dir} does not exist or is not a folder; "
+                          f"create it or fix the path")
+    now = time.time() if now is None else now
+    done = ledger.done_keys()
+    pending = []
+    for path in candidate_paths(landing_dir, patterns):
+        landed = settled_file(path, landing_dir, settle_seconds, now)
+        if landed is not None and (landed.relative, landed.sha256) not in done:
+            pending.append(landed)
+    return sorted(pending, key=lambda f: f.relative)
+
+
+def candidate_paths(landing_dir: Path, patterns: tuple[str, ...]) -> Iterator[Path]:
+    lowered = tuple(pattern.lower() for pattern in patterns)
+    for folder, dirs, files in os.walk(landing_dir):
+        # Pruning in place stops os.walk from descending into them at all.
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != QUARANTINE_DIR]
+        for name in files:
+            if not name.startswith(".") and any(fnmatchcase(name.lower(), p) for p in lowered):
+                yield Path(folder) / name
+
+
+def settled_file(path: Path, landing_dir: Path, settle_seconds: float, now: float) -> LandedFile | None:
+    """The file with its hash, or None when it is still being written or vanished meanwhile."""
+    try:
+        before = path.stat()
+        if now - before.st_mtime < settle_seconds:
+            return None
+        digest = sha256_file(path)
+        after = path.stat()
+    except FileNotFoundError:
+        return None  # moved or deleted between listing and reading: nothing to score
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        return None  # written to while hashing: the hash matches no complete version
+    relative = path.relative_to(landing_dir).as_posix()
+    return LandedFile(path=path, relative=relative, sha256=digest, size=after.st_size)
+
+
+def output_path(out_dir: Path, landed: LandedFile, suffix: str = ".parquet") -> Path:
+    """OUT_DIR/scores/<relative without suffix>.<sha256[:12]><suffix>, subfolders mirrored.
+
+    Deterministic per (relative, content): re-scoring after a crash overwrites the same file
+    instead of adding a duplicate; a changed file gets a new output next to the old one.
+    """
+    relative = PurePosixPath(landed.relative)
+    name = f"{relative.stem}.{landed.sha256[:12]}{suffix}"
+    return Path(out_dir) / SCORES_DIR / Path(*relative.parent.parts) / name
+
+
+def quarantine(out_dir: Path, landed: LandedFile, reason: str, ledger: Ledger) -> Path:
+    """Move a landed file to OUT_DIR/quarantine/<relative>, with <that path>.reason.txt, and record it.
+
+    Order matters for a run killed midway: the reason file is written before the move, so a
+    quarantined file is never without its reason; the ledger line comes last, and a file moved
+    but not yet recorded is already out of the landing folder, so it is not retried either.
+    """
+    target = free_quarantine_path(Path(out_dir), landed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    reason_path = target.with_name(target.name + ".reason.txt")
+    write_text_atomic(reason_path, reason_text(landed, reason))
+    move_file(landed.path, target)
+    ledger.record({"relative": landed.relative, "sha256": landed.sha256, "size": landed.size,
+                   "status": "quarantined", "reason": reason, "quarantined_to": str(target)})
+    return target
+
+
+def free_quarantine_path(out_dir: Path, landed: LandedFile) -> Path:
+    relative = PurePosixPath(landed.relative)
+    folder = out_dir / QUARANTINE_DIR / Path(*relative.parent.parts)
+    first = folder / relative.name
+    if not first.exists():
+        return first
+    tagged = f"{relative.stem}.{landed.sha256[:12]}"
+    candidate, n = folder / f"{tagged}{relative.suffix}", 2
+    # The same content can be quarantined twice (landed again after the first time).
+    while candidate.exists():
+        candidate, n = folder / f"{tagged}-{n}{relative.suffix}", n + 1
+    return candidate
+
+
+def reason_text(landed: LandedFile, reason: str) -> str:
+    return (f"file: {landed.relative}\n"
+            f"sha256: {landed.sha256}\n"
+            f"size: {landed.size}\n"
+            f"quarantined_at: {utc_now()}\n"
+            f"reason: {reason}\n"
+            f"to retry: fix the file and copy it back into the landing folder; "
+            f"new content is scored as a new version\n")
+
+
+def move_file(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Across filesystems a plain shutil.move could leave a half-copied file under the final
+        # name if killed; copy beside it, rename into place, then delete the original.
+        temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copy2(source, temp)
+        os.replace(temp, target)
+        os.unlink(source)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temp.write_text(text)
+    os.replace(temp, path)

@@ -1,0 +1,44 @@
+"""Scale-out: the scoring flow on a real Dask LocalCluster with 2 worker processes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.score import score_flow
+from pipeline.batch_score import score_files
+from pipeline.config import ScoreJob
+from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def sessions_in_process() -> int:
+    from pipeline import runtime
+
+    return len(runtime._SHARED)
+
+
+def test_dask_output_equals_single_process_output(trained_bundle, tmp_path):
+    from distributed import Client, LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    inputs = tuple(write_table(make_sensor_table(SyntheticSpec(n_rows=3000, seed=60 + i)), tmp_path / f"in{i}.csv")
+                   for i in range(4))
+    single = tmp_path / "single.parquet"
+    score_files(ScoreJob(trained_bundle, inputs, single, device="cpu"))
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        job = ScoreJob(trained_bundle, inputs, tmp_path / "dask.parquet", device="cpu")
+        score_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(job)
+        with Client(cluster) as client:
+            per_worker = client.run(sessions_in_process)
+
+    expected, actual = pd.read_parquet(single), pd.read_parquet(tmp_path / "dask.parquet")
+    assert list(actual.columns) == list(expected.columns)
+    assert actual["source"].tolist() == expected["source"].tolist()
+    np.testing.assert_array_equal(actual["score"].to_numpy(), expected["score"].to_numpy())
+    # 4 files on 2 workers: some worker scored at least 2 files, and no worker built more than
+    # one onnxruntime session, so sessions are reused across files.
+    assert len(per_worker) == 2 and all(n <= 1 for n in per_worker.values()) and sum(per_worker.values()) >= 1

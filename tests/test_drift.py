@@ -1,0 +1,92 @@
+"""Drift of a run's scores against the calibration scores."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pipeline.drift import DriftLimits, calibrated_p_value, drift_report
+from pipeline.errors import ConfigError, DataError
+
+N_CAL = 1999
+RANK = 20  # the conformal threshold for target 1%: floor(0.01 * (N_CAL + 1))
+EXPECTED_FPR = RANK / (N_CAL + 1)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> np.ndarray:
+    return np.sort(np.random.default_rng(0).gamma(2.0, size=N_CAL))
+
+
+def flagged(scores: np.ndarray, calibration: np.ndarray) -> int:
+    return int(np.count_nonzero(scores > calibration[-RANK]))
+
+
+def test_batch_like_calibration_raises_no_alert(calibration):
+    run = np.random.default_rng(1).gamma(2.0, size=5000)
+    report = drift_report(run, flagged(run, calibration), calibration, EXPECTED_FPR)
+    assert not report.alert, report.alerts
+    assert report.rows == 5000 and report.psi < 0.05 and report.calibrated_p_value > 0.001
+
+
+def test_shifted_batch_alerts_on_rate_and_psi(calibration):
+    run = np.random.default_rng(2).gamma(2.0, size=5000) * 1.5
+    report = drift_report(run, flagged(run, calibration), calibration, EXPECTED_FPR)
+    assert report.alert and len(report.alerts) == 2
+    # In the upper tail the calibration's own uncertainty makes the test more cautious, never less.
+    assert report.rate_p_value <= report.calibrated_p_value < 1e-6
+    rate, shape = report.alerts
+    assert rate.startswith("anomaly rate") and "far above the expected 1.00%" in rate
+    assert "PSI" in shape and report.psi > 0.25
+    assert report.ks_statistic > 0.1 and report.ks_p_value < 1e-6
+
+
+def test_too_few_rows_never_alert(calibration):
+    run = calibration[-50:] * 3  # every row far out
+    report = drift_report(run, len(run), calibration, EXPECTED_FPR)
+    assert report.calibrated_p_value < 1e-6 and report.psi > 1
+    assert not report.alert
+    assert drift_report(run, len(run), calibration, EXPECTED_FPR, DriftLimits(min_rows=50)).alert
+
+
+def test_rate_p_value_is_scipys_one_sided_binomial_test():
+    calibration = np.linspace(0.0, 1.0, 99)
+    report = drift_report(np.linspace(0.0, 1.0, 200), 7, calibration, 0.02)
+    assert report.rate_p_value == pytest.approx(stats.binomtest(7, 200, 0.02, alternative="greater").pvalue)
+    # By hand: P(X >= 7) = 1 - sum_{i<7} C(200, i) 0.02^i 0.98^(200-i)
+    by_hand = 1 - sum(math.comb(200, i) * 0.02**i * 0.98 ** (200 - i) for i in range(7))
+    assert report.rate_p_value == pytest.approx(by_hand)
+    # 0.02 = 2 / (99 + 1): threshold at the 2nd largest of 99 calibration scores.
+    assert report.calibrated_p_value == pytest.approx(stats.betabinom.sf(6, 200, 2, 98))
+
+
+def test_calibrated_p_value_falls_back_to_binomial_without_a_rank():
+    assert calibrated_p_value(3, 100, 0.001, 99) == pytest.approx(stats.binom.sf(2, 100, 0.001))
+    assert calibrated_p_value(0, 100, 0.01, 99) == 1.0
+
+
+def test_report_is_strict_json_even_when_empty(calibration):
+    empty = drift_report(np.array([]), 0, calibration, EXPECTED_FPR)
+    assert empty.rows == 0 and not empty.alert
+    raw = json.loads(json.dumps(empty.to_dict(), allow_nan=False))
+    assert raw["psi"] is None and raw["ks_p_value"] is None and raw["alerts"] == [] and raw["alert"] is False
+
+    run = np.random.default_rng(3).gamma(2.0, size=300).astype(np.float32) * 2
+    full = json.loads(json.dumps(drift_report(run, flagged(run, calibration), calibration, EXPECTED_FPR).to_dict(),
+                                 allow_nan=False))
+    assert full["alert"] is True and isinstance(full["rows"], int) and isinstance(full["psi"], float)
+
+
+def test_bad_inputs_say_what_was_expected(calibration):
+    with pytest.raises(DataError, match="between 0 and the 10 scored rows"):
+        drift_report(np.ones(10), 11, calibration, EXPECTED_FPR)
+    with pytest.raises(DataError, match="NaN"):
+        drift_report(np.array([1.0, np.nan]), 0, calibration, EXPECTED_FPR)
+    with pytest.raises(DataError, match="calibration scores"):
+        drift_report(np.ones(10), 0, np.array([]), EXPECTED_FPR)
+    with pytest.raises(ConfigError, match="expected_fpr"):
+        drift_report(np.ones(10), 0, calibration, 0.0)

@@ -1,0 +1,131 @@
+"""Scheduled scoring of a landing folder, against real components: a `prefect server start`
+process, `vaeguard serve` as a subprocess, SIGKILL mid-run, two overlapping runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+
+pytestmark = pytest.mark.slow
+
+FLOW_SCRIPT = """
+import sys
+from flows.landing import landing_flow
+landing_flow(bundle=sys.argv[1], watch=sys.argv[2], output=sys.argv[3], settle_seconds=0.0, device="cpu")
+"""
+
+
+def ledger_lines(out: Path) -> list[dict]:
+    path = out / "ledger.jsonl"
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a torn last line of a killed run
+    return lines
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def land(frame: pd.DataFrame, landing: Path, name: str) -> Path:
+    """Write beside the landing folder's files under a hidden name, then rename: how uploads land."""
+    hidden = write_table(frame, landing / f".{name}.partial{Path(name).suffix}")
+    final = landing / name
+    os.replace(hidden, final)
+    os.utime(final, (time.time() - 60, time.time() - 60))  # settled
+    return final
+
+
+def landing_run(env: dict, bundle: Path, landing: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", FLOW_SCRIPT, str(bundle), str(landing), str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def assert_exactly_once(out: Path, landed: dict[str, int]) -> None:
+    scored = [e for e in ledger_lines(out) if e["status"] == "scored"]
+    keys = [(e["relative"], e["sha256"]) for e in scored]
+    assert len(keys) == len(set(keys)), "a file was recorded twice"
+    assert {e["relative"] for e in scored} == set(landed)
+    outputs = sorted((out / "scores").rglob("*.parquet"))
+    assert len(outputs) == len(landed), [p.name for p in outputs]
+    assert sum(pd.read_parquet(p).shape[0] for p in outputs) == sum(landed.values())
+
+
+def test_serve_scores_a_dropped_file_once_and_stops_cleanly(prefect_server, trained_bundle, tmp_path):
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
+         "--output", str(out), "--interval", "3", "--settle-seconds", "0.5", "--device", "cpu"],
+        env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        land(make_sensor_table(SyntheticSpec(n_rows=500, seed=31)), landing, "batch-001.csv")
+        wait_for(lambda: ledger_lines(out), 150, "the scheduled run to score the dropped file", poll=0.5)
+        runs_before = len(list((out / "runs").glob("*.json")))
+        # A later scheduled run finds nothing new.
+        wait_for(lambda: len(list((out / "runs").glob("*.json"))) > runs_before, 90, "a second scheduled run", 0.5)
+        latest = max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+        assert json.loads(latest.read_text())["files"] == []
+        assert_exactly_once(out, {"batch-001.csv": 500})
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            output, _ = serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            raise
+    assert serve.returncode == 0, output[-3000:]
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(prefect_server, trained_bundle, tmp_path):
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    landed = {}
+    for i in range(24):
+        land(make_sensor_table(SyntheticSpec(n_rows=4000, seed=100 + i)), landing, f"part-{i:02d}.parquet")
+        landed[f"part-{i:02d}.parquet"] = 4000
+    run = landing_run(prefect_server, trained_bundle, landing, out)
+    scored_at_kill = wait_for(lambda: len(ledger_lines(out)), 180, "the first file to be recorded", poll=0.005)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert 1 <= scored_at_kill < len(landed), "the run finished before it could be killed mid-way"
+    assert len(ledger_lines(out)) < len(landed)
+    again = landing_run(prefect_server, trained_bundle, landing, out)
+    output = again.communicate(timeout=300)[0].decode()
+    assert again.returncode == 0, output[-3000:]
+    assert_exactly_once(out, landed)
+
+
+def test_overlapping_runs_never_score_a_file_twice(prefect_server, trained_bundle, tmp_path):
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    landed = {}
+    for i in range(8):
+        land(make_sensor_table(SyntheticSpec(n_rows=2000, seed=200 + i)), landing, f"f{i}.csv")
+        landed[f"f{i}.csv"] = 2000
+    runs = [landing_run(prefect_server, trained_bundle, landing, out) for _ in range(2)]
+    for run in runs:
+        output = run.communicate(timeout=300)[0].decode()
+        assert run.returncode == 0, output[-3000:]
+    assert_exactly_once(out, landed)
