@@ -22,7 +22,7 @@ from pipeline.batch_score import read_score_column, score_files, write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.drift import DriftLimits, drift_report
-from pipeline.landing import LandedFile, Ledger, output_path, pending_files, quarantine, run_lock
+from pipeline.landing import LandedFile, Ledger, check_folders, output_path, pending_files, quarantine, run_lock
 
 FILE_RETRIES = 2
 
@@ -40,6 +40,7 @@ def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float 
                  batch_size: int = 65_536, rate_p_value: float = 0.001, max_psi: float = 0.25) -> dict:
     logger = get_run_logger()
     bundle, watch, output = Path(bundle), Path(watch), Path(output)
+    check_folders(watch, output)
     output.mkdir(parents=True, exist_ok=True)
     manifest = Bundle.load(bundle).manifest  # a corrupted bundle fails the run before any file moves
     with run_lock(output) as acquired:
@@ -102,7 +103,8 @@ def run_markdown(report: dict, target_fpr: float) -> str:
         f"# {'ALERT: ' if report['alert'] else ''}landing run of bundle version {report['version']}",
         "", "| file | status | rows | anomalies | rate |", "|---|---|---|---|---|", *rows, "",
         f"- rows {drift['rows']:,}, anomalies {drift['anomalies']:,}: rate {fmt(drift['observed_rate'], '.3%')} "
-        f"against target FPR {target_fpr:.3%} (binomial p = {fmt(drift['rate_p_value'], '.3g')})",
+        f"against target FPR {target_fpr:.3%} (p = {fmt(drift['calibrated_p_value'], '.3g')} given the "
+        f"calibration sample; plain binomial p = {fmt(drift['rate_p_value'], '.3g')})",
         f"- score drift: PSI {fmt(drift['psi'], '.3f')}, KS {fmt(drift['ks_statistic'], '.3f')} "
         f"(p = {fmt(drift['ks_p_value'], '.3g')})",
         *[f"- **alert**: {a}" for a in drift["alerts"]],

@@ -143,10 +143,10 @@ def cmd_score(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from pipeline.bundle import Bundle
     from pipeline.errors import ConfigError
+    from pipeline.landing import check_folders
 
     bundle = Bundle.load(args.bundle)
-    if not args.watch.is_dir():
-        raise ConfigError(f"--watch {args.watch}: not a folder; create it or point at the landing folder")
+    check_folders(args.watch, args.output)
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError("vaeguard serve needs a running Prefect server: start one with `prefect server start` "
                           "and set PREFECT_API_URL=http://127.0.0.1:4200/api")

@@ -34,7 +34,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 from pipeline.bundle import sha256_file
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 LEDGER_NAME = "ledger.jsonl"
 LOCK_NAME = ".run.lock"
@@ -309,3 +309,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     temp.write_text(text)
     os.replace(temp, path)
+
+
+def check_folders(landing_dir: Path, out_dir: Path) -> None:
+    """The output folder must not sit inside the landing folder, or scores would be re-scored."""
+    landing, out = Path(landing_dir).resolve(), Path(out_dir).resolve()
+    if not landing.is_dir():
+        raise ConfigError(f"landing folder {landing_dir} does not exist; create it or fix the path")
+    if out == landing or out.is_relative_to(landing):
+        raise ConfigError(f"output folder {out_dir} is inside the landing folder {landing_dir}; "
+                          f"put outputs elsewhere, or their scores would be scored as landed files")

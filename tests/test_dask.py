@@ -42,3 +42,17 @@ def test_dask_output_equals_single_process_output(trained_bundle, tmp_path):
     # 4 files on 2 workers: some worker scored at least 2 files, and no worker built more than
     # one onnxruntime session, so sessions are reused across files.
     assert len(per_worker) == 2 and all(n <= 1 for n in per_worker.values()) and sum(per_worker.values()) >= 1
+
+
+def test_cli_task_runner_dask_starts_a_local_cluster(trained_bundle, tmp_path, capsys):
+    from pipeline.cli import main
+
+    inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=500, seed=70 + i)), tmp_path / f"in{i}.parquet")
+              for i in range(2)]
+    out = tmp_path / "scores.parquet"
+    code = main(["score", str(trained_bundle), *map(str, inputs), "--output", str(out), "--device", "cpu",
+                 "--task-runner", "dask"])
+    assert code == 0, capsys.readouterr().err
+    scored = pd.read_parquet(out)
+    assert len(scored) == 1000 and scored["source"].nunique() == 2
+    assert "1,000 rows" in capsys.readouterr().out

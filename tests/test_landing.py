@@ -197,3 +197,15 @@ def test_failed_attempts_are_counted_but_keep_the_file_pending(dirs):
         ledger.record({"relative": landed.relative, "sha256": landed.sha256, "status": "failed", "error": "boom"})
     assert ledger.failures(landed.relative, landed.sha256) == 2
     assert pending_files(landing, ledger) == [landed]
+
+
+def test_output_inside_the_landing_folder_is_refused(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.landing import check_folders
+
+    (tmp_path / "landing").mkdir()
+    check_folders(tmp_path / "landing", tmp_path / "out")
+    with pytest.raises(ConfigError, match="inside the landing folder"):
+        check_folders(tmp_path / "landing", tmp_path / "landing" / "scored")
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_folders(tmp_path / "nope", tmp_path / "out")
