@@ -89,9 +89,14 @@ def score_components(x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, log
     sum log sigma back (``likelihood_penalty``), which is what lets sigma be learned.
     kl: KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions.
     """
-    recon = 0.5 * ((x - x_hat) * torch.exp(-log_scale)).pow(2).sum(dim=1)
+    recon = error_map(x, x_hat, log_scale).flatten(1).sum(dim=1)
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
     return recon, kl
+
+
+def error_map(x: torch.Tensor, x_hat: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Each feature's (or pixel's) share of recon; works for [B, features] and [B, C, H, W]."""
+    return 0.5 * ((x - x_hat) * torch.exp(-log_scale)).pow(2)
 
 
 def likelihood_penalty(log_scale: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,31 @@ from pipeline.model import VAE, score_components
 from pipeline.preprocess import Preprocessor
 from pipeline.schema import categorical_strings, numeric_matrix
 
+class CalibrationTable(nn.Module):
+    """Threshold and conformal p-value inside the graph, shared by the table and image scorers."""
+
+    def __init__(self, calibration: Calibration):
+        super().__init__()
+        self.n = calibration.n
+        # Padded with +inf to a power of two >= n + 1, so a fixed, branch-free binary search
+        # (log2 steps of Gather + Less + Where) counts the calibration scores below s.
+        size = 1 << int(np.ceil(np.log2(calibration.n + 1)))
+        padded = np.full(size, np.inf, dtype=np.float32)
+        padded[: calibration.n] = calibration.scores
+        self.register_buffer("scores", torch.from_numpy(padded))
+        self.register_buffer("threshold", torch.tensor(calibration.threshold, dtype=torch.float32))
+
+    def forward(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        below = torch.zeros_like(score, dtype=torch.long)
+        step = self.scores.shape[0] // 2
+        while step >= 1:
+            candidate = below + step
+            below = torch.where(self.scores[candidate - 1] < score, candidate, below)
+            step //= 2
+        p_value = (self.n + 1 - below).to(torch.float32) / float(self.n + 1)
+        return p_value, score > self.threshold
+
+
 class ScorerGraph(nn.Module):
     def __init__(self, vae: VAE, pre: Preprocessor, kl_weight: float,
                  calibration: Calibration | None = None):
@@ -30,15 +55,11 @@ class ScorerGraph(nn.Module):
         self.register_buffer("median", torch.tensor([s.median for s in pre.numeric], dtype=torch.float32))
         self.register_buffer("scale", torch.tensor([s.scale for s in pre.numeric], dtype=torch.float32))
         self.register_buffer("indicator_index", torch.tensor(pre.indicator_index, dtype=torch.long))
-        self.calibration = calibration
-        if calibration is not None:
-            # Padded with +inf to a power of two >= n + 1, so a fixed, branch-free binary search
-            # (log2 steps of Gather + Less + Where) counts the calibration scores below s.
-            size = 1 << int(np.ceil(np.log2(calibration.n + 1)))
-            padded = np.full(size, np.inf, dtype=np.float32)
-            padded[: calibration.n] = calibration.scores
-            self.register_buffer("calibration_scores", torch.from_numpy(padded))
-            self.register_buffer("threshold", torch.tensor(calibration.threshold, dtype=torch.float32))
+        self.table = CalibrationTable(calibration) if calibration is not None else None
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.table.threshold
 
     def input_names(self) -> list[str]:
         return (["numeric"] if self.has_numeric else []) + (["onehot"] if self.has_onehot else [])
@@ -63,18 +84,7 @@ class ScorerGraph(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         score, recon, kl = self.components(*inputs)
-        return score, recon, kl, self.p_value(score), score > self.threshold
-
-    def p_value(self, score: torch.Tensor) -> torch.Tensor:
-        table = self.calibration_scores
-        n = self.calibration.n
-        below = torch.zeros_like(score, dtype=torch.long)
-        step = table.shape[0] // 2
-        while step >= 1:
-            candidate = below + step
-            below = torch.where(table[candidate - 1] < score, candidate, below)
-            step //= 2
-        return (n + 1 - below).to(torch.float32) / float(n + 1)
+        return (score, recon, kl, *self.table(score))
 
 
 def graph_inputs(pre: Preprocessor, frame: pd.DataFrame, source: str) -> tuple[torch.Tensor, ...]:

@@ -46,11 +46,13 @@ def build_model(n_features: int, config: ModelConfig) -> VAE:
 
 
 def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
-              config: TrainingConfig) -> TrainResult:
+              config: TrainingConfig, build=None) -> TrainResult:
+    """Train a VAE on rows (tables) or images; ``build()`` makes the model (the tabular MLP by default),
+    after the seed is set so its initial weights are reproducible."""
     torch.set_num_threads(resolve_threads(config.threads))
     torch.manual_seed(config.seed)
     device = select_device(config.device)
-    model = build_model(train_x.shape[1], model_config).to(device)
+    model = (build() if build else build_model(train_x.shape[1], model_config)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     train_t = torch.as_tensor(train_x, dtype=torch.float32, device=device)
     val_t = torch.as_tensor(val_x, dtype=torch.float32, device=device)
