@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flows.score import score_flow
 from flows.train import train_flow
-from pipeline.batch_score import summary_path
+from pipeline.outputs import summary_path
 from pipeline.config import ScoreJob, TrainJob
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 

@@ -18,7 +18,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.batch_score import read_score_column, score_files, write_atomic
+from pipeline.batch_score import read_score_column, score_files
+from pipeline.outputs import write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.drift import DriftLimits, drift_report

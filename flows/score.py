@@ -15,7 +15,8 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.batch_score import merge_scored_parts, score_files, summary_path, write_atomic
+from pipeline.batch_score import score_files
+from pipeline.outputs import merge_scored_parts, summary_path, write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 

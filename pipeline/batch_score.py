@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -32,6 +29,7 @@ from pipeline.config import ScoreJob
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import auprc, auroc
+from pipeline.outputs import OutputWriter, summary_path, write_atomic
 from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.tables import iter_batches, read_columns
 
@@ -75,19 +73,6 @@ class ScoreSummary:
         if self.auroc is not None:
             text += f"; AUROC {self.auroc:.4f}, AUPRC {self.auprc:.4f} on the label column"
         return text
-
-
-def summary_path(output: Path) -> Path:
-    return output.with_name(output.stem + ".summary.json")
-
-
-def output_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if suffix == ".csv":
-        return "csv"
-    raise ConfigError(f"--output {path}: unsupported extension {suffix or '(none)'!r}; use .parquet or .csv")
 
 
 def required_columns(bundle: Bundle, path: Path) -> tuple[list[str], bool]:
@@ -145,39 +130,6 @@ def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.
         worker.join(timeout=5)
 
 
-class _OutputWriter:
-    """Writes result chunks to a hidden temp file; ``commit`` renames it into place."""
-
-    def __init__(self, target: Path):
-        self.target = target
-        self.format = output_format(target)
-        self.temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self._writer = None
-
-    def write(self, table: pa.Table) -> None:
-        if self._writer is None:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            if self.format == "parquet":
-                self._writer = pq.ParquetWriter(self.temp, table.schema)
-            else:
-                self._writer = pacsv.CSVWriter(self.temp, table.schema)
-        self._writer.write_table(table)
-
-    def commit(self) -> None:
-        if self._writer is None:
-            raise DataError(f"nothing to write to {self.target}: the inputs had no rows")
-        self._writer.close()
-        os.replace(self.temp, self.target)
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001 - we're already failing
-                pass
-        self.temp.unlink(missing_ok=True)
-
-
 def _result_table(batch: pa.RecordBatch, id_columns: list[str], outputs: dict[str, np.ndarray],
                   source: str | None) -> pa.Table:
     columns, names = [], []
@@ -197,7 +149,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     """Score every input into one output file (with a ``source`` column when several)."""
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
-    writer = _OutputWriter(job.output)  # validates the output extension before any work
+    writer = OutputWriter(job.output)  # validates the output extension before any work
     scorer = scorer or shared_scorer(job.bundle, job.device, job.threads)
     bundle = scorer.bundle
     checked = [(Path(p), *required_columns(bundle, Path(p))) for p in job.inputs]
@@ -243,35 +195,6 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
             summary.auroc, summary.auprc = auroc(y[known], s[known]), auprc(y[known], s[known])
     write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
     return summary
-
-
-def write_atomic(path: Path, text: str) -> None:
-    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temp.write_text(text)
-    os.replace(temp, path)
-
-
-def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
-    """Concatenate per-file score parts (Parquet) into one output, atomically.
-
-    Used when each input was scored by its own task; a ``source`` column names the input when
-    there is more than one. Returns the number of rows written.
-    """
-    writer = _OutputWriter(output)
-    rows = 0
-    try:
-        for source, part in parts:
-            for batch in pq.ParquetFile(part).iter_batches():
-                table = pa.Table.from_batches([batch])
-                if len(parts) > 1:
-                    table = table.add_column(0, "source", pa.array([source] * batch.num_rows, pa.string()))
-                writer.write(table)
-                rows += batch.num_rows
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    return rows
 
 
 def read_score_column(paths: list[Path]) -> np.ndarray:

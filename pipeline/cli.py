@@ -119,7 +119,8 @@ def format_training(facts: dict) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from pipeline.batch_score import score_files, summary_path
+    from pipeline.batch_score import score_files
+    from pipeline.outputs import summary_path
     from pipeline.config import ScoreJob
 
     job = ScoreJob(bundle=args.bundle, inputs=tuple(args.inputs), output=args.output, device=args.device,

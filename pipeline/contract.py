@@ -9,6 +9,9 @@ ML_OPSET = 3  # ai.onnx.ml, for the string one-hot encoder
 IR_VERSION = 10
 BATCH_AXIS = "batch_size"
 OUTPUT_NAMES = ("score", "recon", "kl", "p_value", "is_anomaly")
+# Image scorers add the per-pixel error map and the reconstruction (for anomaly-map PNGs).
+IMAGE_OUTPUT_NAMES = OUTPUT_NAMES + ("anomaly_map", "reconstruction")
+IMAGE_INPUT = "images"
 
 
 def categorical_input_name(column: str) -> str:

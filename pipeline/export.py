@@ -17,13 +17,13 @@ import torch
 from onnx import TensorProto, compose, helper
 
 from pipeline.contract import BATCH_AXIS as BATCH
-from pipeline.contract import IR_VERSION, ML_OPSET, OPSET, OUTPUT_NAMES, categorical_input_name
+from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, ML_OPSET, OPSET, OUTPUT_NAMES, categorical_input_name
 from pipeline.model import VAE
 from pipeline.preprocess import Preprocessor
 from pipeline.scorer_graph import ScorerGraph
 
 
-def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+def export_module(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                   input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
     axes = {name: {0: BATCH} for name in input_names + output_names}
     with warnings.catch_warnings():
@@ -38,13 +38,13 @@ def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
 
 def export_encoder(vae: VAE, path: Path) -> None:
     example = torch.zeros(2, vae.n_features)
-    model = _torch_export(vae.encoder.eval(), (example,), path, ["features"], ["mu", "logvar"])
+    model = export_module(vae.encoder.eval(), (example,), path, ["features"], ["mu", "logvar"])
     onnx.save(model, str(path))
 
 
 def export_decoder(vae: VAE, path: Path) -> None:
     example = torch.zeros(2, vae.latent_dim)
-    model = _torch_export(vae.decoder.eval(), (example,), path, ["z"], ["reconstruction"])
+    model = export_module(vae.decoder.eval(), (example,), path, ["z"], ["reconstruction"])
     onnx.save(model, str(path))
 
 
@@ -54,7 +54,7 @@ def export_scorer(graph: ScorerGraph, pre: Preprocessor, path: Path) -> None:
         examples.append(torch.zeros(2, len(pre.numeric)))
     if graph.has_onehot:
         examples.append(torch.zeros(2, pre.n_onehot))
-    core = _torch_export(graph.eval(), tuple(examples), path, graph.input_names(), list(OUTPUT_NAMES))
+    core = export_module(graph.eval(), tuple(examples), path, graph.input_names(), list(OUTPUT_NAMES))
     if graph.has_onehot:
         core = compose.merge_models(categorical_front(pre), core, io_map=[("onehot_block", "onehot")])
         core.ir_version = IR_VERSION
@@ -96,3 +96,15 @@ def set_metadata(path: Path, props: Mapping[str, str]) -> None:
     helper.set_model_props(model, {k: str(v) for k, v in props.items()})
     model.ir_version = IR_VERSION
     onnx.save(model, str(path))
+
+
+def export_image_graphs(graph, directory: Path) -> None:
+    """encoder.onnx, decoder.onnx and scorer.onnx for a convolutional VAE's image scorer."""
+    vae = graph.vae
+    example = torch.zeros(2, vae.channels, vae.size, vae.size)
+    onnx.save(export_module(vae.encoder.eval(), (example,), directory / "encoder.onnx", ["images"], ["mu", "logvar"]),
+              str(directory / "encoder.onnx"))
+    onnx.save(export_module(vae.decoder.eval(), (torch.zeros(2, vae.latent_dim),), directory / "decoder.onnx", ["z"],
+                            ["reconstruction"]), str(directory / "decoder.onnx"))
+    onnx.save(export_module(graph.eval(), (example,), directory / "scorer.onnx", [IMAGE_INPUT],
+                            list(IMAGE_OUTPUT_NAMES)), str(directory / "scorer.onnx"))

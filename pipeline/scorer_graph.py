@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from pipeline.calibrate import Calibration
-from pipeline.model import VAE, score_components
+from pipeline.image_model import ConvVAE
+from pipeline.model import VAE, error_map, score_components
 from pipeline.preprocess import Preprocessor
 from pipeline.schema import categorical_strings, numeric_matrix
 
@@ -85,6 +86,35 @@ class ScorerGraph(nn.Module):
     def forward(self, *inputs: torch.Tensor):
         score, recon, kl = self.components(*inputs)
         return (score, recon, kl, *self.table(score))
+
+
+class ImageScorerGraph(nn.Module):
+    """Preprocessed images [B, C, H, W] in [0, 1] -> score, recon, kl, p_value, is_anomaly,
+    the per-pixel anomaly map [B, H, W] (recon's share of each pixel, summed over channels) and
+    the reconstruction. Resizing and mode conversion happen before the graph, in
+    pipeline.images, exactly as the manifest's ``image`` section says."""
+
+    def __init__(self, vae: ConvVAE, kl_weight: float, calibration: Calibration | None = None):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = float(kl_weight)
+        self.table = CalibrationTable(calibration) if calibration is not None else None
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.table.threshold
+
+    def components(self, images: torch.Tensor):
+        mu, logvar = self.vae.encoder(images)
+        reconstruction = self.vae.decoder(mu)
+        log_scale = self.vae.decoder.bounded_log_scale()
+        recon, kl = score_components(images, reconstruction, mu, logvar, log_scale)
+        pixel_map = error_map(images, reconstruction, log_scale).sum(dim=1)
+        return recon + self.kl_weight * kl, recon, kl, pixel_map, reconstruction
+
+    def forward(self, images: torch.Tensor):
+        score, recon, kl, pixel_map, reconstruction = self.components(images)
+        return (score, recon, kl, *self.table(score), pixel_map, reconstruction)
 
 
 def graph_inputs(pre: Preprocessor, frame: pd.DataFrame, source: str) -> tuple[torch.Tensor, ...]:

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.batch_score import merge_scored_parts, score_files, summary_path
+from pipeline.batch_score import score_files
+from pipeline.outputs import merge_scored_parts, summary_path
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.errors import DataError

@@ -5,7 +5,7 @@ import sys
 
 LIBRARY = ["config", "tables", "schema", "preprocess", "splits", "model", "train", "calibrate", "scorer_graph",
            "export", "verify", "bundle", "runtime", "batch_score", "workflow", "inspect", "synthetic", "cli",
-           "landing", "drift"]
+           "landing", "drift", "outputs", "image_model"]
 
 
 def imported_after(statement: str) -> set[str]:

@@ -9,7 +9,7 @@ from pipeline import workflow
 from pipeline.bundle import Bundle
 from pipeline.config import TrainJob
 from pipeline.errors import DataError, ExportError
-from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+from pipeline.synthetic import write_table
 from tests.conftest import SHARED_DATA, quiet_config
 
 

@@ -1,0 +1,340 @@
+"""Finding, reading and preprocessing images, identically at training and at scoring time.
+
+Every image, whether it comes from a file or from a row of a .npy array, goes through the same
+PIL steps: convert to the spec's mode ("L" or "RGB"), resize to a square with bilinear
+filtering, divide by 255. A model therefore sees the same numbers for the same pixels whatever
+the source, the original size or the original mode.
+
+A single unreadable image never stops a run: it is reported as (item, reason) and skipped, so
+one corrupt upload cannot block scoring of a whole folder. Problems with the input as a whole
+(a missing folder, a folder without images, a CSV without its path column, an array of the
+wrong shape) raise, because no result could be right.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import ConfigError, DataError, InputFileError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+_MODES = {1: "L", 3: "RGB"}
+# Recorded in bundles so a scorer can check it preprocesses as training did; from_dict rejects
+# other values rather than silently preprocessing differently.
+_RESIZE = "bilinear"
+_SCALE = "x / 255"
+_LAYOUT = "NCHW float32 in [0, 1]"
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How images are turned into model input: a square side and a channel count."""
+
+    size: int = 64  # square side after resizing
+    channels: int = 1  # 1 = grayscale ("L"), 3 = RGB
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ConfigError(f"image size must be a positive integer, got {self.size!r}; "
+                              f"set the image size to e.g. 64")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels not in _MODES:
+            raise ConfigError(f"image channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
+
+    @property
+    def mode(self) -> str:
+        return _MODES[self.channels]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "channels": self.channels, "mode": self.mode,
+                "resize": _RESIZE, "scale": _SCALE, "layout": _LAYOUT}
+
+    @classmethod
+    def from_dict(cls, raw) -> "ImageSpec":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"image spec must be a mapping with 'size' and 'channels', got {type(raw).__name__}")
+        spec = cls(size=raw.get("size", cls.size), channels=raw.get("channels", cls.channels))
+        expected = spec.to_dict()
+        for key in ("mode", "resize", "scale", "layout"):
+            if key in raw and raw[key] != expected[key]:
+                raise ConfigError(
+                    f"image spec {key!r} is {raw[key]!r} but this version preprocesses with {expected[key]!r} "
+                    f"for {spec.channels} channel(s); retrain the bundle with this version or use the one that made it"
+                )
+        return spec
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where images come from: a folder (recursive), a CSV with a path column, or a .npy array."""
+
+    items: list[str]  # folder/CSV: file paths (sorted for folders, file order for CSV); .npy: "file.npy[i]"
+    kind: str  # "folder", "csv" or "npy"
+    origin: Path  # the folder, CSV or .npy file that was listed
+    layout: str | None = None  # .npy only: "NHW", "NHWC" or "NCHW"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def relative(self, item: str) -> str:
+        """An item's name relative to the listed folder (shorter, for reports and map names)."""
+        if self.kind == "folder":
+            try:
+                return Path(item).relative_to(self.origin).as_posix()
+            except ValueError:
+                return item
+        if self.kind == "npy":
+            return f"{self.origin.name}{item[len(str(self.origin)):]}"
+        return item
+
+
+def is_image_input(path: Path, path_column: str = "path") -> bool:
+    """True for a directory, a .npy file, or a .csv whose header has a ``path_column`` column."""
+    path = Path(path)
+    if path.is_dir():
+        return True
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return True
+    if suffix == ".csv" and path.is_file():
+        return path_column in _csv_header(path)
+    return False
+
+
+def list_images(path: Path, path_column: str = "path") -> ImageSource:
+    """List the images of a folder (recursively), of a CSV's path column, or of a .npy array."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: not found; expected a folder of images, a .csv with a "
+                             f"{path_column!r} column or a .npy array; check the path")
+    if path.is_dir():
+        return _list_folder(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _list_csv(path, path_column)
+    if suffix == ".npy":
+        return _list_npy(path)
+    raise InputFileError(
+        f"{path}: unsupported image input {suffix or '(no suffix)'!r}; expected a folder of images, "
+        f"a .csv with a {path_column!r} column or a .npy array; put single images in a folder"
+    )
+
+
+def _list_folder(folder: Path) -> ImageSource:
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        # Hidden folders hold tool state (.git, .ipynb_checkpoints), hidden files are OS
+        # droppings (._x.png from macOS looks like an image but is not one).
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(Path(root) / name for name in files
+                     if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES))
+    if not found:
+        raise InputFileError(f"no PNG, JPEG or BMP images in {folder} (searched recursively); "
+                             f"expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+    # Sorting by path parts keeps a folder's files together and is the same on every machine,
+    # so training splits and output rows do not depend on directory listing order.
+    return ImageSource(items=[str(p) for p in sorted(found)], kind="folder", origin=folder)
+
+
+def _csv_header(path: Path) -> list[str]:
+    # Only the first line: deciding whether a CSV lists images must not parse a large table.
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            first = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        return []
+    rows = list(csv.reader(io.StringIO(first)))
+    return rows[0] if rows else []
+
+
+def _list_csv(path: Path, path_column: str) -> ImageSource:
+    header = _csv_header(path)
+    if path_column not in header:
+        raise DataError(f"{path}: no {path_column!r} column (columns: {header[:10]}); "
+                        f"add a column named {path_column!r} with one image path per row")
+    frame = pd.read_csv(path, usecols=[path_column], dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    values = frame[path_column].tolist()
+    if not values:
+        raise DataError(f"{path}: the {path_column!r} column has no rows; expected one image path per row")
+    blank = [i for i, v in enumerate(values) if not v.strip()]
+    if blank:
+        raise DataError(f"{path}: column {path_column!r} is empty in row {blank[0] + 1} (line {blank[0] + 2}); "
+                        f"fill in an image path or remove the row")
+    # Relative paths mean "next to the CSV", so a folder with its index can be moved as a whole.
+    items = [v if Path(v).is_absolute() else str(path.parent / v) for v in values]
+    return ImageSource(items=items, kind="csv", origin=path)
+
+
+def _list_npy(path: Path) -> ImageSource:
+    array = _open_npy(path)
+    shape = array.shape
+    if array.ndim == 3:
+        layout = "NHW"
+    elif array.ndim == 4 and shape[3] in (1, 3):
+        layout = "NHWC"
+    elif array.ndim == 4 and shape[1] in (1, 3):
+        layout = "NCHW"
+    else:
+        raise DataError(f"{path}: array of shape {shape} is not a stack of images; expected (N, H, W), "
+                        f"(N, H, W, C) or (N, C, H, W) with C = 1 or 3")
+    if array.dtype.kind not in "uif":
+        raise DataError(f"{path}: array of dtype {array.dtype} is not pixel data; "
+                        f"save uint8 values in 0..255 or floats in 0..1")
+    if shape[0] == 0:
+        raise DataError(f"{path}: the array holds no images (shape {shape}); expected at least one")
+    return ImageSource(items=[f"{path}[{i}]" for i in range(shape[0])], kind="npy", origin=path, layout=layout)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    # Memory-mapped so a large array is read one batch at a time, not whole.
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputFileError(f"{path}: could not be read as a .npy array: {_one_line(exc)}; "
+                             f"save it with numpy.save") from exc
+
+
+def load_images(source: ImageSource, spec: ImageSpec, start: int = 0, stop: int | None = None
+                ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Load ``source.items[start:stop]`` as float32 [n_ok, channels, size, size] in [0, 1].
+
+    Returns the images, the names of the items that loaded, and (item, reason) for those that
+    did not; those are skipped, never raised. Other sizes or modes than the spec's are
+    converted, never an error.
+    """
+    # A truncated image must be reported, not padded with grey: that flag makes PIL hide it.
+    # This module never sets it; refuse to run if other code in the process did.
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code in this process), "
+                          "so truncated images would load half grey instead of being reported; set it to False")
+    items = source.items[start:stop]
+    out = np.empty((len(items), *spec.shape), dtype=np.float32)
+    ok: list[str] = []
+    errors: list[tuple[str, str]] = []
+    if source.kind == "npy":
+        pictures = _npy_pictures(source, start, stop)
+    else:
+        pictures = (_read_file(item) for item in items)
+    for item, picture in zip(items, pictures):
+        if isinstance(picture, str):
+            errors.append((item, picture))
+            continue
+        out[len(ok)] = _to_array(picture, spec)
+        ok.append(item)
+    return out[:len(ok)], ok, errors
+
+
+def iter_image_batches(source: ImageSource, spec: ImageSpec, batch_size: int
+                       ) -> Iterator[tuple[np.ndarray, list[str], list[tuple[str, str]]]]:
+    """``load_images`` over consecutive slices of ``batch_size`` items, so memory stays bounded.
+
+    A batch holds at most ``batch_size`` images, fewer where items were skipped (possibly none).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"image batch size must be a positive integer, got {batch_size!r}")
+    for start in range(0, len(source.items), batch_size):
+        yield load_images(source, spec, start, start + batch_size)
+
+
+def write_errors(errors: list[tuple[str, str]], path: Path) -> None:
+    """Write skipped items as a CSV (path,reason), atomically; nothing at all when there are none."""
+    if not errors:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(temp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "reason"])
+            writer.writerows(errors)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _read_file(item: str) -> Image.Image | str:
+    """The decoded image, or a short reason why it could not be decoded."""
+    try:
+        if os.path.getsize(item) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(item) as opened:
+            # load() decodes every pixel now, so a truncated file fails here and not later.
+            opened.load()
+            # Camera JPEGs store rotation as a tag; apply it so the model sees what viewers show.
+            return ImageOps.exif_transpose(opened)
+    except FileNotFoundError:
+        return "file not found"
+    except IsADirectoryError:
+        return "is a directory, not an image"
+    except PermissionError:
+        return "permission denied"
+    except UnidentifiedImageError:
+        return "cannot identify image file"
+    except Image.DecompressionBombError as exc:
+        return f"too many pixels: {_one_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt data (OSError, SyntaxError, struct.error, ...)
+        return _one_line(exc) or type(exc).__name__
+
+
+def _npy_pictures(source: ImageSource, start: int, stop: int | None) -> Iterator[Image.Image | str]:
+    block = np.asarray(_open_npy(source.origin)[start:stop])
+    if source.layout == "NCHW":
+        block = block.transpose(0, 2, 3, 1)
+    if block.ndim == 4 and block.shape[3] == 1:
+        block = block[..., 0]
+    is_float = block.dtype.kind == "f"
+    high = 1 if is_float else 255
+    bad = ~np.isfinite(block) | (block < 0) | (block > high) if is_float else (block < 0) | (block > high)
+    if bad.any():
+        index = start + int(np.argwhere(bad)[0][0])
+        raise DataError(f"{source.origin}: image {index} has values outside 0..{high} for dtype {block.dtype}; "
+                        f"save uint8 values in 0..255 or floats in 0..1")
+    # Back to 8-bit pixels so an array and the files it was made from go through PIL identically;
+    # floats that came from x / 255 round-trip exactly.
+    pixels = np.rint(block * 255.0).astype(np.uint8) if is_float else block.astype(np.uint8)
+    mode = "L" if pixels.ndim == 3 else "RGB"
+    for picture in pixels:
+        yield Image.fromarray(np.ascontiguousarray(picture), mode=mode)
+
+
+def _to_array(picture: Image.Image, spec: ImageSpec) -> np.ndarray:
+    picture = _convert(picture, spec.mode)
+    if picture.size != (spec.size, spec.size):
+        picture = picture.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(picture, dtype=np.float32) / np.float32(255)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _convert(picture: Image.Image, mode: str) -> Image.Image:
+    if picture.mode in _SIXTEEN_BIT_MODES:
+        # PIL's own I;16 -> L conversion clips at 255 (almost every pixel turns white); scale instead.
+        wide = np.asarray(picture).astype(np.float64)
+        picture = Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8), mode="L")
+    elif picture.mode == "P":
+        # Converting a palette image with a transparent index straight to RGB warns; go via RGBA.
+        picture = picture.convert("RGBA" if "transparency" in picture.info else "RGB")
+    if picture.mode not in ("L", "RGB", "RGBA", "LA", "1"):
+        picture = picture.convert("RGB")  # CMYK, YCbCr, ...: via RGB, the one path every mode has
+    # Alpha is dropped, not composited: the colour under transparent pixels is kept as stored.
+    return picture if picture.mode == mode else picture.convert(mode)
+
+
+def _one_line(exc: BaseException) -> str:
+    return re.sub(r"\s+", " ", str(exc)).strip()

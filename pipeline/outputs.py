@@ -1,0 +1,92 @@
+"""Writing results so that a failed run leaves nothing behind and replaces nothing.
+
+Every output goes to a hidden temporary file beside its target and is renamed into place only
+when complete: readers never see half a file, and an existing file survives a failed run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError, DataError
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".summary.json")
+
+
+def output_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".csv":
+        return "csv"
+    raise ConfigError(f"--output {path}: unsupported extension {suffix or '(none)'!r}; use .parquet or .csv")
+
+
+class OutputWriter:
+    """Writes result chunks to a hidden temp file; ``commit`` renames it into place."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.format = output_format(target)
+        self.temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._writer = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            if self.format == "parquet":
+                self._writer = pq.ParquetWriter(self.temp, table.schema)
+            else:
+                self._writer = pacsv.CSVWriter(self.temp, table.schema)
+        self._writer.write_table(table)
+
+    def commit(self) -> None:
+        if self._writer is None:
+            raise DataError(f"nothing to write to {self.target}: the inputs had no rows")
+        self._writer.close()
+        os.replace(self.temp, self.target)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - we're already failing
+                pass
+        self.temp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
+    """Concatenate per-file score parts (Parquet) into one output, atomically.
+
+    Used when each input was scored by its own task; a ``source`` column names the input when
+    there is more than one. Returns the number of rows written.
+    """
+    writer = OutputWriter(output)
+    rows = 0
+    try:
+        for source, part in parts:
+            for batch in pq.ParquetFile(part).iter_batches():
+                table = pa.Table.from_batches([batch])
+                if len(parts) > 1:
+                    table = table.add_column(0, "source", pa.array([source] * batch.num_rows, pa.string()))
+                writer.write(table)
+                rows += batch.num_rows
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return rows
