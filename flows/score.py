@@ -1,4 +1,5 @@
-"""Scoring flow: one task per input file, then one output and a summary table artifact.
+"""Scoring flow: one task per input (a table file, or an image folder), then one output and a
+summary table artifact.
 
 Each task scores its file into a part file beside the output; the parts are merged into the
 output atomically only when every file succeeded, so a failed run writes nothing.
@@ -15,10 +16,10 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.batch_score import score_files
 from pipeline.outputs import merge_scored_parts, summary_path, write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
+from pipeline.scoring import score
 
 
 @task(cache_policy=NO_CACHE)
@@ -32,10 +33,10 @@ def check_bundle(bundle: Path) -> dict:
 
 @task(cache_policy=NO_CACHE)
 def score_file(job: ScoreJob, input_path: Path, part: Path) -> dict:
-    """Score one input file into a part file."""
+    """Score one input (table file or image folder) into a part file."""
     single = ScoreJob(bundle=job.bundle, inputs=(input_path,), output=part, device=job.device,
-                      batch_size=job.batch_size, threads=job.threads)
-    return score_files(single).to_dict()
+                      batch_size=job.batch_size, threads=job.threads, maps_dir=job.maps_dir)
+    return score(single).to_dict()
 
 
 @task(cache_policy=NO_CACHE)

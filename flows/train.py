@@ -1,7 +1,9 @@
-"""Training flow: load and validate, split, fit preprocessing, train, calibrate, export, verify, publish.
+"""Training flow: one task per step of the training run, then a markdown summary artifact.
 
-Each task wraps one step of pipeline.workflow; tasks pass the job and the run folder (paths),
-never data frames or models.
+Tables run pipeline.workflow's steps (load and validate, split, fit preprocessing, train,
+calibrate, export, verify); images run pipeline.image_workflow's (load images, split, train,
+calibrate, export, verify). Either way the verified bundle is published last. Tasks pass the
+job and the run folder (paths), never data frames, images or models.
 """
 
 from __future__ import annotations
@@ -10,72 +12,22 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline import workflow
-from pipeline.config import TrainJob
-
-_task = task(cache_policy=NO_CACHE)
+from pipeline import image_workflow, workflow
+from pipeline.config import ImageTrainJob, TrainJob
 
 
-@_task
-def load_and_validate(job: TrainJob, run: workflow.RunDir) -> dict:
-    """Read the table and check its schema."""
-    return workflow.load_and_validate(job, run)
-
-
-@_task
-def split(job: TrainJob, run: workflow.RunDir) -> dict:
-    """Split rows into train, validation, calibration and test."""
-    return workflow.split(job, run)
-
-
-@_task
-def fit_preprocessing(job: TrainJob, run: workflow.RunDir) -> dict:
-    """Fit imputation, scaling and categories on training rows."""
-    return workflow.fit_preprocessing(job, run)
-
-
-@_task
-def train_model(job: TrainJob, run: workflow.RunDir) -> dict:
-    """Train the VAE with early stopping."""
-    return workflow.train_model(job, run)
-
-
-@_task
-def calibrate_threshold(job: TrainJob, run: workflow.RunDir) -> dict:
-    """Set the threshold on calibration rows; measure on test rows."""
-    return workflow.calibrate_threshold(job, run)
-
-
-@_task
-def export_bundle(job: TrainJob, run: workflow.RunDir) -> dict:
-    """Write the ONNX graphs and the manifest."""
-    return workflow.export_bundle(job, run)
-
-
-@_task
-def verify_bundle(job: TrainJob, run: workflow.RunDir) -> dict:
-    """Check ONNX against PyTorch on calibration rows."""
-    return workflow.verify_bundle(job, run)
-
-
-@_task
-def publish(job: TrainJob, run: workflow.RunDir) -> str:
-    """Move the verified bundle into place."""
-    return str(workflow.publish(job, run))
+def as_task(step):
+    """A Prefect task named after the library step it runs; the step's docstring describes it."""
+    return task(step, name=step.__name__, cache_policy=NO_CACHE)
 
 
 @flow(name="vaeguard-train", log_prints=True)
-def train_flow(job: TrainJob) -> dict:
+def train_flow(job: TrainJob | ImageTrainJob) -> dict:
+    steps = image_workflow.STEPS if isinstance(job, ImageTrainJob) else workflow.STEPS
     run = workflow.RunDir.create(job)
     try:
-        facts = {"load_and_validate": load_and_validate(job, run)}
-        facts["split"] = split(job, run)
-        facts["fit_preprocessing"] = fit_preprocessing(job, run)
-        facts["train_model"] = train_model(job, run)
-        facts["calibrate_threshold"] = calibrate_threshold(job, run)
-        facts["export_bundle"] = export_bundle(job, run)
-        facts["verify_bundle"] = verify_bundle(job, run)
-        facts["bundle"] = publish(job, run)
+        facts = {step.__name__: as_task(step)(job, run) for step in steps}
+        facts["bundle"] = str(as_task(workflow.publish)(job, run))
     finally:
         run.remove()
     create_markdown_artifact(key="vaeguard-training", markdown=training_markdown(job, facts),
@@ -83,11 +35,13 @@ def train_flow(job: TrainJob) -> dict:
     return facts
 
 
-def training_markdown(job: TrainJob, facts: dict) -> str:
+def training_markdown(job: TrainJob | ImageTrainJob, facts: dict) -> str:
     cal, trained, verify = facts["calibrate_threshold"], facts["train_model"], facts["verify_bundle"]
+    loaded = facts.get("load_images") or facts["load_and_validate"]
+    size = f"{loaded['images']:,} images" if "images" in loaded else f"{loaded['rows']:,} rows"
     rows = [
         ("bundle", facts["bundle"]),
-        ("data", f"{job.data} ({facts['load_and_validate']['rows']:,} rows)"),
+        ("data", f"{job.data} ({size})"),
         ("splits", ", ".join(f"{k} {v:,}" for k, v in facts["split"].items())),
         ("training", f"{trained['epochs']} epochs, best {trained['best_epoch']}, {trained['seconds']:.1f}s on {trained['device']}"),
         ("threshold", f"{cal['threshold']:.6g} at target FPR {job.config.calibration.target_fpr}"),

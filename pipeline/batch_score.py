@@ -58,6 +58,7 @@ class ScoreSummary:
     files: list[FileSummary] = field(default_factory=list)
     auroc: float | None = None  # only when the input carries the bundle's label column
     auprc: float | None = None
+    skipped: int = 0  # image inputs: unreadable files, listed in <output>.errors.csv
 
     @property
     def anomaly_rate(self) -> float:
@@ -70,6 +71,8 @@ class ScoreSummary:
     def describe(self) -> str:
         text = (f"{self.rows:,} rows, {self.anomalies:,} anomalies: observed rate {self.anomaly_rate:.4%} "
                 f"against target FPR {self.target_fpr:.4%} (expected {self.expected_fpr:.4%} on normal data)")
+        if self.skipped:
+            text += f"; {self.skipped:,} unreadable image(s) skipped"
         if self.auroc is not None:
             text += f"; AUROC {self.auroc:.4f}, AUPRC {self.auprc:.4f} on the label column"
         return text

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="random seed (default 0)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
     train.add_argument("--out", type=Path, default=Path("exported"), help="output folder (default exported/)")
+    images = train.add_argument_group("images (DATA is a folder of images, a CSV with a path column, or a .npy)")
+    images.add_argument("--image-size", type=int, help="square side images are resized to (default 64)")
+    images.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale, 3 = RGB")
+    images.add_argument("--path-column", default="path", help="column of image paths in a CSV (default path)")
 
     score = commands.add_parser("score", parents=[common], help="score tables with a bundle")
     score.add_argument("bundle", type=Path, help="bundle folder written by `vaeguard train`")
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--batch-size", type=int, default=65_536, help="rows per chunk (default 65536)")
     score.add_argument("--threads", type=int, help="onnxruntime threads (default: cores, at most 4)")
+    score.add_argument("--maps", type=Path, help="image bundles: write a PNG (image, reconstruction, heat map) "
+                       "for each flagged image into this folder")
     score.add_argument("--task-runner", choices=("local", "dask"), default="local",
                        help="dask: one Prefect task per input file on a Dask cluster (prefect-dask)")
     score.add_argument("--dask-address", help="tcp://host:port of a Dask scheduler (default: a local cluster)")
@@ -81,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pipeline.config import TrainJob, load_config
+    from pipeline.config import ImageTrainJob, TrainJob, load_config
+    from pipeline.image_workflow import run_image_training
+    from pipeline.images import is_image_input
     from pipeline.workflow import run_training
 
     config = load_config(args.config)
@@ -90,20 +98,30 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
     if overrides:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, **overrides))
-    job = TrainJob(data=args.data, name=args.name, out_dir=args.out, label_column=args.label_column,
-                   id_columns=args.id_columns, config=config)
-    facts = run_training(job)
+    if args.image_size or is_image_input(args.data, args.path_column):
+        job = ImageTrainJob(data=args.data, name=args.name, out_dir=args.out, image_size=args.image_size or 64,
+                            channels=args.channels, path_column=args.path_column, config=config)
+        facts = run_image_training(job)
+    else:
+        job = TrainJob(data=args.data, name=args.name, out_dir=args.out, label_column=args.label_column,
+                       id_columns=args.id_columns, config=config)
+        facts = run_training(job)
     print(format_training(facts))
 
 
 def format_training(facts: dict) -> str:
-    data, sizes, trained, cal = (facts["load_and_validate"], facts["split"], facts["train_model"],
-                                 facts["calibrate_threshold"])
+    sizes, trained, cal = facts["split"], facts["train_model"], facts["calibrate_threshold"]
+    if "load_images" in facts:
+        loaded = facts["load_images"]
+        data = f"{loaded['images']:,} images" + (f"; {loaded['skipped']:,} unreadable skipped" if loaded["skipped"] else "")
+    else:
+        loaded = facts["load_and_validate"]
+        data = (f"{loaded['rows']:,} rows; {loaded['numeric_columns']} numeric, "
+                f"{loaded['categorical_columns']} categorical columns"
+                + (f"; dropped {', '.join(loaded['dropped_columns'])}" if loaded["dropped_columns"] else ""))
     lines = [
         f"bundle:      {facts['bundle']}",
-        f"data:        {data['rows']:,} rows; {data['numeric_columns']} numeric, "
-        f"{data['categorical_columns']} categorical columns"
-        + (f"; dropped {', '.join(data['dropped_columns'])}" if data["dropped_columns"] else ""),
+        f"data:        {data}",
         f"splits:      train {sizes['train']:,}, validation {sizes['val']:,}, calibration {sizes['cal']:,}"
         + (f", test {sizes['test']:,}" if sizes["test"] else ""),
         f"training:    {trained['epochs']} epochs (best {trained['best_epoch']}) in {trained['seconds']:.1f}s on {trained['device']}",
@@ -119,12 +137,12 @@ def format_training(facts: dict) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from pipeline.batch_score import score_files
     from pipeline.outputs import summary_path
+    from pipeline.scoring import score
     from pipeline.config import ScoreJob
 
     job = ScoreJob(bundle=args.bundle, inputs=tuple(args.inputs), output=args.output, device=args.device,
-                   batch_size=args.batch_size, threads=args.threads)
+                   batch_size=args.batch_size, threads=args.threads, maps_dir=args.maps)
     if args.task_runner == "dask":
         from flows.score import score_flow
         from prefect_dask import DaskTaskRunner
@@ -136,7 +154,7 @@ def cmd_score(args: argparse.Namespace) -> None:
               f"{summary['anomalies']:,} anomalies: observed rate {summary['anomaly_rate']:.4%} against target "
               f"FPR {summary['target_fpr']:.4%}")
         return
-    summary = score_files(job)
+    summary = score(job)
     print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary.describe()}")
     print(f"device:  {summary.device}; {summary.rows / max(summary.seconds, 1e-9):,.0f} rows/s")
 

@@ -116,6 +116,23 @@ class TrainJob:
 
 
 @dataclass(frozen=True)
+class ImageTrainJob:
+    """What `vaeguard train IMAGE_DIR --image-size N` and the training flow are asked to do."""
+
+    data: Path  # a folder of images, a CSV with a path column, or a .npy array
+    name: str
+    out_dir: Path = Path("exported")
+    image_size: int = 64
+    channels: int = 1  # 1 = grayscale, 3 = RGB
+    path_column: str = "path"
+    config: PipelineConfig = field(default_factory=PipelineConfig)
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.out_dir / self.name
+
+
+@dataclass(frozen=True)
 class ScoreJob:
     """What `vaeguard score` and the scoring flow are asked to do."""
 
@@ -125,6 +142,7 @@ class ScoreJob:
     device: str = "auto"
     batch_size: int = 65_536
     threads: int | None = None
+    maps_dir: Path | None = None  # image bundles: write anomaly-map PNGs of flagged images here
 
 
 _T = TypeVar("_T")

@@ -289,7 +289,9 @@ def _read_file(item: str) -> Image.Image | str:
         return "cannot identify image file"
     except Image.DecompressionBombError as exc:
         return f"too many pixels: {_one_line(exc)}"
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt data (OSError, SyntaxError, struct.error, ...)
+    # Decoders raise many types on corrupt data (OSError, SyntaxError, struct.error, ...); any of
+    # them means "this one file is bad", which must not stop the run.
+    except Exception as exc:  # noqa: BLE001
         return _one_line(exc) or type(exc).__name__
 
 

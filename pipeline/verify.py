@@ -1,9 +1,9 @@
 """Export verification: the ONNX graphs must compute what the PyTorch model computes.
 
 Run before a bundle is published. onnx.checker validates each file; then onnxruntime and
-PyTorch score the calibration rows and their outputs are compared. Decisions may differ only
-for rows whose score lies within the numeric tolerance of the threshold, where float rounding
-legitimately decides.
+PyTorch score the calibration rows (or images) and their outputs are compared. Decisions may
+differ only for rows whose score lies within the numeric tolerance of the threshold, where
+float rounding legitimately decides.
 """
 
 from __future__ import annotations
@@ -16,69 +16,73 @@ import onnxruntime as ort
 import pandas as pd
 import torch
 
-from pipeline.bundle import Bundle
+from pipeline.bundle import MODEL_FILES, Bundle
+from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
 from pipeline.errors import ExportError
 from pipeline.runtime import BundleScorer
-from pipeline.scorer_graph import ScorerGraph, graph_inputs
+from pipeline.scorer_graph import ImageScorerGraph, ScorerGraph, graph_inputs
 
 RTOL = 1e-4
 ATOL = 1e-4
 
 
-def _max_rel_excess(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Largest |a - e| / (ATOL + RTOL |e|): above 1 means out of tolerance."""
-    return float(np.max(np.abs(actual - expected) / (ATOL + RTOL * np.abs(expected)), initial=0.0))
-
-
-def verify_export(bundle_dir: Path, graph: ScorerGraph, rows: pd.DataFrame, features: np.ndarray) -> dict:
-    for name in ("encoder.onnx", "decoder.onnx", "scorer.onnx"):
+def check_onnx_files(bundle_dir: Path) -> None:
+    for name in MODEL_FILES:
         try:
             onnx.checker.check_model(str(bundle_dir / name), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"{bundle_dir / name} failed onnx.checker: {str(exc).splitlines()[0]}") from exc
 
-    pre = Bundle.load(bundle_dir).preprocessor
-    with torch.no_grad():
-        expected = [t.numpy() for t in graph(*graph_inputs(pre, rows, "calibration rows"))]
-        x = torch.from_numpy(features)
-        mu, logvar = graph.vae.encoder(x)
-        reconstruction = graph.vae.decoder(mu)
-    actual = BundleScorer(Bundle.load(bundle_dir), device="cpu").score_frame(rows, "calibration rows")
 
-    encoder = ort.InferenceSession(str(bundle_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
-    decoder = ort.InferenceSession(str(bundle_dir / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    onnx_mu, onnx_logvar = encoder.run(None, {"features": features})
-    (onnx_reconstruction,) = decoder.run(None, {"z": mu.numpy()})
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-    diffs = {
-        "score": float(np.max(np.abs(actual["score"].to_numpy() - expected[0]), initial=0.0)),
-        "recon": float(np.max(np.abs(actual["recon"].to_numpy() - expected[1]), initial=0.0)),
-        "kl": float(np.max(np.abs(actual["kl"].to_numpy() - expected[2]), initial=0.0)),
-        "mu": float(np.max(np.abs(onnx_mu - mu.numpy()), initial=0.0)),
-        "logvar": float(np.max(np.abs(onnx_logvar - logvar.numpy()), initial=0.0)),
-        "reconstruction": float(np.max(np.abs(onnx_reconstruction - reconstruction.numpy()), initial=0.0)),
-    }
-    excess = max(
-        _max_rel_excess(actual["score"].to_numpy(), expected[0]),
-        _max_rel_excess(actual["recon"].to_numpy(), expected[1]),
-        _max_rel_excess(actual["kl"].to_numpy(), expected[2]),
-        _max_rel_excess(onnx_mu, mu.numpy()),
-        _max_rel_excess(onnx_logvar, logvar.numpy()),
-        _max_rel_excess(onnx_reconstruction, reconstruction.numpy()),
-    )
-    agree = actual["is_anomaly"].to_numpy() == expected[4]
-    threshold = float(graph.threshold)
-    near_threshold = np.abs(expected[0] - threshold) <= ATOL + RTOL * abs(threshold)
-    report = {
-        "rows": int(len(rows)),
-        "max_abs_diff": diffs,
-        "decision_agreement": float(agree.mean()),
-        "tolerance": {"rtol": RTOL, "atol": ATOL},
-        "passed": bool(excess <= 1.0 and np.all(agree | near_threshold)),
-    }
+
+def compare(pairs: dict[str, tuple[np.ndarray, np.ndarray]], is_anomaly: tuple[np.ndarray, np.ndarray],
+            score: np.ndarray, threshold: float, rows: int, what: str) -> dict:
+    """Max abs differences of (onnx, torch) pairs, and decision agreement away from the threshold."""
+    diffs = {name: float(np.max(np.abs(a - b), initial=0.0)) for name, (a, b) in pairs.items()}
+    # Largest |a - e| / (ATOL + RTOL |e|): above 1 means out of tolerance.
+    excess = max(float(np.max(np.abs(a - b) / (ATOL + RTOL * np.abs(b)), initial=0.0)) for a, b in pairs.values())
+    agree = is_anomaly[0] == is_anomaly[1]
+    near_threshold = np.abs(score - threshold) <= ATOL + RTOL * abs(threshold)
+    report = {"rows": rows, "max_abs_diff": diffs, "decision_agreement": float(agree.mean()),
+              "tolerance": {"rtol": RTOL, "atol": ATOL}, "passed": bool(excess <= 1.0 and np.all(agree | near_threshold))}
     if not report["passed"]:
         raise ExportError(
-            f"ONNX export does not match PyTorch on {len(rows)} calibration rows: max abs diffs {diffs}, "
+            f"ONNX export does not match PyTorch on {rows} calibration {what}: max abs diffs {diffs}, "
             f"decision agreement {agree.mean():.4%} (tolerance rtol={RTOL}, atol={ATOL}); the bundle was not published"
         )
     return report
+
+
+def verify_export(bundle_dir: Path, graph: ScorerGraph, rows: pd.DataFrame, features: np.ndarray) -> dict:
+    check_onnx_files(bundle_dir)
+    bundle = Bundle.load(bundle_dir)
+    with torch.no_grad():
+        expected = [t.numpy() for t in graph(*graph_inputs(bundle.preprocessor, rows, "calibration rows"))]
+        mu, logvar = graph.vae.encoder(torch.from_numpy(features))
+        reconstruction = graph.vae.decoder(mu)
+    actual = BundleScorer(bundle, device="cpu").score_frame(rows, "calibration rows")
+    onnx_mu, onnx_logvar = _session(bundle_dir / "encoder.onnx").run(None, {"features": features})
+    (onnx_reconstruction,) = _session(bundle_dir / "decoder.onnx").run(None, {"z": mu.numpy()})
+    pairs = {name: (actual[name].to_numpy(), value) for name, value in zip(("score", "recon", "kl"), expected)}
+    pairs |= {"mu": (onnx_mu, mu.numpy()), "logvar": (onnx_logvar, logvar.numpy()),
+              "reconstruction": (onnx_reconstruction, reconstruction.numpy())}
+    return compare(pairs, (actual["is_anomaly"].to_numpy(), expected[4]), expected[0], float(graph.threshold),
+                   len(rows), "rows")
+
+
+def verify_image_export(bundle_dir: Path, graph: ImageScorerGraph, images: np.ndarray) -> dict:
+    check_onnx_files(bundle_dir)
+    with torch.no_grad():
+        expected = dict(zip(IMAGE_OUTPUT_NAMES, (t.numpy() for t in graph(torch.from_numpy(images)))))
+        mu, logvar = graph.vae.encoder(torch.from_numpy(images))
+    actual = dict(zip(IMAGE_OUTPUT_NAMES, _session(bundle_dir / "scorer.onnx").run(None, {IMAGE_INPUT: images})))
+    onnx_mu, onnx_logvar = _session(bundle_dir / "encoder.onnx").run(None, {"images": images})
+    (onnx_reconstruction,) = _session(bundle_dir / "decoder.onnx").run(None, {"z": mu.numpy()})
+    pairs = {name: (actual[name], expected[name]) for name in ("score", "recon", "kl", "anomaly_map")}
+    pairs |= {"mu": (onnx_mu, mu.numpy()), "logvar": (onnx_logvar, logvar.numpy()),
+              "reconstruction": (onnx_reconstruction, expected["reconstruction"])}
+    return compare(pairs, (actual["is_anomaly"], expected["is_anomaly"]), expected["score"], float(graph.threshold),
+                   len(images), "images")

@@ -1,0 +1,95 @@
+"""Batch scoring of image folders (or CSVs of paths, or .npy arrays) with an image bundle.
+
+Images are read and preprocessed in bounded batches exactly as the manifest says. An
+unreadable image is skipped, recorded with its reason in ``<output>.errors.csv`` and counted
+in the summary; the batch goes on. With ``maps_dir`` every flagged image also gets a PNG:
+the image, its reconstruction and a heat map of the per-pixel error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from pipeline.anomaly_maps import map_name, write_map
+from pipeline.batch_score import FileSummary, ScoreSummary
+from pipeline.bundle import Bundle
+from pipeline.config import ScoreJob
+from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
+from pipeline.errors import ConfigError, DataError
+from pipeline.images import ImageSpec, iter_image_batches, list_images, write_errors
+from pipeline.outputs import OutputWriter, summary_path, write_atomic
+from pipeline.runtime import create_session
+
+# Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
+MAX_IMAGE_BATCH = 256
+
+
+def errors_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".errors.csv")
+
+
+def score_images(job: ScoreJob) -> ScoreSummary:
+    if job.batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive number of images, got {job.batch_size}")
+    writer = OutputWriter(job.output)
+    bundle = Bundle.load(job.bundle)
+    spec = ImageSpec.from_dict(bundle.manifest["image"])
+    sources = [(Path(p), list_images(Path(p))) for p in job.inputs]  # empty folders fail before any work
+    session = create_session(bundle.scorer_path, job.device, job.threads)
+    calibration = bundle.manifest["calibration"]
+    threshold = calibration["threshold"]
+    summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output),
+                           device="cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu",
+                           target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"])
+    errors: list[tuple[str, str]] = []
+    started = time.perf_counter()
+    progress = tqdm(unit="img", desc="scoring", disable=not sys.stderr.isatty(), leave=False)
+    try:
+        for path, source in sources:
+            file_summary = FileSummary(str(path))
+            for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
+                errors += bad
+                if not names:
+                    continue
+                outputs = dict(zip(IMAGE_OUTPUT_NAMES, session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: images})))
+                columns = {"path": pa.array(names, pa.string())} | {n: pa.array(outputs[n]) for n in OUTPUT_NAMES}
+                writer.write(pa.table(columns))
+                if job.maps_dir is not None:
+                    for i in np.flatnonzero(outputs["is_anomaly"]):
+                        # One colour scale for every map: the threshold's share per pixel.
+                        write_map(Path(job.maps_dir) / map_name(names[i]), images[i], outputs["reconstruction"][i],
+                                  outputs["anomaly_map"][i], vmax=_map_scale(threshold, spec))
+                file_summary.rows += len(names)
+                file_summary.anomalies += int(outputs["is_anomaly"].sum())
+                progress.update(len(names))
+            summary.files.append(file_summary)
+            summary.rows += file_summary.rows
+            summary.anomalies += file_summary.anomalies
+        if summary.rows == 0:
+            raise DataError(f"{', '.join(map(str, job.inputs))}: none of the {len(errors)} image file(s) could be "
+                            f"read; expected PNG, JPEG or BMP images")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    summary.seconds = time.perf_counter() - started
+    summary.skipped = len(errors)
+    errors_path(job.output).unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+    write_errors(errors, errors_path(job.output))
+    report = summary.to_dict() | {"errors_file": str(errors_path(job.output)) if errors else None}
+    write_atomic(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
+    return summary
+
+
+def _map_scale(threshold: float, spec: ImageSpec) -> float:
+    """A pixel at the average share of a threshold-level image's error shows mid-bright."""
+    return max(2.0 * threshold / (spec.size * spec.size), 1e-6)

@@ -1,0 +1,185 @@
+"""The training run for images: the same steps, splits, calibration, export checks and atomic
+publishing as for tables (pipeline.workflow), with image loading and a convolutional VAE.
+
+Images are loaded once, preprocessed as the manifest will say (pipeline.images), and kept in
+the run folder as one float32 array; unreadable files are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, library_versions, sha256_file, write_manifest
+from pipeline.calibrate import Calibration, calibrate
+from pipeline.config import ImageTrainJob
+from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, OPSET
+from pipeline.errors import DataError
+from pipeline.export import export_image_graphs, set_metadata
+from pipeline.image_model import ConvVAE
+from pipeline.images import ImageSpec, iter_image_batches, list_images, write_errors
+from pipeline.scorer_graph import ImageScorerGraph
+from pipeline.splits import split_rows
+from pipeline.train import train_vae
+from pipeline.verify import verify_image_export
+from pipeline.workflow import RunDir, _load_splits, _read_json, _write_json, publish
+
+log = logging.getLogger("vaeguard")
+
+DEFAULT_LATENT = 16
+LOAD_BATCH = 512
+
+
+def _spec(job: ImageTrainJob) -> ImageSpec:
+    return ImageSpec(size=job.image_size, channels=job.channels)
+
+
+def _images(run: RunDir) -> np.ndarray:
+    return np.load(run.root / "images.npy", mmap_mode="r")
+
+
+def load_images(job: ImageTrainJob, run: RunDir) -> dict:
+    """Find and preprocess every image; skip unreadable ones with their reason."""
+    source = list_images(job.data, job.path_column)
+    batches, names, errors = [], [], []
+    for images, ok, bad in iter_image_batches(source, _spec(job), LOAD_BATCH):
+        batches.append(images)
+        names += ok
+        errors += bad
+    if errors:
+        write_errors(errors, run.root / "errors.csv")
+        log.warning("%s: skipped %d unreadable image(s), e.g. %s: %s", job.data, len(errors), *errors[0])
+    if not names:
+        raise DataError(f"{job.data}: none of its {len(errors)} image file(s) could be read; "
+                        f"see the reasons with --verbose, or check the files")
+    np.save(run.root / "images.npy", np.concatenate(batches))
+    _write_json(run.root / "images.json", {"names": names, "skipped": [list(e) for e in errors]})
+    return {"images": len(names), "skipped": len(errors)}
+
+
+def split(job: ImageTrainJob, run: RunDir) -> dict:
+    """Random train / validation / calibration images."""
+    splits = split_rows(None, len(_images(run)), job.config.calibration, job.config.training, str(job.data))
+    np.savez(run.splits, **vars(splits))
+    return splits.sizes()
+
+
+def _build(job: ImageTrainJob):
+    return lambda: ConvVAE(job.channels, job.image_size, job.config.model.latent_dim or DEFAULT_LATENT)
+
+
+def train_model(job: ImageTrainJob, run: RunDir) -> dict:
+    """Train the convolutional VAE with early stopping on the validation images."""
+    images, splits = _images(run), _load_splits(run)
+    result = train_vae(np.asarray(images[splits.train]), np.asarray(images[splits.val]), job.config.model,
+                       job.config.training, build=_build(job))
+    torch.save({"config": result.model.config(), "state_dict": result.model.state_dict()}, run.model)
+    facts = {"epochs": len(result.history), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
+             "seconds_per_epoch": round(result.seconds / max(len(result.history), 1), 3),
+             "device": result.device, "best_val_loss": result.history[result.best_epoch - 1]["val_loss"]}
+    _write_json(run.history, {"facts": facts, "epochs": result.history})
+    return facts
+
+
+def _graph(job: ImageTrainJob, run: RunDir, calibration: Calibration | None = None) -> ImageScorerGraph:
+    model = _build(job)()
+    model.load_state_dict(torch.load(run.model, weights_only=True)["state_dict"])
+    return ImageScorerGraph(model.eval(), job.config.model.kl_weight, calibration).eval()
+
+
+def _scores(graph: ImageScorerGraph, images: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([graph.components(torch.from_numpy(np.asarray(images[i:i + chunk])))[0].numpy()
+                               for i in range(0, len(images), chunk)])
+
+
+def calibrate_threshold(job: ImageTrainJob, run: RunDir) -> dict:
+    """Score the calibration images and set the threshold at the target FPR."""
+    splits = _load_splits(run)
+    calibration = calibrate(_scores(_graph(job, run), _images(run)[splits.cal]),
+                            job.config.calibration.target_fpr)
+    _write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": {}})
+    return {"threshold": calibration.threshold, "n_calibration": calibration.n,
+            "expected_fpr": calibration.expected_fpr}
+
+
+def _calibration(run: RunDir) -> Calibration:
+    return Calibration.from_dict(_read_json(run.calibration)["calibration"])
+
+
+def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
+    """Write the three ONNX graphs and the manifest into the staging folder."""
+    calibration = _calibration(run)
+    graph = _graph(job, run, calibration)
+    run.bundle.mkdir(exist_ok=True)
+    export_image_graphs(graph, run.bundle)
+    spec = _spec(job)
+    created = datetime.now(timezone.utc)
+    version = created.strftime("%Y%m%dT%H%M%SZ")
+    facts = {"vaeguard.bundle": job.name, "vaeguard.version": version, "vaeguard.modality": "image",
+             "vaeguard.created_at": created.isoformat(), "vaeguard.threshold": repr(calibration.threshold),
+             "vaeguard.target_fpr": repr(calibration.target_fpr), "vaeguard.n_calibration": str(calibration.n),
+             "vaeguard.image": json.dumps(spec.to_dict()),
+             "vaeguard.score": "score = recon + kl_weight * kl; recon = 0.5 * sum(((x - x_hat) / sigma)^2); z = mu"}
+    for name in MODEL_FILES:
+        set_metadata(run.bundle / name, facts)
+    loaded = _read_json(run.root / "images.json")
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "modality": "image",
+        "name": job.name, "version": version, "created_at": created.isoformat(),
+        "source": {"data": str(job.data), "images": len(loaded["names"]), "skipped": len(loaded["skipped"])},
+        "image": spec.to_dict(),
+        "model": {**graph.vae.config(), "beta": job.config.model.beta},
+        "score": {
+            "kl_weight": job.config.model.kl_weight,
+            "definition": "score = recon + kl_weight * kl, with z = mu (no sampling)",
+            "recon": "0.5 * sum over pixels and channels of ((x - x_hat) / sigma)^2, sigma the decoder's learned "
+                     "per-pixel scale (Gaussian negative log-likelihood, row-independent terms dropped)",
+            "kl": "0.5 * sum over latent dims of (mu^2 + exp(logvar) - 1 - logvar)",
+            "anomaly_map": "recon's per-pixel terms summed over channels, [batch_size, size, size]",
+        },
+        "training": _read_json(run.history)["facts"],
+        "calibration": calibration.to_dict(),
+        "metrics": {},
+        "config": job.config.to_dict(),
+        "onnx": {"opset": OPSET, "ir_version": IR_VERSION, "batch_axis": "batch_size",
+                 "scorer_inputs": [{"name": IMAGE_INPUT, "dtype": "float32",
+                                    "shape": ["batch_size", spec.channels, spec.size, spec.size]}],
+                 "scorer_outputs": list(IMAGE_OUTPUT_NAMES)},
+        "verification": None,
+        "files": {name: sha256_file(run.bundle / name) for name in MODEL_FILES},
+        "versions": library_versions(),
+    }
+    write_manifest(run.bundle, manifest)
+    return {"bundle_version": version, "files": list(MODEL_FILES)}
+
+
+def verify_bundle(job: ImageTrainJob, run: RunDir) -> dict:
+    """Check the ONNX files and their parity with PyTorch on the calibration images."""
+    splits = _load_splits(run)
+    report = verify_image_export(run.bundle, _graph(job, run, _calibration(run)),
+                                 np.ascontiguousarray(_images(run)[splits.cal]))
+    manifest = _read_json(run.bundle / "manifest.json")
+    manifest["verification"] = report
+    write_manifest(run.bundle, manifest)
+    return report
+
+
+STEPS = (load_images, split, train_model, calibrate_threshold, export_bundle, verify_bundle)
+
+
+def run_image_training(job: ImageTrainJob) -> dict:
+    """All steps in order, without Prefect."""
+    run = RunDir.create(job)
+    facts: dict = {}
+    try:
+        for step in STEPS:
+            facts[step.__name__] = step(job, run)
+        facts["bundle"] = str(publish(job, run))
+    finally:
+        run.remove()
+    return facts

@@ -1,0 +1,220 @@
+"""Finding, reading and preprocessing images: every format converts, bad files are skipped, sources agree."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFile
+
+from pipeline.errors import ConfigError, DataError, InputFileError
+from pipeline.images import (IMAGE_SUFFIXES, ImageSpec, is_image_input, iter_image_batches, list_images,
+                             load_images, write_errors)
+
+
+def _pixels(seed: int, height: int = 12, width: int = 10, channels: int = 3) -> np.ndarray:
+    shape = (height, width, channels) if channels == 3 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def _save(path: Path, image: Image.Image, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+    return path
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> Path:
+    """Every supported format and several awkward modes and sizes, nested."""
+    root = tmp_path / "normal"
+    _save(root / "a_gray.png", Image.fromarray(_pixels(1, channels=1), mode="L"))
+    _save(root / "b_rgb.JPG", Image.fromarray(_pixels(2, 20, 30)), quality=90)
+    _save(root / "sub" / "c.bmp", Image.fromarray(_pixels(3, 7, 9)))
+    palette = Image.fromarray(_pixels(4, 16, 16)).quantize(colors=8)
+    _save(root / "sub" / "d_palette.png", palette, transparency=0)
+    wide = (_pixels(5, 9, 9, channels=1).astype(np.uint16) * 257)
+    _save(root / "sub" / "deeper" / "e_16bit.png", Image.fromarray(wide))
+    _save(root / "sub" / "deeper" / "f_rgba.png", Image.fromarray(_pixels(6, 40, 5)).convert("RGBA"))
+    return root
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_format_and_size_loads_as_unit_floats(mixed_folder, channels):
+    spec = ImageSpec(size=16, channels=channels)
+    source = list_images(mixed_folder)
+    images, names, errors = load_images(source, spec)
+    assert errors == []
+    assert names == source.items and len(names) == 6
+    assert images.shape == (6, channels, 16, 16) and images.dtype == np.float32
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    # The 16-bit image is scaled into range, not clipped to white by PIL's own conversion.
+    sixteen = images[names.index(str(mixed_folder / "sub" / "deeper" / "e_16bit.png"))]
+    assert 0.2 < sixteen.mean() < 0.8
+
+
+def test_sixteen_bit_matches_eight_bit_for_the_same_levels(tmp_path):
+    levels = _pixels(7, 8, 8, channels=1)
+    eight = _save(tmp_path / "f" / "a8.png", Image.fromarray(levels, mode="L"))
+    _save(tmp_path / "f" / "b16.png", Image.fromarray(levels.astype(np.uint16) * 257))
+    images, _, _ = load_images(list_images(eight.parent), ImageSpec(size=8))
+    np.testing.assert_array_equal(images[0], images[1])
+
+
+def test_hidden_and_other_files_are_ignored_and_order_is_sorted(tmp_path):
+    root = tmp_path / "imgs"
+    for name in ["b.png", "a.png", "z/c.png", "A.jpeg"]:
+        _save(root / name, Image.fromarray(_pixels(8, channels=1), mode="L"))
+    _save(root / ".hidden.png", Image.fromarray(_pixels(9, channels=1), mode="L"))
+    _save(root / ".cache" / "x.png", Image.fromarray(_pixels(9, channels=1), mode="L"))
+    (root / "notes.txt").write_text("not an image")
+    (root / "z" / "readme.md").write_text("nor this")
+    items = list_images(root).items
+    assert [Path(i).relative_to(root).as_posix() for i in items] == ["A.jpeg", "a.png", "b.png", "z/c.png"]
+
+
+def test_folder_without_images_names_the_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputFileError, match="no PNG, JPEG or BMP images in .*empty"):
+        list_images(empty)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("x")
+    with pytest.raises(InputFileError, match="texts .searched recursively"):
+        list_images(texts)
+    with pytest.raises(InputFileError, match="not found"):
+        list_images(tmp_path / "missing")
+
+
+def test_corrupt_files_are_skipped_with_reasons_and_order_kept(tmp_path):
+    root = tmp_path / "mixed"
+    buffer = io.BytesIO()
+    Image.fromarray(_pixels(10, 32, 32)).save(buffer, format="PNG")
+    whole = buffer.getvalue()
+    _save(root / "1_good.png", Image.fromarray(_pixels(11)))
+    (root / "2_truncated.png").write_bytes(whole[: len(whole) // 2])
+    _save(root / "3_good.png", Image.fromarray(_pixels(12)))
+    (root / "4_random.jpg").write_bytes(np.random.default_rng(0).bytes(300))
+    (root / "5_empty.png").write_bytes(b"")
+    _save(root / "6_good.bmp", Image.fromarray(_pixels(13)))
+
+    images, names, errors = load_images(list_images(root), ImageSpec(size=8))
+    assert [Path(n).name for n in names] == ["1_good.png", "3_good.png", "6_good.bmp"]
+    assert images.shape == (3, 1, 8, 8)
+    reasons = {Path(item).name: reason for item, reason in errors}
+    assert list(reasons) == ["2_truncated.png", "4_random.jpg", "5_empty.png"]
+    assert "truncated" in reasons["2_truncated.png"]
+    assert reasons["4_random.jpg"] == "cannot identify image file"
+    assert "empty" in reasons["5_empty.png"]
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_csv_and_npy_give_the_same_array_as_the_folder(tmp_path):
+    gray = [_pixels(20 + i, 12, 10, channels=1) for i in range(3)]
+    root = tmp_path / "set"
+    for i, pixels in enumerate(gray):
+        _save(root / f"img{i}.png", Image.fromarray(pixels, mode="L"))
+    spec = ImageSpec(size=8, channels=1)
+    from_folder, _, _ = load_images(list_images(root), spec)
+
+    index = tmp_path / "index.csv"
+    pd.DataFrame({"id": [0, 1, 2], "path": [f"set/img{i}.png" for i in range(3)]}).to_csv(index, index=False)
+    assert is_image_input(index)
+    csv_source = list_images(index)
+    assert csv_source.items == [str(tmp_path / "set" / f"img{i}.png") for i in range(3)]
+    from_csv, _, _ = load_images(csv_source, spec)
+
+    uint8_nhw = tmp_path / "u8.npy"
+    np.save(uint8_nhw, np.stack(gray))
+    float_nchw = tmp_path / "f.npy"
+    np.save(float_nchw, (np.stack(gray)[:, None] / 255.0).astype(np.float32))
+    from_u8, names, _ = load_images(list_images(uint8_nhw), spec)
+    from_float, _, _ = load_images(list_images(float_nchw), spec)
+
+    assert names == [f"{uint8_nhw}[{i}]" for i in range(3)]
+    for other in (from_csv, from_u8, from_float):
+        np.testing.assert_array_equal(from_folder, other)
+
+
+def test_rgb_npy_nhwc_matches_rgb_files(tmp_path):
+    colour = [_pixels(30 + i, 9, 11) for i in range(2)]
+    for i, pixels in enumerate(colour):
+        _save(tmp_path / "rgb" / f"{i}.png", Image.fromarray(pixels))
+    np.save(tmp_path / "rgb.npy", np.stack(colour))
+    for spec in (ImageSpec(size=6, channels=3), ImageSpec(size=6, channels=1)):
+        files, _, _ = load_images(list_images(tmp_path / "rgb"), spec)
+        array, _, _ = load_images(list_images(tmp_path / "rgb.npy"), spec)
+        np.testing.assert_array_equal(files, array)
+
+
+def test_bad_csv_and_npy_inputs_raise(tmp_path):
+    no_column = tmp_path / "t.csv"
+    no_column.write_text("file,label\na.png,0\n")
+    assert not is_image_input(no_column)
+    with pytest.raises(DataError, match="no 'path' column"):
+        list_images(no_column)
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.zeros((4, 10)))
+    with pytest.raises(DataError, match=r"shape \(4, 10\)"):
+        list_images(flat)
+    out_of_range = tmp_path / "big.npy"
+    np.save(out_of_range, np.full((2, 4, 4), 200.0))
+    with pytest.raises(DataError, match="outside 0..1"):
+        load_images(list_images(out_of_range), ImageSpec(size=4))
+    with pytest.raises(InputFileError, match="unsupported image input"):
+        list_images(_save(tmp_path / "one.png", Image.fromarray(_pixels(1))))
+
+
+def test_same_pixels_give_identical_arrays_and_rgb_converts_for_gray_spec(tmp_path):
+    pixels = _pixels(40, 28, 28)
+    first = _save(tmp_path / "train" / "x.png", Image.fromarray(pixels))
+    _save(tmp_path / "score" / "deep" / "y.png", Image.fromarray(pixels))
+    spec = ImageSpec(size=16, channels=1)
+    at_training, _, _ = load_images(list_images(first.parent), spec)
+    at_scoring, _, errors = load_images(list_images(tmp_path / "score"), spec)
+    assert errors == []
+    np.testing.assert_array_equal(at_training, at_scoring)
+    assert at_scoring.shape == (1, 1, 16, 16)
+
+
+def test_batches_are_bounded_and_cover_every_item_once(tmp_path):
+    root = tmp_path / "many"
+    for i in range(7):
+        _save(root / f"{i}.png", Image.fromarray(_pixels(i, 5, 5, channels=1), mode="L"))
+    (root / "7_bad.png").write_bytes(b"nope")
+    source = list_images(root)
+    seen, failed = [], []
+    for images, names, errors in iter_image_batches(source, ImageSpec(size=4), batch_size=3):
+        assert images.shape[0] == len(names) <= 3 and len(names) + len(errors) <= 3
+        seen += names
+        failed += [item for item, _ in errors]
+    assert seen + failed == source.items
+    with pytest.raises(ConfigError):
+        next(iter_image_batches(source, ImageSpec(size=4), batch_size=0))
+
+
+def test_write_errors_only_when_there_are_some(tmp_path):
+    target = tmp_path / "out" / "errors.csv"
+    write_errors([], target)
+    assert not target.exists()
+    write_errors([("a, b.png", "cannot identify image file"), ("c.png", "empty file (0 bytes)")], target)
+    frame = pd.read_csv(target)
+    assert list(frame.columns) == ["path", "reason"]
+    assert frame["path"].tolist() == ["a, b.png", "c.png"]
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_spec_round_trips_and_rejects_other_preprocessing():
+    spec = ImageSpec(size=28, channels=3)
+    assert spec.to_dict() == {"size": 28, "channels": 3, "mode": "RGB", "resize": "bilinear",
+                              "scale": "x / 255", "layout": "NCHW float32 in [0, 1]"}
+    assert ImageSpec.from_dict(spec.to_dict()) == spec
+    assert ImageSpec.from_dict({}) == ImageSpec()
+    with pytest.raises(ConfigError, match="resize"):
+        ImageSpec.from_dict({**spec.to_dict(), "resize": "bicubic"})
+    with pytest.raises(ConfigError, match="channels"):
+        ImageSpec(channels=2)
+    assert ".png" in IMAGE_SUFFIXES and is_image_input(Path("whatever.npy"))
