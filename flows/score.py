@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.outputs import merge_scored_parts, summary_path, write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
+from pipeline.image_score import merge_error_files
 from pipeline.scoring import score
 
 
@@ -56,6 +57,7 @@ def score_flow(job: ScoreJob) -> dict:
         futures = [score_file.submit(job, path, part) for path, part in zip(job.inputs, parts)]
         files = [future.result() for future in futures]
         merge_parts([(str(p), part) for p, part in zip(job.inputs, parts)], job.output)
+        merge_error_files(parts, job.output)  # unreadable images of every input, next to the output
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
     summary = combine_summaries(job, bundle, files)
@@ -72,7 +74,7 @@ def combine_summaries(job: ScoreJob, bundle: dict, files: list[dict]) -> dict:
     anomalies = sum(f["anomalies"] for f in files)
     table = [{"file": str(path), "rows": f["rows"], "anomalies": f["anomalies"],
               "anomaly_rate": round(f["anomaly_rate"], 6), "target_fpr": bundle["target_fpr"],
-              "auroc": None if f["auroc"] is None else round(f["auroc"], 4),
+              "skipped": f["skipped"], "auroc": None if f["auroc"] is None else round(f["auroc"], 4),
               "rows_per_second": round(f["rows_per_second"] or 0)}
              for path, f in zip(job.inputs, files)]
     return {"bundle": str(job.bundle), "output": str(job.output), "rows": rows, "anomalies": anomalies,

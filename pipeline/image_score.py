@@ -8,6 +8,7 @@ the image, its reconstruction and a heat map of the per-pixel error.
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 import time
@@ -93,3 +94,16 @@ def score_images(job: ScoreJob) -> ScoreSummary:
 def _map_scale(threshold: float, spec: ImageSpec) -> float:
     """A pixel at the average share of a threshold-level image's error shows mid-bright."""
     return max(2.0 * threshold / (spec.size * spec.size), 1e-6)
+
+
+def merge_error_files(parts: list[Path], output: Path) -> int:
+    """Collect the errors files of per-input parts next to the merged output; returns the count."""
+    errors = []
+    for part in parts:
+        path = errors_path(part)
+        if path.exists():
+            with open(path, newline="", encoding="utf-8") as handle:
+                errors += [tuple(row) for row in list(csv.reader(handle))[1:]]
+    errors_path(output).unlink(missing_ok=True)
+    write_errors(errors, errors_path(output))
+    return len(errors)

@@ -17,26 +17,19 @@ def _fmt(value) -> str:
 
 
 def describe_manifest(manifest: dict) -> str:
-    schema, pre, cal = manifest["schema"], manifest["preprocessing"], manifest["calibration"]
     lines = [
         f"bundle {manifest['name']}  version {manifest['version']}  created {manifest['created_at']}",
         f"trained on {manifest['source']['data']}",
         "",
-        "numeric columns (median, robust scale, missing indicator):",
-        *_table([(s["name"], _fmt(s["median"]), _fmt(s["scale"]), "yes" if s["has_indicator"] else "")
-                 for s in pre["numeric"]]),
-        "categorical columns (kept categories; others map to unknown):",
-        *_table([(s["name"], ", ".join(repr(c) for c in s["categories"][:12])
-                  + (" ..." if len(s["categories"]) > 12 else "")) for s in pre["categorical"]]),
-        f"id columns: {', '.join(schema['id_columns']) or '-'}   label column: {schema['label_column'] or '-'}",
+        *(_image_inputs(manifest) if manifest.get("modality") == "image" else _table_inputs(manifest)),
     ]
-    if schema["dropped"]:
-        lines.append("dropped: " + ", ".join(f"{d['column']} ({d['reason']})" for d in schema["dropped"]))
-    model, training = manifest["model"], manifest["training"]
+    model, training, cal = manifest["model"], manifest["training"], manifest["calibration"]
+    architecture = (f"convolutional VAE {model['channels']}x{model['size']}x{model['size']}, feature maps "
+                    f"{model['feature_map_sizes']}, latent {model['latent_dim']}" if model.get("kind") == "conv" else
+                    f"MLP VAE {model['n_features']} -> {model['hidden_sizes']} -> latent {model['latent_dim']}")
     lines += [
         "",
-        f"model: MLP VAE {model['n_features']} -> {model['hidden_sizes']} -> latent {model['latent_dim']} "
-        f"({model['activation']}), beta {model['beta']}",
+        f"model: {architecture} ({model['activation']}), beta {model['beta']}",
         f"score: {manifest['score']['definition']}",
         f"training: {training['epochs']} epochs, best {training['best_epoch']}, {training['seconds']:.1f}s on {training['device']}",
         "",
@@ -55,3 +48,26 @@ def describe_manifest(manifest: dict) -> str:
     lines += ["files (sha256):", *_table([(name, digest) for name, digest in manifest["files"].items()]),
               "versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())]
     return "\n".join(lines)
+
+
+def _image_inputs(manifest: dict) -> list[str]:
+    image = manifest["image"]
+    return [f"images: {image['size']}x{image['size']}, mode {image['mode']}, resize {image['resize']}, "
+            f"scale {image['scale']} ({manifest['source'].get('images', '?')} trained on, "
+            f"{manifest['source'].get('skipped', 0)} unreadable skipped)"]
+
+
+def _table_inputs(manifest: dict) -> list[str]:
+    schema, pre = manifest["schema"], manifest["preprocessing"]
+    lines = [
+        "numeric columns (median, robust scale, missing indicator):",
+        *_table([(s["name"], _fmt(s["median"]), _fmt(s["scale"]), "yes" if s["has_indicator"] else "")
+                 for s in pre["numeric"]]),
+        "categorical columns (kept categories; others map to unknown):",
+        *_table([(s["name"], ", ".join(repr(c) for c in s["categories"][:12])
+                  + (" ..." if len(s["categories"]) > 12 else "")) for s in pre["categorical"]]),
+        f"id columns: {', '.join(schema['id_columns']) or '-'}   label column: {schema['label_column'] or '-'}",
+    ]
+    if schema["dropped"]:
+        lines.append("dropped: " + ", ".join(f"{d['column']} ({d['reason']})" for d in schema["dropped"]))
+    return lines
