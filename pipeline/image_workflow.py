@@ -26,7 +26,7 @@ from pipeline.scorer_graph import ImageScorerGraph
 from pipeline.splits import split_rows
 from pipeline.train import train_vae
 from pipeline.verify import verify_image_export
-from pipeline.workflow import RunDir, _load_splits, _read_json, _write_json, publish
+from pipeline.workflow import RunDir, _load_splits, _read_json, _write_json, run_steps
 
 log = logging.getLogger("vaeguard")
 
@@ -173,13 +173,4 @@ STEPS = (load_images, split, train_model, calibrate_threshold, export_bundle, ve
 
 
 def run_image_training(job: ImageTrainJob) -> dict:
-    """All steps in order, without Prefect."""
-    run = RunDir.create(job)
-    facts: dict = {}
-    try:
-        for step in STEPS:
-            facts[step.__name__] = step(job, run)
-        facts["bundle"] = str(publish(job, run))
-    finally:
-        run.remove()
-    return facts
+    return run_steps(job, STEPS)

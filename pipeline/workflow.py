@@ -23,7 +23,7 @@ import torch
 
 from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, library_versions, publish_bundle, sha256_file, write_manifest
 from pipeline.calibrate import Calibration, calibrate
-from pipeline.config import PipelineConfig, TrainJob
+from pipeline.config import TrainJob
 from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input_name
 from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata
 from pipeline.metrics import auprc, auroc
@@ -265,12 +265,12 @@ def publish(job: TrainJob, run: RunDir) -> Path:
 STEPS = (load_and_validate, split, fit_preprocessing, train_model, calibrate_threshold, export_bundle, verify_bundle)
 
 
-def run_training(job: TrainJob) -> dict:
-    """All steps in order, without Prefect. Returns the facts each step reported."""
+def run_steps(job, steps) -> dict:
+    """Run steps in order, without Prefect, then publish. Returns the facts each step reported."""
     run = RunDir.create(job)
     facts: dict = {}
     try:
-        for step in STEPS:
+        for step in steps:
             facts[step.__name__] = step(job, run)
         facts["bundle"] = str(publish(job, run))
     finally:
@@ -278,5 +278,5 @@ def run_training(job: TrainJob) -> dict:
     return facts
 
 
-def default_job(data: Path, name: str, config: PipelineConfig | None = None, **kwargs) -> TrainJob:
-    return TrainJob(data=Path(data), name=name, config=config or PipelineConfig(), **kwargs)
+def run_training(job: TrainJob) -> dict:
+    return run_steps(job, STEPS)
