@@ -33,6 +33,17 @@ def export_module(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
                           dynamic_axes=axes, do_constant_folding=True, external_data=False)
     model = onnx.load(str(path))
     model.ir_version = IR_VERSION
+    # The exporter's shape inference can leak the batch axis name into other axes (after
+    # interpolate it declared an image's height as batch_size). Only axis 0 varies, so the
+    # others are declared from a real run: engines that plan buffers from shapes need that.
+    with torch.no_grad():
+        outputs = module(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    for value, tensor in zip(model.graph.output, outputs):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis > 0:
+                dim.Clear()
+                dim.dim_value = tensor.shape[axis]
     return model
 
 

@@ -1,0 +1,90 @@
+"""The Prefect flows with an image bundle, run for real against a temporary local server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from flows.score import score_flow
+from flows.train import train_flow
+from pipeline.config import CalibrationConfig, ImageTrainJob, PipelineConfig, ScoreJob, TrainingConfig
+from pipeline.image_score import errors_path
+from pipeline.outputs import summary_path
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+N_IMAGES = 100
+SIZE = 16
+
+
+def blobs(n: int, seed: int) -> np.ndarray:
+    """Soft bright blobs at random places on a dark background, uint8 [n, SIZE, SIZE]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    centres = rng.uniform(4, SIZE - 4, size=(n, 2, 1, 1))
+    images = np.exp(-((yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2) / 8.0)
+    return np.rint(np.clip(images + rng.normal(0, 0.02, images.shape), 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flow-images") / "normal"
+    folder.mkdir()
+    for i, pixels in enumerate(blobs(N_IMAGES, seed=0)):
+        Image.fromarray(pixels, mode="L").save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flow_facts(tmp_path_factory, image_folder) -> dict:
+    training = TrainingConfig(max_epochs=3, patience=3, batch_size=32, threads=2, progress=False)
+    config = PipelineConfig(training=training, calibration=CalibrationConfig(target_fpr=0.05))
+    job = ImageTrainJob(data=image_folder, name="flowed-images", out_dir=tmp_path_factory.mktemp("flow-exported"),
+                        image_size=SIZE, channels=1, config=config)
+    return train_flow(job)
+
+
+def test_train_flow_publishes_a_verified_image_bundle(flow_facts):
+    bundle = Path(flow_facts["bundle"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["modality"] == "image"
+    assert manifest["verification"]["passed"] is True
+    assert manifest["image"]["size"] == SIZE and manifest["image"]["channels"] == 1
+    assert manifest["source"]["images"] == N_IMAGES
+    assert flow_facts["load_images"] == {"images": N_IMAGES, "skipped": 0}
+    assert sum(flow_facts["split"].values()) == N_IMAGES
+    assert flow_facts["train_model"]["epochs"] == 3
+    assert sorted(p.name for p in bundle.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json",
+                                                        "scorer.onnx"]
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # run folder removed
+
+
+def test_score_flow_writes_one_row_per_image(flow_facts, image_folder, tmp_path):
+    output = tmp_path / "out" / "scores.parquet"
+    summary = score_flow(ScoreJob(bundle=Path(flow_facts["bundle"]), inputs=(image_folder,), output=output,
+                                  device="cpu"))
+    scored = pd.read_parquet(output)
+    assert len(scored) == summary["rows"] == N_IMAGES
+    assert sorted(scored["path"]) == sorted(str(p) for p in image_folder.glob("*.png"))
+    assert np.isfinite(scored["score"]).all()
+    assert json.loads(summary_path(output).read_text())["rows"] == N_IMAGES
+    assert sorted(p.name for p in output.parent.iterdir()) == ["scores.parquet", "scores.summary.json"]
+
+
+def test_score_flow_reports_unreadable_images(flow_facts, image_folder, tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for source in sorted(image_folder.glob("*.png"))[:5]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    output = tmp_path / "scores.parquet"
+    summary = score_flow(ScoreJob(bundle=Path(flow_facts["bundle"]), inputs=(folder,), output=output, device="cpu"))
+    assert summary["rows"] == len(pd.read_parquet(output)) == 5
+    assert summary["files"][0]["skipped"] == 1
+    errors = pd.read_csv(errors_path(output))
+    assert errors["path"].tolist() == [str(folder / "broken.png")]
