@@ -98,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
     if overrides:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, **overrides))
-    if args.image_size or is_image_input(args.data, args.path_column):
+    # A CSV is a table unless --image-size says its path column points at images.
+    if args.image_size or (args.data.suffix.lower() != ".csv" and is_image_input(args.data, args.path_column)):
         job = ImageTrainJob(data=args.data, name=args.name, out_dir=args.out, image_size=args.image_size or 64,
                             channels=args.channels, path_column=args.path_column, config=config)
         facts = run_image_training(job)
