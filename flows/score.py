@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.outputs import merge_scored_parts, summary_path, write_atomic
@@ -21,6 +21,7 @@ from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.image_score import merge_error_files
 from pipeline.scoring import score
+from pipeline.scoring_report import write_scoring_report
 
 
 @task(cache_policy=NO_CACHE)
@@ -46,6 +47,15 @@ def merge_parts(parts: list[tuple[str, Path]], output: Path) -> int:
     return merge_scored_parts(parts, output)
 
 
+@task(cache_policy=NO_CACHE)
+def write_report(job: ScoreJob) -> Path:
+    """Write report.html next to the output and link it as an artifact."""
+    path = write_scoring_report(job)
+    create_link_artifact(key="vaeguard-scoring-report", link=path.resolve().as_uri(), link_text=str(path),
+                         description="Scoring report: score histograms, anomaly rate, drift, top anomalies")
+    return path
+
+
 @flow(name="vaeguard-score", log_prints=True)
 def score_flow(job: ScoreJob) -> dict:
     bundle = check_bundle(job.bundle)
@@ -61,6 +71,8 @@ def score_flow(job: ScoreJob) -> dict:
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
     summary = combine_summaries(job, bundle, files)
+    if job.report:
+        summary["report"] = str(write_report(job))
     write_atomic(summary_path(job.output), json.dumps(summary, indent=2))
     create_table_artifact(key="vaeguard-scoring", table=summary["files"],
                           description=f"Scores of {len(job.inputs)} file(s) with bundle {bundle['name']}: "

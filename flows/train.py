@@ -8,8 +8,10 @@ job and the run folder (paths), never data frames, images or models.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import image_workflow, workflow
@@ -32,6 +34,9 @@ def train_flow(job: TrainJob | ImageTrainJob) -> dict:
         run.remove()
     create_markdown_artifact(key="vaeguard-training", markdown=training_markdown(job, facts),
                              description=f"Training summary for bundle {job.name}")
+    report = Path(facts["bundle"]) / facts["write_training_report"]["report"]
+    create_link_artifact(key="vaeguard-training-report", link=report.resolve().as_uri(), link_text=str(report),
+                         description=f"Training report of bundle {job.name}: plots, top anomalies, run facts")
     return facts
 
 

@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import auprc, auroc
 from pipeline.outputs import OutputWriter, summary_path, write_atomic
 from pipeline.runtime import BundleScorer, shared_scorer
-from pipeline.tables import iter_batches, read_columns
+from pipeline.tables import estimate_rows, iter_batches, read_columns
 
 log = logging.getLogger("vaeguard")
 
@@ -162,7 +162,9 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"])
     labels, scores = [], []
     started = time.perf_counter()
-    progress = tqdm(unit="rows", unit_scale=True, desc="scoring", disable=not sys.stderr.isatty(), leave=False)
+    show = sys.stderr.isatty()
+    total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
+    progress = tqdm(total=total or None, unit="rows", unit_scale=True, desc="scoring", disable=not show, leave=False)
     try:
         for path, _, has_label in checked:
             file_summary = FileSummary(str(path))

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--threads", type=int, help="onnxruntime threads (default: cores, at most 4)")
     score.add_argument("--maps", type=Path, help="image bundles: write a PNG (image, reconstruction, heat map) "
                        "for each flagged image into this folder")
+    score.add_argument("--report", action="store_true",
+                       help="write report.html next to the output: score histograms, rate, drift, top anomalies")
     score.add_argument("--task-runner", choices=("local", "dask"), default="local",
                        help="dask: one Prefect task per input file on a Dask cluster (prefect-dask)")
     score.add_argument("--dask-address", help="tcp://host:port of a Dask scheduler (default: a local cluster)")
@@ -143,7 +145,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from pipeline.config import ScoreJob
 
     job = ScoreJob(bundle=args.bundle, inputs=tuple(args.inputs), output=args.output, device=args.device,
-                   batch_size=args.batch_size, threads=args.threads, maps_dir=args.maps)
+                   batch_size=args.batch_size, threads=args.threads, maps_dir=args.maps, report=args.report)
     if args.task_runner == "dask":
         from flows.score import score_flow
         from prefect_dask import DaskTaskRunner
@@ -156,6 +158,10 @@ def cmd_score(args: argparse.Namespace) -> None:
               f"FPR {summary['target_fpr']:.4%}")
         return
     summary = score(job)
+    if job.report:
+        from pipeline.scoring_report import write_scoring_report
+
+        print(f"report:  {write_scoring_report(job)}")
     print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary.describe()}")
     print(f"device:  {summary.device}; {summary.rows / max(summary.seconds, 1e-9):,.0f} rows/s")
 

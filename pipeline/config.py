@@ -143,6 +143,7 @@ class ScoreJob:
     batch_size: int = 65_536
     threads: int | None = None
     maps_dir: Path | None = None  # image bundles: write anomaly-map PNGs of flagged images here
+    report: bool = False  # write report.html (plots, drift, top anomalies) next to the output
 
 
 _T = TypeVar("_T")

@@ -26,7 +26,7 @@ from pipeline.scorer_graph import ImageScorerGraph
 from pipeline.splits import split_rows
 from pipeline.train import train_vae
 from pipeline.verify import verify_image_export
-from pipeline.workflow import RunDir, _load_splits, _read_json, _write_json, run_steps
+from pipeline.workflow import RunDir, load_splits, read_json, write_json, run_steps
 
 log = logging.getLogger("vaeguard")
 
@@ -38,7 +38,7 @@ def _spec(job: ImageTrainJob) -> ImageSpec:
     return ImageSpec(size=job.image_size, channels=job.channels)
 
 
-def _images(run: RunDir) -> np.ndarray:
+def load_run_images(run: RunDir) -> np.ndarray:
     return np.load(run.root / "images.npy", mmap_mode="r")
 
 
@@ -57,13 +57,13 @@ def load_images(job: ImageTrainJob, run: RunDir) -> dict:
         raise DataError(f"{job.data}: none of its {len(errors)} image file(s) could be read; "
                         f"see the reasons with --verbose, or check the files")
     np.save(run.root / "images.npy", np.concatenate(batches))
-    _write_json(run.root / "images.json", {"names": names, "skipped": [list(e) for e in errors]})
+    write_json(run.root / "images.json", {"names": names, "skipped": [list(e) for e in errors]})
     return {"images": len(names), "skipped": len(errors)}
 
 
 def split(job: ImageTrainJob, run: RunDir) -> dict:
     """Random train / validation / calibration images."""
-    splits = split_rows(None, len(_images(run)), job.config.calibration, job.config.training, str(job.data))
+    splits = split_rows(None, len(load_run_images(run)), job.config.calibration, job.config.training, str(job.data))
     np.savez(run.splits, **vars(splits))
     return splits.sizes()
 
@@ -74,18 +74,18 @@ def _build(job: ImageTrainJob):
 
 def train_model(job: ImageTrainJob, run: RunDir) -> dict:
     """Train the convolutional VAE with early stopping on the validation images."""
-    images, splits = _images(run), _load_splits(run)
+    images, splits = load_run_images(run), load_splits(run)
     result = train_vae(np.asarray(images[splits.train]), np.asarray(images[splits.val]), job.config.model,
                        job.config.training, build=_build(job))
     torch.save({"config": result.model.config(), "state_dict": result.model.state_dict()}, run.model)
     facts = {"epochs": len(result.history), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
              "seconds_per_epoch": round(result.seconds / max(len(result.history), 1), 3),
              "device": result.device, "best_val_loss": result.history[result.best_epoch - 1]["val_loss"]}
-    _write_json(run.history, {"facts": facts, "epochs": result.history})
+    write_json(run.history, {"facts": facts, "epochs": result.history})
     return facts
 
 
-def _graph(job: ImageTrainJob, run: RunDir, calibration: Calibration | None = None) -> ImageScorerGraph:
+def load_image_graph(job: ImageTrainJob, run: RunDir, calibration: Calibration | None = None) -> ImageScorerGraph:
     model = _build(job)()
     model.load_state_dict(torch.load(run.model, weights_only=True)["state_dict"])
     return ImageScorerGraph(model.eval(), job.config.model.kl_weight, calibration).eval()
@@ -99,22 +99,22 @@ def _scores(graph: ImageScorerGraph, images: np.ndarray, chunk: int = 1024) -> n
 
 def calibrate_threshold(job: ImageTrainJob, run: RunDir) -> dict:
     """Score the calibration images and set the threshold at the target FPR."""
-    splits = _load_splits(run)
-    calibration = calibrate(_scores(_graph(job, run), _images(run)[splits.cal]),
+    splits = load_splits(run)
+    calibration = calibrate(_scores(load_image_graph(job, run), load_run_images(run)[splits.cal]),
                             job.config.calibration.target_fpr)
-    _write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": {}})
+    write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": {}})
     return {"threshold": calibration.threshold, "n_calibration": calibration.n,
             "expected_fpr": calibration.expected_fpr}
 
 
 def _calibration(run: RunDir) -> Calibration:
-    return Calibration.from_dict(_read_json(run.calibration)["calibration"])
+    return Calibration.from_dict(read_json(run.calibration)["calibration"])
 
 
 def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
     """Write the three ONNX graphs and the manifest into the staging folder."""
     calibration = _calibration(run)
-    graph = _graph(job, run, calibration)
+    graph = load_image_graph(job, run, calibration)
     run.bundle.mkdir(exist_ok=True)
     export_image_graphs(graph, run.bundle)
     spec = _spec(job)
@@ -127,7 +127,7 @@ def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
              "vaeguard.score": "score = recon + kl_weight * kl; recon = 0.5 * sum(((x - x_hat) / sigma)^2); z = mu"}
     for name in MODEL_FILES:
         set_metadata(run.bundle / name, facts)
-    loaded = _read_json(run.root / "images.json")
+    loaded = read_json(run.root / "images.json")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "modality": "image",
         "name": job.name, "version": version, "created_at": created.isoformat(),
@@ -142,7 +142,7 @@ def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
             "kl": "0.5 * sum over latent dims of (mu^2 + exp(logvar) - 1 - logvar)",
             "anomaly_map": "recon's per-pixel terms summed over channels, [batch_size, size, size]",
         },
-        "training": _read_json(run.history)["facts"],
+        "training": read_json(run.history)["facts"],
         "calibration": calibration.to_dict(),
         "metrics": {},
         "config": job.config.to_dict(),
@@ -160,16 +160,23 @@ def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
 
 def verify_bundle(job: ImageTrainJob, run: RunDir) -> dict:
     """Check the ONNX files and their parity with PyTorch on the calibration images."""
-    splits = _load_splits(run)
-    report = verify_image_export(run.bundle, _graph(job, run, _calibration(run)),
-                                 np.ascontiguousarray(_images(run)[splits.cal]))
-    manifest = _read_json(run.bundle / "manifest.json")
+    splits = load_splits(run)
+    report = verify_image_export(run.bundle, load_image_graph(job, run, _calibration(run)),
+                                 np.ascontiguousarray(load_run_images(run)[splits.cal]))
+    manifest = read_json(run.bundle / "manifest.json")
     manifest["verification"] = report
     write_manifest(run.bundle, manifest)
     return report
 
 
-STEPS = (load_images, split, train_model, calibrate_threshold, export_bundle, verify_bundle)
+def write_training_report(job: ImageTrainJob, run: RunDir) -> dict:
+    """Write report.html (plots, most anomalous images, run facts) into the bundle."""
+    from pipeline import training_report  # it reads this module's run files: import late
+
+    return training_report.write_training_report(job, run)
+
+
+STEPS = (load_images, split, train_model, calibrate_threshold, export_bundle, verify_bundle, write_training_report)
 
 
 def run_image_training(job: ImageTrainJob) -> dict:

@@ -67,11 +67,11 @@ def _source(job: TrainJob) -> str:
     return str(job.data)
 
 
-def _write_json(path: Path, value: dict) -> None:
+def write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, allow_nan=False))
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
@@ -87,7 +87,7 @@ def load_and_validate(job: TrainJob, run: RunDir) -> dict:
     labels = label_vector(frame, schema.label_column, _source(job)) if schema.label_column else None
     keep = list(schema.id_columns) + list(schema.feature_columns) + ([schema.label_column] if labels is not None else [])
     frame[keep].reset_index(drop=True).to_parquet(run.rows)
-    _write_json(run.schema, schema.to_dict())
+    write_json(run.schema, schema.to_dict())
     return {
         "rows": len(frame),
         "numeric_columns": len(schema.numeric),
@@ -99,7 +99,7 @@ def load_and_validate(job: TrainJob, run: RunDir) -> dict:
 
 def split(job: TrainJob, run: RunDir) -> dict:
     """Random train / validation / calibration / test rows; anomalies only ever in test."""
-    schema = TableSchema.from_dict(_read_json(run.schema))
+    schema = TableSchema.from_dict(read_json(run.schema))
     frame = pd.read_parquet(run.rows)
     labels = frame[schema.label_column].to_numpy().astype(int) if schema.label_column else None
     splits = split_rows(labels, len(frame), job.config.calibration, job.config.training, _source(job))
@@ -107,18 +107,18 @@ def split(job: TrainJob, run: RunDir) -> dict:
     return splits.sizes()
 
 
-def _load_splits(run: RunDir) -> Splits:
+def load_splits(run: RunDir) -> Splits:
     with np.load(run.splits) as data:
         return Splits(**{k: data[k] for k in data.files})
 
 
 def fit_preprocessing(job: TrainJob, run: RunDir) -> dict:
     """Fit imputation, scaling and categories on training rows only; featurize every split."""
-    schema = TableSchema.from_dict(_read_json(run.schema))
+    schema = TableSchema.from_dict(read_json(run.schema))
     frame = pd.read_parquet(run.rows)
-    splits = _load_splits(run)
+    splits = load_splits(run)
     pre = fit_preprocessor(frame.iloc[splits.train], schema, job.config.preprocess, _source(job))
-    _write_json(run.preprocessor, pre.to_dict())
+    write_json(run.preprocessor, pre.to_dict())
     np.savez(run.features, **{name: pre.transform_frame(frame.iloc[rows], _source(job))
                               for name, rows in vars(splits).items()})
     return {"features": pre.n_features}
@@ -133,11 +133,11 @@ def train_model(job: TrainJob, run: RunDir) -> dict:
     facts = {"epochs": len(result.history), "best_epoch": result.best_epoch,
              "seconds": round(result.seconds, 3), "device": result.device,
              "best_val_loss": result.history[result.best_epoch - 1]["val_loss"]}
-    _write_json(run.history, {"facts": facts, "epochs": result.history})
+    write_json(run.history, {"facts": facts, "epochs": result.history})
     return facts
 
 
-def _load_model(run: RunDir) -> VAE:
+def load_model(run: RunDir) -> VAE:
     saved = torch.load(run.model, weights_only=True)
     config = saved["config"]
     model = VAE(config["n_features"], tuple(config["hidden_sizes"]), config["latent_dim"])
@@ -147,11 +147,11 @@ def _load_model(run: RunDir) -> VAE:
 
 def calibrate_threshold(job: TrainJob, run: RunDir) -> dict:
     """Score calibration rows, set the threshold at the target FPR; measure on test rows."""
-    schema = TableSchema.from_dict(_read_json(run.schema))
-    pre = Preprocessor.from_dict(_read_json(run.preprocessor))
+    schema = TableSchema.from_dict(read_json(run.schema))
+    pre = Preprocessor.from_dict(read_json(run.preprocessor))
     frame = pd.read_parquet(run.rows)
-    splits = _load_splits(run)
-    graph = ScorerGraph(_load_model(run), pre, job.config.model.kl_weight).eval()
+    splits = load_splits(run)
+    graph = ScorerGraph(load_model(run), pre, job.config.model.kl_weight).eval()
     with torch.no_grad():
         cal_scores = graph.components(*graph_inputs(pre, frame.iloc[splits.cal], _source(job)))[0].numpy()
     calibration = calibrate(cal_scores, job.config.calibration.target_fpr)
@@ -168,21 +168,21 @@ def calibrate_threshold(job: TrainJob, run: RunDir) -> dict:
         if (~normal).any():
             metrics |= {"auroc": auroc(labels, scores), "auprc": auprc(labels, scores),
                         "test_recall": float((scores[~normal] > calibration.threshold).mean())}
-    _write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": metrics})
+    write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": metrics})
     return {"threshold": calibration.threshold, "n_calibration": calibration.n,
             "expected_fpr": calibration.expected_fpr, **metrics}
 
 
-def _scorer_graph(job: TrainJob, run: RunDir) -> tuple[ScorerGraph, Preprocessor, Calibration]:
-    pre = Preprocessor.from_dict(_read_json(run.preprocessor))
-    calibration = Calibration.from_dict(_read_json(run.calibration)["calibration"])
-    return ScorerGraph(_load_model(run), pre, job.config.model.kl_weight, calibration).eval(), pre, calibration
+def load_scorer_graph(job: TrainJob, run: RunDir) -> tuple[ScorerGraph, Preprocessor, Calibration]:
+    pre = Preprocessor.from_dict(read_json(run.preprocessor))
+    calibration = Calibration.from_dict(read_json(run.calibration)["calibration"])
+    return ScorerGraph(load_model(run), pre, job.config.model.kl_weight, calibration).eval(), pre, calibration
 
 
 def export_bundle(job: TrainJob, run: RunDir) -> dict:
     """Write encoder.onnx, decoder.onnx, scorer.onnx and manifest.json into the staging folder."""
-    graph, pre, calibration = _scorer_graph(job, run)
-    schema = TableSchema.from_dict(_read_json(run.schema))
+    graph, pre, calibration = load_scorer_graph(job, run)
+    schema = TableSchema.from_dict(read_json(run.schema))
     run.bundle.mkdir(exist_ok=True)
     export_encoder(graph.vae, run.bundle / "encoder.onnx")
     export_decoder(graph.vae, run.bundle / "decoder.onnx")
@@ -201,8 +201,8 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
     }
     for name in MODEL_FILES:
         set_metadata(run.bundle / name, facts)
-    history = _read_json(run.history)
-    calibrated = _read_json(run.calibration)
+    history = read_json(run.history)
+    calibrated = read_json(run.calibration)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "name": job.name, "version": version, "created_at": created.isoformat(),
@@ -243,16 +243,23 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
 
 def verify_bundle(job: TrainJob, run: RunDir) -> dict:
     """Check the ONNX files and their parity with PyTorch on the calibration rows."""
-    graph, _, _ = _scorer_graph(job, run)
+    graph, _, _ = load_scorer_graph(job, run)
     frame = pd.read_parquet(run.rows)
-    splits = _load_splits(run)
+    splits = load_splits(run)
     with np.load(run.features) as data:
         cal_features = data["cal"]
     report = verify_export(run.bundle, graph, frame.iloc[splits.cal], cal_features)
-    manifest = _read_json(run.bundle / "manifest.json")
+    manifest = read_json(run.bundle / "manifest.json")
     manifest["verification"] = report
     write_manifest(run.bundle, manifest)
     return report
+
+
+def write_training_report(job: TrainJob, run: RunDir) -> dict:
+    """Write report.html (plots, top anomalies, run facts) into the bundle."""
+    from pipeline import training_report  # it reads this module's run files: import late
+
+    return training_report.write_training_report(job, run)
 
 
 def publish(job: TrainJob, run: RunDir) -> Path:
@@ -262,7 +269,8 @@ def publish(job: TrainJob, run: RunDir) -> Path:
     return job.bundle_dir
 
 
-STEPS = (load_and_validate, split, fit_preprocessing, train_model, calibrate_threshold, export_bundle, verify_bundle)
+STEPS = (load_and_validate, split, fit_preprocessing, train_model, calibrate_threshold, export_bundle, verify_bundle,
+         write_training_report)
 
 
 def run_steps(job, steps) -> dict:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -39,6 +40,8 @@ def test_train_flow_publishes_a_verified_bundle_and_a_summary(flow_bundle):
     assert flow_bundle["calibrate_threshold"]["auroc"] > 0.7
     artifact = read_artifact("vaeguard-training")
     assert "flowed" in artifact.data and f"{manifest['calibration']['threshold']:.6g}" in artifact.data
+    link = read_artifact("vaeguard-training-report")
+    assert (Path(bundle) / "report.html").resolve().as_uri() in link.data  # Prefect stores links as markdown
 
 
 def test_score_flow_scores_each_file_into_one_output(flow_bundle, sensor_frame, incoming_csv, tmp_path):

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import DataError, InputFileError
-from pipeline.tables import iter_batches, read_columns, read_table
+from pipeline.tables import estimate_rows, iter_batches, read_columns, read_table
 
 
 def test_missing_empty_and_header_only_files(tmp_path):
@@ -45,3 +45,11 @@ def test_non_numeric_value_in_stream_names_column_and_row(tmp_path):
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(DataError, match=r"column 'y' must be numeric but row 301 \(line 302\) holds 'oops'"):
         list(iter_batches(path, ["x", "y"], [], [], batch_rows=100))
+
+
+def test_row_estimate_for_progress_bars(tmp_path):
+    frame = pd.DataFrame({"x": np.arange(50_000.0), "c": ["abc"] * 50_000})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    frame.to_parquet(tmp_path / "t.parquet")
+    assert estimate_rows(tmp_path / "t.parquet") == 50_000
+    assert abs(estimate_rows(tmp_path / "t.csv") - 50_000) < 2_500  # from the first MB's line lengths

@@ -1,0 +1,141 @@
+"""The scoring report (`vaeguard score ... --report`): report.html next to the scores.
+
+How this batch's scores compare with the calibration scores, the anomaly rate against the
+target, drift statistics, and the top anomalies with what drives them: for tables the columns
+carrying their reconstruction error (from encoder.onnx and decoder.onnx, no torch needed), for
+images the image, its reconstruction and the heat map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.bundle import Bundle
+from pipeline.config import ScoreJob
+from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
+from pipeline.drift import drift_report
+from pipeline.images import ImageSource, ImageSpec, list_images, load_images
+from pipeline.outputs import output_format
+from pipeline.plots import feature_contributions, image_grid, score_histogram
+from pipeline.report_html import Section, facts_table, write_report
+from pipeline.schema import as_category_array
+from pipeline.tables import iter_batches
+from pipeline.training_report import source_column
+
+TOP_ANOMALIES = 20
+
+
+def report_path(output: Path) -> Path:
+    return output.parent / "report.html"
+
+
+def read_scores(output: Path) -> pd.DataFrame:
+    table = pq.read_table(output) if output_format(output) == "parquet" else pacsv.read_csv(output)
+    return table.to_pandas()
+
+
+def write_scoring_report(job: ScoreJob) -> Path:
+    return write_report(report_path(job.output), f"vaeguard scoring report: {job.output.name}", scoring_sections(job))
+
+
+def scoring_sections(job: ScoreJob) -> list[Section]:
+    bundle = Bundle.load(job.bundle)
+    calibration = bundle.calibration
+    scored = read_scores(job.output)
+    scores = scored["score"].to_numpy(dtype=np.float32)
+    anomalies = int(scored["is_anomaly"].sum())
+    drift = drift_report(scores, anomalies, calibration.scores, calibration.expected_fpr)
+    rate = {"rows": f"{len(scored):,}", "anomalies": f"{anomalies:,}",
+            "observed rate": f"{anomalies / max(len(scored), 1):.3%}", "target FPR": f"{calibration.target_fpr:.3%}",
+            "expected FPR on normal data": f"{calibration.expected_fpr:.3%}",
+            "p-value of the rate (given the calibration sample)": _fmt(drift.calibrated_p_value),
+            "plain binomial p-value": _fmt(drift.rate_p_value)}
+    sections = [
+        Section("Scores against calibration", "This batch's scores over the calibration scores; the red line is "
+                "the threshold.", figures=[("scores against calibration", score_histogram(
+                    calibration.scores, calibration.threshold, calibration.target_fpr, scored=scores))]),
+        Section("Anomaly rate", tables=[("Flagged rows against the target false-positive rate", facts_table(rate))]),
+        Section("Drift", "Population stability index (PSI) and Kolmogorov-Smirnov statistic of the scores "
+                "against the calibration scores; PSI above 0.25 usually means the data changed.",
+                alert="; ".join(drift.alerts),
+                tables=[("", facts_table({"PSI": _fmt(drift.psi), "KS statistic": _fmt(drift.ks_statistic),
+                                          "KS p-value": _fmt(drift.ks_p_value)}))]),
+    ]
+    top = np.argsort(-scores, kind="stable")[:TOP_ANOMALIES]
+    if bundle.manifest.get("modality") == "image":
+        sections.append(_top_images(bundle, scored.iloc[top]))
+    else:
+        sections.append(_top_rows(bundle, job, scored, top))
+    return sections
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{value:.4g}"
+
+
+def _rows_at(job: ScoreJob, bundle: Bundle, positions: np.ndarray) -> pd.DataFrame:
+    """Re-read just the rows at these output positions (output order = input order)."""
+    schema, wanted, found, offset = bundle.schema, set(positions.tolist()), [], 0
+    for path in job.inputs:
+        for batch in iter_batches(path, list(schema.numeric), list(schema.categorical), list(schema.id_columns),
+                                  job.batch_size):
+            hits = [i - offset for i in range(offset, offset + batch.num_rows) if i in wanted]
+            if hits:
+                found.append(batch.take(hits).to_pandas().set_axis([offset + h for h in hits]))
+            offset += batch.num_rows
+    return pd.concat(found).loc[positions]
+
+
+def _top_rows(bundle: Bundle, job: ScoreJob, scored: pd.DataFrame, top: np.ndarray) -> Section:
+    rows = _rows_at(job, bundle, top)
+    pre = bundle.preprocessor
+    numeric = rows[list(pre.numeric_columns)].to_numpy(dtype=np.float32, na_value=np.nan)
+    categories = [as_category_array(pa.array(rows[c], from_pandas=True)) for c in pre.categorical_columns]
+    features = pre.transform(numeric, categories)
+    options = ["CPUExecutionProvider"]
+    mu, _ = ort.InferenceSession(str(bundle.path / "encoder.onnx"), providers=options).run(None, {"features": features})
+    (rebuilt,) = ort.InferenceSession(str(bundle.path / "decoder.onnx"), providers=options).run(None, {"z": mu})
+    scale = np.exp(np.asarray(bundle.manifest["model"]["decoder_log_scale"], dtype=np.float32))
+    shares = pd.DataFrame(0.5 * ((features - rebuilt) / scale) ** 2, columns=pre.feature_names)
+    per_column = shares.T.groupby(source_column).sum().T
+    share = per_column.div(per_column.sum(axis=1).replace(0, 1), axis=0)
+    table = rows.reset_index(drop=True)
+    table.insert(0, "score", scored["score"].to_numpy()[top])
+    table.insert(1, "main driver", share.idxmax(axis=1).to_numpy())
+    return Section("Top anomalies", f"The {len(top)} highest-scoring rows and the columns that carry their "
+                   f"reconstruction error.",
+                   figures=[("feature contributions", feature_contributions(share.to_numpy(), list(share.columns)))],
+                   tables=[("Top anomalies with their values", table.head(10))])
+
+
+def _top_images(bundle: Bundle, top: pd.DataFrame) -> Section:
+    spec = ImageSpec.from_dict(bundle.manifest["image"])
+    images, names = [], []
+    for item in top["path"].head(8):
+        loaded, ok, _ = load_images(list_images_item(item), spec)
+        if ok:
+            images.append(loaded[0])
+            names.append(item)
+    stacked = np.stack(images)
+    session = ort.InferenceSession(str(bundle.scorer_path), providers=["CPUExecutionProvider"])
+    outputs = dict(zip(IMAGE_OUTPUT_NAMES, session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: stacked})))
+    titles = [f"{Path(n).name}: score {s:.4g}" for n, s in zip(names, outputs["score"])]
+    return Section("Most anomalous images", "The image, its reconstruction and where the error sits.",
+                   figures=[("top images", image_grid(stacked, outputs["reconstruction"], outputs["anomaly_map"],
+                                                      titles))])
+
+
+def list_images_item(item: str) -> ImageSource:
+    """One scored item as a source: a file path, or 'array.npy[i]'."""
+    if item.endswith("]") and ".npy[" in item:
+        path, index = item[:-1].rsplit("[", 1)
+        source = list_images(Path(path))
+        return ImageSource([source.items[int(index)]], source.kind, source.origin, source.layout)
+    return ImageSource([item], "folder", Path(item).parent)
