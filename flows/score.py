@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.outputs import merge_scored_parts, summary_path, write_atomic
@@ -21,7 +21,7 @@ from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.image_score import merge_error_files
 from pipeline.scoring import score
-from pipeline.scoring_report import write_scoring_report
+from pipeline.scoring_report import summary_markdown, write_scoring_report
 
 
 @task(cache_policy=NO_CACHE)
@@ -71,6 +71,8 @@ def score_flow(job: ScoreJob) -> dict:
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
     summary = combine_summaries(job, bundle, files)
+    create_markdown_artifact(key="vaeguard-scoring-summary", markdown=summary_markdown(job),
+                             description="Scores against calibration: anomaly rate and drift")
     if job.report:
         summary["report"] = str(write_report(job))
     write_atomic(summary_path(job.output), json.dumps(summary, indent=2))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.bundle import Bundle
-from pipeline.config import ScoreJob
+from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import auprc, auroc
@@ -162,7 +161,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"])
     labels, scores = [], []
     started = time.perf_counter()
-    show = sys.stderr.isatty()
+    show = show_progress()
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
     progress = tqdm(total=total or None, unit="rows", unit_scale=True, desc="scoring", disable=not show, leave=False)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -176,6 +177,14 @@ def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
     return PipelineConfig.from_dict(raw, source=str(path))
+
+
+def show_progress(requested: bool | None = None) -> bool:
+    """Progress bars only for a person at a terminal: never in CI logs or inside Prefect runs
+    (flows/ sets VAEGUARD_PROGRESS=0), unless asked for explicitly."""
+    if requested is not None:
+        return requested
+    return sys.stderr.isatty() and os.environ.get("VAEGUARD_PROGRESS", "1") != "0"
 
 
 def resolve_threads(threads: int | None) -> int:

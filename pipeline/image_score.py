@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from pipeline.anomaly_maps import map_name, write_map
 from pipeline.batch_score import FileSummary, ScoreSummary
 from pipeline.bundle import Bundle
-from pipeline.config import ScoreJob
+from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, write_errors
@@ -51,7 +50,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"])
     errors: list[tuple[str, str]] = []
     started = time.perf_counter()
-    progress = tqdm(unit="img", desc="scoring", disable=not sys.stderr.isatty(), leave=False)
+    progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
     try:
         for path, source in sources:
             file_summary = FileSummary(str(path))

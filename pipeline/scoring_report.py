@@ -139,3 +139,21 @@ def list_images_item(item: str) -> ImageSource:
         source = list_images(Path(path))
         return ImageSource([source.items[int(index)]], source.kind, source.origin, source.layout)
     return ImageSource([item], "folder", Path(item).parent)
+
+
+def summary_markdown(job: ScoreJob) -> str:
+    """The report's numbers as markdown, for the scoring flow's artifact."""
+    calibration = Bundle.load(job.bundle).calibration
+    scored = read_scores(job.output)
+    anomalies = int(scored["is_anomaly"].sum())
+    drift = drift_report(scored["score"].to_numpy(dtype=np.float32), anomalies, calibration.scores,
+                         calibration.expected_fpr)
+    lines = [f"# Scores of {job.output.name}", "", "| measure | value |", "|---|---|",
+             f"| rows | {len(scored):,} |", f"| anomalies | {anomalies:,} |",
+             f"| observed rate | {anomalies / max(len(scored), 1):.3%} |",
+             f"| target FPR | {calibration.target_fpr:.3%} (expected {calibration.expected_fpr:.3%}) |",
+             f"| rate p-value | {_fmt(drift.calibrated_p_value)} |", f"| score PSI | {_fmt(drift.psi)} |",
+             f"| KS statistic | {_fmt(drift.ks_statistic)} |",
+             f"| median score (calibration median) | {np.median(scored['score']):.4g} "
+             f"({np.median(calibration.scores):.4g}) |"]
+    return "\n".join(lines + [f"\n**Alert:** {alert}" for alert in drift.alerts])

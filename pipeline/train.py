@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import ModelConfig, TrainingConfig, resolve_threads
+from pipeline.config import ModelConfig, TrainingConfig, resolve_threads, show_progress
 from pipeline.errors import ConfigError, DeviceError
 from pipeline.model import VAE, default_layer_sizes, likelihood_penalty, score_components
 
@@ -59,7 +58,7 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
     shuffle = torch.Generator(device="cpu").manual_seed(config.seed)
     beta = model_config.beta
 
-    show = sys.stderr.isatty() if config.progress is None else config.progress
+    show = show_progress(config.progress)
     bar = tqdm(range(1, config.max_epochs + 1), desc="training", unit="epoch", disable=not show, leave=False)
     started = time.perf_counter()
     result = TrainResult(model=model, device=str(device))

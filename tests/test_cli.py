@@ -24,7 +24,7 @@ from pipeline.cli import main
 from pipeline.runtime import gpu_present
 from pipeline.synthetic import write_table
 
-MODEL_FILES = ("encoder.onnx", "decoder.onnx", "scorer.onnx", "manifest.json")
+BUNDLE_FILES = ("encoder.onnx", "decoder.onnx", "scorer.onnx", "manifest.json", "report.html", "report_files")
 SCORE_COLUMNS = ["row_id", "score", "recon", "kl", "p_value", "is_anomaly"]
 FAST_YAML = "training:\n  max_epochs: 30\n  patience: 8\n  threads: 2\n  progress: false\n"
 
@@ -81,7 +81,7 @@ def test_train_writes_bundle_and_reports_auroc(cli_trained):
     proc = cli_trained.proc
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
-    assert sorted(p.name for p in cli_trained.bundle.iterdir()) == sorted(MODEL_FILES)
+    assert sorted(p.name for p in cli_trained.bundle.iterdir()) == sorted(BUNDLE_FILES)
     assert "AUROC" in proc.stdout
     assert str(cli_trained.bundle) in proc.stdout
     # The run folder is cleaned up: only the bundle is left in the output folder.

@@ -56,3 +56,5 @@ def test_score_flow_scores_each_file_into_one_output(flow_bundle, sensor_frame, 
     assert sorted(p.name for p in output.parent.iterdir()) == ["scores.parquet", "scores.summary.json"]
     table = read_artifact("vaeguard-scoring")
     assert str(incoming_csv) in table.data
+    markdown = read_artifact("vaeguard-scoring-summary")
+    assert f"| anomalies | {int(scored['is_anomaly'].sum()):,} |" in markdown.data and "score PSI" in markdown.data

@@ -60,7 +60,7 @@ def test_train_flow_publishes_a_verified_image_bundle(flow_facts):
     assert sum(flow_facts["split"].values()) == N_IMAGES
     assert flow_facts["train_model"]["epochs"] == 3
     assert sorted(p.name for p in bundle.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json",
-                                                        "scorer.onnx"]
+                                                        "report.html", "report_files", "scorer.onnx"]
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # run folder removed
 
 
