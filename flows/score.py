@@ -16,10 +16,10 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.outputs import merge_scored_parts, summary_path, write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.image_score import merge_error_files
+from pipeline.outputs import merge_scored_parts, summary_path, write_atomic
 from pipeline.scoring import score
 from pipeline.scoring_report import summary_markdown, write_scoring_report
 

@@ -11,6 +11,7 @@ that had missing values in training, then per categorical column its kept catego
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,6 +118,11 @@ class Preprocessor:
             numeric=tuple(NumericStats(**s) for s in raw["numeric"]),
             categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"])) for s in raw["categorical"]),
         )
+
+
+def source_column(feature: str) -> str:
+    """The input column a feature came from: one-hot and missing-indicator features name theirs."""
+    return re.split(r"=|__missing$", feature, maxsplit=1)[0]
 
 
 def fit_preprocessor(frame: pd.DataFrame, schema: TableSchema, config: PreprocessConfig,

@@ -24,10 +24,10 @@ from pipeline.drift import drift_report
 from pipeline.images import ImageSource, ImageSpec, list_images, load_images
 from pipeline.outputs import output_format
 from pipeline.plots import feature_contributions, image_grid, score_histogram
+from pipeline.preprocess import source_column
 from pipeline.report_html import Section, facts_table, write_report
 from pipeline.schema import as_category_array
 from pipeline.tables import iter_batches
-from pipeline.training_report import source_column
 
 TOP_ANOMALIES = 20
 

@@ -8,8 +8,6 @@ report always go together.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 import torch
@@ -18,6 +16,7 @@ from pipeline.bundle import MANIFEST
 from pipeline.calibrate import Calibration
 from pipeline.config import ImageTrainJob, TrainJob
 from pipeline.model import error_map
+from pipeline.preprocess import source_column
 from pipeline.plots import feature_contributions, image_grid, latent_projection, loss_curves, roc_pr_curves, score_histogram
 from pipeline.report_html import Section, facts_table, write_report
 from pipeline.scorer_graph import graph_inputs
@@ -43,11 +42,6 @@ def run_facts(job: TrainJob | ImageTrainJob, manifest: dict, sizes: dict[str, in
                    for section, values in manifest["config"].items()},
         "versions": ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
     }
-
-
-def source_column(feature: str) -> str:
-    """One-hot and missing-indicator features belong to the column they came from."""
-    return re.split(r"=|__missing$", feature, maxsplit=1)[0]
 
 
 def _common_sections(job, run: RunDir, manifest: dict, calibration: Calibration) -> list[Section]:

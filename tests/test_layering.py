@@ -5,7 +5,8 @@ import sys
 
 LIBRARY = ["config", "tables", "schema", "preprocess", "splits", "model", "train", "calibrate", "scorer_graph",
            "export", "verify", "bundle", "runtime", "batch_score", "workflow", "inspect", "synthetic", "cli",
-           "landing", "drift", "outputs", "image_model"]
+           "landing", "drift", "outputs", "image_model", "images", "image_workflow", "image_score",
+           "anomaly_maps", "scoring", "plots", "report_html", "training_report", "scoring_report"]
 
 
 def imported_after(statement: str) -> set[str]:
@@ -19,5 +20,5 @@ def test_library_never_imports_prefect():
 
 
 def test_scoring_path_does_not_load_torch():
-    modules = imported_after("import pipeline.cli, pipeline.batch_score, pipeline.runtime")
+    modules = imported_after("import pipeline.cli, pipeline.scoring, pipeline.scoring_report, pipeline.runtime")
     assert "torch" not in modules and "onnxruntime" in modules
