@@ -25,6 +25,7 @@ def run_demo(rows: int = 20_000, out_dir: Path = Path("exported"), work_dir: Pat
     print("\nvaeguard demo finished")
     print(f"  training data:  {train_csv}")
     print(f"  bundle:         {trained['bundle']}  (inspect it: vaeguard inspect {trained['bundle']})")
+    print(f"  report:         {Path(trained['bundle']) / 'report.html'}")
     print(f"  scores:         {output}")
     print(f"  summary:        {summary_path(output)}")
     print(f"  held-out AUROC on injected anomalies (training split): {held_out['auroc']:.4f}")

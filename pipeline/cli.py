@@ -136,6 +136,7 @@ def format_training(facts: dict) -> str:
     verify = facts["verify_bundle"]
     lines.append(f"ONNX parity: max |score diff| {verify['max_abs_diff']['score']:.2e}, "
                  f"decisions agree on {verify['decision_agreement']:.2%} of {verify['rows']:,} rows")
+    lines.append(f"report:      {Path(facts['bundle']) / facts['write_training_report']['report']}")
     return "\n".join(lines)
 
 
