@@ -1,0 +1,105 @@
+"""The detection-quality benchmark harness (benchmarks/quality.py): protocols, PyOD thresholds, a quick run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import quality
+from tests.conftest import SHARED_DATA
+
+
+def test_dataset_names_match_the_published_table():
+    names = list(quality.available_datasets(SHARED_DATA / "adbench"))
+    published = quality.read_published(SHARED_DATA / "published_auroc_dev.csv")
+    assert set(published) == {"semi", "unsup"}
+    assert set(names) == set(published["semi"]) == set(published["unsup"])
+    assert names[:3] == ["breastw", "cardio", "thyroid"]  # the published table's order
+
+
+def test_semi_split_trains_on_half_of_the_normal_rows_only():
+    y = np.array([0] * 101 + [1] * 9)
+    np.random.default_rng(0).shuffle(y)
+    split = quality.make_split(y, "semi", seed=3)
+    normal = np.flatnonzero(y == 0)
+    assert (y[split.train] == 0).all() and len(split.train) == 50
+    assert not set(split.train) & set(split.test)
+    assert set(split.train) | set(split.test) == set(range(len(y)))  # every anomaly and the other normals
+    assert split.test_labels.sum() == 9 and (split.test_labels == y[split.test]).all()
+    assert (quality.make_split(y, "semi", seed=3).train == split.train).all()  # seeded
+    assert not np.array_equal(quality.make_split(y, "semi", seed=4).train, split.train)
+    assert set(split.train) < set(normal)
+
+    unsup = quality.make_split(y, "unsup", seed=3)
+    assert (unsup.train == np.arange(len(y))).all() and (unsup.test == np.arange(len(y))).all()
+
+
+def test_ks_plus_sees_only_too_small_p_values():
+    uniform = (np.arange(1000) + 0.5) / 1000
+    assert quality.ks_uniform(uniform)["ks_statistic"] < 0.01 and quality.ks_uniform(uniform)["ks_plus"] < 0.01
+    liberal = quality.ks_uniform(uniform * 0.8)  # p-values too small: more false alarms than asked for
+    assert liberal["ks_plus"] == pytest.approx(0.2, abs=0.01)
+    conservative = quality.ks_uniform(np.r_[uniform[:700], np.ones(300)])  # tied p-values at 1, as duplicate rows give
+    assert conservative["ks_statistic"] == pytest.approx(0.3, abs=0.01) and conservative["ks_plus"] < 0.01
+
+
+@pytest.mark.parametrize("method", ["iforest", "knn"])
+def test_pyod_threshold_equals_fitting_with_that_contamination(method):
+    """The harness re-thresholds one fitted detector per target FPR instead of refitting it."""
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(600, 4)), rng.normal(size=(400, 4)) * 1.3
+    fitted = quality.make_peer(method, seed=1).fit(train)
+    for alpha in quality.TARGET_FPRS:
+        refit = quality.make_peer(method, seed=1).set_params(contamination=alpha).fit(train)
+        quality.pyod_threshold(fitted, alpha)
+        shift = refit.decision_scores_ - fitted.decision_scores_  # IForest: sklearn's offset_; KNN: none
+        np.testing.assert_allclose(shift, shift[0], atol=1e-12)
+        assert refit.threshold_ - fitted.threshold_ == pytest.approx(shift[0], abs=1e-12)
+        np.testing.assert_array_equal(fitted.predict(test), refit.predict(test))
+
+
+@pytest.mark.slow
+def test_quick_run(tmp_path, capsys):
+    """`python -m benchmarks.quality --quick`: thyroid, seed 0, semi, ours + iforest + knn."""
+    out = tmp_path / "quality.json"
+    assert quality.main(["--quick", "--out", str(out)]) == 0
+    markdown = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    assert result["complete"]
+    records = result["records"]
+    assert {r["method"] for r in records} == {"ours", "iforest", "knn"}
+    for record in records:
+        assert "error" not in record, record
+        assert (record["dataset"], record["protocol"], record["seed"]) == ("thyroid", "semi", 0)
+        assert 0.0 <= record["auroc"] <= 1.0 and 0.0 <= record["auprc"] <= 1.0
+        assert record["fit_seconds"] >= 0 and record["score_seconds"] >= 0
+        # semi: half of thyroid's 3,679 normal rows train; the rest and the 93 anomalies test
+        assert record["n_train"] == 1839 and record["n_test"] == 1840 + 93 and record["n_test_anomalies"] == 93
+    ours = next(r for r in records if r["method"] == "ours")
+    assert ours["auroc"] >= 0.9  # published VAE: 98.55
+    assert result["aggregates"]["summary"]["semi"]["ours"]["auroc_mean"] == pytest.approx(ours["auroc"])
+
+    calibration = result["calibration"]
+    for method in ("ours", "iforest", "knn"):
+        entries = {e["target_fpr"]: e for e in calibration if e["method"] == method}
+        assert set(entries) == {0.001, 0.01, 0.05}
+        for alpha, entry in entries.items():
+            assert entry["n_test_normal"] == 1840
+            if method == "ours" and alpha == 0.001:
+                # 368 calibration rows cannot give a 0.1% threshold: recorded, not dropped
+                assert "realized_fpr" not in entry and "999" in entry["error"]
+                continue
+            assert 0.0 <= entry["realized_fpr"] <= 1.0
+    assert 0.0 <= ours["ks_plus"] <= ours["ks_statistic"] <= 1.0
+    # the exported scorer's is_anomaly is the 1% threshold recomputed from the bundle's calibration scores
+    ours_1pct = next(e for e in calibration if e["method"] == "ours" and e["target_fpr"] == 0.01)
+    assert ours["bundle_is_anomaly_fpr"] == pytest.approx(ours_1pct["realized_fpr"])
+
+    assert "python -m benchmarks.quality --quick" in markdown.splitlines()[1]
+    for text in ("thyroid", "ours", "iforest", "knn", "### AUROC, semi", "### Calibration honesty", "pub. VAE"):
+        assert text in markdown
+    assert "| thyroid | " in markdown and "98.5" in markdown  # published VAE beside ours
+    assert out.with_suffix(".md").read_text() == markdown
