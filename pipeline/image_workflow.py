@@ -26,7 +26,7 @@ from pipeline.scorer_graph import ImageScorerGraph
 from pipeline.splits import split_rows
 from pipeline.train import train_vae
 from pipeline.verify import verify_image_export
-from pipeline.workflow import RunDir, load_splits, read_json, write_json, run_steps
+from pipeline.workflow import RunDir, load_splits, read_json, record_verification, run_steps, write_json, write_training_report
 
 log = logging.getLogger("vaeguard")
 
@@ -163,17 +163,7 @@ def verify_bundle(job: ImageTrainJob, run: RunDir) -> dict:
     splits = load_splits(run)
     report = verify_image_export(run.bundle, load_image_graph(job, run, _calibration(run)),
                                  np.ascontiguousarray(load_run_images(run)[splits.cal]))
-    manifest = read_json(run.bundle / "manifest.json")
-    manifest["verification"] = report
-    write_manifest(run.bundle, manifest)
-    return report
-
-
-def write_training_report(job: ImageTrainJob, run: RunDir) -> dict:
-    """Write report.html (plots, most anomalous images, run facts) into the bundle."""
-    from pipeline import training_report  # it reads this module's run files: import late
-
-    return training_report.write_training_report(job, run)
+    return record_verification(run, report)
 
 
 STEPS = (load_images, split, train_model, calibrate_threshold, export_bundle, verify_bundle, write_training_report)

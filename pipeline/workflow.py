@@ -248,15 +248,19 @@ def verify_bundle(job: TrainJob, run: RunDir) -> dict:
     splits = load_splits(run)
     with np.load(run.features) as data:
         cal_features = data["cal"]
-    report = verify_export(run.bundle, graph, frame.iloc[splits.cal], cal_features)
+    return record_verification(run, verify_export(run.bundle, graph, frame.iloc[splits.cal], cal_features))
+
+
+def record_verification(run: RunDir, report: dict) -> dict:
+    """The verification report goes into the staged bundle's manifest."""
     manifest = read_json(run.bundle / "manifest.json")
     manifest["verification"] = report
     write_manifest(run.bundle, manifest)
     return report
 
 
-def write_training_report(job: TrainJob, run: RunDir) -> dict:
-    """Write report.html (plots, top anomalies, run facts) into the bundle."""
+def write_training_report(job, run: RunDir) -> dict:
+    """Write report.html (plots, top anomalies or images, run facts) into the bundle."""
     from pipeline import training_report  # it reads this module's run files: import late
 
     return training_report.write_training_report(job, run)
