@@ -164,7 +164,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     show = show_progress()
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
     progress = tqdm(total=total or None, unit="rows", unit_scale=True, desc="scoring", disable=not show, leave=False)
-    try:
+    with progress, writer:
         for path, _, has_label in checked:
             file_summary = FileSummary(str(path))
             numeric = list(schema.numeric) + ([schema.label_column] if has_label else [])
@@ -184,12 +184,6 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
             summary.anomalies += file_summary.anomalies
         if summary.rows == 0:
             raise DataError(f"{', '.join(map(str, job.inputs))}: no data rows to score; expected at least one row")
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        progress.close()
     summary.seconds = time.perf_counter() - started
     if labels:
         # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.

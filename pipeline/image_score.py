@@ -51,7 +51,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     errors: list[tuple[str, str]] = []
     started = time.perf_counter()
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
-    try:
+    with progress, writer:
         for path, source in sources:
             file_summary = FileSummary(str(path))
             for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
@@ -75,12 +75,6 @@ def score_images(job: ScoreJob) -> ScoreSummary:
         if summary.rows == 0:
             raise DataError(f"{', '.join(map(str, job.inputs))}: none of the {len(errors)} image file(s) could be "
                             f"read; expected PNG, JPEG or BMP images")
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        progress.close()
     summary.seconds = time.perf_counter() - started
     summary.skipped = len(errors)
     errors_path(job.output).unlink(missing_ok=True)  # a stale list from an earlier run would mislead

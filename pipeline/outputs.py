@@ -31,7 +31,11 @@ def output_format(path: Path) -> str:
 
 
 class OutputWriter:
-    """Writes result chunks to a hidden temp file; ``commit`` renames it into place."""
+    """Writes result chunks to a hidden temp file; ``commit`` renames it into place.
+
+    As a context manager it commits when the block succeeds and removes the temp file when
+    it raises, so callers can't forget either.
+    """
 
     def __init__(self, target: Path):
         self.target = target
@@ -47,6 +51,15 @@ class OutputWriter:
             else:
                 self._writer = pacsv.CSVWriter(self.temp, table.schema)
         self._writer.write_table(table)
+
+    def __enter__(self) -> "OutputWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
 
     def commit(self) -> None:
         if self._writer is None:
@@ -75,9 +88,8 @@ def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
     Used when each input was scored by its own task; a ``source`` column names the input when
     there is more than one. Returns the number of rows written.
     """
-    writer = OutputWriter(output)
     rows = 0
-    try:
+    with OutputWriter(output) as writer:
         for source, part in parts:
             for batch in pq.ParquetFile(part).iter_batches():
                 table = pa.Table.from_batches([batch])
@@ -85,8 +97,4 @@ def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
                     table = table.add_column(0, "source", pa.array([source] * batch.num_rows, pa.string()))
                 writer.write(table)
                 rows += batch.num_rows
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
     return rows
