@@ -7,6 +7,8 @@ when complete: readers never see half a file, and an existing file survives a fa
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import uuid
 from pathlib import Path
 
@@ -33,24 +35,21 @@ def output_format(path: Path) -> str:
 class OutputWriter:
     """Writes result chunks to a hidden temp file; ``commit`` renames it into place.
 
-    As a context manager it commits when the block succeeds and removes the temp file when
-    it raises, so callers can't forget either.
+    Chunks are written by a background thread (Parquet and CSV encoding release the GIL), so
+    writing the output overlaps scoring the next chunk; at most a few chunks wait in between.
+    As a context manager it commits when the block succeeds and removes the temp file when it
+    raises, so callers can't forget either.
     """
 
-    def __init__(self, target: Path):
+    _DONE = object()
+
+    def __init__(self, target: Path, depth: int = 2):
         self.target = target
         self.format = output_format(target)
         self.temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self._writer = None
-
-    def write(self, table: pa.Table) -> None:
-        if self._writer is None:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            if self.format == "parquet":
-                self._writer = pq.ParquetWriter(self.temp, table.schema)
-            else:
-                self._writer = pacsv.CSVWriter(self.temp, table.schema)
-        self._writer.write_table(table)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def __enter__(self) -> "OutputWriter":
         return self
@@ -61,19 +60,51 @@ class OutputWriter:
         else:
             self.abort()
 
+    def write(self, table: pa.Table) -> None:
+        self._raise_writer_error()
+        if self._thread is None:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._thread = threading.Thread(target=self._drain, args=(table.schema,), daemon=True)
+            self._thread.start()
+        self._queue.put(table)
+
+    def _drain(self, schema: pa.Schema) -> None:
+        writer = None
+        try:
+            writer = pq.ParquetWriter(self.temp, schema) if self.format == "parquet" else pacsv.CSVWriter(self.temp, schema)
+            while (table := self._queue.get()) is not self._DONE:
+                writer.write_table(table)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller at its next call
+            self._error = exc
+            while self._queue.get() is not self._DONE:  # keep the producer from blocking
+                pass
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _finish(self) -> None:
+        if self._thread is not None:
+            self._queue.put(self._DONE)
+            self._thread.join()
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
     def commit(self) -> None:
-        if self._writer is None:
+        if self._thread is None:
             raise DataError(f"nothing to write to {self.target}: the inputs had no rows")
-        self._writer.close()
+        self._finish()
+        if self._error is not None:
+            self.temp.unlink(missing_ok=True)
+            raise self._error
         os.replace(self.temp, self.target)
 
     def abort(self) -> None:
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001 - we're already failing
-                pass
-        self.temp.unlink(missing_ok=True)
+        try:
+            self._finish()
+        finally:
+            self.temp.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -68,3 +68,20 @@ def test_merge_of_parts_matches_one_pass(trained_bundle, frame, tmp_path):
     assert merge_scored_parts(parts, tmp_path / "merged.parquet") == 80
     merged = pd.read_parquet(tmp_path / "merged.parquet")
     assert merged["source"].tolist() == [parts[0][0]] * 50 + [parts[1][0]] * 30
+
+
+def test_a_failing_output_writer_leaves_nothing(tmp_path):
+    """The background writer's error reaches the caller, and no temp or target file stays."""
+    import pyarrow as pa
+
+    from pipeline.outputs import OutputWriter
+
+    target = tmp_path / "out.parquet"
+    with pytest.raises(ValueError, match="schema"):
+        with OutputWriter(target) as writer:
+            writer.write(pa.table({"score": [1.0, 2.0]}))
+            writer.write(pa.table({"score": ["not", "a float"]}))  # schema mismatch inside the writer thread
+    assert list(tmp_path.iterdir()) == []
+    with OutputWriter(target) as writer:
+        writer.write(pa.table({"score": [1.0, 2.0]}))
+    assert pd.read_parquet(target)["score"].tolist() == [1.0, 2.0]

@@ -1,0 +1,128 @@
+"""Scoring and training speed against the peers, as ratios measured in one run.
+
+    python -m benchmarks.speed [--rows 1000000] [--train-rows 20000]
+
+On the demo's sensor table (its 8 numeric columns, missing values filled with the training
+medians so every method sees the same numbers):
+- training time: ours (`run_training`, defaults, end to end) against PyOD's VAE (defaults);
+- in-memory scoring throughput in rows/s: our exported scorer.onnx (onnxruntime, 2 threads)
+  against the same graph in torch eager (2 threads) and PyOD's VAE and IForest
+  ``decision_function``;
+- end to end, file to scores: `score_files` on CSV and on Parquet against parsing the same file
+  with pyarrow's streaming reader (the practical limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.batch_score import score_files
+from pipeline.bundle import Bundle
+from pipeline.config import PipelineConfig, ScoreJob, TrainingConfig, TrainJob
+from pipeline.runtime import BundleScorer
+from pipeline.scorer_graph import ScorerGraph
+from pipeline.synthetic import SENSOR_COLUMNS as SENSOR_TUPLE
+from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+from pipeline.tables import iter_batches
+from pipeline.workflow import run_training
+
+CHUNK = 65_536
+SENSOR_COLUMNS = list(SENSOR_TUPLE)
+
+
+def timed(work) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = work()
+    return time.perf_counter() - started, result
+
+
+def sensors(rows: int, seed: int, medians: pd.Series | None = None) -> pd.DataFrame:
+    frame = make_sensor_table(SyntheticSpec(n_rows=rows, seed=seed))[["row_id", *SENSOR_COLUMNS]]
+    return frame.fillna(medians if medians is not None else frame[SENSOR_COLUMNS].median())
+
+
+def torch_graph(bundle: Bundle) -> ScorerGraph:
+    """The PyTorch twin of scorer.onnx, rebuilt from the bundle's weights, for the eager baseline."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.model import VAE
+
+    model = bundle.manifest["model"]
+    vae = VAE(model["n_features"], tuple(model["hidden_sizes"]), model["latent_dim"])
+    state = {f"{part}.{init.name}": torch.from_numpy(numpy_helper.to_array(init).copy())
+             for part in ("encoder", "decoder") for init in onnx.load(str(bundle.path / f"{part}.onnx")).graph.initializer}
+    state["decoder.log_scale"] = torch.tensor(model["decoder_log_scale"])
+    vae.load_state_dict(state)
+    return ScorerGraph(vae.eval(), bundle.preprocessor, bundle.manifest["score"]["kl_weight"], bundle.calibration).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--train-rows", type=int, default=20_000)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from pyod.models.iforest import IForest
+    from pyod.models.vae import VAE as PyodVAE
+
+    work = Path(tempfile.mkdtemp(prefix="vaeguard-speed-"))
+    train = sensors(args.train_rows, seed=0)
+    medians = train[SENSOR_COLUMNS].median()
+    test = sensors(args.rows, seed=1, medians=medians)
+    x_train, x_test = train[SENSOR_COLUMNS].to_numpy(np.float32), test[SENSOR_COLUMNS].to_numpy(np.float32)
+
+    train_path = write_table(train, work / "train.parquet")
+    config = PipelineConfig(training=TrainingConfig(threads=2, progress=False))
+    ours_train, facts = timed(lambda: run_training(TrainJob(data=train_path, name="speed", out_dir=work,
+                                                            id_columns=("row_id",), config=config)))
+    bundle = Bundle.load(facts["bundle"])
+    pyod_vae = PyodVAE(verbose=0, random_state=0)
+    vae_train, _ = timed(lambda: pyod_vae.fit(x_train))
+    iforest = IForest(random_state=0)
+    iforest.fit(x_train)
+
+    scorer = BundleScorer(bundle, device="cpu", threads=2)
+    graph = torch_graph(bundle)
+    chunks = [x_test[i:i + CHUNK] for i in range(0, len(x_test), CHUNK)]
+    onnx_seconds, _ = timed(lambda: [scorer.score_arrays(c, []) for c in chunks])
+    with torch.no_grad():
+        eager_seconds, _ = timed(lambda: [graph(torch.from_numpy(c)) for c in chunks])
+    vae_seconds, _ = timed(lambda: pyod_vae.decision_function(x_test))
+    iforest_seconds, _ = timed(lambda: iforest.decision_function(x_test))
+
+    end_to_end = {}
+    for suffix in (".csv", ".parquet"):
+        path = write_table(test, work / f"test{suffix}")
+        parse_seconds, _ = timed(lambda: sum(b.num_rows for b in iter_batches(path, SENSOR_COLUMNS, [], ["row_id"], CHUNK)))
+        score_seconds, _ = timed(lambda: score_files(ScoreJob(bundle.path, (path,), work / f"out{suffix}.parquet",
+                                                              device="cpu", threads=2)))
+        end_to_end[suffix[1:]] = {"parse_rows_per_s": round(args.rows / parse_seconds),
+                                  "score_rows_per_s": round(args.rows / score_seconds),
+                                  "score_over_parse": round(parse_seconds / score_seconds, 3)}
+
+    rate = lambda seconds: round(args.rows / seconds)  # noqa: E731
+    result = {
+        "rows": args.rows, "train_rows": args.train_rows, "threads": 2,
+        "training_seconds": {"ours_end_to_end": round(ours_train, 2), "pyod_vae": round(vae_train, 2),
+                             "ours_epochs": facts["train_model"]["epochs"]},
+        "scoring_rows_per_s": {"ours_onnx": rate(onnx_seconds), "ours_torch_eager": rate(eager_seconds),
+                               "pyod_vae": rate(vae_seconds), "pyod_iforest": rate(iforest_seconds)},
+        "ratios": {"onnx_over_pyod_vae": round(vae_seconds / onnx_seconds, 1),
+                   "onnx_over_pyod_iforest": round(iforest_seconds / onnx_seconds, 1),
+                   "onnx_over_torch_eager": round(eager_seconds / onnx_seconds, 2)},
+        "end_to_end": end_to_end,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
