@@ -52,6 +52,15 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
     return path
 
 
+def write_new_manifest(directory: Path, manifest: dict) -> None:
+    """A freshly exported bundle's manifest: adds the file hashes and library versions, with
+    verification still to come (the verify step fills it in before publishing)."""
+    manifest |= {"verification": None,
+                 "files": {name: sha256_file(directory / name) for name in MODEL_FILES},
+                 "versions": library_versions()}
+    write_manifest(directory, manifest)
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path

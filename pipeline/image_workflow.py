@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, library_versions, sha256_file, write_manifest
+from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, write_new_manifest
 from pipeline.calibrate import Calibration, calibrate
 from pipeline.config import ImageTrainJob
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, OPSET
@@ -150,11 +150,8 @@ def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
                  "scorer_inputs": [{"name": IMAGE_INPUT, "dtype": "float32",
                                     "shape": ["batch_size", spec.channels, spec.size, spec.size]}],
                  "scorer_outputs": list(IMAGE_OUTPUT_NAMES)},
-        "verification": None,
-        "files": {name: sha256_file(run.bundle / name) for name in MODEL_FILES},
-        "versions": library_versions(),
     }
-    write_manifest(run.bundle, manifest)
+    write_new_manifest(run.bundle, manifest)
     return {"bundle_version": version, "files": list(MODEL_FILES)}
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, library_versions, publish_bundle, sha256_file, write_manifest
+from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, publish_bundle, write_manifest, write_new_manifest
 from pipeline.calibrate import Calibration, calibrate
 from pipeline.config import TrainJob
 from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input_name
@@ -233,11 +233,8 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
             ),
             "scorer_outputs": list(OUTPUT_NAMES),
         },
-        "verification": None,
-        "files": {name: sha256_file(run.bundle / name) for name in MODEL_FILES},
-        "versions": library_versions(),
     }
-    write_manifest(run.bundle, manifest)
+    write_new_manifest(run.bundle, manifest)
     return {"bundle_version": version, "files": list(MODEL_FILES)}
 
 
