@@ -68,6 +68,7 @@ PUBLISHED_CSV = DATA_DIR / "published_auroc_dev.csv"
 METHODS = ("ours", "pyod_vae", "pyod_ae", "iforest", "knn")
 PEERS = METHODS[1:]
 PROTOCOLS = ("semi", "unsup")
+SPLIT_STREAM = 1  # the semi split's random stream, apart from every method's seed (see make_split)
 TARGET_FPRS = (0.001, 0.01, 0.05)
 LARGE_TEST_NORMAL = 2000  # calibration rows with at least this many test normal rows are flagged
 THREADS = 2
@@ -128,7 +129,12 @@ class Split:
 
 def make_split(y: np.ndarray, protocol: str, seed: int) -> Split:
     if protocol == "semi":
-        rng = np.random.default_rng(seed)
+        # The split gets its own random stream. Seeded with the bare seed, numpy permutations of
+        # different lengths come out correlated (the shuffle draws the same uniforms scaled to
+        # each length), so this split and the pipeline's own seed-`seed` split were coupled:
+        # ours' realized FPR then ran ~30% under target on annthyroid over 3 seeds, and
+        # 18 of 21 large-dataset runs fell below the conformal expectation.
+        rng = np.random.default_rng((SPLIT_STREAM, seed))
         normal = rng.permutation(np.flatnonzero(y == 0))
         n_train = len(normal) // 2
         train = np.sort(normal[:n_train])

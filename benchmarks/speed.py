@@ -8,6 +8,9 @@ medians so every method sees the same numbers):
 - in-memory scoring throughput in rows/s: our exported scorer.onnx (onnxruntime, 2 threads)
   against the same graph in torch eager (2 threads) and PyOD's VAE and IForest
   ``decision_function``;
+- the reduced-precision variants (`vaeguard export --precision fp16|int8`, built on this run's
+  bundle) on the same rows and threads: throughput, AUROC on the generator's labels and decision
+  agreement with fp32, next to fp32;
 - end to end, file to scores: `score_files` on CSV and on Parquet against parsing the same file
   with pyarrow's streaming reader (the practical limit).
 """
@@ -27,6 +30,8 @@ import torch
 from pipeline.batch_score import score_files
 from pipeline.bundle import Bundle
 from pipeline.config import PipelineConfig, ScoreJob, TrainingConfig, TrainJob
+from pipeline.metrics import auroc
+from pipeline.precision import export_variant
 from pipeline.runtime import BundleScorer
 from pipeline.scorer_graph import ScorerGraph
 from pipeline.synthetic import SENSOR_COLUMNS as SENSOR_TUPLE
@@ -63,6 +68,46 @@ def torch_graph(bundle: Bundle) -> ScorerGraph:
     state["decoder.log_scale"] = torch.tensor(model["decoder_log_scale"])
     vae.load_state_dict(state)
     return ScorerGraph(vae.eval(), bundle.preprocessor, bundle.manifest["score"]["kl_weight"], bundle.calibration).eval()
+
+
+PRECISION_REPEATS = 3
+
+
+def precision_rows(bundle: Bundle, chunks: list[np.ndarray], rows: int) -> dict:
+    """fp16 and int8 variants of the bundle against its fp32 scorer on the same in-memory rows.
+
+    The three scorers are timed in turns, best of PRECISION_REPEATS passes over every chunk,
+    so a neighbour's load on the shared cores slows them alike.
+    """
+    labels = make_sensor_table(SyntheticSpec(n_rows=rows, seed=1))["label"].to_numpy()
+    entries = {name: export_variant(bundle.path, name, device="cpu", threads=2) for name in ("fp16", "int8")}
+    loaded = Bundle.load(bundle.path)
+    scorers = {name: BundleScorer(loaded, device="cpu", threads=2, precision=name) for name in ("fp32", *entries)}
+    seconds, outputs = {name: float("inf") for name in scorers}, {}
+    for _ in range(PRECISION_REPEATS):
+        for name, scorer in scorers.items():
+            elapsed, outputs[name] = timed(lambda: [scorer.score_arrays(c, []) for c in chunks])  # noqa: B023
+            seconds[name] = min(seconds[name], elapsed)
+    merged = {name: {key: np.concatenate([o[key] for o in parts]) for key in ("score", "is_anomaly")}
+              for name, parts in outputs.items()}
+    reference = merged["fp32"]
+    result = {"fp32": {"rows_per_s": round(rows / seconds["fp32"]),
+                       "auroc": round(auroc(labels, reference["score"]), 4),
+                       "anomaly_rate": round(float(reference["is_anomaly"].mean()), 5),
+                       "threshold": loaded.calibration.threshold}}
+    for name, entry in entries.items():
+        scores, flagged = merged[name]["score"], merged[name]["is_anomaly"]
+        result[name] = {
+            "rows_per_s": round(rows / seconds[name]), "over_fp32": round(seconds["fp32"] / seconds[name], 2),
+            "auroc": round(auroc(labels, scores), 4), "anomaly_rate": round(float(flagged.mean()), 5),
+            "decision_agreement": round(float(np.mean(flagged == reference["is_anomaly"])), 5),
+            "median_rel_score_error": round(float(np.median(np.abs(scores - reference["score"])
+                                                            / np.abs(reference["score"]))), 5),
+            "export": {k: entry[k] for k in ("threshold", "decision_agreement", "max_rel_score_error",
+                                             "median_rel_score_error", "speed_ratio", "device", "threads")}
+                      | {"batch_max_rel_score_change": entry["batch_dependence"]["max_rel_score_change"]},
+        }
+    return result
 
 
 def main() -> None:
@@ -109,6 +154,8 @@ def main() -> None:
                                   "score_rows_per_s": round(args.rows / score_seconds),
                                   "score_over_parse": round(parse_seconds / score_seconds, 3)}
 
+    precision = precision_rows(bundle, chunks, args.rows)
+
     rate = lambda seconds: round(args.rows / seconds)  # noqa: E731
     result = {
         "rows": args.rows, "train_rows": args.train_rows, "threads": 2,
@@ -120,6 +167,7 @@ def main() -> None:
                    "onnx_over_pyod_iforest": round(iforest_seconds / onnx_seconds, 1),
                    "onnx_over_torch_eager": round(eager_seconds / onnx_seconds, 2)},
         "end_to_end": end_to_end,
+        "precision": precision,
     }
     print(json.dumps(result, indent=2))
 

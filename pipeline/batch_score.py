@@ -152,11 +152,11 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
     writer = OutputWriter(job.output)  # validates the output extension before any work
-    scorer = scorer or shared_scorer(job.bundle, job.device, job.threads)
+    scorer = scorer or shared_scorer(job.bundle, job.device, job.threads, job.precision)
     bundle = scorer.bundle
     checked = [(Path(p), *required_columns(bundle, Path(p))) for p in job.inputs]
     schema = bundle.schema
-    calibration = bundle.manifest["calibration"]
+    calibration = bundle.calibration_for(scorer.precision)
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output), device=scorer.device,
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"])
     labels, scores = [], []

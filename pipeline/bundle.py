@@ -26,6 +26,14 @@ FORMAT = "vaeguard-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILES = ("encoder.onnx", "decoder.onnx", "scorer.onnx")
+# The calibration inputs as the scorer takes them (tables: the raw rows; images: the float32
+# array), kept so a reduced-precision variant can be recalibrated on its own scores later.
+CALIBRATION_ROWS = "calibration_rows.parquet"
+CALIBRATION_IMAGES = "calibration_images.npy"
+CALIBRATION_FILES = (CALIBRATION_ROWS, CALIBRATION_IMAGES)
+# Reduced-precision scorers that `vaeguard export BUNDLE --precision P` adds (pipeline.precision).
+PRECISIONS = ("fp32", "fp16", "int8")
+VARIANT_FILES = {"fp16": "scorer.fp16.onnx", "int8": "scorer.int8.onnx"}
 
 
 def sha256_file(path: Path) -> str:
@@ -55,8 +63,9 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 def write_new_manifest(directory: Path, manifest: dict) -> None:
     """A freshly exported bundle's manifest: adds the file hashes and library versions, with
     verification still to come (the verify step fills it in before publishing)."""
+    names = MODEL_FILES + tuple(name for name in CALIBRATION_FILES if (directory / name).is_file())
     manifest |= {"verification": None,
-                 "files": {name: sha256_file(directory / name) for name in MODEL_FILES},
+                 "files": {name: sha256_file(directory / name) for name in names},
                  "versions": library_versions()}
     write_manifest(directory, manifest)
 
@@ -85,6 +94,25 @@ class Bundle:
     @property
     def scorer_path(self) -> Path:
         return self.path / "scorer.onnx"
+
+    def scorer_path_for(self, precision: str = "fp32") -> Path:
+        """scorer.onnx for fp32, else the variant `vaeguard export --precision` added."""
+        if precision not in PRECISIONS:
+            raise BundleError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "fp32":
+            return self.scorer_path
+        name = VARIANT_FILES[precision]
+        if name not in self.manifest.get("files", {}) or precision not in self.manifest.get("variants", {}):
+            raise BundleError(f"{self.path}: bundle {self.name!r} has no {precision} scorer ({name}); "
+                              f"add it with `vaeguard export {self.path} --precision {precision}`")
+        return self.path / name
+
+    def calibration_for(self, precision: str = "fp32") -> dict:
+        """The manifest's calibration section of a scorer: each variant has its own threshold."""
+        self.scorer_path_for(precision)
+        if precision == "fp32":
+            return self.manifest["calibration"]
+        return self.manifest["variants"][precision]["calibration"]
 
     @classmethod
     def load(cls, path: str | Path) -> "Bundle":

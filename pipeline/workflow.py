@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.bundle import FORMAT, FORMAT_VERSION, MODEL_FILES, publish_bundle, write_manifest, write_new_manifest
+from pipeline.bundle import (CALIBRATION_ROWS, FORMAT, FORMAT_VERSION, MODEL_FILES, publish_bundle, write_manifest,
+                             write_new_manifest)
 from pipeline.calibrate import Calibration, calibrate
 from pipeline.config import TrainJob
 from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input_name
@@ -132,6 +133,7 @@ def train_model(job: TrainJob, run: RunDir) -> dict:
     torch.save({"config": result.model.config(), "state_dict": result.model.state_dict()}, run.model)
     facts = {"epochs": len(result.history), "best_epoch": result.best_epoch,
              "seconds": round(result.seconds, 3), "device": result.device,
+             "mixed_precision": result.mixed_precision,
              "best_val_loss": result.history[result.best_epoch - 1]["val_loss"]}
     write_json(run.history, {"facts": facts, "epochs": result.history})
     return facts
@@ -201,6 +203,10 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
     }
     for name in MODEL_FILES:
         set_metadata(run.bundle / name, facts)
+    # The calibration rows as read (features only), so `vaeguard export --precision` can
+    # recalibrate a reduced-precision scorer on its own scores.
+    rows = pd.read_parquet(run.rows).iloc[load_splits(run).cal]
+    rows[list(schema.feature_columns)].reset_index(drop=True).to_parquet(run.bundle / CALIBRATION_ROWS)
     history = read_json(run.history)
     calibrated = read_json(run.calibration)
     manifest = {

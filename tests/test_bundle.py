@@ -14,7 +14,7 @@ def bundle_copy(trained_bundle, tmp_path):
 
 def test_manifest_records_the_contract(trained_bundle):
     manifest = Bundle.load(trained_bundle).manifest
-    assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", "scorer.onnx"}
+    assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", "scorer.onnx", "calibration_rows.parquet"}
     cal = manifest["calibration"]
     assert cal["target_fpr"] == 0.01 and cal["n_calibration"] == len(cal["scores"]) >= 99
     assert sorted(cal["scores"]) == cal["scores"]

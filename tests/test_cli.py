@@ -24,7 +24,8 @@ from pipeline.cli import main
 from pipeline.runtime import gpu_present
 from pipeline.synthetic import write_table
 
-BUNDLE_FILES = ("encoder.onnx", "decoder.onnx", "scorer.onnx", "manifest.json", "report.html", "report_files")
+BUNDLE_FILES = ("encoder.onnx", "decoder.onnx", "scorer.onnx", "manifest.json", "report.html", "report_files",
+                "calibration_rows.parquet")
 SCORE_COLUMNS = ["row_id", "score", "recon", "kl", "p_value", "is_anomaly"]
 FAST_YAML = "training:\n  max_epochs: 30\n  patience: 8\n  threads: 2\n  progress: false\n"
 

@@ -59,8 +59,8 @@ def test_train_flow_publishes_a_verified_image_bundle(flow_facts):
     assert flow_facts["load_images"] == {"images": N_IMAGES, "skipped": 0}
     assert sum(flow_facts["split"].values()) == N_IMAGES
     assert flow_facts["train_model"]["epochs"] == 3
-    assert sorted(p.name for p in bundle.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json",
-                                                        "report.html", "report_files", "scorer.onnx"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["calibration_images.npy", "decoder.onnx", "encoder.onnx",
+                                                        "manifest.json", "report.html", "report_files", "scorer.onnx"]
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # run folder removed
 
 

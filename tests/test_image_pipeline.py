@@ -472,8 +472,8 @@ def test_rgb_folder_trains_and_scores_via_the_cli(capsys, rgb_cli):
     assert manifest["verification"]["passed"] is True
     assert manifest["config"]["training"]["max_epochs"] == 3
     assert session(bundle / "scorer.onnx").get_inputs()[0].shape == ["batch_size", 3, 16, 16]
-    assert sorted(p.name for p in bundle.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json",
-                                                        "report.html", "report_files", "scorer.onnx"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["calibration_images.npy", "decoder.onnx", "encoder.onnx",
+                                                        "manifest.json", "report.html", "report_files", "scorer.onnx"]
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no run folder left behind
 
     output = rgb_cli["work"] / "scores.parquet"

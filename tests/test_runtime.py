@@ -1,10 +1,21 @@
+import json
 import logging
+import re
+from pathlib import Path
 
+import numpy as np
+import onnx
+import pandas as pd
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
+from pipeline import runtime
 from pipeline.bundle import Bundle
+from pipeline.contract import OUTPUT_NAMES, categorical_input_name
 from pipeline.errors import ConfigError, DeviceError
+from pipeline.outputs import summary_path
 from pipeline.runtime import BundleScorer, create_session, gpu_present
+from pipeline.schema import categorical_strings, numeric_matrix
 
 no_gpu = pytest.mark.skipif(gpu_present(), reason="checks the behaviour of a machine without a GPU")
 
@@ -28,13 +39,147 @@ def test_unknown_device_is_a_config_error(trained_bundle):
         create_session(Bundle.load(trained_bundle).scorer_path, "tpu")
 
 
+# --- the missing-library message (CPU-only: the loader is replaced) ----------------------------
+
+
+def refuse(*missing):
+    """A stand-in for ctypes.CDLL that cannot open the given sonames."""
+    def load(name):
+        if name in missing:
+            raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+    return load
+
+
+def test_probe_names_the_libraries_that_cannot_be_loaded(monkeypatch):
+    monkeypatch.setattr(runtime, "_load_library", refuse("libcublasLt.so.13", "libcudnn.so.9"))
+    assert runtime.missing_cuda_libraries() == ["libcublasLt.so.13", "libcudnn.so.9"]
+    why, fix = runtime.cuda_failure()
+    assert why == "libcublasLt.so.13, libcudnn.so.9 not found"
+    assert fix.startswith("pip install nvidia-cublas nvidia-cudnn-cu13 ") and "torch 2.13" in fix
+
+
+def test_probe_without_a_driver_says_so_first(monkeypatch):
+    monkeypatch.setattr(runtime, "_load_library", refuse("libcuda.so.1", "libcublas.so.13", "libcublasLt.so.13"))
+    why, fix = runtime.cuda_failure()
+    assert why == "libcuda.so.1, libcublasLt.so.13, libcublas.so.13 not found"
+    assert fix.startswith("install an NVIDIA driver") and fix.count("nvidia-cublas") == 1
+
+
+def test_probe_when_every_library_loads_keeps_the_providers_reason(monkeypatch):
+    monkeypatch.setattr(runtime, "_load_library", refuse())
+    assert runtime.missing_cuda_libraries() == []
+    assert runtime.cuda_failure("CUDA driver version is insufficient")[0] == "CUDA driver version is insufficient"
+    assert "not start" in runtime.cuda_failure()[0]
+
+
+@no_gpu
+def test_device_cuda_error_names_missing_libraries_on_one_line(monkeypatch, trained_bundle, caplog):
+    # As if a driver were there: onnxruntime really tries its CUDA provider, which cannot start here.
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
+    monkeypatch.setattr(runtime, "_load_library", refuse("libcudnn.so.9", "libcublasLt.so.13"))
+    path = Bundle.load(trained_bundle).scorer_path
+    with pytest.raises(DeviceError) as error:
+        create_session(path, "cuda")
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"--device cuda asked for, but onnxruntime's CUDA provider is not active "
+                        r"\(libcublasLt\.so\.13, libcudnn\.so\.9 not found\); pip install nvidia-cublas "
+                        r"nvidia-cudnn-cu13 \(.*torch 2\.13.*\), or use --device cpu", message), message
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        assert create_session(path, "auto").get_providers() == ["CPUExecutionProvider"]
+    [warning] = [r.getMessage() for r in caplog.records if "CUDA is not active" in r.getMessage()]
+    assert "libcudnn.so.9" in warning and warning.endswith("scoring on the CPU")
+
+
+# --- IO binding ----------------------------------------------------------------------------
+
+
+def numeric_graph(path: Path) -> Path:
+    """A scorer-shaped graph with one float input and float/bool outputs, as image scorers are."""
+    x = helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["batch_size", 3])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size"]) for name in ("score", "recon")]
+    outputs.append(helper.make_tensor_value_info("is_anomaly", TensorProto.BOOL, ["batch_size"]))
+    nodes = [helper.make_node("Mul", ["numeric", "numeric"], ["squared"]),
+             helper.make_node("ReduceSum", ["squared", "axes"], ["recon"], keepdims=0),
+             helper.make_node("Sqrt", ["recon"], ["score"]),
+             helper.make_node("Greater", ["score", "threshold"], ["is_anomaly"])]
+    constants = [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+                 numpy_helper.from_array(np.array(1.5, dtype=np.float32), "threshold")]
+    model = helper.make_model(helper.make_graph(nodes, "bound", [x], outputs, constants),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+def test_io_binding_on_cpu_equals_session_run_exactly(tmp_path):
+    session = create_session(numeric_graph(tmp_path / "graph.onnx"), "cpu", threads=1)
+    x = np.random.default_rng(0).normal(size=(1000, 3)).astype(np.float32)
+    names = ["score", "recon", "is_anomaly"]
+    expected = session.run(names, {"numeric": x})
+    bound = runtime.run_bound(session, {"numeric": x}, names, "cpu")
+    for a, b in zip(expected, bound):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert 0 < bound[2].sum() < len(x)
+
+
+def test_string_inputs_take_session_run_with_the_same_results(trained_bundle, sensor_frame):
+    # onnxruntime's IOBinding cannot bind strings: a table with categories goes through run().
+    scorer = BundleScorer(Bundle.load(trained_bundle), device="cpu", threads=1)
+    feeds = {"numeric": numeric_matrix(sensor_frame, scorer.numeric_columns, "t")}
+    feeds |= {categorical_input_name(c): v for c, v in
+              zip(scorer.categorical_columns, categorical_strings(sensor_frame, scorer.categorical_columns))}
+    expected = scorer.session.run(list(OUTPUT_NAMES), feeds)
+    for got in (runtime.run_bound(scorer.session, feeds, OUTPUT_NAMES, "cpu"),
+                list(scorer.score_frame(sensor_frame)[list(OUTPUT_NAMES)].to_numpy().T)):
+        for a, b in zip(expected, got):
+            assert np.array_equal(a, b.astype(a.dtype))
+
+
+# --- on a GPU (skipped without one; CI has none) ---------------------------------------------
+
+
+def assert_same_decisions(gpu: dict, cpu: dict, threshold: float) -> None:
+    """Scores within 1e-4 relative; decisions identical except for rows that close to the threshold."""
+    np.testing.assert_allclose(gpu["score"], cpu["score"], rtol=1e-4, atol=1e-6)
+    clear = np.abs(np.asarray(cpu["score"]) - threshold) > 1e-4 * max(abs(threshold), 1.0)
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(np.asarray(gpu["is_anomaly"])[clear], np.asarray(cpu["is_anomaly"])[clear])
+
+
 @pytest.mark.gpu
 def test_cuda_session_is_really_on_cuda_and_matches_cpu(trained_bundle, sensor_frame):
-    import numpy as np
-
     bundle = Bundle.load(trained_bundle)
     gpu, cpu = BundleScorer(bundle, device="cuda"), BundleScorer(bundle, device="cpu")
-    assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
-    a, b = gpu.score_frame(sensor_frame), cpu.score_frame(sensor_frame)
-    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-4, atol=1e-4)
-    assert (a["is_anomaly"] == b["is_anomaly"]).mean() > 0.999
+    assert gpu.device == "cuda" and gpu.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert_same_decisions(gpu.score_frame(sensor_frame), cpu.score_frame(sensor_frame),
+                          bundle.manifest["calibration"]["threshold"])
+
+
+@pytest.mark.gpu
+def test_io_binding_on_cuda_matches_cpu(tmp_path):
+    path = numeric_graph(tmp_path / "graph.onnx")
+    gpu, cpu = create_session(path, "cuda"), create_session(path, "cpu")
+    assert gpu.get_providers()[0] == "CUDAExecutionProvider"
+    x = np.random.default_rng(1).normal(size=(70_000, 3)).astype(np.float32)
+    names = ["score", "recon", "is_anomaly"]
+    expected = dict(zip(names, cpu.run(names, {"numeric": x})))
+    for outputs_on in ("cpu", "cuda"):
+        got = dict(zip(names, runtime.run_bound(gpu, {"numeric": x}, names, "cuda", outputs_on=outputs_on)))
+        assert_same_decisions(got, expected, 1.5)
+
+
+@pytest.mark.gpu
+def test_cli_scores_on_cuda(capsys, tmp_path, trained_bundle, incoming_csv):
+    from pipeline.cli import main
+
+    outputs = {}
+    for device in ("cuda", "cpu"):
+        output = tmp_path / device / "scores.parquet"
+        assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(output),
+                     "--device", device]) == 0, capsys.readouterr().err
+        assert json.loads(summary_path(output).read_text())["device"] == device
+        outputs[device] = pd.read_parquet(output)
+    assert_same_decisions(outputs["cuda"], outputs["cpu"],
+                          Bundle.load(trained_bundle).manifest["calibration"]["threshold"])

@@ -3,7 +3,8 @@ import pytest
 
 from pipeline.config import CalibrationConfig, TrainingConfig
 from pipeline.errors import DataError
-from pipeline.splits import rows_needed, split_rows
+from pipeline.calibrate import calibrate
+from pipeline.splits import exact_calibration_size, rows_needed, split_rows
 
 
 def test_anomalies_are_never_trained_or_calibrated_on():
@@ -30,3 +31,24 @@ def test_too_few_rows_names_the_number_needed():
     split_rows(None, needed, CalibrationConfig(), TrainingConfig(), "t")  # exactly enough works
     with pytest.raises(DataError, match=rf"need at least {needed}"):
         split_rows(None, needed - 1, CalibrationConfig(), TrainingConfig(), "small.csv")
+
+
+@pytest.mark.parametrize("target", [0.01, 0.05, 0.003, 0.001])
+def test_calibration_size_makes_the_conformal_rate_meet_the_target(target):
+    for wanted in (99, 150, 456, 667, 1232, 4559, 20_000):
+        n = exact_calibration_size(wanted, target)
+        assert n <= wanted
+        if n < 1 / target - 1:  # too few rows for any rank: left for the caller's error
+            assert n == wanted
+            continue
+        cal = calibrate(np.arange(n, dtype=np.float32), target)
+        assert cal.expected_fpr <= target + 1e-12  # the conformal guarantee still holds
+        # and the shortfall is gone: one row fewer with the same rank would exceed the target
+        assert cal.rank / n > target
+
+
+def test_split_calibration_rows_hit_the_target_rate_exactly():
+    splits = split_rows(None, 3333, CalibrationConfig(target_fpr=0.01), TrainingConfig(), "t")
+    assert len(splits.cal) == 599  # 20% is 667 rows, whose rank 6 gives 6/668 = 0.90%
+    assert calibrate(np.arange(len(splits.cal), dtype=np.float32), 0.01).expected_fpr == pytest.approx(0.01)
+    assert len(splits.train) + len(splits.val) + len(splits.cal) == 3333

@@ -1,0 +1,472 @@
+#!/usr/bin/env node
+// Score a CSV with a vaeguard bundle's scorer.onnx from Node.js, without Python.
+//
+//   node score.js BUNDLE_DIR INPUT.csv OUTPUT.csv [--chunk-rows N]
+//
+// Reads BUNDLE_DIR/manifest.json, checks scorer.onnx against the sha256 the manifest records,
+// feeds the CSV's feature columns to the graph in chunks and writes one row per input row:
+// the id columns (those the manifest names and the input has), then score, recon, kl,
+// p_value and is_anomaly, the same columns `vaeguard score ... -o OUTPUT.csv` writes.
+// The threshold is baked into scorer.onnx, so is_anomaly needs no extra step.
+//
+// The CSV is read the way the Python pipeline reads it (pyarrow's defaults), so both give the
+// same decisions: the usual null markers ("", "NA", "null", "NaN", ...) are missing in every
+// column, numeric cells are parsed as float64 then rounded to float32, and categorical cells
+// are passed verbatim as strings (missing -> "").
+//
+// Exit status: 0 on success, 2 when the command line or the input CSV is wrong (missing
+// column, non-numeric value, malformed CSV), 1 when the bundle is unusable (bad manifest,
+// sha256 mismatch) or scoring fails. Errors are one line on stderr; the output file is
+// written to a temporary name and renamed into place only when every row has been scored.
+
+'use strict';
+
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+const ort = require('onnxruntime-node');
+
+const BUNDLE_FORMAT = 'vaeguard-bundle';
+const BUNDLE_FORMAT_VERSION = 1;
+const OUTPUT_NAMES = ['score', 'recon', 'kl', 'p_value', 'is_anomaly'];
+const DEFAULT_CHUNK_ROWS = 65536;
+
+// pyarrow.csv.ConvertOptions().null_values: a cell equal to one of these (exactly, before any
+// trimming, quoted or not) is missing, in numeric and text columns alike.
+const NULL_VALUES = new Set([
+  '', '#N/A', '#N/A N/A', '#NA', '-1.#IND', '-1.#QNAN', '-NaN', '-nan', '1.#IND', '1.#QNAN',
+  'N/A', 'NA', 'NULL', 'NaN', 'n/a', 'nan', 'null',
+]);
+
+const USAGE = 'usage: node score.js BUNDLE_DIR INPUT.csv OUTPUT.csv [--chunk-rows N]';
+
+/** An error shown as one line; `status` is the process exit status. */
+class UserError extends Error {
+  constructor(message, status = 1) {
+    super(message);
+    this.status = status;
+  }
+}
+// The input or the command line is wrong: exit status 2.
+const inputError = (message) => new UserError(message, 2);
+
+// ---------------------------------------------------------------------------------------------
+// The bundle
+
+function readManifest(bundleDir) {
+  const manifestPath = path.join(bundleDir, 'manifest.json');
+  let text;
+  try {
+    text = fs.readFileSync(manifestPath, 'utf8');
+  } catch {
+    throw new UserError(`${bundleDir}: not a bundle (no manifest.json); pass a folder written by \`vaeguard train\``);
+  }
+  let manifest;
+  try {
+    manifest = JSON.parse(text);
+  } catch (err) {
+    throw new UserError(`${manifestPath}: not valid JSON (${err.message})`);
+  }
+  if (manifest.format !== BUNDLE_FORMAT || manifest.format_version !== BUNDLE_FORMAT_VERSION) {
+    throw new UserError(`${manifestPath}: expected format ${BUNDLE_FORMAT} v${BUNDLE_FORMAT_VERSION}, ` +
+      `got ${manifest.format} v${manifest.format_version}`);
+  }
+  return manifest;
+}
+
+async function sha256File(file) {
+  const digest = crypto.createHash('sha256');
+  for await (const block of fs.createReadStream(file)) digest.update(block);
+  return digest.digest('hex');
+}
+
+/** Refuse a scorer.onnx that is not the file the manifest was written for. */
+async function verifyScorer(bundleDir, manifest) {
+  const scorerPath = path.join(bundleDir, 'scorer.onnx');
+  const expected = (manifest.files || {})['scorer.onnx'];
+  if (!expected) throw new UserError(`${bundleDir}/manifest.json: no sha256 recorded for scorer.onnx`);
+  if (!fs.existsSync(scorerPath)) throw new UserError(`${scorerPath}: missing; copy the whole bundle folder`);
+  const actual = await sha256File(scorerPath);
+  if (actual !== expected) {
+    throw new UserError(`${scorerPath}: sha256 ${actual.slice(0, 12)}... does not match the manifest's ` +
+      `${expected.slice(0, 12)}...; the file was modified or corrupted: re-export or re-copy the bundle`);
+  }
+  return scorerPath;
+}
+
+/**
+ * The graph's inputs from manifest.onnx.scorer_inputs: `numeric` (float32 [N, n], one column
+ * per entry of `columns`, NaN for missing) and one string [N] input per categorical column.
+ */
+function scorerInputs(manifest) {
+  const declared = (manifest.onnx || {}).scorer_inputs;
+  if (!Array.isArray(declared) || declared.length === 0) {
+    throw new UserError('manifest.json: no onnx.scorer_inputs; re-export the bundle with a newer vaeguard');
+  }
+  return declared.map((input) => {
+    if (input.dtype === 'float32' && Array.isArray(input.columns)) {
+      return { name: input.name, kind: 'numeric', columns: input.columns };
+    }
+    if (input.dtype === 'string' && typeof input.column === 'string') {
+      return { name: input.name, kind: 'string', column: input.column, missing: input.missing ?? '' };
+    }
+    throw new UserError(`manifest.json: scorer input ${JSON.stringify(input.name)} is not a table column ` +
+      `(image bundles are not supported by this example)`);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// CSV reading: RFC 4180 with the same leniency as pyarrow's reader (\n, \r\n or \r line ends,
+// empty lines skipped, a leading UTF-8 byte order mark ignored).
+
+const COMMA = 44;
+const QUOTE = 34;
+const LF = 10;
+const CR = 13;
+
+// Parser states.
+const FIELD_START = 0; // nothing read of the current field yet
+const UNQUOTED = 1;    // inside a plain field
+const QUOTED = 2;      // inside "...", where commas and line ends are data
+const QUOTE_SEEN = 3;  // a quote inside a quoted field: "" (a literal quote) or the closing one
+
+/** A streaming parser: push() text chunks of any size, get back complete records. */
+class CsvParser {
+  constructor() {
+    this.state = FIELD_START;
+    this.field = '';
+    this.record = [];
+    this.fieldWasQuoted = false;
+    this.skipLF = false;   // the last character was a CR: a following LF belongs to it
+    this.line = 1;         // physical line the parser is on
+    this.recordLine = 1;   // physical line the current record started on
+  }
+
+  push(text) {
+    const records = [];
+    const n = text.length;
+    let i = 0;
+    while (i < n) {
+      const c = text.charCodeAt(i);
+      if (this.state === QUOTED) {
+        const q = text.indexOf('"', i);
+        const end = q === -1 ? n : q;
+        this.countLines(text, i, end);
+        this.field += text.slice(i, end);
+        if (q === -1) break;
+        this.skipLF = false; // a CR inside the quotes does not swallow a line feed after them
+        this.state = QUOTE_SEEN;
+        i = q + 1;
+        continue;
+      }
+      if (this.state === QUOTE_SEEN) {
+        if (c === QUOTE) { // "" inside quotes is one literal quote
+          this.field += '"';
+          this.state = QUOTED;
+          i += 1;
+          continue;
+        }
+        this.state = UNQUOTED; // that was the closing quote; c is handled below
+      }
+      if (this.skipLF) {
+        this.skipLF = false;
+        if (c === LF) { i += 1; continue; }
+      }
+      if (c === COMMA) {
+        this.endField();
+        i += 1;
+      } else if (c === LF || c === CR) {
+        this.endRecord(records);
+        this.line += 1;
+        this.recordLine = this.line;
+        this.skipLF = c === CR;
+        i += 1;
+      } else if (c === QUOTE && this.state === FIELD_START) {
+        this.state = QUOTED;
+        this.fieldWasQuoted = true;
+        i += 1;
+      } else { // a run of plain characters, up to the next comma or line end
+        let j = i + 1;
+        while (j < n) {
+          const d = text.charCodeAt(j);
+          if (d === COMMA || d === LF || d === CR) break;
+          j += 1;
+        }
+        this.field += text.slice(i, j);
+        this.state = UNQUOTED;
+        i = j;
+      }
+    }
+    return records;
+  }
+
+  /** Call once after the last chunk: returns the last record if the file did not end in a newline. */
+  end() {
+    if (this.state === QUOTED) {
+      throw inputError(`line ${this.recordLine}: a quoted field is never closed`);
+    }
+    const records = [];
+    this.endRecord(records);
+    return records;
+  }
+
+  countLines(text, from, to) {
+    // Line ends inside quoted fields still advance the line count used in messages.
+    for (let k = from; k < to; k++) {
+      const d = text.charCodeAt(k);
+      if (d === LF) {
+        if (!this.skipLF) this.line += 1;
+        this.skipLF = false;
+      } else if (d === CR) {
+        this.line += 1;
+        this.skipLF = true;
+      } else {
+        this.skipLF = false;
+      }
+    }
+  }
+
+  endField() {
+    this.record.push(this.field);
+    this.field = '';
+    this.fieldWasQuoted = false;
+    this.state = FIELD_START;
+  }
+
+  endRecord(records) {
+    const empty = this.record.length === 0 && this.field === '' && !this.fieldWasQuoted && this.state === FIELD_START;
+    if (!empty) { // empty lines are skipped, as pyarrow does
+      this.endField();
+      records.push({ fields: this.record, line: this.recordLine });
+    }
+    this.record = [];
+    this.field = '';
+    this.fieldWasQuoted = false;
+    this.state = FIELD_START;
+  }
+}
+
+async function* csvRecords(file) {
+  const parser = new CsvParser();
+  let first = true;
+  // setEncoding-style decoding: multi-byte characters split across chunks are reassembled.
+  for await (let text of fs.createReadStream(file, { encoding: 'utf8', highWaterMark: 1 << 20 })) {
+    if (first && text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+    first = false;
+    yield* parser.push(text);
+  }
+  yield* parser.end();
+}
+
+// A number as pyarrow parses it: surrounding spaces/tabs ignored, an optional sign, decimal
+// digits with an optional exponent, or nan / inf / infinity in any case. Anything else
+// (hex, "1_000", "1,5", ...) is not a number. JS's Number() is more lenient, hence the regex.
+const DECIMAL = /^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$/;
+const SPECIAL = /^([+-]?)(nan|inf|infinity)$/i;
+
+/** float64 value of a numeric cell, NaN when missing; undefined when it is not a number. */
+function parseNumber(raw) {
+  if (NULL_VALUES.has(raw)) return NaN;
+  const text = raw.replace(/^[ \t]+|[ \t]+$/g, '');
+  if (DECIMAL.test(text)) return Number(text);
+  const special = SPECIAL.exec(text);
+  if (special) {
+    if (special[2].toLowerCase() === 'nan') return NaN;
+    return special[1] === '-' ? -Infinity : Infinity;
+  }
+  return undefined;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+/** A float32 in as few digits as read back to the same float32 (what pyarrow writes). */
+function formatFloat32(x) {
+  if (!Number.isFinite(x)) return Number.isNaN(x) ? 'nan' : (x > 0 ? 'inf' : '-inf');
+  for (let digits = 1; digits < 9; digits++) {
+    const text = x.toPrecision(digits);
+    if (Math.fround(Number(text)) === x) return String(Number(text));
+  }
+  return String(Number(x.toPrecision(9))); // 9 significant digits always round-trip a float32
+}
+
+/** An id value as pyarrow's CSV writer writes strings: quoted, "" for a quote, empty when null. */
+function formatId(value) {
+  if (value === null) return '';
+  return `"${value.replace(/"/g, '""')}"`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scoring
+
+class ChunkScorer {
+  constructor(session, inputs, header, idColumns, chunkRows, inputPath) {
+    this.session = session;
+    this.inputs = inputs;
+    this.chunkRows = chunkRows;
+    this.inputPath = inputPath;
+    const position = new Map(header.map((name, i) => [name, i]));
+    const required = [];
+    for (const input of inputs) required.push(...(input.kind === 'numeric' ? input.columns : [input.column]));
+    const missing = required.filter((name) => !position.has(name));
+    if (missing.length) {
+      throw inputError(`${inputPath}: missing column(s) ${missing.map((c) => JSON.stringify(c)).join(', ')} ` +
+        `that the bundle was trained on; add them (empty values are allowed)`);
+    }
+    this.header = header;
+    this.ids = idColumns.filter((name) => position.has(name)).map((name) => ({ name, at: position.get(name) }));
+    // Per input: where its columns sit in a CSV record, and a buffer for one chunk.
+    this.feeds = inputs.map((input) => (input.kind === 'numeric'
+      ? { input, at: input.columns.map((c) => position.get(c)), values: new Float32Array(chunkRows * input.columns.length) }
+      : { input, at: position.get(input.column), values: new Array(chunkRows) }));
+    this.idValues = this.ids.map(() => new Array(chunkRows));
+    this.rows = 0;        // rows in the current chunk
+    this.rowsBefore = 0;  // rows in earlier chunks
+    this.anomalies = 0;
+  }
+
+  /** Add one CSV record to the chunk; true when the chunk is full. */
+  add(record) {
+    const { fields, line } = record;
+    const row = this.rowsBefore + this.rows + 1; // 1-based data row, as the Python messages count
+    if (fields.length !== this.header.length) {
+      throw inputError(`${this.inputPath}: line ${line} has ${fields.length} field(s), the header has ` +
+        `${this.header.length}; check the quoting and delimiters on that line`);
+    }
+    const r = this.rows;
+    for (const feed of this.feeds) {
+      if (feed.input.kind === 'numeric') {
+        const width = feed.at.length;
+        for (let j = 0; j < width; j++) {
+          const raw = fields[feed.at[j]];
+          const value = parseNumber(raw);
+          if (value === undefined || value === Infinity || value === -Infinity) {
+            const column = JSON.stringify(feed.input.columns[j]);
+            throw inputError(value === undefined
+              ? `${this.inputPath}: column ${column} must be numeric but row ${row} (line ${line}) holds ` +
+                `${JSON.stringify(raw)}; fix or blank out that value`
+              : `${this.inputPath}: column ${column} holds ${raw.trim()} at row ${row} (line ${line}); ` +
+                `expected finite numbers: replace infinities with a number or leave the cell empty`);
+          }
+          feed.values[r * width + j] = value; // a Float32Array store rounds to nearest, as numpy's cast does
+        }
+      } else {
+        const raw = fields[feed.at];
+        feed.values[r] = NULL_VALUES.has(raw) ? feed.input.missing : raw;
+      }
+    }
+    this.ids.forEach((id, k) => { this.idValues[k][r] = NULL_VALUES.has(fields[id.at]) ? null : fields[id.at]; });
+    this.rows += 1;
+    return this.rows === this.chunkRows;
+  }
+
+  /** Score the rows collected so far; returns their output CSV lines, and starts a new chunk. */
+  async flush() {
+    const n = this.rows;
+    if (n === 0) return '';
+    const feeds = {};
+    for (const feed of this.feeds) {
+      if (feed.input.kind === 'numeric') {
+        const width = feed.input.columns.length;
+        const data = n === this.chunkRows ? feed.values : feed.values.slice(0, n * width);
+        feeds[feed.input.name] = new ort.Tensor('float32', data, [n, width]);
+      } else {
+        feeds[feed.input.name] = new ort.Tensor('string', feed.values.slice(0, n), [n]);
+      }
+    }
+    const results = await this.session.run(feeds);
+    const [score, recon, kl, pValue, isAnomaly] = OUTPUT_NAMES.map((name) => results[name].data);
+    const lines = new Array(n);
+    for (let r = 0; r < n; r++) {
+      const anomalous = Boolean(isAnomaly[r]); // bool tensors come back as a Uint8Array
+      if (anomalous) this.anomalies += 1;
+      const cells = this.idValues.map((values) => formatId(values[r]));
+      cells.push(formatFloat32(score[r]), formatFloat32(recon[r]), formatFloat32(kl[r]),
+        formatFloat32(pValue[r]), anomalous ? 'true' : 'false');
+      lines[r] = cells.join(',');
+    }
+    this.rowsBefore += n;
+    this.rows = 0;
+    return lines.join('\n') + '\n';
+  }
+
+  outputHeader() {
+    return [...this.ids.map((id) => id.name), ...OUTPUT_NAMES].map((name) => `"${name}"`).join(',') + '\n';
+  }
+}
+
+function parseArgs(argv) {
+  const positional = [];
+  let chunkRows = DEFAULT_CHUNK_ROWS;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '-h' || arg === '--help') {
+      process.stdout.write(`${USAGE}\n`);
+      process.exit(0);
+    } else if (arg === '--chunk-rows' || arg.startsWith('--chunk-rows=')) {
+      const value = arg.includes('=') ? arg.split('=')[1] : argv[++i];
+      chunkRows = Number(value);
+      if (!Number.isInteger(chunkRows) || chunkRows < 1) {
+        throw inputError(`--chunk-rows must be a positive number of rows, got ${JSON.stringify(value)}`);
+      }
+    } else if (arg.startsWith('-') && arg !== '-') {
+      throw inputError(`unknown option ${arg}; ${USAGE}`);
+    } else {
+      positional.push(arg);
+    }
+  }
+  if (positional.length !== 3) throw inputError(USAGE);
+  const [bundleDir, inputPath, outputPath] = positional;
+  return { bundleDir, inputPath, outputPath, chunkRows };
+}
+
+async function main(argv) {
+  const { bundleDir, inputPath, outputPath, chunkRows } = parseArgs(argv);
+  const manifest = readManifest(bundleDir);
+  const inputs = scorerInputs(manifest);
+  const scorerPath = await verifyScorer(bundleDir, manifest);
+  if (!fs.existsSync(inputPath) || !fs.statSync(inputPath).isFile()) {
+    throw inputError(`${inputPath}: file not found; check the path`);
+  }
+  const session = await ort.InferenceSession.create(scorerPath, { executionProviders: ['cpu'] });
+
+  // Write beside the target and rename at the end: a failed run leaves no partial output.
+  const temp = path.join(path.dirname(outputPath), `.${path.basename(outputPath)}.tmp-${process.pid}`);
+  const out = fs.openSync(temp, 'w');
+  try {
+    let scorer = null;
+    for await (const record of csvRecords(inputPath)) {
+      if (scorer === null) { // the first record is the header
+        const idColumns = (manifest.schema && manifest.schema.id_columns) || [];
+        scorer = new ChunkScorer(session, inputs, record.fields, idColumns, chunkRows, inputPath);
+        fs.writeSync(out, scorer.outputHeader());
+      } else if (scorer.add(record)) {
+        fs.writeSync(out, await scorer.flush());
+      }
+    }
+    if (scorer === null) throw inputError(`${inputPath}: the file is empty; expected a header row and data rows`);
+    fs.writeSync(out, await scorer.flush());
+    if (scorer.rowsBefore === 0) throw inputError(`${inputPath}: has a header but no data rows`);
+    fs.closeSync(out);
+    fs.renameSync(temp, outputPath);
+    process.stderr.write(`${outputPath}: ${scorer.rowsBefore} rows, ${scorer.anomalies} anomalies ` +
+      `(threshold ${manifest.calibration.threshold}, target FPR ${manifest.calibration.target_fpr})\n`);
+  } catch (err) {
+    try { fs.closeSync(out); } catch { /* already closed */ }
+    fs.rmSync(temp, { force: true });
+    throw err;
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).catch((err) => {
+    if (err instanceof UserError) {
+      process.stderr.write(`error: ${err.message}\n`);
+    } else { // onnxruntime or I/O failures: keep them on one line too
+      process.stderr.write(`error: ${String(err && err.message || err).replace(/\s+/g, ' ').trim()}\n`);
+    }
+    process.exitCode = err instanceof UserError ? err.status : 1;
+  });
+}
+
+module.exports = { CsvParser, parseNumber, formatFloat32 };

@@ -1,0 +1,42 @@
+"""benchmarks/gpu.py without a GPU: the environment report, the rates and the tables it prints."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import gpu
+from pipeline.runtime import gpu_present
+
+
+def test_environment_reports_providers_and_whether_cuda_starts():
+    env = gpu.environment([])
+    assert "CPUExecutionProvider" in env["onnxruntime"]["providers"]
+    assert env["onnxruntime"]["device"] in ("CPU", "GPU")
+    assert set(env["cuda_libraries_missing"]) <= set(gpu.LIBRARY_ORDER) | {"libcuda.so.1"}
+    if not gpu_present():
+        assert env["onnxruntime_cuda"]["active"] is False
+        assert "--device cpu" in env["onnxruntime_cuda"]["why"]
+
+
+def test_best_rates_and_markdown():
+    rates = gpu.best_rates({"cpu": lambda n: None, "cuda (BundleScorer)": lambda n: None}, (10, 20), repeats=2)
+    assert set(rates) == {"cpu", "cuda (BundleScorer)"} and set(rates["cpu"]) == {10, 20}
+    result = {"repeats": 2, "environment": gpu.environment([]), "notes": [f"{gpu.NO_CUDA} for scoring: why"],
+              "training": [{"model": "tabular MLP VAE", "device": "cpu", "mixed_precision": "fp32", "train_rows": 100,
+                            "epochs": 2, "batch_size": 128, "seconds_per_epoch": 0.1, "train_seconds": 0.2,
+                            "auroc": 0.9}],
+              "scoring_table": rates, "scoring_images": None}
+    text = gpu.markdown(result)
+    assert "| 20 | " in text and "best cuda / cpu" in text and "AUROC 0.9000" in text
+    assert "no CUDA: GPU rows skipped" in text
+
+
+@pytest.mark.parametrize("error", [ValueError("bad\nsecond line"), OSError()])
+def test_a_failed_part_is_noted_in_one_line(error):
+    notes = []
+
+    def fail():
+        raise error
+
+    assert gpu.attempt(notes, "image training", fail) is None
+    assert len(notes) == 1 and "\n" not in notes[0] and notes[0].startswith("image training skipped: ")

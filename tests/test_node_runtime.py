@@ -1,0 +1,140 @@
+"""examples/node scores a bundle's scorer.onnx with onnxruntime-node, without Python, and agrees
+with `vaeguard score` row for row: same rows in the same order, same decisions, same scores."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.batch_score import score_files
+from pipeline.config import ScoreJob
+
+pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")), reason="needs node and npm")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
+# onnxruntime-node's postinstall fetches CUDA provider libraries from NuGet on linux/x64; the CPU
+# runtime the example uses ships in the npm package. npm versions that run dependency install
+# scripts (package.json's allowScripts denies it to those that read that field) skip it on this.
+NPM_ENV = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
+
+
+def _installed() -> bool:
+    """node_modules already holds exactly what package-lock.json pins (npm's own record of it)."""
+    hidden = EXAMPLE / "node_modules" / ".package-lock.json"
+    if not hidden.is_file():
+        return False
+    wanted = {k: v for k, v in json.loads((EXAMPLE / "package-lock.json").read_text())["packages"].items() if k}
+    return json.loads(hidden.read_text()).get("packages") == wanted
+
+
+@pytest.fixture(scope="module")
+def node_example() -> Path:
+    if not _installed():
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=EXAMPLE, env=NPM_ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"npm ci failed in {EXAMPLE}:\n{done.stdout}\n{done.stderr}"
+    return EXAMPLE / "score.js"
+
+
+def run_node(script: Path, bundle: Path, source: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["node", str(script), str(bundle), str(source), str(out)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def score_both(script: Path, bundle: Path, source: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The same CSV scored by the Python pipeline (the `vaeguard score` code path) and by Node."""
+    score_files(ScoreJob(bundle, (source,), tmp_path / f"{source.stem}.py.parquet", device="cpu"))
+    python = pd.read_parquet(tmp_path / f"{source.stem}.py.parquet")
+    done = run_node(script, bundle, source, tmp_path / f"{source.stem}.node.csv")
+    assert done.returncode == 0, done.stderr
+    node = pd.read_csv(tmp_path / f"{source.stem}.node.csv", dtype={"row_id": str}, keep_default_na=False)
+    return python, node
+
+
+def assert_same_results(python: pd.DataFrame, node: pd.DataFrame) -> None:
+    assert list(node.columns) == list(python.columns) == ["row_id", "score", "recon", "kl", "p_value", "is_anomaly"]
+    assert len(node) == len(python)
+    assert node["row_id"].tolist() == python["row_id"].fillna("").tolist()  # same rows, same order
+    assert node["is_anomaly"].dtype == bool
+    assert node["is_anomaly"].tolist() == python["is_anomaly"].tolist()
+    for name in ("score", "recon", "kl", "p_value"):
+        # Only float noise apart: the two runs batch rows differently, so sums run in another order.
+        np.testing.assert_allclose(node[name], python[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_node_matches_python_on_a_generated_batch(trained_bundle, incoming_csv, node_example, tmp_path):
+    python, node = score_both(node_example, trained_bundle, incoming_csv, tmp_path)
+    assert_same_results(python, node)
+    # Not vacuous: anomalies are flagged, normal rows are not, and rows with missing values
+    # (numeric and categorical) were scored.
+    assert 0 < python["is_anomaly"].sum() < len(python) // 2
+    source = pd.read_csv(incoming_csv)
+    assert source.drop(columns=["label"]).isna().any(axis=1).sum() > 20
+    assert source["shift"].isna().any()
+
+
+def test_node_matches_python_on_parsing_edge_cases(trained_bundle, incoming_csv, node_example, tmp_path):
+    rows = list(csv.reader(incoming_csv.open(newline="")))
+    header, rows = rows[0], rows[1:13]
+    at = {name: i for i, name in enumerate(header)}
+    rows[0][at["line"]] = "Q"                          # a category never seen in training
+    rows[1][at["shift"]] = ""                          # an empty categorical cell
+    rows[2][at["temperature"]] = "NA"                  # a null marker in a numeric column
+    rows[3][at["row_id"]] = 'id,with "quotes"'         # quoted, with a comma and doubled quotes
+    rows[4][at["humidity"]] = " 45.5 "                 # spaces around a number
+    rows[5][at["shift"]] = "null"                      # a null marker in a text column
+    rows[6][at["pressure"]] = "1e1"                    # exponent notation
+    rows[7][at["row_id"]] = "NA"                       # a missing id: written as an empty cell
+    rows[8][at["temperature"]] = "500"                 # far out: an anomaly
+    rows[9][at["rpm"]] = ""                            # an empty numeric cell
+    source = tmp_path / "edge.csv"
+    with source.open("w", newline="") as handle:        # csv's default line end is CRLF
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows[:6])
+        handle.write("\r\n")                            # an empty line, skipped by both
+        writer.writerows(rows[6:])
+    python, node = score_both(node_example, trained_bundle, source, tmp_path)
+    assert_same_results(python, node)
+    assert len(node) == 12 and node["row_id"][3] == 'id,with "quotes"' and node["row_id"][7] == ""
+    assert node["is_anomaly"][8]
+
+
+def test_a_tampered_scorer_is_refused(trained_bundle, incoming_csv, node_example, tmp_path):
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    scorer = bundle / "scorer.onnx"
+    data = bytearray(scorer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    scorer.write_bytes(bytes(data))
+    out = tmp_path / "out.csv"
+    done = run_node(node_example, bundle, incoming_csv, out)
+    assert done.returncode != 0
+    assert "sha256" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == [bundle]  # no output, no temp file
+
+
+def test_a_missing_column_exits_2_naming_it(trained_bundle, incoming_csv, node_example, tmp_path):
+    column = json.loads((trained_bundle / "manifest.json").read_text())["schema"]["numeric"][1]
+    source = tmp_path / "no_column.csv"
+    pd.read_csv(incoming_csv).drop(columns=[column]).to_csv(source, index=False)
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert f'"{column}"' in done.stderr and str(source) in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_non_numeric_value_names_column_and_row(trained_bundle, incoming_csv, node_example, tmp_path):
+    frame = pd.read_csv(incoming_csv).astype({"temperature": object})
+    frame.loc[41, "temperature"] = "broken"
+    source = tmp_path / "bad.csv"
+    frame.to_csv(source, index=False)
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert 'column "temperature" must be numeric but row 42 (line 43) holds "broken"' in done.stderr
+    assert not (tmp_path / "out.csv").exists()

@@ -1,0 +1,261 @@
+"""Reduced-precision scorers (`vaeguard export --precision fp16|int8`): each variant has its own
+calibration, loads through the hash check, agrees with fp32, scores through the CLI, and a failed
+export leaves the bundle as it was.
+
+The table bundle is the session's `trained_bundle`, copied before anything is added to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from pipeline import precision
+from pipeline.bundle import CALIBRATION_IMAGES, CALIBRATION_ROWS, Bundle, sha256_file
+from pipeline.calibrate import Calibration
+from pipeline.cli import main
+from pipeline.config import ImageTrainJob, ScoreJob
+from pipeline.errors import BundleError, ExportError
+from pipeline.image_workflow import run_image_training
+from pipeline.metrics import auroc
+from pipeline.runtime import BundleScorer
+from pipeline.scoring import score
+from tests.test_image_pipeline import image_config, textures
+from tests.test_layering import imported_after
+
+VARIANTS = ("fp16", "int8")
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under a folder (hidden ones too) with a digest of its bytes."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def variant_bundle(tmp_path_factory, trained_bundle) -> Path:
+    """A copy of the session bundle with both variants added."""
+    bundle = shutil.copytree(trained_bundle, tmp_path_factory.mktemp("variants") / "sensors")
+    for name in VARIANTS:
+        precision.export_variant(bundle, name, device="cpu", threads=2)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def calibration_rows(trained_bundle) -> pd.DataFrame:
+    return pd.read_parquet(trained_bundle / CALIBRATION_ROWS)
+
+
+def test_training_keeps_the_calibration_rows(trained_bundle, calibration_rows):
+    bundle = Bundle.load(trained_bundle)
+    assert bundle.manifest["files"][CALIBRATION_ROWS] == sha256_file(trained_bundle / CALIBRATION_ROWS)
+    assert list(calibration_rows.columns) == list(bundle.schema.feature_columns)  # no ids, no label
+    assert len(calibration_rows) == bundle.calibration.n
+    # They are the rows the fp32 table was calibrated on.
+    scores = BundleScorer(bundle, "cpu", 2).score_frame(calibration_rows)["score"].to_numpy()
+    np.testing.assert_allclose(np.sort(scores), bundle.calibration.scores, rtol=1e-5)
+
+
+def test_both_variants_load_with_their_hashes(variant_bundle):
+    bundle = Bundle.load(variant_bundle)
+    for name in VARIANTS:
+        entry = bundle.manifest["variants"][name]
+        path = bundle.scorer_path_for(name)
+        assert path.name == f"scorer.{name}.onnx" == entry["file"]
+        assert bundle.manifest["files"][path.name] == sha256_file(path)
+        assert entry["tool"] == precision.TOOLS[name]
+        assert entry["device"] == "cpu" and entry["threads"] == 2 and entry["speed_ratio"] > 0
+        assert entry["consistency"]["passed"] is True
+        assert {"decision_agreement", "max_abs_score_error", "max_rel_score_error", "median_rel_score_error",
+                "created_at", "batch_dependence"} <= set(entry)
+        onnx.checker.check_model(str(path), full_check=True)
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert props["vaeguard.precision"] == name and float(props["vaeguard.threshold"]) == entry["threshold"]
+    assert bundle.scorer_path_for("fp32") == bundle.scorer_path
+    # Float graphs score a row alike whatever else is in the batch (up to summation order).
+    assert bundle.manifest["variants"]["fp16"]["batch_dependence"]["max_rel_score_change"] < 1e-5
+    assert bundle.manifest["variants"]["fp16"]["warnings"] == []
+    int8 = bundle.manifest["variants"]["int8"]
+    # Dynamic int8 picks its ranges per batch: recorded, and warned about beyond 1%.
+    assert bool(int8["warnings"]) == (int8["batch_dependence"]["max_rel_score_change"] > precision.MAX_BATCH_CHANGE)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_threshold_is_the_variants_own_conformal_quantile(variant_bundle, calibration_rows, name):
+    bundle = Bundle.load(variant_bundle)
+    entry, fp32 = bundle.manifest["variants"][name], bundle.calibration
+    own = np.sort(BundleScorer(bundle, "cpu", 2, name).score_frame(calibration_rows)["score"].to_numpy())
+    calibration = Calibration.from_dict(entry["calibration"])
+    np.testing.assert_array_equal(calibration.scores, own)
+    # Same n, rank and target as fp32; only the scores (and so the threshold) are the variant's.
+    assert (calibration.n, calibration.rank, calibration.target_fpr) == (fp32.n, fp32.rank, fp32.target_fpr)
+    assert entry["threshold"] == calibration.threshold == float(own[calibration.n - calibration.rank])
+    # The table baked into the variant: float32, padded to the same power of two, this threshold.
+    inits = {i.name: i for i in onnx.load(str(bundle.scorer_path_for(name))).graph.initializer}
+    assert inits["table.scores"].data_type == inits["table.threshold"].data_type == TensorProto.FLOAT
+    padded = numpy_helper.to_array(inits["table.scores"])
+    assert len(padded) == len(precision.padded_scores(fp32)) >= calibration.n + 1
+    np.testing.assert_array_equal(padded[:calibration.n], own)
+    assert np.all(np.isinf(padded[calibration.n:]))
+    assert numpy_helper.to_array(inits["table.threshold"]) == np.float32(entry["threshold"])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variants_agree_with_fp32(variant_bundle, calibration_rows, incoming_csv, name):
+    bundle = Bundle.load(variant_bundle)
+    fp32, variant = BundleScorer(bundle, "cpu", 2), BundleScorer(bundle, "cpu", 2, name)
+    on_cal = (fp32.score_frame(calibration_rows)["is_anomaly"] == variant.score_frame(calibration_rows)["is_anomaly"])
+    assert on_cal.mean() >= 0.99
+    assert bundle.manifest["variants"][name]["decision_agreement"] == pytest.approx(on_cal.mean())
+    incoming = pd.read_csv(incoming_csv)
+    labels = incoming["label"].to_numpy()
+    reference, scored = fp32.score_frame(incoming), variant.score_frame(incoming)
+    assert (reference["is_anomaly"] == scored["is_anomaly"]).mean() >= 0.99
+    reference_auroc, variant_auroc = auroc(labels, reference["score"]), auroc(labels, scored["score"])
+    assert variant_auroc > 0.9 and abs(variant_auroc - reference_auroc) <= 0.01
+
+
+def test_fp16_reduces_only_the_vae(variant_bundle):
+    model = onnx.load(str(variant_bundle / "scorer.fp16.onnx"))
+    halves = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    assert halves and all(name.startswith(("vae.encoder.", "vae.decoder.")) for name in halves)
+    assert "vae.decoder.log_scale" not in halves  # it weighs the score, which stays float32
+    computes = {n.op_type for n in model.graph.node if n.name.startswith(precision.VAE_SCOPES)}
+    assert "Gemm" in computes
+    assert all(i.type.tensor_type.elem_type != TensorProto.FLOAT16 for i in [*model.graph.input, *model.graph.output])
+
+
+def test_gemm_rewrite_gives_identical_scores(trained_bundle):
+    original = precision.prepared(onnx.load(str(trained_bundle / "scorer.onnx")))
+    gemms = precision.vae_nodes(original, ("Gemm",))
+    rewritten = precision.gemm_to_matmul(original, set(gemms))
+    assert not [n for n in rewritten.graph.node if n.op_type == "Gemm"]
+    assert len([n for n in rewritten.graph.node if n.op_type == "MatMul"]) == len(gemms)
+    feeds = precision.calibration_feeds(Bundle.load(trained_bundle))
+    expected = session(trained_bundle / "scorer.onnx").run(None, feeds)
+    actual = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(actual[4], expected[4])
+
+
+def test_score_with_int8_via_the_cli(capsys, tmp_path, variant_bundle, incoming_csv):
+    output = tmp_path / "scores.parquet"
+    code, out, err = run_main(capsys, "score", variant_bundle, incoming_csv, "--output", output,
+                              "--precision", "int8", "--device", "cpu", "--threads", "2")
+    assert code == 0, err
+    scored = pq.read_table(output).to_pandas()
+    expected = BundleScorer(Bundle.load(variant_bundle), "cpu", 2, "int8").score_frame(pd.read_csv(incoming_csv))
+    assert len(scored) == len(expected) == 2000
+    assert scored["is_anomaly"].tolist() == expected["is_anomaly"].tolist()
+    assert "2,000 rows" in out
+    for warning in Bundle.load(variant_bundle).manifest["variants"]["int8"]["warnings"]:
+        assert warning in err
+
+
+def test_missing_variant_is_a_one_line_error(capsys, tmp_path, trained_bundle, incoming_csv):
+    output = tmp_path / "scores.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", output, "--precision", "fp16")
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert f"vaeguard export {trained_bundle} --precision fp16" in lines[0]
+    assert not output.exists()
+    with pytest.raises(BundleError, match="has no int8 scorer"):
+        Bundle.load(trained_bundle).scorer_path_for("int8")
+
+
+def test_export_cli_prints_a_summary(capsys, tmp_path, trained_bundle):
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    code, out, err = run_main(capsys, "export", bundle, "--precision", "fp16", "--threads", "2")
+    assert code == 0, err
+    for word in ("scorer.fp16.onnx", "threshold:", "agreement:", "score error:", "speed:"):
+        assert word in out
+    assert "fp16" in run_main(capsys, "inspect", bundle)[1]
+
+
+def _bake_a_shifted_threshold(monkeypatch):
+    real = precision.write_table
+
+    def shifted(model, calibration):
+        wrong = Calibration(calibration.scores, calibration.target_fpr, calibration.threshold * 0.5, calibration.rank)
+        return real(model, wrong)
+
+    monkeypatch.setattr(precision, "write_table", shifted)
+
+
+@pytest.mark.parametrize("start", ["fresh", "with variants"])
+def test_failed_export_leaves_the_bundle_unchanged(monkeypatch, tmp_path, trained_bundle, variant_bundle, start):
+    bundle = shutil.copytree(trained_bundle if start == "fresh" else variant_bundle, tmp_path / "sensors")
+    before = snapshot(bundle)
+    _bake_a_shifted_threshold(monkeypatch)
+    with pytest.raises(ExportError, match="not consistent with its own calibration"):
+        precision.export_variant(bundle, "int8", device="cpu", threads=2)
+    assert snapshot(bundle) == before  # no temporary file left either
+    loaded = Bundle.load(bundle)
+    if start == "fresh":
+        with pytest.raises(BundleError, match="vaeguard export"):
+            loaded.scorer_path_for("int8")
+    else:
+        assert loaded.scorer_path_for("int8").is_file()
+
+
+def test_precision_module_needs_no_torch_or_prefect():
+    modules = imported_after("import pipeline.precision, onnxruntime.transformers.float16, onnxruntime.quantization")
+    assert "torch" not in modules and "prefect" not in modules
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_bundle(tmp_path_factory) -> Path:
+    """A tiny grayscale 16x16 texture bundle (5 epochs), target FPR 0.05."""
+    work = tmp_path_factory.mktemp("image-variants")
+    np.save(work / "normal.npy", textures(240, seed=0, size=16))
+    job = ImageTrainJob(data=work / "normal.npy", name="texture", out_dir=work / "exported", image_size=16,
+                        channels=1, config=image_config(max_epochs=5, patience=5))
+    return Path(run_image_training(job)["bundle"])
+
+
+def test_image_variants(monkeypatch, tmp_path, image_bundle):
+    monkeypatch.setattr(precision, "SPEED_IMAGES", 64)
+    bundle = shutil.copytree(image_bundle, tmp_path / "texture")
+    images = np.load(bundle / CALIBRATION_IMAGES)
+    assert images.dtype == np.float32 and images.shape[1:] == (1, 16, 16)
+    assert len(images) == Bundle.load(bundle).calibration.n
+    for name in VARIANTS:
+        entry = precision.export_variant(bundle, name, device="cpu", threads=2, repeats=1)
+        assert entry["consistency"]["passed"] and entry["decision_agreement"] >= 0.95
+        assert entry["median_rel_score_error"] < 0.01
+    loaded = Bundle.load(bundle)
+    fresh = textures(20, seed=5, size=16)
+    np.save(tmp_path / "fresh.npy", fresh)
+    summaries = {name: score(ScoreJob(bundle=bundle, inputs=(tmp_path / "fresh.npy",),
+                                      output=tmp_path / f"{name}.parquet", device="cpu", threads=2, precision=name))
+                 for name in ("fp32", *VARIANTS)}
+    assert {s.rows for s in summaries.values()} == {20}
+    for name in VARIANTS:
+        assert summaries[name].expected_fpr == loaded.manifest["variants"][name]["calibration"]["expected_fpr"]
+        scores = pq.read_table(tmp_path / f"{name}.parquet").column("score").to_numpy()
+        reference = pq.read_table(tmp_path / "fp32.parquet").column("score").to_numpy()
+        np.testing.assert_allclose(scores, reference, rtol=0.02)

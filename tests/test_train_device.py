@@ -1,0 +1,88 @@
+"""Training on CUDA: when mixed precision is used, and (on a GPU) that a bf16 image run exports.
+
+The choice of autocast dtype is tested without a GPU (a torch.device("cuda") needs no GPU to
+exist); the end-to-end run is marked ``gpu`` and skipped without one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bundle import Bundle
+from pipeline.config import (CalibrationConfig, ImageTrainJob, ModelConfig, PipelineConfig, ScoreJob, TrainingConfig,
+                             load_config)
+from pipeline.errors import ConfigError
+from pipeline.image_model import ConvVAE
+from pipeline.train import autocast_dtype, build_model, train_vae
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def bf16_gpu(monkeypatch):
+    """As on an Ampere-or-newer GPU (H100): bf16 is supported."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+
+def test_image_vae_trains_in_bf16_on_cuda_and_the_mlp_in_fp32(bf16_gpu):
+    conv, mlp = ConvVAE(1, 8, 4), build_model(10, ModelConfig())
+    assert autocast_dtype(CUDA, conv) is torch.bfloat16
+    assert autocast_dtype(CUDA, mlp) is None
+    assert autocast_dtype(CUDA, mlp, "bf16") is torch.bfloat16
+    assert autocast_dtype(CUDA, conv, "fp32") is None
+
+
+def test_cpu_always_trains_in_fp32(bf16_gpu):
+    for model in (ConvVAE(1, 8, 4), build_model(10, ModelConfig())):
+        for mode in ("auto", "fp32", "bf16"):
+            assert autocast_dtype(CPU, model, mode) is None
+
+
+def test_no_bf16_on_an_older_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert autocast_dtype(CUDA, ConvVAE(1, 8, 4)) is None
+
+
+def test_unknown_mixed_precision_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="auto, fp32 or bf16, got 'fp16'"):
+        autocast_dtype(CPU, ConvVAE(1, 8, 4), "fp16")
+    path = tmp_path / "config.yaml"
+    path.write_text("training:\n  mixed_precision: fp32\n")
+    assert load_config(path).training.mixed_precision == "fp32"
+
+
+def test_cpu_training_records_fp32():
+    data = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    result = train_vae(data[:250], data[250:], ModelConfig(),
+                       TrainingConfig(max_epochs=2, patience=2, threads=1, progress=False, device="cpu"))
+    assert result.mixed_precision == "fp32"
+    assert all(isinstance(h["train_recon"], float) for h in result.history)
+
+
+@pytest.mark.gpu
+def test_one_epoch_of_image_training_on_cuda_in_bf16_exports_and_verifies(tmp_path):
+    from pipeline.image_workflow import run_image_training
+    from pipeline.scoring import score
+
+    rng = np.random.default_rng(0)
+    blobs = np.clip(rng.normal(0.5, 0.15, size=(300, 8, 8)), 0, 1).astype(np.float32)
+    np.save(tmp_path / "normal.npy", blobs)
+    config = PipelineConfig(training=TrainingConfig(max_epochs=1, patience=1, batch_size=32, threads=2,
+                                                    progress=False, device="cuda"),
+                            calibration=CalibrationConfig(target_fpr=0.05))
+    facts = run_image_training(ImageTrainJob(data=tmp_path / "normal.npy", name="gpu", out_dir=tmp_path / "out",
+                                             image_size=8, channels=1, config=config))
+    assert facts["train_model"]["device"].startswith("cuda")
+    assert facts["train_model"]["mixed_precision"] == "bf16"
+    bundle = Bundle.load(Path(facts["bundle"]))  # hashes checked
+    assert bundle.manifest["training"]["mixed_precision"] == "bf16"
+    assert bundle.manifest["verification"]
+    summary = score(ScoreJob(bundle=bundle.path, inputs=(tmp_path / "normal.npy",), output=tmp_path / "s.parquet",
+                             device="cuda"))
+    assert summary.device == "cuda" and summary.rows == 300
+    assert json.loads((tmp_path / "s.summary.json").read_text())["device"] == "cuda"
