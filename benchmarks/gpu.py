@@ -172,11 +172,11 @@ def environment(cuda_lib_dirs: list[str]) -> dict:
         env["torch"] = {"error": one_line(exc)}
     env["gpu"] = env.get("torch", {}).get("gpu") or env["nvidia_smi"]
     try:
-        from pipeline import runtime
+        from pipeline import cuda_libraries, runtime
 
-        runtime.preload_cuda_libraries()
+        cuda_libraries.preload_cuda_libraries()
         env["driver_loaded"] = runtime.gpu_present()
-        env["cuda_libraries_missing"] = runtime.missing_cuda_libraries()
+        env["cuda_libraries_missing"] = cuda_libraries.missing_cuda_libraries()
         env["onnxruntime_cuda"] = cuda_provider_check(runtime)
     except Exception as exc:  # noqa: BLE001
         env["onnxruntime_cuda"] = {"active": False, "why": one_line(exc)}

@@ -25,19 +25,20 @@ from pipeline.scoring_report import summary_markdown, write_scoring_report
 
 
 @task(cache_policy=NO_CACHE)
-def check_bundle(bundle: Path) -> dict:
-    """Load the bundle and verify its file hashes."""
-    manifest = Bundle.load(bundle).manifest
-    return {"name": manifest["name"], "version": manifest["version"],
-            "target_fpr": manifest["calibration"]["target_fpr"],
-            "expected_fpr": manifest["calibration"]["expected_fpr"]}
+def check_bundle(bundle: Path, precision: str = "fp32") -> dict:
+    """Load the bundle, verify its file hashes and find the scorer of this precision."""
+    loaded = Bundle.load(bundle)
+    calibration = loaded.calibration_for(precision)  # the variant's own threshold and expected FPR
+    return {"name": loaded.manifest["name"], "version": loaded.manifest["version"], "precision": precision,
+            "target_fpr": calibration["target_fpr"], "expected_fpr": calibration["expected_fpr"]}
 
 
 @task(cache_policy=NO_CACHE)
 def score_file(job: ScoreJob, input_path: Path, part: Path) -> dict:
     """Score one input (table file or image folder) into a part file."""
     single = ScoreJob(bundle=job.bundle, inputs=(input_path,), output=part, device=job.device,
-                      batch_size=job.batch_size, threads=job.threads, maps_dir=job.maps_dir)
+                      batch_size=job.batch_size, threads=job.threads, maps_dir=job.maps_dir,
+                      precision=job.precision)
     return score(single).to_dict()
 
 
@@ -58,7 +59,7 @@ def write_report(job: ScoreJob) -> Path:
 
 @flow(name="vaeguard-score", log_prints=True)
 def score_flow(job: ScoreJob) -> dict:
-    bundle = check_bundle(job.bundle)
+    bundle = check_bundle(job.bundle, job.precision)
     job.output.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = job.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"
     parts_dir.mkdir()

@@ -155,15 +155,17 @@ def cmd_score(args: argparse.Namespace) -> None:
     from pipeline.scoring import score
     from pipeline.config import ScoreJob
 
-    if args.precision != "fp32" and (args.task_runner == "dask" or args.report):
-        from pipeline.errors import ConfigError
-
-        raise ConfigError(f"--precision {args.precision} does not work with "
-                          f"{'--task-runner dask' if args.task_runner == 'dask' else '--report'} yet; "
-                          f"leave that option out or score with --precision fp32")
     job = ScoreJob(bundle=args.bundle, inputs=tuple(args.inputs), output=args.output, device=args.device,
                    batch_size=args.batch_size, threads=args.threads, maps_dir=args.maps, report=args.report,
                    precision=args.precision)
+    if job.precision != "fp32":
+        from pipeline.bundle import Bundle
+
+        bundle = Bundle.load(job.bundle)
+        bundle.scorer_path_for(job.precision)  # a missing variant fails here, before a Dask cluster starts
+        entry = bundle.manifest["variants"][job.precision]
+        for warning in entry.get("warnings", []):
+            log.warning("%s: %s", entry["file"], warning)
     if args.task_runner == "dask":
         from flows.score import score_flow
         from prefect_dask import DaskTaskRunner
@@ -175,12 +177,6 @@ def cmd_score(args: argparse.Namespace) -> None:
               f"{summary['anomalies']:,} anomalies: observed rate {summary['anomaly_rate']:.4%} against target "
               f"FPR {summary['target_fpr']:.4%}")
         return
-    if job.precision != "fp32":
-        from pipeline.bundle import Bundle
-
-        entry = Bundle.load(job.bundle).manifest.get("variants", {}).get(job.precision, {})
-        for warning in entry.get("warnings", []):
-            log.warning("%s: %s", entry["file"], warning)
     summary = score(job)
     if job.report:
         from pipeline.scoring_report import write_scoring_report

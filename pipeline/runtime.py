@@ -8,13 +8,8 @@ batches go through IO binding (``run_bound``), so each crosses to the GPU and ba
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
-import io
 import logging
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +20,7 @@ import pyarrow as pa
 
 from pipeline.bundle import Bundle
 from pipeline.config import resolve_threads
+from pipeline.cuda_libraries import cuda_failure, preload_cuda_libraries
 from pipeline.errors import ConfigError, DeviceError
 from pipeline.contract import OUTPUT_NAMES, categorical_input_name
 from pipeline.schema import as_category_array, categorical_strings, check_finite, numeric_matrix
@@ -66,71 +62,6 @@ def create_session(model_path: Path, device: str = "auto", threads: int | None =
 def gpu_present() -> bool:
     """An NVIDIA driver is loaded; without one, trying the CUDA provider only makes noise."""
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
-
-
-@functools.cache
-def preload_cuda_libraries() -> None:
-    """Load CUDA 13 / cuDNN 9 from the nvidia-* wheels a CUDA build of torch 2.13 installs, if any.
-
-    onnxruntime's ``preload_dlls`` prints its failures to stdout (where scores may go) and may
-    warn; both are silenced here because ``cuda_failure`` names what is missing, once.
-    """
-    if not hasattr(ort, "preload_dlls"):
-        return
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ort.preload_dlls()
-        except Exception:  # noqa: BLE001 - best effort; the provider check after it decides
-            pass
-
-
-# What the CUDA provider of onnxruntime-gpu 1.31 (a CUDA 13.0 build) loads when it starts: the
-# NEEDED entries of capi/libonnxruntime_providers_cuda.so (`readelf -d`; libcuda.so.1 is the
-# driver's own) and cuDNN 9, which it dlopens. libcufft.so.12 and libnvrtc.so.13 are loaded only
-# for FFT and runtime-compiled kernels (preload_dlls treats them as optional); scorer graphs use
-# neither, so their absence is not why CUDA did not start. Values: what provides each library.
-CUDA_LIBRARIES = {
-    "libcuda.so.1": "an NVIDIA driver for CUDA 13",
-    "libcudart.so.13": "nvidia-cuda-runtime",
-    "libcublasLt.so.13": "nvidia-cublas",
-    "libcublas.so.13": "nvidia-cublas",
-    "libcurand.so.10": "nvidia-curand",
-    "libcudnn.so.9": "nvidia-cudnn-cu13",
-}
-
-
-def _load_library(name: str) -> None:
-    ctypes.CDLL(name)
-
-
-def missing_cuda_libraries() -> list[str]:
-    """The CUDA_LIBRARIES the dynamic loader cannot open, in the order above.
-
-    Asked after ``preload_cuda_libraries``: a library it loaded from a wheel's folder is already
-    in the process, and the loader finds it by its soname.
-    """
-    missing = []
-    for name in CUDA_LIBRARIES:
-        try:
-            _load_library(name)
-        except OSError:
-            missing.append(name)
-    return missing
-
-
-def cuda_failure(detail: str | None = None) -> tuple[str, str]:
-    """Why onnxruntime's CUDA provider did not start, and how to fix it, for a one-line message."""
-    missing = missing_cuda_libraries()
-    if not missing:
-        return (detail or "the CUDA 13 and cuDNN 9 libraries load, but the provider did not start",
-                "check that the driver supports CUDA 13 (nvidia-smi) and that the GPU is visible")
-    wheels = [CUDA_LIBRARIES[name] for name in missing if CUDA_LIBRARIES[name].startswith("nvidia-")]
-    fixes = [f"install {CUDA_LIBRARIES['libcuda.so.1']}"] if "libcuda.so.1" in missing else []
-    if wheels:
-        fixes.append(f"pip install {' '.join(dict.fromkeys(wheels))} "
-                     f"(or a CUDA build of torch 2.13, which brings them)")
-    return f"{', '.join(missing)} not found", "; ".join(fixes)
 
 
 def _cpu_fallback(model_path: Path, options: ort.SessionOptions, device: str, why: str,

@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.bundle import Bundle
+from pipeline.calibrate import Calibration
 from pipeline.config import ScoreJob
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
 from pipeline.drift import drift_report
@@ -45,14 +46,24 @@ def write_scoring_report(job: ScoreJob) -> Path:
     return write_report(report_path(job.output), f"vaeguard scoring report: {job.output.name}", scoring_sections(job))
 
 
+def scorer_calibration(bundle: Bundle, precision: str) -> Calibration:
+    """The calibration of the scorer that scored: each precision variant has its own."""
+    return Calibration.from_dict(bundle.calibration_for(precision))
+
+
+def scorer_name(bundle: Bundle, precision: str) -> str:
+    return f"{precision} ({bundle.scorer_path_for(precision).name})"
+
+
 def scoring_sections(job: ScoreJob) -> list[Section]:
     bundle = Bundle.load(job.bundle)
-    calibration = bundle.calibration
+    calibration = scorer_calibration(bundle, job.precision)
     scored = read_scores(job.output)
     scores = scored["score"].to_numpy(dtype=np.float32)
     anomalies = int(scored["is_anomaly"].sum())
     drift = drift_report(scores, anomalies, calibration.scores, calibration.expected_fpr)
-    rate = {"rows": f"{len(scored):,}", "anomalies": f"{anomalies:,}",
+    rate = {"scored by": scorer_name(bundle, job.precision), "threshold": _fmt(calibration.threshold),
+            "rows": f"{len(scored):,}", "anomalies": f"{anomalies:,}",
             "observed rate": f"{anomalies / max(len(scored), 1):.3%}", "target FPR": f"{calibration.target_fpr:.3%}",
             "expected FPR on normal data": f"{calibration.expected_fpr:.3%}",
             "p-value of the rate (given the calibration sample)": _fmt(drift.calibrated_p_value),
@@ -70,7 +81,7 @@ def scoring_sections(job: ScoreJob) -> list[Section]:
     ]
     top = np.argsort(-scores, kind="stable")[:TOP_ANOMALIES]
     if bundle.manifest.get("modality") == "image":
-        sections.append(_top_images(bundle, scored.iloc[top]))
+        sections.append(_top_images(bundle, scored.iloc[top], job.precision))
     else:
         sections.append(_top_rows(bundle, job, scored, top))
     return sections
@@ -115,7 +126,7 @@ def _top_rows(bundle: Bundle, job: ScoreJob, scored: pd.DataFrame, top: np.ndarr
                    tables=[("Top anomalies with their values", table.head(10))])
 
 
-def _top_images(bundle: Bundle, top: pd.DataFrame) -> Section:
+def _top_images(bundle: Bundle, top: pd.DataFrame, precision: str) -> Section:
     spec = ImageSpec.from_dict(bundle.manifest["image"])
     images, names = [], []
     for item in top["path"].head(8):
@@ -124,7 +135,7 @@ def _top_images(bundle: Bundle, top: pd.DataFrame) -> Section:
             images.append(loaded[0])
             names.append(item)
     stacked = np.stack(images)
-    session = ort.InferenceSession(str(bundle.scorer_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(bundle.scorer_path_for(precision)), providers=["CPUExecutionProvider"])
     outputs = dict(zip(IMAGE_OUTPUT_NAMES, session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: stacked})))
     titles = [f"{Path(n).name}: score {s:.4g}" for n, s in zip(names, outputs["score"])]
     return Section("Most anomalous images", "The image, its reconstruction and where the error sits.",
@@ -143,13 +154,15 @@ def list_images_item(item: str) -> ImageSource:
 
 def summary_markdown(job: ScoreJob) -> str:
     """The report's numbers as markdown, for the scoring flow's artifact."""
-    calibration = Bundle.load(job.bundle).calibration
+    bundle = Bundle.load(job.bundle)
+    calibration = scorer_calibration(bundle, job.precision)
     scored = read_scores(job.output)
     anomalies = int(scored["is_anomaly"].sum())
     drift = drift_report(scored["score"].to_numpy(dtype=np.float32), anomalies, calibration.scores,
                          calibration.expected_fpr)
     lines = [f"# Scores of {job.output.name}", "", "| measure | value |", "|---|---|",
-             f"| rows | {len(scored):,} |", f"| anomalies | {anomalies:,} |",
+             f"| scored by | {scorer_name(bundle, job.precision)} |", f"| rows | {len(scored):,} |",
+             f"| anomalies | {anomalies:,} |",
              f"| observed rate | {anomalies / max(len(scored), 1):.3%} |",
              f"| target FPR | {calibration.target_fpr:.3%} (expected {calibration.expected_fpr:.3%}) |",
              f"| rate p-value | {_fmt(drift.calibrated_p_value)} |", f"| score PSI | {_fmt(drift.psi)} |",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from flows.score import score_flow
 from pipeline.batch_score import score_files
+from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 
@@ -56,3 +59,30 @@ def test_cli_task_runner_dask_starts_a_local_cluster(trained_bundle, tmp_path, c
     scored = pd.read_parquet(out)
     assert len(scored) == 1000 and scored["source"].nunique() == 2
     assert "1,000 rows" in capsys.readouterr().out
+
+
+def test_dask_flow_scores_with_the_chosen_precision(trained_bundle, tmp_path):
+    """--precision reaches every Dask task: the files are scored by the int8 variant, not scorer.onnx."""
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from pipeline.precision import export_variant
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    export_variant(bundle, "int8", device="cpu", threads=1, repeats=1)
+    inputs = tuple(write_table(make_sensor_table(SyntheticSpec(n_rows=500, seed=80 + i)), tmp_path / f"in{i}.parquet")
+                   for i in range(2))
+    scored = {}
+    for precision in ("fp32", "int8"):
+        scored[precision] = tmp_path / f"{precision}.parquet"
+        score_files(ScoreJob(bundle, inputs, scored[precision], device="cpu", precision=precision))
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        job = ScoreJob(bundle, inputs, tmp_path / "dask.parquet", device="cpu", precision="int8")
+        summary = score_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(job)
+
+    actual = pd.read_parquet(tmp_path / "dask.parquet")["score"].to_numpy()
+    int8, fp32 = (pd.read_parquet(scored[p])["score"].to_numpy() for p in ("int8", "fp32"))
+    np.testing.assert_allclose(actual, int8, rtol=1e-5)
+    assert not np.allclose(actual, fp32, rtol=1e-3)
+    assert summary["expected_fpr"] == Bundle.load(bundle).calibration_for("int8")["expected_fpr"]

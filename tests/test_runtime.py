@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline import runtime
+from pipeline import cuda_libraries, runtime
 from pipeline.bundle import Bundle
 from pipeline.contract import OUTPUT_NAMES, categorical_input_name
 from pipeline.errors import ConfigError, DeviceError
@@ -51,25 +51,25 @@ def refuse(*missing):
 
 
 def test_probe_names_the_libraries_that_cannot_be_loaded(monkeypatch):
-    monkeypatch.setattr(runtime, "_load_library", refuse("libcublasLt.so.13", "libcudnn.so.9"))
-    assert runtime.missing_cuda_libraries() == ["libcublasLt.so.13", "libcudnn.so.9"]
-    why, fix = runtime.cuda_failure()
+    monkeypatch.setattr(cuda_libraries, "_load_library", refuse("libcublasLt.so.13", "libcudnn.so.9"))
+    assert cuda_libraries.missing_cuda_libraries() == ["libcublasLt.so.13", "libcudnn.so.9"]
+    why, fix = cuda_libraries.cuda_failure()
     assert why == "libcublasLt.so.13, libcudnn.so.9 not found"
     assert fix.startswith("pip install nvidia-cublas nvidia-cudnn-cu13 ") and "torch 2.13" in fix
 
 
 def test_probe_without_a_driver_says_so_first(monkeypatch):
-    monkeypatch.setattr(runtime, "_load_library", refuse("libcuda.so.1", "libcublas.so.13", "libcublasLt.so.13"))
-    why, fix = runtime.cuda_failure()
+    monkeypatch.setattr(cuda_libraries, "_load_library", refuse("libcuda.so.1", "libcublas.so.13", "libcublasLt.so.13"))
+    why, fix = cuda_libraries.cuda_failure()
     assert why == "libcuda.so.1, libcublasLt.so.13, libcublas.so.13 not found"
     assert fix.startswith("install an NVIDIA driver") and fix.count("nvidia-cublas") == 1
 
 
 def test_probe_when_every_library_loads_keeps_the_providers_reason(monkeypatch):
-    monkeypatch.setattr(runtime, "_load_library", refuse())
-    assert runtime.missing_cuda_libraries() == []
-    assert runtime.cuda_failure("CUDA driver version is insufficient")[0] == "CUDA driver version is insufficient"
-    assert "not start" in runtime.cuda_failure()[0]
+    monkeypatch.setattr(cuda_libraries, "_load_library", refuse())
+    assert cuda_libraries.missing_cuda_libraries() == []
+    assert cuda_libraries.cuda_failure("CUDA driver version is insufficient")[0] == "CUDA driver version is insufficient"
+    assert "not start" in cuda_libraries.cuda_failure()[0]
 
 
 @no_gpu
@@ -77,7 +77,7 @@ def test_device_cuda_error_names_missing_libraries_on_one_line(monkeypatch, trai
     # As if a driver were there: onnxruntime really tries its CUDA provider, which cannot start here.
     monkeypatch.setattr(runtime, "gpu_present", lambda: True)
     monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
-    monkeypatch.setattr(runtime, "_load_library", refuse("libcudnn.so.9", "libcublasLt.so.13"))
+    monkeypatch.setattr(cuda_libraries, "_load_library", refuse("libcudnn.so.9", "libcublasLt.so.13"))
     path = Bundle.load(trained_bundle).scorer_path
     with pytest.raises(DeviceError) as error:
         create_session(path, "cuda")
