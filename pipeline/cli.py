@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", "-o", type=Path, required=True, help="scores file: .parquet or .csv")
     score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--batch-size", type=int, default=65_536, help="rows per chunk (default 65536)")
-    score.add_argument("--threads", type=int, help="onnxruntime threads (default: cores, at most 4)")
+    score.add_argument("--threads", type=int, help="onnxruntime threads (default: one fewer than the cores, at most 3, "
+                                                    "leaving one to the reader; images: cores, at most 4)")
     score.add_argument("--maps", type=Path, help="image bundles: write a PNG (image, reconstruction, heat map) "
                        "for each flagged image into this folder")
     score.add_argument("--report", action="store_true",
