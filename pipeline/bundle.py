@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.calibrate import Calibration
 from pipeline.errors import BundleError
+from pipeline.outputs import write_atomic
 from pipeline.preprocess import Preprocessor
 from pipeline.schema import TableSchema
 
@@ -55,8 +56,9 @@ def library_versions() -> dict[str, str]:
 
 
 def write_manifest(directory: Path, manifest: dict) -> Path:
+    """Atomically: a published bundle's manifest is rewritten in place when a variant is added."""
     path = directory / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import platform
 import time
@@ -43,7 +42,8 @@ import onnx
 import pandas as pd
 from onnx import helper
 
-from pipeline.bundle import (CALIBRATION_IMAGES, CALIBRATION_ROWS, MANIFEST, VARIANT_FILES, Bundle, sha256_file)
+from pipeline.bundle import (CALIBRATION_IMAGES, CALIBRATION_ROWS, VARIANT_FILES, Bundle, sha256_file,
+                             write_manifest)
 from pipeline.calibrate import Calibration, calibrate, conformal_p_values
 from pipeline.contract import IMAGE_INPUT, IR_VERSION, categorical_input_name
 from pipeline.errors import BundleError, ConfigError, ExportError, PipelineError
@@ -192,15 +192,6 @@ def device_name(device: str) -> str:
 # --- the export ----------------------------------------------------------------------------
 
 
-def write_manifest_atomic(directory: Path, manifest: dict) -> None:
-    temporary = directory / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        temporary.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        os.replace(temporary, directory / MANIFEST)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_model(model: onnx.ModelProto, path: Path, props: dict[str, str]) -> None:
     helper.set_model_props(model, props)
     model.ir_version = IR_VERSION
@@ -279,11 +270,11 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
             # manifest naming a file whose hash it does not match.
             manifest["files"].pop(name)
             manifest.get("variants", {}).pop(precision, None)
-            write_manifest_atomic(directory, manifest)
+            write_manifest(directory, manifest)
         os.replace(final, directory / name)
         manifest["files"][name] = sha256_file(directory / name)
         manifest.setdefault("variants", {})[precision] = entry
-        write_manifest_atomic(directory, manifest)
+        write_manifest(directory, manifest)
         return entry
     finally:
         draft.unlink(missing_ok=True)
