@@ -45,11 +45,10 @@ from onnx import helper
 from pipeline.bundle import (CALIBRATION_IMAGES, CALIBRATION_ROWS, VARIANT_FILES, Bundle, sha256_file,
                              write_manifest)
 from pipeline.calibrate import Calibration, calibrate, conformal_p_values
-from pipeline.contract import IMAGE_INPUT, IR_VERSION, categorical_input_name
+from pipeline.contract import IMAGE_INPUT, IR_VERSION
 from pipeline.errors import BundleError, ConfigError, ExportError, PipelineError
 from pipeline.precision_graphs import CONVERTERS, find_table, write_table
-from pipeline.runtime import CUDA, create_session
-from pipeline.schema import categorical_strings, numeric_matrix
+from pipeline.runtime import CUDA, create_session, frame_feeds
 
 TOOLS = {"fp16": "onnxruntime.transformers.float16",
          "int8": "onnxruntime.quantization.quantize_dynamic weights, per-row activations "
@@ -86,12 +85,7 @@ def calibration_feeds(bundle: Bundle) -> dict[str, np.ndarray]:
                           f"their calibration inputs); retrain with `vaeguard train` to add variants")
     if is_image(bundle):
         return {IMAGE_INPUT: np.ascontiguousarray(np.load(path), dtype=np.float32)}
-    frame = pd.read_parquet(path)
-    schema = bundle.schema
-    feeds = {"numeric": numeric_matrix(frame, schema.numeric, str(path))} if schema.numeric else {}
-    for column, values in zip(schema.categorical, categorical_strings(frame, schema.categorical)):
-        feeds[categorical_input_name(column)] = values
-    return feeds
+    return frame_feeds(bundle.schema, pd.read_parquet(path), str(path))
 
 
 def rows_of(feeds: dict[str, np.ndarray]) -> int:
@@ -107,7 +101,7 @@ def tiled(feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     return take(feeds, np.arange(rows) % rows_of(feeds))
 
 
-def run_scorer(session, feeds: dict[str, np.ndarray], chunk: int, outputs=SCORE_OUTPUTS) -> dict[str, np.ndarray]:
+def score_in_chunks(session, feeds: dict[str, np.ndarray], chunk: int, outputs=SCORE_OUTPUTS) -> dict[str, np.ndarray]:
     """Score in chunks of ``chunk`` rows, as batch scoring does."""
     parts = [session.run(list(outputs), take(feeds, slice(i, i + chunk))) for i in range(0, rows_of(feeds), chunk)]
     return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(outputs)}
@@ -140,7 +134,7 @@ def check_batch_independence(session, feeds: dict[str, np.ndarray], batched: np.
                               threshold: float, precision: str) -> dict:
     """Every calibration input scored alone must score as it did in its batch of ``chunk``,
     up to float rounding: a variant whose scores depend on the batch fails the export."""
-    alone = run_scorer(session, feeds, 1, ["score"])["score"].astype(np.float64)
+    alone = score_in_chunks(session, feeds, 1, ["score"])["score"].astype(np.float64)
     scale = np.maximum(np.abs(batched.astype(np.float64)), abs(threshold))
     change = np.abs(alone - batched) / scale
     worst = int(np.argmax(np.where(np.isnan(change), np.inf, change)))  # NaN counts as the worst
@@ -227,7 +221,7 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
             raise ExportError(f"onnxruntime cannot run the {precision} scorer of {'an image' if image else 'a table'} "
                               f"bundle on this machine ({str(exc).splitlines()[0][:200]}); keep using fp32") from exc
         # The table does not enter the score, so the draft scores as the final variant will.
-        scores = run_scorer(session, feeds, chunk)["score"]
+        scores = score_in_chunks(session, feeds, chunk)["score"]
         if not np.all(np.isfinite(scores)):
             raise ExportError(f"the {precision} scorer gives non-finite scores on "
                               f"{int(np.sum(~np.isfinite(scores)))} calibration inputs (float16 overflow?); keep fp32")
@@ -237,12 +231,12 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
                             "vaeguard.n_calibration": str(calibration.n), "vaeguard.tool": TOOLS[precision]})
         onnx.checker.check_model(str(final), full_check=True)
         session = create_session(final, device, threads)
-        outputs = run_scorer(session, feeds, chunk)
+        outputs = score_in_chunks(session, feeds, chunk)
         consistency = check_consistency(outputs, calibration, precision)
         batch_independence = check_batch_independence(session, feeds, outputs["score"], chunk,
                                                       calibration.threshold, precision)
         reference_session = create_session(bundle.scorer_path, device, threads)
-        reference = run_scorer(reference_session, feeds, chunk)
+        reference = score_in_chunks(reference_session, feeds, chunk)
         used = "cuda" if session.get_providers()[0] == CUDA else "cpu"
         speed_feeds = tiled(feeds, SPEED_IMAGES if image else SPEED_ROWS)
         rates = throughput({"fp32": reference_session, precision: session}, speed_feeds, repeats)

@@ -23,7 +23,7 @@ from pipeline.config import resolve_threads
 from pipeline.cuda_libraries import cuda_failure, preload_cuda_libraries
 from pipeline.errors import ConfigError, DeviceError
 from pipeline.contract import OUTPUT_NAMES, categorical_input_name
-from pipeline.schema import as_category_array, categorical_strings, check_finite, numeric_matrix
+from pipeline.schema import TableSchema, as_category_array, categorical_strings, check_finite, numeric_matrix
 
 log = logging.getLogger("vaeguard")
 
@@ -120,6 +120,21 @@ def run_scorer(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outp
     return session.run(list(output_names), feeds)
 
 
+def table_feeds(schema: TableSchema, numeric: np.ndarray, categories: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """A table scorer's inputs: the numeric block (if any) and one string array per categorical column."""
+    feeds = {}
+    if schema.numeric:
+        feeds["numeric"] = np.ascontiguousarray(numeric, dtype=np.float32)
+    for name, values in zip(schema.categorical, categories):
+        feeds[categorical_input_name(name)] = values
+    return feeds
+
+
+def frame_feeds(schema: TableSchema, frame: pd.DataFrame, source: str) -> dict[str, np.ndarray]:
+    return table_feeds(schema, numeric_matrix(frame, schema.numeric, source),
+                       categorical_strings(frame, schema.categorical))
+
+
 class BundleScorer:
     """Scores chunks of rows with a bundle's scorer.onnx; one session, reused for every chunk."""
 
@@ -139,11 +154,7 @@ class BundleScorer:
         return list(self.schema.categorical)
 
     def score_arrays(self, numeric: np.ndarray, categories: list[np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {}
-        if self.schema.numeric:
-            feeds["numeric"] = np.ascontiguousarray(numeric, dtype=np.float32)
-        for name, values in zip(self.schema.categorical, categories):
-            feeds[categorical_input_name(name)] = values
+        feeds = table_feeds(self.schema, numeric, categories)
         return dict(zip(OUTPUT_NAMES, run_scorer(self.session, feeds, OUTPUT_NAMES, self.device)))
 
     def score_batch(self, batch: pa.RecordBatch, source: str, row_offset: int = 0) -> dict[str, np.ndarray]:
@@ -159,8 +170,8 @@ class BundleScorer:
         return self.score_arrays(numeric, categories)
 
     def score_frame(self, frame: pd.DataFrame, source: str = "input") -> pd.DataFrame:
-        numeric = numeric_matrix(frame, self.schema.numeric, source)
-        outputs = self.score_arrays(numeric, categorical_strings(frame, self.schema.categorical))
+        feeds = frame_feeds(self.schema, frame, source)
+        outputs = dict(zip(OUTPUT_NAMES, run_scorer(self.session, feeds, OUTPUT_NAMES, self.device)))
         return pd.DataFrame(outputs, index=frame.index)
 
 
