@@ -38,6 +38,11 @@ def ledger_lines(out: Path) -> list[dict]:
     return lines
 
 
+def run_reports(out: Path) -> list[dict]:
+    """The flow's run reports, oldest first (their names are UTC stamps)."""
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
 def wait_for(condition, timeout: float, what: str, poll: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,12 +86,15 @@ def test_serve_scores_a_dropped_file_once_and_stops_cleanly(prefect_server, trai
         env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         land(make_sensor_table(SyntheticSpec(n_rows=500, seed=31)), landing, "batch-001.csv")
-        wait_for(lambda: ledger_lines(out), 150, "the scheduled run to score the dropped file", poll=0.5)
-        runs_before = len(list((out / "runs").glob("*.json")))
+        # Wait for the run report, not the ledger: the ledger line is written before the report,
+        # and counting reports in between would take the first run's own report for a second run.
+        wait_for(lambda: run_reports(out) and run_reports(out)[-1]["files"], 150,
+                 "the scheduled run to report the dropped file", poll=0.5)
+        runs_before = len(run_reports(out))
+        assert run_reports(out)[-1]["files"][0]["status"] == "scored"
         # A later scheduled run finds nothing new.
-        wait_for(lambda: len(list((out / "runs").glob("*.json"))) > runs_before, 90, "a second scheduled run", 0.5)
-        latest = max((out / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
-        assert json.loads(latest.read_text())["files"] == []
+        wait_for(lambda: len(run_reports(out)) > runs_before, 90, "a second scheduled run", 0.5)
+        assert run_reports(out)[-1]["files"] == []
         assert_exactly_once(out, {"batch-001.csv": 500})
     finally:
         serve.send_signal(signal.SIGTERM)
