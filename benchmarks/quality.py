@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -56,9 +57,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -177,17 +182,18 @@ def ks_uniform(p_values: np.ndarray) -> dict:
 
 
 def run_ours(X_train: np.ndarray, X_test: np.ndarray, seed: int, workdir: Path, name: str,
-             test_normal: np.ndarray | None) -> MethodResult:
+             test_normal: np.ndarray | None, config: PipelineConfig | None = None) -> MethodResult:
     from pipeline.bundle import Bundle
     from pipeline.calibrate import calibrate
-    from pipeline.config import PipelineConfig, TrainingConfig, TrainJob
+    from pipeline.config import PipelineConfig, TrainJob
     from pipeline.runtime import BundleScorer
     from pipeline.workflow import run_training
 
     data = workdir / f"{name}.parquet"
     feature_frame(X_train).to_parquet(data, index=False)
-    job = TrainJob(data=data, name=name, out_dir=workdir,
-                   config=PipelineConfig(training=TrainingConfig(seed=seed, threads=THREADS, progress=False)))
+    config = config or PipelineConfig()
+    training = dataclasses.replace(config.training, seed=seed, threads=THREADS, progress=False)
+    job = TrainJob(data=data, name=name, out_dir=workdir, config=dataclasses.replace(config, training=training))
     started = time.perf_counter()
     facts = run_training(job)
     fit_seconds = time.perf_counter() - started
@@ -302,10 +308,10 @@ def run_peer(method: str, X_train: np.ndarray, X_test: np.ndarray, seed: int,
 
 
 def run_method(method: str, X: np.ndarray, split: Split, protocol: str, seed: int, workdir: Path,
-               name: str) -> MethodResult:
+               name: str, config: PipelineConfig | None = None) -> MethodResult:
     test_normal = (split.test_labels == 0) if protocol == "semi" else None
     if method == "ours":
-        return run_ours(X[split.train], X[split.test], seed, workdir, name, test_normal)
+        return run_ours(X[split.train], X[split.test], seed, workdir, name, test_normal, config)
     return run_peer(method, X[split.train], X[split.test], seed, test_normal)
 
 
@@ -366,8 +372,11 @@ def environment() -> dict:
 
 
 def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str], out: Path,
-        command: str = "") -> dict:
-    """Run every (dataset, protocol, seed, method); write ``out`` after each dataset; return the result."""
+        command: str = "", config_path: Path | None = None) -> dict:
+    """Run every (dataset, protocol, seed, method); write ``out`` after each dataset; return the result.
+
+    ``config_path``: a pipeline YAML config for ours, for recording experiments with other
+    settings; the benchmark of record runs the defaults, as a user does."""
     import torch
 
     torch.set_num_threads(THREADS)
@@ -376,10 +385,15 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
     if unknown:
         raise SystemExit(f"error: unknown dataset(s) {unknown}; available: {list(available)}")
     published = read_published()
+    from pipeline.config import load_config
+
+    config = load_config(config_path)
     result = {
         "command": command, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": False, "environment": environment(),
         "settings": {"datasets": datasets, "seeds": list(range(seeds)), "protocols": protocols, "methods": methods,
+                     "ours_config": str(config_path) if config_path else "defaults",
+                     "ours_settings": config.to_dict(),
                      "target_fprs": list(TARGET_FPRS), "large_test_normal": LARGE_TEST_NORMAL,
                      "peer_inputs": {m: PEER_INPUTS[m] for m in methods if m in PEER_INPUTS}},
         "records": [], "calibration": [],
@@ -401,7 +415,7 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
                                   "n_test_anomalies": int(split.test_labels.sum()), "n_features": int(X.shape[1])}
                         try:
                             outcome = run_method(method, X, split, protocol, seed, workdir,
-                                                 f"{dataset}-{protocol}-{seed}-{method}")
+                                                 f"{dataset}-{protocol}-{seed}-{method}", config)
                             nan = int(np.isnan(outcome.scores).sum())
                             if nan:
                                 raise FloatingPointError(f"{nan} of {len(outcome.scores)} test scores are NaN")
@@ -720,6 +734,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS)
     parser.add_argument("--methods", nargs="+", choices=METHODS)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/quality.json"))
+    parser.add_argument("--config", type=Path, help="a pipeline YAML config for ours (experiments; default: the defaults)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"datasets": None, "seeds": 5, "protocols": list(PROTOCOLS),
                                          "methods": list(METHODS)}
@@ -740,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "-m", "benchmarks.quality", *argv])
-    result = run(args.datasets, args.seeds, args.protocols, args.methods, args.out, command)
+    result = run(args.datasets, args.seeds, args.protocols, args.methods, args.out, command, args.config)
     markdown = render_markdown(result)
     args.out.with_suffix(".md").write_text(markdown)
     sys.stdout.write(markdown)

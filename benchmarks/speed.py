@@ -62,7 +62,7 @@ def torch_graph(bundle: Bundle) -> ScorerGraph:
     from pipeline.model import VAE
 
     model = bundle.manifest["model"]
-    vae = VAE(model["n_features"], tuple(model["hidden_sizes"]), model["latent_dim"])
+    vae = VAE.from_config(model)
     state = {f"{part}.{init.name}": torch.from_numpy(numpy_helper.to_array(init).copy())
              for part in ("encoder", "decoder") for init in onnx.load(str(bundle.path / f"{part}.onnx")).graph.initializer}
     state["decoder.log_scale"] = torch.tensor(model["decoder_log_scale"])

@@ -37,6 +37,19 @@ class Calibration:
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         return conformal_p_values(self.scores, scores)
 
+    def search_table(self) -> np.ndarray:
+        """The sorted scores laid out for the scorer graph's branch-free binary search.
+
+        Entry j (1-based) holds the j-th smallest score and entry 0 is -inf, so a search step
+        reads the entry at its candidate count directly, with no index shift; +inf pads the
+        table to a power of two > n, so every row takes the same log2 steps.
+        """
+        size = 1 << math.ceil(math.log2(self.n + 1))
+        table = np.full(size, np.inf, dtype=np.float32)
+        table[0] = -np.inf
+        table[1: self.n + 1] = self.scores
+        return table
+
     def to_dict(self) -> dict:
         return {
             "threshold": self.threshold,

@@ -38,6 +38,8 @@ class ModelConfig:
     # None: sized from the number of input features (see pipeline.model.default_layer_sizes).
     hidden_sizes: tuple[int, ...] | None = None
     latent_dim: int | None = None
+    # Hidden-layer activation of the tabular VAE: elu, tanh, leaky_relu or relu.
+    activation: str = "elu"
     # Weight of the KL term in the training loss (beta-VAE). Below 1 the latent code keeps
     # more detail, so reconstructions are sharper: better AUROC on thyroid and the demo data.
     beta: float = 0.1

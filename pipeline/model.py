@@ -24,17 +24,27 @@ def default_layer_sizes(n_features: int) -> tuple[tuple[int, ...], int]:
     return (first, second), latent
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+# Hidden-layer activations a model may be built with; the name is recorded in the manifest.
+ACTIVATIONS = {"elu": nn.ELU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.1), "relu": nn.ReLU}
+
+
+def activation_layer(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.ELU()]
+        layers += [nn.Linear(n_in, n_out), activation_layer(activation)]
     return nn.Sequential(*layers)
 
 
 class Encoder(nn.Module):
-    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int):
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int, activation: str):
         super().__init__()
-        self.body = _mlp([n_features, *hidden_sizes])
+        self.body = _mlp([n_features, *hidden_sizes], activation)
         self.mu = nn.Linear(hidden_sizes[-1], latent_dim)
         self.logvar = nn.Linear(hidden_sizes[-1], latent_dim)
 
@@ -44,10 +54,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int):
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int, activation: str):
         super().__init__()
         reversed_sizes = list(reversed(hidden_sizes))
-        self.body = _mlp([latent_dim, *reversed_sizes])
+        self.body = _mlp([latent_dim, *reversed_sizes], activation)
         self.out = nn.Linear(reversed_sizes[-1], n_features)
         # Per-feature log standard deviation of the Gaussian likelihood, learned with the
         # weights: features the model can predict from the others (correlated sensors) get a
@@ -63,11 +73,12 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int):
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int, activation: str = "elu"):
         super().__init__()
         self.n_features, self.hidden_sizes, self.latent_dim = n_features, tuple(hidden_sizes), latent_dim
-        self.encoder = Encoder(n_features, self.hidden_sizes, latent_dim)
-        self.decoder = Decoder(n_features, self.hidden_sizes, latent_dim)
+        self.activation = activation
+        self.encoder = Encoder(n_features, self.hidden_sizes, latent_dim, activation)
+        self.decoder = Decoder(n_features, self.hidden_sizes, latent_dim, activation)
 
     def forward(self, x: torch.Tensor, sample: bool = True):
         mu, logvar = self.encoder(x)
@@ -76,7 +87,13 @@ class VAE(nn.Module):
 
     def config(self) -> dict:
         return {"n_features": self.n_features, "hidden_sizes": list(self.hidden_sizes),
-                "latent_dim": self.latent_dim, "activation": "elu"}
+                "latent_dim": self.latent_dim, "activation": self.activation}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "VAE":
+        """The inverse of ``config()``; bundles from before the activation was a setting used ELU."""
+        return cls(config["n_features"], tuple(config["hidden_sizes"]), config["latent_dim"],
+                   config.get("activation", "elu"))
 
 
 def score_components(x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,

@@ -390,14 +390,6 @@ CONVERTERS = {"fp16": lambda model, workdir: to_fp16(model), "int8": to_int8}
 # --- the calibration table -----------------------------------------------------------------
 
 
-def padded_scores(calibration: Calibration) -> np.ndarray:
-    """The table as CalibrationTable bakes it: +inf up to a power of two >= n + 1."""
-    size = 1 << int(np.ceil(np.log2(calibration.n + 1)))
-    padded = np.full(size, np.inf, dtype=np.float32)
-    padded[: calibration.n] = calibration.scores
-    return padded
-
-
 def find_table(model: onnx.ModelProto, calibration: Calibration) -> tuple[str, str]:
     """The names of the table's initializers, checked by value against the manifest."""
     inits = {init.name: init for init in model.graph.initializer}
@@ -405,7 +397,7 @@ def find_table(model: onnx.ModelProto, calibration: Calibration) -> tuple[str, s
         raise ExportError(f"scorer.onnx has no {TABLE_SCORES} / {TABLE_THRESHOLD} initializers; re-export the bundle "
                           f"with this version of vaeguard")
     scores, threshold = (numpy_helper.to_array(inits[name]) for name in (TABLE_SCORES, TABLE_THRESHOLD))
-    if not (np.array_equal(scores, padded_scores(calibration))
+    if not (np.array_equal(scores, calibration.search_table())
             and threshold.shape == () and threshold == np.float32(calibration.threshold)):
         raise ExportError("scorer.onnx's baked calibration table does not match the manifest's; re-export the bundle")
     return TABLE_SCORES, TABLE_THRESHOLD
@@ -413,7 +405,7 @@ def find_table(model: onnx.ModelProto, calibration: Calibration) -> tuple[str, s
 
 def write_table(model: onnx.ModelProto, calibration: Calibration) -> onnx.ModelProto:
     """Replace the baked table and threshold (float32, same padded size) in place."""
-    replacements = {TABLE_SCORES: padded_scores(calibration),
+    replacements = {TABLE_SCORES: calibration.search_table(),
                     TABLE_THRESHOLD: np.asarray(calibration.threshold, dtype=np.float32)}
     found = 0
     for init in model.graph.initializer:

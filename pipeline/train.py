@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import ModelConfig, TrainingConfig, resolve_threads, show_progress
 from pipeline.errors import ConfigError, DeviceError
-from pipeline.model import VAE, default_layer_sizes, likelihood_penalty, score_components
+from pipeline.model import ACTIVATIONS, VAE, default_layer_sizes, likelihood_penalty, score_components
 
 
 @dataclass
@@ -71,8 +71,10 @@ def autocast_dtype(device: torch.device, model: nn.Module, mode: str = "auto") -
 
 
 def build_model(n_features: int, config: ModelConfig) -> VAE:
+    if config.activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {config.activation!r}")
     hidden, latent = default_layer_sizes(n_features)
-    return VAE(n_features, config.hidden_sizes or hidden, config.latent_dim or latent)
+    return VAE(n_features, config.hidden_sizes or hidden, config.latent_dim or latent, config.activation)
 
 
 def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,

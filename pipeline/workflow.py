@@ -142,7 +142,7 @@ def train_model(job: TrainJob, run: RunDir) -> dict:
 def load_model(run: RunDir) -> VAE:
     saved = torch.load(run.model, weights_only=True)
     config = saved["config"]
-    model = VAE(config["n_features"], tuple(config["hidden_sizes"]), config["latent_dim"])
+    model = VAE.from_config(config)
     model.load_state_dict(saved["state_dict"])
     return model.eval()
 

@@ -85,3 +85,16 @@ def test_a_failing_output_writer_leaves_nothing(tmp_path):
     with OutputWriter(target) as writer:
         writer.write(pa.table({"score": [1.0, 2.0]}))
     assert pd.read_parquet(target)["score"].tolist() == [1.0, 2.0]
+
+
+def test_parquet_output_dictionary_encodes_only_low_cardinality_columns(trained_bundle, frame, tmp_path):
+    """Unique ids and scores are written plain: trying a dictionary for them cost 4x the writing."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "scores.parquet"
+    score_files(ScoreJob(trained_bundle, (write_table(frame, tmp_path / "in.csv"),), out, device="cpu"))
+    row_group = pq.ParquetFile(out).metadata.row_group(0)
+    encodings = {row_group.column(i).path_in_schema: row_group.column(i).encodings
+                 for i in range(row_group.num_columns)}
+    dictionary = {name for name, used in encodings.items() if any("DICTIONARY" in e for e in used)}
+    assert dictionary == {"p_value"}, encodings

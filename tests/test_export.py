@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from pipeline.bundle import Bundle
+from pipeline.calibrate import calibrate, conformal_p_values
 from pipeline.model import VAE
 from pipeline.runtime import BundleScorer
-from pipeline.scorer_graph import ScorerGraph, graph_inputs
+from pipeline.scorer_graph import CalibrationTable, ScorerGraph, graph_inputs
 from pipeline.synthetic import SyntheticSpec, make_sensor_table
 
 BATCHES = [1, 7, 4096]
@@ -26,7 +27,7 @@ def bundle(trained_bundle):
 def torch_graph(bundle):
     """The PyTorch scorer rebuilt from what a bundle ships: encoder/decoder weights and the manifest."""
     manifest = bundle.manifest
-    vae = VAE(manifest["model"]["n_features"], tuple(manifest["model"]["hidden_sizes"]), manifest["model"]["latent_dim"])
+    vae = VAE.from_config(manifest["model"])
     # Load the weights back from the ONNX initializers so the comparison needs no checkpoint.
     state = {}
     for name in ("encoder", "decoder"):
@@ -115,3 +116,20 @@ def test_scores_are_identical_across_runs_and_batchings(bundle, rows):
     np.testing.assert_allclose(whole, pieces, rtol=1e-6, atol=1e-6)
     again = BundleScorer(Bundle.load(bundle.path), device="cpu").score_frame(rows)["score"].to_numpy()
     np.testing.assert_array_equal(whole, again)
+
+
+@pytest.mark.parametrize("n", [99, 127, 128, 4095])
+def test_baked_table_search_counts_exactly_at_every_edge(tmp_path, n):
+    """The graph's binary search gives the conformal p-value exactly, for table sizes around a
+    power of two and for scores on, between, below and above the calibration scores (ties too)."""
+    rng = np.random.default_rng(n)
+    scores = np.round(rng.normal(size=n), 1).astype(np.float32)  # rounding makes ties
+    cal = calibrate(scores, 0.01)
+    queries = np.concatenate([cal.scores, cal.scores + np.float32(0.05), [cal.scores[0] - 1, cal.scores[-1] + 1,
+                              np.inf, -np.inf, np.float32(np.nextafter(cal.scores[-1], np.inf))]]).astype(np.float32)
+    path = tmp_path / "table.onnx"
+    torch.onnx.export(CalibrationTable(cal), (torch.from_numpy(queries),), str(path), input_names=["score"],
+                      output_names=["p_value", "is_anomaly"], dynamic_axes={"score": {0: "n"}}, dynamo=False)
+    p_value, flagged = session(path).run(None, {"score": queries})
+    np.testing.assert_array_equal(p_value, conformal_p_values(cal.scores, queries))
+    np.testing.assert_array_equal(flagged, queries > np.float32(cal.threshold))

@@ -1,8 +1,11 @@
 import numpy as np
 import torch
 
+import pytest
+
 from pipeline.config import ModelConfig, TrainingConfig
-from pipeline.model import VAE, default_layer_sizes, score_components
+from pipeline.errors import ConfigError
+from pipeline.model import ACTIVATIONS, VAE, default_layer_sizes, score_components
 from pipeline.train import build_model, train_vae
 
 
@@ -41,3 +44,19 @@ def test_training_is_reproducible_and_learns():
     losses = [h["val_loss"] for h in a.history]
     assert min(losses) < losses[0]
     assert a.history[a.best_epoch - 1]["val_loss"] == min(losses)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_is_a_setting_and_round_trips_through_the_config(name):
+    vae = build_model(6, ModelConfig(activation=name))
+    hidden = [type(m) for m in vae.encoder.body] + [type(m) for m in vae.decoder.body]
+    assert type(ACTIVATIONS[name]()) in hidden
+    rebuilt = VAE.from_config(vae.config())
+    rebuilt.load_state_dict(vae.state_dict())
+    x = torch.randn(5, 6)
+    assert torch.equal(rebuilt(x, sample=False)[0], vae(x, sample=False)[0])
+
+
+def test_unknown_activation_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.activation must be one of"):
+        build_model(6, ModelConfig(activation="swish"))

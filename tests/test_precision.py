@@ -109,13 +109,15 @@ def test_threshold_is_the_variants_own_conformal_quantile(variant_bundle, calibr
     # Same n, rank and target as fp32; only the scores (and so the threshold) are the variant's.
     assert (calibration.n, calibration.rank, calibration.target_fpr) == (fp32.n, fp32.rank, fp32.target_fpr)
     assert entry["threshold"] == calibration.threshold == float(own[calibration.n - calibration.rank])
-    # The table baked into the variant: float32, padded to the same power of two, this threshold.
+    # The table baked into the variant: float32, laid out as fp32's (-inf, the scores, +inf
+    # padding to the same power of two), this threshold.
     inits = {i.name: i for i in onnx.load(str(bundle.scorer_path_for(name))).graph.initializer}
     assert inits["table.scores"].data_type == inits["table.threshold"].data_type == TensorProto.FLOAT
-    padded = numpy_helper.to_array(inits["table.scores"])
-    assert len(padded) == len(precision_graphs.padded_scores(fp32)) >= calibration.n + 1
-    np.testing.assert_array_equal(padded[:calibration.n], own)
-    assert np.all(np.isinf(padded[calibration.n:]))
+    table = numpy_helper.to_array(inits["table.scores"])
+    assert len(table) == len(fp32.search_table()) >= calibration.n + 1
+    assert table[0] == -np.inf
+    np.testing.assert_array_equal(table[1:calibration.n + 1], own)
+    assert np.all(table[calibration.n + 1:] == np.inf)
     assert numpy_helper.to_array(inits["table.threshold"]) == np.float32(entry["threshold"])
 
 
