@@ -372,11 +372,15 @@ def environment() -> dict:
 
 
 def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str], out: Path,
-        command: str = "", config_path: Path | None = None) -> dict:
+        command: str = "", config_path: Path | None = None, resume: bool = False) -> dict:
     """Run every (dataset, protocol, seed, method); write ``out`` after each dataset; return the result.
 
     ``config_path``: a pipeline YAML config for ours, for recording experiments with other
-    settings; the benchmark of record runs the defaults, as a user does."""
+    settings; the benchmark of record runs the defaults, as a user does.
+
+    ``resume``: keep the successful runs already in ``out`` (same settings) and run only the rest,
+    so a run longer than one sitting can be finished later. ``out`` is rewritten after each
+    (dataset, protocol, seed), so an interrupted run loses at most one seed's methods."""
     import torch
 
     torch.set_num_threads(THREADS)
@@ -398,9 +402,13 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
                      "peer_inputs": {m: PEER_INPUTS[m] for m in methods if m in PEER_INPUTS}},
         "records": [], "calibration": [],
     }
+    earlier_seconds = 0.0
+    if resume and out.exists():
+        result, earlier_seconds = resumed(result, json.loads(out.read_text()), out)
+    finished = {(r["dataset"], r["protocol"], r["method"], r["seed"]) for r in result["records"]}
     total = len(datasets) * len(protocols) * seeds * len(methods)
     done = 0
-    started = time.perf_counter()
+    started = time.perf_counter() - earlier_seconds
     with tempfile.TemporaryDirectory(prefix="vaeguard-quality-") as tmp:
         workdir = Path(tmp)
         for dataset in datasets:
@@ -410,6 +418,8 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
                     split = make_split(y, protocol, seed)
                     for method in methods:
                         done += 1
+                        if (dataset, protocol, method, seed) in finished:
+                            continue
                         record = {"dataset": dataset, "protocol": protocol, "method": method, "seed": seed,
                                   "n_train": int(len(split.train)), "n_test": int(len(split.test)),
                                   "n_test_anomalies": int(split.test_labels.sum()), "n_features": int(X.shape[1])}
@@ -437,14 +447,31 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
                         result["records"].append(record)
                         log(f"[{done}/{total} {time.perf_counter() - started:.0f}s] {dataset} {protocol} "
                             f"seed {seed} {method}: {summary}")
-            result["aggregates"] = aggregate(result, published)
-            write_json_atomic(out, result)
+                    result["seconds"] = round(time.perf_counter() - started, 1)
+                    result["aggregates"] = aggregate(result, published)
+                    write_json_atomic(out, result)
     result["complete"] = True
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["aggregates"] = aggregate(result, published)
     write_json_atomic(out, result)
     return result
+
+
+def resumed(fresh: dict, earlier: dict, out: Path) -> tuple[dict, float]:
+    """``fresh`` with the successful runs of an earlier, interrupted ``out`` of the same settings."""
+    if earlier.get("settings") != finite_or_none(json.loads(json.dumps(fresh["settings"]))):
+        raise SystemExit(f"error: {out} was made with other settings; pass another --out or drop --resume")
+    kept = [r for r in earlier["records"] if "error" not in r]
+    keys = {(r["dataset"], r["method"], r["seed"]) for r in kept if r["protocol"] == "semi"}
+    fresh["records"] = kept
+    fresh["calibration"] = [c for c in earlier["calibration"] if (c["dataset"], c["method"], c["seed"]) in keys]
+    fresh["started_at"] = earlier["started_at"]
+    fresh["resumed"] = earlier.get("resumed", []) + [{"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                                      "kept_runs": len(kept), "environment": fresh["environment"]}]
+    fresh["environment"] = earlier["environment"]
+    log(f"resuming {out}: {len(kept)} run(s) kept")
+    return fresh, float(earlier.get("seconds") or 0.0)
 
 
 # --- aggregates ---------------------------------------------------------------------------
@@ -734,6 +761,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS)
     parser.add_argument("--methods", nargs="+", choices=METHODS)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/quality.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs in --out (same settings) and run only the rest")
     parser.add_argument("--config", type=Path, help="a pipeline YAML config for ours (experiments; default: the defaults)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"datasets": None, "seeds": 5, "protocols": list(PROTOCOLS),
@@ -755,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "-m", "benchmarks.quality", *argv])
-    result = run(args.datasets, args.seeds, args.protocols, args.methods, args.out, command, args.config)
+    result = run(args.datasets, args.seeds, args.protocols, args.methods, args.out, command, args.config,
+                 args.resume)
     markdown = render_markdown(result)
     args.out.with_suffix(".md").write_text(markdown)
     sys.stdout.write(markdown)

@@ -103,3 +103,24 @@ def test_quick_run(tmp_path, capsys):
         assert text in markdown
     assert "| thyroid | " in markdown and "98.5" in markdown  # published VAE beside ours
     assert out.with_suffix(".md").read_text() == markdown
+
+
+def test_resume_runs_only_what_an_interrupted_run_left(tmp_path):
+    """A run cut short keeps its finished runs: --resume runs the rest, and the result is whole."""
+    out = tmp_path / "quality.json"
+    argv = ["--datasets", "thyroid", "--seeds", "2", "--protocols", "semi", "--methods", "iforest", "--out", str(out)]
+    assert quality.main(argv) == 0
+    whole = json.loads(out.read_text())
+    interrupted = dict(whole, complete=False, records=whole["records"][:1],
+                       calibration=[c for c in whole["calibration"] if c["seed"] == 0])
+    out.write_text(json.dumps(interrupted))
+    assert quality.main([*argv, "--resume"]) == 0
+    finished = json.loads(out.read_text())
+    assert finished["complete"] and len(finished["resumed"]) == 1 and finished["resumed"][0]["kept_runs"] == 1
+    key = lambda r: (r["seed"], r["method"])  # noqa: E731
+    assert sorted(map(key, finished["records"])) == sorted(map(key, whole["records"]))
+    assert [r["auroc"] for r in sorted(finished["records"], key=key)] == [r["auroc"] for r in sorted(whole["records"], key=key)]
+    assert len(finished["calibration"]) == len(whole["calibration"])
+    # Another run's file is never mixed in.
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main([*argv[:3], "3", *argv[4:], "--resume"])
