@@ -124,3 +124,14 @@ def test_resume_runs_only_what_an_interrupted_run_left(tmp_path):
     # Another run's file is never mixed in.
     with pytest.raises(SystemExit, match="other settings"):
         quality.main([*argv[:3], "3", *argv[4:], "--resume"])
+
+
+def test_conformal_spread_follows_the_beta_law():
+    """An exact conformal threshold on 499 rows (k = 5) strays by about 1/sqrt(k) per seed; on 19,999 rows it barely does."""
+    from benchmarks.conformal_spread import miss_chance
+
+    rng = np.random.default_rng(0)
+    k, spread, missed = miss_chance(499, 2866, 0.01, 5, 0.3, rng)
+    assert k == 5 and 0.40 < spread < 0.55 and 0.10 < missed.mean() < 0.25
+    k, spread, missed = miss_chance(19_999, 141_651, 0.01, 5, 0.3, rng)
+    assert k == 200 and spread < 0.1 and missed.mean() < 0.001
