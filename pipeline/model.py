@@ -25,7 +25,7 @@ def default_layer_sizes(n_features: int) -> tuple[tuple[int, ...], int]:
 
 
 # Hidden-layer activations a model may be built with; the name is recorded in the manifest.
-ACTIVATIONS = {"elu": nn.ELU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.1), "relu": nn.ReLU}
+ACTIVATIONS = {"elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.1), "relu": nn.ReLU}
 
 
 def activation_layer(name: str) -> nn.Module:
@@ -73,7 +73,7 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int, activation: str = "elu"):
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int, activation: str = "silu"):
         super().__init__()
         self.n_features, self.hidden_sizes, self.latent_dim = n_features, tuple(hidden_sizes), latent_dim
         self.activation = activation
