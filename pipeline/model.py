@@ -24,20 +24,15 @@ def default_layer_sizes(n_features: int) -> tuple[tuple[int, ...], int]:
     return (first, second), latent
 
 
-# Hidden-layer activations a model may be built with; the name is recorded in the manifest.
+# Hidden-layer activations a model may be built with (``model.activation``, checked in
+# pipeline.train.build_model); the name is recorded in the manifest.
 ACTIVATIONS = {"elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.1), "relu": nn.ReLU}
-
-
-def activation_layer(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
 
 
 def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), activation_layer(activation)]
+        layers += [nn.Linear(n_in, n_out), ACTIVATIONS[activation]()]
     return nn.Sequential(*layers)
 
 
@@ -73,7 +68,7 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int, activation: str = "silu"):
+    def __init__(self, n_features: int, hidden_sizes: tuple[int, ...], latent_dim: int, activation: str):
         super().__init__()
         self.n_features, self.hidden_sizes, self.latent_dim = n_features, tuple(hidden_sizes), latent_dim
         self.activation = activation

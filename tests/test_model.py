@@ -11,7 +11,7 @@ from pipeline.train import build_model, train_vae
 
 def test_scores_use_mu_and_are_deterministic():
     torch.manual_seed(0)
-    vae = VAE(6, (16, 8), 3).eval()
+    vae = VAE(6, (16, 8), 3, "silu").eval()
     x = torch.randn(32, 6)
     first = vae(x, sample=False)
     second = vae(x, sample=False)
@@ -23,7 +23,7 @@ def test_scores_use_mu_and_are_deterministic():
 
 def test_output_layer_reconstructs_negative_values():
     # A linear output (no ReLU) can produce the negative standardized values it must rebuild.
-    vae = VAE(4, (8,), 2)
+    vae = VAE(4, (8,), 2, "silu")
     assert isinstance(vae.decoder.out, torch.nn.Linear)
 
 
