@@ -63,3 +63,15 @@ def test_label_must_be_binary(table):
 def test_named_columns_must_exist(table):
     with pytest.raises(DataError, match="'nope'"):
         infer_schema(table, source="t", config=PreprocessConfig(), id_columns=("nope",))
+
+
+def test_category_arrays_share_one_str_per_category_and_accept_chunked_columns():
+    import pyarrow as pa
+
+    from pipeline.schema import as_category_array
+
+    chunked = pa.chunked_array([["a", None], ["b", "a"], []])
+    values = as_category_array(chunked)
+    assert values.dtype == object and values.tolist() == ["a", "", "b", "a"]
+    assert values[0] is values[3]  # one Python str per category, not one per cell
+    assert as_category_array(pa.array([2.0, None, 3.0])).tolist() == ["2", "", "3"]  # spelled as training spelled them
