@@ -102,11 +102,11 @@ def test_serve_scores_a_dropped_file_once_and_stops_cleanly(prefect_server, trai
     finally:
         serve.send_signal(signal.SIGTERM)
         try:
-            output, _ = serve.communicate(timeout=60)
+            output, _ = serve.communicate(timeout=120)  # cancelling an in-flight run is slow on a loaded machine
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
             output = serve.communicate()[0]
-            raise AssertionError(f"vaeguard serve did not stop within 60 s of SIGTERM:\n{output[-5000:]}") from None
+            raise AssertionError(f"vaeguard serve did not stop within 120 s of SIGTERM:\n{output[-5000:]}") from None
         finally:
             print(output[-3000:])  # shown by pytest when the test fails
     assert serve.returncode == 0, output[-3000:]
