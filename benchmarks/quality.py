@@ -373,7 +373,7 @@ def environment() -> dict:
 
 def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str], out: Path,
         command: str = "", config_path: Path | None = None, resume: bool = False) -> dict:
-    """Run every (dataset, protocol, seed, method); write ``out`` after each dataset; return the result.
+    """Run every (dataset, protocol, seed, method); write ``out`` after each seed; return the result.
 
     ``config_path``: a pipeline YAML config for ours, for recording experiments with other
     settings; the benchmark of record runs the defaults, as a user does.
