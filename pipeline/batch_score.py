@@ -162,9 +162,12 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
     writer = OutputWriter(job.output)  # validates the output extension before any work
+    # Inputs are checked before the session is built, so a bad path fails with its own error
+    # alone, not after a device warning.
+    bundle = scorer.bundle if scorer else Bundle.load(job.bundle)
+    checked = [(Path(p), *required_columns(bundle, Path(p))) for p in job.inputs]
     scorer = scorer or shared_scorer(job.bundle, job.device, file_scoring_threads(job.threads), job.precision)
     bundle = scorer.bundle
-    checked = [(Path(p), *required_columns(bundle, Path(p))) for p in job.inputs]
     schema = bundle.schema
     calibration = bundle.calibration_for(scorer.precision)
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output), device=scorer.device,

@@ -24,6 +24,12 @@ from pipeline.errors import ConfigError, DataError
 # writing 1M scored rows took 0.24 CPU-s that way and 0.06 like this, and the file is smaller.
 DICTIONARY_COLUMNS = ("source", "p_value")  # booleans are bit-packed anyway
 
+# Scored chunks are small (a CSV block is about 6,800 rows), and each write_table call makes a
+# row group: 147 of them for 1M rows, each with its own page headers and statistics. Gathering
+# chunks into row groups of this many rows took writing 1M scored rows from 0.09 to 0.06 CPU-s,
+# and readers filter on fewer, larger statistics. About 7 MB of results wait at most.
+ROW_GROUP_ROWS = 1 << 17
+
 
 def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     return pq.ParquetWriter(path, schema, use_dictionary=[c for c in DICTIONARY_COLUMNS if c in schema.names])
@@ -80,13 +86,22 @@ class OutputWriter:
 
     def _drain(self, schema: pa.Schema) -> None:
         writer = None
+        finished = False
         try:
             writer = parquet_writer(self.temp, schema) if self.format == "parquet" else pacsv.CSVWriter(self.temp, schema)
-            while (table := self._queue.get()) is not self._DONE:
-                writer.write_table(table)
+            waiting: list[pa.Table] = []
+            while not finished:
+                table = self._queue.get()
+                finished = table is self._DONE
+                if not finished:
+                    waiting.append(table)
+                full = self.format == "csv" or sum(t.num_rows for t in waiting) >= ROW_GROUP_ROWS
+                if waiting and (full or finished):
+                    writer.write_table(pa.concat_tables(waiting))
+                    waiting = []
         except BaseException as exc:  # noqa: BLE001 - handed to the caller at its next call
             self._error = exc
-            while self._queue.get() is not self._DONE:  # keep the producer from blocking
+            while not finished and self._queue.get() is not self._DONE:  # keep the producer from blocking
                 pass
         finally:
             if writer is not None:
