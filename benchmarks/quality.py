@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
@@ -172,7 +173,6 @@ def ks_uniform(p_values: np.ndarray) -> dict:
     direction in which p-values are too small, i.e. more false alarms than asked for. Tied
     scores (duplicate rows) give tied p-values, a step the two-sided statistic counts against
     uniformity although flagging p <= alpha stays valid; D+ is the one that matters."""
-    from scipy import stats
 
     p = np.sort(np.asarray(p_values, dtype=np.float64))
     two_sided = stats.kstest(p, "uniform")
@@ -577,7 +577,34 @@ def aggregate_calibration(result: dict) -> dict:
             summary.setdefault(method, {})[str(alpha)] = {
                 "mare": _mean(errors(False)), "n_datasets": len(errors(False)),
                 "mare_large": _mean(errors(True)), "n_large": len(errors(True))}
-    return {"per_dataset": per_dataset, "summary": summary, "ks": ks}
+    return {"per_dataset": per_dataset, "summary": summary, "ks": ks, "stated_range": stated_range_coverage(entries)}
+
+
+def stated_range_coverage(entries: list[dict]) -> dict:
+    """Per target: on how many runs ours' realized FPR fell inside the range vaeguard states for it.
+
+    A bundle states where its own rate lies, Beta(k, n + 1 - k) over calibration draws
+    (`calibrate.fpr_range`, 90%). A run measures that rate on m test normal rows, which adds
+    binomial noise, so the count of false alarms is checked against the 5%-95% quantiles of
+    BetaBinomial(m, k, n + 1 - k). About 90% of runs should land inside; far fewer would mean the
+    stated range is too narrow, i.e. the calibration is not honest about its own precision.
+    """
+    coverage: dict = {}
+    for alpha in TARGET_FPRS:
+        runs = [e for e in entries if e["method"] == "ours" and e["target_fpr"] == alpha and "realized_fpr" in e]
+        cell = {"runs": 0, "inside": 0, "runs_large": 0, "inside_large": 0}
+        for e in runs:
+            n, m = e["n_calibration"], e["n_test_normal"]
+            k = round(e["expected_fpr"] * (n + 1))
+            low, high = stats.betabinom.ppf([0.05, 0.95], m, k, n + 1 - k)
+            inside = int(low <= round(e["realized_fpr"] * m) <= high)
+            large = m >= LARGE_TEST_NORMAL
+            cell["runs"] += 1
+            cell["inside"] += inside
+            cell["runs_large"] += large
+            cell["inside_large"] += inside * large
+        coverage[str(alpha)] = cell
+    return coverage
 
 
 # --- markdown -----------------------------------------------------------------------------
@@ -720,6 +747,19 @@ def render_markdown(result: dict) -> str:
                     cells.append("n/a" if mare is None else f"{mare:.2f} ({n})")
                 rows.append([_pct(alpha, 1), f">= {LARGE_TEST_NORMAL:,} test normal rows" if large else "all", *cells])
         lines += _table(header, rows)
+        if "ours" in methods and cal.get("stated_range"):
+            lines += ["", "Is ours honest about its own precision? Each bundle states a 90% range for its false-positive "
+                          "rate (`calibrate.fpr_range`: Beta(k, n + 1 - k) over calibration draws). Runs whose count of "
+                          "false alarms on the test normal rows fell inside that range, widened for the finite test set "
+                          "(the 5%-95% quantiles of BetaBinomial(test normal rows, k, n + 1 - k)); about 90% is honest.", ""]
+            rows = []
+            for alpha in TARGET_FPRS:
+                c = cal["stated_range"].get(str(alpha))
+                if not c or not c["runs"]:
+                    continue
+                share = lambda inside, runs: f"{inside} / {runs} ({inside / runs:.0%})" if runs else "n/a"  # noqa: E731
+                rows.append([_pct(alpha, 1), share(c["inside"], c["runs"]), share(c["inside_large"], c["runs_large"])])
+            lines += _table(["target %", "all runs", f">= {LARGE_TEST_NORMAL:,} test normal rows"], rows)
         if cal["ks"]:
             lines += ["", "ours' conformal p-values (the exported scorer's `p_value`) on the test normal rows against "
                           "Uniform(0, 1), means over seeds: KS two-sided, and KS+ = max(ECDF(t) - t), the direction of "

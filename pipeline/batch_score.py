@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.bundle import Bundle
+from pipeline.calibrate import describe_fpr_range
 from pipeline.config import ScoreJob, resolve_threads, show_progress
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
@@ -51,6 +52,7 @@ class ScoreSummary:
     device: str
     target_fpr: float
     expected_fpr: float
+    fpr_range: str = ""  # where this bundle's own rate lies, given its calibration size
     rows: int = 0
     anomalies: int = 0
     seconds: float = 0.0
@@ -69,7 +71,8 @@ class ScoreSummary:
 
     def describe(self) -> str:
         text = (f"{self.rows:,} rows, {self.anomalies:,} anomalies: observed rate {self.anomaly_rate:.4%} "
-                f"against target FPR {self.target_fpr:.4%} (expected {self.expected_fpr:.4%} on normal data)")
+                f"against target FPR {self.target_fpr:.4%} (expected {self.expected_fpr:.4%} on normal data"
+                + (f"; {self.fpr_range}" if self.fpr_range else "") + ")")
         if self.skipped:
             text += f"; {self.skipped:,} unreadable image(s) skipped"
         if self.auroc is not None:
@@ -171,7 +174,8 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     schema = bundle.schema
     calibration = bundle.calibration_for(scorer.precision)
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output), device=scorer.device,
-                           target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"])
+                           target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"],
+                           fpr_range=describe_fpr_range(calibration["rank"], calibration["n_calibration"]))
     labels, scores = [], []
     started = time.perf_counter()
     show = show_progress()

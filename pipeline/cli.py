@@ -15,6 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from pipeline.calibrate import describe_fpr_range
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("vaeguard")
@@ -139,7 +140,8 @@ def format_training(facts: dict) -> str:
         f"splits:      train {sizes['train']:,}, validation {sizes['val']:,}, calibration {sizes['cal']:,}"
         + (f", test {sizes['test']:,}" if sizes["test"] else ""),
         f"training:    {trained['epochs']} epochs (best {trained['best_epoch']}) in {trained['seconds']:.1f}s on {trained['device']}",
-        f"threshold:   {cal['threshold']:.6g} (expected FPR {cal['expected_fpr']:.4%} from {cal['n_calibration']:,} calibration rows)",
+        f"threshold:   {cal['threshold']:.6g} (expected FPR {cal['expected_fpr']:.4%}; "
+        f"{describe_fpr_range(cal['rank'], cal['n_calibration'])})",
     ]
     if "auroc" in cal:
         lines.append(f"held-out:    AUROC {cal['auroc']:.4f}, AUPRC {cal['auprc']:.4f}, "

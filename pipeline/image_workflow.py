@@ -104,8 +104,8 @@ def calibrate_threshold(job: ImageTrainJob, run: RunDir) -> dict:
     calibration = calibrate(_scores(load_image_graph(job, run), load_run_images(run)[splits.cal]),
                             job.config.calibration.target_fpr)
     write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": {}})
-    return {"threshold": calibration.threshold, "n_calibration": calibration.n,
-            "expected_fpr": calibration.expected_fpr}
+    return {"threshold": calibration.threshold, "n_calibration": calibration.n, "rank": calibration.rank,
+            "expected_fpr": calibration.expected_fpr, "fpr_range_90": list(calibration.fpr_range(0.9))}
 
 
 def _calibration(run: RunDir) -> Calibration:

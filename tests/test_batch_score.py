@@ -32,6 +32,11 @@ def test_streamed_scores_equal_in_memory_scores(trained_bundle, frame, tmp_path,
     assert summary.auroc > 0.7  # the input carries the bundle's label column
     written = json.loads(summary_path(out).read_text())
     assert written["rows"] == 5000 and written["target_fpr"] == 0.01
+    calibration = Bundle.load(trained_bundle).calibration_for("fp32")
+    low, high = calibration["fpr_range_90"]
+    assert low < calibration["expected_fpr"] < high
+    assert written["fpr_range"] == f"{low:.2%}-{high:.2%} for 90% of calibration sets of {calibration['n_calibration']:,} rows"
+    assert written["fpr_range"] in summary.describe()
 
 
 def test_failed_run_leaves_existing_output_untouched(trained_bundle, frame, tmp_path):

@@ -99,10 +99,21 @@ def test_quick_run(tmp_path, capsys):
     assert ours["bundle_is_anomaly_fpr"] == pytest.approx(ours_1pct["realized_fpr"])
 
     assert "python -m benchmarks.quality --quick" in markdown.splitlines()[1]
-    for text in ("thyroid", "ours", "iforest", "knn", "### AUROC, semi", "### Calibration honesty", "pub. VAE"):
+    for text in ("thyroid", "ours", "iforest", "knn", "### AUROC, semi", "### Calibration honesty", "pub. VAE",
+                 "honest about its own precision"):
         assert text in markdown
     assert "| thyroid | " in markdown and "98.5" in markdown  # published VAE beside ours
     assert out.with_suffix(".md").read_text() == markdown
+
+
+def test_stated_range_coverage_counts_runs_inside_the_beta_binomial_range():
+    """599 calibration rows (k = 6 at 1%) and 3,000 test normal rows: 1.0% lies inside the
+    stated range, 3.0% far above it; peers' entries are not counted."""
+    base = {"target_fpr": 0.01, "n_calibration": 599, "expected_fpr": 6 / 600, "n_test_normal": 3000}
+    entries = [base | {"method": "ours", "realized_fpr": 0.010}, base | {"method": "ours", "realized_fpr": 0.030},
+               base | {"method": "knn", "realized_fpr": 0.010}, base | {"method": "ours", "error": "DataError"}]
+    coverage = quality.stated_range_coverage(entries)["0.01"]
+    assert coverage == {"runs": 2, "inside": 1, "runs_large": 2, "inside_large": 1}
 
 
 def test_resume_runs_only_what_an_interrupted_run_left(tmp_path):

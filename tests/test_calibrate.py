@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.calibrate import calibrate, conformal_p_values, min_calibration_rows
+from pipeline.calibrate import calibrate, conformal_p_values, describe_fpr_range, fpr_range, min_calibration_rows
 from pipeline.errors import ConfigError, DataError
 
 
@@ -23,6 +23,25 @@ def test_false_positive_rate_on_exchangeable_normals_is_near_target():
         cal = calibrate(rng.normal(size=1999).astype(np.float32), 0.05)
         rates.append((rng.normal(size=2000) > cal.threshold).mean())
     assert abs(np.mean(rates) - 0.05) < 0.004
+
+
+def test_fpr_range_covers_the_bundles_own_rate_as_often_as_it_says():
+    """Each calibration set's threshold has its own true rate (Uniform(0, 1) scores: 1 - threshold);
+    the stated 90% range must hold for about 90% of sets, not for nearly all or far fewer."""
+    rng = np.random.default_rng(4)
+    n, hits, draws = 599, 0, 3000
+    for _ in range(draws):
+        cal = calibrate(rng.random(n).astype(np.float32), 0.01)
+        low, high = cal.fpr_range()
+        hits += low <= 1.0 - cal.threshold <= high
+    assert 0.875 <= hits / draws <= 0.925
+
+
+def test_fpr_range_narrows_with_more_calibration_rows():
+    small, large = fpr_range(6, 599), fpr_range(200, 19_999)
+    assert small[0] < 0.005 and small[1] > 0.017  # k = 6: the rate is known to within a factor ~2
+    assert 0.0088 < large[0] < 0.01 < large[1] < 0.0113
+    assert describe_fpr_range(6, 599) == "0.44%-1.75% for 90% of calibration sets of 599 rows"
 
 
 def test_p_values_are_uniform_on_normals():
