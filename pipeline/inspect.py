@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.calibrate import fpr_range
+
 
 def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
     if not rows:
@@ -35,7 +37,9 @@ def describe_manifest(manifest: dict) -> str:
         "",
         "calibration:",
         *_table([("threshold", _fmt(cal["threshold"])), ("target FPR", _fmt(cal["target_fpr"])),
-                 ("expected FPR", _fmt(cal["expected_fpr"])), ("calibration rows", _fmt(cal["n_calibration"]))]),
+                 ("expected FPR", _fmt(cal["expected_fpr"])),
+                 ("90% range", "{:.2%}-{:.2%}".format(*fpr_range(cal["rank"], cal["n_calibration"]))),
+                 ("calibration rows", _fmt(cal["n_calibration"]))]),
     ]
     if manifest.get("variants"):
         lines += ["reduced-precision scorers (own threshold; compared with fp32 on the calibration inputs):",

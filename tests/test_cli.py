@@ -132,6 +132,8 @@ def test_inspect_via_installed_script(cli_trained):
     manifest = json.loads((cli_trained.bundle / "manifest.json").read_text())
     assert "threshold" in proc.stdout
     assert f"{manifest['calibration']['threshold']:.6g}" in proc.stdout
+    low, high = manifest["calibration"]["fpr_range_90"]
+    assert f"90% range         {low:.2%}-{high:.2%}" in proc.stdout
     for column in manifest["schema"]["numeric"] + manifest["schema"]["categorical"]:
         assert column in proc.stdout
 
