@@ -90,9 +90,12 @@ def fpr_range(rank: int, n: int, level: float = FPR_RANGE_LEVEL) -> tuple[float,
     return float(low), float(high)
 
 
+def format_fpr_range(rank: int, n: int) -> str:
+    return "{:.2%}-{:.2%}".format(*fpr_range(rank, n))
+
+
 def describe_fpr_range(rank: int, n: int) -> str:
-    low, high = fpr_range(rank, n)
-    return f"{low:.2%}-{high:.2%} for {FPR_RANGE_LEVEL:.0%} of calibration sets of {n:,} rows"
+    return f"{format_fpr_range(rank, n)} for {FPR_RANGE_LEVEL:.0%} of calibration sets of {n:,} rows"
 
 
 def min_calibration_rows(target_fpr: float) -> int:

@@ -105,7 +105,7 @@ def calibrate_threshold(job: ImageTrainJob, run: RunDir) -> dict:
                             job.config.calibration.target_fpr)
     write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": {}})
     return {"threshold": calibration.threshold, "n_calibration": calibration.n, "rank": calibration.rank,
-            "expected_fpr": calibration.expected_fpr, "fpr_range_90": list(calibration.fpr_range(0.9))}
+            "expected_fpr": calibration.expected_fpr}
 
 
 def _calibration(run: RunDir) -> Calibration:

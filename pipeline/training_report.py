@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from pipeline.bundle import MANIFEST
-from pipeline.calibrate import FPR_RANGE_LEVEL, Calibration
+from pipeline.calibrate import FPR_RANGE_LEVEL, Calibration, format_fpr_range
 from pipeline.config import ImageTrainJob, TrainJob
 from pipeline.model import error_map
 from pipeline.preprocess import source_column
@@ -53,7 +53,7 @@ def _common_sections(job, run: RunDir, manifest: dict, calibration: Calibration)
                 f"Rows above the threshold are flagged; on normal data that happens at the expected rate "
                 f"{calibration.expected_fpr:.3%} (target {calibration.target_fpr:.2%}). That rate is an average "
                 f"over calibration sets: this bundle's own rate lies in "
-                f"{calibration.fpr_range()[0]:.2%}-{calibration.fpr_range()[1]:.2%} with {FPR_RANGE_LEVEL:.0%} "
+                f"{format_fpr_range(calibration.rank, calibration.n)} with {FPR_RANGE_LEVEL:.0%} "
                 f"probability, and more calibration rows narrow it.",
                 figures=[("calibration scores", score_histogram(calibration.scores, calibration.threshold,
                                                                 calibration.target_fpr))]),

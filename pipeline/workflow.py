@@ -172,7 +172,7 @@ def calibrate_threshold(job: TrainJob, run: RunDir) -> dict:
                         "test_recall": float((scores[~normal] > calibration.threshold).mean())}
     write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": metrics})
     return {"threshold": calibration.threshold, "n_calibration": calibration.n, "rank": calibration.rank,
-            "expected_fpr": calibration.expected_fpr, "fpr_range_90": list(calibration.fpr_range(0.9)), **metrics}
+            "expected_fpr": calibration.expected_fpr, **metrics}
 
 
 def load_scorer_graph(job: TrainJob, run: RunDir) -> tuple[ScorerGraph, Preprocessor, Calibration]:
