@@ -52,7 +52,7 @@ class ScoreSummary:
     device: str
     target_fpr: float
     expected_fpr: float
-    fpr_range: str = ""  # where this bundle's own rate lies, given its calibration size
+    fpr_range: str  # where this bundle's own rate lies, given its calibration size
     rows: int = 0
     anomalies: int = 0
     seconds: float = 0.0
@@ -71,8 +71,8 @@ class ScoreSummary:
 
     def describe(self) -> str:
         text = (f"{self.rows:,} rows, {self.anomalies:,} anomalies: observed rate {self.anomaly_rate:.4%} "
-                f"against target FPR {self.target_fpr:.4%} (expected {self.expected_fpr:.4%} on normal data"
-                + (f"; {self.fpr_range}" if self.fpr_range else "") + ")")
+                f"against target FPR {self.target_fpr:.4%} (expected {self.expected_fpr:.4%} on normal data; "
+                f"{self.fpr_range})")
         if self.skipped:
             text += f"; {self.skipped:,} unreadable image(s) skipped"
         if self.auroc is not None:
