@@ -169,7 +169,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     # alone, not after a device warning.
     bundle = scorer.bundle if scorer else Bundle.load(job.bundle)
     checked = [(Path(p), *required_columns(bundle, Path(p))) for p in job.inputs]
-    scorer = scorer or shared_scorer(job.bundle, job.device, file_scoring_threads(job.threads), job.precision)
+    scorer = scorer or shared_scorer(bundle, job.device, file_scoring_threads(job.threads), job.precision)
     bundle = scorer.bundle
     schema = bundle.schema
     calibration = bundle.calibration_for(scorer.precision)

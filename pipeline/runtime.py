@@ -179,14 +179,15 @@ _SHARED: dict[tuple, BundleScorer] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_scorer(bundle_path: str | Path, device: str = "auto", threads: int | None = None,
+def shared_scorer(bundle: Bundle | str | Path, device: str = "auto", threads: int | None = None,
                   precision: str = "fp32") -> BundleScorer:
     """One onnxruntime session per bundle version, device and process, reused for every file.
 
-    A Dask worker or a flow scoring many files builds its session once instead of per file;
-    the bundle's hashes are still checked on every call, so a replaced bundle gets a new one.
+    A Dask worker or a flow scoring many files builds its session once instead of per file.
+    The key holds the bundle's file hashes, so a replaced bundle gets a new session: give a
+    path (loaded and hash-checked here) or a Bundle the caller has just loaded.
     """
-    bundle = Bundle.load(bundle_path)
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     key = (str(bundle.path.resolve()), tuple(sorted(bundle.manifest["files"].items())), device, threads, precision)
     with _SHARED_LOCK:
         if key not in _SHARED:

@@ -137,3 +137,14 @@ def test_inputs_are_checked_before_a_session_is_built(trained_bundle, frame, tmp
         score_files(ScoreJob(trained_bundle, (source,), tmp_path / "scores.parquet", device="auto"))
     assert built == []
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_the_bundle_is_loaded_and_hashed_once(trained_bundle, frame, tmp_path, monkeypatch):
+    """The inputs check and the session share one load of the bundle (each load hashes every file)."""
+    loads = []
+    load = Bundle.load.__func__
+    monkeypatch.setattr(Bundle, "load", classmethod(lambda cls, path: loads.append(path) or load(cls, path)))
+    source = write_table(frame, tmp_path / "in.csv")
+    summary = score_files(ScoreJob(trained_bundle, (source,), tmp_path / "scores.parquet", device="cpu"))
+    assert summary.rows == len(frame)
+    assert len(loads) == 1
