@@ -372,7 +372,8 @@ def environment() -> dict:
 
 
 def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str], out: Path,
-        command: str = "", config_path: Path | None = None, resume: bool = False) -> dict:
+        command: str = "", config_path: Path | None = None, resume: bool = False,
+        rerun: tuple[str, ...] = ()) -> dict:
     """Run every (dataset, protocol, seed, method); write ``out`` after each seed; return the result.
 
     ``config_path``: a pipeline YAML config for ours, for recording experiments with other
@@ -380,7 +381,11 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
 
     ``resume``: keep the successful runs already in ``out`` (same settings) and run only the rest,
     so a run longer than one sitting can be finished later. ``out`` is rewritten after each
-    (dataset, protocol, seed), so an interrupted run loses at most one seed's methods."""
+    (dataset, protocol, seed), so an interrupted run loses at most one seed's methods.
+
+    ``rerun`` (with ``resume``): methods whose earlier runs are dropped and run again, so that when
+    ours' defaults change, ours is measured anew beside the same peers' runs (which do not depend
+    on ours' settings). With ours among them, ours' settings may differ from the earlier file's."""
     import torch
 
     torch.set_num_threads(THREADS)
@@ -404,7 +409,7 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
     }
     earlier_seconds = 0.0
     if resume and out.exists():
-        result, earlier_seconds = resumed(result, json.loads(out.read_text()), out)
+        result, earlier_seconds = resumed(result, json.loads(out.read_text()), out, rerun)
     finished = {(r["dataset"], r["protocol"], r["method"], r["seed"]) for r in result["records"]}
     total = len(datasets) * len(protocols) * seeds * len(methods)
     done = 0
@@ -458,17 +463,21 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
     return result
 
 
-def resumed(fresh: dict, earlier: dict, out: Path) -> tuple[dict, float]:
-    """``fresh`` with the successful runs of an earlier, interrupted ``out`` of the same settings."""
-    if earlier.get("settings") != finite_or_none(json.loads(json.dumps(fresh["settings"]))):
+def resumed(fresh: dict, earlier: dict, out: Path, rerun: tuple[str, ...] = ()) -> tuple[dict, float]:
+    """``fresh`` with the successful runs of an earlier ``out`` of the same settings, less those of
+    the ``rerun`` methods (see ``run``)."""
+    ignored = ("ours_config", "ours_settings") if "ours" in rerun else ()
+    comparable = lambda settings: {k: v for k, v in settings.items() if k not in ignored}  # noqa: E731
+    if comparable(earlier.get("settings") or {}) != comparable(finite_or_none(json.loads(json.dumps(fresh["settings"])))):
         raise SystemExit(f"error: {out} was made with other settings; pass another --out or drop --resume")
-    kept = [r for r in earlier["records"] if "error" not in r]
+    kept = [r for r in earlier["records"] if "error" not in r and r["method"] not in rerun]
     keys = {(r["dataset"], r["method"], r["seed"]) for r in kept if r["protocol"] == "semi"}
     fresh["records"] = kept
     fresh["calibration"] = [c for c in earlier["calibration"] if (c["dataset"], c["method"], c["seed"]) in keys]
     fresh["started_at"] = earlier["started_at"]
     fresh["resumed"] = earlier.get("resumed", []) + [{"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                                      "kept_runs": len(kept), "environment": fresh["environment"]}]
+                                                      "kept_runs": len(kept), "rerun": list(rerun),
+                                                      "environment": fresh["environment"]}]
     fresh["environment"] = earlier["environment"]
     log(f"resuming {out}: {len(kept)} run(s) kept")
     return fresh, float(earlier.get("seconds") or 0.0)
@@ -803,8 +812,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/quality.json"))
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished runs in --out (same settings) and run only the rest")
+    parser.add_argument("--rerun", nargs="+", default=[], choices=METHODS, metavar="METHOD",
+                        help="with --resume: drop these methods' runs in --out and run them again "
+                             "(ours after its defaults changed, beside the same peers' runs)")
     parser.add_argument("--config", type=Path, help="a pipeline YAML config for ours (experiments; default: the defaults)")
     args = parser.parse_args(argv)
+    if args.rerun and not args.resume:
+        parser.error("--rerun needs --resume (it re-runs methods inside an earlier result)")
     defaults = QUICK if args.quick else {"datasets": None, "seeds": 5, "protocols": list(PROTOCOLS),
                                          "methods": list(METHODS)}
     for key, value in defaults.items():
@@ -825,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "-m", "benchmarks.quality", *argv])
     result = run(args.datasets, args.seeds, args.protocols, args.methods, args.out, command, args.config,
-                 args.resume)
+                 args.resume, tuple(args.rerun))
     markdown = render_markdown(result)
     args.out.with_suffix(".md").write_text(markdown)
     sys.stdout.write(markdown)

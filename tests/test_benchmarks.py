@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,38 @@ def test_resume_runs_only_what_an_interrupted_run_left(tmp_path):
     # Another run's file is never mixed in.
     with pytest.raises(SystemExit, match="other settings"):
         quality.main([*argv[:3], "3", *argv[4:], "--resume"])
+
+
+def test_rerun_replaces_one_methods_runs_and_keeps_the_others(tmp_path):
+    """--resume --rerun knn runs knn again and keeps iforest's runs as they were."""
+    out = tmp_path / "quality.json"
+    argv = ["--datasets", "thyroid", "--seeds", "1", "--protocols", "semi", "--methods", "iforest", "knn",
+            "--out", str(out)]
+    assert quality.main(argv) == 0
+    whole = json.loads(out.read_text())
+    marked = [dict(r, auroc=0.123) for r in whole["records"]]  # as if both had scored 0.123
+    out.write_text(json.dumps(dict(whole, records=marked)))
+    assert quality.main([*argv, "--resume", "--rerun", "knn"]) == 0
+    rerun = {r["method"]: r["auroc"] for r in json.loads(out.read_text())["records"]}
+    assert rerun["iforest"] == 0.123
+    assert rerun["knn"] == next(r["auroc"] for r in whole["records"] if r["method"] == "knn")
+    with pytest.raises(SystemExit):  # --rerun alone would have nothing to re-run inside
+        quality.parse_args([*argv, "--rerun", "knn"])
+
+
+def test_rerun_of_ours_accepts_new_ours_settings_only():
+    """Ours' settings may change when ours is re-run; any other setting still refuses the earlier file."""
+    settings = {"datasets": ["thyroid"], "seeds": [0], "ours_config": "defaults", "ours_settings": {"lr": 1}}
+    earlier = {"settings": settings, "records": [{"dataset": "thyroid", "protocol": "semi", "method": "knn", "seed": 0},
+                                                 {"dataset": "thyroid", "protocol": "semi", "method": "ours", "seed": 0}],
+               "calibration": [], "started_at": "then", "environment": {}}
+    fresh = {"settings": dict(settings, ours_settings={"lr": 2}), "environment": {}}
+    result, _ = quality.resumed(dict(fresh), earlier, Path("q.json"), ("ours",))
+    assert [r["method"] for r in result["records"]] == ["knn"]
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.resumed(dict(fresh), earlier, Path("q.json"), ("knn",))
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.resumed(dict(fresh, settings=dict(fresh["settings"], seeds=[0, 1])), earlier, Path("q.json"), ("ours",))
 
 
 def test_conformal_spread_follows_the_beta_law():
