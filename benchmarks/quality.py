@@ -642,6 +642,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def rerun_notes(result: dict) -> list[str]:
+    """One line per ``--rerun``: which methods' runs come from a later commit than the header's."""
+    notes = []
+    for entry in result.get("resumed", []):
+        if entry.get("rerun"):
+            env = entry["environment"]
+            notes.append(f"Re-run in this result on {entry['at'][:10]} at commit {env['git_commit']}"
+                         f"{' (dirty)' if env['git_dirty'] else ''}: {', '.join(entry['rerun'])}. "
+                         f"The other methods' runs are kept from before, and the time above is the sum.")
+    return ["", *notes] if notes else []
+
+
 def render_markdown(result: dict) -> str:
     settings, agg = result["settings"], result["aggregates"]
     datasets, methods, protocols = settings["datasets"], settings["methods"], settings["protocols"]
@@ -655,6 +667,7 @@ def render_markdown(result: dict) -> str:
         f"{env['cpu_count']} cores, {env['threads']} threads; torch {v.get('torch')}, pyod {v.get('pyod')}, "
         f"scikit-learn {v.get('scikit-learn')}, onnxruntime {v.get('onnxruntime-gpu') or v.get('onnxruntime')}; "
         f"commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}.",
+        *rerun_notes(result),
         "",
         "AUROC in %, mean over seeds (\"(k/n)\": only k of n seeds gave a result; \"fail\": none did, see "
         "Failures). ours = vaeguard defaults, scored through the exported scorer.onnx; the PyOD peers with their "

@@ -148,8 +148,11 @@ def test_rerun_replaces_one_methods_runs_and_keeps_the_others(tmp_path):
     marked = [dict(r, auroc=0.123) for r in whole["records"]]  # as if both had scored 0.123
     out.write_text(json.dumps(dict(whole, records=marked)))
     assert quality.main([*argv, "--resume", "--rerun", "knn"]) == 0
-    rerun = {r["method"]: r["auroc"] for r in json.loads(out.read_text())["records"]}
+    result = json.loads(out.read_text())
+    rerun = {r["method"]: r["auroc"] for r in result["records"]}
     assert rerun["iforest"] == 0.123
+    assert "Re-run in this result on " in quality.render_markdown(result)
+    assert ": knn. The other methods' runs are kept" in quality.render_markdown(result)
     assert rerun["knn"] == next(r["auroc"] for r in whole["records"] if r["method"] == "knn")
     with pytest.raises(SystemExit):  # --rerun alone would have nothing to re-run inside
         quality.parse_args([*argv, "--rerun", "knn"])
