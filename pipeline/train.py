@@ -81,6 +81,9 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
               config: TrainingConfig, build=None) -> TrainResult:
     """Train a VAE on rows (tables) or images; ``build()`` makes the model (the tabular MLP by default),
     after the seed is set so its initial weights are reproducible."""
+    if not 0 <= config.trim_fraction < 0.5:
+        raise ConfigError(f"training.trim_fraction must be at least 0 and below 0.5, got {config.trim_fraction!r}; "
+                          f"0.05 ignores each batch's worst-fitting 5% of rows")
     torch.set_num_threads(resolve_threads(config.threads))
     torch.manual_seed(config.seed)
     device = select_device(config.device)
@@ -109,7 +112,11 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
             log_scale = model.decoder.bounded_log_scale()
             # The loss in fp32 (.float() is a no-op for fp32 tensors).
             recon, kl = score_components(batch, x_hat.float(), mu.float(), logvar.float(), log_scale)
-            loss = (recon + beta * kl).mean() + likelihood_penalty(log_scale)
+            per_row = recon + beta * kl
+            if config.trim_fraction > 0:  # the best-fitting rows only: anomalies among the rows fit worst
+                keep = max(1, round(len(per_row) * (1 - config.trim_fraction)))
+                per_row = per_row.topk(keep, largest=False).values
+            loss = per_row.mean() + likelihood_penalty(log_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
