@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-fpr", type=float, help="false-positive rate of the threshold (default 0.01)")
     train.add_argument("--config", type=Path, help="YAML file with preprocess/model/training/calibration sections")
     train.add_argument("--seed", type=int, help="random seed (default 0)")
+    train.add_argument("--trim-fraction", type=float,
+                       help="if the training rows may hold anomalies: leave each batch's worst-fitting share of "
+                            "rows out of the loss, e.g. 0.05 (default 0)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
     train.add_argument("--out", type=Path, default=Path("exported"), help="output folder (default exported/)")
     images = train.add_argument_group("images (DATA is a folder of images, a CSV with a path column, or a .npy)")
@@ -109,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.target_fpr is not None:
         config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, target_fpr=args.target_fpr))
-    overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
+    overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device), ("trim_fraction", args.trim_fraction))
+                 if v is not None}
     if overrides:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, **overrides))
     # A CSV is a table unless --image-size says its path column points at images.

@@ -78,6 +78,12 @@ class TrainingConfig:
     threads: int | None = None
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
 
+    def __post_init__(self) -> None:
+        # Checked here so a bad value from a config file or the CLI fails before any data is read.
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"training.trim_fraction must be at least 0 and below 0.5, got {self.trim_fraction!r}; "
+                              f"0.05 leaves each batch's worst-fitting 5% of rows out of the loss")
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:

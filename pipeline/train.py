@@ -81,9 +81,6 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
               config: TrainingConfig, build=None) -> TrainResult:
     """Train a VAE on rows (tables) or images; ``build()`` makes the model (the tabular MLP by default),
     after the seed is set so its initial weights are reproducible."""
-    if not 0 <= config.trim_fraction < 0.5:
-        raise ConfigError(f"training.trim_fraction must be at least 0 and below 0.5, got {config.trim_fraction!r}; "
-                          f"0.05 ignores each batch's worst-fitting 5% of rows")
     torch.set_num_threads(resolve_threads(config.threads))
     torch.manual_seed(config.seed)
     device = select_device(config.device)

@@ -189,6 +189,28 @@ def test_device_cuda_without_gpu_fails_clearly(capsys, tmp_path, trained_bundle,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_trim_fraction_reaches_the_training_config(capsys, tmp_path, sensor_csv):
+    config = tmp_path / "fast.yaml"
+    config.write_text(FAST_YAML.replace("max_epochs: 30", "max_epochs: 3"))
+    code, _, err = run_main(capsys, "train", sensor_csv, "--name", "trimmed", "--config", config, "--trim-fraction", "0.05",
+                            "--out", tmp_path / "exported")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "exported" / "trimmed" / "manifest.json").read_text())
+    assert manifest["config"]["training"]["trim_fraction"] == 0.05
+
+
+@pytest.mark.parametrize("how", ["flag", "config file"])
+def test_trim_fraction_out_of_range_fails_before_any_work(capsys, tmp_path, sensor_csv, how):
+    config = tmp_path / "bad.yaml"
+    config.write_text("training:\n  trim_fraction: 0.6\n")
+    extra = ("--trim-fraction", "0.6") if how == "flag" else ("--config", config)
+    code, _, err = run_main(capsys, "train", sensor_csv, "--name", "bad", *extra, "--out", tmp_path / "exported")
+    assert code == 1
+    assert err.strip() == ("error: training.trim_fraction must be at least 0 and below 0.5, got 0.6; "
+                           "0.05 leaves each batch's worst-fitting 5% of rows out of the loss")
+    assert not (tmp_path / "exported").exists()
+
+
 @pytest.mark.parametrize("verbose", [True, False])
 def test_traceback_only_with_verbose(capsys, tmp_path, trained_bundle, verbose):
     missing = tmp_path / "missing.csv"
