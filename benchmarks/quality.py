@@ -467,7 +467,10 @@ def resumed(fresh: dict, earlier: dict, out: Path, rerun: tuple[str, ...] = ()) 
     """``fresh`` with the successful runs of an earlier ``out`` of the same settings, less those of
     the ``rerun`` methods (see ``run``)."""
     ignored = ("ours_config", "ours_settings") if "ours" in rerun else ()
-    comparable = lambda settings: {k: v for k, v in settings.items() if k not in ignored}  # noqa: E731
+
+    def comparable(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in ignored}
+
     if comparable(earlier.get("settings") or {}) != comparable(finite_or_none(json.loads(json.dumps(fresh["settings"])))):
         raise SystemExit(f"error: {out} was made with other settings; pass another --out or drop --resume")
     kept = [r for r in earlier["records"] if "error" not in r and r["method"] not in rerun]
