@@ -78,6 +78,8 @@ def gemm_to_matmul(model: onnx.ModelProto, nodes: set[str] | None = None) -> onn
 
     onnxruntime's dynamic quantizer covers MatMul (as MatMulInteger) but not Gemm, which is
     what the TorchScript exporter writes for nn.Linear. The result computes the same numbers.
+    A Gemm that reads X transposed (transA=1: the encoder's first layer, which reads the
+    scorer's [features, rows] block) gets an explicit Transpose in front of its MatMul.
     """
     model = copy.deepcopy(model)
     graph = model.graph
@@ -85,7 +87,7 @@ def gemm_to_matmul(model: onnx.ModelProto, nodes: set[str] | None = None) -> onn
     rewritten, added = [], []
     for node in graph.node:
         simple = (node.op_type == "Gemm" and (nodes is None or node.name in nodes) and node.input[1] in weights
-                  and _attribute(node, "transA", 0) == 0 and _attribute(node, "alpha", 1.0) == 1.0
+                  and _attribute(node, "alpha", 1.0) == 1.0
                   and _attribute(node, "beta", 1.0) == 1.0)
         if not simple:
             rewritten.append(node)
@@ -97,7 +99,12 @@ def gemm_to_matmul(model: onnx.ModelProto, nodes: set[str] | None = None) -> onn
         added.append(numpy_helper.from_array(np.ascontiguousarray(weight), weight_name))
         has_bias = len(node.input) > 2 and node.input[2] != ""
         product = f"{node.output[0]}.matmul" if has_bias else node.output[0]
-        rewritten.append(helper.make_node("MatMul", [node.input[0], weight_name], [product],
+        rows = node.input[0]
+        if _attribute(node, "transA", 0):
+            rows = f"{node.name}.rows"
+            rewritten.append(helper.make_node("Transpose", [node.input[0]], [rows], perm=[1, 0],
+                                              name=f"{node.name}.transpose_a"))
+        rewritten.append(helper.make_node("MatMul", [rows, weight_name], [product],
                                           name=f"{node.name}.matmul"))
         if has_bias:
             rewritten.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
