@@ -465,42 +465,45 @@ def main() -> None:
     result = {"mode": "quick" if args.quick else "full", "repeats": sizes["repeats"], "threads": args.threads,
               "environment": env, "training": [], "scoring_table": None, "scoring_images": None, "notes": notes}
     work = Path(tempfile.mkdtemp(prefix="vaeguard-gpu-"))
-    bundle = args.bundle
-    if not args.skip_training:
-        if cuda_train:
-            attempt(notes, "CUDA warm-up", warm_up_cuda)
-        devices = ["cpu", "cuda"] if cuda_train else ["cpu"]
-        tabular = attempt(notes, "tabular training", lambda: train_tabular(work, sizes["train_rows"], sizes["epochs"],
-                                                                           devices, args.threads))
-        result["training"] += tabular or []
-        bundle = bundle or (Path(tabular[0]["bundle"]) if tabular else None)
-        runs = [("cpu", "auto")] + ([("cuda", "auto"), ("cuda", "fp32")] if cuda_train else [])
-        result["training"] += attempt(notes, "image training", lambda: train_images(
-            sizes["images"], sizes["image_epochs"], runs, args.threads)) or []
-        print(f"training done: {json.dumps(result['training'], indent=2)}", flush=True)
-    if bundle is None and Path("exported/demo/manifest.json").is_file():
-        bundle = Path("exported/demo")
-    if bundle is None:
-        notes.append("tabular scoring skipped: no bundle (training failed or skipped; pass --bundle)")
-    else:
-        methods = attempt(notes, "tabular scoring", lambda: table_methods(bundle, work, max(sizes["batches"]),
-                                                                          args.threads, ort_cuda, notes))
-        if methods:
-            result["scoring_table"] = attempt(notes, "tabular scoring",
-                                              lambda: best_rates(methods, sizes["batches"], sizes["repeats"]))
-            result["scoring_bundle"] = str(bundle)
-    if not args.skip_training:
-        methods = attempt(notes, "image scoring", lambda: image_methods(work, sizes["images"] // 2,
-                                                                        max(sizes["image_batches"]), args.threads,
-                                                                        ort_cuda))
-        if methods:
-            result["scoring_images"] = attempt(notes, "image scoring",
-                                               lambda: best_rates(methods, sizes["image_batches"], sizes["repeats"]))
+    try:
+        bundle = args.bundle
+        if not args.skip_training:
+            if cuda_train:
+                attempt(notes, "CUDA warm-up", warm_up_cuda)
+            devices = ["cpu", "cuda"] if cuda_train else ["cpu"]
+            tabular = attempt(notes, "tabular training", lambda: train_tabular(work, sizes["train_rows"], sizes["epochs"],
+                                                                               devices, args.threads))
+            result["training"] += tabular or []
+            bundle = bundle or (Path(tabular[0]["bundle"]) if tabular else None)
+            runs = [("cpu", "auto")] + ([("cuda", "auto"), ("cuda", "fp32")] if cuda_train else [])
+            result["training"] += attempt(notes, "image training", lambda: train_images(
+                sizes["images"], sizes["image_epochs"], runs, args.threads)) or []
+            print(f"training done: {json.dumps(result['training'], indent=2)}", flush=True)
+        if bundle is None and Path("exported/demo/manifest.json").is_file():
+            bundle = Path("exported/demo")
+        if bundle is None:
+            notes.append("tabular scoring skipped: no bundle (training failed or skipped; pass --bundle)")
+        else:
+            methods = attempt(notes, "tabular scoring", lambda: table_methods(bundle, work, max(sizes["batches"]),
+                                                                              args.threads, ort_cuda, notes))
+            if methods:
+                result["scoring_table"] = attempt(notes, "tabular scoring",
+                                                  lambda: best_rates(methods, sizes["batches"], sizes["repeats"]))
+                result["scoring_bundle"] = str(bundle)
+        if not args.skip_training:
+            methods = attempt(notes, "image scoring", lambda: image_methods(work, sizes["images"] // 2,
+                                                                            max(sizes["image_batches"]), args.threads,
+                                                                            ort_cuda))
+            if methods:
+                result["scoring_images"] = attempt(notes, "image scoring",
+                                                   lambda: best_rates(methods, sizes["image_batches"], sizes["repeats"]))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print("\n" + markdown(result))
-    print(f"\nwritten: {args.out}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print("\n" + markdown(result))
+        print(f"\nwritten: {args.out}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the run's bundles, images and tables
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ medians so every method sees the same numbers):
 - end to end, file to scores: `score_files` on CSV and on Parquet against parsing the same file
   with pyarrow's streaming reader (what bounded-memory scoring must do, and its practical limit),
   and against reading it whole with every core (`pyarrow.csv.read_csv`, `pyarrow.parquet.read_table`:
-  the machine's limit, in memory), best of 3 runs of each, in turns.
+  the machine's limit, in memory).
+Every figure but training is the best of 3 runs of each contender, taken in turns.
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def timed(work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+def best_in_turns(works: dict, repeats: int) -> dict[str, float]:
+    """Seconds of each callable, best of ``repeats`` runs taken in turns, so that a neighbour's
+    load slows every contender alike instead of one of them."""
+    best = dict.fromkeys(works, float("inf"))
+    for _ in range(repeats):
+        for name, work in works.items():
+            best[name] = min(best[name], timed(work)[0])
+    return best
+
+
 def sensors(rows: int, seed: int, medians: pd.Series | None = None) -> pd.DataFrame:
     frame = make_sensor_table(SyntheticSpec(n_rows=rows, seed=seed))[["row_id", *SENSOR_COLUMNS]]
     return frame.fillna(medians if medians is not None else frame[SENSOR_COLUMNS].median())
@@ -85,14 +96,13 @@ def read_whole(path: Path) -> int:
     return pacsv.read_csv(path, convert_options=convert).num_rows
 
 
-PRECISION_REPEATS = 3
-END_TO_END_REPEATS = 3
+REPEATS = 3
 
 
 def precision_rows(bundle: Bundle, chunks: list[np.ndarray], rows: int) -> dict:
     """fp16 and int8 variants of the bundle against its fp32 scorer on the same in-memory rows.
 
-    The three scorers are timed in turns, best of PRECISION_REPEATS passes over every chunk,
+    The three scorers are timed in turns, best of REPEATS passes over every chunk,
     so a neighbour's load on the shared cores slows them alike.
     """
     labels = make_sensor_table(SyntheticSpec(n_rows=rows, seed=1))["label"].to_numpy()
@@ -100,7 +110,7 @@ def precision_rows(bundle: Bundle, chunks: list[np.ndarray], rows: int) -> dict:
     loaded = Bundle.load(bundle.path)
     scorers = {name: BundleScorer(loaded, device="cpu", threads=2, precision=name) for name in ("fp32", *entries)}
     seconds, outputs = {name: float("inf") for name in scorers}, {}
-    for _ in range(PRECISION_REPEATS):
+    for _ in range(REPEATS):
         for name, scorer in scorers.items():
             elapsed, outputs[name] = timed(lambda: [scorer.score_arrays(c, []) for c in chunks])  # noqa: B023
             seconds[name] = min(seconds[name], elapsed)
@@ -131,14 +141,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--train-rows", type=int, default=20_000)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vaeguard-speed-") as work:  # 250 MB for 1M rows
+        result = measure(args.rows, args.train_rows, Path(work))
+    print(json.dumps(result, indent=2))
+
+
+def measure(rows: int, train_rows: int, work: Path) -> dict:
     torch.set_num_threads(2)
     from pyod.models.iforest import IForest
     from pyod.models.vae import VAE as PyodVAE
 
-    work = Path(tempfile.mkdtemp(prefix="vaeguard-speed-"))
-    train = sensors(args.train_rows, seed=0)
+    train = sensors(train_rows, seed=0)
     medians = train[SENSOR_COLUMNS].median()
-    test = sensors(args.rows, seed=1, medians=medians)
+    test = sensors(rows, seed=1, medians=medians)
     x_train, x_test = train[SENSOR_COLUMNS].to_numpy(np.float32), test[SENSOR_COLUMNS].to_numpy(np.float32)
 
     train_path = write_table(train, work / "train.parquet")
@@ -154,35 +169,41 @@ def main() -> None:
     scorer = BundleScorer(bundle, device="cpu", threads=2)
     graph = torch_graph(bundle)
     chunks = [x_test[i:i + CHUNK] for i in range(0, len(x_test), CHUNK)]
-    onnx_seconds, _ = timed(lambda: [scorer.score_arrays(c, []) for c in chunks])
-    with torch.no_grad():
-        eager_seconds, _ = timed(lambda: [graph(torch.from_numpy(c)) for c in chunks])
-    vae_seconds, _ = timed(lambda: pyod_vae.decision_function(x_test))
-    iforest_seconds, _ = timed(lambda: iforest.decision_function(x_test))
+
+    def eager() -> None:
+        with torch.no_grad():
+            for c in chunks:
+                graph(torch.from_numpy(c))
+
+    in_memory = best_in_turns({"ours_onnx": lambda: [scorer.score_arrays(c, []) for c in chunks],
+                               "ours_torch_eager": eager,
+                               "pyod_vae": lambda: pyod_vae.decision_function(x_test),
+                               "pyod_iforest": lambda: iforest.decision_function(x_test)}, REPEATS)
+    onnx_seconds, eager_seconds = in_memory["ours_onnx"], in_memory["ours_torch_eager"]
+    vae_seconds, iforest_seconds = in_memory["pyod_vae"], in_memory["pyod_iforest"]
 
     end_to_end = {}
     for suffix in (".csv", ".parquet"):
         path = write_table(test, work / f"test{suffix}")
-        parse_seconds = score_seconds = whole_seconds = float("inf")
-        for _ in range(END_TO_END_REPEATS):  # in turns, best of each: a neighbour's load slows both alike
-            parse_seconds = min(parse_seconds, timed(
-                lambda: sum(b.num_rows for b in iter_batches(path, SENSOR_COLUMNS, [], ["row_id"], CHUNK)))[0])  # noqa: B023
-            whole_seconds = min(whole_seconds, timed(lambda: read_whole(path))[0])  # noqa: B023
+        best = best_in_turns({
+            "parse": lambda: sum(b.num_rows for b in iter_batches(path, SENSOR_COLUMNS, [], ["row_id"], CHUNK)),  # noqa: B023
+            "whole": lambda: read_whole(path),  # noqa: B023
             # Default threads, as `vaeguard score` runs: file scoring leaves a core to the parser.
-            score_seconds = min(score_seconds, timed(lambda: score_files(ScoreJob(  # noqa: B023
-                bundle.path, (path,), work / f"out{suffix}.parquet", device="cpu")))[0])
-        end_to_end[suffix[1:]] = {"parse_rows_per_s": round(args.rows / parse_seconds),
-                                  "score_rows_per_s": round(args.rows / score_seconds),
+            "score": lambda: score_files(ScoreJob(bundle.path, (path,), work / f"out{suffix}.parquet",  # noqa: B023
+                                                  device="cpu"))}, REPEATS)
+        parse_seconds, whole_seconds, score_seconds = best["parse"], best["whole"], best["score"]
+        end_to_end[suffix[1:]] = {"parse_rows_per_s": round(rows / parse_seconds),
+                                  "score_rows_per_s": round(rows / score_seconds),
                                   "score_over_parse": round(parse_seconds / score_seconds, 3),
-                                  "read_whole_rows_per_s": round(args.rows / whole_seconds),
+                                  "read_whole_rows_per_s": round(rows / whole_seconds),
                                   "score_over_read_whole": round(whole_seconds / score_seconds, 3),
-                                  "repeats": END_TO_END_REPEATS}
+                                  "repeats": REPEATS}
 
-    precision = precision_rows(bundle, chunks, args.rows)
+    precision = precision_rows(bundle, chunks, rows)
 
-    rate = lambda seconds: round(args.rows / seconds)  # noqa: E731
+    rate = lambda seconds: round(rows / seconds)  # noqa: E731
     result = {
-        "rows": args.rows, "train_rows": args.train_rows, "threads": 2,
+        "rows": rows, "train_rows": train_rows, "threads": 2,
         "training_seconds": {"ours_end_to_end": round(ours_train, 2), "pyod_vae": round(vae_train, 2),
                              "ours_epochs": facts["train_model"]["epochs"]},
         "scoring_rows_per_s": {"ours_onnx": rate(onnx_seconds), "ours_torch_eager": rate(eager_seconds),
@@ -193,7 +214,7 @@ def main() -> None:
         "end_to_end": end_to_end,
         "precision": precision,
     }
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

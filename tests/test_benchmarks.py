@@ -182,3 +182,23 @@ def test_conformal_spread_follows_the_beta_law():
     assert k == 5 and 0.40 < spread < 0.55 and 0.10 < missed.mean() < 0.25
     k, spread, missed = miss_chance(19_999, 141_651, 0.01, 5, 0.3, rng)
     assert k == 200 and spread < 0.1 and missed.mean() < 0.001
+
+
+@pytest.mark.slow
+def test_speed_harness_measures_every_contender(tmp_path):
+    """benchmarks.speed on a few thousand rows, so the harness behind BENCHMARKS.md's speed table
+    cannot rot. Only what the figures mean is asserted: speed belongs in the benchmark itself."""
+    from benchmarks import speed
+
+    result = speed.measure(rows=4000, train_rows=2000, work=tmp_path)
+    assert set(result["scoring_rows_per_s"]) == {"ours_onnx", "ours_torch_eager", "pyod_vae", "pyod_iforest"}
+    assert all(rate > 0 for rate in result["scoring_rows_per_s"].values())
+    for kind in ("csv", "parquet"):
+        figures = result["end_to_end"][kind]
+        assert figures["score_over_parse"] == pytest.approx(
+            figures["score_rows_per_s"] / figures["parse_rows_per_s"], rel=0.01)
+    assert result["precision"]["fp32"]["auroc"] > 0.65  # the generator's anomalies are found
+    for variant in ("fp16", "int8"):
+        assert result["precision"][variant]["decision_agreement"] >= 0.99
+    # Files of each run stay in the work folder given, which the CLI removes afterwards.
+    assert (tmp_path / "test.csv").is_file() and (tmp_path / "out.csv.parquet").is_file()
