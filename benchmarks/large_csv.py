@@ -8,6 +8,7 @@ runs/bench/ unless they exist, then measures, in this one run on this machine:
   (the practical limit for CSV scoring);
 - score: `vaeguard score` end to end in a subprocess (parse, score, write Parquet);
 - the scoring process's peak resident memory, against the file size.
+Parse and score run in turns, 3 times each; the figures are the best of each (and the largest peak).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pipeline.config import PipelineConfig, TrainJob
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 from pipeline.tables import iter_batches
 from pipeline.workflow import run_training
+
+REPEATS = 3
 
 
 def make_csv(path: Path, rows: int) -> None:
@@ -56,22 +59,25 @@ def main() -> None:
         make_csv(csv, args.rows)
 
     schema = Bundle.load(bundle_dir).schema
-    started = time.perf_counter()
-    parsed = sum(b.num_rows for b in iter_batches(csv, list(schema.numeric), list(schema.categorical),
-                                                    list(schema.id_columns), 65_536))
-    parse_seconds = time.perf_counter() - started
-
     output = args.work / "scores.parquet"
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "score", str(bundle_dir), str(csv), "--output",
-                    str(output), "--device", "cpu"], check=True, stdout=subprocess.DEVNULL)
-    score_seconds = time.perf_counter() - started
+    parse_seconds = score_seconds = float("inf")
+    for _ in range(REPEATS):  # in turns, best of each: a neighbour's load slows both alike
+        started = time.perf_counter()
+        parsed = sum(b.num_rows for b in iter_batches(csv, list(schema.numeric), list(schema.categorical),
+                                                        list(schema.id_columns), 65_536))
+        parse_seconds = min(parse_seconds, time.perf_counter() - started)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "score", str(bundle_dir), str(csv), "--output",
+                        str(output), "--device", "cpu"], check=True, stdout=subprocess.DEVNULL)
+        score_seconds = min(score_seconds, time.perf_counter() - started)
+    # The largest of the scoring processes' peaks (RUSAGE_CHILDREN keeps the maximum).
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     result = {
         "rows": parsed, "file_mb": round(csv.stat().st_size / 1e6),
         "parse_rows_per_s": round(parsed / parse_seconds), "score_rows_per_s": round(parsed / score_seconds),
         "score_over_parse": round(parse_seconds / score_seconds, 3), "score_peak_rss_mb": round(peak_mb),
+        "repeats": REPEATS,
     }
     print(json.dumps(result, indent=2))
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.bundle import Bundle
-from pipeline.calibrate import describe_fpr_range
+from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob, resolve_threads, show_progress
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
@@ -175,7 +175,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     calibration = bundle.calibration_for(scorer.precision)
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output), device=scorer.device,
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"],
-                           fpr_range=describe_fpr_range(calibration["rank"], calibration["n_calibration"]))
+                           fpr_range=stored_fpr_range(calibration))
     labels, scores = [], []
     started = time.perf_counter()
     show = show_progress()

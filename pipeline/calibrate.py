@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from pipeline.errors import ConfigError, DataError
 
 # The share of calibration draws that the reported false-positive range covers.
 FPR_RANGE_LEVEL = 0.9
+FPR_RANGE_KEY = "fpr_range_90"  # the manifest's copy of fpr_range() at FPR_RANGE_LEVEL
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Calibration:
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
             "expected_fpr": self.expected_fpr,
-            "fpr_range_90": list(self.fpr_range(0.9)),
+            FPR_RANGE_KEY: list(self.fpr_range()),
             "rank": self.rank,
             "n_calibration": self.n,
             "rule": "is_anomaly = score > threshold  (equivalently p_value <= target_fpr)",
@@ -85,6 +85,10 @@ def fpr_range(rank: int, n: int, level: float = FPR_RANGE_LEVEL) -> tuple[float,
     599 rows and 0.89%-1.12% with 20,000: users see how precise their threshold is, and that more
     calibration rows are what narrows it.
     """
+    # Imported here: scipy.stats adds 60 MB to every process that imports it, and scoring reads
+    # the range the manifest stored at training (``stored_fpr_range``) instead.
+    from scipy import stats
+
     tail = (1.0 - level) / 2.0
     low, high = stats.beta.ppf([tail, 1.0 - tail], rank, n + 1 - rank)
     return float(low), float(high)
@@ -94,8 +98,15 @@ def format_fpr_range(rank: int, n: int) -> str:
     return "{:.2%}-{:.2%}".format(*fpr_range(rank, n))
 
 
-def describe_fpr_range(rank: int, n: int) -> str:
-    return f"{format_fpr_range(rank, n)} for {FPR_RANGE_LEVEL:.0%} of calibration sets of {n:,} rows"
+def describe_fpr_range(rank: int, n: int, stored: tuple[float, float] | None = None) -> str:
+    low, high = stored if stored is not None else fpr_range(rank, n)
+    return f"{low:.2%}-{high:.2%} for {FPR_RANGE_LEVEL:.0%} of calibration sets of {n:,} rows"
+
+
+def stored_fpr_range(calibration: dict) -> str:
+    """describe_fpr_range of a manifest's calibration section, from the range stored in it."""
+    stored = calibration.get(FPR_RANGE_KEY)
+    return describe_fpr_range(calibration["rank"], calibration["n_calibration"], tuple(stored) if stored else None)
 
 
 def min_calibration_rows(target_fpr: float) -> int:

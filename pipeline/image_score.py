@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from pipeline.anomaly_maps import map_name, write_map
 from pipeline.batch_score import FileSummary, ScoreSummary
 from pipeline.bundle import Bundle
-from pipeline.calibrate import describe_fpr_range
+from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
@@ -49,7 +49,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output),
                            device="cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu",
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"],
-                           fpr_range=describe_fpr_range(calibration["rank"], calibration["n_calibration"]))
+                           fpr_range=stored_fpr_range(calibration))
     errors: list[tuple[str, str]] = []
     started = time.perf_counter()
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)

@@ -1,7 +1,11 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from pipeline.calibrate import calibrate, conformal_p_values, describe_fpr_range, fpr_range, min_calibration_rows
+from pipeline.calibrate import (FPR_RANGE_KEY, calibrate, conformal_p_values, describe_fpr_range, fpr_range,
+                                min_calibration_rows, stored_fpr_range)
 from pipeline.errors import ConfigError, DataError
 
 
@@ -42,6 +46,23 @@ def test_fpr_range_narrows_with_more_calibration_rows():
     assert small[0] < 0.005 and small[1] > 0.017  # k = 6: the rate is known to within a factor ~2
     assert 0.0088 < large[0] < 0.01 < large[1] < 0.0113
     assert describe_fpr_range(6, 599) == "0.44%-1.75% for 90% of calibration sets of 599 rows"
+
+
+def test_scoring_reads_the_fpr_range_the_manifest_stored():
+    calibration = calibrate(np.random.default_rng(3).gamma(2.0, size=799), target_fpr=0.01)
+    section = calibration.to_dict()
+    assert stored_fpr_range(section) == describe_fpr_range(calibration.rank, calibration.n)
+    assert stored_fpr_range(section | {FPR_RANGE_KEY: [0.001, 0.002]}).startswith("0.10%-0.20% for 90%")
+    older = {k: v for k, v in section.items() if k != FPR_RANGE_KEY}  # a manifest without the stored range
+    assert stored_fpr_range(older) == stored_fpr_range(section)
+
+
+def test_scoring_does_not_import_scipy():
+    """scipy.stats adds 60 MB to each process: a 5M-row CSV peaked at 720 MB with it, 650 MB without."""
+    code = ("import sys, pipeline.cli, pipeline.batch_score, pipeline.image_score; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_p_values_are_uniform_on_normals():
