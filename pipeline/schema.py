@@ -115,7 +115,7 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
 
 
 def numeric_matrix(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> np.ndarray:
-    """Numeric features as float32 with NaN for missing; infinities are an error."""
+    """Numeric features as float32 with NaN for missing; infinities and values beyond float32 are an error."""
     if not columns:
         return np.zeros((len(frame), 0), dtype=np.float32)
     values = frame[list(columns)].to_numpy(dtype=np.float64, na_value=np.nan)
@@ -123,14 +123,21 @@ def numeric_matrix(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -
     return values.astype(np.float32)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_finite(values: np.ndarray, columns: tuple[str, ...] | list[str], source: str,
                  row_offset: int = 0) -> None:
-    infinite = np.isinf(values)
-    if infinite.any():
-        row, col = map(int, np.argwhere(infinite)[0])
+    """Every value missing (NaN) or a finite float32. The scorer computes in float32, where a
+    value like 1e300 becomes an infinity and its row's score NaN, which no threshold flags."""
+    with np.errstate(invalid="ignore"):
+        out_of_range = np.abs(values) > FLOAT32_MAX  # infinities too; NaN compares False
+    if out_of_range.any():
+        row, col = map(int, np.argwhere(out_of_range)[0])
         raise DataError(
             f"{source}: column {columns[col]!r} holds {values[row, col]} at row {row_offset + row + 1}; "
-            f"expected finite numbers: replace infinities with a number or leave the cell empty"
+            f"expected finite numbers within float32's range (|x| <= {FLOAT32_MAX:.3g}): replace it with "
+            f"a number in range or leave the cell empty"
         )
 
 

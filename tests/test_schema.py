@@ -53,6 +53,14 @@ def test_infinity_names_column_and_row(table):
         numeric_matrix(table, ("temp", "count"), "t.csv")
 
 
+def test_values_beyond_float32_fail_like_infinities(table):
+    table.loc[4, "temp"] = -1e39  # finite in float64, -inf once cast to the scorer's float32
+    with pytest.raises(DataError, match=r"column 'temp' holds -1e\+39 at row 5; expected finite numbers within float32"):
+        numeric_matrix(table, ("temp", "count"), "t.csv")
+    table.loc[4, "temp"] = 3.4e38  # the largest float32s pass
+    assert np.isfinite(numeric_matrix(table, ("temp", "count"), "t.csv")).all()
+
+
 def test_label_must_be_binary(table):
     assert set(label_vector(table, "label", "t")) <= {0, 1}
     table.loc[3, "label"] = 2
