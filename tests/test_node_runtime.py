@@ -138,3 +138,16 @@ def test_a_non_numeric_value_names_column_and_row(trained_bundle, incoming_csv, 
     assert done.returncode == 2
     assert 'column "temperature" must be numeric but row 42 (line 43) holds "broken"' in done.stderr
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "1e300"])
+def test_a_value_beyond_float32_names_column_and_row(trained_bundle, incoming_csv, node_example, tmp_path, value):
+    """As in `vaeguard score`: in float32 such a value is an infinity, and its row would score NaN."""
+    frame = pd.read_csv(incoming_csv).astype({"temperature": object})
+    frame.loc[41, "temperature"] = value
+    source = tmp_path / "beyond.csv"
+    frame.to_csv(source, index=False)
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert f'column "temperature" holds {value} at row 42 (line 43); expected finite numbers within float32' in done.stderr
+    assert not (tmp_path / "out.csv").exists()

@@ -263,6 +263,7 @@ async function* csvRecords(file) {
 // (hex, "1_000", "1,5", ...) is not a number. JS's Number() is more lenient, hence the regex.
 const DECIMAL = /^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$/;
 const SPECIAL = /^([+-]?)(nan|inf|infinity)$/i;
+const FLOAT32_MAX = 3.4028234663852886e38;
 
 /** float64 value of a numeric cell, NaN when missing; undefined when it is not a number. */
 function parseNumber(raw) {
@@ -340,13 +341,16 @@ class ChunkScorer {
         for (let j = 0; j < width; j++) {
           const raw = fields[feed.at[j]];
           const value = parseNumber(raw);
-          if (value === undefined || value === Infinity || value === -Infinity) {
+          // Beyond float32's range (1e300, inf) a value becomes an infinity in the Float32Array
+          // and its row's score NaN, which no threshold flags: refused, as `vaeguard score` does.
+          if (value === undefined || Math.abs(value) > FLOAT32_MAX) {
             const column = JSON.stringify(feed.input.columns[j]);
             throw inputError(value === undefined
               ? `${this.inputPath}: column ${column} must be numeric but row ${row} (line ${line}) holds ` +
                 `${JSON.stringify(raw)}; fix or blank out that value`
               : `${this.inputPath}: column ${column} holds ${raw.trim()} at row ${row} (line ${line}); ` +
-                `expected finite numbers: replace infinities with a number or leave the cell empty`);
+                `expected finite numbers within float32's range (|x| <= 3.4e+38): replace it with a number ` +
+                `in range or leave the cell empty`);
           }
           feed.values[r * width + j] = value; // a Float32Array store rounds to nearest, as numpy's cast does
         }
