@@ -33,5 +33,9 @@ class ExportError(PipelineError, RuntimeError):
     """The exported ONNX graphs do not match the PyTorch model within tolerance."""
 
 
+class TrainingError(PipelineError, RuntimeError):
+    """Training failed to produce a usable model (its loss diverged)."""
+
+
 class DeviceError(PipelineError, RuntimeError):
     """The requested compute device is not really available."""

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import PreprocessConfig
+from pipeline.errors import DataError
 from pipeline.schema import TableSchema, categorical_strings, numeric_matrix
 
 UNKNOWN = "__unknown__"
@@ -137,6 +138,30 @@ def fit_preprocessor(frame: pd.DataFrame, schema: TableSchema, config: Preproces
         for name, values in zip(schema.categorical, categorical_strings(frame, schema.categorical))
     ]
     return Preprocessor(tuple(stats), tuple(categorical))
+
+
+# A robust z-score past this overflows float32 training: the loss squares it (times up to e^10
+# for the decoder's sharpest sigma) and sums a batch of rows, which passes 3.4e38 near 1e16 (a
+# value at z = 1e20 made every weight NaN). No measurement lies 1e15 robust standard deviations
+# from its median: such a value is a glitch or a sentinel for "no reading" (9.99e37, say).
+MAX_TRAINING_Z = 1e15
+
+
+def check_training_scale(pre: Preprocessor, frame: pd.DataFrame, source: str) -> None:
+    """Fail, naming the cell, if a numeric value of the training table is too far out to train on."""
+    numeric = numeric_matrix(frame, pre.numeric_columns, source).astype(np.float64)
+    medians = np.array([s.median for s in pre.numeric])
+    scales = np.array([s.scale for s in pre.numeric])
+    with np.errstate(invalid="ignore"):
+        extreme = np.abs((numeric - medians) / scales) > MAX_TRAINING_Z  # missing (NaN) compares False
+    if extreme.any():
+        row, col = map(int, np.argwhere(extreme)[0])
+        stats = pre.numeric[col]
+        raise DataError(
+            f"{source}: column {stats.name!r} holds {frame[stats.name].iloc[row]} at row {row + 1}, more than "
+            f"{MAX_TRAINING_Z:.0e} robust standard deviations ({stats.scale:.4g}) from its median ({stats.median:.4g}), "
+            f"too far out to train on in float32; fix the value, or blank it out if it marks a missing reading"
+        )
 
 
 def _numeric_stats(name: str, values: np.ndarray) -> NumericStats:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import ModelConfig, TrainingConfig, resolve_threads, show_progress
-from pipeline.errors import ConfigError, DeviceError
+from pipeline.errors import ConfigError, DeviceError, TrainingError
 from pipeline.model import ACTIVATIONS, VAE, default_layer_sizes, likelihood_penalty, score_components
 
 
@@ -127,6 +127,12 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
             "val_recon": val_recon, "val_kl": val_kl, "val_loss": val_loss,
         })
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
+        if not (math.isfinite(train_recon) and math.isfinite(val_loss)):
+            # Otherwise the NaN weights would be exported and score every row NaN, never flagged.
+            raise TrainingError(
+                f"training diverged: the loss became {train_recon if not math.isfinite(train_recon) else val_loss} "
+                f"at epoch {epoch}; lower training.learning_rate (now {config.learning_rate:g}) or look for "
+                f"extreme values in the training table")
         if not math.isfinite(best_loss) or val_loss < best_loss - 1e-4 * abs(best_loss):
             best_loss, best_state, stale, result.best_epoch = val_loss, copy.deepcopy(model.state_dict()), 0, epoch
         else:

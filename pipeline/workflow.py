@@ -29,7 +29,7 @@ from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input
 from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata
 from pipeline.metrics import auprc, auroc
 from pipeline.model import VAE
-from pipeline.preprocess import Preprocessor, fit_preprocessor
+from pipeline.preprocess import Preprocessor, check_training_scale, fit_preprocessor
 from pipeline.schema import TableSchema, infer_schema, label_vector, numeric_matrix
 from pipeline.scorer_graph import ScorerGraph, graph_inputs
 from pipeline.splits import Splits, split_rows
@@ -119,6 +119,7 @@ def fit_preprocessing(job: TrainJob, run: RunDir) -> dict:
     frame = pd.read_parquet(run.rows)
     splits = load_splits(run)
     pre = fit_preprocessor(frame.iloc[splits.train], schema, job.config.preprocess, _source(job))
+    check_training_scale(pre, frame, _source(job))
     write_json(run.preprocessor, pre.to_dict())
     np.savez(run.features, **{name: pre.transform_frame(frame.iloc[rows], _source(job))
                               for name, rows in vars(splits).items()})

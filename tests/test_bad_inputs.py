@@ -200,6 +200,15 @@ def test_train_infinite_value(capsys, tmp_path, sensor_frame, out_dir, fast_yaml
     assert list(out_dir.iterdir()) == []
 
 
+def test_train_value_too_far_out_to_train_on(capsys, tmp_path, sensor_frame, out_dir, fast_yaml):
+    """1e20 fits float32, but squared in the training loss it overflowed and every weight went NaN."""
+    data = write_table(with_value(sensor_frame, "pressure", 1e20), tmp_path / "glitch.csv")
+    message = error_line(*run_train(capsys, data, out_dir, fast_yaml))
+    assert str(data) in message and "'pressure' holds 1e+20" in message and "too far out to train on" in message
+    assert names_row(message, BAD_ROW), message
+    assert list(out_dir.iterdir()) == []
+
+
 def test_train_failure_leaves_existing_bundle_unchanged(capsys, tmp_path, sensor_frame, trained_bundle,
                                                         out_dir, fast_yaml):
     existing = out_dir / "sensors"

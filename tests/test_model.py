@@ -6,7 +6,7 @@ import torch
 import pytest
 
 from pipeline.config import ModelConfig, TrainingConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.model import ACTIVATIONS, VAE, default_layer_sizes, score_components
 from pipeline.train import build_model, train_vae
 
@@ -87,3 +87,11 @@ def test_trimming_leaves_the_worst_fitting_rows_out_of_the_loss():
     clean, counted, trimmed = log_scale(plane, 0.0), log_scale(rows, 0.0), log_scale(rows, 0.1)
     assert counted > clean + 0.4
     assert abs(trimmed - clean) < 0.2
+
+
+def test_a_diverging_loss_stops_training_with_a_clear_error():
+    """NaN weights would export, score every row NaN and flag none: training refuses to finish."""
+    x = np.random.default_rng(0).normal(size=(500, 6)).astype(np.float32)
+    with pytest.raises(TrainingError, match=r"training diverged: the loss became nan at epoch 1; lower "
+                                            r"training.learning_rate \(now 1000\)"):
+        train_vae(x[:400], x[400:], ModelConfig(), TrainingConfig(learning_rate=1e3, max_epochs=5, progress=False))
