@@ -40,7 +40,7 @@ LEDGER_NAME = "ledger.jsonl"
 LOCK_NAME = ".run.lock"
 SCORES_DIR = "scores"
 QUARANTINE_DIR = "quarantine"
-DEFAULT_PATTERNS = ("*.csv", "*.parquet", "*.pq")
+DEFAULT_PATTERNS = ("*.csv", "*.csv.gz", "*.parquet", "*.pq")
 # "failed" lines let a flow count attempts per version across runs before it quarantines;
 # only the final states make a version done.
 STATUSES = ("scored", "quarantined", "failed")

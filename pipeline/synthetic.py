@@ -236,17 +236,18 @@ def make_sensor_table(
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``frame`` as CSV or Parquet (.parquet or .pq), chosen by the suffix; return the path."""
+    """Write ``frame`` as CSV (.csv, or gzipped .csv.gz) or Parquet (.parquet or .pq), chosen by
+    the suffix; return the path."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".parquet", ".pq"):
+    suffix = ".csv.gz" if path.name.lower().endswith(".csv.gz") else path.suffix.lower()
+    if suffix not in (".csv", ".csv.gz", ".parquet", ".pq"):
         raise ConfigError(
             f"{path}: cannot choose a format from suffix {suffix or '(none)'!r}; "
-            "expected .csv, .parquet or .pq"
+            "expected .csv, .csv.gz, .parquet or .pq"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".csv":
-        frame.to_csv(path, index=False)
+    if suffix in (".csv", ".csv.gz"):
+        frame.to_csv(path, index=False)  # pandas gzips a .gz path
     else:
         frame.to_parquet(path, engine="pyarrow", index=False)
     return path

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, InputFileError
 
-SUPPORTED_SUFFIXES = (".csv", ".parquet", ".pq")
+# .csv.gz: nightly batch files often arrive gzipped; pyarrow decompresses them as it streams.
+SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 
 # Peak memory grows with the block size (about 40x a block, measured), speed barely does:
 # 1 MB blocks parse as fast as 16 MB ones here and keep a 5M-row CSV under ~200 MB.
@@ -28,7 +29,7 @@ _CSV_BLOCK_BYTES = 1 << 20
 
 def table_format(path: Path) -> str:
     suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if suffix == ".csv" or path.name.lower().endswith(".csv.gz"):
         return "csv"
     if suffix in (".parquet", ".pq"):
         return "parquet"
@@ -70,9 +71,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
             read, convert = _csv_options()
             table = pacsv.read_csv(path, read_options=read, convert_options=convert)
         else:
+            check_header(path, pq.ParquetFile(path).schema_arrow.names)  # pyarrow refuses twice-named columns
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputFileError(f"{path}: could not be read as {table_format(path)}: {_one_line(exc)}") from exc
+    check_header(path, table.column_names)
     if table.num_rows == 0:
         raise DataError(f"{path}: has a header but no data rows; expected at least one row")
     return table.to_pandas()
@@ -85,10 +88,30 @@ def read_columns(path: str | Path) -> list[str]:
         if table_format(path) == "csv":
             read, convert = _csv_options(block_size=1 << 20)
             with pacsv.open_csv(path, read_options=read, convert_options=convert) as reader:
-                return list(reader.schema.names)
-        return list(pq.ParquetFile(path).schema_arrow.names)
+                names = list(reader.schema.names)
+        else:
+            names = list(pq.ParquetFile(path).schema_arrow.names)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputFileError(f"{path}: could not be read as {table_format(path)}: {_one_line(exc)}") from exc
+    check_header(path, names)
+    return names
+
+
+def check_header(path: Path, names: list[str]) -> None:
+    """Column names that would be read wrongly without a word: another separator, or a name twice."""
+    if len(names) == 1:
+        separator = next((s for s in (";", "\t", "|") if s in names[0]), None)
+        if separator:
+            # Read as CSV, "a;b;c" is one text column: training would learn nothing from it.
+            raise InputFileError(
+                f"{path}: the header is a single column, {names[0][:60]!r}; the file looks separated by "
+                f"{separator!r}, but vaeguard reads comma-separated files; save it with commas")
+    first: dict[str, int] = {}
+    for position, name in enumerate(names, start=1):
+        if name in first:
+            raise DataError(f"{path}: column {name!r} appears twice in the header (columns {first[name]} and "
+                            f"{position}); rename or drop one, so that each column means one thing")
+        first[name] = position
 
 
 def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthrough: list[str],
@@ -188,6 +211,8 @@ def estimate_rows(path: str | Path) -> int | None:
     try:
         if table_format(path) == "parquet":
             return pq.ParquetFile(path).metadata.num_rows
+        if path.suffix.lower() == ".gz":
+            return None  # the compressed size says little about the rows: a bar without an ETA
         with open(path, "rb") as handle:
             head = handle.read(1 << 20)
         lines = head.count(b"\n")

@@ -247,6 +247,22 @@ def test_score_missing_column(capsys, tmp_path, batch, trained_bundle, scores_di
     assert list(scores_dir.iterdir()) == []
 
 
+def test_score_file_separated_by_semicolons(capsys, tmp_path, batch, trained_bundle, scores_dir):
+    data = tmp_path / "european.csv"
+    batch.to_csv(data, index=False, sep=";")
+    message = error_line(*run_score(capsys, trained_bundle, [data], scores_dir / "scores.parquet"))
+    assert str(data) in message and "separated by ';'" in message and "save it with commas" in message
+    assert list(scores_dir.iterdir()) == []
+
+
+def test_train_column_named_twice(capsys, tmp_path, sensor_frame, out_dir, fast_yaml):
+    data = tmp_path / "twice.csv"
+    sensor_frame.rename(columns={"torque": "pressure"}).to_csv(data, index=False)
+    message = error_line(*run_train(capsys, data, out_dir, fast_yaml))
+    assert str(data) in message and "column 'pressure' appears twice in the header" in message
+    assert list(out_dir.iterdir()) == []
+
+
 def test_score_extra_columns_ignored_with_warning(capsys, tmp_path, batch, trained_bundle, scores_dir):
     frame = batch.copy()
     frame["firmware"] = "v1.2"

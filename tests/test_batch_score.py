@@ -18,7 +18,7 @@ def frame():
     return make_sensor_table(SyntheticSpec(n_rows=5000, seed=21))
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz", ".parquet"])
 def test_streamed_scores_equal_in_memory_scores(trained_bundle, frame, tmp_path, suffix):
     source = write_table(frame, tmp_path / f"in{suffix}")
     out = tmp_path / "scores.parquet"

@@ -83,10 +83,12 @@ def test_file_still_being_written_waits_for_settle_time(dirs):
 def test_listing_skips_hidden_quarantine_and_unsupported_and_recurses(dirs):
     landing, out = dirs
     for relative in [".hidden.csv", ".part.csv.tmp", ".tmp-upload/x.csv", "quarantine/bad.csv",
-                     "deep/quarantine/bad.csv", "notes.txt", "data.json", "b/c/d.PARQUET", "a.csv", "b/c.pq"]:
+                     "deep/quarantine/bad.csv", "notes.txt", "data.json", "b/c/d.PARQUET", "a.csv", "b/c.pq",
+                     "e.csv.gz", "f.json.gz"]:
         land(landing, relative)
     found = pending_files(landing, Ledger(out))
-    assert [f.relative for f in found] == ["a.csv", "b/c.pq", "b/c/d.PARQUET"]
+    assert [f.relative for f in found] == ["a.csv", "b/c.pq", "b/c/d.PARQUET", "e.csv.gz"]
+    assert output_path(out, found[3]) == out / "scores" / f"e.csv.{found[3].sha256[:12]}.parquet"
     nested = found[2]
     assert output_path(out, nested, ".csv") == out / "scores" / "b" / "c" / f"d.{nested.sha256[:12]}.csv"
 

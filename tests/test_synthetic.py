@@ -98,12 +98,14 @@ def test_broken_correlation_rows_are_not_marginal_outliers(table: pd.DataFrame) 
     assert inside.all(axis=1).mean() >= 0.8, inside.mean()
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz", ".parquet"])
 def test_write_table_round_trips(tmp_path, suffix: str) -> None:
     frame = make_sensor_table(SyntheticSpec(n_rows=300, seed=1))
     path = write_table(frame, tmp_path / "nested" / f"sensors{suffix}")
     assert path.exists()
-    back = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    if suffix == ".csv.gz":
+        assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic number
+    back = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
     pd.testing.assert_frame_equal(back, frame, check_exact=False, rtol=1e-12)
 
 

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -53,3 +55,42 @@ def test_row_estimate_for_progress_bars(tmp_path):
     frame.to_parquet(tmp_path / "t.parquet")
     assert estimate_rows(tmp_path / "t.parquet") == 50_000
     assert abs(estimate_rows(tmp_path / "t.csv") - 50_000) < 2_500  # from the first MB's line lengths
+
+
+def test_gzipped_csv_reads_as_the_plain_one(tmp_path):
+    frame = pd.DataFrame({"id": [f"{i:05d}" for i in range(3000)], "x": np.arange(3000.0) / 7, "c": ["a", "b", ""] * 1000})
+    plain, zipped = tmp_path / "t.csv", tmp_path / "t.csv.gz"
+    frame.to_csv(plain, index=False)
+    frame.to_csv(zipped, index=False, compression="gzip")
+    pd.testing.assert_frame_equal(read_table(zipped), read_table(plain))
+    streamed = [list(iter_batches(p, ["x"], ["c"], ["id"], batch_rows=500)) for p in (plain, zipped)]
+    assert [b.to_pydict() for b in streamed[0]] == [b.to_pydict() for b in streamed[1]]
+    assert read_columns(zipped) == ["id", "x", "c"]
+    assert estimate_rows(zipped) is None  # the compressed size says nothing about the row count
+    with pytest.raises(InputFileError, match=r"unsupported file type '.gz'"):
+        read_table(tmp_path / "t.json.gz")
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_file_separated_otherwise_is_refused_with_the_reason(tmp_path, separator):
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}).to_csv(path, index=False, sep=separator)
+    for read in (read_table, read_columns):
+        with pytest.raises(InputFileError, match=rf"single column.*separated by {re.escape(repr(separator))}.*commas"):
+            read(path)
+    (tmp_path / "one.csv").write_text("reading\n1\n2\n")  # a genuine one-column file is fine
+    assert read_columns(tmp_path / "one.csv") == ["reading"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_column_named_twice_is_refused(tmp_path, suffix):
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".csv":
+        path.write_text("a,b,a\n1,2,3\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table([[1.0], [2.0], [3.0]], names=["a", "b", "a"]), path)
+    for read in (read_table, read_columns):
+        with pytest.raises(DataError, match=r"column 'a' appears twice in the header \(columns 1 and 3\)"):
+            read(path)
