@@ -6,6 +6,7 @@ can trust its input. Messages name the file, the column and the (1-based) data r
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from pipeline.tables import category_strings
 
 # Share of values that must parse as numbers before a text column counts as numeric with a
 # few bad cells (an error worth naming) rather than as a categorical column.
+log = logging.getLogger("vaeguard")
+
 _NUMERIC_TEXT_SHARE = 0.9
 
 
@@ -87,7 +90,27 @@ def infer_schema(frame: pd.DataFrame, *, source: str, config: PreprocessConfig,
             categorical.append(name)
     if not numeric and not categorical:
         raise DataError(f"{source}: no usable feature columns; every column is an id, the label, or constant")
+    for name in numeric:
+        _warn_if_sequence(frame[name], name, source)
     return TableSchema(tuple(numeric), tuple(categorical), tuple(id_columns), label_column, tuple(dropped))
+
+
+# Fewer rows than this prove nothing: a short table can be sorted by a real measurement.
+_SEQUENCE_MIN_ROWS = 100
+
+
+def _warn_if_sequence(column: pd.Series, name: str, source: str) -> None:
+    """Warn about a feature that rises on every row, like a row id or a timestamp.
+
+    Its training range ends where training data ends, so every later batch lies beyond it and
+    scores as anomalous: a forgotten --id-columns makes the whole next night's file an alarm.
+    """
+    values = column.dropna()
+    if len(values) >= _SEQUENCE_MIN_ROWS and values.is_unique and values.is_monotonic_increasing:
+        log.warning("%s: column %r rises on every row, like an id or a timestamp; as a feature, later "
+                    "rows fall outside its training range and score as anomalies. If it is an id, pass "
+                    "--id-columns %s; if it is a time, leave it out or give its cyclic parts instead",
+                    source, name, name)
 
 
 def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source: str) -> str:

@@ -50,7 +50,8 @@ def scores_dir(tmp_path) -> Path:
 
 
 def run_train(capsys, data: Path, out: Path, config: Path, *extra, name: str = "bad") -> tuple[int, str]:
-    code = main(["train", str(data), "--name", name, "--out", str(out), "--config", str(config),
+    ids = [] if "--id-columns" in extra else ["--id-columns", "row_id"]  # the generator's row id
+    code = main(["train", str(data), "--name", name, "--out", str(out), "--config", str(config), *ids,
                  *map(str, extra)])
     return code, capsys.readouterr().err
 

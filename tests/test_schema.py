@@ -83,3 +83,19 @@ def test_category_arrays_share_one_str_per_category_and_accept_chunked_columns()
     assert values.dtype == object and values.tolist() == ["a", "", "b", "a"]
     assert values[0] is values[3]  # one Python str per category, not one per cell
     assert as_category_array(pa.array([2.0, None, 3.0])).tolist() == ["2", "", "3"]  # spelled as training spelled them
+
+
+def test_a_feature_rising_on_every_row_is_warned_about(table, caplog):
+    """A forgotten --id-columns: later batches' ids lie beyond the training range and all score high."""
+    with caplog.at_level("WARNING", logger="vaeguard"):
+        schema = infer_schema(table, source="t.csv", config=PreprocessConfig())
+    assert "id" in schema.numeric  # still used: the warning says what to do, it does not guess
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "column 'id' rises on every row" in warning and "--id-columns id" in warning
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vaeguard"):
+        infer_schema(table, source="t.csv", config=PreprocessConfig(), id_columns=("id",))
+        infer_schema(table.sample(frac=1.0, random_state=0), source="t.csv", config=PreprocessConfig())
+        infer_schema(table.head(99), source="t.csv", config=PreprocessConfig())  # too short to tell
+    assert not caplog.records
