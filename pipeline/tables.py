@@ -81,6 +81,21 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return table.to_pandas()
 
 
+def read_text_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
+    """Columns of a CSV as the text written in it (missing as None), the way scoring streams them.
+
+    Training reads a CSV with type inference, which turns a category '007' into the number 7 and
+    'False' into a boolean spelled 'false'; scoring reads categories verbatim, so it would put
+    every such row in the unknown bucket. Training re-reads its categorical columns with this.
+    """
+    path = check_input_file(path)
+    read, convert = _csv_options({c: pa.string() for c in columns}, list(columns))
+    try:
+        return pacsv.read_csv(path, read_options=read, convert_options=convert).to_pandas()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputFileError(f"{path}: could not be read as csv: {_one_line(exc)}") from exc
+
+
 def read_columns(path: str | Path) -> list[str]:
     """The column names of a table, without reading its rows."""
     path = check_input_file(path)

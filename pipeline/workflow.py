@@ -33,7 +33,7 @@ from pipeline.preprocess import Preprocessor, check_training_scale, fit_preproce
 from pipeline.schema import TableSchema, infer_schema, label_vector, numeric_matrix
 from pipeline.scorer_graph import ScorerGraph, graph_inputs
 from pipeline.splits import Splits, split_rows
-from pipeline.tables import read_table
+from pipeline.tables import read_table, read_text_columns, table_format
 from pipeline.train import train_vae
 from pipeline.verify import verify_export
 
@@ -85,6 +85,9 @@ def load_and_validate(job: TrainJob, run: RunDir) -> dict:
     schema = infer_schema(frame, source=_source(job), config=job.config.preprocess,
                           label_column=job.label_column, id_columns=job.id_columns)
     numeric_matrix(frame, schema.numeric, _source(job))  # fails early on infinities
+    if schema.categorical and table_format(Path(job.data)) == "csv":
+        # Categories spelled as written ('007', 'False'), as scoring will read them.
+        frame[list(schema.categorical)] = read_text_columns(job.data, list(schema.categorical))
     labels = label_vector(frame, schema.label_column, _source(job)) if schema.label_column else None
     keep = list(schema.id_columns) + list(schema.feature_columns) + ([schema.label_column] if labels is not None else [])
     frame[keep].reset_index(drop=True).to_parquet(run.rows)

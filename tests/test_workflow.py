@@ -3,12 +3,15 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import workflow
+from pipeline.batch_score import score_files
 from pipeline.bundle import Bundle
-from pipeline.config import TrainJob
+from pipeline.config import ScoreJob, TrainJob
 from pipeline.errors import DataError, ExportError
+from pipeline.runtime import BundleScorer
 from pipeline.synthetic import write_table
 from tests.conftest import SHARED_DATA, quiet_config
 
@@ -102,3 +105,27 @@ def test_trimmed_training_resists_anomalies_among_the_training_rows(tmp_path):
         measured[trim] = auroc(data["y"].astype(int), scores.to_numpy(dtype=np.float64))
     assert measured[0.05] >= 0.87
     assert measured[0.05] > measured[0.0] + 0.01
+
+
+def test_csv_categories_are_learned_as_written_so_scoring_recognises_them(sensor_frame, tmp_path):
+    """Type inference read '007' as 7 and 'False' as false at training, while scoring reads the
+    text as written: every row of the same file then fell into the unknown bucket."""
+    frame = sensor_frame.copy()
+    rng = np.random.default_rng(0)
+    frame["site"] = rng.choice(["003", "007", "012"], len(frame))
+    frame["door_open"] = rng.random(len(frame)) < 0.3  # written as False / True
+    data = write_table(frame, tmp_path / "codes.csv")
+    job = TrainJob(data=data, name="codes", out_dir=tmp_path / "out", id_columns=("row_id",), label_column="label",
+                   config=quiet_config(max_epochs=3))
+    bundle = Bundle.load(workflow.run_training(job)["bundle"])
+    categories = {c["name"]: set(c["categories"]) for c in bundle.manifest["preprocessing"]["categorical"]}
+    assert categories["site"] == {"003", "007", "012"} and categories["door_open"] == {"False", "True"}
+
+    out = tmp_path / "scores.parquet"
+    score_files(ScoreJob(bundle.path, (data,), out, device="cpu"))
+    streamed = pd.read_parquet(out)["score"].to_numpy()
+    as_text = pd.read_csv(data, dtype={"site": str, "door_open": str})
+    scorer = BundleScorer(bundle, device="cpu")
+    np.testing.assert_allclose(streamed, scorer.score_frame(as_text)["score"], rtol=1e-6)
+    unknown = scorer.score_frame(as_text.assign(site="999", door_open="maybe"))["score"].to_numpy()
+    assert np.mean(np.abs(streamed - unknown) > 1e-3) > 0.9  # the file's values are known categories
