@@ -18,10 +18,10 @@ from pipeline.config import PreprocessConfig
 from pipeline.errors import DataError
 from pipeline.tables import category_strings
 
-# Share of values that must parse as numbers before a text column counts as numeric with a
-# few bad cells (an error worth naming) rather than as a categorical column.
 log = logging.getLogger("vaeguard")
 
+# Share of values that must parse as numbers before a text column counts as numeric with a
+# few bad cells (an error worth naming) rather than as a categorical column.
 _NUMERIC_TEXT_SHARE = 0.9
 
 

@@ -70,12 +70,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if table_format(path) == "csv":
             read, convert = _csv_options()
             table = pacsv.read_csv(path, read_options=read, convert_options=convert)
+            check_header(path, table.column_names)
         else:
-            check_header(path, pq.ParquetFile(path).schema_arrow.names)  # pyarrow refuses twice-named columns
+            check_header(path, pq.ParquetFile(path).schema_arrow.names)  # before pyarrow refuses twice-named columns
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputFileError(f"{path}: could not be read as {table_format(path)}: {_one_line(exc)}") from exc
-    check_header(path, table.column_names)
     if table.num_rows == 0:
         raise DataError(f"{path}: has a header but no data rows; expected at least one row")
     return table.to_pandas()
