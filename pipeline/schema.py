@@ -106,7 +106,8 @@ def _warn_if_sequence(column: pd.Series, name: str, source: str) -> None:
     scores as anomalous: a forgotten --id-columns makes the whole next night's file an alarm.
     """
     values = column.dropna()
-    if len(values) >= _SEQUENCE_MIN_ROWS and values.is_unique and values.is_monotonic_increasing:
+    # Monotonic first: one vectorised pass that fails fast, before is_unique's hashing.
+    if len(values) >= _SEQUENCE_MIN_ROWS and values.is_monotonic_increasing and values.is_unique:
         log.warning("%s: column %r rises on every row, like an id or a timestamp; as a feature, later "
                     "rows fall outside its training range and score as anomalies. If it is an id, pass "
                     "--id-columns %s; if it is a time, leave it out or give its cyclic parts instead",
