@@ -55,14 +55,15 @@ def timed(work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def best_in_turns(works: dict, repeats: int) -> dict[str, float]:
+def best_in_turns(works: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
     """Seconds of each callable, best of ``repeats`` runs taken in turns, so that a neighbour's
-    load slows every contender alike instead of one of them."""
-    best = dict.fromkeys(works, float("inf"))
+    load slows every contender alike instead of one of them; and what each last returned."""
+    best, results = dict.fromkeys(works, float("inf")), {}
     for _ in range(repeats):
         for name, work in works.items():
-            best[name] = min(best[name], timed(work)[0])
-    return best
+            seconds, results[name] = timed(work)
+            best[name] = min(best[name], seconds)
+    return best, results
 
 
 def sensors(rows: int, seed: int, medians: pd.Series | None = None) -> pd.DataFrame:
@@ -102,18 +103,14 @@ REPEATS = 3
 def precision_rows(bundle: Bundle, chunks: list[np.ndarray], rows: int) -> dict:
     """fp16 and int8 variants of the bundle against its fp32 scorer on the same in-memory rows.
 
-    The three scorers are timed in turns, best of REPEATS passes over every chunk,
-    so a neighbour's load on the shared cores slows them alike.
+    The three scorers are timed in turns (``best_in_turns``), best of REPEATS passes over every chunk.
     """
     labels = make_sensor_table(SyntheticSpec(n_rows=rows, seed=1))["label"].to_numpy()
     entries = {name: export_variant(bundle.path, name, device="cpu", threads=2) for name in ("fp16", "int8")}
     loaded = Bundle.load(bundle.path)
     scorers = {name: BundleScorer(loaded, device="cpu", threads=2, precision=name) for name in ("fp32", *entries)}
-    seconds, outputs = {name: float("inf") for name in scorers}, {}
-    for _ in range(REPEATS):
-        for name, scorer in scorers.items():
-            elapsed, outputs[name] = timed(lambda: [scorer.score_arrays(c, []) for c in chunks])  # noqa: B023
-            seconds[name] = min(seconds[name], elapsed)
+    seconds, outputs = best_in_turns({name: lambda scorer=scorer: [scorer.score_arrays(c, []) for c in chunks]
+                                      for name, scorer in scorers.items()}, REPEATS)
     merged = {name: {key: np.concatenate([o[key] for o in parts]) for key in ("score", "is_anomaly")}
               for name, parts in outputs.items()}
     reference = merged["fp32"]
@@ -175,17 +172,17 @@ def measure(rows: int, train_rows: int, work: Path) -> dict:
             for c in chunks:
                 graph(torch.from_numpy(c))
 
-    in_memory = best_in_turns({"ours_onnx": lambda: [scorer.score_arrays(c, []) for c in chunks],
-                               "ours_torch_eager": eager,
-                               "pyod_vae": lambda: pyod_vae.decision_function(x_test),
-                               "pyod_iforest": lambda: iforest.decision_function(x_test)}, REPEATS)
+    in_memory, _ = best_in_turns({"ours_onnx": lambda: [scorer.score_arrays(c, []) for c in chunks],
+                                  "ours_torch_eager": eager,
+                                  "pyod_vae": lambda: pyod_vae.decision_function(x_test),
+                                  "pyod_iforest": lambda: iforest.decision_function(x_test)}, REPEATS)
     onnx_seconds, eager_seconds = in_memory["ours_onnx"], in_memory["ours_torch_eager"]
     vae_seconds, iforest_seconds = in_memory["pyod_vae"], in_memory["pyod_iforest"]
 
     end_to_end = {}
     for suffix in (".csv", ".parquet"):
         path = write_table(test, work / f"test{suffix}")
-        best = best_in_turns({
+        best, _ = best_in_turns({
             "parse": lambda: sum(b.num_rows for b in iter_batches(path, SENSOR_COLUMNS, [], ["row_id"], CHUNK)),  # noqa: B023
             "whole": lambda: read_whole(path),  # noqa: B023
             # Default threads, as `vaeguard score` runs: file scoring leaves a core to the parser.

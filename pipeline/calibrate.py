@@ -11,6 +11,7 @@ p-value is reported beside it, and the two never disagree.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,19 +95,19 @@ def fpr_range(rank: int, n: int, level: float = FPR_RANGE_LEVEL) -> tuple[float,
     return float(low), float(high)
 
 
-def format_fpr_range(rank: int, n: int) -> str:
-    return "{:.2%}-{:.2%}".format(*fpr_range(rank, n))
+def format_fpr_range(rank: int, n: int, stored: Sequence[float] | None = None) -> str:
+    """'low%-high%', from ``stored`` (a manifest's copy) when given, else computed."""
+    low, high = stored if stored else fpr_range(rank, n)
+    return f"{low:.2%}-{high:.2%}"
 
 
-def describe_fpr_range(rank: int, n: int, stored: tuple[float, float] | None = None) -> str:
-    low, high = stored if stored is not None else fpr_range(rank, n)
-    return f"{low:.2%}-{high:.2%} for {FPR_RANGE_LEVEL:.0%} of calibration sets of {n:,} rows"
+def describe_fpr_range(rank: int, n: int, stored: Sequence[float] | None = None) -> str:
+    return f"{format_fpr_range(rank, n, stored)} for {FPR_RANGE_LEVEL:.0%} of calibration sets of {n:,} rows"
 
 
 def stored_fpr_range(calibration: dict) -> str:
     """describe_fpr_range of a manifest's calibration section, from the range stored in it."""
-    stored = calibration.get(FPR_RANGE_KEY)
-    return describe_fpr_range(calibration["rank"], calibration["n_calibration"], tuple(stored) if stored else None)
+    return describe_fpr_range(calibration["rank"], calibration["n_calibration"], calibration.get(FPR_RANGE_KEY))
 
 
 def min_calibration_rows(target_fpr: float) -> int:

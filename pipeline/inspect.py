@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.calibrate import format_fpr_range
+from pipeline.calibrate import FPR_RANGE_KEY, format_fpr_range
 
 
 def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
@@ -38,7 +38,7 @@ def describe_manifest(manifest: dict) -> str:
         "calibration:",
         *_table([("threshold", _fmt(cal["threshold"])), ("target FPR", _fmt(cal["target_fpr"])),
                  ("expected FPR", _fmt(cal["expected_fpr"])),
-                 ("90% range", format_fpr_range(cal["rank"], cal["n_calibration"])),
+                 ("90% range", format_fpr_range(cal["rank"], cal["n_calibration"], cal.get(FPR_RANGE_KEY))),
                  ("calibration rows", _fmt(cal["n_calibration"]))]),
     ]
     if manifest.get("variants"):
