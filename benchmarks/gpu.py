@@ -12,14 +12,19 @@ Run from the repository root with the project's .venv, or with any Python that h
 2. Training time, CUDA against CPU, on the same data for a fixed number of epochs (patience =
    epochs, so no early stop), after an untimed warm-up: the tabular MLP VAE end to end
    (``run_training``) on a generated sensor table, and the image VAE (``train_vae`` on generated
-   pen strokes, as benchmarks.image_epoch) on CUDA in bf16 autocast and in fp32.
-3. Scoring throughput in rows/s, best of several repeats after a warm-up, by batch size:
-   - the tabular scorer.onnx: CPU, CUDA through ``BundleScorer`` (the numeric block goes to the
-     GPU as an OrtValue; string inputs cannot be IO-bound, see pipeline.runtime.run_bound), CUDA
-     through a plain ``session.run`` on host arrays, and the fp16 variant on CUDA when
-     pipeline.precision can make one (on a copy of the bundle);
-   - the image scorer (one float input, so every input and output is bound): CPU, CUDA with the
-     outputs bound to the host, and bound to the GPU and copied after.
+   pen strokes, as benchmarks.image_epoch) on CUDA in fp32 and in bf16 autocast; and the MLP
+   alone (``train_vae``) on Gaussian tables of several widths, where the GPU's share changes.
+3. Scoring throughput in rows/s, best of several repeats after a warm-up, by batch size, for what
+   vaeguard does (``BundleScorer``: a plain ``session.run`` on host arrays) against IO binding,
+   the alternative it measured and dropped (``io_bound`` below):
+   - the tabular scorer.onnx: CPU, CUDA through ``BundleScorer``, CUDA with the numeric block
+     handed over as a GPU OrtValue (onnxruntime's Python IOBinding cannot bind the string
+     inputs of categorical columns), and the fp16 variant on CUDA when pipeline.precision can
+     make one (on a copy of the bundle);
+   - the image scorer (one float input): CPU, CUDA through ``session.run``, and IO-bound CUDA
+     with the outputs bound to the host, or to the GPU and copied after.
+4. Whether CUDA and the CPU agree: the largest relative score difference, decisions that differ,
+   and whether a second CUDA session repeats the first exactly.
 Without CUDA the CPU parts run and the GPU rows are skipped, saying why. Writes one JSON file
 and prints markdown tables. ``--quick``: small sizes, a couple of minutes on 2 CPU cores.
 """
@@ -56,8 +61,10 @@ NO_CUDA = "no CUDA: GPU rows skipped"
 SIZES = {
     # train_rows: the sensor table for the tabular runs; images at 28x28 for the image VAE.
     "full": {"train_rows": 100_000, "epochs": 20, "images": 10_000, "image_epochs": 3, "repeats": 5,
+             "widths": (8, 64, 256, 1024), "width_rows": 50_000, "width_epochs": 3,
              "batches": (1024, 8192, 65_536, 262_144, 1_048_576), "image_batches": (256, 1024, 4096, 16_384)},
     "quick": {"train_rows": 4000, "epochs": 3, "images": 600, "image_epochs": 1, "repeats": 3,
+              "widths": (8, 64), "width_rows": 2000, "width_epochs": 1,
               "batches": (1024, 8192, 65_536), "image_batches": (64, 256)},
 }
 
@@ -253,6 +260,35 @@ def train_tabular(work: Path, rows: int, epochs: int, devices: list[str], thread
     return results
 
 
+def train_widths(widths: tuple[int, ...], rows: int, epochs: int, devices: list[str],
+                 threads: int | None) -> list[dict]:
+    """The tabular MLP on Gaussian rows of each width: where, if anywhere, CUDA beats the CPU.
+
+    The network's width follows the number of features (pipeline.model.default_layer_sizes), so
+    the sensor table (8 numeric and 2 categorical columns) says little about a table with hundreds
+    of one-hot columns.
+    """
+    import numpy as np
+
+    from pipeline.config import ModelConfig, TrainingConfig
+    from pipeline.train import train_vae
+
+    results = []
+    for width in widths:
+        data = np.random.default_rng(width).normal(size=(rows, width)).astype(np.float32)
+        n_val = rows // 10
+        for device in devices:
+            config = TrainingConfig(max_epochs=epochs, patience=epochs, threads=threads, progress=False, device=device)
+            result = train_vae(data[n_val:], data[:n_val], ModelConfig(), config)
+            per_epoch = result.seconds / len(result.history)
+            results.append({"model": f"tabular MLP VAE, {width} features", "device": device,
+                            "mixed_precision": result.mixed_precision, "train_rows": rows - n_val,
+                            "epochs": len(result.history), "batch_size": config.batch_size,
+                            "train_seconds": round(result.seconds, 3), "seconds_per_epoch": round(per_epoch, 3),
+                            "final_val_loss": round(float(result.history[-1]["val_loss"]), 4)})
+    return results
+
+
 def train_images(count: int, epochs: int, runs: list[tuple[str, str]], threads: int | None) -> list[dict]:
     import numpy as np
 
@@ -301,7 +337,39 @@ def best_rates(methods: dict, batches: tuple[int, ...], repeats: int) -> dict[st
     return rates
 
 
-def table_methods(bundle_path: Path, work: Path, rows: int, threads: int | None, cuda: bool, notes: list[str]) -> dict:
+def agreement(cpu_scores, cuda_scores, threshold: float) -> dict:
+    """CUDA's scores against the CPU's: ``cuda_scores()`` is called twice, each time in a new session."""
+    import numpy as np
+
+    cpu, first, second = cpu_scores(), cuda_scores(), cuda_scores()
+    relative = np.abs(first - cpu) / np.maximum(np.abs(cpu), 1e-6)
+    return {"rows": len(cpu), "max_relative_difference": float(relative.max()),
+            "decisions_differ": int(((first > threshold) != (cpu > threshold)).sum()),
+            "cuda_repeats_exactly": bool(np.array_equal(first, second))}
+
+
+def io_bound(session, feeds: dict, output_names: list[str], outputs_on: str = "cpu") -> list:
+    """``session.run`` through IO binding: float inputs copied to the GPU as OrtValues, string
+    inputs (which IOBinding cannot bind) passed to a plain run next to them."""
+    import numpy as np
+    import onnxruntime as ort
+
+    inputs = {name: value if value.dtype.kind in "OSU"
+              else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0)
+              for name, value in feeds.items()}
+    if any(not isinstance(value, ort.OrtValue) for value in inputs.values()):
+        return session.run(output_names, inputs)
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in output_names:
+        binding.bind_output(name, outputs_on)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
+
+
+def table_methods(bundle_path: Path, work: Path, rows: int, threads: int | None, cuda: bool, notes: list[str],
+                  agree: dict) -> dict:
     import numpy as np
 
     from pipeline.bundle import Bundle
@@ -324,14 +392,17 @@ def table_methods(bundle_path: Path, work: Path, rows: int, threads: int | None,
     if not cuda:
         return methods
     gpu = BundleScorer(bundle, device="cuda", threads=threads)
+    agree["tabular"] = agreement(lambda: cpu.score_arrays(numeric, categories)["score"],
+                                 lambda: BundleScorer(bundle, "cuda", threads).score_arrays(numeric, categories)["score"],
+                                 bundle.manifest["calibration"]["threshold"])
     methods["cuda (BundleScorer)"] = with_scorer(gpu)
 
-    def plain(n):
+    def bound(n):
         feeds = {"numeric": numeric[:n]} | {categorical_input_name(c): v[:n]
                                              for c, v in zip(gpu.categorical_columns, categories)}
-        return gpu.session.run(list(OUTPUT_NAMES), feeds)
+        return io_bound(gpu.session, feeds, list(OUTPUT_NAMES))
 
-    methods["cuda (session.run, host arrays)"] = plain
+    methods["cuda (numeric block as a GPU OrtValue)"] = bound
     try:
         from pipeline.precision import export_variant
     except ImportError as exc:
@@ -348,14 +419,14 @@ def table_methods(bundle_path: Path, work: Path, rows: int, threads: int | None,
     return methods
 
 
-def image_methods(work: Path, count: int, rows: int, threads: int | None, cuda: bool) -> dict:
+def image_methods(work: Path, count: int, rows: int, threads: int | None, cuda: bool, agree: dict) -> dict:
     import numpy as np
 
     from benchmarks.image_epoch import make_strokes
     from pipeline.config import CalibrationConfig, ImageTrainJob, PipelineConfig, TrainingConfig
     from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
     from pipeline.image_workflow import run_image_training
-    from pipeline.runtime import create_session, run_bound
+    from pipeline.runtime import create_session
 
     np.save(work / "strokes.npy", make_strokes(count, 28, seed=2)[:, 0])
     config = PipelineConfig(training=TrainingConfig(max_epochs=2, patience=2, threads=threads, progress=False),
@@ -370,10 +441,15 @@ def image_methods(work: Path, count: int, rows: int, threads: int | None, cuda: 
     methods = {"cpu": lambda n: cpu.run(names, {IMAGE_INPUT: images[:n]})}
     if cuda:
         gpu = create_session(scorer, "cuda", threads)
-        methods["cuda (outputs bound to host)"] = lambda n: run_bound(gpu, {IMAGE_INPUT: images[:n]}, names, "cuda")
-        methods["cuda (outputs bound to GPU, copied)"] = lambda n: run_bound(gpu, {IMAGE_INPUT: images[:n]}, names,
-                                                                           "cuda", outputs_on="cuda")
+        score_index = names.index("score")
+        agree["image"] = agreement(lambda: cpu.run(names, {IMAGE_INPUT: images})[score_index],
+                                   lambda: create_session(scorer, "cuda", threads).run(
+                                       names, {IMAGE_INPUT: images})[score_index],
+                                   json.loads((scorer.parent / "manifest.json").read_text())["calibration"]["threshold"])
         methods["cuda (session.run)"] = lambda n: gpu.run(names, {IMAGE_INPUT: images[:n]})
+        methods["cuda (IO-bound, outputs to host)"] = lambda n: io_bound(gpu, {IMAGE_INPUT: images[:n]}, names)
+        methods["cuda (IO-bound, outputs on GPU, copied)"] = lambda n: io_bound(gpu, {IMAGE_INPUT: images[:n]}, names,
+                                                                                "cuda")
     return methods
 
 
@@ -415,13 +491,21 @@ def markdown(result: dict) -> str:
         methods = list(rates)
         batches = list(next(iter(rates.values())))
         lines += [f"## {title}: {unit}, best of {result['repeats']}", "",
-                  "| batch | " + " | ".join(methods) + (" | best cuda / cpu |" if len(methods) > 1 else " |"),
+                  "| batch | " + " | ".join(methods) + (" | vaeguard's cuda / cpu |" if len(methods) > 1 else " |"),
                   "|---" * (len(methods) + 1 + (len(methods) > 1)) + "|"]
         for rows in batches:
             cells = [f"{rates[m][rows]:,}" for m in methods]
-            ratio = (f" | {max(rates[m][rows] for m in methods[1:]) / rates['cpu'][rows]:.2f}x"
+            ratio = (f" | {rates[methods[1]][rows] / rates['cpu'][rows]:.2f}x"
                      if len(methods) > 1 else "")
             lines.append(f"| {int(rows):,} | " + " | ".join(cells) + ratio + " |")
+        lines.append("")
+    if result.get("agreement"):
+        lines += ["## CUDA against the CPU: the same scores?", "",
+                  "| scorer | rows | largest relative difference | decisions that differ | a new CUDA session repeats it |",
+                  "|---|---|---|---|---|"]
+        for name, a in result["agreement"].items():
+            lines.append(f"| {name} | {a['rows']:,} | {a['max_relative_difference']:.2e} | {a['decisions_differ']} "
+                         f"| {'exactly' if a['cuda_repeats_exactly'] else 'no'} |")
         lines.append("")
     lines += [f"- {note}" for note in result["notes"]]
     return "\n".join(lines)
@@ -463,7 +547,8 @@ def main() -> None:
         print(NO_CUDA if not (ort_cuda or cuda_train) else "partial CUDA: " + "; ".join(notes), flush=True)
 
     result = {"mode": "quick" if args.quick else "full", "repeats": sizes["repeats"], "threads": args.threads,
-              "environment": env, "training": [], "scoring_table": None, "scoring_images": None, "notes": notes}
+              "environment": env, "training": [], "scoring_table": None, "scoring_images": None, "agreement": {},
+              "notes": notes}
     work = Path(tempfile.mkdtemp(prefix="vaeguard-gpu-"))
     try:
         bundle = args.bundle
@@ -474,8 +559,10 @@ def main() -> None:
             tabular = attempt(notes, "tabular training", lambda: train_tabular(work, sizes["train_rows"], sizes["epochs"],
                                                                                devices, args.threads))
             result["training"] += tabular or []
+            result["training"] += attempt(notes, "tabular training by width", lambda: train_widths(
+                sizes["widths"], sizes["width_rows"], sizes["width_epochs"], devices, args.threads)) or []
             bundle = bundle or (Path(tabular[0]["bundle"]) if tabular else None)
-            runs = [("cpu", "auto")] + ([("cuda", "auto"), ("cuda", "fp32")] if cuda_train else [])
+            runs = [("cpu", "fp32")] + ([("cuda", "fp32"), ("cuda", "bf16")] if cuda_train else [])
             result["training"] += attempt(notes, "image training", lambda: train_images(
                 sizes["images"], sizes["image_epochs"], runs, args.threads)) or []
             print(f"training done: {json.dumps(result['training'], indent=2)}", flush=True)
@@ -485,7 +572,8 @@ def main() -> None:
             notes.append("tabular scoring skipped: no bundle (training failed or skipped; pass --bundle)")
         else:
             methods = attempt(notes, "tabular scoring", lambda: table_methods(bundle, work, max(sizes["batches"]),
-                                                                              args.threads, ort_cuda, notes))
+                                                                              args.threads, ort_cuda, notes,
+                                                                              result["agreement"]))
             if methods:
                 result["scoring_table"] = attempt(notes, "tabular scoring",
                                                   lambda: best_rates(methods, sizes["batches"], sizes["repeats"]))
@@ -493,7 +581,7 @@ def main() -> None:
         if not args.skip_training:
             methods = attempt(notes, "image scoring", lambda: image_methods(work, sizes["images"] // 2,
                                                                             max(sizes["image_batches"]), args.threads,
-                                                                            ort_cuda))
+                                                                            ort_cuda, result["agreement"]))
             if methods:
                 result["scoring_images"] = attempt(notes, "image scoring",
                                                    lambda: best_rates(methods, sizes["image_batches"], sizes["repeats"]))

@@ -70,8 +70,9 @@ class TrainingConfig:
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    # auto: bf16 autocast on CUDA for the convolutional image VAE only; fp32: never; bf16: for
-    # every model on CUDA (see pipeline.train.autocast_dtype). The CPU always trains in fp32.
+    # auto and fp32: no autocast (bf16 was never faster on an H100; see
+    # pipeline.train.autocast_dtype); bf16: autocast for any model on CUDA. The CPU always
+    # trains in fp32.
     mixed_precision: str = "auto"
     # None: every core up to 4. Set explicitly because torch's default thread pool
     # thrashes on small shared machines (see DESIGN.md).

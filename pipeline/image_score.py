@@ -26,7 +26,7 @@ from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, write_errors
 from pipeline.outputs import OutputWriter, summary_path, write_atomic
-from pipeline.runtime import create_session, run_scorer
+from pipeline.runtime import check_variant_device, create_session
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
 MAX_IMAGE_BATCH = 256
@@ -50,6 +50,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                            device="cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu",
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"],
                            fpr_range=stored_fpr_range(calibration))
+    check_variant_device(bundle, job.precision, summary.device)
     errors: list[tuple[str, str]] = []
     started = time.perf_counter()
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
@@ -60,8 +61,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                 errors += bad
                 if not names:
                     continue
-                outputs = dict(zip(IMAGE_OUTPUT_NAMES, run_scorer(session, {IMAGE_INPUT: images}, IMAGE_OUTPUT_NAMES,
-                                                                  summary.device)))
+                outputs = dict(zip(IMAGE_OUTPUT_NAMES, session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: images})))
                 columns = {"path": pa.array(names, pa.string())} | {n: pa.array(outputs[n]) for n in OUTPUT_NAMES}
                 writer.write(pa.table(columns))
                 if job.maps_dir is not None:

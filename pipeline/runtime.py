@@ -2,15 +2,18 @@
 
 onnxruntime-gpu silently falls back to the CPU when CUDA libraries are missing, so the
 providers a session really got are checked: ``cuda`` fails with a clear message naming the
-CUDA libraries that cannot be loaded, ``auto`` falls back to the CPU with one warning. On CUDA,
-batches go through IO binding (``run_bound``), so each crosses to the GPU and back once.
+CUDA libraries that cannot be loaded, ``auto`` falls back to the CPU with one warning.
+
+Batches go through plain ``session.run`` on both devices. IO binding (inputs copied to the GPU
+as OrtValues, outputs bound to host memory) was what this module did before; over four runs on
+an H100 it scored 256-image batches at 0.58-0.97x the plain run's rate and 65,536-row tables at
+0.90-1.02x, so the simpler call stays (BENCHMARKS.md, "GPU").
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,15 @@ log = logging.getLogger("vaeguard")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# The CUDA provider's defaults trade exactness for speed. use_tf32 (on by default) runs float32
+# MatMul and Conv on tensor cores with a 10-bit mantissa: on an H100 that moved the test suite's
+# tabular scores by up to 0.9% against the CPU, and flipped 2 decisions in 200,000 rows of another
+# bundle; without it they agree to 1e-5 or better. The default cuDNN search times the candidate
+# convolution algorithms when a session first runs and keeps the fastest, so which algorithm
+# runs, and the last bits of an image's score, depend on timing; the heuristic picks without
+# timing. On 16,384-image batches it ran at 0.69x the timed choice's rate, still about 60 times
+# the CPU's. BENCHMARKS.md, "GPU", has the figures.
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def create_session(model_path: Path, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
@@ -46,10 +58,11 @@ def create_session(model_path: Path, device: str = "auto", threads: int | None =
         return _cpu_fallback(model_path, options, device, "no NVIDIA GPU driver on this machine",
                              "run on a machine with an NVIDIA GPU")
     preload_cuda_libraries()
+    options.use_deterministic_compute = True  # deterministic kernels where CUDA has a choice
     # Quiet the provider's own loader errors; the check after it says what happened, once.
     ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=[CUDA, CPU])
+        session = ort.InferenceSession(str(model_path), options, providers=[(CUDA, CUDA_OPTIONS), CPU])
     except Exception as exc:  # noqa: BLE001 - some builds raise instead of falling back
         return _cpu_fallback(model_path, options, device, *cuda_failure(str(exc).splitlines()[0]))
     finally:
@@ -73,51 +86,20 @@ def _cpu_fallback(model_path: Path, options: ort.SessionOptions, device: str, wh
     return ort.InferenceSession(str(model_path), options, providers=[CPU])
 
 
-def run_bound(session: ort.InferenceSession, feeds: dict[str, np.ndarray], output_names: Sequence[str],
-              device: str = "cpu", outputs_on: str = "cpu") -> list[np.ndarray]:
-    """``session.run`` through IO binding: each input is copied to ``device`` once, each output back once.
+def check_variant_device(bundle: Bundle, precision: str, device: str) -> None:
+    """A reduced-precision scorer is used only on the device its export checked it on.
 
-    Outputs are bound to host memory (``outputs_on="cpu"``), not to the GPU and copied after:
-    either way every output crosses to the host once, but bound to the host, onnxruntime writes
-    the outputs of nodes it placed on the CPU (ops without a CUDA kernel) where they are wanted
-    instead of moving them to the GPU and back. ``benchmarks/gpu.py`` measures both.
-
-    onnxruntime's Python IOBinding cannot bind string tensors ("Only binding non-string Tensors
-    is currently supported"), and the scorer of a table with categorical columns takes one string
-    input per column. For those graphs ``session.run`` is given the numeric block already on the
-    GPU as an OrtValue next to the host strings (the ai.onnx.ml OneHotEncoder runs on the CPU
-    anyway); run returns every output on the host, once.
+    Reduced-precision kernels differ from device to device: the fp16 variant that passed every
+    check on the CPU scored a row 1.1% differently alone and in a batch on an H100, and that
+    export refused it there. The threshold and the batch check hold only where they were made.
     """
-    inputs = {}
-    for name, value in feeds.items():
-        if device == "cuda" and value.dtype.kind not in "OSU":
-            inputs[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0)
-        else:
-            inputs[name] = value
-    if any(value.dtype.kind in "OSU" for value in feeds.values()):
-        return session.run(list(output_names), inputs)
-    binding = session.io_binding()
-    for name, value in inputs.items():
-        if isinstance(value, ort.OrtValue):
-            binding.bind_ortvalue_input(name, value)
-        else:
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-    for name in output_names:
-        binding.bind_output(name, outputs_on)
-    session.run_with_iobinding(binding)
-    return binding.copy_outputs_to_cpu()
-
-
-def run_scorer(session: ort.InferenceSession, feeds: dict[str, np.ndarray], output_names: Sequence[str],
-               device: str) -> list[np.ndarray]:
-    """One batch through a scorer graph: IO binding on CUDA, plain ``session.run`` on the CPU.
-
-    On the CPU there is nothing to copy, and building a binding per batch made scoring slightly
-    slower (a numeric-only demo bundle, 1 thread: +0.7% at 65,536 rows, +3% at 1,024), never faster.
-    """
-    if device == "cuda":
-        return run_bound(session, feeds, output_names, device)
-    return session.run(list(output_names), feeds)
+    if precision == "fp32":
+        return
+    checked = bundle.manifest["variants"][precision].get("device")
+    if checked and checked != device:
+        raise DeviceError(f"the {precision} scorer of bundle {bundle.name!r} was checked on {checked}, and this run "
+                          f"scores on {device}; score it with --device {checked}, or check it on {device} with "
+                          f"`vaeguard export {bundle.path} --precision {precision} --device {device}`")
 
 
 def table_feeds(schema: TableSchema, numeric: np.ndarray, categories: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -144,6 +126,7 @@ class BundleScorer:
         self.precision = precision
         self.session = create_session(bundle.scorer_path_for(precision), device, threads)
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
+        check_variant_device(bundle, precision, self.device)
 
     @property
     def numeric_columns(self) -> list[str]:
@@ -155,7 +138,7 @@ class BundleScorer:
 
     def score_arrays(self, numeric: np.ndarray, categories: list[np.ndarray]) -> dict[str, np.ndarray]:
         feeds = table_feeds(self.schema, numeric, categories)
-        return dict(zip(OUTPUT_NAMES, run_scorer(self.session, feeds, OUTPUT_NAMES, self.device)))
+        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
 
     def score_batch(self, batch: pa.RecordBatch, source: str, row_offset: int = 0) -> dict[str, np.ndarray]:
         """A record batch with numeric columns as float64 and categorical ones as strings."""
@@ -171,7 +154,7 @@ class BundleScorer:
 
     def score_frame(self, frame: pd.DataFrame, source: str = "input") -> pd.DataFrame:
         feeds = frame_feeds(self.schema, frame, source)
-        outputs = dict(zip(OUTPUT_NAMES, run_scorer(self.session, feeds, OUTPUT_NAMES, self.device)))
+        outputs = dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
         return pd.DataFrame(outputs, index=frame.index)
 
 

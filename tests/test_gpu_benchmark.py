@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from benchmarks import gpu
@@ -25,9 +26,14 @@ def test_best_rates_and_markdown():
               "training": [{"model": "tabular MLP VAE", "device": "cpu", "mixed_precision": "fp32", "train_rows": 100,
                             "epochs": 2, "batch_size": 128, "seconds_per_epoch": 0.1, "train_seconds": 0.2,
                             "auroc": 0.9}],
-              "scoring_table": rates, "scoring_images": None}
+              "scoring_table": rates, "scoring_images": None,
+              "agreement": {"tabular": gpu.agreement(lambda: np.array([1.0, 2.0, 3.0]), lambda: np.array([1.0, 2.5, 3.0]),
+                                                     threshold=2.2)}}
+    assert result["agreement"]["tabular"] == {"rows": 3, "max_relative_difference": 0.25, "decisions_differ": 1,
+                                              "cuda_repeats_exactly": True}
     text = gpu.markdown(result)
-    assert "| 20 | " in text and "best cuda / cpu" in text and "AUROC 0.9000" in text
+    assert "| 20 | " in text and "vaeguard's cuda / cpu" in text and "AUROC 0.9000" in text
+    assert "| tabular | 3 | 2.50e-01 | 1 | exactly |" in text
     assert "no CUDA: GPU rows skipped" in text
 
 

@@ -25,7 +25,7 @@ from pipeline.calibrate import Calibration
 from pipeline.cli import main
 from pipeline.config import ImageTrainJob, ScoreJob
 from pipeline.contract import IR_VERSION
-from pipeline.errors import BundleError, ExportError
+from pipeline.errors import BundleError, DeviceError, ExportError
 from pipeline.image_workflow import run_image_training
 from pipeline.metrics import auroc
 from pipeline.runtime import BundleScorer
@@ -255,6 +255,18 @@ def test_score_with_int8_via_the_cli(capsys, tmp_path, variant_bundle, incoming_
     assert "2,000 rows" in out
     for warning in Bundle.load(variant_bundle).manifest["variants"]["int8"]["warnings"]:
         assert warning in err
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8"])
+def test_a_variant_scores_only_on_the_device_it_was_checked_on(variant_bundle, name):
+    bundle = Bundle.load(variant_bundle)
+    assert bundle.manifest["variants"][name]["device"] == "cpu"
+    BundleScorer(bundle, "cpu", 1, name)  # where the export checked it
+    bundle.manifest["variants"][name]["device"] = "cuda"  # as if exported on a GPU
+    with pytest.raises(DeviceError, match=rf"the {name} scorer of bundle .* was checked on cuda, and this run scores "
+                                          rf"on cpu; score it with --device cuda, or check it on cpu with "
+                                          rf"`vaeguard export .* --precision {name} --device cpu`"):
+        BundleScorer(bundle, "cpu", 1, name)
 
 
 def test_report_of_a_variant_uses_its_own_calibration(capsys, tmp_path, variant_bundle, incoming_csv):

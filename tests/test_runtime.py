@@ -1,13 +1,10 @@
 import json
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pandas as pd
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import cuda_libraries, runtime
 from pipeline.bundle import Bundle
@@ -92,58 +89,48 @@ def test_device_cuda_error_names_missing_libraries_on_one_line(monkeypatch, trai
     assert "libcudnn.so.9" in warning and warning.endswith("scoring on the CPU")
 
 
-# --- IO binding ----------------------------------------------------------------------------
+def test_cuda_sessions_ask_for_exact_repeatable_math(monkeypatch, trained_bundle):
+    # CUDA's defaults (TF32, timed cuDNN search) moved scores by up to 0.9% on an H100; the GPU
+    # tests see that, and this check keeps the options on the way to onnxruntime where CI runs.
+    asked = {}
+
+    def session(path, options, providers):
+        asked.update(options=options, providers=providers)
+        raise RuntimeError("no GPU here")
+
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
+    monkeypatch.setattr(runtime.ort, "InferenceSession", session)
+    with pytest.raises(DeviceError):
+        create_session(Bundle.load(trained_bundle).scorer_path, "cuda")
+    (name, cuda_options), *_ = asked["providers"]
+    assert name == runtime.CUDA
+    assert cuda_options["use_tf32"] == "0" and cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert asked["options"].use_deterministic_compute
 
 
-def numeric_graph(path: Path) -> Path:
-    """A scorer-shaped graph with one float input and float/bool outputs, as image scorers are."""
-    x = helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["batch_size", 3])
-    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size"]) for name in ("score", "recon")]
-    outputs.append(helper.make_tensor_value_info("is_anomaly", TensorProto.BOOL, ["batch_size"]))
-    nodes = [helper.make_node("Mul", ["numeric", "numeric"], ["squared"]),
-             helper.make_node("ReduceSum", ["squared", "axes"], ["recon"], keepdims=0),
-             helper.make_node("Sqrt", ["recon"], ["score"]),
-             helper.make_node("Greater", ["score", "threshold"], ["is_anomaly"])]
-    constants = [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
-                 numpy_helper.from_array(np.array(1.5, dtype=np.float32), "threshold")]
-    model = helper.make_model(helper.make_graph(nodes, "bound", [x], outputs, constants),
-                              opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    onnx.save(model, path)
-    return path
-
-
-def test_io_binding_on_cpu_equals_session_run_exactly(tmp_path):
-    session = create_session(numeric_graph(tmp_path / "graph.onnx"), "cpu", threads=1)
-    x = np.random.default_rng(0).normal(size=(1000, 3)).astype(np.float32)
-    names = ["score", "recon", "is_anomaly"]
-    expected = session.run(names, {"numeric": x})
-    bound = runtime.run_bound(session, {"numeric": x}, names, "cpu")
-    for a, b in zip(expected, bound):
-        assert a.dtype == b.dtype and np.array_equal(a, b)
-    assert 0 < bound[2].sum() < len(x)
-
-
-def test_string_inputs_take_session_run_with_the_same_results(trained_bundle, sensor_frame):
-    # onnxruntime's IOBinding cannot bind strings: a table with categories goes through run().
+def test_score_frame_gives_exactly_what_session_run_gives(trained_bundle, sensor_frame):
     scorer = BundleScorer(Bundle.load(trained_bundle), device="cpu", threads=1)
     feeds = {"numeric": numeric_matrix(sensor_frame, scorer.numeric_columns, "t")}
     feeds |= {categorical_input_name(c): v for c, v in
               zip(scorer.categorical_columns, categorical_strings(sensor_frame, scorer.categorical_columns))}
     expected = scorer.session.run(list(OUTPUT_NAMES), feeds)
-    for got in (runtime.run_bound(scorer.session, feeds, OUTPUT_NAMES, "cpu"),
-                list(scorer.score_frame(sensor_frame)[list(OUTPUT_NAMES)].to_numpy().T)):
-        for a, b in zip(expected, got):
-            assert np.array_equal(a, b.astype(a.dtype))
+    got = scorer.score_frame(sensor_frame)[list(OUTPUT_NAMES)].to_numpy().T
+    for a, b in zip(expected, got):
+        assert np.array_equal(a, b.astype(a.dtype))
 
 
 # --- on a GPU (skipped without one; CI has none) ---------------------------------------------
 
 
 def assert_same_decisions(gpu: dict, cpu: dict, threshold: float) -> None:
-    """Scores within 1e-4 relative; decisions identical except for rows that close to the threshold."""
-    np.testing.assert_allclose(gpu["score"], cpu["score"], rtol=1e-4, atol=1e-6)
-    clear = np.abs(np.asarray(cpu["score"]) - threshold) > 1e-4 * max(abs(threshold), 1.0)
+    """Scores within 1e-5 relative; decisions identical except for rows that close to the threshold.
+
+    With onnxruntime's default TF32 math, CUDA scores were up to 0.9% off (pipeline.runtime.CUDA_OPTIONS);
+    without it, about 1e-6 at most.
+    """
+    np.testing.assert_allclose(gpu["score"], cpu["score"], rtol=1e-5, atol=1e-4)
+    clear = np.abs(np.asarray(cpu["score"]) - threshold) > 1e-5 * max(abs(threshold), 1.0)
     assert clear.mean() > 0.99
     np.testing.assert_array_equal(np.asarray(gpu["is_anomaly"])[clear], np.asarray(cpu["is_anomaly"])[clear])
 
@@ -158,16 +145,10 @@ def test_cuda_session_is_really_on_cuda_and_matches_cpu(trained_bundle, sensor_f
 
 
 @pytest.mark.gpu
-def test_io_binding_on_cuda_matches_cpu(tmp_path):
-    path = numeric_graph(tmp_path / "graph.onnx")
-    gpu, cpu = create_session(path, "cuda"), create_session(path, "cpu")
-    assert gpu.get_providers()[0] == "CUDAExecutionProvider"
-    x = np.random.default_rng(1).normal(size=(70_000, 3)).astype(np.float32)
-    names = ["score", "recon", "is_anomaly"]
-    expected = dict(zip(names, cpu.run(names, {"numeric": x})))
-    for outputs_on in ("cpu", "cuda"):
-        got = dict(zip(names, runtime.run_bound(gpu, {"numeric": x}, names, "cuda", outputs_on=outputs_on)))
-        assert_same_decisions(got, expected, 1.5)
+def test_cuda_scores_repeat_exactly_in_a_new_session(trained_bundle, sensor_frame):
+    bundle = Bundle.load(trained_bundle)
+    first, second = (BundleScorer(bundle, device="cuda").score_frame(sensor_frame) for _ in range(2))
+    assert np.array_equal(first["score"].to_numpy(), second["score"].to_numpy())
 
 
 @pytest.mark.gpu
