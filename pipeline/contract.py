@@ -13,6 +13,18 @@ OUTPUT_NAMES = ("score", "recon", "kl", "p_value", "is_anomaly")
 IMAGE_OUTPUT_NAMES = OUTPUT_NAMES + ("anomaly_map", "reconstruction")
 IMAGE_INPUT = "images"
 
+# The CUDA provider's defaults trade exactness for speed. use_tf32 (on by default) runs float32
+# MatMul and Conv on tensor cores with a 10-bit mantissa: on an H100 that moved the test suite's
+# tabular scores by up to 0.9% against the CPU, and flipped 2 decisions in 200,000 rows of another
+# bundle; without it they agree to 1e-5 or better. The default cuDNN search times the candidate
+# convolution algorithms when a session first runs and keeps the fastest, so which algorithm
+# runs, and the last bits of an image's score, depend on timing; the heuristic picks without
+# timing. On 16,384-image batches it ran at 0.69x the timed choice's rate, still about 60 times
+# the CPU's. BENCHMARKS.md, "GPU", has the figures. Every manifest carries both dicts
+# (onnx.cuda_provider_options, onnx.cuda_session_options) for other runtimes to apply.
+CUDA_PROVIDER_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+CUDA_SESSION_OPTIONS = {"use_deterministic_compute": True}
+
 
 def categorical_input_name(column: str) -> str:
     """scorer.onnx takes one string input per categorical column, named after it."""

@@ -25,22 +25,14 @@ from pipeline.bundle import Bundle
 from pipeline.config import resolve_threads
 from pipeline.cuda_libraries import cuda_failure, preload_cuda_libraries
 from pipeline.errors import ConfigError, DeviceError
-from pipeline.contract import OUTPUT_NAMES, categorical_input_name
+from pipeline.contract import (CUDA_PROVIDER_OPTIONS, CUDA_SESSION_OPTIONS, OUTPUT_NAMES,
+                               categorical_input_name)
 from pipeline.schema import TableSchema, as_category_array, categorical_strings, check_finite, numeric_matrix
 
 log = logging.getLogger("vaeguard")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-# The CUDA provider's defaults trade exactness for speed. use_tf32 (on by default) runs float32
-# MatMul and Conv on tensor cores with a 10-bit mantissa: on an H100 that moved the test suite's
-# tabular scores by up to 0.9% against the CPU, and flipped 2 decisions in 200,000 rows of another
-# bundle; without it they agree to 1e-5 or better. The default cuDNN search times the candidate
-# convolution algorithms when a session first runs and keeps the fastest, so which algorithm
-# runs, and the last bits of an image's score, depend on timing; the heuristic picks without
-# timing. On 16,384-image batches it ran at 0.69x the timed choice's rate, still about 60 times
-# the CPU's. BENCHMARKS.md, "GPU", has the figures.
-CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def create_session(model_path: Path, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
@@ -58,11 +50,13 @@ def create_session(model_path: Path, device: str = "auto", threads: int | None =
         return _cpu_fallback(model_path, options, device, "no NVIDIA GPU driver on this machine",
                              "run on a machine with an NVIDIA GPU")
     preload_cuda_libraries()
-    options.use_deterministic_compute = True  # deterministic kernels where CUDA has a choice
+    for name, value in CUDA_SESSION_OPTIONS.items():  # deterministic kernels where CUDA has a choice
+        setattr(options, name, value)
     # Quiet the provider's own loader errors; the check after it says what happened, once.
     ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=[(CUDA, CUDA_OPTIONS), CPU])
+        session = ort.InferenceSession(str(model_path), options,
+                                       providers=[(CUDA, dict(CUDA_PROVIDER_OPTIONS)), CPU])
     except Exception as exc:  # noqa: BLE001 - some builds raise instead of falling back
         return _cpu_fallback(model_path, options, device, *cuda_failure(str(exc).splitlines()[0]))
     finally:

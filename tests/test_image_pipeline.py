@@ -387,6 +387,7 @@ def test_manifest_and_graph_contract(texture_bundle):
     assert manifest["verification"]["passed"] is True
     assert manifest["image"]["size"] == TEXTURE and manifest["image"]["channels"] == 1
     assert manifest["onnx"]["scorer_outputs"] == list(IMAGE_OUTPUT_NAMES)
+    assert manifest["onnx"]["cuda_provider_options"]["use_tf32"] == "0"  # convolutions exact on CUDA too
     for name in ("encoder.onnx", "decoder.onnx", "scorer.onnx"):
         model = onnx.load(str(texture_bundle / name))
         assert model.ir_version == 10

@@ -107,6 +107,10 @@ def test_cuda_sessions_ask_for_exact_repeatable_math(monkeypatch, trained_bundle
     assert name == runtime.CUDA
     assert cuda_options["use_tf32"] == "0" and cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"
     assert asked["options"].use_deterministic_compute
+    # The manifest tells other runtimes the same (README, "Scoring from another runtime").
+    onnx_section = Bundle.load(trained_bundle).manifest["onnx"]
+    assert onnx_section["cuda_provider_options"] == cuda_options
+    assert onnx_section["cuda_session_options"] == {"use_deterministic_compute": True}
 
 
 def test_score_frame_gives_exactly_what_session_run_gives(trained_bundle, sensor_frame):
@@ -126,7 +130,7 @@ def test_score_frame_gives_exactly_what_session_run_gives(trained_bundle, sensor
 def assert_same_decisions(gpu: dict, cpu: dict, threshold: float) -> None:
     """Scores within 1e-5 relative; decisions identical except for rows that close to the threshold.
 
-    With onnxruntime's default TF32 math, CUDA scores were up to 0.9% off (pipeline.runtime.CUDA_OPTIONS);
+    With onnxruntime's default TF32 math, CUDA scores were up to 0.9% off (pipeline.contract.CUDA_PROVIDER_OPTIONS);
     without it, about 1e-6 at most.
     """
     np.testing.assert_allclose(gpu["score"], cpu["score"], rtol=1e-5, atol=1e-4)
