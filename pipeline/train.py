@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import ModelConfig, TrainingConfig, resolve_threads, show_progress
@@ -45,7 +44,7 @@ def select_device(requested: str) -> torch.device:
 MIXED_PRECISION = ("auto", "fp32", "bf16")
 
 
-def autocast_dtype(device: torch.device, model: nn.Module, mode: str = "auto") -> torch.dtype | None:
+def autocast_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
     """The dtype ``torch.autocast`` runs the training forward pass in, or None for plain fp32.
 
     ``auto`` is fp32 for every model, as measured: on an H100, bf16 autocast trained the image
@@ -80,7 +79,7 @@ def train_vae(train_x: np.ndarray, val_x: np.ndarray, model_config: ModelConfig,
     torch.manual_seed(config.seed)
     device = select_device(config.device)
     model = (build() if build else build_model(train_x.shape[1], model_config)).to(device)
-    amp = autocast_dtype(device, model, config.mixed_precision)
+    amp = autocast_dtype(device, config.mixed_precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     train_t = torch.as_tensor(train_x, dtype=torch.float32, device=device)
     val_t = torch.as_tensor(val_x, dtype=torch.float32, device=device)
