@@ -8,6 +8,7 @@ The table bundle is the session's `trained_bundle`, copied before anything is ad
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -370,3 +371,11 @@ def test_image_variants(monkeypatch, tmp_path, image_bundle):
         scores = pq.read_table(tmp_path / f"{name}.parquet").column("score").to_numpy()
         reference = pq.read_table(tmp_path / "fp32.parquet").column("score").to_numpy()
         np.testing.assert_allclose(scores, reference, rtol=0.02)
+    # A variant checked on another device is refused before any output is written.
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["variants"]["int8"]["device"] = "cuda"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DeviceError, match="the int8 scorer of bundle 'texture' was checked on cuda"):
+        score(ScoreJob(bundle=bundle, inputs=(tmp_path / "fresh.npy",), output=tmp_path / "refused.parquet",
+                       device="cpu", threads=2, precision="int8"))
+    assert not list(tmp_path.glob("refused*"))
