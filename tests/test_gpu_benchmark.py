@@ -46,3 +46,14 @@ def test_a_failed_part_is_noted_in_one_line(error):
 
     assert gpu.attempt(notes, "image training", fail) is None
     assert len(notes) == 1 and "\n" not in notes[0] and notes[0].startswith("image training skipped: ")
+
+
+@pytest.mark.skipif(gpu_present(), reason="checks the behaviour of a machine without a GPU")
+def test_the_cuda_comparisons_say_they_need_a_gpu(capsys):
+    from benchmarks import autocast_speed, cuda_options
+
+    assert cuda_options.main([]) == 2 and autocast_speed.main() == 2
+    err = capsys.readouterr().err
+    assert "cuda_options needs onnxruntime-gpu and torch with a CUDA GPU" in err
+    assert "autocast_speed needs torch with a CUDA GPU" in err
+    assert set(cuda_options.TABULAR_SETTINGS) <= set(cuda_options.SETTINGS)
