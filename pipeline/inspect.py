@@ -42,11 +42,11 @@ def describe_manifest(manifest: dict) -> str:
                  ("calibration rows", _fmt(cal["n_calibration"]))]),
     ]
     if manifest.get("variants"):
-        lines += ["reduced-precision scorers (own threshold; compared with fp32 on the calibration inputs):",
+        lines += ["reduced-precision scorers (own threshold; used only on the device they were checked on):",
                   *_table([(precision, v["file"], f"threshold {_fmt(v['threshold'])}",
                             f"agreement {v['decision_agreement']:.2%}",
                             f"median rel error {v['median_rel_score_error']:.2%}",
-                            f"speed {v['speed_ratio']:.2f}x on {v['device']}")
+                            f"checked on {v['device']}", f"speed {v['speed_ratio']:.2f}x")
                            for precision, v in manifest["variants"].items()])]
     if manifest["metrics"]:
         lines += ["held-out metrics:", *_table([(k, _fmt(v)) for k, v in manifest["metrics"].items()])]

@@ -297,4 +297,6 @@ def describe_variant(entry: dict) -> str:
         f"batch:       each of the {batch['rows']:,} inputs scores alike alone and in a batch of "
         f"{batch['batches'][-1]:,} (max rel change {batch['max_rel_score_change']:.1e}, "
         f"allowed {batch['tolerance']:.0e})",
+        f"device:      checked on {entry['device']}: `vaeguard score --precision {entry['precision']}` uses it "
+        f"there only",
     ])

@@ -298,9 +298,11 @@ def test_export_cli_prints_a_summary(capsys, tmp_path, trained_bundle):
     bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
     code, out, err = run_main(capsys, "export", bundle, "--precision", "fp16", "--threads", "2")
     assert code == 0, err
-    for word in ("scorer.fp16.onnx", "threshold:", "agreement:", "score error:", "speed:"):
+    for word in ("scorer.fp16.onnx", "threshold:", "agreement:", "score error:", "speed:",
+                 "device:      checked on cpu"):
         assert word in out
-    assert "fp16" in run_main(capsys, "inspect", bundle)[1]
+    inspected = run_main(capsys, "inspect", bundle)[1]
+    assert "fp16" in inspected and "checked on cpu" in inspected
 
 
 def _bake_a_shifted_threshold(monkeypatch):
