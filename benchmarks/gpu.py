@@ -25,6 +25,9 @@ Run from the repository root with the project's .venv, or with any Python that h
      with the outputs bound to the host, or to the GPU and copied after.
 4. Whether CUDA and the CPU agree: the largest relative score difference, decisions that differ,
    and whether a second CUDA session repeats the first exactly.
+5. A CSV file to Parquet scores (``score_files``, as `vaeguard score` runs) on the CPU and on
+   CUDA, against the streaming parse of the same file: whether moving onnxruntime's work to the
+   GPU brings file scoring closer to the parse.
 Without CUDA the CPU parts run and the GPU rows are skipped, saying why. Writes one JSON file
 and prints markdown tables. ``--quick``: small sizes, a couple of minutes on 2 CPU cores.
 """
@@ -61,9 +64,11 @@ NO_CUDA = "no CUDA: GPU rows skipped"
 SIZES = {
     # train_rows: the sensor table for the tabular runs; images at 28x28 for the image VAE.
     "full": {"train_rows": 100_000, "epochs": 20, "images": 10_000, "image_epochs": 3, "repeats": 5,
+             "file_rows": 1_000_000,
              "widths": (8, 64, 256, 1024), "width_rows": 50_000, "width_epochs": 3,
              "batches": (1024, 8192, 65_536, 262_144, 1_048_576), "image_batches": (256, 1024, 4096, 16_384)},
     "quick": {"train_rows": 4000, "epochs": 3, "images": 600, "image_epochs": 1, "repeats": 3,
+              "file_rows": 20_000,
               "widths": (8, 64), "width_rows": 2000, "width_epochs": 1,
               "batches": (1024, 8192, 65_536), "image_batches": (64, 256)},
 }
@@ -453,6 +458,31 @@ def image_methods(work: Path, count: int, rows: int, threads: int | None, cuda: 
     return methods
 
 
+def file_scoring(bundle_path: Path, work: Path, rows: int, repeats: int, cuda: bool) -> dict:
+    """Rows/s of a CSV file to Parquet scores on each device and of its streaming parse, best of
+    ``repeats`` taken in turns (as benchmarks.speed), and each device's ratio to the parse."""
+    from pipeline.batch_score import score_files
+    from pipeline.bundle import Bundle
+    from pipeline.config import ScoreJob
+    from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+    from pipeline.tables import iter_batches
+
+    schema = Bundle.load(bundle_path).schema
+    path = write_table(make_sensor_table(SyntheticSpec(n_rows=rows, seed=4)), work / "file-scoring.csv")
+    works = {"parse": lambda: sum(b.num_rows for b in iter_batches(path, list(schema.numeric), list(schema.categorical),
+                                                                   list(schema.id_columns), 65_536))}
+    for device in ("cpu", "cuda") if cuda else ("cpu",):
+        works[device] = lambda device=device: score_files(ScoreJob(bundle_path, (path,), work / f"{device}.parquet",
+                                                                   device=device))
+    best = dict.fromkeys(works, float("inf"))
+    for _ in range(repeats):
+        for name, work_ in works.items():
+            seconds, _ = timed(work_)
+            best[name] = min(best[name], seconds)
+    result = {"rows": rows, "repeats": repeats} | {f"{name}_rows_per_s": round(rows / s) for name, s in best.items()}
+    return result | {f"{device}_over_parse": round(best["parse"] / best[device], 3) for device in works if device != "parse"}
+
+
 # --- output ---------------------------------------------------------------------------------
 
 
@@ -498,6 +528,14 @@ def markdown(result: dict) -> str:
             ratio = (f" | {rates[methods[1]][rows] / rates['cpu'][rows]:.2f}x"
                      if len(methods) > 1 else "")
             lines.append(f"| {int(rows):,} | " + " | ".join(cells) + ratio + " |")
+        lines.append("")
+    if result.get("file_scoring"):
+        f = result["file_scoring"]
+        lines += [f"## CSV file to Parquet scores: {f['rows']:,} rows, best of {f['repeats']}", "",
+                  "| | rows/s | over the streaming parse |", "|---|---|---|",
+                  f"| streaming parse | {f['parse_rows_per_s']:,} | 1.00x |"]
+        lines += [f"| `vaeguard score --device {d}` | {f[d + '_rows_per_s']:,} | {f[d + '_over_parse']:.2f}x |"
+                  for d in ("cpu", "cuda") if d + "_rows_per_s" in f]
         lines.append("")
     if result.get("agreement"):
         lines += ["## CUDA against the CPU: the same scores?", "",
@@ -578,6 +616,8 @@ def main() -> None:
                 result["scoring_table"] = attempt(notes, "tabular scoring",
                                                   lambda: best_rates(methods, sizes["batches"], sizes["repeats"]))
                 result["scoring_bundle"] = str(bundle)
+            result["file_scoring"] = attempt(notes, "file scoring", lambda: file_scoring(
+                bundle, work, sizes["file_rows"], min(sizes["repeats"], 3), ort_cuda))
         if not args.skip_training:
             methods = attempt(notes, "image scoring", lambda: image_methods(work, sizes["images"] // 2,
                                                                             max(sizes["image_batches"]), args.threads,

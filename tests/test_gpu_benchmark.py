@@ -27,6 +27,8 @@ def test_best_rates_and_markdown():
                             "epochs": 2, "batch_size": 128, "seconds_per_epoch": 0.1, "train_seconds": 0.2,
                             "auroc": 0.9}],
               "scoring_table": rates, "scoring_images": None,
+              "file_scoring": {"rows": 1000, "repeats": 2, "parse_rows_per_s": 4000, "cpu_rows_per_s": 3000,
+                               "cpu_over_parse": 0.75},
               "agreement": {"tabular": gpu.agreement(lambda: np.array([1.0, 2.0, 3.0]), lambda: np.array([1.0, 2.5, 3.0]),
                                                      threshold=2.2)}}
     assert result["agreement"]["tabular"] == {"rows": 3, "max_relative_difference": 0.25, "decisions_differ": 1,
@@ -34,6 +36,7 @@ def test_best_rates_and_markdown():
     text = gpu.markdown(result)
     assert "| 20 | " in text and "vaeguard's cuda / cpu" in text and "AUROC 0.9000" in text
     assert "| tabular | 3 | 2.50e-01 | 1 | exactly |" in text
+    assert "| `vaeguard score --device cpu` | 3,000 | 0.75x |" in text and "score --device cuda" not in text
     assert "no CUDA: GPU rows skipped" in text
 
 
