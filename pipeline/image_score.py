@@ -26,7 +26,7 @@ from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, write_errors
 from pipeline.outputs import OutputWriter, summary_path, write_atomic
-from pipeline.runtime import check_variant_device, create_session
+from pipeline.runtime import check_variant_device, create_session, variant_device
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
 MAX_IMAGE_BATCH = 256
@@ -43,7 +43,8 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     bundle = Bundle.load(job.bundle)
     spec = ImageSpec.from_dict(bundle.manifest["image"])
     sources = [(Path(p), list_images(Path(p))) for p in job.inputs]  # empty folders fail before any work
-    session = create_session(bundle.scorer_path_for(job.precision), job.device, job.threads)
+    session = create_session(bundle.scorer_path_for(job.precision), variant_device(bundle, job.precision, job.device),
+                             job.threads)
     calibration = bundle.calibration_for(job.precision)
     threshold = calibration["threshold"]
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output),

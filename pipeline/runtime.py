@@ -80,6 +80,15 @@ def _cpu_fallback(model_path: Path, options: ort.SessionOptions, device: str, wh
     return ort.InferenceSession(str(model_path), options, providers=[CPU])
 
 
+def variant_device(bundle: Bundle, precision: str, device: str) -> str:
+    """The device to ask for: ``auto`` scores a reduced-precision scorer checked on the CPU there,
+    even with a GPU at hand (see check_variant_device). Anything else is left as given: a variant
+    checked on CUDA gets CUDA from ``auto`` where it is active, and a clear error where it is not."""
+    if precision != "fp32" and device == "auto" and bundle.manifest["variants"][precision].get("device") == "cpu":
+        return "cpu"
+    return device
+
+
 def check_variant_device(bundle: Bundle, precision: str, device: str) -> None:
     """A reduced-precision scorer is used only on the device its export checked it on.
 
@@ -118,7 +127,8 @@ class BundleScorer:
         self.bundle = bundle
         self.schema = bundle.schema
         self.precision = precision
-        self.session = create_session(bundle.scorer_path_for(precision), device, threads)
+        self.session = create_session(bundle.scorer_path_for(precision), variant_device(bundle, precision, device),
+                                      threads)
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         check_variant_device(bundle, precision, self.device)
 

@@ -29,7 +29,7 @@ from pipeline.contract import IR_VERSION
 from pipeline.errors import BundleError, DeviceError, ExportError
 from pipeline.image_workflow import run_image_training
 from pipeline.metrics import auroc
-from pipeline.runtime import BundleScorer
+from pipeline.runtime import BundleScorer, gpu_present, variant_device
 from pipeline.scoring import score
 from pipeline.scoring_report import summary_markdown
 from tests.test_image_pipeline import image_config, textures
@@ -263,11 +263,17 @@ def test_a_variant_scores_only_on_the_device_it_was_checked_on(variant_bundle, n
     bundle = Bundle.load(variant_bundle)
     assert bundle.manifest["variants"][name]["device"] == "cpu"
     BundleScorer(bundle, "cpu", 1, name)  # where the export checked it
+    assert BundleScorer(bundle, "auto", 1, name).device == "cpu"
+    # auto asks for the CPU even on a GPU machine; fp32 and explicit devices are left alone.
+    assert [variant_device(bundle, p, d) for p, d in ((name, "auto"), ("fp32", "auto"), (name, "cuda"))] == [
+        "cpu", "auto", "cuda"]
     bundle.manifest["variants"][name]["device"] = "cuda"  # as if exported on a GPU
-    with pytest.raises(DeviceError, match=rf"the {name} scorer of bundle .* was checked on cuda, and this run scores "
-                                          rf"on cpu; score it with --device cuda, or check it on cpu with "
-                                          rf"`vaeguard export .* --precision {name} --device cpu`"):
-        BundleScorer(bundle, "cpu", 1, name)
+    assert variant_device(bundle, name, "auto") == "auto"
+    for device in ("cpu", "auto") if not gpu_present() else ("cpu",):
+        with pytest.raises(DeviceError, match=rf"the {name} scorer of bundle .* was checked on cuda, and this run "
+                                              rf"scores on cpu; score it with --device cuda, or check it on cpu with "
+                                              rf"`vaeguard export .* --precision {name} --device cpu`"):
+            BundleScorer(bundle, device, 1, name)
 
 
 def test_report_of_a_variant_uses_its_own_calibration(capsys, tmp_path, variant_bundle, incoming_csv):
