@@ -2,6 +2,7 @@
 with `vaeguard score` row for row: same rows in the same order, same decisions, same scores."""
 
 import csv
+import gzip
 import json
 import os
 import shutil
@@ -150,4 +151,34 @@ def test_a_value_beyond_float32_names_column_and_row(trained_bundle, incoming_cs
     done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
     assert done.returncode == 2
     assert f'column "temperature" holds {value} at row 42 (line 43); expected finite numbers within float32' in done.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_gzipped_csv_scores_as_python_scores_it(trained_bundle, incoming_csv, node_example, tmp_path):
+    source = tmp_path / "incoming.csv.gz"
+    source.write_bytes(gzip.compress(incoming_csv.read_bytes()))
+    python, node = score_both(node_example, trained_bundle, source, tmp_path)
+    assert_same_results(python, node)
+    assert len(node) == 2000
+
+
+def test_a_corrupt_gzip_exits_2_on_one_line(trained_bundle, incoming_csv, node_example, tmp_path):
+    source = tmp_path / "broken.csv.gz"
+    source.write_bytes(gzip.compress(incoming_csv.read_bytes())[:-400] + b"garbage")
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2, done.stderr
+    assert "not a readable gzip file" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("temperature;pressure;flow_rate", "looks separated by \";\", but vaeguard reads comma-separated files"),
+    ("row_id,temperature,temperature", 'column "temperature" appears twice in the header (columns 2 and 3)'),
+])
+def test_header_problems_fail_as_in_python(trained_bundle, node_example, tmp_path, header, expected):
+    source = tmp_path / "header.csv"
+    source.write_text(header + "\n" + ",".join(["1"] * (header.count(",") + 1)) + "\n")
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.csv").exists()

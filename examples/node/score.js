@@ -13,6 +13,8 @@
 // same decisions: the usual null markers ("", "NA", "null", "NaN", ...) are missing in every
 // column, numeric cells are parsed as float64 then rounded to float32, and categorical cells
 // are passed verbatim as strings (missing -> "").
+// A .gz input is decompressed as it streams. The header is checked as `vaeguard score` checks it:
+// a single column holding ;, | or a tab (another separator) and a column named twice are refused.
 //
 // Exit status: 0 on success, 2 when the command line or the input CSV is wrong (missing
 // column, non-numeric value, malformed CSV), 1 when the bundle is unusable (bad manifest,
@@ -24,6 +26,7 @@
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
+const zlib = require('node:zlib');
 const ort = require('onnxruntime-node');
 
 const BUNDLE_FORMAT = 'vaeguard-bundle';
@@ -249,13 +252,43 @@ class CsvParser {
 async function* csvRecords(file) {
   const parser = new CsvParser();
   let first = true;
-  // setEncoding-style decoding: multi-byte characters split across chunks are reassembled.
-  for await (let text of fs.createReadStream(file, { encoding: 'utf8', highWaterMark: 1 << 20 })) {
-    if (first && text.charCodeAt(0) === 0xfeff) text = text.slice(1);
-    first = false;
-    yield* parser.push(text);
+  // A .gz file is decompressed as it streams, as pyarrow does for `vaeguard score`.
+  let stream = fs.createReadStream(file, { highWaterMark: 1 << 20 });
+  if (file.endsWith('.gz')) stream = stream.pipe(zlib.createGunzip());
+  // setEncoding decodes as a StringDecoder: multi-byte characters split across chunks are reassembled.
+  stream.setEncoding('utf8');
+  try {
+    for await (let text of stream) {
+      if (first && text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+      first = false;
+      yield* parser.push(text);
+    }
+  } catch (err) {
+    if (err && err.code && err.code.startsWith('Z_')) {
+      throw inputError(`${file}: not a readable gzip file (${err.message}); compress it with gzip or pass the plain CSV`);
+    }
+    throw err;
   }
   yield* parser.end();
+}
+
+/** The header checks of `vaeguard score` (pipeline.tables.check_header), in the same words. */
+function checkHeader(file, names) {
+  if (names.length === 1) {
+    const separator = [';', '\t', '|'].find((s) => names[0].includes(s));
+    if (separator) {
+      throw inputError(`${file}: the header is a single column, ${JSON.stringify(names[0].slice(0, 60))}; the file ` +
+        `looks separated by ${JSON.stringify(separator)}, but vaeguard reads comma-separated files; save it with commas`);
+    }
+  }
+  const first = new Map();
+  names.forEach((name, i) => {
+    if (first.has(name)) {
+      throw inputError(`${file}: column ${JSON.stringify(name)} appears twice in the header (columns ` +
+        `${first.get(name)} and ${i + 1}); rename or drop one, so that each column means one thing`);
+    }
+    first.set(name, i + 1);
+  });
 }
 
 // A number as pyarrow parses it: surrounding spaces/tabs ignored, an optional sign, decimal
@@ -441,6 +474,7 @@ async function main(argv) {
     let scorer = null;
     for await (const record of csvRecords(inputPath)) {
       if (scorer === null) { // the first record is the header
+        checkHeader(inputPath, record.fields);
         const idColumns = (manifest.schema && manifest.schema.id_columns) || [];
         scorer = new ChunkScorer(session, inputs, record.fields, idColumns, chunkRows, inputPath);
         fs.writeSync(out, scorer.outputHeader());
