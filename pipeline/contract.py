@@ -26,6 +26,11 @@ CUDA_PROVIDER_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 CUDA_SESSION_OPTIONS = {"use_deterministic_compute": True}
 
 
+def cuda_settings() -> dict:
+    """The manifest's onnx entries that tell other runtimes how vaeguard opens a CUDA session."""
+    return {"cuda_provider_options": dict(CUDA_PROVIDER_OPTIONS), "cuda_session_options": dict(CUDA_SESSION_OPTIONS)}
+
+
 def categorical_input_name(column: str) -> str:
     """scorer.onnx takes one string input per categorical column, named after it."""
     return f"cat_{column}"

@@ -17,8 +17,7 @@ import torch
 from pipeline.bundle import CALIBRATION_IMAGES, FORMAT, FORMAT_VERSION, MODEL_FILES, write_new_manifest
 from pipeline.calibrate import Calibration, calibrate
 from pipeline.config import ImageTrainJob
-from pipeline.contract import (CUDA_PROVIDER_OPTIONS, CUDA_SESSION_OPTIONS, IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION,
-                               OPSET)
+from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, OPSET, cuda_settings
 from pipeline.errors import DataError
 from pipeline.export import export_image_graphs, set_metadata
 from pipeline.image_model import ConvVAE
@@ -153,9 +152,7 @@ def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION, "batch_axis": "batch_size",
                  "scorer_inputs": [{"name": IMAGE_INPUT, "dtype": "float32",
                                     "shape": ["batch_size", spec.channels, spec.size, spec.size]}],
-                 "scorer_outputs": list(IMAGE_OUTPUT_NAMES),
-                 "cuda_provider_options": dict(CUDA_PROVIDER_OPTIONS),
-                 "cuda_session_options": dict(CUDA_SESSION_OPTIONS)},
+                 "scorer_outputs": list(IMAGE_OUTPUT_NAMES), **cuda_settings()},
     }
     write_new_manifest(run.bundle, manifest)
     return {"bundle_version": version, "files": list(MODEL_FILES)}

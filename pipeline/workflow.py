@@ -25,8 +25,7 @@ from pipeline.bundle import (CALIBRATION_ROWS, FORMAT, FORMAT_VERSION, MODEL_FIL
                              write_new_manifest)
 from pipeline.calibrate import Calibration, calibrate
 from pipeline.config import TrainJob
-from pipeline.contract import (CUDA_PROVIDER_OPTIONS, CUDA_SESSION_OPTIONS, IR_VERSION, OPSET, OUTPUT_NAMES,
-                               categorical_input_name)
+from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input_name, cuda_settings
 from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata
 from pipeline.metrics import auprc, auroc
 from pipeline.model import VAE
@@ -243,8 +242,7 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
                     "column": c, "missing": ""} for c in pre.categorical_columns]
             ),
             "scorer_outputs": list(OUTPUT_NAMES),
-            "cuda_provider_options": dict(CUDA_PROVIDER_OPTIONS),
-            "cuda_session_options": dict(CUDA_SESSION_OPTIONS),
+            **cuda_settings(),
         },
     }
     write_new_manifest(run.bundle, manifest)
