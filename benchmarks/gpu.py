@@ -460,7 +460,8 @@ def image_methods(work: Path, count: int, rows: int, threads: int | None, cuda: 
 
 def file_scoring(bundle_path: Path, work: Path, rows: int, repeats: int, cuda: bool) -> dict:
     """Rows/s of a CSV file to Parquet scores on each device and of its streaming parse, best of
-    ``repeats`` taken in turns (as benchmarks.speed), and each device's ratio to the parse."""
+    ``repeats`` taken in turns, and each device's ratio to the parse."""
+    from benchmarks.speed import best_in_turns
     from pipeline.batch_score import score_files
     from pipeline.bundle import Bundle
     from pipeline.config import ScoreJob
@@ -474,11 +475,7 @@ def file_scoring(bundle_path: Path, work: Path, rows: int, repeats: int, cuda: b
     for device in ("cpu", "cuda") if cuda else ("cpu",):
         works[device] = lambda device=device: score_files(ScoreJob(bundle_path, (path,), work / f"{device}.parquet",
                                                                    device=device))
-    best = dict.fromkeys(works, float("inf"))
-    for _ in range(repeats):
-        for name, work_ in works.items():
-            seconds, _ = timed(work_)
-            best[name] = min(best[name], seconds)
+    best, _ = best_in_turns(works, repeats)
     result = {"rows": rows, "repeats": repeats} | {f"{name}_rows_per_s": round(rows / s) for name, s in best.items()}
     return result | {f"{device}_over_parse": round(best["parse"] / best[device], 3) for device in works if device != "parse"}
 
