@@ -184,6 +184,28 @@ def test_conformal_spread_follows_the_beta_law():
     assert k == 200 and spread < 0.1 and missed.mean() < 0.001
 
 
+def test_split_tails_threshold_is_exact_on_exchangeable_rows():
+    """On rows that are exchangeable by construction, the train-half threshold's realized FPR
+    averages k / (n + 1); ranking one place off (k of 4 or 6 instead of 5) would show as +-20%."""
+    from benchmarks.split_tails import realized_rates
+
+    y = np.array([0] * 4000 + [1] * 10)
+    scores = np.random.default_rng(7).standard_normal(4000)
+    target = 0.0025  # k = floor(0.0025 * 2001) = 5 on the 2,000-row train half
+    rates = realized_rates(scores, y, seeds=400, target=target)
+    assert rates.mean() / (5 / 2001) == pytest.approx(1.0, abs=0.1)
+    assert rates.std() > 0  # each seed's split differs
+
+
+def test_split_tails_scores_put_the_isolated_row_last():
+    from benchmarks.split_tails import fixed_scores
+
+    normal = np.random.default_rng(0).standard_normal((300, 4))
+    normal[17] = 25.0
+    for name, scores in fixed_scores(normal).items():
+        assert np.argmax(scores) == 17, name
+
+
 @pytest.mark.slow
 def test_speed_harness_measures_every_contender(tmp_path):
     """benchmarks.speed on a few thousand rows, so the harness behind BENCHMARKS.md's speed table
