@@ -19,11 +19,11 @@ miss: a model calibrated on a part of the train half adds its calibration draw's
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 
 from benchmarks.quality import available_datasets, load_dataset, make_split
+from pipeline.calibrate import calibrate
 
 LARGE_DATASETS = ("cover", "shuttle", "magic.gamma", "mammography", "pendigits", "annthyroid",
                   "satimage-2", "wilt")  # those with at least 2,000 test normal rows
@@ -58,11 +58,10 @@ def realized_rates(normal_scores: np.ndarray, y: np.ndarray, seeds: int, target:
     rates = []
     for seed in range(seeds):
         split = make_split(y, "semi", seed)
-        calibration = normal_scores[position[split.train]]
-        test = normal_scores[position[split.test[split.test_labels == 0]]]
-        k = math.floor(target * (len(calibration) + 1) + 1e-9)
-        threshold = np.sort(calibration)[::-1][k - 1]
-        rates.append(float((test > threshold).mean()))
+        # The pipeline's own rule, in its float32: the k-th largest, k = floor(target (n + 1)).
+        threshold = calibrate(normal_scores[position[split.train]], target).threshold
+        test = normal_scores[position[split.test[split.test_labels == 0]]].astype(np.float32)
+        rates.append(float((test > np.float32(threshold)).mean()))
     return np.array(rates)
 
 
