@@ -206,6 +206,18 @@ def test_split_tails_scores_put_the_isolated_row_last():
         assert np.argmax(scores) == 17, name
 
 
+def test_split_tails_prints_a_row_per_fixed_score(capsys):
+    """The command behind BENCHMARKS.md's split table, on one real dataset and two seeds."""
+    from benchmarks import split_tails
+
+    split_tails.main(["--datasets", "wilt", "--seeds", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| wilt |")]
+    assert [row.split(" | ")[1] for row in rows] == ["5-NN distance", "Mahalanobis"]
+    assert all(" | 2,281 | " in row for row in rows)  # half of wilt's 4,562 normal rows
+    with pytest.raises(SystemExit, match="no dataset nosuch"):
+        split_tails.main(["--datasets", "nosuch"])
+
+
 @pytest.mark.slow
 def test_speed_harness_measures_every_contender(tmp_path):
     """benchmarks.speed on a few thousand rows, so the harness behind BENCHMARKS.md's speed table
