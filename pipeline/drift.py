@@ -78,8 +78,8 @@ def _json_number(value):
 
 def drift_report(scores: np.ndarray, anomalies: int, calibration_scores: np.ndarray, expected_fpr: float,
                  limits: DriftLimits = DriftLimits()) -> DriftReport:
-    run = _finite_scores(scores, "run scores")
-    calibration = _finite_scores(calibration_scores, "calibration scores")
+    run = _checked_scores(scores, "run scores", overflow_allowed=True)
+    calibration = _checked_scores(calibration_scores, "calibration scores", overflow_allowed=False)
     rows, anomalies = len(run), int(anomalies)
     _check_inputs(rows, anomalies, len(calibration), expected_fpr, limits)
     if rows == 0:
@@ -95,11 +95,15 @@ def drift_report(scores: np.ndarray, anomalies: int, calibration_scores: np.ndar
     return replace(report, alerts=drift_alerts(report, limits))
 
 
-def _finite_scores(values: np.ndarray, what: str) -> np.ndarray:
+def _checked_scores(values: np.ndarray, what: str, overflow_allowed: bool) -> np.ndarray:
+    # +inf is a real score: the scorer gives it to a row so far out that float32 overflows, and
+    # it counts in the top bin like any score above the calibration's. Calibration rows never
+    # overflow (training refuses such values), and no score is ever NaN or -inf.
     array = np.asarray(values, dtype=np.float64).ravel()
-    bad = np.count_nonzero(~np.isfinite(array))
+    bad = np.count_nonzero(np.isnan(array) | np.isneginf(array) | (np.isposinf(array) & (not overflow_allowed)))
     if bad:
-        raise DataError(f"{what}: expected finite numbers, got {bad:,} NaN / infinite of {len(array):,}; "
+        allowed = "finite numbers or +inf" if overflow_allowed else "finite numbers"
+        raise DataError(f"{what}: expected {allowed}, got {bad:,} NaN / infinite of {len(array):,}; "
                         f"the scorer should never produce them: check the bundle and the input rows")
     return array
 

@@ -29,8 +29,15 @@ class CalibrationTable(nn.Module):
         self.first_step = len(table) // 2  # a Python int, so tracing unrolls the loop without warnings
         self.register_buffer("scores", torch.from_numpy(table))
         self.register_buffer("threshold", torch.tensor(calibration.threshold, dtype=torch.float32))
+        self.register_buffer("overflow", torch.tensor(float("inf"), dtype=torch.float32))
 
-    def forward(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The score as published, its conformal p-value and the decision."""
+        # A value far enough out (3.3e38 in one column, say) overflows float32 inside the network,
+        # where SiLU of -inf is NaN, and a NaN score compares False with the threshold: the most
+        # extreme rows would pass as normal. As +inf they get the smallest p-value and are flagged,
+        # in every runtime that runs this graph.
+        score = torch.where(torch.isnan(score), self.overflow, score)
         # below = #{calibration scores < score}, found in log2(table size) steps of
         # Add + Gather + Less + Where. int32 counts (not int64): these steps were a fifth of the
         # scorer's time on the CPU, and half the bytes per step made them cheaper. gather (ONNX
@@ -43,7 +50,7 @@ class CalibrationTable(nn.Module):
             below = torch.where(self.scores.gather(0, candidate) < score, candidate, below)
             step //= 2
         p_value = (self.n + 1 - below).to(torch.float32) / float(self.n + 1)
-        return p_value, score > self.threshold
+        return score, p_value, score > self.threshold
 
 
 class ScorerGraph(nn.Module):
@@ -112,7 +119,8 @@ class ScorerGraph(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         score, recon, kl = self.components(*inputs)
-        return (score, recon, kl, *self.table(score))
+        score, p_value, is_anomaly = self.table(score)
+        return score, recon, kl, p_value, is_anomaly
 
 
 class ImageScorerGraph(nn.Module):
@@ -141,7 +149,8 @@ class ImageScorerGraph(nn.Module):
 
     def forward(self, images: torch.Tensor):
         score, recon, kl, pixel_map, reconstruction = self.components(images)
-        return (score, recon, kl, *self.table(score), pixel_map, reconstruction)
+        score, p_value, is_anomaly = self.table(score)
+        return score, recon, kl, p_value, is_anomaly, pixel_map, reconstruction
 
 
 def graph_inputs(pre: Preprocessor, frame: pd.DataFrame, source: str) -> tuple[torch.Tensor, ...]:

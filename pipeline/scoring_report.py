@@ -109,12 +109,21 @@ def _top_rows(bundle: Bundle, job: ScoreJob, scored: pd.DataFrame, top: np.ndarr
     pre = bundle.preprocessor
     numeric = rows[list(pre.numeric_columns)].to_numpy(dtype=np.float32, na_value=np.nan)
     categories = [as_category_array(pa.array(rows[c], from_pandas=True)) for c in pre.categorical_columns]
-    features = pre.transform(numeric, categories)
-    options = ["CPUExecutionProvider"]
-    mu, _ = ort.InferenceSession(str(bundle.path / "encoder.onnx"), providers=options).run(None, {"features": features})
-    (rebuilt,) = ort.InferenceSession(str(bundle.path / "decoder.onnx"), providers=options).run(None, {"z": mu})
-    scale = np.exp(np.asarray(bundle.manifest["model"]["decoder_log_scale"], dtype=np.float32))
-    shares = pd.DataFrame(0.5 * ((features - rebuilt) / scale) ** 2, columns=pre.feature_names)
+    # A value far out (1e30, say) overflows float32 here as in the scorer, which publishes +inf
+    # for it: no warning, and its row's error is all in the columns that overflowed.
+    with np.errstate(over="ignore", invalid="ignore"):
+        features = pre.transform(numeric, categories)
+        options = ["CPUExecutionProvider"]
+        mu, _ = ort.InferenceSession(str(bundle.path / "encoder.onnx"), providers=options).run(None, {"features": features})
+        (rebuilt,) = ort.InferenceSession(str(bundle.path / "decoder.onnx"), providers=options).run(None, {"z": mu})
+        scale = np.exp(np.asarray(bundle.manifest["model"]["decoder_log_scale"], dtype=np.float32))
+        errors = 0.5 * ((features.astype(np.float64) - rebuilt) / scale) ** 2
+    # The input columns that overflowed when scaled, if any did (they make every error of the row
+    # inf or NaN), else the errors that did.
+    overflowed = ~np.isfinite(features)
+    overflowed = np.where(overflowed.any(axis=1, keepdims=True), overflowed, ~np.isfinite(errors))
+    errors = np.where(overflowed.any(axis=1, keepdims=True), overflowed.astype(np.float64), errors)
+    shares = pd.DataFrame(errors, columns=pre.feature_names)
     per_column = shares.T.groupby(source_column).sum().T
     share = per_column.div(per_column.sum(axis=1).replace(0, 1), axis=0)
     table = rows.reset_index(drop=True)

@@ -81,6 +81,22 @@ def test_report_is_strict_json_even_when_empty(calibration):
     assert full["alert"] is True and isinstance(full["rows"], int) and isinstance(full["psi"], float)
 
 
+def test_an_overflowed_score_counts_in_the_top_bin(calibration):
+    """The scorer publishes +inf for a row that overflows float32; drift counts it as a score
+    above every calibration score instead of refusing the run."""
+    run = np.random.default_rng(1).gamma(2.0, size=5000)
+    with_overflow = run.copy()
+    with_overflow[7] = np.inf
+    finite = drift_report(np.where(np.isinf(with_overflow), calibration[-1] + 1, with_overflow),
+                          flagged(with_overflow, calibration), calibration, EXPECTED_FPR)
+    report = drift_report(with_overflow, flagged(with_overflow, calibration), calibration, EXPECTED_FPR)
+    assert report.psi == pytest.approx(finite.psi) and report.ks_statistic == pytest.approx(finite.ks_statistic)
+    with pytest.raises(DataError, match="calibration scores: expected finite numbers"):
+        drift_report(run, 0, np.append(calibration, np.inf), EXPECTED_FPR)
+    with pytest.raises(DataError, match="run scores"):
+        drift_report(np.array([1.0, -np.inf]), 0, calibration, EXPECTED_FPR)
+
+
 def test_bad_inputs_say_what_was_expected(calibration):
     with pytest.raises(DataError, match="between 0 and the 10 scored rows"):
         drift_report(np.ones(10), 11, calibration, EXPECTED_FPR)

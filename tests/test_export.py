@@ -153,10 +153,30 @@ def test_baked_table_search_counts_exactly_at_every_edge(tmp_path, n):
     scores = np.round(rng.normal(size=n), 1).astype(np.float32)  # rounding makes ties
     cal = calibrate(scores, 0.01)
     queries = np.concatenate([cal.scores, cal.scores + np.float32(0.05), [cal.scores[0] - 1, cal.scores[-1] + 1,
-                              np.inf, -np.inf, np.float32(np.nextafter(cal.scores[-1], np.inf))]]).astype(np.float32)
+                              np.inf, -np.inf, np.float32(np.nextafter(cal.scores[-1], np.inf)), np.nan]]).astype(np.float32)
     path = tmp_path / "table.onnx"
     torch.onnx.export(CalibrationTable(cal), (torch.from_numpy(queries),), str(path), input_names=["score"],
-                      output_names=["p_value", "is_anomaly"], dynamic_axes={"score": {0: "n"}}, dynamo=False)
-    p_value, flagged = session(path).run(None, {"score": queries})
-    np.testing.assert_array_equal(p_value, conformal_p_values(cal.scores, queries))
-    np.testing.assert_array_equal(flagged, queries > np.float32(cal.threshold))
+                      output_names=["published", "p_value", "is_anomaly"], dynamic_axes={"score": {0: "n"}}, dynamo=False)
+    published, p_value, flagged = session(path).run(None, {"score": queries})
+    # A NaN score (float32 overflow inside the network) is published as +inf, so it is flagged.
+    expected = np.where(np.isnan(queries), np.float32(np.inf), queries)
+    np.testing.assert_array_equal(published, expected)
+    np.testing.assert_array_equal(p_value, conformal_p_values(cal.scores, expected))
+    np.testing.assert_array_equal(flagged, expected > np.float32(cal.threshold))
+    assert flagged[-1] and p_value[-1] == np.float32(1 / (n + 1))
+
+
+def test_a_value_that_overflows_float32_is_flagged_not_passed(bundle, torch_graph, rows):
+    """3.3e38 is finite, so the input check lets it through, but inside the network it overflows
+    to NaN (SiLU of -inf): a NaN score would compare False and pass as normal."""
+    batch = rows.iloc[:3].copy()
+    batch.loc[batch.index[1], "vibration"] = 3.3e38
+    out = BundleScorer(bundle, device="cpu").score_frame(batch)
+    with torch.no_grad():
+        eager = torch_graph(*graph_inputs(bundle.preprocessor, batch, "rows"))
+        raw = torch_graph.components(*graph_inputs(bundle.preprocessor, batch, "rows"))[0]
+    assert torch.isnan(raw[1])  # what the network computes: the case this guards against
+    for score, p_value, flagged in ((out["score"].to_numpy(), out["p_value"].to_numpy(), out["is_anomaly"].to_numpy()),
+                                    (eager[0].numpy(), eager[3].numpy(), eager[4].numpy())):
+        assert score[1] == np.inf and flagged[1] and p_value[1] == np.float32(1 / (bundle.calibration.n + 1))
+        assert np.isfinite(score[[0, 2]]).all()

@@ -114,6 +114,24 @@ def test_scoring_report_sections_match_the_scores(trained_bundle, incoming_csv, 
     assert (tmp_path / "report.html").exists()
 
 
+def test_scoring_report_names_the_column_that_overflowed(trained_bundle, incoming_csv, tmp_path):
+    """A value that overflows float32 scores +inf; the report must still build, and name the
+    column that did it as the row's main driver, not fail on the NaN errors it leaves."""
+    import pandas as pd
+
+    rows = pd.read_csv(incoming_csv, dtype={"row_id": str}).head(500)
+    rows.loc[10, "vibration"] = 3.3e38  # overflows when scaled
+    rows.loc[20, "pressure"] = 1e30  # its error overflows float32
+    data = tmp_path / "extreme.csv"
+    rows.to_csv(data, index=False)
+    out = tmp_path / "scores.parquet"
+    assert main(["score", str(trained_bundle), str(data), "--output", str(out), "--device", "cpu", "--report"]) == 0
+    top = scoring_sections(ScoreJob(trained_bundle, (data,), out))[3].tables[0][1].set_index("row_id")
+    first_two = top.head(2)
+    assert np.isinf(first_two["score"].astype(float)).all()
+    assert first_two["main driver"].to_dict() == {rows.loc[10, "row_id"]: "vibration", rows.loc[20, "row_id"]: "pressure"}
+
+
 @needs_browser
 def test_scoring_report_renders_with_every_image(trained_bundle, incoming_csv, tmp_path):
     out = tmp_path / "scores.csv"
