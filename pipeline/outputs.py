@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,6 +49,45 @@ def output_format(path: Path) -> str:
     raise ConfigError(f"--output {path}: unsupported extension {suffix or '(none)'!r}; use .parquet or .csv")
 
 
+def check_output_location(path: Path) -> None:
+    """Fail before any work when ``path`` can't become a file: it is a folder, or its folder is a file.
+
+    Otherwise every input was scored first and the final rename failed. A parent folder that
+    does not exist yet is fine: the writer creates it.
+    """
+    if path.is_dir():
+        raise ConfigError(f"--output {path}: is an existing directory; expected a file path such as "
+                          f"{path / 'scores.parquet'}, or remove the directory")
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"--output {path}: {folder} is a file, not a directory; write the output into "
+                          f"a directory, or move that file away")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):  # symbolic links and '..' resolved, existing or not
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, and other names of one file the paths don't show
+    except OSError:
+        return False  # one of them does not exist (yet): not the same file
+
+
+def check_not_an_input(output: Path, inputs: Iterable[Path | str]) -> None:
+    """Refuse, before any work, an output or summary file that is one of the inputs.
+
+    Outputs replace their target at the end of a run, so ``score x.csv -o x.csv`` succeeded and
+    left the scores where the user's data had been.
+    """
+    for source in map(Path, inputs):
+        if _same_file(output, source):
+            raise ConfigError(f"--output {output}: is the input {source}, which the scores would replace; "
+                              f"write the scores to another file")
+        if _same_file(summary_path(output), source):
+            raise ConfigError(f"--output {output}: its summary {summary_path(output)} is the input {source}, "
+                              f"which the summary would replace; choose another output name")
+
+
 class OutputWriter:
     """Writes result chunks to a hidden temp file; ``commit`` renames it into place.
 
@@ -62,6 +102,7 @@ class OutputWriter:
     def __init__(self, target: Path, depth: int = 2):
         self.target = target
         self.format = output_format(target)
+        check_output_location(target)
         self.temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread: threading.Thread | None = None
@@ -119,11 +160,15 @@ class OutputWriter:
     def commit(self) -> None:
         if self._thread is None:
             raise DataError(f"nothing to write to {self.target}: the inputs had no rows")
-        self._finish()
-        if self._error is not None:
+        try:
+            self._finish()
+            self._raise_writer_error()
+            os.replace(self.temp, self.target)
+        except BaseException:
+            # The writer or the rename failed (target turned into a folder, disk full, interrupted):
+            # the half-written temp file must not stay behind either way.
             self.temp.unlink(missing_ok=True)
-            raise self._error
-        os.replace(self.temp, self.target)
+            raise
 
     def abort(self) -> None:
         try:
@@ -134,8 +179,12 @@ class OutputWriter:
 
 def write_atomic(path: Path, text: str) -> None:
     temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temp.write_text(text)
-    os.replace(temp, path)
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)  # a failed write leaves nothing, not a hidden temp file
+        raise
 
 
 def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
@@ -144,6 +193,7 @@ def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
     Used when each input was scored by its own task; a ``source`` column names the input when
     there is more than one. Returns the number of rows written.
     """
+    check_not_an_input(output, [source for source, _ in parts])
     rows = 0
     with OutputWriter(output) as writer:
         for source, part in parts:

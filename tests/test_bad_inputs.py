@@ -380,3 +380,130 @@ def test_repeated_cli_calls_warn_once(capsys, tmp_path, batch, trained_bundle, s
         assert code == 0, err
         warnings = [line for line in err.splitlines() if line.startswith("warning:")]
         assert len(warnings) == 1, f"call {attempt + 1} printed:\n{err}"
+
+
+# --- where the output goes -----------------------------------------------------------------
+
+
+def _same_name(data: Path) -> Path:
+    return data
+
+
+def _roundabout_name(data: Path) -> Path:
+    return data.parent / "elsewhere" / ".." / data.name  # 'elsewhere' need not exist
+
+
+def _hard_link(data: Path) -> Path:
+    link = data.with_name("link" + data.suffix)
+    link.hardlink_to(data)
+    return link
+
+
+def _symbolic_link(data: Path) -> Path:
+    link = data.with_name("link" + data.suffix)
+    link.symlink_to(data)
+    return link
+
+
+@pytest.mark.parametrize("name_output", [_same_name, _roundabout_name, _hard_link, _symbolic_link],
+                         ids=["same_path", "roundabout_path", "hard_link", "symbolic_link"])
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_score_output_that_is_an_input_is_refused(capsys, tmp_path, batch, trained_bundle, suffix, name_output,
+                                                  monkeypatch):
+    """`score x.csv -o x.csv` used to succeed and leave the scores where the data had been."""
+    import pipeline.batch_score as batch_score
+
+    built = []
+    monkeypatch.setattr(batch_score, "shared_scorer", lambda *args: built.append(args))
+    folder = tmp_path / "data"
+    other = write_table(batch.tail(20), folder / f"other{suffix}")
+    data = write_table(batch, folder / f"batch{suffix}")
+    output = name_output(data)
+    before = tree_bytes(folder)
+    message = error_line(*run_score(capsys, trained_bundle, [other, data], output))
+    assert str(output) in message and str(data) in message and "another file" in message
+    assert built == []  # refused before any work
+    assert tree_bytes(folder) == before
+    assert not any(p.name.startswith(".") or "summary" in p.name for p in folder.iterdir())
+
+
+def test_score_summary_that_is_an_input_is_refused(capsys, tmp_path, batch, trained_bundle, scores_dir):
+    """The summary written beside the output (scores.summary.json) must not replace an input either."""
+    summary = write_table(batch, scores_dir / "scores.csv").rename(scores_dir / "scores.summary.json")
+    data = tmp_path / "batch.csv"
+    data.symlink_to(summary)
+    before = tree_bytes(scores_dir)
+    message = error_line(*run_score(capsys, trained_bundle, [data], scores_dir / "scores.parquet"))
+    assert "scores.summary.json" in message and str(data) in message
+    assert tree_bytes(scores_dir) == before and [p.name for p in scores_dir.iterdir()] == ["scores.summary.json"]
+
+
+def test_score_output_that_is_a_directory_is_refused_before_scoring(capsys, tmp_path, batch, trained_bundle,
+                                                                    scores_dir, monkeypatch):
+    """It used to score everything, fail on the rename, and leave the hidden temp file behind."""
+    import pipeline.batch_score as batch_score
+
+    built = []
+    monkeypatch.setattr(batch_score, "shared_scorer", lambda *args: built.append(args))
+    data = write_table(batch, tmp_path / "batch.csv")
+    output = scores_dir / "scores.parquet"
+    output.mkdir()
+    message = error_line(*run_score(capsys, trained_bundle, [data], output))
+    assert str(output) in message and "directory" in message
+    assert built == []
+    assert [p.name for p in scores_dir.iterdir()] == ["scores.parquet"] and list(output.iterdir()) == []
+
+
+@pytest.mark.parametrize("depth", ["parent", "grandparent"])
+def test_score_output_inside_a_file_is_refused(capsys, tmp_path, batch, trained_bundle, scores_dir, depth):
+    data = write_table(batch, tmp_path / "batch.csv")
+    blocker = scores_dir / "results"
+    blocker.write_text("not a folder\n")
+    output = blocker / "scores.parquet" if depth == "parent" else blocker / "daily" / "scores.parquet"
+    message = error_line(*run_score(capsys, trained_bundle, [data], output))
+    assert str(output) in message and f"{blocker} is a file, not a directory" in message
+    assert [p.name for p in scores_dir.iterdir()] == ["results"] and blocker.read_text() == "not a folder\n"
+
+
+def test_score_output_folder_that_does_not_exist_is_created(capsys, tmp_path, batch, trained_bundle, scores_dir):
+    data = write_table(batch, tmp_path / "batch.csv")
+    output = scores_dir / "daily" / "2024" / "scores.parquet"
+    code, err = run_score(capsys, trained_bundle, [data], output)
+    assert code == 0, err
+    assert len(pd.read_parquet(output)) == len(batch)
+    assert sorted(p.name for p in output.parent.iterdir()) == ["scores.parquet", "scores.summary.json"]
+
+
+def test_score_parquet_float_category_and_id_holding_nan(capsys, tmp_path, batch, trained_bundle, scores_dir):
+    """NaN (not null) in a float category or id column is missing, as an empty CSV cell is.
+
+    It used to fail with "unexpected ArrowInvalid: Float value nan was truncated converting to int64".
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    codes = batch["line"].map({v: float(i) for i, v in enumerate(sorted(batch["line"].dropna().unique()))})
+    table = pa.Table.from_pandas(batch.assign(line=codes, row_id=batch["row_id"].astype(float)), preserve_index=False)
+
+    def with_missing(missing) -> pa.Table:
+        out = table
+        for name in ("line", "row_id"):
+            values = table.column(name).to_pylist()
+            values[BAD_INDEX] = missing
+            out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, pa.float64(),
+                                                                                  from_pandas=False))
+        return out
+
+    nan, null = tmp_path / "nan.parquet", tmp_path / "null.parquet"
+    pq.write_table(with_missing(float("nan")), nan)
+    pq.write_table(with_missing(None), null)
+    assert pq.read_table(nan).column("line").null_count == 0  # a real NaN, not a null
+    scores = []
+    for data in (nan, null):
+        output = scores_dir / f"{data.stem}.parquet"
+        code, err = run_score(capsys, trained_bundle, [data], output)
+        assert code == 0, err
+        scores.append(pd.read_parquet(output))
+    assert scores[0]["row_id"].isna().tolist() == [i == BAD_INDEX for i in range(len(batch))]
+    assert scores[0]["row_id"].iloc[0] == str(int(batch["row_id"].iloc[0]))  # spelled without '.0'
+    pd.testing.assert_frame_equal(scores[0], scores[1])

@@ -8,7 +8,7 @@ from pipeline.batch_score import score_files
 from pipeline.outputs import merge_scored_parts, summary_path
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.runtime import BundleScorer
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 
@@ -18,7 +18,7 @@ def frame():
     return make_sensor_table(SyntheticSpec(n_rows=5000, seed=21))
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".csv.gz", ".parquet"])
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz", ".CSV.GZ", ".parquet"])
 def test_streamed_scores_equal_in_memory_scores(trained_bundle, frame, tmp_path, suffix):
     source = write_table(frame, tmp_path / f"in{suffix}")
     out = tmp_path / "scores.parquet"
@@ -148,3 +148,32 @@ def test_the_bundle_is_loaded_and_hashed_once(trained_bundle, frame, tmp_path, m
     summary = score_files(ScoreJob(trained_bundle, (source,), tmp_path / "scores.parquet", device="cpu"))
     assert summary.rows == len(frame)
     assert len(loads) == 1
+
+
+def test_a_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch):
+    """When the final rename fails (the target became a folder, the disk is full), the temp file goes too."""
+    import pyarrow as pa
+
+    import pipeline.outputs as outputs
+
+    def failing_replace(source, target):
+        raise IsADirectoryError(21, "Is a directory", str(source), None, str(target))
+
+    monkeypatch.setattr(outputs.os, "replace", failing_replace)
+    with pytest.raises(IsADirectoryError):
+        with outputs.OutputWriter(tmp_path / "out.parquet") as writer:
+            writer.write(pa.table({"score": [1.0, 2.0]}))
+    with pytest.raises(IsADirectoryError):
+        outputs.write_atomic(tmp_path / "out.summary.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_of_parts_refuses_to_replace_an_input(trained_bundle, frame, tmp_path):
+    """The flow's merge step names the inputs too: its output must not be one of them."""
+    source = write_table(frame.iloc[:50], tmp_path / "in.csv")
+    part = tmp_path / "part.parquet"
+    score_files(ScoreJob(trained_bundle, (source,), part, device="cpu"))
+    before = source.read_bytes()
+    with pytest.raises(ConfigError, match=r"is the input .*in\.csv"):
+        merge_scored_parts([(str(source), part)], source)
+    assert source.read_bytes() == before

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import DataError, InputFileError
-from pipeline.tables import estimate_rows, iter_batches, read_columns, read_table
+from pipeline.tables import (category_strings, estimate_rows, iter_batches, read_columns, read_table,
+                             read_text_columns)
 
 
 def test_missing_empty_and_header_only_files(tmp_path):
@@ -94,3 +95,47 @@ def test_a_column_named_twice_is_refused(tmp_path, suffix):
     for read in (read_table, read_columns):
         with pytest.raises(DataError, match=r"column 'a' appears twice in the header \(columns 1 and 3\)"):
             read(path)
+
+
+@pytest.mark.parametrize("name", ["t.CSV.GZ", "t.Csv.Gz", "t.csv.GZ"])
+def test_gzipped_csv_with_an_upper_case_suffix_is_decompressed(tmp_path, name):
+    """table_format accepts any case; pyarrow detects gzip from a lower-case '.gz' only."""
+    frame = pd.DataFrame({"id": [f"{i:05d}" for i in range(3000)], "x": np.arange(3000.0) / 7,
+                          "c": ["007", "b", ""] * 1000})
+    plain, zipped = tmp_path / "t.csv", tmp_path / name
+    frame.to_csv(plain, index=False)
+    frame.to_csv(zipped, index=False, compression="gzip")
+    assert zipped.read_bytes()[:2] == b"\x1f\x8b"
+    pd.testing.assert_frame_equal(read_table(zipped), read_table(plain))
+    pd.testing.assert_frame_equal(read_text_columns(zipped, ["c"]), read_text_columns(plain, ["c"]))
+    assert read_columns(zipped) == ["id", "x", "c"]
+    streamed = [list(iter_batches(p, ["x"], ["c"], ["id"], batch_rows=500)) for p in (plain, zipped)]
+    assert [b.to_pydict() for b in streamed[0]] == [b.to_pydict() for b in streamed[1]]
+    bad = frame.astype({"x": object})
+    bad.loc[2000, "x"] = "oops"
+    bad.to_csv(zipped, index=False, compression="gzip")
+    with pytest.raises(DataError, match=r"column 'x' must be numeric but row 2001 \(line 2002\) holds 'oops'"):
+        list(iter_batches(zipped, ["x"], ["c"], ["id"], batch_rows=500))
+
+
+def test_nan_in_a_float_category_is_missing_as_in_training(tmp_path):
+    """A Parquet float category holding NaN (not null) is missing, spelled as training spells it.
+
+    Scoring used to fail casting NaN to int64; training reads the column through pandas, where
+    NaN is null, and spells its categories with schema.categorical_strings.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.schema import as_category_array, categorical_strings
+
+    path = tmp_path / "t.parquet"
+    values = [1.0, float("nan"), None, 2.0, 7.0]
+    pq.write_table(pa.table({"c": pa.array(values, pa.float64(), from_pandas=False), "x": [1.0] * 5}), path)
+    assert pq.read_table(path).column("c").null_count == 1  # one null and one real NaN
+    trained = categorical_strings(read_table(path), ("c",))[0]
+    [batch] = iter_batches(path, ["x"], ["c"], [], batch_rows=100)
+    assert batch.column("c").to_pylist() == ["1", None, None, "2", "7"]
+    assert as_category_array(batch.column("c")).tolist() == trained.tolist() == ["1", "", "", "2", "7"]
+    fractions = category_strings(pa.array([0.5, float("nan")], from_pandas=False))
+    assert fractions.to_pylist() == ["0.5", None]  # NaN is missing here too, not a category 'nan'
