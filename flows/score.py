@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.image_score import merge_error_files
-from pipeline.outputs import merge_scored_parts, summary_path, write_atomic
+from pipeline.outputs import check_not_an_input, check_output_location, merge_scored_parts, summary_path, write_atomic
 from pipeline.scoring import score
 from pipeline.scoring_report import summary_markdown, write_scoring_report
 
@@ -59,6 +59,9 @@ def write_report(job: ScoreJob) -> Path:
 
 @flow(name="vaeguard-score", log_prints=True)
 def score_flow(job: ScoreJob) -> dict:
+    # Before any work: the merge at the end would otherwise refuse only after every file scored.
+    check_output_location(job.output)
+    check_not_an_input(job.output, job.inputs)
     bundle = check_bundle(job.bundle, job.precision)
     job.output.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = job.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"

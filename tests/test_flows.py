@@ -58,3 +58,18 @@ def test_score_flow_scores_each_file_into_one_output(flow_bundle, sensor_frame, 
     assert str(incoming_csv) in table.data
     markdown = read_artifact("vaeguard-scoring-summary")
     assert f"| anomalies | {int(scored['is_anomaly'].sum()):,} |" in markdown.data and "score PSI" in markdown.data
+
+
+def test_score_flow_refuses_an_output_that_is_an_input_before_scoring(flow_bundle, sensor_frame, tmp_path, monkeypatch):
+    import flows.score
+    from pipeline.errors import ConfigError
+
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    sensor_frame.iloc[:300].to_parquet(first)
+    sensor_frame.iloc[300:600].to_parquet(second)
+    before = second.read_bytes()
+    monkeypatch.setattr(flows.score, "score", lambda job: pytest.fail("scored before the output was checked"))
+    with pytest.raises(ConfigError, match="is the input"):
+        score_flow(ScoreJob(bundle=flow_bundle["bundle"], inputs=(first, second), output=second))
+    assert second.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.parquet", "second.parquet"]
