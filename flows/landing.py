@@ -1,10 +1,12 @@
 """Scheduled scoring of a landing folder: every landed file scored exactly once, drift watched.
 
 One run: take the output folder's run lock (an overlapping run skips instead of racing),
-list the settled files the ledger has not seen, score each in its own task (retried), record
-each success in the ledger after its output is in place, quarantine what still fails, then
-compare the run's scores with the calibration scores and publish a markdown artifact, marked
-as an alert when drift passes the limits. `vaeguard serve` serves this flow on a schedule.
+list the settled files the ledger has not seen, score each in its own task (retried, two at a
+time), record each success in the ledger after its output is in place, quarantine what still
+fails because of its data, then compare the run's scores with the calibration scores and
+publish a markdown artifact, marked as an alert when drift passes the limits. Files that failed
+for another reason (device, disk) stay in the landing folder, and the run ends Failed after its
+report, so someone looks. `vaeguard serve` serves this flow on a schedule.
 """
 
 from __future__ import annotations
@@ -17,15 +19,31 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.batch_score import read_score_column, score_files
 from pipeline.outputs import write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.drift import DriftLimits, drift_report
-from pipeline.landing import LandedFile, Ledger, check_folders, output_path, pending_files, quarantine, run_lock
+from pipeline.landing import (
+    LandedFile,
+    Ledger,
+    check_folders,
+    output_path,
+    pending_files,
+    record_failure,
+    record_scored,
+    run_failure,
+    run_lock,
+)
 
 FILE_RETRIES = 2
+# Files scored at once. Scoring one file already uses the machine's cores (a pyarrow parsing
+# thread plus onnxruntime's threads, one fewer than the cores); Prefect's default thread pool has
+# no limit, so hundreds of landed files would each start a session, reader and writer at once and
+# fight for cores and memory. Two keep one file's parsing or writing overlapping another's scoring.
+FILE_WORKERS = 2
 
 
 @task(retries=FILE_RETRIES, retry_delay_seconds=1, cache_policy=NO_CACHE)
@@ -36,7 +54,7 @@ def score_landed_file(bundle: Path, landed: LandedFile, output: Path, device: st
     return {"rows": summary.rows, "anomalies": summary.anomalies}
 
 
-@flow(name="vaeguard-landing", log_prints=True)
+@flow(name="vaeguard-landing", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=FILE_WORKERS))
 def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float = 30.0, device: str = "auto",
                  batch_size: int = 65_536, rate_p_value: float = 0.001, max_psi: float = 0.25) -> dict:
     logger = get_run_logger()
@@ -57,15 +75,12 @@ def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float 
             future.wait()
             state = future.state
             if state.is_completed():
-                result = future.result()
-                ledger.record({"relative": relative, "sha256": item.sha256, "status": "scored",
-                               "output": str(output_path(output, item)), **result})
-                files.append({"file": relative, "status": "scored", **result})
+                entry = record_scored(item, output_path(output, item), future.result(), ledger)
             else:
-                reason = _failure_reason(state)
-                quarantine(output, item, reason, ledger)
-                logger.warning("quarantined %s after %d retries: %s", relative, FILE_RETRIES, reason)
-                files.append({"file": relative, "status": "quarantined", "rows": 0, "anomalies": 0, "reason": reason})
+                entry = record_failure(output, item, _failure(state), ledger)
+            if entry["status"] != "scored":
+                logger.warning("%s: %s: %s", relative, entry["status"], entry["reason"])
+            files.append(entry)
     scored_outputs = [output_path(output, futures[f["file"]][0]) for f in files if f["status"] == "scored"]
     calibration = manifest["calibration"]
     drift = drift_report(read_score_column(scored_outputs), sum(f["anomalies"] for f in files),
@@ -80,7 +95,12 @@ def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float 
     write_atomic(output / "runs" / f"{stamp}.json", json.dumps(report, indent=2, allow_nan=False))
     create_markdown_artifact(key="vaeguard-landing-alert" if drift.alert else "vaeguard-landing",
                              markdown=run_markdown(report, calibration["target_fpr"]),
-                             description=("ALERT: " if drift.alert else "") + f"{len(files)} file(s) scored from {watch}")
+                             description=("ALERT: " if drift.alert else "") + f"{len(scored_outputs)} of "
+                                         f"{len(files)} file(s) scored from {watch}")
+    # Raised only now, so the report and artifact exist; the run ends Failed so the cause is seen.
+    failure = run_failure(files)
+    if failure is not None:
+        raise failure
     return report
 
 
@@ -88,12 +108,13 @@ def _calibration_scores(calibration: dict) -> np.ndarray:
     return np.asarray(calibration["scores"], dtype=np.float32)
 
 
-def _failure_reason(state) -> str:
+def _failure(state) -> BaseException:
+    """The exception a failed task state holds (its type decides quarantine or retry next run)."""
     try:
         state.result()
-    except Exception as exc:  # noqa: BLE001 - the reason is the point
-        return " ".join(str(exc).split()) or type(exc).__name__
-    return state.message or state.name
+    except Exception as exc:  # noqa: BLE001 - the exception is the point
+        return exc
+    return RuntimeError(state.message or state.name)
 
 
 def run_markdown(report: dict, target_fpr: float) -> str:
@@ -109,6 +130,7 @@ def run_markdown(report: dict, target_fpr: float) -> str:
         f"- score drift: PSI {fmt(drift['psi'], '.3f')}, KS {fmt(drift['ks_statistic'], '.3f')} "
         f"(p = {fmt(drift['ks_p_value'], '.3g')})",
         *[f"- **alert**: {a}" for a in drift["alerts"]],
+        *[f"- {f['file']} {f['status']}: {f['reason']}" for f in report["files"] if f.get("reason")],
     ]
     return "\n".join(lines)
 

@@ -12,8 +12,12 @@ score every landed file exactly once:
 - the ledger is appended with fsync and a torn last line is ignored, so a killed run leaves a
   readable ledger;
 - ``run_lock`` keeps overlapping runs apart with a kernel lock that dies with its process;
-- ``quarantine`` takes a file that keeps failing out of the landing folder, with the reason
-  beside it, so it stops being retried.
+- ``quarantine`` takes a file whose data keeps failing out of the landing folder, with the
+  reason beside it, so it stops being retried; a failure outside the file (device, full disk,
+  unwritable output) is recorded as "failed" and leaves the file to be retried next run;
+- a file rewritten or deleted between listing and the end of its scoring is neither recorded
+  nor quarantined: what was read belongs to no complete version, and the next run lists the
+  new content.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,21 +39,31 @@ from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 from pipeline.bundle import sha256_file
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, DataError, InputFileError, PipelineError
+from pipeline.outputs import summary_path
+
+log = logging.getLogger("vaeguard")
 
 LEDGER_NAME = "ledger.jsonl"
 LOCK_NAME = ".run.lock"
 SCORES_DIR = "scores"
 QUARANTINE_DIR = "quarantine"
 DEFAULT_PATTERNS = ("*.csv", "*.csv.gz", "*.parquet", "*.pq")
-# "failed" lines let a flow count attempts per version across runs before it quarantines;
-# only the final states make a version done.
+# "failed" lines record a version that could not be scored for a reason outside its data (device,
+# disk, permissions); only the final states make a version done, so a failed one is retried.
 STATUSES = ("scored", "quarantined", "failed")
 DONE_STATUSES = frozenset({"scored", "quarantined"})
+# Only these say the file's own content is unusable: retrying it unchanged cannot help, so it is
+# quarantined. Anything else is the machine's fault, and quarantining would punish good data.
+DATA_FAULTS = (DataError, InputFileError)
 
 
 class LedgerError(PipelineError, ValueError):
     """The ledger file is unreadable, or an entry to record is incomplete."""
+
+
+class LandingRunError(PipelineError, RuntimeError):
+    """Landed files failed to score for a reason outside their data; they stay for the next run."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,9 @@ class LandedFile:
     relative: str  # path relative to the landing folder, '/'-separated (the ledger key)
     sha256: str
     size: int
+    # With size, what the file looked like when hashed: a different pair later means it was
+    # rewritten, and the hash (and any output read since) no longer describes it.
+    mtime_ns: int
 
 
 class Ledger:
@@ -96,7 +114,7 @@ class Ledger:
         return (relative, sha256) in self.done_keys()
 
     def failures(self, relative: str, sha256: str) -> int:
-        """How many runs recorded a failure for this version (for a flow's quarantine decision)."""
+        """How many runs failed to score this version for a reason outside its data."""
         return sum(1 for e in self.entries()
                    if e.get("status") == "failed" and e.get("relative") == relative and e.get("sha256") == sha256)
 
@@ -224,7 +242,7 @@ def candidate_paths(landing_dir: Path, patterns: tuple[str, ...]) -> Iterator[Pa
 
 
 def settled_file(path: Path, landing_dir: Path, settle_seconds: float, now: float) -> LandedFile | None:
-    """The file with its hash, or None when it is still being written or vanished meanwhile."""
+    """The file with its hash, or None when it is still being written, vanished meanwhile or is unreadable."""
     try:
         before = path.stat()
         if now - before.st_mtime < settle_seconds:
@@ -233,10 +251,83 @@ def settled_file(path: Path, landing_dir: Path, settle_seconds: float, now: floa
         after = path.stat()
     except FileNotFoundError:
         return None  # moved or deleted between listing and reading: nothing to score
+    except PermissionError as exc:
+        # One file a writer left unreadable must not stop the others from being scored.
+        log.warning("%s: skipped, this process may not read it (%s); expected a readable landed file: "
+                    "give the user running the flow read permission, and it is scored next run",
+                    path, exc.strerror or exc)
+        return None
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         return None  # written to while hashing: the hash matches no complete version
     relative = path.relative_to(landing_dir).as_posix()
-    return LandedFile(path=path, relative=relative, sha256=digest, size=after.st_size)
+    return LandedFile(path=path, relative=relative, sha256=digest, size=after.st_size, mtime_ns=after.st_mtime_ns)
+
+
+def change_since_listing(landed: LandedFile) -> str | None:
+    """'vanished' or 'changed' (size or mtime_ns differ) when the file is no longer the version listed, else None."""
+    try:
+        current = landed.path.stat()
+    except FileNotFoundError:
+        return "vanished"
+    if (current.st_size, current.st_mtime_ns) != (landed.size, landed.mtime_ns):
+        return "changed"
+    return None
+
+
+def record_scored(landed: LandedFile, output: Path, result: dict, ledger: Ledger) -> dict:
+    """Record a file whose output is in place; its run-report entry, status 'scored', 'changed' or 'vanished'.
+
+    A file rewritten or deleted while it was scored may have been read half old, half new: its
+    output (and the summary beside it) is deleted and nothing is recorded, so the next run scores whatever is there then.
+    Checked after scoring: a change after this check came after the read, so the output holds.
+    """
+    change = change_since_listing(landed)
+    if change:
+        Path(output).unlink(missing_ok=True)
+        summary_path(Path(output)).unlink(missing_ok=True)
+        return {"file": landed.relative, "status": change, "rows": 0, "anomalies": 0,
+                "reason": f"{change} while being scored; output discarded, its current content is scored next run"}
+    ledger.record({"relative": landed.relative, "sha256": landed.sha256, "status": "scored",
+                   "output": str(output), **result})
+    return {"file": landed.relative, "status": "scored", **result}
+
+
+def record_failure(out_dir: Path, landed: LandedFile, error: BaseException, ledger: Ledger) -> dict:
+    """Settle a file whose scoring still failed after retries; its run-report entry.
+
+    'quarantined' for a fault in the file's data (DATA_FAULTS); 'changed' / 'vanished' when the
+    file moved on meanwhile (the error may be about content that is gone: nothing recorded, the
+    next run tries the new content); otherwise 'failed': a ledger line, and the file stays.
+    """
+    reason = one_line(error)
+    entry = {"file": landed.relative, "rows": 0, "anomalies": 0}
+    change = change_since_listing(landed)
+    if change is None and isinstance(error, DATA_FAULTS):
+        if quarantine(out_dir, landed, reason, ledger) is not None:
+            return {**entry, "status": "quarantined", "reason": reason}
+        change = change_since_listing(landed) or "vanished"  # moved on between the check and the move
+    if change:
+        return {**entry, "status": change,
+                "reason": f"{change} while being scored (scoring failed: {reason}); not quarantined, "
+                          f"its current content is tried next run"}
+    ledger.record({"relative": landed.relative, "sha256": landed.sha256, "size": landed.size,
+                   "status": "failed", "reason": reason, "error": type(error).__name__})
+    return {**entry, "status": "failed", "reason": reason}
+
+
+def run_failure(files: list[dict]) -> LandingRunError | None:
+    """The error that fails a run in which files failed outside their data, or None when none did."""
+    failed = [f for f in files if f["status"] == "failed"]
+    if not failed:
+        return None
+    return LandingRunError(
+        f"{len(failed)} landed file(s) could not be scored for a reason outside their data (first: "
+        f"{failed[0]['file']}: {failed[0]['reason']}); expected every file to score or be quarantined: they stay "
+        f"in the landing folder and are retried next run, once the cause (device, disk space, permissions) is fixed")
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def output_path(out_dir: Path, landed: LandedFile, suffix: str = ".parquet") -> Path:
@@ -250,18 +341,28 @@ def output_path(out_dir: Path, landed: LandedFile, suffix: str = ".parquet") -> 
     return Path(out_dir) / SCORES_DIR / Path(*relative.parent.parts) / name
 
 
-def quarantine(out_dir: Path, landed: LandedFile, reason: str, ledger: Ledger) -> Path:
+def quarantine(out_dir: Path, landed: LandedFile, reason: str, ledger: Ledger) -> Path | None:
     """Move a landed file to OUT_DIR/quarantine/<relative>, with <that path>.reason.txt, and record it.
 
     Order matters for a run killed midway: the reason file is written before the move, so a
     quarantined file is never without its reason; the ledger line comes last, and a file moved
     but not yet recorded is already out of the landing folder, so it is not retried either.
+    Returns None, moving and recording nothing, when the file is no longer the version listed:
+    the reason was about content that is gone.
     """
+    if change_since_listing(landed):
+        return None
     target = free_quarantine_path(Path(out_dir), landed)
     target.parent.mkdir(parents=True, exist_ok=True)
     reason_path = target.with_name(target.name + ".reason.txt")
     write_text_atomic(reason_path, reason_text(landed, reason))
-    move_file(landed.path, target)
+    try:
+        move_file(landed.path, target)
+    except FileNotFoundError:
+        if landed.path.exists():
+            raise  # not the file vanishing: something else is missing, and hiding it would hide a bug
+        reason_path.unlink(missing_ok=True)  # deleted between the check and the move
+        return None
     ledger.record({"relative": landed.relative, "sha256": landed.sha256, "size": landed.size,
                    "status": "quarantined", "reason": reason, "quarantined_to": str(target)})
     return target

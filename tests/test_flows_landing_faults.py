@@ -1,14 +1,19 @@
-"""The landing flow in-process (temporary Prefect server): quarantine of bad files, drift alerts."""
+"""The landing flow in-process (temporary Prefect server): quarantine of bad files, failures outside
+the data, files changing under a run, bounded parallelism, drift alerts."""
 
 from __future__ import annotations
 
+import errno
 import json
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import flows.landing as landing_module
 from flows.landing import landing_flow
+from pipeline.errors import DataError, DeviceError, PipelineError
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -54,3 +59,107 @@ def test_drifted_batch_raises_the_alert_and_a_normal_one_does_not(trained_bundle
     assert alarmed["alert"] is True and alarmed["drift"]["alerts"]
     saved = json.loads(max((out / "runs").glob("*.json")).read_text())
     assert saved["alert"] is True
+
+
+def ledger_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+
+
+def land_sensors(landing: Path, name: str, seed: int, rows: int = 300) -> Path:
+    return settled(write_table(make_sensor_table(SyntheticSpec(n_rows=rows, seed=seed)), landing / name))
+
+
+def test_failure_outside_the_data_leaves_files_for_the_next_run_and_fails_the_run(trained_bundle, tmp_path,
+                                                                                  monkeypatch):
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    for i, name in enumerate(["a.csv", "b.csv", "c.csv"]):
+        land_sensors(landing, name, 60 + i)
+    real_score = landing_module.score_files
+
+    def broken_machine(job):
+        name = Path(job.inputs[0]).name
+        if name == "b.csv":
+            raise OSError(errno.ENOSPC, "No space left on device", str(job.output))
+        if name == "c.csv":
+            raise DeviceError("device 'cuda' requested, but onnxruntime sees no GPU; pass --device cpu")
+        return real_score(job)
+
+    monkeypatch.setattr(landing_module, "score_files", broken_machine)
+    with pytest.raises(PipelineError, match=r"^2 landed file\(s\) could not be scored .*first: b\.csv: .*No space "
+                                            r"left on device.*stay in the landing folder and are retried next run"):
+        landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    [report] = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    status = {f["file"]: (f["status"], f.get("reason", "")) for f in report["files"]}
+    assert status["a.csv"] == ("scored", "")
+    assert status["b.csv"][0] == "failed" and "No space left" in status["b.csv"][1]
+    assert status["c.csv"][0] == "failed" and "sees no GPU" in status["c.csv"][1]
+    assert sorted(p.name for p in landing.iterdir()) == ["a.csv", "b.csv", "c.csv"]
+    assert not (out / "quarantine").exists()
+    assert [(e["relative"], e["status"]) for e in ledger_lines(out)] == [
+        ("a.csv", "scored"), ("b.csv", "failed"), ("c.csv", "failed")]
+
+    # The machine is fixed: the next run scores exactly the failed files.
+    monkeypatch.setattr(landing_module, "score_files", real_score)
+    again = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert [(f["file"], f["status"]) for f in again["files"]] == [("b.csv", "scored"), ("c.csv", "scored")]
+    assert len(list((out / "scores").glob("*.parquet"))) == 3
+
+
+def test_files_changed_or_deleted_during_the_run_are_not_recorded(trained_bundle, tmp_path, monkeypatch):
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    for i, name in enumerate(["keep.csv", "rewritten.csv", "retracted.csv", "fixed.csv"]):
+        land_sensors(landing, name, 70 + i)
+    real_score = landing_module.score_files
+
+    def upstream_moves_on(job):
+        path = Path(job.inputs[0])
+        if path.name == "retracted.csv":
+            path.unlink(missing_ok=True)  # the upstream retracts it before the read
+        summary = None if path.name == "fixed.csv" else real_score(job)
+        if path.name == "rewritten.csv":
+            land_sensors(landing, "rewritten.csv", 99, rows=500)  # re-exported after it was read
+        if path.name == "fixed.csv":
+            land_sensors(landing, "fixed.csv", 98, rows=400)  # replaced with good data while failing
+            raise DataError(f"{path}: column 'pressure' row 3: expected a number")
+        return summary
+
+    monkeypatch.setattr(landing_module, "score_files", upstream_moves_on)
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    status = {f["file"]: f["status"] for f in report["files"]}
+    assert status == {"keep.csv": "scored", "rewritten.csv": "changed", "retracted.csv": "vanished",
+                      "fixed.csv": "changed"}
+    assert [(e["relative"], e["status"]) for e in ledger_lines(out)] == [("keep.csv", "scored")]
+    assert {p.name.split(".")[0] for p in (out / "scores").iterdir()} == {"keep"}  # outputs and summaries
+    assert not (out / "quarantine").exists()
+
+    monkeypatch.setattr(landing_module, "score_files", real_score)
+    again = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert [(f["file"], f["status"], f["rows"]) for f in again["files"]] == [("fixed.csv", "scored", 400),
+                                                                             ("rewritten.csv", "scored", 500)]
+
+
+def test_at_most_two_files_are_scored_at_once(trained_bundle, tmp_path, monkeypatch):
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    for i in range(6):
+        land_sensors(landing, f"f{i}.csv", 80 + i, rows=50)
+    real_score = landing_module.score_files
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def counting(job):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.5)  # long enough for an unbounded pool to start them all
+            return real_score(job)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(landing_module, "score_files", counting)
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert [f["status"] for f in report["files"]] == ["scored"] * 6
+    assert peak[0] == 2, f"{peak[0]} files were scored at once"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,14 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.errors import DataError, DeviceError, InputFileError
+from pipeline.outputs import summary_path
 from pipeline.landing import (
     LandedFile,
+    LandingRunError,
     Ledger,
     LedgerError,
     ledger_summary,
     output_path,
     pending_files,
     quarantine,
+    record_failure,
+    record_scored,
+    run_failure,
     run_lock,
 )
 
@@ -54,6 +63,7 @@ def test_scored_file_is_done_until_its_content_changes(dirs):
     path = land(landing, "sensors.csv")
     [first] = pending_files(landing, ledger)
     assert first.path == path.resolve() and first.relative == "sensors.csv" and first.size == path.stat().st_size
+    assert first.mtime_ns == path.stat().st_mtime_ns
 
     scored(ledger, first)
     assert pending_files(landing, ledger) == []
@@ -65,7 +75,7 @@ def test_scored_file_is_done_until_its_content_changes(dirs):
     assert output_path(out, second) != output_path(out, first)
     assert output_path(out, first) == out / "scores" / f"sensors.{first.sha256[:12]}.parquet"
     # Same content, same output: a re-run after a crash overwrites instead of duplicating.
-    assert output_path(out, second) == output_path(out, LandedFile(second.path, second.relative, second.sha256, 0))
+    assert output_path(out, second) == output_path(out, dataclasses.replace(second, size=0, mtime_ns=0))
 
 
 def test_file_still_being_written_waits_for_settle_time(dirs):
@@ -211,3 +221,126 @@ def test_output_inside_the_landing_folder_is_refused(tmp_path):
         check_folders(tmp_path / "landing", tmp_path / "landing" / "scored")
     with pytest.raises(ConfigError, match="does not exist"):
         check_folders(tmp_path / "nope", tmp_path / "out")
+
+
+def test_unreadable_file_is_skipped_with_a_warning_and_the_others_listed(dirs, monkeypatch, caplog):
+    import pipeline.landing as landing_module
+
+    landing, out = dirs
+    land(landing, "a.csv")
+    locked = land(landing, "locked.csv", "a,b\n5,6\n")
+    real_hash = landing_module.sha256_file
+
+    def hash_or_refuse(path):
+        # As root a chmod 000 file is still readable, so the refusal is simulated where it happens.
+        if Path(path).name == "locked.csv":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_hash(path)
+
+    monkeypatch.setattr(landing_module, "sha256_file", hash_or_refuse)
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        found = pending_files(landing, Ledger(out))
+    assert [f.relative for f in found] == ["a.csv"]
+    [warning] = [r for r in caplog.records if r.name == "vaeguard"]
+    assert str(locked.resolve()) in warning.getMessage() and "read permission" in warning.getMessage()
+
+
+def test_scored_file_that_changed_or_vanished_meanwhile_is_not_recorded(dirs):
+    landing, out = dirs
+    ledger = Ledger(out)
+    land(landing, "same.csv")
+    land(landing, "rewritten.csv")
+    land(landing, "gone.csv")
+    same, rewritten, gone = sorted(pending_files(landing, ledger), key=lambda f: ["same.csv", "rewritten.csv",
+                                                                                  "gone.csv"].index(f.relative))
+    outputs = {}
+    for item in (same, rewritten, gone):
+        outputs[item.relative] = output_path(out, item)
+        outputs[item.relative].parent.mkdir(parents=True, exist_ok=True)
+        outputs[item.relative].write_bytes(b"scores")
+        summary_path(outputs[item.relative]).write_text("{}")
+    land(landing, "rewritten.csv", "a,b\n1,2\n3,4\n")  # re-exported while it was scored
+    gone.path.unlink()  # retracted while it was scored
+
+    results = {item.relative: record_scored(item, outputs[item.relative], {"rows": 1, "anomalies": 0}, ledger)
+               for item in (same, rewritten, gone)}
+    assert {k: v["status"] for k, v in results.items()} == {"same.csv": "scored", "rewritten.csv": "changed",
+                                                            "gone.csv": "vanished"}
+    assert results["rewritten.csv"]["rows"] == 0 and "next run" in results["rewritten.csv"]["reason"]
+    assert outputs["same.csv"].exists()
+    assert not outputs["rewritten.csv"].exists() and not outputs["gone.csv"].exists()
+    assert sorted(p.name for p in (out / "scores").iterdir()) == sorted([outputs["same.csv"].name,
+                                                                         summary_path(outputs["same.csv"]).name])
+    assert [(e["relative"], e["status"]) for e in ledger.entries()] == [("same.csv", "scored")]
+    # The new content is listed again; the vanished file is simply gone.
+    [again] = pending_files(landing, ledger)
+    assert again.relative == "rewritten.csv" and again.sha256 != rewritten.sha256
+
+
+def test_only_data_faults_quarantine_and_other_failures_stay_pending(dirs):
+    landing, out = dirs
+    ledger = Ledger(out)
+    for name in ("bad_rows.csv", "empty.csv", "device.csv", "disk.csv"):
+        land(landing, name)
+    items = {f.relative: f for f in pending_files(landing, ledger)}
+    errors = {"bad_rows.csv": DataError("bad_rows.csv: column 'a' row 2: expected a number"),
+              "empty.csv": InputFileError("empty.csv: the file is empty"),
+              "device.csv": DeviceError("device 'cuda' requested but no GPU is visible"),
+              "disk.csv": OSError(errno.ENOSPC, "No space left on device")}
+    results = {name: record_failure(out, items[name], error, ledger) for name, error in errors.items()}
+    assert {k: v["status"] for k, v in results.items()} == {
+        "bad_rows.csv": "quarantined", "empty.csv": "quarantined", "device.csv": "failed", "disk.csv": "failed"}
+    assert results["disk.csv"]["reason"] == "[Errno 28] No space left on device"
+    assert sorted(p.name for p in landing.iterdir()) == ["device.csv", "disk.csv"]
+    assert (out / "quarantine" / "bad_rows.csv").exists()
+    failed = [e for e in ledger.entries() if e["status"] == "failed"]
+    assert [(e["relative"], e["error"]) for e in failed] == [("device.csv", "DeviceError"), ("disk.csv", "OSError")]
+    assert "no GPU" in failed[0]["reason"]
+    assert ledger.failures("device.csv", items["device.csv"].sha256) == 1
+    # A failed line does not make the version done: the next run retries both.
+    assert [f.relative for f in pending_files(landing, ledger)] == ["device.csv", "disk.csv"]
+
+    error = run_failure(list(results.values()))
+    assert isinstance(error, LandingRunError)
+    message = str(error)
+    assert "\n" not in message and message.startswith("2 landed file(s)")
+    assert "device.csv: device 'cuda' requested" in message and "retried next run" in message
+    assert run_failure([results["bad_rows.csv"]]) is None
+
+
+def test_failed_file_that_changed_or_vanished_is_neither_quarantined_nor_recorded(dirs):
+    landing, out = dirs
+    ledger = Ledger(out)
+    land(landing, "rewritten.csv", "x\n")
+    land(landing, "gone.csv", "x\n")
+    rewritten, gone = sorted(pending_files(landing, ledger), key=lambda f: f.relative != "rewritten.csv")
+    land(landing, "rewritten.csv", "a,b\n1,2\n")  # fixed upstream while the broken version failed
+    gone.path.unlink()
+    first = record_failure(out, rewritten, DataError("rewritten.csv: column 'a' missing"), ledger)
+    second = record_failure(out, gone, InputFileError("gone.csv: file not found; check the path"), ledger)
+    assert (first["status"], second["status"]) == ("changed", "vanished")
+    assert "column 'a' missing" in first["reason"]
+    assert ledger.entries() == [] and not (out / "quarantine").exists()
+    assert (landing / "rewritten.csv").read_text() == "a,b\n1,2\n"
+    # quarantine() itself refuses a file gone since listing instead of raising FileNotFoundError.
+    assert quarantine(out, gone, "whatever", ledger) is None
+    assert ledger.entries() == [] and not list(out.rglob("*.reason.txt"))
+
+
+def test_quarantine_survives_the_file_vanishing_between_check_and_move(dirs, monkeypatch):
+    import pipeline.landing as landing_module
+
+    landing, out = dirs
+    ledger = Ledger(out)
+    land(landing, "racy.csv")
+    [landed] = pending_files(landing, ledger)
+    real_move = landing_module.move_file
+
+    def delete_then_move(source, target):
+        Path(source).unlink()  # the upstream retracts the file just before the move
+        real_move(source, target)
+
+    monkeypatch.setattr(landing_module, "move_file", delete_then_move)
+    assert quarantine(out, landed, "column 'a' missing", ledger) is None
+    assert ledger.entries() == [] and not list(out.rglob("*.reason.txt"))
+    assert record_failure(out, landed, DataError("x"), ledger)["status"] == "vanished"
