@@ -189,17 +189,38 @@ def _cast_batch(batch: pa.RecordBatch, target: pa.Schema, path: Path, rows_befor
         if pa.types.is_string(field_.type) or pa.types.is_large_string(field_.type):
             columns.append(category_strings(column))
             continue
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            columns.append(_text_as_numbers(column, field_, path, rows_before))
+            continue
         try:
             columns.append(column.cast(field_.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            values = pd.to_numeric(pd.Series(column.to_pylist()), errors="coerce")
-            bad = np.flatnonzero(values.isna().to_numpy() & pd.Series(column.to_pylist()).notna().to_numpy())
-            row = int(bad[0]) if bad.size else 0
-            raise DataError(
-                f"{path}: column {field_.name!r} must be numeric but row {rows_before + row + 1} holds "
-                f"{column[row].as_py()!r}; fix or blank out that value"
-            ) from None
+            raise DataError(f"{path}: column {field_.name!r} must be numeric but holds {column.type} values; "
+                            f"store it as numbers") from None
     return pa.RecordBatch.from_arrays(columns, schema=target)
+
+
+# The CSV reader's spellings of a missing value ("", "NA", "null", ...): numbers stored as text in
+# a Parquet file read as the same values written to a CSV would.
+_MISSING_SPELLINGS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
+
+
+def _text_as_numbers(column: pa.Array, field_: pa.Field, path: Path, rows_before: int) -> pa.Array:
+    text = column.cast(pa.string())
+    text = pc.if_else(pc.is_in(text, value_set=_MISSING_SPELLINGS), pa.scalar(None, pa.string()), text)
+    try:
+        return text.cast(field_.type)
+    except pa.ArrowInvalid:
+        pass
+    # Only on failure: find the first value the cast refuses, one at a time, to name its row.
+    for row, value in enumerate(text.to_pylist()):
+        try:
+            pa.array([value], pa.string()).cast(field_.type)
+        except pa.ArrowInvalid:
+            raise DataError(f"{path}: column {field_.name!r} must be numeric but row {rows_before + row + 1} "
+                            f"holds {value!r}; fix or blank out that value") from None
+    raise DataError(f"{path}: column {field_.name!r} must be numeric but could not be read as numbers; "
+                    f"store it as numbers")
 
 
 def category_strings(column: pa.Array) -> pa.Array:

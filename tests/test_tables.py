@@ -139,3 +139,22 @@ def test_nan_in_a_float_category_is_missing_as_in_training(tmp_path):
     assert as_category_array(batch.column("c")).tolist() == trained.tolist() == ["1", "", "", "2", "7"]
     fractions = category_strings(pa.array([0.5, float("nan")], from_pandas=False))
     assert fractions.to_pylist() == ["0.5", None]  # NaN is missing here too, not a category 'nan'
+
+
+def test_parquet_numbers_stored_as_text_read_as_the_same_csv_would(tmp_path):
+    """A text column where the bundle wants numbers: the CSV reader's missing spellings are
+    missing, and a value that is not a number is named with its own row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"x": ["1.5", "", "NA", "null", "2", None]}), path)
+    [batch] = list(iter_batches(path, ["x"], [], [], batch_rows=100))
+    assert batch.column("x").to_pylist() == [1.5, None, None, None, 2.0, None]
+
+    pq.write_table(pa.table({"x": ["1.5", "", "NA"] * 50 + ["oops"] + ["2"] * 10}), path)
+    with pytest.raises(DataError, match=r"column 'x' must be numeric but row 151 holds 'oops'"):
+        list(iter_batches(path, ["x"], [], [], batch_rows=100))
+    pq.write_table(pa.table({"x": pa.array([0, 1], pa.timestamp("s"))}), path)
+    with pytest.raises(DataError, match=r"column .x. must be numeric but holds timestamp\[m?s\] values"):
+        list(iter_batches(path, ["x"], [], [], batch_rows=100))
