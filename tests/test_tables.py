@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import tables
 from pipeline.errors import DataError, InputFileError
 from pipeline.tables import (category_strings, estimate_rows, iter_batches, read_columns, read_table,
                              read_text_columns)
@@ -158,3 +159,36 @@ def test_parquet_numbers_stored_as_text_read_as_the_same_csv_would(tmp_path):
     pq.write_table(pa.table({"x": pa.array([0, 1], pa.timestamp("s"))}), path)
     with pytest.raises(DataError, match=r"column .x. must be numeric but holds timestamp\[m?s\] values"):
         list(iter_batches(path, ["x"], [], [], batch_rows=100))
+
+
+@pytest.mark.parametrize("name", ["fields.csv", "fields.CSV.GZ"])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_line_with_too_many_fields_is_named_with_its_line(tmp_path, monkeypatch, name, newline):
+    """pyarrow reports the line's text but not where it is; the error says which line, and how to fix it."""
+    import gzip
+
+    lines = ["id,x,c"] + [f"{i},{i / 7},c{i % 3}" for i in range(3000)]
+    lines[2001] = "2000,1.5,has, a comma"
+    text = (newline.join(lines) + newline).encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text) if name.lower().endswith(".gz") else text)
+    expected = r"line 2002 has 4 fields where the header has 3: '2000,1.5,has, a comma'; quote the fields"
+    with pytest.raises(InputFileError, match=expected):
+        read_table(path)
+    with pytest.raises(InputFileError, match=expected):
+        list(iter_batches(path, ["x"], ["c"], ["id"], batch_rows=500))
+    # The search reads the file in blocks; a match across a block's edge is found as well.
+    monkeypatch.setattr(tables, "_SCAN_BLOCK", 7)
+    with pytest.raises(InputFileError, match=expected):
+        read_table(path)
+
+
+def test_csv_without_rows_or_not_utf8_says_how_to_fix_it(tmp_path):
+    header_only = tmp_path / "header.csv"
+    header_only.write_bytes(b"id,x,c")
+    with pytest.raises((InputFileError, DataError), match="no data rows"):
+        read_table(header_only)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("id,x,c\n1,2.5,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputFileError, match="not UTF-8 .*; save the file as UTF-8"):
+        list(iter_batches(latin, ["x"], ["c"], ["id"], batch_rows=500))
