@@ -7,6 +7,8 @@ missing in every column, strings included.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -304,7 +306,7 @@ def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataE
                     if bad.size:
                         row = row_offset + int(bad[0]) + 1
                         return DataError(
-                            f"{path}: column {name!r} must be numeric but row {row} (line {row + 1}) "
+                            f"{path}: column {name!r} must be numeric but row {row} (line {_line_of_row(path, row)}) "
                             f"holds {raw.iloc[int(bad[0])]!r}; fix or blank out that value"
                         )
                 row_offset += batch.num_rows
@@ -312,6 +314,27 @@ def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataE
         pass
     return DataError(f"{path}: could not be parsed: {_one_line(exc)}")
 
+
+
+def _line_of_row(path: Path, row: int) -> int:
+    """The line on which data row ``row`` (1-based, header not counted) starts, as an editor numbers it.
+
+    row + 1, unless quoted fields above it hold line breaks or blank lines come before it, which
+    pyarrow's row count does not see; Python's csv reader counts physical lines. Only on an error.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
+            reader, records, start = csv.reader(handle), -1, 1  # record 0 is the header
+            for fields in reader:
+                if fields:  # pyarrow skips empty lines, so they are not rows
+                    records += 1
+                    if records == row:
+                        return start
+                start = reader.line_num + 1
+    except (csv.Error, OSError):
+        pass  # a field past csv's size limit, say: the plain count is the best guess left
+    return row + 1
 
 
 def _one_line(exc: Exception) -> str:

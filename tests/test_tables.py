@@ -192,3 +192,11 @@ def test_csv_without_rows_or_not_utf8_says_how_to_fix_it(tmp_path):
     latin.write_bytes("id,x,c\n1,2.5,caf\xe9\n".encode("latin-1"))
     with pytest.raises(InputFileError, match="not UTF-8 .*; save the file as UTF-8"):
         list(iter_batches(latin, ["x"], ["c"], ["id"], batch_rows=500))
+
+
+def test_a_bad_value_after_a_quoted_line_break_is_named_with_its_editor_line(tmp_path):
+    path = tmp_path / "quoted.csv"
+    path.write_text('id,x,note\n1,1.5,"two\nlines"\n\n2,2.5,plain\n3,oops,plain\n')
+    # Row 3 of the data starts on line 6: the quoted field spans lines 2-3 and line 4 is blank.
+    with pytest.raises(DataError, match=r"column 'x' must be numeric but row 3 \(line 6\) holds 'oops'"):
+        list(iter_batches(path, ["x"], ["note"], ["id"], batch_rows=500))
