@@ -39,3 +39,8 @@ class TrainingError(PipelineError, RuntimeError):
 
 class DeviceError(PipelineError, RuntimeError):
     """The requested compute device is not really available."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (libraries' messages often span several), or its type's name."""
+    return " ".join(str(error).split()) or type(error).__name__

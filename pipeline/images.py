@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import ConfigError, DataError, InputFileError
+from pipeline.errors import ConfigError, DataError, InputFileError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -206,7 +205,7 @@ def _open_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise InputFileError(f"{path}: could not be read as a .npy array: {_one_line(exc)}; "
+        raise InputFileError(f"{path}: could not be read as a .npy array: {one_line(exc)}; "
                              f"save it with numpy.save") from exc
 
 
@@ -288,11 +287,11 @@ def _read_file(item: str) -> Image.Image | str:
     except UnidentifiedImageError:
         return "cannot identify image file"
     except Image.DecompressionBombError as exc:
-        return f"too many pixels: {_one_line(exc)}"
+        return f"too many pixels: {one_line(exc)}"
     # Decoders raise many types on corrupt data (OSError, SyntaxError, struct.error, ...); any of
     # them means "this one file is bad", which must not stop the run.
     except Exception as exc:  # noqa: BLE001
-        return _one_line(exc) or type(exc).__name__
+        return one_line(exc)
 
 
 def _npy_pictures(source: ImageSource, start: int, stop: int | None) -> Iterator[Image.Image | str]:
@@ -336,7 +335,3 @@ def _convert(picture: Image.Image, mode: str) -> Image.Image:
         picture = picture.convert("RGB")  # CMYK, YCbCr, ...: via RGB, the one path every mode has
     # Alpha is dropped, not composited: the colour under transparent pixels is kept as stored.
     return picture if picture.mode == mode else picture.convert(mode)
-
-
-def _one_line(exc: BaseException) -> str:
-    return re.sub(r"\s+", " ", str(exc)).strip()

@@ -39,7 +39,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 from pipeline.bundle import sha256_file
-from pipeline.errors import ConfigError, DataError, InputFileError, PipelineError
+from pipeline.errors import ConfigError, DataError, InputFileError, PipelineError, one_line
 from pipeline.outputs import summary_path
 
 log = logging.getLogger("vaeguard")
@@ -324,10 +324,6 @@ def run_failure(files: list[dict]) -> LandingRunError | None:
         f"{len(failed)} landed file(s) could not be scored for a reason outside their data (first: "
         f"{failed[0]['file']}: {failed[0]['reason']}); expected every file to score or be quarantined: they stay "
         f"in the landing folder and are retried next run, once the cause (device, disk space, permissions) is fixed")
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def output_path(out_dir: Path, landed: LandedFile, suffix: str = ".parquet") -> Path:

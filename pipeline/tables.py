@@ -7,9 +7,6 @@ missing in every column, strings included.
 
 from __future__ import annotations
 
-import csv
-import gzip
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.errors import DataError, InputFileError
+from pipeline.csv_errors import line_of_row, structure_error
+from pipeline.errors import DataError, InputFileError, one_line
 
 # .csv.gz: nightly batch files often arrive gzipped; pyarrow decompresses them as it streams.
 SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
@@ -95,8 +93,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
             check_header(path, pq.ParquetFile(path).schema_arrow.names)  # before pyarrow refuses twice-named columns
             table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise _csv_structure_error(path, exc) or InputFileError(
-            f"{path}: could not be read as {table_format(path)}: {_one_line(exc)}") from exc
+        raise structure_error(path, exc) or InputFileError(
+            f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     if table.num_rows == 0:
         raise DataError(f"{path}: has a header but no data rows; expected at least one row")
     return table.to_pandas()
@@ -115,8 +113,8 @@ def read_text_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
         with _csv_source(path) as source:
             return pacsv.read_csv(source, read_options=read, convert_options=convert).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise _csv_structure_error(path, exc) or InputFileError(
-            f"{path}: could not be read as csv: {_one_line(exc)}") from exc
+        raise structure_error(path, exc) or InputFileError(
+            f"{path}: could not be read as csv: {one_line(exc)}") from exc
 
 
 def read_columns(path: str | Path) -> list[str]:
@@ -131,8 +129,8 @@ def read_columns(path: str | Path) -> list[str]:
         else:
             names = list(pq.ParquetFile(path).schema_arrow.names)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise _csv_structure_error(path, exc) or InputFileError(
-            f"{path}: could not be read as {table_format(path)}: {_one_line(exc)}") from exc
+        raise structure_error(path, exc) or InputFileError(
+            f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     check_header(path, names)
     return names
 
@@ -181,7 +179,7 @@ def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthro
                 for start in range(0, batch.num_rows, batch_rows):
                     yield batch.slice(start, batch_rows)
     except pa.ArrowInvalid as exc:
-        raise _csv_structure_error(path, exc) or _diagnose_csv_error(path, numeric, exc) from exc
+        raise structure_error(path, exc) or _diagnose_csv_error(path, numeric, exc) from exc
 
 
 def _cast_batch(batch: pa.RecordBatch, target: pa.Schema, path: Path, rows_before: int) -> pa.RecordBatch:
@@ -243,55 +241,6 @@ def category_strings(column: pa.Array) -> pa.Array:
     return column.cast(pa.string())
 
 
-_SCAN_BLOCK = 1 << 24  # bytes per read when looking for a bad line
-_FIELD_COUNT = re.compile(r"Expected (\d+) columns, got (\d+): (.*)", re.S)
-
-
-def _csv_structure_error(path: Path, exc: Exception) -> InputFileError | None:
-    """pyarrow's parse errors that say neither where nor how to fix, said so; None for others."""
-    message = str(exc)
-    fields = _FIELD_COUNT.search(message)
-    if fields:
-        expected, got, text = int(fields.group(1)), int(fields.group(2)), fields.group(3).rstrip("\r\n")
-        line = _line_holding(path, text)
-        where = f"line {line}" if line else "a line"
-        return InputFileError(f"{path}: {where} has {got} fields where the header has {expected}: {text[:80]!r}; "
-                              f"quote the fields that hold commas, or fix that line")
-    if "Empty CSV file" in message:
-        return InputFileError(f"{path}: has no data rows; expected a header row and data rows")
-    if "invalid UTF8" in message:
-        return InputFileError(f"{path}: holds text that is not UTF-8 ({_one_line(exc)}); save the file as UTF-8")
-    return None
-
-
-def _line_holding(path: Path, text: str) -> int | None:
-    """The 1-based line that is exactly ``text`` (first such), read in 16 MB blocks; None if none is.
-
-    Only on an error, to say where: pyarrow reports the bad row's text but not its line.
-    """
-    needle = b"\n" + text.encode() + b"\n"
-    # A newline put before the file lets the first line match too; it is not counted.
-    newlines_before, window_head = -1, b"\n"
-    opener = (lambda: pa.input_stream(str(path), compression="gzip")) if path.name.lower().endswith(".gz") \
-        else (lambda: open(path, "rb"))
-    with opener() as handle:
-        while block := handle.read(_SCAN_BLOCK):
-            window = (window_head + block).replace(b"\r\n", b"\n")
-            found = window.find(needle)
-            if found >= 0:
-                return newlines_before + window.count(b"\n", 0, found + 1) + 1
-            # Keep the end that a match could still start in (one byte more, for a "\r" whose "\n"
-            # opens the next block); its newlines are counted next time.
-            keep = min(len(window), len(needle))
-            newlines_before += window.count(b"\n", 0, len(window) - keep)
-            window_head = window[len(window) - keep:]
-        window = window_head + b"\n"  # the last line may lack its newline
-        found = window.find(needle)
-        if found >= 0:
-            return newlines_before + window.count(b"\n", 0, found + 1) + 1
-    return None
-
-
 def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataError:
     """Arrow's conversion error names a column index; re-scan as text to name the column and row."""
     read, convert = _csv_options({c: pa.string() for c in numeric}, numeric)
@@ -306,39 +255,14 @@ def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataE
                     if bad.size:
                         row = row_offset + int(bad[0]) + 1
                         return DataError(
-                            f"{path}: column {name!r} must be numeric but row {row} (line {_line_of_row(path, row)}) "
+                            f"{path}: column {name!r} must be numeric but row {row} (line {line_of_row(path, row)}) "
                             f"holds {raw.iloc[int(bad[0])]!r}; fix or blank out that value"
                         )
                 row_offset += batch.num_rows
     except pa.ArrowInvalid:
         pass
-    return DataError(f"{path}: could not be parsed: {_one_line(exc)}")
+    return DataError(f"{path}: could not be parsed: {one_line(exc)}")
 
-
-
-def _line_of_row(path: Path, row: int) -> int:
-    """The line on which data row ``row`` (1-based, header not counted) starts, as an editor numbers it.
-
-    row + 1, unless quoted fields above it hold line breaks or blank lines come before it, which
-    pyarrow's row count does not see; Python's csv reader counts physical lines. Only on an error.
-    """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
-            reader, records, start = csv.reader(handle), -1, 1  # record 0 is the header
-            for fields in reader:
-                if fields:  # pyarrow skips empty lines, so they are not rows
-                    records += 1
-                    if records == row:
-                        return start
-                start = reader.line_num + 1
-    except (csv.Error, OSError):
-        pass  # a field past csv's size limit, say: the plain count is the best guess left
-    return row + 1
-
-
-def _one_line(exc: Exception) -> str:
-    return re.sub(r"\s+", " ", str(exc)).strip()
 
 
 def estimate_rows(path: str | Path) -> int | None:
