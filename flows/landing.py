@@ -27,6 +27,7 @@ from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.drift import DriftLimits, drift_report
 from pipeline.landing import (
+    DATA_FAULTS,
     LandedFile,
     Ledger,
     check_folders,
@@ -46,7 +47,12 @@ FILE_RETRIES = 2
 FILE_WORKERS = 2
 
 
-@task(retries=FILE_RETRIES, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def _worth_retrying(task, task_run, state) -> bool:
+    """A fault in the file's data fails the same way again: it goes to quarantine without retries."""
+    return not isinstance(state.result(raise_on_failure=False), DATA_FAULTS)
+
+
+@task(retries=FILE_RETRIES, retry_delay_seconds=1, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
 def score_landed_file(bundle: Path, landed: LandedFile, output: Path, device: str, batch_size: int) -> dict:
     """Score one landed file into its own output (atomic)."""
     summary = score_files(ScoreJob(bundle=bundle, inputs=(landed.path,), output=output, device=device,

@@ -69,6 +69,31 @@ def land_sensors(landing: Path, name: str, seed: int, rows: int = 300) -> Path:
     return settled(write_table(make_sensor_table(SyntheticSpec(n_rows=rows, seed=seed)), landing / name))
 
 
+def test_a_data_fault_is_not_retried_and_other_failures_are(trained_bundle, tmp_path, monkeypatch):
+    """Retrying a file whose data is bad fails the same way: only failures outside the data are
+    worth the task's retries."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    land_sensors(landing, "bad.csv", 70)
+    land_sensors(landing, "flaky.csv", 71)
+    attempts: dict[str, int] = {}
+    real_score = landing_module.score_files
+
+    def faulty(job):
+        name = Path(job.inputs[0]).name
+        attempts[name] = attempts.get(name, 0) + 1
+        if name == "bad.csv":
+            raise DataError(f"{name}: column 'pressure' must be numeric but row 3 holds 'x'; fix that value")
+        if attempts[name] == 1:
+            raise OSError(errno.EIO, "Input/output error")  # passes on the retry
+        return real_score(job)
+
+    monkeypatch.setattr(landing_module, "score_files", faulty)
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert {f["file"]: f["status"] for f in report["files"]} == {"bad.csv": "quarantined", "flaky.csv": "scored"}
+    assert attempts == {"bad.csv": 1, "flaky.csv": 2}
+
+
 def test_failure_outside_the_data_leaves_files_for_the_next_run_and_fails_the_run(trained_bundle, tmp_path,
                                                                                   monkeypatch):
     landing, out = tmp_path / "landing", tmp_path / "out"
