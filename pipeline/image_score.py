@@ -3,14 +3,18 @@
 Images are read and preprocessed in bounded batches exactly as the manifest says. An
 unreadable image is skipped, recorded with its reason in ``<output>.errors.csv`` and counted
 in the summary; the batch goes on. With ``maps_dir`` every flagged image also gets a PNG:
-the image, its reconstruction and a heat map of the per-pixel error.
+the image, its reconstruction and a heat map of the per-pixel error. Maps are written into a
+hidden staging folder and moved into ``maps_dir`` only when the run succeeds.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +28,9 @@ from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
-from pipeline.images import ImageSpec, iter_image_batches, list_images, write_errors
-from pipeline.outputs import OutputWriter, summary_path, write_atomic
+from pipeline.images import ImageSpec, iter_image_batches, list_images, text_path, write_errors
+from pipeline.outputs import (OutputWriter, same_file, check_not_an_input, check_output_location, summary_path,
+                              write_atomic)
 from pipeline.runtime import check_variant_device, create_session, variant_device
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
@@ -39,6 +44,12 @@ def errors_path(output: Path) -> Path:
 def score_images(job: ScoreJob) -> ScoreSummary:
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of images, got {job.batch_size}")
+    # Before any work: the output, its summary, its errors file and the maps folder must not be
+    # inputs (the errors file of an earlier run is deleted by name, an input with it), and the
+    # maps folder must be able to become a folder.
+    check_output_location(Path(job.output))
+    check_not_an_input(Path(job.output), job.inputs)
+    check_side_files(Path(job.output), job.maps_dir, job.inputs)
     writer = OutputWriter(job.output)
     bundle = Bundle.load(job.bundle)
     spec = ImageSpec.from_dict(bundle.manifest["image"])
@@ -53,39 +64,91 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                            fpr_range=stored_fpr_range(calibration))
     check_variant_device(bundle, job.precision, summary.device)
     errors: list[tuple[str, str]] = []
+    # A failed run must not leave maps of the images scored before it failed: they go to a hidden
+    # folder beside the maps folder and move in only at the end (see _publish_maps).
+    staging = None if job.maps_dir is None else _staging_folder(Path(job.maps_dir))
     started = time.perf_counter()
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
-    with progress, writer:
-        for path, source in sources:
-            file_summary = FileSummary(str(path))
-            for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
-                errors += bad
-                if not names:
-                    continue
-                outputs = dict(zip(IMAGE_OUTPUT_NAMES, session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: images})))
-                columns = {"path": pa.array(names, pa.string())} | {n: pa.array(outputs[n]) for n in OUTPUT_NAMES}
-                writer.write(pa.table(columns))
-                if job.maps_dir is not None:
-                    for i in np.flatnonzero(outputs["is_anomaly"]):
-                        # One colour scale for every map: the threshold's share per pixel.
-                        write_map(Path(job.maps_dir) / map_name(names[i]), images[i], outputs["reconstruction"][i],
-                                  outputs["anomaly_map"][i], vmax=_map_scale(threshold, spec))
-                file_summary.rows += len(names)
-                file_summary.anomalies += int(outputs["is_anomaly"].sum())
-                progress.update(len(names))
-            summary.files.append(file_summary)
-            summary.rows += file_summary.rows
-            summary.anomalies += file_summary.anomalies
-        if summary.rows == 0:
-            raise DataError(f"{', '.join(map(str, job.inputs))}: none of the {len(errors)} image file(s) could be "
-                            f"read; expected PNG, JPEG or BMP images")
-    summary.seconds = time.perf_counter() - started
-    summary.skipped = len(errors)
-    errors_path(job.output).unlink(missing_ok=True)  # a stale list from an earlier run would mislead
-    write_errors(errors, errors_path(job.output))
-    report = summary.to_dict() | {"errors_file": str(errors_path(job.output)) if errors else None}
-    write_atomic(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
+    try:
+        with progress, writer:
+            for path, source in sources:
+                file_summary = FileSummary(str(path))
+                for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
+                    errors += bad
+                    if not names:
+                        continue
+                    outputs = dict(zip(IMAGE_OUTPUT_NAMES,
+                                       session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: images})))
+                    # A file name that is not valid UTF-8 can't go into a table as it is; escaped, it can.
+                    texts = [text_path(n) for n in names]
+                    columns = {"path": pa.array(texts, pa.string())} | {n: pa.array(outputs[n]) for n in OUTPUT_NAMES}
+                    writer.write(pa.table(columns))
+                    if staging is not None:
+                        for i in np.flatnonzero(outputs["is_anomaly"]):
+                            # One colour scale for every map: the threshold's share per pixel.
+                            write_map(staging / map_name(texts[i]), images[i], outputs["reconstruction"][i],
+                                      outputs["anomaly_map"][i], vmax=_map_scale(threshold, spec))
+                    file_summary.rows += len(names)
+                    file_summary.anomalies += int(outputs["is_anomaly"].sum())
+                    progress.update(len(names))
+                summary.files.append(file_summary)
+                summary.rows += file_summary.rows
+                summary.anomalies += file_summary.anomalies
+            if summary.rows == 0:
+                raise DataError(f"{', '.join(map(str, job.inputs))}: none of the {len(errors)} image file(s) could "
+                                f"be read; expected PNG, JPEG or BMP images")
+        summary.seconds = time.perf_counter() - started
+        summary.skipped = len(errors)
+        errors_path(job.output).unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+        write_errors(errors, errors_path(job.output))
+        report = summary.to_dict() | {"errors_file": str(errors_path(job.output)) if errors else None}
+        write_atomic(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
+        if staging is not None:
+            _publish_maps(staging, Path(job.maps_dir))
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)  # gone when published; the partial maps of a failed run
     return summary
+
+
+def check_side_files(output: Path, maps_dir: Path | None, inputs) -> None:
+    """Refuse, before any work, an errors file or maps folder that is an input, or a maps path that is a file."""
+    for source in map(Path, inputs):
+        if same_file(errors_path(output), source):
+            raise ConfigError(f"--output {output}: its errors file {errors_path(output)} is the input {source}, "
+                              f"which would be deleted or replaced; choose another output name")
+        if maps_dir is not None and same_file(Path(maps_dir), source):
+            raise ConfigError(f"--maps {maps_dir}: is the input {source}, into which the maps would be written; "
+                              f"write the maps to another folder")
+    if maps_dir is None:
+        return
+    maps_dir = Path(maps_dir)
+    if maps_dir.exists() and not maps_dir.is_dir():
+        raise ConfigError(f"--maps {maps_dir}: is an existing file; expected a folder for the map PNGs, "
+                          f"e.g. {maps_dir.with_name(maps_dir.name + '_maps')}, or move that file away")
+    folder = next((p for p in maps_dir.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"--maps {maps_dir}: {folder} is a file, not a directory; write the maps into "
+                          f"a directory, or move that file away")
+
+
+def _staging_folder(maps_dir: Path) -> Path:
+    return maps_dir.parent / f".{maps_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _publish_maps(staging: Path, maps_dir: Path) -> None:
+    """Move the run's maps into ``maps_dir``; maps already there from earlier runs stay (same names are replaced)."""
+    if not staging.exists():
+        return  # nothing was flagged: no maps folder, as before
+    if not maps_dir.exists():
+        try:
+            os.rename(staging, maps_dir)  # one rename when the folder is new
+            return
+        except OSError:
+            pass  # created meanwhile: move file by file
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    for png in staging.iterdir():
+        os.replace(png, maps_dir / png.name)
 
 
 def _map_scale(threshold: float, spec: ImageSpec) -> float:

@@ -251,6 +251,19 @@ def iter_image_batches(source: ImageSource, spec: ImageSpec, batch_size: int
         yield load_images(source, spec, start, start + batch_size)
 
 
+def text_path(item: str) -> str:
+    """``item`` as text that can be written anywhere: bytes of a file name that are not valid
+    UTF-8 (kept by Python as lone surrogates, e.g. b"caf\\xe9.png") become "\\xe9" escapes.
+
+    Without this, writing one such name to a table or CSV raised UnicodeEncodeError and failed
+    the whole run.
+    """
+    try:
+        return os.fsencode(item).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return item.encode("utf-8", "backslashreplace").decode("utf-8")  # surrogates fsencode can't take
+
+
 def write_errors(errors: list[tuple[str, str]], path: Path) -> None:
     """Write skipped items as a CSV (path,reason), atomically; nothing at all when there are none."""
     if not errors:
@@ -262,7 +275,7 @@ def write_errors(errors: list[tuple[str, str]], path: Path) -> None:
         with open(temp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "reason"])
-            writer.writerows(errors)
+            writer.writerows((text_path(item), text_path(reason)) for item, reason in errors)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

@@ -64,7 +64,7 @@ def check_output_location(path: Path) -> None:
                           f"a directory, or move that file away")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     if os.path.realpath(a) == os.path.realpath(b):  # symbolic links and '..' resolved, existing or not
         return True
     try:
@@ -80,10 +80,10 @@ def check_not_an_input(output: Path, inputs: Iterable[Path | str]) -> None:
     left the scores where the user's data had been.
     """
     for source in map(Path, inputs):
-        if _same_file(output, source):
+        if same_file(output, source):
             raise ConfigError(f"--output {output}: is the input {source}, which the scores would replace; "
                               f"write the scores to another file")
-        if _same_file(summary_path(output), source):
+        if same_file(summary_path(output), source):
             raise ConfigError(f"--output {output}: its summary {summary_path(output)} is the input {source}, "
                               f"which the summary would replace; choose another output name")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -496,3 +497,90 @@ def test_inspect_an_image_bundle(capsys, rgb_cli):
     assert code == 0, err
     assert "colours" in out and f"{manifest['calibration']['threshold']:.6g}" in out
     assert "images: 16x16, mode RGB" in out and "convolutional VAE 3x16x16" in out
+
+
+# --- 7. outputs that are inputs, maps of failed runs, undecodable names ----------------------
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_image_list_scored_onto_itself_is_refused(capsys, tmp_path, texture_bundle):
+    folder = tmp_path / "images"
+    for i, image in enumerate(textures(2, seed=9)):
+        save_png(folder / f"img_{i}.png", image)
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\nimages/img_0.png\nimages/img_1.png\n")
+    before = listing.read_text()
+    code, _, err = run_main(capsys, "score", texture_bundle, listing, "--output", listing, "--device", "cpu")
+    assert code == 1 and str(listing) in one_error_line(err)
+    assert listing.read_text() == before and not summary_path(listing).exists()
+
+
+def test_errors_file_of_the_output_as_input_is_refused_before_it_is_deleted(capsys, tmp_path, texture_bundle):
+    save_png(tmp_path / "images" / "img_0.png", textures(1, seed=9)[0])
+    output = tmp_path / "res.csv"
+    listing = errors_path(output)  # res.errors.csv, a list of images the user wants scored
+    listing.write_text("path\nimages/img_0.png\n")
+    code, _, err = run_main(capsys, "score", texture_bundle, listing, "--output", output, "--device", "cpu")
+    assert code == 1 and "errors file" in one_error_line(err)
+    assert listing.read_text() == "path\nimages/img_0.png\n" and not output.exists()
+
+
+def test_maps_folder_that_is_an_input_or_a_file_is_refused_up_front(capsys, tmp_path, texture_bundle):
+    folder = tmp_path / "images"
+    save_png(folder / "img_0.png", textures(1, seed=9)[0])
+    maps_file = tmp_path / "mapsfile"
+    maps_file.write_text("not a folder\n")
+    output = tmp_path / "m2" / "s.csv"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps", maps_file,
+                            "--device", "cpu")
+    assert code == 1 and "--maps" in one_error_line(err) and str(maps_file) in err
+    assert not output.parent.exists() and maps_file.read_text() == "not a folder\n"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps", folder,
+                            "--device", "cpu")
+    assert code == 1 and "--maps" in one_error_line(err)
+    assert not output.parent.exists() and sorted(p.name for p in folder.iterdir()) == ["img_0.png"]
+
+
+def test_failed_run_leaves_no_maps_and_keeps_the_old_ones(capsys, tmp_path, texture_bundle):
+    blobs, _ = with_defects(2, seed=6)
+    folder = tmp_path / "defects"
+    save_png(folder / "blob_0.png", blobs[0])  # a bright blob: flagged, so a map is drawn
+    bad = tmp_path / "badvals.npy"
+    np.save(bad, np.full((2, TEXTURE, TEXTURE), 2.0, dtype=np.float32))  # outside [0, 1]: fails the run
+    maps = tmp_path / "out" / "maps"
+    maps.mkdir(parents=True)
+    (maps / "earlier.png").write_bytes(b"from an earlier run")
+    output = tmp_path / "out" / "s.csv"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, bad, "--output", output, "--maps", maps,
+                            "--device", "cpu")
+    assert code == 1 and str(bad) in one_error_line(err)
+    assert sorted(p.name for p in maps.iterdir()) == ["earlier.png"]
+    assert sorted(p.name for p in maps.parent.iterdir()) == ["maps"]  # no staging folder, no output
+
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps", maps,
+                            "--device", "cpu")
+    assert code == 0, err
+    assert sorted(p.name for p in maps.iterdir()) == ["earlier.png", map_name(str(folder / "blob_0.png"))]
+    assert sorted(p.name for p in maps.parent.iterdir()) == ["maps", "s.csv", "s.summary.json"]
+
+
+def test_file_names_that_are_not_utf8_are_scored_and_recorded(capsys, tmp_path, texture_bundle):
+    folder = tmp_path / "incoming"
+    save_png(folder / "plain.png", textures(1, seed=9)[0])
+    good = os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png")
+    save_png(Path(good), textures(1, seed=10)[0])
+    broken = os.fsencode(folder) + b"/bro\xefken.png"
+    with open(broken, "wb") as handle:
+        handle.write(b"not an image")
+    output = tmp_path / "out.csv"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--device", "cpu")
+    assert code == 0, err
+    scored = pd.read_csv(output)
+    assert sorted(scored["path"]) == sorted([f"{folder}/caf\\xe9.png", str(folder / "plain.png")])
+    errors = pd.read_csv(errors_path(output))
+    assert errors["path"].tolist() == [f"{folder}/bro\\xefken.png"]

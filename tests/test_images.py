@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image, ImageFile
 
 from pipeline.errors import ConfigError, DataError, InputFileError
 from pipeline.images import (IMAGE_SUFFIXES, ImageSpec, is_image_input, iter_image_batches, list_images,
-                             load_images, write_errors)
+                             load_images, text_path, write_errors)
 
 
 def _pixels(seed: int, height: int = 12, width: int = 10, channels: int = 3) -> np.ndarray:
@@ -205,6 +206,14 @@ def test_write_errors_only_when_there_are_some(tmp_path):
     assert list(frame.columns) == ["path", "reason"]
     assert frame["path"].tolist() == ["a, b.png", "c.png"]
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_names_that_are_not_utf8_are_written_escaped(tmp_path):
+    name = os.fsdecode(b"dir/caf\xe9.png")  # how Python lists such a file: with a lone surrogate
+    assert text_path(name) == "dir/caf\\xe9.png" and text_path("ünï.png") == "ünï.png"
+    target = tmp_path / "errors.csv"
+    write_errors([(name, f"cannot open {name}")], target)
+    assert pd.read_csv(target).values.tolist() == [["dir/caf\\xe9.png", "cannot open dir/caf\\xe9.png"]]
 
 
 def test_spec_round_trips_and_rejects_other_preprocessing():
