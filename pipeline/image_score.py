@@ -29,8 +29,8 @@ from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, text_path, write_errors
-from pipeline.outputs import (OutputWriter, same_file, check_not_an_input, check_output_location, summary_path,
-                              write_atomic)
+from pipeline.outputs import (OutputWriter, check_location, check_not_an_input, check_output_location, same_file,
+                              summary_path, write_atomic)
 from pipeline.runtime import check_variant_device, create_session, variant_device
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
@@ -122,14 +122,7 @@ def check_side_files(output: Path, maps_dir: Path | None, inputs) -> None:
                               f"write the maps to another folder")
     if maps_dir is None:
         return
-    maps_dir = Path(maps_dir)
-    if maps_dir.exists() and not maps_dir.is_dir():
-        raise ConfigError(f"--maps {maps_dir}: is an existing file; expected a folder for the map PNGs, "
-                          f"e.g. {maps_dir.with_name(maps_dir.name + '_maps')}, or move that file away")
-    folder = next((p for p in maps_dir.parents if p.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise ConfigError(f"--maps {maps_dir}: {folder} is a file, not a directory; write the maps into "
-                          f"a directory, or move that file away")
+    check_location(Path(maps_dir), "--maps", "directory")
 
 
 def _staging_folder(maps_dir: Path) -> Path:

@@ -50,18 +50,31 @@ def output_format(path: Path) -> str:
 
 
 def check_output_location(path: Path) -> None:
-    """Fail before any work when ``path`` can't become a file: it is a folder, or its folder is a file.
+    """Fail before any work when ``path`` can't become the output file.
 
     Otherwise every input was scored first and the final rename failed. A parent folder that
     does not exist yet is fine: the writer creates it.
     """
-    if path.is_dir():
-        raise ConfigError(f"--output {path}: is an existing directory; expected a file path such as "
-                          f"{path / 'scores.parquet'}, or remove the directory")
-    folder = next((p for p in path.parents if p.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise ConfigError(f"--output {path}: {folder} is a file, not a directory; write the output into "
-                          f"a directory, or move that file away")
+    check_location(path, "--output", "file")
+
+
+def check_location(path: Path, option: str, kind: str) -> None:
+    """Fail, naming ``option``, when ``path`` can't become a ``kind`` ("file" or "directory"): the
+    other kind is there already, or a file sits where one of its folders would have to be."""
+    other = "directory" if kind == "file" else "file"
+    if path.exists() and path.is_dir() != (kind == "directory"):
+        raise ConfigError(f"{option} {path}: is an existing {other}; expected a path for a {kind}, or move "
+                          f"that {other} away")
+    blocking = file_above(path)
+    if blocking is not None:
+        raise ConfigError(f"{option} {path}: {blocking} is a file, not a directory; write into a directory, "
+                          f"or move that file away")
+
+
+def file_above(path: Path) -> Path | None:
+    """The nearest existing path above ``path`` when it is a file, so nothing can be created there; else None."""
+    existing = next((p for p in path.parents if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def same_file(a: Path, b: Path) -> bool:
