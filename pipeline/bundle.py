@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.calibrate import Calibration
-from pipeline.errors import BundleError
-from pipeline.outputs import write_atomic
+from pipeline.errors import BundleError, ConfigError
+from pipeline.outputs import file_above, write_atomic
 from pipeline.preprocess import Preprocessor
 from pipeline.schema import TableSchema
 
@@ -144,12 +144,34 @@ class Bundle:
         return cls(path, manifest)
 
 
+def check_publish_target(target: Path) -> None:
+    """Fail unless ``target`` (OUT/NAME) is free or holds a bundle that retraining may replace.
+
+    Publishing swaps out whatever is at ``target`` and deletes it, so anything else there (a
+    folder of the user's files, a plain file) must be refused, and before any training work.
+    """
+    out = target.parent
+    # The nearest part of --out that exists must be a folder (--out itself, or a parent of a new one).
+    blocking = out if out.exists() and not out.is_dir() else file_above(out)
+    if blocking is not None:
+        what = "is a file" if blocking == out else f"is inside {blocking}, which is a file"
+        raise ConfigError(f"--out {out} {what}; expected a folder to write bundles into: pass a folder path "
+                          f"(it is created if missing)")
+    if target.is_symlink() or (target.exists() and not (target / MANIFEST).is_file()):
+        # A symlink too: the swap would rename the link, not what it points at, and leave it behind.
+        what = ("a symbolic link" if target.is_symlink() else
+                "a folder that is not a vaeguard bundle (no manifest.json)" if target.is_dir() else "a file")
+        raise ConfigError(f"{target} exists and is {what}; training would replace it: pick another --name "
+                          f"or --out, or move it away")
+
+
 def publish_bundle(staging: Path, target: Path) -> None:
     """Move a finished bundle into place; whatever was at ``target`` stays until the swap.
 
     ``staging`` must sit on the same filesystem as ``target`` (the training run works inside
     the output folder for that reason), so both renames are atomic.
     """
+    check_publish_target(target)  # again: something may have appeared there while training ran
     retired = target.parent / f".{target.name}.retired-{uuid.uuid4().hex[:8]}"
     if target.exists():
         os.replace(target, retired)

@@ -81,6 +81,10 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         # Checked here so a bad value from a config file or the CLI fails before any data is read.
+        # numpy's generators take only non-negative seeds, and would say so only after the data is read.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"training.seed (--seed) must be a non-negative integer, got {self.seed!r}; "
+                              f"pass e.g. --seed 0")
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"training.trim_fraction must be at least 0 and below 0.5, got {self.trim_fraction!r}; "
                               f"0.05 leaves each batch's worst-fitting 5% of rows out of the loss")
@@ -135,6 +139,17 @@ class TrainJob:
     id_columns: tuple[str, ...] = ()
     config: PipelineConfig = field(default_factory=PipelineConfig)
 
+    def __post_init__(self) -> None:
+        check_bundle_name(self.name)
+        # A column named twice would be copied twice into the run's table, which pandas refuses
+        # only after the whole file is read; and an id column cannot be the label as well.
+        named = [*self.id_columns, *([self.label_column] if self.label_column else [])]
+        repeated = sorted({c for c in named if named.count(c) > 1})
+        if repeated:
+            raise ConfigError(f"column(s) {repeated} named more than once across --id-columns and --label-column "
+                              f"(got --id-columns {','.join(self.id_columns)!r}, --label-column "
+                              f"{self.label_column!r}); name each column once, and not the label as an id")
+
     @property
     def bundle_dir(self) -> Path:
         return self.out_dir / self.name
@@ -151,6 +166,9 @@ class ImageTrainJob:
     channels: int = 1  # 1 = grayscale, 3 = RGB
     path_column: str = "path"
     config: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        check_bundle_name(self.name)
 
     @property
     def bundle_dir(self) -> Path:
@@ -170,6 +188,16 @@ class ScoreJob:
     maps_dir: Path | None = None  # image bundles: write anomaly-map PNGs of flagged images here
     report: bool = False  # write report.html (plots, drift, top anomalies) next to the output
     precision: str = "fp32"  # fp32 (scorer.onnx) or a variant `vaeguard export --precision` added: fp16, int8
+
+
+def check_bundle_name(name: str) -> None:
+    """A bundle name is one plain folder name inside --out. Publishing renames OUT/NAME, so "."
+    or ".." would swap out the output folder itself or its parent, a slash would write outside
+    it, and names starting with "." are the run's own staging folders (.NAME.run-*, .NAME.retired-*)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or name.startswith(".")
+            or any(c in name for c in ("/", "\\", "\0"))):
+        raise ConfigError(f"--name must be a plain folder name (not empty, no '/', '\\' or NUL, not starting "
+                          f"with '.'), got {name!r}; pass e.g. --name my_model")
 
 
 _T = TypeVar("_T")

@@ -125,16 +125,35 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
         return "categorical" if column.nunique() <= config.max_integer_categories else "numeric"
     if pd.api.types.is_float_dtype(column):
         return "numeric"
-    # Text: numeric if nearly every value parses as a number (then the rest are typos to report).
+    # Dates and times are refused, not guessed at: to_numeric below would turn them into
+    # nanosecond counts, and as a feature a time's training range ends where training data ends,
+    # so every later row would score as an anomaly; as categories each date would be new.
+    inferred = pd.api.types.infer_dtype(column, skipna=True)
+    if (pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(column)
+            or isinstance(column.dtype, pd.PeriodDtype)
+            or inferred in ("datetime64", "datetime", "date", "time", "timedelta64", "timedelta", "period")):
+        raise DataError(
+            f"{source}: column {name!r} holds dates or times ({column.dtype}), which cannot be a feature; "
+            f"leave it out of the file, pass it as --id-columns {name}, or convert it to a number "
+            f"(e.g. hour of day)"
+        )
+    # True/False stored as objects (a nullable bool written without pandas metadata): a flag,
+    # categorical like a bool column, although to_numeric would read it as 0/1.
+    if inferred == "boolean":
+        return "categorical"
+    # Text or objects: numeric if nearly every value parses as a number (then the rest are typos to
+    # report). Every value may parse (decimals, numbers stored as text): numeric, nothing to report.
     parsed = pd.to_numeric(column, errors="coerce")
     present = column.notna()
     if name in config.numeric_columns or parsed[present].notna().mean() >= _NUMERIC_TEXT_SHARE:
         bad = np.flatnonzero((parsed.isna() & present).to_numpy())
-        row = int(bad[0])
-        raise DataError(
-            f"{source}: column {name!r} must be numeric but row {row + 1} holds {column.iloc[row]!r}; "
-            f"fix or blank out that value"
-        )
+        if len(bad):
+            row = int(bad[0])
+            raise DataError(
+                f"{source}: column {name!r} must be numeric but row {row + 1} holds {column.iloc[row]!r}; "
+                f"fix or blank out that value"
+            )
+        return "numeric"
     return "categorical"
 
 

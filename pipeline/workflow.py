@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.bundle import (CALIBRATION_ROWS, FORMAT, FORMAT_VERSION, MODEL_FILES, publish_bundle, write_manifest,
-                             write_new_manifest)
+from pipeline.bundle import (CALIBRATION_ROWS, FORMAT, FORMAT_VERSION, MODEL_FILES, check_publish_target,
+                             publish_bundle, write_manifest, write_new_manifest)
 from pipeline.calibrate import Calibration, calibrate
 from pipeline.config import TrainJob
 from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input_name, cuda_settings
@@ -46,6 +46,9 @@ class RunDir:
 
     @classmethod
     def create(cls, job: TrainJob) -> "RunDir":
+        # Here, not in publish(): the CLI and the flows (tables and images) all start a run
+        # with this, so a target that must not be replaced fails before any data is read.
+        check_publish_target(job.bundle_dir)
         root = job.out_dir / f".{job.name}.run-{uuid.uuid4().hex[:8]}"
         root.mkdir(parents=True)
         return cls(root)
@@ -84,6 +87,11 @@ def load_and_validate(job: TrainJob, run: RunDir) -> dict:
     frame = read_table(job.data)
     schema = infer_schema(frame, source=_source(job), config=job.config.preprocess,
                           label_column=job.label_column, id_columns=job.id_columns)
+    # Numeric columns stored otherwise (decimals, numbers as text) become floats here, so every
+    # later step reads plain numbers from the run's table.
+    for name in schema.numeric:
+        if not pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name]):
+            frame[name] = pd.to_numeric(frame[name]).astype("float64")
     numeric_matrix(frame, schema.numeric, _source(job))  # fails early on infinities
     if schema.categorical and table_format(Path(job.data)) == "csv":
         # Categories spelled as written ('007', 'False'), as scoring will read them.

@@ -507,3 +507,70 @@ def test_score_parquet_float_category_and_id_holding_nan(capsys, tmp_path, batch
     assert scores[0]["row_id"].isna().tolist() == [i == BAD_INDEX for i in range(len(batch))]
     assert scores[0]["row_id"].iloc[0] == str(int(batch["row_id"].iloc[0]))  # spelled without '.0'
     pd.testing.assert_frame_equal(scores[0], scores[1])
+
+
+# --- where the bundle goes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [".", "..", "", "a/b", "../escape", "a\\b", ".hidden"])
+def test_train_bad_bundle_name_is_refused_and_touches_nothing(capsys, tmp_path, sensor_csv, fast_yaml, name):
+    out = tmp_path / "sb" / "exp"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("user data")
+    before = tree_bytes(tmp_path / "sb")
+    message = error_line(*run_train(capsys, sensor_csv, out, fast_yaml, name=name))
+    assert "--name" in message and "plain folder name" in message
+    assert tree_bytes(tmp_path / "sb") == before
+    assert sorted(p.name for p in (tmp_path / "sb").rglob("*")) == ["exp", "keep.txt"]
+
+
+def test_train_over_a_folder_that_is_not_a_bundle_is_refused(capsys, sensor_csv, out_dir, fast_yaml):
+    mine = out_dir / "mydir"
+    mine.mkdir()
+    (mine / "important.txt").write_text("do not delete")
+    message = error_line(*run_train(capsys, sensor_csv, out_dir, fast_yaml, name="mydir"))
+    assert str(mine) in message and "not a vaeguard bundle" in message and "--name" in message
+    assert (mine / "important.txt").read_text() == "do not delete"
+    assert [p.name for p in out_dir.iterdir()] == ["mydir"]
+
+
+def test_train_over_a_file_is_refused(capsys, sensor_csv, out_dir, fast_yaml):
+    (out_dir / "plain").write_text("a file")
+    message = error_line(*run_train(capsys, sensor_csv, out_dir, fast_yaml, name="plain"))
+    assert "is a file" in message and "--name" in message and "--out" in message
+    assert (out_dir / "plain").read_text() == "a file"
+    assert [p.name for p in out_dir.iterdir()] == ["plain"]
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_train_out_that_is_a_file_is_refused(capsys, tmp_path, sensor_csv, fast_yaml, depth):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = afile / "sub" if depth else afile
+    message = error_line(*run_train(capsys, sensor_csv, out, fast_yaml))
+    assert "--out" in message and "a file" in message
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("ids, label", [("row_id,row_id", None), ("row_id,label", "label")])
+def test_train_column_named_twice_in_options(capsys, sensor_csv, out_dir, fast_yaml, ids, label):
+    extra = ["--id-columns", ids] + (["--label-column", label] if label else [])
+    message = error_line(*run_train(capsys, sensor_csv, out_dir, fast_yaml, *extra))
+    assert "named more than once" in message and "--id-columns" in message
+    assert list(out_dir.iterdir()) == []
+
+
+def test_train_negative_seed(capsys, sensor_csv, out_dir, fast_yaml):
+    message = error_line(*run_train(capsys, sensor_csv, out_dir, fast_yaml, "--seed", "-1"))
+    assert "--seed" in message and "non-negative" in message
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_train_datetime_column_is_named(capsys, tmp_path, sensor_frame, out_dir, fast_yaml, suffix):
+    frame = sensor_frame.copy()
+    frame["ts"] = pd.date_range("2024-01-01", periods=len(frame), freq="min")
+    data = write_table(frame, tmp_path / f"dated{suffix}")
+    message = error_line(*run_train(capsys, data, out_dir, fast_yaml))
+    assert str(data) in message and "'ts' holds dates or times" in message and "--id-columns ts" in message
+    assert list(out_dir.iterdir()) == []

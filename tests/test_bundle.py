@@ -44,3 +44,24 @@ def test_foreign_manifest_is_refused(bundle_copy):
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="expected format vaeguard-bundle v1"):
         Bundle.load(bundle_copy)
+
+
+def test_publish_refuses_to_replace_what_is_not_a_bundle(tmp_path):
+    """Something that appeared at the target while training ran is not swapped out and deleted."""
+    from pipeline.bundle import publish_bundle
+    from pipeline.errors import ConfigError
+
+    staging = tmp_path / ".x.run-1" / "bundle"
+    staging.mkdir(parents=True)
+    (staging / "manifest.json").write_text("{}")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "important.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for name in ("folder", "file"):
+        with pytest.raises(ConfigError, match="training would replace it"):
+            publish_bundle(staging, tmp_path / name)
+    assert (tmp_path / "folder" / "important.txt").read_text() == "keep"
+    assert (tmp_path / "file").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".x.run-1", "file", "folder"]
+    publish_bundle(staging, tmp_path / "new")  # a free target, and then a bundle, may be replaced
+    assert (tmp_path / "new" / "manifest.json").is_file()

@@ -99,3 +99,30 @@ def test_a_feature_rising_on_every_row_is_warned_about(table, caplog):
         infer_schema(table.sample(frac=1.0, random_state=0), source="t.csv", config=PreprocessConfig())
         infer_schema(table.head(99), source="t.csv", config=PreprocessConfig())  # too short to tell
     assert not caplog.records
+
+
+@pytest.mark.parametrize("values", [
+    pd.date_range("2024-01-01", periods=100, freq="min"),
+    pd.date_range("2024-01-01", periods=100, freq="min", tz="UTC"),
+    pd.timedelta_range(0, periods=100, freq="s"),
+    pd.date_range("2024-01-01", periods=100).date,  # datetime.date objects, as Parquet date32 reads
+], ids=["datetime", "datetime_tz", "timedelta", "date_objects"])
+def test_a_date_or_time_column_is_named_with_the_fix(table, values):
+    """to_numeric reads every time as a number, so nothing was 'bad' and bad[0] raised IndexError."""
+    table["ts"] = values
+    with pytest.raises(DataError, match=r"column 'ts' holds dates or times.*--id-columns ts"):
+        infer_schema(table, source="t.csv", config=PreprocessConfig(), label_column="label", id_columns=("id",))
+    # Given as an id column, it is accepted.
+    infer_schema(table, source="t.csv", config=PreprocessConfig(), label_column="label", id_columns=("id", "ts"))
+
+
+def test_numbers_stored_as_objects_are_numeric_and_bool_objects_categorical(table):
+    from decimal import Decimal
+
+    table["dec"] = [Decimal(f"{v:.2f}") for v in table["temp"]]
+    table["text"] = table["temp"].map(repr).astype(object)
+    table["flag"] = pd.Series([None, True, False] * 33 + [True], dtype=object)
+    config = PreprocessConfig(numeric_columns=("text",))
+    schema = infer_schema(table, source="t.parquet", config=config, label_column="label", id_columns=("id",))
+    assert {"dec", "text"} <= set(schema.numeric)
+    assert "flag" in schema.categorical

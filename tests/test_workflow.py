@@ -129,3 +129,47 @@ def test_csv_categories_are_learned_as_written_so_scoring_recognises_them(sensor
     np.testing.assert_allclose(streamed, scorer.score_frame(as_text)["score"], rtol=1e-6)
     unknown = scorer.score_frame(as_text.assign(site="999", door_open="maybe"))["score"].to_numpy()
     assert np.mean(np.abs(streamed - unknown) > 1e-3) > 0.9  # the file's values are known categories
+
+
+@pytest.mark.parametrize("name", [".", "..", "", "a/b", "../escape", "a\\b", "a\0b", ".staging"])
+def test_job_refuses_a_bundle_name_that_is_not_a_plain_folder_name(tmp_path, name):
+    """Built into the typed jobs, so the flows refuse it as the CLI does."""
+    from pipeline.config import ImageTrainJob
+    from pipeline.errors import ConfigError
+
+    for make in (TrainJob, ImageTrainJob):
+        with pytest.raises(ConfigError, match="--name must be a plain folder name"):
+            make(data=tmp_path / "d.csv", name=name, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("ids, label", [(("row_id", "row_id"), None), (("row_id", "label"), "label")])
+def test_job_refuses_a_column_named_twice(tmp_path, ids, label):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="named more than once"):
+        TrainJob(data=tmp_path / "d.csv", name="x", id_columns=ids, label_column=label)
+
+
+def test_negative_seed_is_a_config_error():
+    from pipeline.config import PipelineConfig
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training\.seed \(--seed\) must be a non-negative integer"):
+        PipelineConfig.from_dict({"training": {"seed": -1}})
+
+
+def test_a_run_refuses_a_target_that_is_not_a_bundle_before_reading_data(tmp_path):
+    """RunDir.create is where the CLI and the flows (tables and images) start a run."""
+    from pipeline.config import ImageTrainJob
+    from pipeline.errors import ConfigError
+
+    (tmp_path / "mydir").mkdir()
+    (tmp_path / "mydir" / "important.txt").write_text("keep")
+    (tmp_path / "plain").write_text("keep")
+    for make in (TrainJob, ImageTrainJob):
+        for name in ("mydir", "plain"):
+            with pytest.raises(ConfigError, match="training would replace it"):
+                workflow.RunDir.create(make(data=tmp_path / "missing.csv", name=name, out_dir=tmp_path))
+    assert (tmp_path / "mydir" / "important.txt").read_text() == "keep"
+    assert (tmp_path / "plain").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydir", "plain"]
