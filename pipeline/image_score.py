@@ -95,8 +95,10 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                 summary.rows += file_summary.rows
                 summary.anomalies += file_summary.anomalies
             if summary.rows == 0:
+                # No errors file is written for a run that fails, so the first reason goes in the message.
+                first = f" (first: {text_path(errors[0][0])}: {text_path(errors[0][1])})" if errors else ""
                 raise DataError(f"{', '.join(map(str, job.inputs))}: none of the {len(errors)} image file(s) could "
-                                f"be read; expected PNG, JPEG or BMP images")
+                                f"be read{first}; expected PNG, JPEG or BMP images")
         summary.seconds = time.perf_counter() - started
         summary.skipped = len(errors)
         errors_path(job.output).unlink(missing_ok=True)  # a stale list from an earlier run would mislead

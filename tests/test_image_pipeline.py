@@ -584,3 +584,17 @@ def test_file_names_that_are_not_utf8_are_scored_and_recorded(capsys, tmp_path, 
     assert sorted(scored["path"]) == sorted([f"{folder}/caf\\xe9.png", str(folder / "plain.png")])
     errors = pd.read_csv(errors_path(output))
     assert errors["path"].tolist() == [f"{folder}/bro\\xefken.png"]
+
+
+def test_when_no_image_can_be_read_the_error_says_why(capsys, tmp_path, texture_bundle):
+    """A run where every image fails writes no errors file, so its one line carries the first reason."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png at all")
+    (folder / "b.png").write_bytes(b"")
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", tmp_path / "out.csv",
+                            "--device", "cpu")
+    line = one_error_line(err)
+    assert code == 1 and "none of the 2 image file(s) could be read (first: " in line
+    assert str(folder / "a.png") in line
+    assert not (tmp_path / "out.csv").exists()
