@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.bundle import sha256_file
 from pipeline.errors import ConfigError, DataError, InputFileError, PipelineError, one_line
-from pipeline.outputs import summary_path
+from pipeline.outputs import summary_path, write_atomic
 
 log = logging.getLogger("vaeguard")
 
@@ -351,7 +351,7 @@ def quarantine(out_dir: Path, landed: LandedFile, reason: str, ledger: Ledger) -
     target = free_quarantine_path(Path(out_dir), landed)
     target.parent.mkdir(parents=True, exist_ok=True)
     reason_path = target.with_name(target.name + ".reason.txt")
-    write_text_atomic(reason_path, reason_text(landed, reason))
+    write_atomic(reason_path, reason_text(landed, reason))
     try:
         move_file(landed.path, target)
     except FileNotFoundError:
@@ -400,12 +400,6 @@ def move_file(source: Path, target: Path) -> None:
         shutil.copy2(source, temp)
         os.replace(temp, target)
         os.unlink(source)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def check_folders(landing_dir: Path, out_dir: Path) -> None:
