@@ -29,8 +29,8 @@ from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, text_path, write_errors
-from pipeline.outputs import (OutputWriter, check_location, check_not_an_input, check_output_location, same_file,
-                              summary_path, write_atomic)
+from pipeline.outputs import (OutputWriter, check_location, check_not_an_input, check_output_location, missing_parents,
+                              remove_empty_folders, same_file, summary_path, write_atomic)
 from pipeline.runtime import check_variant_device, create_session, variant_device
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
@@ -67,6 +67,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     # A failed run must not leave maps of the images scored before it failed: they go to a hidden
     # folder beside the maps folder and move in only at the end (see _publish_maps).
     staging = None if job.maps_dir is None else _staging_folder(Path(job.maps_dir))
+    new_folders = [] if staging is None else missing_parents(staging)  # made by the first map, if any
     started = time.perf_counter()
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
     try:
@@ -110,6 +111,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)  # gone when published; the partial maps of a failed run
+            remove_empty_folders(new_folders)  # a published maps folder keeps them
     return summary
 
 

@@ -6,6 +6,7 @@ when complete: readers never see half a file, and an existing file survives a fa
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -77,6 +78,31 @@ def file_above(path: Path) -> Path | None:
     return existing if existing is not None and not existing.is_dir() else None
 
 
+def missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, deepest first.
+
+    A failed run hands them to ``remove_empty_folders``: an output folder the user never had must
+    not be left behind, empty, by a run that wrote nothing into it.
+    """
+    return list(itertools.takewhile(lambda p: not p.exists(), path.parents))
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above ``path``; returns those it created, deepest first."""
+    missing = missing_parents(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty; one that holds anything stays, with those above it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def same_file(a: Path, b: Path) -> bool:
     if os.path.realpath(a) == os.path.realpath(b):  # symbolic links and '..' resolved, existing or not
         return True
@@ -120,6 +146,7 @@ class OutputWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._created: list[Path] = []  # folders this writer made, removed again if it fails
 
     def __enter__(self) -> "OutputWriter":
         return self
@@ -133,7 +160,7 @@ class OutputWriter:
     def write(self, table: pa.Table) -> None:
         self._raise_writer_error()
         if self._thread is None:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._created = make_parents(self.target)
             self._thread = threading.Thread(target=self._drain, args=(table.schema,), daemon=True)
             self._thread.start()
         self._queue.put(table)
@@ -181,6 +208,7 @@ class OutputWriter:
             # The writer or the rename failed (target turned into a folder, disk full, interrupted):
             # the half-written temp file must not stay behind either way.
             self.temp.unlink(missing_ok=True)
+            remove_empty_folders(self._created)
             raise
 
     def abort(self) -> None:
@@ -188,6 +216,7 @@ class OutputWriter:
             self._finish()
         finally:
             self.temp.unlink(missing_ok=True)
+            remove_empty_folders(self._created)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -92,6 +92,33 @@ def test_a_failing_output_writer_leaves_nothing(tmp_path):
     assert pd.read_parquet(target)["score"].tolist() == [1.0, 2.0]
 
 
+def test_a_failed_writer_removes_the_folders_it_made_and_keeps_the_users(tmp_path):
+    """An output folder that did not exist before a failed run does not stay behind, empty."""
+    import pyarrow as pa
+
+    from pipeline.outputs import OutputWriter
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for target in (tmp_path / "new" / "deeper" / "out.parquet", kept / "new" / "out.parquet"):
+        with pytest.raises(ValueError, match="(?i)schema"):
+            with OutputWriter(target) as writer:
+                writer.write(pa.table({"score": [1.0, 2.0]}))
+                writer.write(pa.table({"score": ["not", "a float"]}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and list(kept.iterdir()) == []
+
+
+def test_scoring_that_fails_on_a_later_file_leaves_no_new_folders(trained_bundle, frame, tmp_path):
+    good = write_table(frame.iloc[:50], tmp_path / "good.csv")
+    broken = frame.iloc[:50].astype({"temperature": object})
+    broken.loc[broken.index[40], "temperature"] = "n/a?"
+    bad = write_table(broken, tmp_path / "bad.csv")
+    output = tmp_path / "scores" / "nightly" / "out.parquet"
+    with pytest.raises(DataError, match="temperature"):
+        score_files(ScoreJob(trained_bundle, (good, bad), output, device="cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "good.csv"]
+
+
 def test_parquet_output_dictionary_encodes_only_low_cardinality_columns(trained_bundle, frame, tmp_path):
     """Unique ids and scores are written plain: trying a dictionary for them cost 4x the writing."""
     import pyarrow.parquet as pq

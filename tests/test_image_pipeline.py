@@ -569,6 +569,18 @@ def test_failed_run_leaves_no_maps_and_keeps_the_old_ones(capsys, tmp_path, text
     assert sorted(p.name for p in maps.parent.iterdir()) == ["maps", "s.csv", "s.summary.json"]
 
 
+def test_failed_run_leaves_no_folders_it_created(capsys, tmp_path, texture_bundle):
+    blobs, _ = with_defects(2, seed=6)
+    folder = tmp_path / "defects"
+    save_png(folder / "blob_0.png", blobs[0])  # flagged: its map is drawn before the run fails
+    bad = tmp_path / "badvals.npy"
+    np.save(bad, np.full((2, TEXTURE, TEXTURE), 2.0, dtype=np.float32))
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, bad, "--output", tmp_path / "o1" / "s.csv",
+                            "--maps", tmp_path / "m1" / "nightly" / "maps", "--device", "cpu")
+    assert code == 1 and str(bad) in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["badvals.npy", "defects"]
+
+
 def test_file_names_that_are_not_utf8_are_scored_and_recorded(capsys, tmp_path, texture_bundle):
     folder = tmp_path / "incoming"
     save_png(folder / "plain.png", textures(1, seed=9)[0])
