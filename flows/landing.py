@@ -84,7 +84,9 @@ def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float 
                 entry = record_scored(item, output_path(output, item), future.result(), ledger)
             else:
                 entry = record_failure(output, item, _failure(state), ledger)
-            if entry["status"] != "scored":
+            if entry["status"] == "empty":
+                logger.info("%s: %s", relative, entry["reason"])
+            elif entry["status"] != "scored":
                 logger.warning("%s: %s: %s", relative, entry["status"], entry["reason"])
             files.append(entry)
     scored_outputs = [output_path(output, futures[f["file"]][0]) for f in files if f["status"] == "scored"]

@@ -27,7 +27,7 @@ from pipeline.bundle import Bundle
 from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob, resolve_threads, show_progress
 from pipeline.contract import OUTPUT_NAMES
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, EmptyInputError
 from pipeline.metrics import auprc, auroc
 from pipeline.outputs import OutputWriter, check_not_an_input, summary_path, write_atomic
 from pipeline.runtime import BundleScorer, shared_scorer
@@ -201,7 +201,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
             summary.rows += file_summary.rows
             summary.anomalies += file_summary.anomalies
         if summary.rows == 0:
-            raise DataError(f"{', '.join(map(str, job.inputs))}: no data rows to score; expected at least one row")
+            raise EmptyInputError(f"{', '.join(map(str, job.inputs))}: no data rows to score; expected at least one row")
     summary.seconds = time.perf_counter() - started
     if labels:
         # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.

@@ -17,6 +17,14 @@ class DataError(PipelineError, ValueError):
     """The input table is unusable: wrong shape, wrong types, bad values."""
 
 
+class EmptyInputError(DataError):
+    """The inputs have their header (every column the bundle needs) but no data rows.
+
+    Wrong for a command asked to score something, yet not bad data: a nightly export of a day
+    with no events looks like this, so the landing flow records it instead of quarantining it.
+    """
+
+
 class InputFileError(PipelineError, FileNotFoundError):
     """An input path is missing, empty, or not a supported format."""
 

@@ -39,7 +39,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 from pipeline.bundle import sha256_file
-from pipeline.errors import ConfigError, DataError, InputFileError, PipelineError, one_line
+from pipeline.errors import ConfigError, DataError, EmptyInputError, InputFileError, PipelineError, one_line
 from pipeline.outputs import summary_path, write_atomic
 
 log = logging.getLogger("vaeguard")
@@ -51,8 +51,10 @@ QUARANTINE_DIR = "quarantine"
 DEFAULT_PATTERNS = ("*.csv", "*.csv.gz", "*.parquet", "*.pq")
 # "failed" lines record a version that could not be scored for a reason outside its data (device,
 # disk, permissions); only the final states make a version done, so a failed one is retried.
-STATUSES = ("scored", "quarantined", "failed")
-DONE_STATUSES = frozenset({"scored", "quarantined"})
+# "empty" lines record a file with its header but no data rows (a day without events): nothing to
+# score and nothing wrong with it, so it is done without an output and without quarantine.
+STATUSES = ("scored", "empty", "quarantined", "failed")
+DONE_STATUSES = frozenset({"scored", "empty", "quarantined"})
 # Only these say the file's own content is unusable: retrying it unchanged cannot help, so it is
 # quarantined. Anything else is the machine's fault, and quarantining would punish good data.
 DATA_FAULTS = (DataError, InputFileError)
@@ -295,13 +297,18 @@ def record_scored(landed: LandedFile, output: Path, result: dict, ledger: Ledger
 def record_failure(out_dir: Path, landed: LandedFile, error: BaseException, ledger: Ledger) -> dict:
     """Settle a file whose scoring still failed after retries; its run-report entry.
 
-    'quarantined' for a fault in the file's data (DATA_FAULTS); 'changed' / 'vanished' when the
+    'empty' for a file with the bundle's columns but no rows (recorded as done, no output);
+    'quarantined' for another fault in the file's data (DATA_FAULTS); 'changed' / 'vanished' when the
     file moved on meanwhile (the error may be about content that is gone: nothing recorded, the
     next run tries the new content); otherwise 'failed': a ledger line, and the file stays.
     """
     reason = one_line(error)
     entry = {"file": landed.relative, "rows": 0, "anomalies": 0}
     change = change_since_listing(landed)
+    if change is None and isinstance(error, EmptyInputError):
+        ledger.record({"relative": landed.relative, "sha256": landed.sha256, "status": "empty", "rows": 0,
+                       "anomalies": 0})
+        return {**entry, "status": "empty", "reason": "header only, no data rows: nothing to score"}
     if change is None and isinstance(error, DATA_FAULTS):
         if quarantine(out_dir, landed, reason, ledger) is not None:
             return {**entry, "status": "quarantined", "reason": reason}

@@ -43,6 +43,24 @@ def test_corrupt_file_is_quarantined_while_the_others_score(trained_bundle, tmp_
     assert landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")["files"] == []
 
 
+def test_a_header_only_file_is_recorded_as_empty_not_quarantined(trained_bundle, tmp_path):
+    """A nightly export of a day without events is a header alone: nothing to score, nothing wrong.
+    A header without the bundle's columns is still bad data."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    columns = list(make_sensor_table(SyntheticSpec(n_rows=5, seed=43)).columns)
+    (landing / "quiet.csv").write_text(",".join(columns) + "\n")
+    (landing / "wrong.csv").write_text(",".join(c for c in columns if c != "pressure") + "\n")
+    settled(landing / "quiet.csv"), settled(landing / "wrong.csv")
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    status = {f["file"]: f["status"] for f in report["files"]}
+    assert status == {"quiet.csv": "empty", "wrong.csv": "quarantined"}
+    assert (landing / "quiet.csv").exists() and not (out / "scores").exists()
+    assert sorted((e["relative"], e["status"]) for e in ledger_lines(out)) == [("quiet.csv", "empty"),
+                                                                                 ("wrong.csv", "quarantined")]
+    assert landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")["files"] == []
+
+
 def test_drifted_batch_raises_the_alert_and_a_normal_one_does_not(trained_bundle, tmp_path):
     landing, out = tmp_path / "landing", tmp_path / "out"
     landing.mkdir()

@@ -117,7 +117,7 @@ def test_torn_last_ledger_line_is_ignored_and_appends_continue(dirs):
     assert [e["relative"] for e in entries] == ["a.csv", "c.csv"]
     assert entries[1]["recorded_at"].endswith("+00:00") and entries[1]["rows"] == 5
     assert all(json.loads(line) for line in ledger.path.read_text().splitlines())
-    assert ledger_summary(ledger) == {"entries": 2, "scored": 1, "quarantined": 1, "failed": 0}
+    assert ledger_summary(ledger) == {"entries": 2, "scored": 1, "empty": 0, "quarantined": 1, "failed": 0}
 
 
 def test_ledger_rejects_incomplete_entries_and_corrupt_middle_lines(dirs):
