@@ -225,7 +225,8 @@ def feature_contributions(contributions: np.ndarray, feature_names: list[str], t
     ax = figure.subplots()
     positions = np.arange(len(chosen))
     ax.barh(positions, means[chosen], color="tab:red")
-    ax.set_yticks(positions, [feature_names[i] for i in chosen])
+    # Column names are data, not mathtext: "cost_$_per_$_unit" would otherwise fail to render.
+    ax.set_yticks(positions, [feature_names[i] for i in chosen], parse_math=False)
     ax.invert_yaxis()  # first bar (the largest) at the top
     ax.set_title("What drives the top anomalies")
     ax.set_xlabel("mean share of reconstruction error")
@@ -252,7 +253,7 @@ def image_grid(images: np.ndarray, reconstructions: np.ndarray, maps: np.ndarray
         for col, picture in enumerate((images[row], reconstructions[row])):
             _show_image(axes[row, col], picture)
         heat = axes[row, 2].imshow(maps[row], cmap="inferno", vmin=0.0, vmax=vmax)
-        axes[row, 0].set_title(titles[row], fontsize=9)
+        axes[row, 0].set_title(titles[row], fontsize=9, parse_math=False)  # titles hold file names, not mathtext
         for ax in axes[row]:
             ax.set_axis_off()
     axes[0, 1].set_title("reconstruction", fontsize=9)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import re
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.outputs import write_atomic
+from pipeline.outputs import check_location, write_atomic
 from pipeline.plots import png_bytes
 
 STYLE = """
@@ -45,10 +47,9 @@ def facts_table(facts: dict) -> pd.DataFrame:
     return pd.DataFrame({"fact": list(facts), "value": [str(v) for v in facts.values()]})
 
 
-def render(title: str, sections: list[Section], png_dir: Path) -> str:
-    """The HTML text; each figure is also written to ``png_dir/<name>.png``."""
-    png_dir.mkdir(parents=True, exist_ok=True)
-    body = [f"<h1>{html.escape(title)}</h1>"]
+def render(title: str, sections: list[Section]) -> tuple[str, dict[str, bytes]]:
+    """The HTML text, and each figure's PNG by file name (``<name>.png``)."""
+    body, pngs = [f"<h1>{html.escape(title)}</h1>"], {}
     for section in sections:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.alert:
@@ -56,20 +57,55 @@ def render(title: str, sections: list[Section], png_dir: Path) -> str:
         for paragraph in filter(None, section.text.split("\n\n")):
             body.append(f"<p>{html.escape(paragraph)}</p>")
         for name, figure in section.figures:
-            data = png_bytes(figure)
-            (png_dir / f"{slug(name)}.png").write_bytes(data)
+            data = pngs[f"{slug(name)}.png"] = png_bytes(figure)
             encoded = base64.b64encode(data).decode("ascii")
             body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">')
         for caption, frame in section.tables:
             body.append(f'<p class="note">{html.escape(caption)}</p>')
             body.append(frame.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}"))
-    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+    text = ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
+    return _ascii(text), pngs
+
+
+def _ascii(text: str) -> str:
+    """``text`` with every non-ASCII character as an HTML character reference.
+
+    The file is then the same bytes whatever the locale encoding it is written in (an ASCII
+    locale raised UnicodeEncodeError on "°"), and a file name that is not valid UTF-8 (kept by
+    Python as lone surrogates) shows as its "\\xe9" escapes, as in the scores file, instead
+    of failing the write.
+    """
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 
 def write_report(path: Path, title: str, sections: list[Section]) -> Path:
-    """report.html (atomically) and its PNGs in ``<stem>_files/`` beside it."""
-    text = render(title, sections, path.parent / f"{path.stem}_files")
-    write_atomic(path, text)
+    """report.html (atomically) and its PNGs in ``<stem>_files/`` beside it.
+
+    Every figure is rendered before anything is written, so a figure that fails leaves no
+    half-written folder, and the folder is replaced whole, so no PNG of an earlier report stays.
+    """
+    png_dir = path.parent / f"{path.stem}_files"
+    check_location(path, "report", "file")
+    check_location(png_dir, "report figures", "directory")
+    text, pngs = render(title, sections)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    fresh, stale = path.parent / f".{png_dir.name}.tmp-{tag}", path.parent / f".{png_dir.name}.old-{tag}"
+    try:
+        fresh.mkdir()
+        for name, data in pngs.items():
+            (fresh / name).write_bytes(data)
+        write_atomic(path, text)
+        if png_dir.is_dir():
+            png_dir.rename(stale)
+        fresh.rename(png_dir)
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return path

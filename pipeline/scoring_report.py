@@ -22,7 +22,8 @@ from pipeline.calibrate import Calibration
 from pipeline.config import ScoreJob
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
 from pipeline.drift import drift_report
-from pipeline.images import ImageSource, ImageSpec, list_images, load_images
+from pipeline.errors import InputFileError
+from pipeline.images import ImageSource, ImageSpec, list_images, load_images, text_path
 from pipeline.outputs import output_format
 from pipeline.plots import feature_contributions, image_grid, score_histogram
 from pipeline.preprocess import source_column
@@ -81,7 +82,7 @@ def scoring_sections(job: ScoreJob) -> list[Section]:
     ]
     top = np.argsort(-scores, kind="stable")[:TOP_ANOMALIES]
     if bundle.manifest.get("modality") == "image":
-        sections.append(_top_images(bundle, scored.iloc[top], job.precision))
+        sections.append(_top_images(bundle, job, scored.iloc[top]))
     else:
         sections.append(_top_rows(bundle, job, scored, top))
     return sections
@@ -135,30 +136,55 @@ def _top_rows(bundle: Bundle, job: ScoreJob, scored: pd.DataFrame, top: np.ndarr
                    tables=[("Top anomalies with their values", table.head(10))])
 
 
-def _top_images(bundle: Bundle, top: pd.DataFrame, precision: str) -> Section:
+def _top_images(bundle: Bundle, job: ScoreJob, top: pd.DataFrame) -> Section:
     spec = ImageSpec.from_dict(bundle.manifest["image"])
-    images, names = [], []
-    for item in top["path"].head(8):
-        loaded, ok, _ = load_images(list_images_item(item), spec)
+    wanted = top["path"].head(8).tolist()
+    where = _listed_items(job, set(wanted))
+    images, names, unread = [], [], []
+    for text in wanted:
+        if text not in where:
+            unread.append(f"{text}: no longer among the inputs")
+            continue
+        source, index = where[text]
+        loaded, ok, bad = load_images(source, spec, index, index + 1)
         if ok:
             images.append(loaded[0])
-            names.append(item)
+            names.append(text)
+        else:
+            unread.append(f"{text}: {bad[0][1]}")
+    title, text = "Most anomalous images", "The image, its reconstruction and where the error sits."
+    if not images:
+        # The scores are written and stand; a report that can't show the images says why instead of failing.
+        return Section(title, f"None of the {len(wanted)} highest-scoring images could be read again for this "
+                       f"report (first: {unread[0]}); their scores are in {job.output.name}.")
     stacked = np.stack(images)
-    session = ort.InferenceSession(str(bundle.scorer_path_for(precision)), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(bundle.scorer_path_for(job.precision)), providers=["CPUExecutionProvider"])
     outputs = dict(zip(IMAGE_OUTPUT_NAMES, session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: stacked})))
     titles = [f"{Path(n).name}: score {s:.4g}" for n, s in zip(names, outputs["score"])]
-    return Section("Most anomalous images", "The image, its reconstruction and where the error sits.",
-                   figures=[("top images", image_grid(stacked, outputs["reconstruction"], outputs["anomaly_map"],
-                                                      titles))])
+    if unread:
+        text += f" {len(unread)} of them could not be read again (first: {unread[0]})."
+    return Section(title, text, figures=[("top images", image_grid(stacked, outputs["reconstruction"],
+                                                                     outputs["anomaly_map"], titles))])
 
 
-def list_images_item(item: str) -> ImageSource:
-    """One scored item as a source: a file path, or 'array.npy[i]'."""
-    if item.endswith("]") and ".npy[" in item:
-        path, index = item[:-1].rsplit("[", 1)
-        source = list_images(Path(path))
-        return ImageSource([source.items[int(index)]], source.kind, source.origin, source.layout)
-    return ImageSource([item], "folder", Path(item).parent)
+def _listed_items(job: ScoreJob, texts: set[str]) -> dict[str, tuple[ImageSource, int]]:
+    """Where each scored ``path`` sits among the job's listed inputs.
+
+    The scores file holds ``text_path(item)`` (a file name that is not UTF-8 escaped), and an
+    array's item can only be loaded through its whole source at its index, so the report lists
+    the inputs again as scoring did rather than opening the written text as a path.
+    """
+    where = {}
+    for path in job.inputs:
+        try:
+            source = list_images(Path(path))
+        except InputFileError:  # moved or emptied since it was scored: its images are reported unread
+            continue
+        for index, item in enumerate(source.items):
+            text = text_path(item)
+            if text in texts:
+                where.setdefault(text, (source, index))
+    return where
 
 
 def summary_markdown(job: ScoreJob) -> str:

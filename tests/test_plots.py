@@ -264,3 +264,16 @@ def test_png_bytes_signature_and_no_shared_state():
     assert plots.png_bytes(first, dpi=50) == before
     # Higher dpi, larger image: the argument is honoured.
     assert len(plots.png_bytes(first, dpi=100)) > len(before)
+
+
+def test_names_with_dollar_signs_render_as_written():
+    """Column and file names are data: a pair of "$" in one (currency columns, templated file
+    names) used to be parsed as mathtext and failed the whole report with a ParseSyntaxException."""
+    names = ["cost_$_per_$_unit", r"$\alpha", "<b>&"]
+    figure = plots.feature_contributions(np.array([[0.5, 0.3, 0.2]]), names)
+    assert plots.png_bytes(figure, dpi=50).startswith(PNG_SIGNATURE)
+    assert [t.get_text() for t in plot_axes(figure)[0].get_yticklabels()] == names
+    grid = plots.image_grid(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 4)), np.zeros((1, 4, 4)),
+                            ["scan_$_a_$_b.png: score 3"])
+    assert plots.png_bytes(grid, dpi=50).startswith(PNG_SIGNATURE)
+    assert plot_axes(grid)[0].get_title() == "scan_$_a_$_b.png: score 3"

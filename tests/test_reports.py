@@ -167,3 +167,163 @@ def test_image_training_and_scoring_reports_render(tmp_path):
     out = tmp_path / "scored" / "scores.parquet"
     assert main(["score", str(bundle), str(folder), "--output", str(out), "--device", "cpu", "--report"]) == 0
     assert_renders(out.parent / "report.html", tmp_path, expected_images=2)
+
+
+def small_figure(title: str = "ok"):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2, 2))
+    figure.subplots().set_title(title)
+    return figure
+
+
+HOSTILE = '<script>alert(1)</script> & "q" \'s t\u00b0 \U0001F600'
+
+
+def test_report_escapes_user_text_everywhere(tmp_path):
+    import html as html_lib
+
+    import pandas as pd
+
+    from pipeline.report_html import Section, write_report
+
+    frame = pd.DataFrame({HOSTILE: [HOSTILE], "score": [1.5]})
+    section = Section(HOSTILE, text=HOSTILE, alert=HOSTILE, figures=[(HOSTILE, small_figure())],
+                      tables=[(HOSTILE, frame)])
+    path = write_report(tmp_path / "report.html", HOSTILE, [section])
+    text = path.read_text(encoding="utf-8")
+    assert "<script>" not in text and 'alt="<' not in text
+    # <title>, <h1>, <h2>, alert, text, alt, caption, header and cell: each shown as written.
+    assert html_lib.unescape(text).count(HOSTILE) == 9
+
+
+def test_report_writes_in_any_locale_and_with_undecodable_names(tmp_path):
+    """Python writes text in the locale's encoding: under an ASCII locale a "\u00b0" in a column
+    name raised UnicodeEncodeError, and a file name that is not UTF-8 (lone surrogates) failed in
+    any locale. The report is now ASCII with character references, the same bytes everywhere."""
+    import html as html_lib
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.report_html import Section, write_report
+
+    code = ("import sys; from pathlib import Path; from pipeline.report_html import Section, write_report; "
+            "write_report(Path(sys.argv[1]), 't\\u00b0 \\U0001F600', [Section('caf\\u00e9')])")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a" / "report.html")], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    text = html_lib.unescape((tmp_path / "a" / "report.html").read_bytes().decode("ascii"))
+    assert "<h1>t\u00b0 \U0001F600</h1>" in text and "<h2>caf\u00e9</h2>" in text
+
+    name = os.fsdecode(b"caf\xe9.png")  # as os.listdir gives a Latin-1 file name
+    write_report(tmp_path / "b" / "report.html", f"scores of {name}", [Section(name)])
+    text = html_lib.unescape((tmp_path / "b" / "report.html").read_text(encoding="ascii"))
+    assert "<h2>caf\\xe9.png</h2>" in text  # the escape the scores file uses for the same name
+
+
+def test_failed_report_leaves_nothing_and_a_new_one_leaves_no_stale_figure(tmp_path):
+    from pipeline.report_html import Section, write_report
+
+    out = tmp_path / "scored"
+    broken = Section("x", figures=[("first", small_figure()), ("second", small_figure(r"$\notacommand$"))])
+    with pytest.raises(ValueError):
+        write_report(out / "report.html", "t", [broken])
+    assert not out.exists() or list(out.iterdir()) == []  # no half-filled report_files/
+
+    write_report(out / "report.html", "t", [Section("x", figures=[("first", small_figure()),
+                                                                   ("second", small_figure())])])
+    write_report(out / "report.html", "t", [Section("x", figures=[("first", small_figure())])])
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report_files"]
+    assert [p.name for p in (out / "report_files").iterdir()] == ["first.png"]
+
+
+def test_report_where_a_folder_or_file_is_in_the_way_says_so(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.report_html import Section, write_report
+
+    (tmp_path / "report.html").mkdir()
+    with pytest.raises(ConfigError, match=r"report .*report.html: is an existing directory"):
+        write_report(tmp_path / "report.html", "t", [Section("x", figures=[("first", small_figure())])])
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    (tmp_path / "other_files").write_text("mine")
+    with pytest.raises(ConfigError, match=r"report figures .*other_files: is an existing file"):
+        write_report(tmp_path / "other.html", "t", [Section("x")])
+    assert (tmp_path / "other_files").read_text() == "mine"
+
+
+def stripes(rng, size: int = 16) -> np.ndarray:
+    x = np.arange(size)
+    picture = 0.5 + 0.4 * np.sin(2 * np.pi * (x[None, :] + rng.uniform(0, 6)) / 6) + rng.normal(0, 0.03, (size, size))
+    return (np.clip(picture, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_bundle(tmp_path_factory) -> Path:
+    import dataclasses
+
+    from PIL import Image
+
+    from pipeline.config import CalibrationConfig, ImageTrainJob
+    from pipeline.image_workflow import run_image_training
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("stripes")
+    for i in range(100):
+        Image.fromarray(stripes(rng)).save(folder / f"{i:03d}.png")
+    config = dataclasses.replace(quiet_config(max_epochs=5), calibration=CalibrationConfig(target_fpr=0.05))
+    return Path(run_image_training(ImageTrainJob(data=folder, name="stripes", out_dir=folder / "exp", image_size=16,
+                                                 config=config))["bundle"])
+
+
+def shown_images(sections) -> tuple[list[str], list[np.ndarray]]:
+    axes = [ax for ax in figure(sections, "top images").axes if ax.get_label() != "<colorbar>"]
+    return [ax.get_title() for ax in axes[::3]], [ax.get_images()[0].get_array() for ax in axes[::3]]
+
+
+def test_scoring_report_shows_each_top_image_of_an_array(image_bundle, tmp_path):
+    """An array's item was loaded as a one-item source, which always gave the array's first
+    image: every row of the grid showed image 0 with image 0's score."""
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    array = np.stack([stripes(rng) for _ in range(12)])
+    array[7] = 0  # a black image, to score high
+    np.save(tmp_path / "batch.npy", array)
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(image_bundle), str(tmp_path / "batch.npy"), "--output", str(out), "--device", "cpu",
+                 "--report"]) == 0
+    scored = pd.read_csv(out).sort_values("score", ascending=False, kind="stable").head(8)
+    titles, pictures = shown_images(scoring_sections(ScoreJob(image_bundle, (tmp_path / "batch.npy",), out)))
+    indices = [int(path.rsplit("[", 1)[1][:-1]) for path in scored["path"]]
+    assert titles == [f"batch.npy[{i}]: score {s:.4g}" for i, s in zip(indices, scored["score"])]
+    for index, picture in zip(indices, pictures):
+        np.testing.assert_allclose(picture, array[index] / 255.0, atol=1e-6)
+
+
+def test_scoring_report_of_undecodable_and_dollar_file_names(image_bundle, tmp_path):
+    """The scores file holds a non-UTF-8 name escaped ("caf\\xe9"): the report opened that text as
+    a path, found nothing, and failed with "need at least one array to stack". A name with a
+    pair of "$" failed as mathtext."""
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(stripes(rng)).save(os.path.join(folder, os.fsdecode(b"caf\xe9_$_a_$_%d.png" % i)))
+    out = tmp_path / "scored" / "scores.parquet"
+    assert main(["score", str(image_bundle), str(folder), "--output", str(out), "--device", "cpu", "--report"]) == 0
+    sections = scoring_sections(ScoreJob(image_bundle, (folder,), out))
+    titles, _ = shown_images(sections)
+    assert len(titles) == 4 and all(t.startswith("caf\\xe9_$_a_$_") for t in titles)
+    html = (out.parent / "report.html").read_text(encoding="ascii")
+    assert html.count("<img ") == 2
+
+    for picture in folder.iterdir():
+        picture.unlink()  # scored, then moved away before the report was rebuilt
+    (last,) = [s for s in scoring_sections(ScoreJob(image_bundle, (folder,), out)) if s.title == "Most anomalous images"]
+    assert not last.figures and "None of the 4 highest-scoring images could be read again" in last.text
