@@ -8,6 +8,8 @@ fails loudly instead of scoring with the wrong model.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.calibrate import Calibration
-from pipeline.errors import BundleError, ConfigError
+from pipeline.errors import BundleError, ConfigError, one_line
 from pipeline.outputs import file_above, write_atomic
 from pipeline.preprocess import Preprocessor
 from pipeline.schema import TableSchema
@@ -120,17 +122,20 @@ class Bundle:
     def load(cls, path: str | Path) -> "Bundle":
         path = Path(path)
         manifest_path = path / MANIFEST
+        if path.is_file() and (path.parent / MANIFEST).is_file():
+            # A file of a bundle (its scorer.onnx, its manifest) named instead of the bundle's folder.
+            raise BundleError(f"{path}: is a file of bundle folder {path.parent}; pass the folder itself")
         if not manifest_path.is_file():
             raise BundleError(f"{path}: not a bundle (no {MANIFEST}); pass a folder written by `vaeguard train`")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
+            manifest = json.loads(manifest_path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a binary file is not JSON either
             raise BundleError(f"{manifest_path}: not valid JSON ({exc}); re-export the bundle") from exc
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise BundleError(
-                f"{manifest_path}: expected format {FORMAT} v{FORMAT_VERSION}, got "
-                f"{manifest.get('format')} v{manifest.get('format_version')}; re-export with this version"
-            )
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}; "
+                              f"re-export the bundle")
+        check_format(manifest, manifest_path)
+        check_manifest(manifest, manifest_path)
         for name, expected in manifest["files"].items():
             file_path = path / name
             if not file_path.is_file():
@@ -142,6 +147,83 @@ class Bundle:
                     f"the file was modified or corrupted: re-export or re-copy the bundle"
                 )
         return cls(path, manifest)
+
+
+def check_format(manifest: dict, manifest_path: Path) -> None:
+    found, version = manifest.get("format"), manifest.get("format_version")
+    if found == FORMAT and isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise BundleError(f"{manifest_path}: bundle format v{version} was written by a newer vaeguard, this one "
+                          f"reads v{FORMAT_VERSION}; upgrade vaeguard, or re-export the bundle with this version")
+    if found != FORMAT or version != FORMAT_VERSION or isinstance(version, bool):
+        raise BundleError(f"{manifest_path}: expected format {FORMAT} v{FORMAT_VERSION}, got format {found!r} "
+                          f"version {version!r}; re-export with this version")
+
+
+# Top-level entries every bundle of this format has, by modality, with their JSON types.
+REQUIRED = {"name": str, "version": str, "created_at": str, "source": dict, "model": dict, "score": dict,
+            "training": dict, "calibration": dict, "metrics": dict, "config": dict, "onnx": dict, "files": dict,
+            "versions": dict}
+REQUIRED_BY_MODALITY = {"table": {"schema": dict, "preprocessing": dict}, "image": {"image": dict}}
+SHA256_DIGITS = set("0123456789abcdef")
+
+
+def check_manifest(manifest: dict, manifest_path: Path) -> None:
+    """The manifest holds what every reader of it relies on, before any of it is used: a
+    hand-edited or half-written one fails here, in one line, instead of deep inside scoring."""
+    def fail(what: str) -> None:
+        raise BundleError(f"{manifest_path}: {what}; re-export the bundle, or restore its manifest.json")
+
+    modality = manifest.get("modality", "table")
+    if modality not in REQUIRED_BY_MODALITY:
+        fail(f"modality must be one of {', '.join(REQUIRED_BY_MODALITY)}, got {modality!r}")
+    for key, kind in (REQUIRED | REQUIRED_BY_MODALITY[modality]).items():
+        if key not in manifest:
+            fail(f"no {key!r} entry")
+        if not isinstance(manifest[key], kind):
+            fail(f"{key!r} must be a JSON {'object' if kind is dict else 'string'}, "
+                 f"got {type(manifest[key]).__name__}")
+    files = manifest["files"]
+    for name, digest in files.items():
+        # Plain names only: a path would make the hash check read (and trust) a file outside the bundle.
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            fail(f"files names {name!r}, expected a plain file name inside the bundle folder")
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= SHA256_DIGITS):
+            fail(f"files[{name!r}] must be a sha256 hex digest, got {digest!r}")
+    # Every model file must be hash-checked: one left out of the list would be loaded unchecked.
+    unlisted = [name for name in MODEL_FILES if name not in files]
+    if unlisted:
+        fail(f"files lists no sha256 for {', '.join(unlisted)}")
+    sections = [("calibration", manifest["calibration"], Calibration.from_dict)]
+    if modality == "table":
+        sections += [("schema", manifest["schema"], TableSchema.from_dict),
+                     ("preprocessing", manifest["preprocessing"], Preprocessor.from_dict)]
+    variants = manifest.get("variants", {})
+    if not isinstance(variants, dict):
+        fail(f"'variants' must be a JSON object, got {type(variants).__name__}")
+    for precision, entry in variants.items():
+        if precision not in VARIANT_FILES or not isinstance(entry, dict) or entry.get("file") != VARIANT_FILES[precision]:
+            fail(f"variants[{precision!r}] is not a {'/'.join(VARIANT_FILES)} scorer entry naming its file")
+        if entry["file"] not in files:
+            fail(f"variants[{precision!r}] names {entry['file']}, which files lists no sha256 for")
+        sections.append((f"variants[{precision!r}].calibration", entry.get("calibration"), Calibration.from_dict))
+    for key, raw, parse in sections:
+        try:
+            parse(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            fail(f"{key} is incomplete or malformed ({type(exc).__name__}: {one_line(exc)})")
+
+
+@contextlib.contextmanager
+def bundle_lock(directory: Path):
+    """An exclusive lock on a bundle folder, for rewriting its manifest: two exports adding
+    variants at once would otherwise each write the manifest they read, and one variant would be
+    dropped from it. flock on the folder itself, so the bundle gets no lock file."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def check_publish_target(target: Path) -> None:

@@ -69,7 +69,19 @@ def export_scorer(graph: ScorerGraph, pre: Preprocessor, path: Path) -> None:
     if graph.has_onehot:
         core = compose.merge_models(categorical_front(pre), core, io_map=[("onehot_block", "onehot")])
         core.ir_version = IR_VERSION
+        one_opset_per_domain(core)
     onnx.save(core, str(path))
+
+
+def one_opset_per_domain(model: onnx.ModelProto) -> None:
+    """onnx.compose.merge_models imports the default domain once per model it merges; the IR
+    allows one version per domain, and stricter loaders (onnxruntime's quantizer, vendor
+    converters) refuse a repeat."""
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in versions.items())
 
 
 def categorical_front(pre: Preprocessor) -> onnx.ModelProto:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.calibrate import FPR_RANGE_KEY, format_fpr_range
+from pipeline.errors import BundleError, one_line
 
 
 def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
@@ -19,6 +20,17 @@ def _fmt(value) -> str:
 
 
 def describe_manifest(manifest: dict) -> str:
+    # Bundle.load checks the entries scoring needs; the ones only shown here may still be missing
+    # or of another type in a hand-edited manifest, which is the bundle's fault, not a crash.
+    try:
+        return _describe(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise BundleError(f"bundle {manifest.get('name')!r}: manifest.json is incomplete or malformed "
+                          f"({type(exc).__name__}: {one_line(exc)}); `vaeguard inspect --json` shows it as it is; "
+                          f"re-export the bundle to get a complete one") from exc
+
+
+def _describe(manifest: dict) -> str:
     lines = [
         f"bundle {manifest['name']}  version {manifest['version']}  created {manifest['created_at']}",
         f"trained on {manifest['source']['data']}",

@@ -42,8 +42,8 @@ import onnx
 import pandas as pd
 from onnx import helper
 
-from pipeline.bundle import (CALIBRATION_IMAGES, CALIBRATION_ROWS, VARIANT_FILES, Bundle, sha256_file,
-                             write_manifest)
+from pipeline.bundle import (CALIBRATION_IMAGES, CALIBRATION_ROWS, VARIANT_FILES, Bundle, bundle_lock,
+                             sha256_file, write_manifest)
 from pipeline.calibrate import Calibration, calibrate, conformal_p_values
 from pipeline.contract import IMAGE_INPUT, IR_VERSION
 from pipeline.errors import BundleError, ConfigError, ExportError, PipelineError
@@ -198,6 +198,10 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
     if precision not in VARIANT_FILES:
         raise ConfigError(f"--precision must be one of {', '.join(VARIANT_FILES)} for export, got {precision!r} "
                           f"(fp32 is scorer.onnx itself)")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        # As `vaeguard score` refuses it: 0 or less would silently mean "the default" here.
+        raise ConfigError(f"--threads must be a positive integer, got {threads!r}; pass e.g. --threads 2, "
+                          f"or leave it out for the default")
     bundle = Bundle.load(bundle_path)
     directory = bundle.path
     name = VARIANT_FILES[precision]
@@ -258,17 +262,25 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
             "consistency": consistency,
         }
         entry["warnings"] = variant_warnings(entry)
-        manifest = copy.deepcopy(bundle.manifest)
-        if name in manifest["files"]:
-            # Re-export: drop the old variant from the manifest first, so no moment leaves a
-            # manifest naming a file whose hash it does not match.
-            manifest["files"].pop(name)
-            manifest.get("variants", {}).pop(precision, None)
+        with bundle_lock(directory):
+            # The manifest as it is now, not as it was read: another export may have added its
+            # variant meanwhile, and a retrain may have replaced the bundle.
+            current = Bundle.load(directory)
+            if (current.manifest["files"]["scorer.onnx"] != bundle.manifest["files"]["scorer.onnx"]
+                    or current.manifest["calibration"] != bundle.manifest["calibration"]):
+                raise ExportError(f"{directory}: bundle {bundle.name!r} was replaced while its {precision} scorer "
+                                  f"was made (scorer.onnx changed); the bundle was left as it is: run the export again")
+            manifest = copy.deepcopy(current.manifest)
+            if name in manifest["files"]:
+                # Re-export: drop the old variant from the manifest first, so no moment leaves a
+                # manifest naming a file whose hash it does not match.
+                manifest["files"].pop(name)
+                manifest.get("variants", {}).pop(precision, None)
+                write_manifest(directory, manifest)
+            os.replace(final, directory / name)
+            manifest["files"][name] = sha256_file(directory / name)
+            manifest.setdefault("variants", {})[precision] = entry
             write_manifest(directory, manifest)
-        os.replace(final, directory / name)
-        manifest["files"][name] = sha256_file(directory / name)
-        manifest.setdefault("variants", {})[precision] = entry
-        write_manifest(directory, manifest)
         return entry
     finally:
         draft.unlink(missing_ok=True)

@@ -3,8 +3,10 @@ import shutil
 
 import pytest
 
-from pipeline.bundle import Bundle
+from pipeline.bundle import Bundle, sha256_file
+from pipeline.cli import main
 from pipeline.errors import BundleError
+from pipeline.inspect import describe_manifest
 
 
 @pytest.fixture
@@ -38,12 +40,111 @@ def test_missing_file_and_missing_manifest(bundle_copy, tmp_path):
         Bundle.load(tmp_path)
 
 
-def test_foreign_manifest_is_refused(bundle_copy):
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["format_version"] = 99
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="expected format vaeguard-bundle v1"):
+def edit_manifest(bundle, edit) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "scorer.onnx"])
+def test_a_file_of_a_bundle_is_pointed_at_its_folder(bundle_copy, name):
+    with pytest.raises(BundleError, match=f"{name}: is a file of bundle folder {bundle_copy}; pass the folder itself"):
+        Bundle.load(bundle_copy / name)
+
+
+@pytest.mark.parametrize("format_, version", [("vaeguard-bundle", "1"), ("vaeguard-bundle", True),
+                                              ("someone-elses", 1), (None, None)])
+def test_foreign_manifest_is_refused(bundle_copy, format_, version):
+    edit_manifest(bundle_copy, lambda m: m.update(format=format_, format_version=version))
+    with pytest.raises(BundleError, match=f"expected format vaeguard-bundle v1, got format {format_!r} "
+                                          f"version {version!r}; re-export"):
         Bundle.load(bundle_copy)
+
+
+def test_a_bundle_from_a_newer_vaeguard_says_to_upgrade(bundle_copy):
+    """Re-exporting with this (older) version is not what its owner wants to hear first."""
+    edit_manifest(bundle_copy, lambda m: m.update(format_version=2))
+    with pytest.raises(BundleError, match="format v2 was written by a newer vaeguard, this one reads v1; "
+                                          "upgrade vaeguard"):
+        Bundle.load(bundle_copy)
+
+
+def _drop(*keys):
+    def edit(manifest):
+        section = manifest
+        for key in keys[:-1]:
+            section = section[key]
+        del section[keys[-1]]
+    return edit
+
+
+BROKEN_MANIFESTS = {
+    "no files": (_drop("files"), "no 'files' entry"),
+    "files a list": (lambda m: m.update(files=list(m["files"])), "'files' must be a JSON object, got list"),
+    "no calibration": (_drop("calibration"), "no 'calibration' entry"),
+    "no threshold": (_drop("calibration", "threshold"), r"calibration is incomplete or malformed \(KeyError"),
+    "no schema": (_drop("schema"), "no 'schema' entry"),
+    "schema without numeric": (_drop("schema", "numeric"), "schema is incomplete or malformed"),
+    "name a number": (lambda m: m.update(name=5), "'name' must be a JSON string, got int"),
+    "digest not hex": (lambda m: m["files"].update({"encoder.onnx": 42}), r"files\['encoder.onnx'\] must be a sha256"),
+    "unknown modality": (lambda m: m.update(modality="audio"), "modality must be one of table, image"),
+    "variant without file": (lambda m: m.update(variants={"fp16": {"calibration": m["calibration"]}}),
+                             r"variants\['fp16'\] is not a fp16/int8 scorer entry"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_MANIFESTS)
+def test_an_incomplete_manifest_is_a_one_line_bundle_error(capsys, bundle_copy, tmp_path, case):
+    """Before: KeyError / AttributeError from deep inside inspect, score or export."""
+    edit, message = BROKEN_MANIFESTS[case]
+    edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match=message):
+        Bundle.load(bundle_copy)
+    for argv in (["inspect", bundle_copy], ["score", bundle_copy, tmp_path / "in.csv", "--output", tmp_path / "o.csv"],
+                 ["export", bundle_copy, "--precision", "int8"]):
+        assert main([str(a) for a in argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bundle_copy / 'manifest.json'}: ") and err.count("\n") == 1, err
+        assert "unexpected" not in err
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\x80\x81 not text", b"", b'{"format": "vaeguard-bundle", '])
+def test_a_manifest_that_is_not_a_json_object_is_refused(bundle_copy, content):
+    (bundle_copy / "manifest.json").write_bytes(content)
+    with pytest.raises(BundleError, match=r"manifest\.json: (not valid JSON|expected a JSON object, got list)"):
+        Bundle.load(bundle_copy)
+
+
+def test_every_model_file_is_hash_checked(bundle_copy):
+    """A model file left out of files would be loaded and scored with, unchecked."""
+    edit_manifest(bundle_copy, lambda m: m["files"].pop("scorer.onnx"))
+    (bundle_copy / "scorer.onnx").write_bytes(b"not the model that was trained")
+    with pytest.raises(BundleError, match="files lists no sha256 for scorer.onnx"):
+        Bundle.load(bundle_copy)
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/tmp/outside.txt", "..", "sub/../../outside.txt"])
+def test_files_of_the_manifest_stay_inside_the_bundle(bundle_copy, tmp_path, name):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the bundle")
+    edit_manifest(bundle_copy, lambda m: m["files"].update({name: sha256_file(outside)}))
+    with pytest.raises(BundleError, match="expected a plain file name inside the bundle folder"):
+        Bundle.load(bundle_copy)
+
+
+def test_stray_files_beside_the_bundle_are_no_error(bundle_copy):
+    (bundle_copy / "notes.txt").write_text("mine")
+    assert Bundle.load(bundle_copy).name == "sensors"
+
+
+def test_inspect_of_a_manifest_missing_a_shown_entry_is_one_line(capsys, bundle_copy):
+    edit_manifest(bundle_copy, _drop("training", "epochs"))
+    with pytest.raises(BundleError, match=r"bundle 'sensors': manifest.json is incomplete or malformed "
+                                          r"\(KeyError: 'epochs'\)"):
+        describe_manifest(Bundle.load(bundle_copy).manifest)
+    assert main(["inspect", str(bundle_copy)]) == 1
+    assert capsys.readouterr().err.startswith("error: bundle 'sensors'")
+    assert main(["inspect", str(bundle_copy), "--json"]) == 0  # the raw manifest is still there to read
 
 
 def test_publish_refuses_to_replace_what_is_not_a_bundle(tmp_path):

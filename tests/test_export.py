@@ -103,6 +103,9 @@ def test_graph_contract(bundle):
         assert float(props["vaeguard.threshold"]) == manifest["calibration"]["threshold"]
         assert json.loads(props["vaeguard.numeric_columns"]) == manifest["schema"]["numeric"]
     assert not list(bundle.path.glob("*.data"))
+    # One version per domain (onnx.compose repeats the default one); stricter loaders refuse a repeat.
+    scorer = onnx.load(str(bundle.scorer_path))
+    assert sorted((o.domain, o.version) for o in scorer.opset_import) == [("", 17), ("ai.onnx.ml", 3)]
     inputs = {i.name: i.type for i in session(bundle.scorer_path).get_inputs()}
     assert inputs["numeric"] == "tensor(float)" and inputs["cat_line"] == "tensor(string)"
     assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_diff"]["score"] < 1e-3

@@ -311,6 +311,17 @@ def test_export_cli_prints_a_summary(capsys, tmp_path, trained_bundle):
     assert "fp16" in inspected and "checked on cpu" in inspected
 
 
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_export_refuses_a_thread_count_below_one(capsys, tmp_path, trained_bundle, threads):
+    """Before: --threads 0 or -2 silently meant the default (and was recorded as that)."""
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    before = snapshot(bundle)
+    code, _, err = run_main(capsys, "export", bundle, "--precision", "int8", "--threads", threads)
+    assert code == 1 and err == f"error: --threads must be a positive integer, got {threads}; pass e.g. --threads 2, " \
+                                "or leave it out for the default\n"
+    assert snapshot(bundle) == before
+
+
 def _bake_a_shifted_threshold(monkeypatch):
     real = precision.write_table
 
@@ -335,6 +346,60 @@ def test_failed_export_leaves_the_bundle_unchanged(monkeypatch, tmp_path, traine
             loaded.scorer_path_for("int8")
     else:
         assert loaded.scorer_path_for("int8").is_file()
+
+
+def _while_exporting(monkeypatch, action):
+    """Run ``action`` once, in the middle of the next export (after its checks, before it writes)."""
+    real = precision.check_batch_independence
+    pending = [action]
+
+    def checks_then_acts(*args, **kwargs):
+        report = real(*args, **kwargs)
+        if pending:
+            pending.pop()()
+        return report
+
+    monkeypatch.setattr(precision, "check_batch_independence", checks_then_acts)
+
+
+def test_two_exports_at_once_keep_both_variants(monkeypatch, tmp_path, trained_bundle):
+    """Before: each export wrote back the manifest it had read, so the fp16 variant that finished
+    while int8 was made vanished from the manifest (its file left behind, unusable)."""
+    monkeypatch.setattr(precision, "SPEED_ROWS", 1_024)
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    _while_exporting(monkeypatch, lambda: precision.export_variant(bundle, "fp16", device="cpu", threads=2, repeats=1))
+    precision.export_variant(bundle, "int8", device="cpu", threads=2, repeats=1)
+    loaded = Bundle.load(bundle)
+    assert set(loaded.manifest["variants"]) == {"fp16", "int8"}
+    assert loaded.scorer_path_for("fp16").is_file() and loaded.scorer_path_for("int8").is_file()
+
+
+def test_an_export_onto_a_bundle_replaced_meanwhile_writes_nothing(monkeypatch, tmp_path, trained_bundle,
+                                                                    variant_bundle):
+    """A retrain that swapped the bundle out while the variant was made: the variant belongs to the
+    old scorer.onnx, so it must not be added to the new bundle."""
+    monkeypatch.setattr(precision, "SPEED_ROWS", 1_024)
+    bundle = tmp_path / "sensors"
+    shutil.copytree(trained_bundle, bundle)
+
+    def retrain():
+        shutil.rmtree(bundle)
+        shutil.copytree(variant_bundle, bundle)
+        edit = json.loads((bundle / "manifest.json").read_text())
+        model = onnx.load(str(bundle / "scorer.onnx"))  # another model: another hash
+        helper.set_model_props(model, {"vaeguard.version": "retrained"})
+        onnx.save(model, str(bundle / "scorer.onnx"))
+        edit["files"]["scorer.onnx"] = sha256_file(bundle / "scorer.onnx")
+        (bundle / "manifest.json").write_text(json.dumps(edit))
+
+    _while_exporting(monkeypatch, retrain)
+    with pytest.raises(ExportError, match="was replaced while its int8 scorer was made") as caught:
+        precision.export_variant(bundle, "int8", device="cpu", threads=2, repeats=1)
+    assert "\n" not in str(caught.value)
+    after = json.loads((bundle / "manifest.json").read_text())
+    assert after["variants"]["int8"] == json.loads((variant_bundle / "manifest.json").read_text())["variants"]["int8"]
+    assert sha256_file(bundle / "scorer.int8.onnx") == sha256_file(variant_bundle / "scorer.int8.onnx")
+    assert not [p.name for p in bundle.iterdir() if p.name.startswith(".")]
 
 
 def test_precision_module_needs_no_torch_or_prefect():

@@ -1,6 +1,7 @@
 import json
 import logging
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,8 @@ import pytest
 from pipeline import cuda_libraries, runtime
 from pipeline.bundle import Bundle
 from pipeline.contract import OUTPUT_NAMES, categorical_input_name
-from pipeline.errors import ConfigError, DeviceError
+from pipeline.cli import main
+from pipeline.errors import BundleError, ConfigError, DeviceError
 from pipeline.outputs import summary_path
 from pipeline.runtime import BundleScorer, create_session, gpu_present
 from pipeline.schema import categorical_strings, numeric_matrix
@@ -122,6 +124,39 @@ def test_score_frame_gives_exactly_what_session_run_gives(trained_bundle, sensor
     got = scorer.score_frame(sensor_frame)[list(OUTPUT_NAMES)].to_numpy().T
     for a, b in zip(expected, got):
         assert np.array_equal(a, b.astype(a.dtype))
+
+
+def _edited(trained_bundle, tmp_path, edit) -> Bundle:
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return Bundle.load(bundle)  # the manifest itself has no hash: this still loads
+
+
+def _swap_two_columns(manifest):
+    numeric = manifest["schema"]["numeric"]
+    numeric[0], numeric[1] = numeric[1], numeric[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_swap_two_columns, r"its numeric columns are \['temperature', 'pressure'.*the manifest's \['pressure', 'temperature'"),
+    (lambda m: m["schema"].update(categorical=["line"]), r"its inputs are .*'cat_shift'.*the manifest's schema needs "
+                                                          r"\['cat_line', 'numeric'\]"),
+    (lambda m: m["calibration"].update(threshold=50.0), r"its threshold is [0-9.]+, the manifest's 50\.0 .*p_value <="),
+])
+def test_a_manifest_that_disagrees_with_its_scorer_is_refused(capsys, trained_bundle, tmp_path, incoming_csv,
+                                                              edit, message):
+    """Before: two columns swapped in the manifest fed each into the other's slot, and every row of
+    a normal batch was flagged, without an error."""
+    bundle = _edited(trained_bundle, tmp_path, edit)
+    with pytest.raises(BundleError, match=message):
+        BundleScorer(bundle, device="cpu", threads=1)
+    output = tmp_path / "scores.parquet"
+    assert main(["score", str(bundle.path), str(incoming_csv), "--output", str(output), "--device", "cpu"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after a warning about the column the edit dropped
+    assert last.startswith(f"error: {bundle.path / 'scorer.onnx'}: ") and re.search(message, last), last
+    assert not output.exists()
 
 
 # --- on a GPU (skipped without one; CI has none) ---------------------------------------------
