@@ -29,7 +29,7 @@ from pipeline.config import ScoreJob, resolve_threads, show_progress
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError, EmptyInputError
 from pipeline.metrics import auprc, auroc
-from pipeline.outputs import OutputWriter, check_not_an_input, summary_path, write_atomic
+from pipeline.outputs import OutputWriter, check_not_an_input, check_outside_bundle, summary_path, write_atomic
 from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.tables import estimate_rows, iter_batches, read_columns
 
@@ -166,6 +166,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
     writer = OutputWriter(job.output)  # validates the output extension and location before any work
     check_not_an_input(job.output, job.inputs)
+    check_outside_bundle(job.output, job.bundle, "--output")
     # Inputs are checked before the session is built, so a bad path fails with its own error
     # alone, not after a device warning.
     bundle = scorer.bundle if scorer else Bundle.load(job.bundle)

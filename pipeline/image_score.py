@@ -29,9 +29,10 @@ from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, text_path, write_errors
-from pipeline.outputs import (OutputWriter, check_location, check_not_an_input, check_output_location, missing_parents,
-                              remove_empty_folders, same_file, summary_path, write_atomic)
-from pipeline.runtime import check_variant_device, create_session, variant_device
+from pipeline.outputs import (OutputWriter, check_location, check_not_an_input, check_output_location,
+                              check_outside_bundle, missing_parents, remove_empty_folders, same_file, summary_path,
+                              write_atomic)
+from pipeline.runtime import check_scorer_agrees, check_variant_device, create_session, variant_device
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
 MAX_IMAGE_BATCH = 256
@@ -50,6 +51,9 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     check_output_location(Path(job.output))
     check_not_an_input(Path(job.output), job.inputs)
     check_side_files(Path(job.output), job.maps_dir, job.inputs)
+    check_outside_bundle(Path(job.output), Path(job.bundle), "--output")
+    if job.maps_dir is not None:
+        check_outside_bundle(Path(job.maps_dir), Path(job.bundle), "--maps")
     writer = OutputWriter(job.output)
     bundle = Bundle.load(job.bundle)
     spec = ImageSpec.from_dict(bundle.manifest["image"])
@@ -63,6 +67,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"],
                            fpr_range=stored_fpr_range(calibration))
     check_variant_device(bundle, job.precision, summary.device)
+    check_scorer_agrees(session, bundle, job.precision)
     errors: list[tuple[str, str]] = []
     # A failed run must not leave maps of the images scored before it failed: they go to a hidden
     # folder beside the maps folder and move in only at the end (see _publish_maps).

@@ -72,6 +72,18 @@ def check_location(path: Path, option: str, kind: str) -> None:
                           f"or move that file away")
 
 
+def check_outside_bundle(path: Path, bundle: Path, option: str) -> None:
+    """Refuse, before any work, an output inside the bundle folder.
+
+    A file there that the manifest lists (``--output B/scorer.onnx``) would break the bundle's
+    hashes, and anything else would be lost when retraining replaces the folder whole.
+    """
+    root = os.path.realpath(bundle)
+    if os.path.commonpath([os.path.realpath(path), root]) == root:
+        raise ConfigError(f"{option} {path}: is inside the bundle {bundle}, which a retrain replaces whole and "
+                          f"whose files are hash-checked; write it outside the bundle folder")
+
+
 def file_above(path: Path) -> Path | None:
     """The nearest existing path above ``path`` when it is a file, so nothing can be created there; else None."""
     existing = next((p for p in path.parents if p.exists()), None)

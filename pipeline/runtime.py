@@ -12,6 +12,7 @@ an H100 it scored 256-image batches at 0.58-0.97x the plain run's rate and 65,53
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -24,7 +25,7 @@ import pyarrow as pa
 from pipeline.bundle import Bundle
 from pipeline.config import resolve_threads
 from pipeline.cuda_libraries import cuda_failure, preload_cuda_libraries
-from pipeline.errors import ConfigError, DeviceError
+from pipeline.errors import BundleError, ConfigError, DeviceError
 from pipeline.contract import (CUDA_PROVIDER_OPTIONS, CUDA_SESSION_OPTIONS, OUTPUT_NAMES,
                                categorical_input_name)
 from pipeline.schema import TableSchema, as_category_array, categorical_strings, check_finite, numeric_matrix
@@ -105,6 +106,35 @@ def check_variant_device(bundle: Bundle, precision: str, device: str) -> None:
                           f"`vaeguard export {bundle.path} --precision {precision} --device {device}`")
 
 
+def check_scorer_agrees(session: ort.InferenceSession, bundle: Bundle, precision: str) -> None:
+    """The manifest says which column goes where and what the threshold is, but only the ONNX files
+    are hash-checked: a hand-edited manifest (two columns swapped, a threshold "adjusted") would
+    feed columns into the wrong slots or report a threshold the graph does not use, silently.
+    The scorer's own metadata and inputs, covered by its hash, are the reference."""
+    path = bundle.scorer_path_for(precision)
+    metadata = session.get_modelmeta().custom_metadata_map
+
+    def refuse(what: str) -> None:
+        raise BundleError(f"{path}: {what}; the manifest was edited or belongs to another bundle: restore "
+                          f"manifest.json or re-export the bundle")
+
+    threshold = bundle.calibration_for(precision)["threshold"]
+    if "vaeguard.threshold" in metadata and float(metadata["vaeguard.threshold"]) != threshold:
+        refuse(f"its threshold is {metadata['vaeguard.threshold']}, the manifest's {threshold!r} (the threshold is "
+               f"baked into the graph; to flag at another rate, use p_value <= that rate)")
+    if bundle.manifest.get("modality") == "image":
+        return  # one image input, whose size the session checks on every batch
+    schema = bundle.schema
+    # Order matters for the numeric block only: categorical inputs are named (checked below).
+    baked = metadata.get("vaeguard.numeric_columns")
+    if baked is not None and json.loads(baked) != list(schema.numeric):
+        refuse(f"its numeric columns are {json.loads(baked)}, the manifest's {list(schema.numeric)}")
+    inputs = {value.name: value.shape for value in session.get_inputs()}
+    expected = ({"numeric"} if schema.numeric else set()) | {categorical_input_name(c) for c in schema.categorical}
+    if set(inputs) != expected or (schema.numeric and inputs["numeric"][1] != len(schema.numeric)):
+        refuse(f"its inputs are {inputs}, the manifest's schema needs {sorted(expected)}")
+
+
 def table_feeds(schema: TableSchema, numeric: np.ndarray, categories: list[np.ndarray]) -> dict[str, np.ndarray]:
     """A table scorer's inputs: the numeric block (if any) and one string array per categorical column."""
     feeds = {}
@@ -131,6 +161,7 @@ class BundleScorer:
                                       threads)
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         check_variant_device(bundle, precision, self.device)
+        check_scorer_agrees(self.session, bundle, precision)
 
     @property
     def numeric_columns(self) -> list[str]:

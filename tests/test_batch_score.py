@@ -195,6 +195,21 @@ def test_a_failed_rename_leaves_no_temp_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_inside_the_bundle_is_refused(trained_bundle, frame, tmp_path):
+    """--output B/calibration_rows.parquet replaced a hashed bundle file, and the bundle stopped loading."""
+    import shutil
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    source = write_table(frame.iloc[:50], tmp_path / "in.csv")
+    for output in (bundle / "calibration_rows.parquet", bundle / "scores" / "s.parquet", bundle / "s.csv"):
+        with pytest.raises(ConfigError, match="inside the bundle"):
+            score_files(ScoreJob(bundle, (source,), output, device="cpu"))
+    assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before
+    assert not (bundle / "scores").exists()
+    Bundle.load(bundle)
+
+
 def test_merge_of_parts_refuses_to_replace_an_input(trained_bundle, frame, tmp_path):
     """The flow's merge step names the inputs too: its output must not be one of them."""
     source = write_table(frame.iloc[:50], tmp_path / "in.csv")

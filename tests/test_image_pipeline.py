@@ -581,6 +581,20 @@ def test_failed_run_leaves_no_folders_it_created(capsys, tmp_path, texture_bundl
     assert sorted(p.name for p in tmp_path.iterdir()) == ["badvals.npy", "defects"]
 
 
+def test_a_manifest_threshold_the_image_scorer_does_not_use_is_refused(capsys, tmp_path, texture_bundle):
+    """The threshold is baked into scorer.onnx: an "adjusted" one in the manifest was reported, not used."""
+    import shutil
+
+    bundle = shutil.copytree(texture_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["calibration"]["threshold"] *= 2
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    save_png(tmp_path / "images" / "img_0.png", textures(1, seed=9)[0])
+    code, _, err = run_main(capsys, "score", bundle, tmp_path / "images", "--output", tmp_path / "s.csv",
+                            "--device", "cpu")
+    assert code == 1 and "its threshold is" in one_error_line(err) and not (tmp_path / "s.csv").exists()
+
+
 def test_file_names_that_are_not_utf8_are_scored_and_recorded(capsys, tmp_path, texture_bundle):
     folder = tmp_path / "incoming"
     save_png(folder / "plain.png", textures(1, seed=9)[0])
