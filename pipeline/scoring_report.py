@@ -1,4 +1,4 @@
-"""The scoring report (`vaeguard score ... --report`): report.html next to the scores.
+"""The scoring report (`vaeguard score ... --report`): <output stem>.report.html next to the scores.
 
 How this batch's scores compare with the calibration scores, the anomaly rate against the
 target, drift statistics, and the top anomalies with what drives them: for tables the columns
@@ -35,7 +35,9 @@ TOP_ANOMALIES = 20
 
 
 def report_path(output: Path) -> Path:
-    return output.parent / "report.html"
+    """<output stem>.report.html beside the scores, like the summary: nightly runs writing into one
+    folder keep one report each (a shared report.html kept only the last run's)."""
+    return output.with_name(output.stem + ".report.html")
 
 
 def read_scores(output: Path) -> pd.DataFrame:

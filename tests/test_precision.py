@@ -282,7 +282,7 @@ def test_report_of_a_variant_uses_its_own_calibration(capsys, tmp_path, variant_
                               "--precision", "int8", "--device", "cpu", "--threads", "2")
     assert code == 0, err
     entry = Bundle.load(variant_bundle).manifest["variants"]["int8"]
-    html = (tmp_path / "report.html").read_text()
+    html = (tmp_path / "scores.report.html").read_text()
     assert "int8 (scorer.int8.onnx)" in html and f"{entry['threshold']:.4g}" in html
     job = ScoreJob(bundle=variant_bundle, inputs=(incoming_csv,), output=output, precision="int8")
     assert "| scored by | int8 (scorer.int8.onnx) |" in summary_markdown(job)

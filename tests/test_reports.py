@@ -111,7 +111,14 @@ def test_scoring_report_sections_match_the_scores(trained_bundle, incoming_csv, 
     assert rate["anomalies"] == f"{int(scored['is_anomaly'].sum()):,}"
     top = sections[3].tables[0][1]
     assert top["row_id"].astype(int).tolist() == scored.nlargest(10, "score")["row_id"].astype(int).tolist()
-    assert (tmp_path / "report.html").exists()
+    assert (tmp_path / "scores.report.html").exists()
+    # A second run into the same folder keeps the first run's report.
+    first = (tmp_path / "scores.report.html").read_bytes()
+    assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(tmp_path / "feb.csv"),
+                 "--device", "cpu", "--report"]) == 0
+    assert (tmp_path / "scores.report.html").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.glob("*.report*")) == ["feb.report.html", "feb.report_files",
+                                                                  "scores.report.html", "scores.report_files"]
 
 
 def test_scoring_report_names_the_column_that_overflowed(trained_bundle, incoming_csv, tmp_path):
@@ -137,7 +144,7 @@ def test_scoring_report_renders_with_every_image(trained_bundle, incoming_csv, t
     out = tmp_path / "scores.csv"
     assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(out), "--device", "cpu",
                  "--report"]) == 0
-    assert_renders(tmp_path / "report.html", tmp_path, expected_images=2)
+    assert_renders(tmp_path / "scores.report.html", tmp_path, expected_images=2)
 
 
 @needs_browser
@@ -166,7 +173,7 @@ def test_image_training_and_scoring_reports_render(tmp_path):
     assert_renders(bundle / "report.html", tmp_path, expected_images=4)
     out = tmp_path / "scored" / "scores.parquet"
     assert main(["score", str(bundle), str(folder), "--output", str(out), "--device", "cpu", "--report"]) == 0
-    assert_renders(out.parent / "report.html", tmp_path, expected_images=2)
+    assert_renders(out.parent / "scores.report.html", tmp_path, expected_images=2)
 
 
 def small_figure(title: str = "ok"):
@@ -320,7 +327,7 @@ def test_scoring_report_of_undecodable_and_dollar_file_names(image_bundle, tmp_p
     sections = scoring_sections(ScoreJob(image_bundle, (folder,), out))
     titles, _ = shown_images(sections)
     assert len(titles) == 4 and all(t.startswith("caf\\xe9_$_a_$_") for t in titles)
-    html = (out.parent / "report.html").read_text(encoding="ascii")
+    html = (out.parent / "scores.report.html").read_text(encoding="ascii")
     assert html.count("<img ") == 2
 
     for picture in folder.iterdir():
