@@ -36,7 +36,7 @@ class Section:
     text: str = ""  # plain text, escaped; paragraphs split on blank lines
     figures: list = field(default_factory=list)  # (name, matplotlib Figure)
     tables: list = field(default_factory=list)  # (caption, DataFrame)
-    alert: str = ""  # shown in red at the top of the section
+    alert: str = ""  # shown in red at the top of the section, one paragraph per line
 
 
 def slug(text: str) -> str:
@@ -52,8 +52,8 @@ def render(title: str, sections: list[Section]) -> tuple[str, dict[str, bytes]]:
     body, pngs = [f"<h1>{html.escape(title)}</h1>"], {}
     for section in sections:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
-        if section.alert:
-            body.append(f'<p class="alert">{html.escape(section.alert)}</p>')
+        for alert in filter(None, section.alert.split("\n")):  # alerts hold "; " themselves: one per paragraph
+            body.append(f'<p class="alert">{html.escape(alert)}</p>')
         for paragraph in filter(None, section.text.split("\n\n")):
             body.append(f"<p>{html.escape(paragraph)}</p>")
         for name, figure in section.figures:

@@ -78,7 +78,7 @@ def scoring_sections(job: ScoreJob) -> list[Section]:
         Section("Anomaly rate", tables=[("Flagged rows against the target false-positive rate", facts_table(rate))]),
         Section("Drift", "Population stability index (PSI) and Kolmogorov-Smirnov statistic of the scores "
                 "against the calibration scores; PSI above 0.25 usually means the data changed.",
-                alert="; ".join(drift.alerts),
+                alert="\n".join(drift.alerts),
                 tables=[("", facts_table({"PSI": _fmt(drift.psi), "KS statistic": _fmt(drift.ks_statistic),
                                           "KS p-value": _fmt(drift.ks_p_value)}))]),
     ]

@@ -334,3 +334,12 @@ def test_scoring_report_of_undecodable_and_dollar_file_names(image_bundle, tmp_p
         picture.unlink()  # scored, then moved away before the report was rebuilt
     (last,) = [s for s in scoring_sections(ScoreJob(image_bundle, (folder,), out)) if s.title == "Most anomalous images"]
     assert not last.figures and "None of the 4 highest-scoring images could be read again" in last.text
+
+
+def test_each_drift_alert_is_its_own_paragraph(tmp_path):
+    """Alerts carry "; " inside them, so two joined by "; " read as one."""
+    from pipeline.report_html import Section, write_report
+
+    path = write_report(tmp_path / "r.html", "t", [Section("Drift", alert="rate 9% is far above 1%; inspect\n"
+                                                                            "PSI 0.41 > 0.25; retrain")])
+    assert path.read_text().count('<p class="alert">') == 2
