@@ -7,11 +7,14 @@ traceback, and the exit status is 1; `--verbose` adds the traceback and debug lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -38,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--label-column", help="0/1 column (1 = anomaly); anomalies are never trained on")
     train.add_argument("--id-columns", type=_columns, default=(), help="comma-separated columns copied to scores")
     train.add_argument("--target-fpr", type=float, help="false-positive rate of the threshold (default 0.01)")
-    train.add_argument("--config", type=Path, help="YAML file with preprocess/model/training/calibration sections")
+    train.add_argument("--config", type=Path, help="YAML file with preprocess/model/training/calibration sections; "
+                       "--target-fpr, --seed, --trim-fraction and --device, when given, win over its values")
     train.add_argument("--seed", type=int, help="random seed (default 0)")
     train.add_argument("--trim-fraction", type=float,
                        help="if the training rows may hold anomalies: leave each batch's worst-fitting share of "
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--maps", type=Path, help="image bundles: write a PNG (image, reconstruction, heat map) "
                        "for each flagged image into this folder")
     score.add_argument("--report", action="store_true",
-                       help="write report.html next to the output: score histograms, rate, drift, top anomalies")
+                       help="write OUT.report.html next to the output: score histograms, rate, drift, top anomalies")
     score.add_argument("--task-runner", choices=("local", "dask"), default="local",
                        help="dask: one Prefect task per input file on a Dask cluster (prefect-dask)")
     score.add_argument("--dask-address", help="tcp://host:port of a Dask scheduler (default: a local cluster)")
@@ -117,8 +121,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if overrides:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, **overrides))
     # A CSV is a table unless --image-size says its path column points at images.
-    if args.image_size or (args.data.suffix.lower() != ".csv" and is_image_input(args.data, args.path_column)):
-        job = ImageTrainJob(data=args.data, name=args.name, out_dir=args.out, image_size=args.image_size or 64,
+    if args.image_size is not None or (args.data.suffix.lower() != ".csv"
+                                       and is_image_input(args.data, args.path_column)):
+        # `is None`, not `or`: --image-size 0 must be refused, not read as "no size, so a table".
+        size = 64 if args.image_size is None else args.image_size
+        job = ImageTrainJob(data=args.data, name=args.name, out_dir=args.out, image_size=size,
                             channels=args.channels, path_column=args.path_column, config=config)
         facts = run_image_training(job)
     else:
@@ -179,7 +186,8 @@ def cmd_score(args: argparse.Namespace) -> None:
 
         cluster = {"cluster_kwargs": {"n_workers": 2, "threads_per_worker": 1}}
         runner = DaskTaskRunner(address=args.dask_address) if args.dask_address else DaskTaskRunner(**cluster)
-        summary = score_flow.with_options(task_runner=runner)(job)
+        with tracebacks_in_logs(args.verbose):
+            summary = score_flow.with_options(task_runner=runner)(job)
         print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary['rows']:,} rows, "
               f"{summary['anomalies']:,} anomalies: observed rate {summary['anomaly_rate']:.4%} against target "
               f"FPR {summary['target_fpr']:.4%}")
@@ -237,7 +245,41 @@ def cmd_demo(args: argparse.Namespace) -> None:
     # The one command that reaches into flows/: the demo *is* the Prefect path.
     from flows.demo import run_demo
 
-    run_demo(rows=args.rows, out_dir=args.out, work_dir=args.work)
+    with tracebacks_in_logs(args.verbose):
+        run_demo(rows=args.rows, out_dir=args.out, work_dir=args.work)
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, leaving out its traceback."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+@contextlib.contextmanager
+def tracebacks_in_logs(verbose: bool):
+    """Prefect logs a failed task or flow run with its traceback, twice, on the console; without
+    --verbose the CLI's one `error:` line is the report. Only the console handlers change: the
+    records, and the copies sent to the Prefect API, keep their tracebacks."""
+    handlers = [] if verbose else [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
+                                   and not isinstance(h.formatter, _WithoutTraceback)]
+    saved = [h.formatter for h in handlers]
+    for handler in handlers:
+        handler.setFormatter(_WithoutTraceback(handler.formatter))
+    try:
+        yield
+    finally:
+        for handler, formatter in zip(handlers, saved):
+            handler.setFormatter(formatter)
 
 
 COMMANDS = {"train": cmd_train, "score": cmd_score, "export": cmd_export, "serve": cmd_serve, "inspect": cmd_inspect,
@@ -252,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     log.handlers[:] = [handler]  # replace, not add: main() may run many times in one process
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.propagate = False
+    previous = _stop_cleanly_on_sigterm() if args.command != "serve" else None
     try:
         COMMANDS[args.command](args)
     except PipelineError as exc:
@@ -259,16 +302,42 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        print(f"error: {how}; no output was written", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.verbose:
             traceback.print_exc()
         print(f"error: unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _stop_cleanly_on_sigterm():
+    """SIGTERM (`timeout`, `kill`, a scheduler stopping a job) ends Python at once by default,
+    skipping the `finally` blocks that remove a run's staging folder and part files; raising
+    instead unwinds them, as Ctrl-C does. `serve` is left to Prefect, which stops its runs itself."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ any subset, section by section, and unknown keys are an error rather than silent
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,17 @@ class PreprocessConfig:
     # Explicit overrides of the inferred column kinds.
     categorical_columns: tuple[str, ...] = ()
     numeric_columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _integer(self, "preprocess", "max_integer_categories", 0)
+        _integer(self, "preprocess", "max_categories", 1)
+        _integer(self, "preprocess", "min_category_count", 1)
+        for key in ("categorical_columns", "numeric_columns"):
+            _names(self, "preprocess", key)
+        both = sorted(set(self.categorical_columns) & set(self.numeric_columns))
+        if both:
+            raise ConfigError(f"preprocess: column(s) {both} are in both categorical_columns and numeric_columns; "
+                              f"name each column in one of them")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,18 @@ class ModelConfig:
     beta: float = 0.1
     # Weight of the KL term in the anomaly score: score = recon + kl_weight * kl.
     kl_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        hidden = self.hidden_sizes
+        if hidden is not None and (not isinstance(hidden, tuple) or not hidden
+                                   or not all(_is_int(h) and h >= 1 for h in hidden)):
+            raise ConfigError(f"model.hidden_sizes must be null or a non-empty list of positive integers, got "
+                              f"{_shown(hidden)}; e.g. hidden_sizes: [64, 32], or null to size them from the features")
+        if self.latent_dim is not None:
+            _integer(self, "model", "latent_dim", 1, fix="e.g. latent_dim: 8, or null to size it from the features")
+        _choice(self, "model", "activation", ACTIVATIONS)
+        _number(self, "model", "beta", 0.0)
+        _number(self, "model", "kl_weight", 0.0)
 
 
 @dataclass(frozen=True)
@@ -85,9 +110,24 @@ class TrainingConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"training.seed (--seed) must be a non-negative integer, got {self.seed!r}; "
                               f"pass e.g. --seed 0")
-        if not 0 <= self.trim_fraction < 0.5:
+        if not _is_number(self.trim_fraction) or not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"training.trim_fraction must be at least 0 and below 0.5, got {self.trim_fraction!r}; "
                               f"0.05 leaves each batch's worst-fitting 5% of rows out of the loss")
+        # Otherwise these fail deep inside training, after the data is read, as a TypeError or an
+        # IndexError; and a learning rate of 0 would export an untrained model without a word.
+        _integer(self, "training", "max_epochs", 1)
+        _integer(self, "training", "batch_size", 1)
+        _integer(self, "training", "patience", 1)
+        _number(self, "training", "learning_rate", 0.0, low_open=True)
+        _number(self, "training", "weight_decay", 0.0)
+        _number(self, "training", "val_fraction", 0.0, 1.0, high_open=True)
+        _choice(self, "training", "device", ("auto", "cpu", "cuda"), flag="--device")
+        _choice(self, "training", "mixed_precision", ("auto", "fp32", "bf16"))
+        if self.threads is not None:
+            _integer(self, "training", "threads", 1, fix="e.g. threads: 2, or null for every core up to 4")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ConfigError(f"training.progress must be true, false or null, got {_shown(self.progress)}; "
+                              f"null shows a progress bar only on a terminal")
 
 
 @dataclass(frozen=True)
@@ -99,6 +139,18 @@ class CalibrationConfig:
     # Beyond this many calibration rows p-values gain nothing; the rest go to training.
     max_calibration_rows: int = 20_000
 
+    def __post_init__(self) -> None:
+        # pipeline.calibrate checks the target again, but only once the data is read.
+        _number(self, "calibration", "target_fpr", 0.0, 0.5, low_open=True, high_open=True, flag="--target-fpr",
+                fix="0.01 means 1% false alarms")
+        _number(self, "calibration", "cal_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        _number(self, "calibration", "test_fraction", 0.0, 1.0, high_open=True)
+        # Fewer could never reach the target, and the search for the rows needed would not end.
+        needed = math.ceil(1.0 / self.target_fpr) - 1
+        _integer(self, "calibration", "max_calibration_rows", needed,
+                 fix=f"target FPR {self.target_fpr} needs at least {needed} calibration rows: raise "
+                     f"max_calibration_rows or the target FPR")
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -106,6 +158,23 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def __post_init__(self) -> None:
+        from pipeline.splits import MIN_TRAIN_SHARE  # splits imports this module
+
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if type(value).__name__ != section.type:
+                raise ConfigError(f"config.{section.name} must be a {section.type}, got {type(value).__name__}; "
+                                  f"build one with pipeline.config.{section.type}(...) or load_config(FILE.yaml)")
+        # Validation and test rows are shares of the table; training must keep MIN_TRAIN_SHARE of
+        # it, or no table is large enough and the search for the rows needed never ends.
+        held_out = self.training.val_fraction + self.calibration.test_fraction
+        if held_out >= 1 - MIN_TRAIN_SHARE:
+            raise ConfigError(f"training.val_fraction ({self.training.val_fraction}) plus calibration.test_fraction "
+                              f"({self.calibration.test_fraction}) is {held_out:.3g}, which leaves less than "
+                              f"{MIN_TRAIN_SHARE:.0%} of the rows to train on; keep their sum below "
+                              f"{1 - MIN_TRAIN_SHARE:.2g}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,17 +184,22 @@ class PipelineConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
         sections = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(sections))
+        unknown = sorted(set(raw) - set(sections), key=str)
         if unknown:
             raise ConfigError(
                 f"{source}: unknown section(s) {unknown}; expected some of {sorted(sections)}"
             )
         defaults = cls()
-        built = {
-            name: _build_section(getattr(defaults, name), raw.get(name) or {}, f"{source}:{name}")
-            for name in sections
-        }
-        return cls(**built)
+        try:
+            built = {
+                name: _build_section(getattr(defaults, name), raw.get(name) or {}, f"{source}:{name}")
+                for name in sections
+            }
+            return cls(**built)
+        except ConfigError as exc:
+            message = str(exc)
+            # Name the file for a bad value too, so it is not mistaken for one from a flag.
+            raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from exc
 
 
 @dataclass(frozen=True)
@@ -141,6 +215,17 @@ class TrainJob:
 
     def __post_init__(self) -> None:
         check_bundle_name(self.name)
+        _paths(self, "data", "out_dir")
+        if self.label_column is not None and not isinstance(self.label_column, str):
+            raise ConfigError(f"--label-column must be a column name, got {self.label_column!r}; "
+                              f"pass e.g. --label-column label")
+        # A bare string would be taken as one column per character.
+        if isinstance(self.id_columns, list):
+            object.__setattr__(self, "id_columns", tuple(self.id_columns))
+        if not isinstance(self.id_columns, tuple) or not all(isinstance(c, str) for c in self.id_columns):
+            raise ConfigError(f"--id-columns must be a list of column names, got {self.id_columns!r}; "
+                              f"pass e.g. --id-columns row_id,batch (id_columns=('row_id', 'batch') in Python)")
+        _pipeline_config(self.config)
         # A column named twice would be copied twice into the run's table, which pandas refuses
         # only after the whole file is read; and an id column cannot be the label as well.
         named = [*self.id_columns, *([self.label_column] if self.label_column else [])]
@@ -169,6 +254,15 @@ class ImageTrainJob:
 
     def __post_init__(self) -> None:
         check_bundle_name(self.name)
+        _paths(self, "data", "out_dir")
+        # Checked here too (pipeline.images.ImageSpec checks again), so a bad size fails before
+        # any image is read, in the CLI and the flows alike.
+        if not _is_int(self.image_size) or self.image_size < 1:
+            raise ConfigError(f"--image-size must be a positive integer, got {self.image_size!r}; pass e.g. "
+                              f"--image-size 64")
+        if not _is_int(self.channels) or self.channels not in (1, 3):
+            raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
+        _pipeline_config(self.config)
 
     @property
     def bundle_dir(self) -> Path:
@@ -186,8 +280,32 @@ class ScoreJob:
     batch_size: int = 65_536
     threads: int | None = None
     maps_dir: Path | None = None  # image bundles: write anomaly-map PNGs of flagged images here
-    report: bool = False  # write report.html (plots, drift, top anomalies) next to the output
+    report: bool = False  # write OUT.report.html (plots, drift, top anomalies) next to the output
     precision: str = "fp32"  # fp32 (scorer.onnx) or a variant `vaeguard export --precision` added: fp16, int8
+
+    def __post_init__(self) -> None:
+        # The flows take this object as the CLI builds it, so both refuse the same values, before
+        # any work (a Dask cluster, a part file).
+        _paths(self, "bundle", "output")
+        if self.maps_dir is not None:
+            _paths(self, "maps_dir")
+        # A bare string would be taken as one input per character.
+        if isinstance(self.inputs, (str, os.PathLike)) or not isinstance(self.inputs, (tuple, list)):
+            raise ConfigError(f"inputs must be a list of paths, got {self.inputs!r}; pass e.g. "
+                              f"inputs=(Path('new.csv'),)")
+        if not self.inputs:
+            raise ConfigError("no input to score; name at least one CSV, Parquet file or image folder")
+        object.__setattr__(self, "inputs", tuple(_path(p, "each input") for p in self.inputs))
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be a positive number of rows, got {self.batch_size!r}; "
+                              f"pass e.g. --batch-size 65536")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise ConfigError(f"--threads must be a positive integer, got {self.threads!r}; pass e.g. --threads 2, "
+                              f"or leave it out for the default")
+        for option, value, choices in (("--device", self.device, ("auto", "cpu", "cuda")),
+                                       ("--precision", self.precision, ("fp32", "fp16", "int8"))):
+            if value not in choices:
+                raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def check_bundle_name(name: str) -> None:
@@ -200,6 +318,80 @@ def check_bundle_name(name: str) -> None:
                           f"with '.'), got {name!r}; pass e.g. --name my_model")
 
 
+def _paths(job: Any, *names: str) -> None:
+    """Paths given as strings (from Python or a Prefect parameter) become Path objects."""
+    for name in names:
+        object.__setattr__(job, name, _path(getattr(job, name), name))
+
+
+def _path(value: Any, name: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or str(value) == "":
+        raise ConfigError(f"{name} must be a path, got {value!r}")
+    return Path(value)
+
+
+def _pipeline_config(config: Any) -> None:
+    if not isinstance(config, PipelineConfig):
+        raise ConfigError(f"config must be a PipelineConfig (pipeline.config.load_config reads one from YAML), "
+                          f"got {type(config).__name__}")
+
+
+# Hidden-layer activations pipeline.model.ACTIVATIONS builds (named here so that a config is
+# checked without importing torch; tests/test_workflow.py keeps the two equal).
+ACTIVATIONS = ("elu", "leaky_relu", "relu", "silu", "tanh")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def _bad(section: str, key: str, flag: str | None, expected: str, value: Any, fix: str) -> ConfigError:
+    where = f"{section}.{key}" + (f" ({flag})" if flag else "")
+    return ConfigError(f"{where} must be {expected}, got {_shown(value)}; {fix}")
+
+
+def _integer(config: Any, section: str, key: str, minimum: int, fix: str = "") -> None:
+    value = getattr(config, key)
+    if not _is_int(value) or value < minimum:
+        raise _bad(section, key, None, f"an integer of at least {minimum}", value,
+                   fix or f"e.g. {key}: {getattr(type(config)(), key)}")
+
+
+def _number(config: Any, section: str, key: str, low: float, high: float = math.inf, *, low_open: bool = False,
+             high_open: bool = False, flag: str | None = None, fix: str = "") -> None:
+    value = getattr(config, key)
+    inside = _is_number(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if not inside:
+        bounds = f"{'above' if low_open else 'of at least'} {low:g}" + (
+            "" if high == math.inf else f" and {'below' if high_open else 'at most'} {high:g}")
+        raise _bad(section, key, flag, f"a number {bounds}", value,
+                   fix or f"e.g. {key}: {getattr(type(config)(), key)}")
+
+
+def _choice(config: Any, section: str, key: str, choices: tuple[str, ...], flag: str | None = None) -> None:
+    value = getattr(config, key)
+    if value not in choices or not isinstance(value, str):
+        raise _bad(section, key, flag, f"one of {', '.join(choices)}", value,
+                   f"e.g. {key}: {getattr(type(config)(), key)}")
+
+
+def _names(config: Any, section: str, key: str) -> None:
+    # A bare string would be matched by `name in value`, that is by substring.
+    value = getattr(config, key)
+    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+        raise _bad(section, key, None, "a list of column names", value,
+                   f"e.g. {key}: [line, shift]; quote a name YAML would read as a number or a boolean: ['1']")
+
+
 _T = TypeVar("_T")
 
 
@@ -207,15 +399,38 @@ def _build_section(default: _T, raw: Any, source: str) -> _T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping, got {raw!r}")
     known = {f.name: f for f in dataclasses.fields(default)}
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(set(raw) - set(known), key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     values = {}
     for key, value in raw.items():
         if isinstance(value, list):
             value = tuple(value)
+        elif isinstance(value, str) and isinstance(getattr(default, key), float):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; YAML 1.2 and people read a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         values[key] = value
     return dataclasses.replace(default, **values)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice is an error: YAML keeps only the last, so a
+    section written twice (an appended `training:`) would silently drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader refuses it, with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
@@ -223,12 +438,19 @@ def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
     if path is None:
         return PipelineConfig()
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file, e.g. --config vaeguard.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(" ".join(f"{where}: not valid YAML: {problem}; fix the file there".split())) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {one_line(exc)}") from exc
     return PipelineConfig.from_dict(raw, source=str(path))
 
 

@@ -29,6 +29,7 @@ from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input
 from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata
 from pipeline.metrics import auprc, auroc
 from pipeline.model import VAE
+from pipeline.outputs import make_parents, remove_empty_folders
 from pipeline.preprocess import Preprocessor, check_training_scale, fit_preprocessor
 from pipeline.schema import TableSchema, infer_schema, label_vector, numeric_matrix
 from pipeline.scorer_graph import ScorerGraph, graph_inputs
@@ -43,6 +44,7 @@ class RunDir:
     """Where one training run keeps its intermediate files."""
 
     root: Path
+    made: tuple[Path, ...] = ()  # folders above root that this run created (--out), deepest first
 
     @classmethod
     def create(cls, job: TrainJob) -> "RunDir":
@@ -50,8 +52,9 @@ class RunDir:
         # with this, so a target that must not be replaced fails before any data is read.
         check_publish_target(job.bundle_dir)
         root = job.out_dir / f".{job.name}.run-{uuid.uuid4().hex[:8]}"
-        root.mkdir(parents=True)
-        return cls(root)
+        made = tuple(make_parents(root))
+        root.mkdir()
+        return cls(root, made)
 
     rows = property(lambda self: self.root / "rows.parquet")
     schema = property(lambda self: self.root / "schema.json")
@@ -65,6 +68,7 @@ class RunDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        remove_empty_folders(list(self.made))  # a published bundle keeps --out; a failed run leaves none
 
 
 def _source(job: TrainJob) -> str:

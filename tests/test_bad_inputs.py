@@ -574,3 +574,127 @@ def test_train_datetime_column_is_named(capsys, tmp_path, sensor_frame, out_dir,
     message = error_line(*run_train(capsys, data, out_dir, fast_yaml))
     assert str(data) in message and "'ts' holds dates or times" in message and "--id-columns ts" in message
     assert list(out_dir.iterdir()) == []
+
+
+# --- the configuration file and options (checked before any data is read) ------------------
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("training:\n  max_epochs: ten\n", "training.max_epochs must be an integer of at least 1, got 'ten'"),
+    ("training:\n  max_epochs: 1.5\n", "training.max_epochs must be an integer of at least 1, got 1.5"),
+    ("training:\n  max_epochs: -3\n", "training.max_epochs must be an integer of at least 1, got -3"),
+    ("training:\n  max_epochs: true\n", "training.max_epochs must be an integer of at least 1, got True"),
+    ("training:\n  batch_size: 0\n", "training.batch_size must be an integer of at least 1, got 0"),
+    ("training:\n  patience: 0\n", "training.patience must be an integer of at least 1, got 0"),
+    ("training:\n  learning_rate: 0\n", "training.learning_rate must be a number above 0, got 0"),
+    ("training:\n  learning_rate: .nan\n", "training.learning_rate must be a number above 0, got nan"),
+    ("training:\n  threads: -2\n", "training.threads must be an integer of at least 1, got -2"),
+    ("training:\n  device: gpu\n", "training.device (--device) must be one of auto, cpu, cuda, got 'gpu'"),
+    ("training:\n  progress: yes please\n", "training.progress must be true, false or null, got 'yes please'"),
+    ("training:\n  val_fraction: 0.5\n", "leaves less than 40% of the rows to train on"),
+    ("calibration:\n  target_fpr: 1.5\n", "calibration.target_fpr (--target-fpr) must be a number above 0 and below "
+                                          "0.5, got 1.5"),
+    ("calibration:\n  target_fpr: 0\n", "calibration.target_fpr (--target-fpr) must be a number above 0"),
+    ("calibration:\n  cal_fraction: 1.2\n", "calibration.cal_fraction must be a number above 0 and below 1, got 1.2"),
+    ("calibration:\n  max_calibration_rows: 10\n", "calibration.max_calibration_rows must be an integer of at least "
+                                                   "99, got 10"),
+    ("model:\n  activation: gelu\n", "model.activation must be one of elu, leaky_relu, relu, silu, tanh, got 'gelu'"),
+    ("model:\n  hidden_sizes: 64\n", "model.hidden_sizes must be null or a non-empty list of positive integers, "
+                                     "got 64"),
+    ("model:\n  latent_dim: 0\n", "model.latent_dim must be an integer of at least 1, got 0"),
+    ("model:\n  beta: -1\n", "model.beta must be a number of at least 0, got -1"),
+    ("preprocess:\n  categorical_columns: line\n", "preprocess.categorical_columns must be a list of column "
+                                                   "names, got 'line'"),
+    ("preprocess:\n  categorical_columns: [line]\n  numeric_columns: [line]\n",
+     "column(s) ['line'] are in both categorical_columns and numeric_columns"),
+], ids=lambda v: v.split("\n")[1].strip() if "\n" in v else None)
+def test_train_bad_config_value_names_file_and_key_before_reading_data(capsys, tmp_path, out_dir, yaml_text,
+                                                                       expected):
+    # The data file does not exist: a value checked only once training runs would report that instead.
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    message = error_line(*run_train(capsys, tmp_path / "missing.csv", out_dir, config))
+    assert message.startswith(f"error: {config}: "), message
+    assert expected in message
+    assert list(out_dir.iterdir()) == []
+
+
+def test_train_config_learning_rate_in_e_notation_is_a_number(capsys, tmp_path, out_dir):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; it would fail inside Adam after the data is read.
+    config = tmp_path / "lr.yaml"
+    config.write_text("training:\n  learning_rate: 1e-3\n")
+    from pipeline.config import load_config
+
+    assert load_config(config).training.learning_rate == 0.001
+    message = error_line(*run_train(capsys, tmp_path / "missing.csv", out_dir, config))
+    assert "missing.csv" in message  # past the config: the missing data file is the only problem
+
+
+def _config_with_syntax_error(path: Path) -> tuple[Path, str]:
+    path.write_text("training:\n  max_epochs: 3\n   patience: [\n")
+    return path, f"{path}, line 3, column 12: not valid YAML: mapping values are not allowed here"
+
+
+def _config_with_key_twice(path: Path) -> tuple[Path, str]:
+    # YAML keeps the last: the first training section, max_epochs included, would vanish unseen.
+    path.write_text("training:\n  max_epochs: 3\ncalibration:\n  target_fpr: 0.05\ntraining:\n  seed: 1\n")
+    return path, f"{path}, line 5, column 1: not valid YAML: key 'training' is given twice"
+
+
+def _config_folder(path: Path) -> tuple[Path, str]:
+    path.mkdir()
+    return path, f"config file {path} is a folder"
+
+
+def _config_list(path: Path) -> tuple[Path, str]:
+    path.write_text("- training\n")
+    return path, f"{path}: expected a mapping of sections, got list"
+
+
+def _config_misspelt_section(path: Path) -> tuple[Path, str]:
+    path.write_text("modle:\n  beta: 1\n")
+    return path, f"{path}: unknown section(s) ['modle']"
+
+
+def _config_misspelt_key(path: Path) -> tuple[Path, str]:
+    path.write_text("training:\n  max_epoch: 3\n")
+    return path, f"{path}:training: unknown key(s) ['max_epoch']"
+
+
+def _config_not_utf8(path: Path) -> tuple[Path, str]:
+    path.write_bytes(b"training:\n  device: \xe9\n")
+    return path, f"config file {path} cannot be read as UTF-8 text"
+
+
+@pytest.mark.parametrize("make", [_config_with_syntax_error, _config_with_key_twice, _config_folder, _config_list,
+                                  _config_misspelt_section, _config_misspelt_key, _config_not_utf8])
+def test_train_unusable_config_file(capsys, tmp_path, out_dir, make):
+    config, expected = make(tmp_path / "vaeguard.yaml")
+    message = error_line(*run_train(capsys, tmp_path / "missing.csv", out_dir, config))
+    assert expected in message, message
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--target-fpr", "0", "calibration.target_fpr (--target-fpr) must be a number above 0 and below 0.5, got 0.0"),
+    ("--target-fpr", "nan", "calibration.target_fpr (--target-fpr) must be a number above 0 and below 0.5, got nan"),
+    ("--target-fpr", "0.00001", "target FPR 1e-05 needs at least 99999 calibration rows"),
+    ("--image-size", "0", "--image-size must be a positive integer, got 0"),
+    ("--image-size", "-8", "--image-size must be a positive integer, got -8"),
+])
+def test_train_option_out_of_range_fails_before_reading_data(capsys, tmp_path, out_dir, fast_yaml, option, value,
+                                                            expected):
+    message = error_line(*run_train(capsys, tmp_path / "missing.csv", out_dir, fast_yaml, option, value))
+    assert expected in message, message
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--threads", "0", "--threads must be a positive integer, got 0"),
+    ("--threads", "-1", "--threads must be a positive integer, got -1"),
+])
+def test_score_option_out_of_range_is_refused(capsys, tmp_path, trained_bundle, scores_dir, option, value, expected):
+    output = scores_dir / "scores.parquet"
+    message = error_line(*run_score(capsys, trained_bundle, [tmp_path / "missing.csv"], output, option, value))
+    assert expected in message, message
+    assert list(scores_dir.iterdir()) == []

@@ -206,7 +206,8 @@ def test_trim_fraction_out_of_range_fails_before_any_work(capsys, tmp_path, sens
     extra = ("--trim-fraction", "0.6") if how == "flag" else ("--config", config)
     code, _, err = run_main(capsys, "train", sensor_csv, "--name", "bad", *extra, "--out", tmp_path / "exported")
     assert code == 1
-    assert err.strip() == ("error: training.trim_fraction must be at least 0 and below 0.5, got 0.6; "
+    source = "" if how == "flag" else f"{config}: "  # a value from the file names the file
+    assert err.strip() == (f"error: {source}training.trim_fraction must be at least 0 and below 0.5, got 0.6; "
                            "0.05 leaves each batch's worst-fitting 5% of rows out of the loss")
     assert not (tmp_path / "exported").exists()
 
@@ -224,3 +225,55 @@ def test_traceback_only_with_verbose(capsys, tmp_path, trained_bundle, verbose):
     if not verbose:
         assert len(err.splitlines()) == 1, err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("signame, status, message", [("SIGINT", 130, "error: interrupted; no output was written"),
+                                                      ("SIGTERM", 143, "error: terminated (SIGTERM); no output was "
+                                                                       "written")])
+def test_train_stopped_by_a_signal_leaves_nothing_and_prints_one_line(tmp_path, sensor_csv, signame, status, message):
+    """Ctrl-C, or SIGTERM from `timeout`, `kill` or a scheduler: the run's staging folder goes too."""
+    import signal
+    import time
+
+    config = tmp_path / "long.yaml"
+    config.write_text("training:\n  max_epochs: 100000\n  patience: 100000\n  threads: 1\n")
+    out = tmp_path / "exported"
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # A process started in the background inherits SIGINT ignored; a terminal's Ctrl-C reaches a default handler.
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(sensor_csv), "--name", "stopped",
+                             "--id-columns", "row_id", "--config", str(config), "--out", str(out)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not any((run / "features.npz").exists() for run in out.glob(".stopped.run-*")):  # training has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the epochs
+    proc.send_signal(getattr(signal, signame))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == status, stderr
+    assert stderr.splitlines() == [message]
+    assert stdout == ""
+    assert not out.exists()  # nor the --out folder the run made
+
+
+def test_train_flags_win_over_the_config_file(capsys, tmp_path, sensor_csv, monkeypatch):
+    import pipeline.workflow
+    from pipeline.errors import PipelineError
+
+    jobs = []
+
+    def capture(job):
+        jobs.append(job)
+        raise PipelineError("stopped after the job was built")
+
+    monkeypatch.setattr(pipeline.workflow, "run_training", capture)
+    config = tmp_path / "set.yaml"
+    config.write_text("training:\n  seed: 1\n  trim_fraction: 0.1\n  device: cuda\n  max_epochs: 7\n"
+                      "calibration:\n  target_fpr: 0.05\n")
+    code, _, err = run_main(capsys, "train", sensor_csv, "--name", "x", "--config", config, "--seed", "2",
+                            "--trim-fraction", "0.05", "--device", "cpu", "--target-fpr", "0.02", "--out", tmp_path)
+    assert code == 1 and err.strip() == "error: stopped after the job was built"
+    training, calibration = jobs[0].config.training, jobs[0].config.calibration
+    assert (training.seed, training.trim_fraction, training.device, calibration.target_fpr) == (2, 0.05, "cpu", 0.02)
+    assert training.max_epochs == 7  # what no flag sets comes from the file

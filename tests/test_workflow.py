@@ -1,5 +1,6 @@
 """The training run end to end: detection quality, and nothing lost when a step fails."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +49,14 @@ def test_failed_export_keeps_the_existing_bundle(sensor_csv, tmp_path, monkeypat
 
 def test_failed_validation_writes_nothing(tmp_path, sensor_frame):
     small = write_table(sensor_frame.iloc[:100], tmp_path / "small.csv")
-    job = TrainJob(data=small, name="small", out_dir=tmp_path / "out", config=quiet_config())
+    job = TrainJob(data=small, name="small", out_dir=tmp_path / "new" / "out", config=quiet_config())
     with pytest.raises(DataError, match="too few rows"):
         workflow.run_training(job)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["small.csv"]  # not even the --out folders it made
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="too few rows"):
+        workflow.run_training(dataclasses.replace(job, out_dir=tmp_path / "mine"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "small.csv"]  # the user's folder stays
 
 
 def test_retraining_replaces_the_bundle(sensor_csv, tmp_path):
@@ -173,3 +178,59 @@ def test_a_run_refuses_a_target_that_is_not_a_bundle_before_reading_data(tmp_pat
     assert (tmp_path / "mydir" / "important.txt").read_text() == "keep"
     assert (tmp_path / "plain").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mydir", "plain"]
+
+
+def test_config_objects_check_their_values_wherever_they_are_built():
+    """The flows take these objects as Python builds them, so they refuse what the CLI refuses."""
+    from pipeline.config import CalibrationConfig, ModelConfig, PipelineConfig, TrainingConfig
+    from pipeline.errors import ConfigError
+
+    bad = [(TrainingConfig, {"max_epochs": 0}, r"training\.max_epochs must be an integer of at least 1, got 0"),
+           (TrainingConfig, {"learning_rate": 0.0}, r"training\.learning_rate must be a number above 0"),
+           (TrainingConfig, {"batch_size": 64.0}, r"training\.batch_size must be an integer"),
+           (TrainingConfig, {"trim_fraction": "0.1"}, r"training\.trim_fraction must be at least 0"),
+           (CalibrationConfig, {"target_fpr": 0.5}, r"calibration\.target_fpr \(--target-fpr\) must be"),
+           (ModelConfig, {"hidden_sizes": (64, 0)}, r"model\.hidden_sizes must be null or a non-empty list"),
+           (ModelConfig, {"hidden_sizes": ()}, r"model\.hidden_sizes must be null or a non-empty list")]
+    for make, values, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            make(**values)
+    with pytest.raises(ConfigError, match="leaves less than 40% of the rows to train on"):
+        PipelineConfig(training=TrainingConfig(val_fraction=0.3), calibration=CalibrationConfig(test_fraction=0.3))
+    assert PipelineConfig.from_dict({"model": {"hidden_sizes": [64, 32]}}).model.hidden_sizes == (64, 32)
+
+
+def test_config_activations_are_the_ones_the_model_builds():
+    from pipeline.config import ACTIVATIONS
+    from pipeline.model import ACTIVATIONS as BUILT
+
+    assert sorted(ACTIVATIONS) == sorted(BUILT)
+
+
+def test_jobs_take_paths_as_strings_and_refuse_a_bare_string_for_a_list(tmp_path):
+    from pipeline.config import ImageTrainJob
+    from pipeline.errors import ConfigError
+
+    job = TrainJob(data=str(tmp_path / "d.csv"), name="x", out_dir=str(tmp_path), id_columns=["row_id"])
+    assert job.bundle_dir == tmp_path / "x" and job.data == tmp_path / "d.csv" and job.id_columns == ("row_id",)
+    scored = ScoreJob(bundle=str(tmp_path / "b"), inputs=[str(tmp_path / "in.csv")], output=str(tmp_path / "o.csv"))
+    assert scored.inputs == (tmp_path / "in.csv",) and scored.output == tmp_path / "o.csv"
+    # Iterated, a bare string would be one column, or one input file, per character.
+    with pytest.raises(ConfigError, match="--id-columns must be a list of column names, got 'row_id'"):
+        TrainJob(data=tmp_path / "d.csv", name="x", id_columns="row_id")
+    with pytest.raises(ConfigError, match="inputs must be a list of paths"):
+        ScoreJob(bundle=tmp_path, inputs=str(tmp_path / "in.csv"), output=tmp_path / "o.csv")
+    with pytest.raises(ConfigError, match="no input to score"):
+        ScoreJob(bundle=tmp_path, inputs=(), output=tmp_path / "o.csv")
+    for values, message in (({"batch_size": 0}, "--batch-size must be a positive number of rows"),
+                            ({"threads": 0}, "--threads must be a positive integer"),
+                            ({"device": "gpu"}, "--device must be one of auto, cpu, cuda"),
+                            ({"precision": "bf16"}, "--precision must be one of fp32, fp16, int8")):
+        with pytest.raises(ConfigError, match=message):
+            ScoreJob(bundle=tmp_path, inputs=(tmp_path / "in.csv",), output=tmp_path / "o.csv", **values)
+    for values, message in (({"image_size": 0}, "--image-size must be a positive integer"),
+                            ({"channels": 2}, "--channels must be 1")):
+        with pytest.raises(ConfigError, match=message):
+            ImageTrainJob(data=tmp_path, name="x", **values)
+    with pytest.raises(ConfigError, match="config must be a PipelineConfig"):
+        TrainJob(data=tmp_path / "d.csv", name="x", config={"training": {"max_epochs": 3}})
