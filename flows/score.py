@@ -19,9 +19,10 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.image_score import merge_error_files
-from pipeline.outputs import check_not_an_input, check_output_location, merge_scored_parts, summary_path, write_atomic
+from pipeline.outputs import (check_not_an_input, check_output_location, check_outside_bundle, make_parents,
+                              merge_scored_parts, remove_empty_folders, summary_path, write_atomic)
 from pipeline.scoring import score
-from pipeline.scoring_report import summary_markdown, write_scoring_report
+from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
 
 
 @task(cache_policy=NO_CACHE)
@@ -50,7 +51,7 @@ def merge_parts(parts: list[tuple[str, Path]], output: Path) -> int:
 
 @task(cache_policy=NO_CACHE)
 def write_report(job: ScoreJob) -> Path:
-    """Write report.html next to the output and link it as an artifact."""
+    """Write OUT.report.html next to the output and link it as an artifact."""
     path = write_scoring_report(job)
     create_link_artifact(key="vaeguard-scoring-report", link=path.resolve().as_uri(), link_text=str(path),
                          description="Scoring report: score histograms, anomaly rate, drift, top anomalies")
@@ -62,8 +63,11 @@ def score_flow(job: ScoreJob) -> dict:
     # Before any work: the merge at the end would otherwise refuse only after every file scored.
     check_output_location(job.output)
     check_not_an_input(job.output, job.inputs)
+    check_outside_bundle(job.output, job.bundle, "--output")
+    if job.report:
+        check_report_target(job.output)
     bundle = check_bundle(job.bundle, job.precision)
-    job.output.parent.mkdir(parents=True, exist_ok=True)
+    new_folders = make_parents(job.output)
     parts_dir = job.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"
     parts_dir.mkdir()
     try:
@@ -74,6 +78,7 @@ def score_flow(job: ScoreJob) -> dict:
         merge_error_files(parts, job.output)  # unreadable images of every input, next to the output
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
+        remove_empty_folders(new_folders)  # a folder this run made stays only with the output in it
     summary = combine_summaries(job, bundle, files)
     create_markdown_artifact(key="vaeguard-scoring-summary", markdown=summary_markdown(job),
                              description="Scores against calibration: anomaly rate and drift")

@@ -84,15 +84,25 @@ def _ascii(text: str) -> str:
     return text.encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 
+def figures_dir(path: Path) -> Path:
+    return path.parent / f"{path.stem}_files"
+
+
+def check_report_location(path: Path) -> None:
+    """Fail when the report, or its figures folder, can't go at ``path``: callers check before any
+    work too, so a run is not spent scoring before the report fails."""
+    check_location(path, "report", "file")
+    check_location(figures_dir(path), "report figures", "directory")
+
+
 def write_report(path: Path, title: str, sections: list[Section]) -> Path:
     """report.html (atomically) and its PNGs in ``<stem>_files/`` beside it.
 
     Every figure is rendered before anything is written, so a figure that fails leaves no
     half-written folder, and the folder is replaced whole, so no PNG of an earlier report stays.
     """
-    png_dir = path.parent / f"{path.stem}_files"
-    check_location(path, "report", "file")
-    check_location(png_dir, "report figures", "directory")
+    png_dir = figures_dir(path)
+    check_report_location(path)
     text, pngs = render(title, sections)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]

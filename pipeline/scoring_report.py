@@ -27,7 +27,7 @@ from pipeline.images import ImageSource, ImageSpec, list_images, load_images, te
 from pipeline.outputs import output_format
 from pipeline.plots import feature_contributions, image_grid, score_histogram
 from pipeline.preprocess import source_column
-from pipeline.report_html import Section, facts_table, write_report
+from pipeline.report_html import Section, check_report_location, facts_table, write_report
 from pipeline.schema import as_category_array
 from pipeline.tables import iter_batches
 
@@ -38,6 +38,11 @@ def report_path(output: Path) -> Path:
     """<output stem>.report.html beside the scores, like the summary: nightly runs writing into one
     folder keep one report each (a shared report.html kept only the last run's)."""
     return output.with_name(output.stem + ".report.html")
+
+
+def check_report_target(output: Path) -> None:
+    """Before scoring: the report written after it must be able to go beside ``output``."""
+    check_report_location(report_path(output))
 
 
 def read_scores(output: Path) -> pd.DataFrame:

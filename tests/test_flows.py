@@ -73,3 +73,52 @@ def test_score_flow_refuses_an_output_that_is_an_input_before_scoring(flow_bundl
         score_flow(ScoreJob(bundle=flow_bundle["bundle"], inputs=(first, second), output=second))
     assert second.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.parquet", "second.parquet"]
+
+
+
+
+def test_score_flow_checks_the_report_and_bundle_folder_before_scoring(flow_bundle, sensor_frame, tmp_path,
+                                                                     monkeypatch):
+    import flows.score
+    from pipeline.errors import ConfigError
+
+    source = tmp_path / "in.parquet"
+    sensor_frame.iloc[:300].to_parquet(source)
+    monkeypatch.setattr(flows.score, "score", lambda job: pytest.fail("scored before the outputs were checked"))
+    (tmp_path / "out" / "scores.report.html").mkdir(parents=True)  # a folder where the report would go
+    with pytest.raises(ConfigError, match="report .*scores.report.html: is an existing directory"):
+        score_flow(ScoreJob(bundle=flow_bundle["bundle"], inputs=(source,), output=tmp_path / "out" / "scores.parquet",
+                            report=True))
+    with pytest.raises(ConfigError, match="inside the bundle"):
+        score_flow(ScoreJob(bundle=flow_bundle["bundle"], inputs=(source,),
+                            output=Path(flow_bundle["bundle"]) / "scores.parquet"))
+
+
+def test_a_failed_score_flow_leaves_no_folder_it_made(flow_bundle, sensor_frame, tmp_path):
+    from pipeline.errors import DataError
+
+    good, bad = tmp_path / "good.parquet", tmp_path / "bad.parquet"
+    sensor_frame.iloc[:300].to_parquet(good)
+    sensor_frame.iloc[:300].drop(columns=["temperature"]).to_parquet(bad)
+    with pytest.raises(DataError, match="temperature"):
+        score_flow(ScoreJob(bundle=flow_bundle["bundle"], inputs=(good, bad), output=tmp_path / "new" / "s.parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "good.parquet"]
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_demo_that_fails_prints_one_error_line_and_a_traceback_only_with_verbose(tmp_path, verbose):
+    """A real process: Prefect's console handler writes to the stderr it found at start-up."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--rows", "100", "--out", "exported",
+                           "--work", "work", *(["--verbose"] if verbose else [])],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "too few rows" in errors[0], proc.stderr
+    assert "Task run 'split" in proc.stderr  # Prefect's own log lines still say which task failed
+    assert ("Traceback" in proc.stderr) is verbose, proc.stderr
+    assert not (tmp_path / "exported").exists()  # the failed run removed the --out folder it made

@@ -343,3 +343,13 @@ def test_each_drift_alert_is_its_own_paragraph(tmp_path):
     path = write_report(tmp_path / "r.html", "t", [Section("Drift", alert="rate 9% is far above 1%; inspect\n"
                                                                             "PSI 0.41 > 0.25; retrain")])
     assert path.read_text().count('<p class="alert">') == 2
+
+
+def test_score_with_a_report_that_cannot_be_written_fails_before_scoring(capsys, trained_bundle, incoming_csv,
+                                                                         tmp_path):
+    (tmp_path / "scores.report_files").write_text("mine")  # a file where the figures folder would go
+    out = tmp_path / "scores.parquet"
+    assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(out), "--device", "cpu",
+                 "--report"]) == 1
+    assert "report figures" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.report_files"]
