@@ -436,6 +436,13 @@ def run(datasets: list[str], seeds: int, protocols: list[str], methods: list[str
                                 raise FloatingPointError(f"{nan} of {len(outcome.scores)} test scores are NaN")
                             from pipeline.metrics import auprc, auroc
 
+                            # scorer.onnx publishes a NaN score as +inf (flagged, ranked first), so the
+                            # NaN check above never fires for ours: infinite scores are counted, on the
+                            # normal and the anomalous test rows apart, so an AUROC resting on them shows.
+                            infinite = np.isinf(outcome.scores)
+                            record["infinite_scores"] = {
+                                "normal": int((infinite & (split.test_labels == 0)).sum()),
+                                "anomaly": int((infinite & (split.test_labels == 1)).sum())}
                             record |= {"auroc": auroc(split.test_labels, outcome.scores),
                                        "auprc": auprc(split.test_labels, outcome.scores),
                                        "fit_seconds": round(outcome.fit_seconds, 3),
@@ -523,7 +530,8 @@ def aggregate(result: dict, published: dict) -> dict:
     summary: dict = {}
     for protocol in protocols:
         table = per_dataset.get(protocol, {})
-        done = [d for d in datasets if all(table.get(m, {}).get(d, {}).get("auroc_mean") is not None for m in methods)]
+        done = [d for d in common_datasets(records, protocol, methods, datasets)
+                if all(table.get(m, {}).get(d, {}).get("auroc_mean") is not None for m in methods)]
         summary[protocol] = {"common_datasets": done}
         for method in methods:
             cells = {d: c for d, c in table.get(method, {}).items() if c["auroc_mean"] is not None}
@@ -535,17 +543,34 @@ def aggregate(result: dict, published: dict) -> dict:
                 "auprc_mean": _mean([c["auprc_mean"] for c in cells.values()]),
                 "auprc_median": _median([c["auprc_mean"] for c in cells.values()]),
                 "auroc_mean_common": _mean([cells[d]["auroc_mean"] for d in done]),
+                "auroc_median_common": _median([cells[d]["auroc_mean"] for d in done]),
                 "auprc_mean_common": _mean([cells[d]["auprc_mean"] for d in done]),
+                "auprc_median_common": _median([cells[d]["auprc_mean"] for d in done]),
                 "fit_seconds_total": sum(c["fit_seconds_mean"] * c["seeds_ok"] for c in cells.values()),
             }
         pub = published.get(protocol, {})
         summary[protocol]["published_pct"] = {
             m: {"mean_over_run_datasets": _mean([pub.get(d, {}).get(m) for d in datasets]),
                 "mean_over_common_datasets": _mean([pub.get(d, {}).get(m) for d in done]),
+                "median_over_common_datasets": _median([pub.get(d, {}).get(m) for d in done]),
                 "median_over_run_datasets": _median([pub.get(d, {}).get(m) for d in datasets])}
             for m in PUBLISHED_METHODS}
     return {"per_dataset": per_dataset, "summary": summary, "calibration": aggregate_calibration(result),
             "published_auroc_pct": {p: {d: published.get(p, {}).get(d) for d in datasets} for p in protocols}}
+
+
+def common_datasets(records: list[dict], protocol: str, methods: list[str], datasets: list[str]) -> list[str]:
+    """The datasets on which every method has a result on the same seeds, none failed.
+
+    Means and medians over datasets compare methods only over these: a method that failed on a
+    hard dataset (or on its hard seeds) must not get a better mean by skipping it."""
+    done = []
+    for dataset in datasets:
+        rows = [r for r in records if (r["protocol"], r["dataset"]) == (protocol, dataset) and r["method"] in methods]
+        seeds = [{r["seed"] for r in rows if r["method"] == m and "error" not in r} for m in methods]
+        if seeds and seeds[0] and all(s == seeds[0] for s in seeds) and not any("error" in r for r in rows):
+            done.append(dataset)
+    return done
 
 
 def aggregate_calibration(result: dict) -> dict:
@@ -579,17 +604,33 @@ def aggregate_calibration(result: dict) -> dict:
                            ("ks_statistic", "ks_plus", "ks_pvalue", "ks_critical_5pct", "largest_tie_share",
                             "bundle_is_anomaly_fpr", "n_calibration")}
             ks[dataset]["n_test_normal"] = int(np.mean([r["n_test"] - r["n_test_anomalies"] for r in rows]))
+    # Per target, the datasets on which every method has a realized FPR on the same seeds. The
+    # comparison between methods averages over these only: ours cannot calibrate 0.1% on small
+    # calibration sets, and skipping those datasets must not make its error look smaller than
+    # that of a peer averaged over every dataset.
+    common: dict = {}
+    for alpha in TARGET_FPRS:
+        common[str(alpha)] = []
+        for dataset in datasets:
+            rows = [e for e in entries if (e["dataset"], e["target_fpr"]) == (dataset, alpha) and e["method"] in methods]
+            seeds = [{e["seed"] for e in rows if e["method"] == m and "realized_fpr" in e} for m in methods]
+            if seeds and seeds[0] and all(s == seeds[0] for s in seeds) and all("realized_fpr" in e for e in rows):
+                common[str(alpha)].append(dataset)
     summary: dict = {}
     for method, cells in per_dataset.items():
         for alpha in TARGET_FPRS:
-            def errors(large_only: bool):
-                return [abs(c[str(alpha)]["realized_fpr_mean"] / alpha - 1) for c in cells.values()
+            def errors(large_only: bool, among=None):
+                return [abs(c[str(alpha)]["realized_fpr_mean"] / alpha - 1) for d, c in cells.items()
                         if str(alpha) in c and c[str(alpha)]["realized_fpr_mean"] is not None
-                        and (c[str(alpha)]["large"] or not large_only)]
+                        and (c[str(alpha)]["large"] or not large_only) and (among is None or d in among)]
+            shared = common[str(alpha)]
             summary.setdefault(method, {})[str(alpha)] = {
                 "mare": _mean(errors(False)), "n_datasets": len(errors(False)),
-                "mare_large": _mean(errors(True)), "n_large": len(errors(True))}
-    return {"per_dataset": per_dataset, "summary": summary, "ks": ks, "stated_range": stated_range_coverage(entries)}
+                "mare_large": _mean(errors(True)), "n_large": len(errors(True)),
+                "mare_common": _mean(errors(False, shared)), "n_datasets_common": len(errors(False, shared)),
+                "mare_large_common": _mean(errors(True, shared)), "n_large_common": len(errors(True, shared))}
+    return {"per_dataset": per_dataset, "summary": summary, "common_datasets": common, "ks": ks,
+            "stated_range": stated_range_coverage(entries)}
 
 
 def stated_range_coverage(entries: list[dict]) -> dict:
@@ -639,6 +680,29 @@ def _cell(cell: dict | None, key: str, seeds: int) -> str:
     return text if cell["seeds_ok"] == seeds else f"{text} ({cell['seeds_ok']}/{seeds})"
 
 
+def _summary_rows(summary: dict, methods: list[str], metric: str, published: tuple[str, ...] = (),
+                  separate: bool = False) -> list[list[str]]:
+    """The mean and median rows under a per-dataset table. When some method lacks a result on a
+    dataset (or on some of its seeds), the bold mean and the median cover only the datasets every
+    method ran on the same seeds, so that no method gains by skipping a dataset it failed on; each
+    method's mean over its own datasets follows, with how many (``separate``)."""
+    common = summary["common_datasets"]
+    pub = summary.get("published_pct", {})
+    if not separate:
+        return [["**mean**", *[f"**{_pct(summary[m][f'{metric}_mean'])}**" for m in methods],
+                 *[_num(pub[m]["mean_over_run_datasets"]) for m in published]],
+                ["median", *[_pct(summary[m][f"{metric}_median"]) for m in methods],
+                 *[_num(pub[m]["median_over_run_datasets"]) for m in published]]]
+    return [[f"**mean over the {len(common)} datasets every method ran on every seed**",
+             *[f"**{_pct(summary[m][f'{metric}_mean_common'])}**" for m in methods],
+             *[_num(pub[m]["mean_over_common_datasets"]) for m in published]],
+            [f"median over those {len(common)}", *[_pct(summary[m][f"{metric}_median_common"]) for m in methods],
+             *[_num(pub[m]["median_over_common_datasets"]) for m in published]],
+            ["mean over each method's own datasets (how many)",
+             *[f"{_pct(summary[m][f'{metric}_mean'])} ({summary[m]['n_datasets']})" for m in methods],
+             *[_num(pub[m]["mean_over_run_datasets"]) for m in published]]]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -686,16 +750,8 @@ def render_markdown(result: dict) -> str:
         for d in datasets:
             rows.append([d, *[_cell(table.get(m, {}).get(d), "auroc_mean", seeds) for m in methods],
                          *[_num((pub.get(d) or {}).get(m)) for m in PUBLISHED_METHODS]])
-        rows.append(["**mean**", *[f"**{_pct(summary[m]['auroc_mean'])}**"
-                                   + ("" if summary[m]["n_datasets"] == len(datasets) else f" ({summary[m]['n_datasets']})")
-                                   for m in methods],
-                     *[_num(summary["published_pct"][m]["mean_over_run_datasets"]) for m in PUBLISHED_METHODS]])
-        rows.append(["median", *[_pct(summary[m]["auroc_median"]) for m in methods],
-                     *[_num(summary["published_pct"][m]["median_over_run_datasets"]) for m in PUBLISHED_METHODS]])
-        if len(summary["common_datasets"]) != len(datasets):
-            rows.append([f"mean over the {len(summary['common_datasets'])} datasets every method ran",
-                         *[_pct(summary[m]["auroc_mean_common"]) for m in methods],
-                         *[_num(summary["published_pct"][m]["mean_over_common_datasets"]) for m in PUBLISHED_METHODS]])
+        rows += _summary_rows(summary, methods, "auroc", PUBLISHED_METHODS,
+                              separate=len(summary["common_datasets"]) != len(datasets))
         title = {"semi": "semi (train on 50% of the normal rows; test on the rest and all anomalies)",
                  "unsup": "unsup (train on all rows, unlabelled; score all rows)"}[protocol]
         lines += ["", f"### AUROC, {title}", "", *_table(header, rows)]
@@ -704,8 +760,13 @@ def render_markdown(result: dict) -> str:
     header = ["dataset", *[f"{m} {p}" for p in protocols for m in methods]]
     rows = [[d, *[_cell(agg["per_dataset"].get(p, {}).get(m, {}).get(d), "auprc_mean", seeds)
                   for p in protocols for m in methods]] for d in datasets]
-    rows.append(["**mean**", *[f"**{_pct(agg['summary'][p][m]['auprc_mean'])}**" for p in protocols for m in methods]])
-    rows.append(["median", *[_pct(agg["summary"][p][m]["auprc_median"]) for p in protocols for m in methods]])
+    # The protocols' summary rows side by side; each protocol has its own common datasets.
+    separate = any(len(agg["summary"][p]["common_datasets"]) != len(datasets) for p in protocols)
+    blocks = [_summary_rows(agg["summary"][p], methods, "auprc", separate=separate) for p in protocols]
+    counts = ", ".join(f"{p} {len(agg['summary'][p]['common_datasets'])}" for p in protocols)
+    labels = ([f"**mean over the datasets every method ran on every seed ({counts})**", "median over those",
+               "mean over each method's own datasets (how many)"] if separate else ["**mean**", "median"])
+    rows += [[label, *[cell for block in blocks for cell in block[i][1:]]] for i, label in enumerate(labels)]
     lines += _table(header, rows)
 
     lines += ["", "### Seconds per run (fit / score), mean over seeds", ""]
@@ -756,21 +817,28 @@ def render_markdown(result: dict) -> str:
                 rows.append([d, f"{n:,}{' *' if n >= LARGE_TEST_NORMAL else ''}", _pct(alpha, 1), *cells])
         lines += _table(header, rows)
         lines += ["", "Mean over datasets of |realized / target - 1| (realized: mean over seeds; 0 is exact, 1 is "
-                      "off by the target itself), with the number of datasets it averages; n/a: no dataset had a "
-                      "result (ours needs 999 calibration rows for 0.1%).", ""]
+                      "off by the target itself), with the number of datasets it averages: first over the datasets "
+                      "where every method has a result on the same seeds, so that the methods are compared on the "
+                      "same datasets; then, where a method has results elsewhere too, over each method's own "
+                      "datasets. n/a: no dataset had a result (ours needs 999 calibration rows for 0.1%).", ""]
         header = ["target %", "datasets", *methods]
         rows = []
         for alpha in TARGET_FPRS:
             for large in (False, True):
-                cells = []
+                where = f">= {LARGE_TEST_NORMAL:,} test normal rows" if large else "all"
+                cells = {"common": [], "own": []}
                 for m in methods:
                     s = cal["summary"].get(m, {}).get(str(alpha))
-                    if not s:
-                        cells.append("")
-                        continue
-                    mare, n = (s["mare_large"], s["n_large"]) if large else (s["mare"], s["n_datasets"])
-                    cells.append("n/a" if mare is None else f"{mare:.2f} ({n})")
-                rows.append([_pct(alpha, 1), f">= {LARGE_TEST_NORMAL:,} test normal rows" if large else "all", *cells])
+                    for kind, suffix in (("common", "_common"), ("own", "")):
+                        if not s:
+                            cells[kind].append("")
+                            continue
+                        mare = s[("mare_large" if large else "mare") + suffix]
+                        n = s[("n_large" if large else "n_datasets") + ("_common" if suffix else "")]
+                        cells[kind].append("n/a" if mare is None else f"{mare:.2f} ({n})")
+                rows.append([_pct(alpha, 1), f"{where}, every method", *cells["common"]])
+                if cells["own"] != cells["common"]:
+                    rows.append([_pct(alpha, 1), f"{where}, each method's own", *cells["own"]])
         lines += _table(header, rows)
         if "ours" in methods and cal.get("stated_range"):
             lines += ["", "Is ours honest about its own precision? Each bundle states a 90% range for its false-positive "
@@ -804,11 +872,16 @@ def render_markdown(result: dict) -> str:
                 for d, c in by_dataset.items() if c["errors"]]
     cal_failures = sorted({(m, d, a, e) for m, by_dataset in agg.get("calibration", {}).get("per_dataset", {}).items()
                            for d, by_alpha in by_dataset.items() for a, c in by_alpha.items() for e in c["errors"]})
-    if failures or cal_failures:
+    infinite = [r for r in result["records"] if sum((r.get("infinite_scores") or {}).values())]
+    if failures or cal_failures or infinite:
         lines += ["", "### Failures", ""]
         for p, m, d, c in failures:
             for error in c["errors"]:
                 lines.append(f"- {d} {p} {m} ({c['seeds_failed']} seed(s)): {error}")
+        for r in infinite:
+            lines.append(f"- {r['dataset']} {r['protocol']} {r['method']} seed {r['seed']}: infinite test scores on "
+                         f"{r['infinite_scores']['normal']} normal and {r['infinite_scores']['anomaly']} anomalous "
+                         f"rows (ranked above every finite score in AUROC and AUPRC)")
         for m, d, a, e in cal_failures:
             lines.append(f"- calibration {d} {m} target {float(a):g}: {e}")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ def test_quick_run(tmp_path, capsys):
         assert record["n_train"] == 1839 and record["n_test"] == 1840 + 93 and record["n_test_anomalies"] == 93
     ours = next(r for r in records if r["method"] == "ours")
     assert ours["auroc"] >= 0.9  # published VAE: 98.55
+    for peer in (r for r in records if r["method"] != "ours"):
+        assert peer["auroc"] >= 0.95, peer  # published IForest 99.0, KNN 98.7: the peers are run properly too
     assert result["aggregates"]["summary"]["semi"]["ours"]["auroc_mean"] == pytest.approx(ours["auroc"])
 
     calibration = result["calibration"]
@@ -90,11 +93,15 @@ def test_quick_run(tmp_path, capsys):
         for alpha, entry in entries.items():
             assert entry["n_test_normal"] == 1840
             if method == "ours" and alpha == 0.001:
-                # 368 calibration rows cannot give a 0.1% threshold: recorded, not dropped
-                assert "realized_fpr" not in entry and "999" in entry["error"]
+                # 299 calibration rows cannot give a 0.1% threshold: recorded, not dropped
+                assert entry["n_calibration"] < 999 and "realized_fpr" not in entry and "999" in entry["error"]
                 continue
             assert 0.0 <= entry["realized_fpr"] <= 1.0
+            if alpha == 0.05:  # a threshold taken the wrong way round or on other rows would be far off
+                assert 0.01 <= entry["realized_fpr"] <= 0.15, entry
     assert 0.0 <= ours["ks_plus"] <= ours["ks_statistic"] <= 1.0
+    # The exported scorer's p-values on unseen normal rows are not too small (too many false alarms).
+    assert ours["ks_plus"] < ours["ks_critical_5pct"]
     # the exported scorer's is_anomaly is the 1% threshold recomputed from the bundle's calibration scores
     ours_1pct = next(e for e in calibration if e["method"] == "ours" and e["target_fpr"] == 0.01)
     assert ours["bundle_is_anomaly_fpr"] == pytest.approx(ours_1pct["realized_fpr"])
@@ -236,3 +243,120 @@ def test_speed_harness_measures_every_contender(tmp_path):
         assert result["precision"][variant]["decision_agreement"] >= 0.99
     # Files of each run stay in the work folder given, which the CLI removes afterwards.
     assert (tmp_path / "test.csv").is_file() and (tmp_path / "out.csv.parquet").is_file()
+
+
+def _result(records: list[dict], datasets: list[str], methods: list[str], calibration: list[dict] | None = None) -> dict:
+    """A quality result as `quality.run` writes it, from hand-made records (no training)."""
+    result = {"command": "", "complete": True, "seconds": 1.0, "records": records, "calibration": calibration or [],
+              "settings": {"datasets": datasets, "seeds": [0, 1], "protocols": ["semi"], "methods": methods},
+              "environment": {"cpu_count": 2, "threads": 2, "versions": {}, "git_commit": "x", "git_dirty": False}}
+    result["aggregates"] = quality.aggregate(result, {})
+    return result
+
+
+def _record(dataset: str, method: str, seed: int, auroc: float | None) -> dict:
+    record = {"dataset": dataset, "protocol": "semi", "method": method, "seed": seed, "n_train": 10, "n_test": 10,
+              "n_test_anomalies": 2, "n_features": 3}
+    if auroc is None:
+        return record | {"error": "DataError: failed"}
+    return record | {"auroc": auroc, "auprc": auroc / 2, "fit_seconds": 1.0, "score_seconds": 0.1}
+
+
+def test_mean_over_datasets_compares_methods_on_the_same_datasets_and_seeds():
+    """A method that fails on a hard dataset (or on one seed of it) must not top the mean by skipping it."""
+    records = [_record(d, "steady", s, a) for d, a in (("easy", 0.9), ("hard", 0.6), ("mixed", 0.7)) for s in (0, 1)]
+    records += [_record("easy", "flaky", s, 0.95) for s in (0, 1)]
+    records += [_record("hard", "flaky", s, None) for s in (0, 1)]  # failed on every seed
+    records += [_record("mixed", "flaky", 0, 0.99), _record("mixed", "flaky", 1, None)]  # one seed of two
+    result = _result(records, ["easy", "hard", "mixed"], ["steady", "flaky"])
+    summary = result["aggregates"]["summary"]["semi"]
+    assert summary["common_datasets"] == ["easy"]
+    assert summary["flaky"]["auroc_mean_common"] == pytest.approx(0.95)
+    assert summary["steady"]["auroc_mean_common"] == pytest.approx(0.9)
+    assert summary["flaky"]["auprc_median_common"] == pytest.approx(0.475)
+    markdown = quality.render_markdown(result)
+    # The bold mean is over "easy" alone for both; the own-datasets means follow, with their counts.
+    assert "| **mean over the 1 datasets every method ran on every seed** | **90.0** | **95.0** |" in markdown
+    assert "| mean over each method's own datasets (how many) | 73.3 (3) | 97.0 (2) |" in markdown
+    assert "| **mean** |" not in markdown
+    auprc = markdown.split("### AUPRC")[1].split("###")[0]
+    assert "| **mean over the datasets every method ran on every seed (semi 1)** | **45.0** | **47.5** |" in auprc
+
+
+def test_calibration_error_compares_methods_on_the_same_datasets():
+    """ours cannot calibrate 0.1% on a small dataset; a peer's error there must not be set beside
+    ours' error averaged over the large dataset alone."""
+    entries = []
+    for seed in (0, 1):
+        for method, dataset, realized in (("ours", "large", 0.0016), ("knn", "large", 0.0011), ("knn", "small", 0.01)):
+            entries.append({"dataset": dataset, "method": method, "seed": seed, "target_fpr": 0.001,
+                            "n_test_normal": 5000 if dataset == "large" else 300, "realized_fpr": realized}
+                           | ({"n_calibration": 1999, "expected_fpr": 0.002 / 2} if method == "ours" else {}))
+        entries.append({"dataset": "small", "method": "ours", "seed": seed, "target_fpr": 0.001, "n_test_normal": 300,
+                        "n_calibration": 99, "error": "DataError: 99 calibration rows cannot calibrate"})
+    records = [_record(d, m, s, 0.9) | {"n_test_anomalies": 2} for d in ("large", "small") for m in ("ours", "knn")
+               for s in (0, 1)]
+    result = _result(records, ["large", "small"], ["ours", "knn"], entries)
+    cal = result["aggregates"]["calibration"]
+    assert cal["common_datasets"]["0.001"] == ["large"]
+    assert cal["summary"]["ours"]["0.001"]["mare_common"] == pytest.approx(0.6)
+    assert cal["summary"]["knn"]["0.001"]["mare_common"] == pytest.approx(0.1)  # not (0.1 + 9) / 2
+    assert cal["summary"]["knn"]["0.001"]["mare"] == pytest.approx(4.55)  # its own datasets, shown apart
+    markdown = quality.render_markdown(result)
+    assert "| 0.1 | all, every method | 0.60 (1) | 0.10 (1) |" in markdown
+    assert "| 0.1 | all, each method's own | 0.60 (1) | 4.55 (2) |" in markdown
+
+
+@pytest.mark.slow
+def test_ours_trains_on_the_train_rows_only_and_scores_as_vaeguard_score_does(tmp_path, monkeypatch):
+    """No test row reaches ours' training file (whose rows also give its validation and calibration
+    rows), and ours' test scores are what `vaeguard score` (batch_score.score_files) writes for
+    those rows with the same bundle."""
+    import pandas as pd
+
+    from pipeline import workflow
+    from pipeline.batch_score import score_files
+    from pipeline.config import ScoreJob
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1100, 4)).round(3)
+    y = np.r_[np.zeros(1000, dtype=int), np.ones(100, dtype=int)]
+    X[y == 1] += 4.0
+    split = quality.make_split(y, "semi", seed=0)
+    trained_on = []
+    keep = tmp_path / "kept"  # run_ours removes its bundle; a copy is scored the user's way below
+    real_training = workflow.run_training
+
+    def spy(job):
+        trained_on.append(pd.read_parquet(job.data).to_numpy())
+        facts = real_training(job)
+        shutil.copytree(facts["bundle"], keep)
+        return facts
+
+    monkeypatch.setattr(workflow, "run_training", spy)
+    outcome = quality.run_method("ours", X, split, "semi", 0, tmp_path, "leak")
+    np.testing.assert_array_equal(trained_on[0], X[split.train])
+    assert not {tuple(r) for r in trained_on[0]} & {tuple(r) for r in X[split.test]}
+
+    tests = tmp_path / "test.parquet"
+    quality.feature_frame(X[split.test]).to_parquet(tests, index=False)
+    score_files(ScoreJob(keep, (tests,), tmp_path / "scores.parquet", device="cpu"))
+    as_user = pd.read_parquet(tmp_path / "scores.parquet")["score"].to_numpy(dtype=np.float64)
+    np.testing.assert_array_equal(outcome.scores, as_user)
+    assert outcome.extra["ks_plus"] < outcome.extra["ks_critical_5pct"]
+
+
+def test_infinite_scores_are_counted_and_shown(tmp_path, monkeypatch):
+    """scorer.onnx turns a NaN score into +inf, which the harness's NaN check cannot see: the run
+    records how many test rows scored infinite, and the report names the run."""
+    def fake(method, X, split, protocol, seed, workdir, name, config=None):
+        scores = np.arange(len(split.test), dtype=np.float64)
+        scores[np.flatnonzero(split.test_labels == 0)[:3]] = np.inf
+        scores[np.flatnonzero(split.test_labels == 1)[:2]] = np.inf
+        return quality.MethodResult(scores, 0.0, 0.0)
+
+    monkeypatch.setattr(quality, "run_method", fake)
+    result = quality.run(["thyroid"], 1, ["semi"], ["knn"], tmp_path / "q.json")
+    assert result["records"][0]["infinite_scores"] == {"normal": 3, "anomaly": 2}
+    assert "- thyroid semi knn seed 0: infinite test scores on 3 normal and 2 anomalous rows" in \
+        quality.render_markdown(result)
