@@ -145,6 +145,17 @@ def test_resume_runs_only_what_an_interrupted_run_left(tmp_path):
         quality.main([*argv[:3], "3", *argv[4:], "--resume"])
 
 
+def test_first_seed_runs_the_held_out_seeds_on_their_own_splits(tmp_path):
+    """--first-seed 5 checks defaults chosen on seeds 0-4 on splits they were never chosen on."""
+    out = tmp_path / "held_out.json"
+    argv = ["--datasets", "thyroid", "--seeds", "2", "--first-seed", "5", "--protocols", "semi", "--methods",
+            "iforest", "--out", str(out)]
+    assert quality.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["seeds"] == [5, 6] and sorted(r["seed"] for r in result["records"]) == [5, 6]
+    assert "2 seed(s) (5..6)" in out.with_suffix(".md").read_text()
+
+
 def test_rerun_replaces_one_methods_runs_and_keeps_the_others(tmp_path):
     """--resume --rerun knn runs knn again and keeps iforest's runs as they were."""
     out = tmp_path / "quality.json"
