@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.bundle import CALIBRATION_IMAGES, FORMAT, FORMAT_VERSION, MODEL_FILES, write_new_manifest
-from pipeline.calibrate import Calibration, calibrate
+from pipeline.calibrate import Calibration, calibrate, min_calibration_rows
 from pipeline.config import ImageTrainJob
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, OPSET, cuda_settings
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.export import export_image_graphs, set_metadata
 from pipeline.image_model import ConvVAE
-from pipeline.images import ImageSpec, iter_image_batches, list_images, write_errors
+from pipeline.images import ImageSource, ImageSpec, iter_image_batches, list_images
+from pipeline.images import load_images as read_images  # `load_images` is this module's step
 from pipeline.scorer_graph import ImageScorerGraph
-from pipeline.splits import split_rows
+from pipeline.splits import rows_needed, split_rows
 from pipeline.train import train_vae
 from pipeline.verify import verify_image_export
 from pipeline.workflow import RunDir, load_splits, read_json, record_verification, run_steps, write_json, write_training_report
@@ -32,6 +36,8 @@ log = logging.getLogger("vaeguard")
 
 DEFAULT_LATENT = 16
 LOAD_BATCH = 512
+LOAD_BYTES = 256 * 2**20
+COLOUR_SPREAD = 0.02  # about 5 of 255 levels
 
 
 def _spec(job: ImageTrainJob) -> ImageSpec:
@@ -42,23 +48,117 @@ def load_run_images(run: RunDir) -> np.ndarray:
     return np.load(run.root / "images.npy", mmap_mode="r")
 
 
+def _check_count(job: ImageTrainJob, n: int, reason: str) -> None:
+    """Fail, in terms of images, where the splits could not be made from ``n`` of them."""
+    try:
+        split_rows(None, n, job.config.calibration, job.config.training, str(job.data))
+    except DataError:
+        target = job.config.calibration.target_fpr
+        raise DataError(f"{job.data}: too few images to train and calibrate: {reason}, need at least "
+                        f"{rows_needed(job.config.calibration, job.config.training, labelled=False)} for target "
+                        f"FPR {target} (calibration alone needs {min_calibration_rows(target)}); add images or "
+                        f"raise --target-fpr") from None
+
+
 def load_images(job: ImageTrainJob, run: RunDir) -> dict:
     """Find and preprocess every image; skip unreadable ones with their reason."""
     source = list_images(job.data, job.path_column)
-    batches, names, errors = [], [], []
-    for images, ok, bad in iter_image_batches(source, _spec(job), LOAD_BATCH):
-        batches.append(images)
+    # Before decoding anything: a folder that is too small fails in a second, not after a long load.
+    _check_count(job, len(source), f"{len(source)} listed")
+    _warn_duplicates(job, source)
+    spec = _spec(job)
+    _check_memory(job, spec, len(source))
+    target = run.root / "images.npy"
+    # Written batch by batch into a file, not concatenated in memory: peak memory stays one batch,
+    # not twice the whole set.
+    stored = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(len(source), *spec.shape))
+    names, errors = [], []
+    for images, ok, bad in iter_image_batches(source, spec, _load_batch(spec)):
+        stored[len(names):len(names) + len(ok)] = images
         names += ok
         errors += bad
+    stored.flush()
+    del stored
+    if spec.channels == 1:
+        _warn_colour(job, source, spec)
+    for item, reason in errors:
+        log.debug("skipped %s: %s", item, reason)
     if errors:
-        write_errors(errors, run.root / "errors.csv")
         log.warning("%s: skipped %d unreadable image(s), e.g. %s: %s", job.data, len(errors), *errors[0])
-    if not names:
-        raise DataError(f"{job.data}: none of its {len(errors)} image file(s) could be read; "
-                        f"see the reasons with --verbose, or check the files")
-    np.save(run.root / "images.npy", np.concatenate(batches))
+        _check_count(job, len(names), f"{len(names)} of {len(source)} could be read ({len(errors)} skipped, "
+                                      f"e.g. {errors[0][0]}: {errors[0][1]}; all with --verbose)")
+        _shrink(target, len(names))
     write_json(run.root / "images.json", {"names": names, "skipped": [list(e) for e in errors]})
     return {"images": len(names), "skipped": len(errors)}
+
+
+def _shrink(path: Path, n: int) -> None:
+    """Keep the first ``n`` images of the .npy at ``path`` (the slots of skipped files are unused)."""
+    full = np.load(path, mmap_mode="r")
+    kept = np.lib.format.open_memmap(path.with_name("kept.npy"), mode="w+", dtype=full.dtype,
+                                     shape=(n, *full.shape[1:]))
+    step = _load_batch(ImageSpec(size=full.shape[2], channels=full.shape[1]))
+    for start in range(0, n, step):
+        kept[start:start + step] = full[start:min(start + step, n)]
+    kept.flush()
+    del kept, full
+    path.with_name("kept.npy").replace(path)
+
+
+def _image_bytes(spec: ImageSpec) -> int:
+    return 4 * spec.channels * spec.size ** 2  # float32
+
+
+def _load_batch(spec: ImageSpec) -> int:
+    # At most LOAD_BATCH images and about LOAD_BYTES: 512 RGB images of 1024x1024 would be 6 GB.
+    return max(1, min(LOAD_BATCH, LOAD_BYTES // _image_bytes(spec)))
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def _check_memory(job: ImageTrainJob, spec: ImageSpec, n: int) -> None:
+    # Training holds every training and validation image in memory at once; a set that cannot
+    # fit (often a typo in --image-size) must fail now, not swap the machine for an hour first.
+    needed, memory = n * _image_bytes(spec), _physical_memory()
+    if memory and needed > memory:
+        raise ConfigError(f"{job.data}: {n:,} images at {spec.size}x{spec.size} with {spec.channels} channel(s) "
+                          f"need {needed / 2**30:,.1f} GiB as float32, more than this machine's "
+                          f"{memory / 2**30:,.1f} GiB of memory; use a smaller --image-size or fewer images")
+
+
+def _warn_colour(job: ImageTrainJob, source: ImageSource, spec: ImageSpec, sample: int = 16) -> None:
+    # --channels defaults to 1, so colour photos train a grayscale model without a word, and a
+    # defect that differs only in colour then scores as normal. A few images tell.
+    if source.kind == "npy":
+        if source.layout == "NHW":
+            return
+        picked = ImageSource(items=source.items[:sample], kind="npy", origin=source.origin, layout=source.layout)
+    else:
+        step = max(1, len(source) // sample)
+        picked = ImageSource(items=source.items[::step][:sample], kind=source.kind, origin=source.origin)
+    images, names, _ = read_images(picked, ImageSpec(size=spec.size, channels=3))
+    # Mean spread between an image's channels: 0 for gray stored as RGB, a few levels for JPEG noise.
+    spread = (images.max(axis=1) - images.min(axis=1)).mean(axis=(1, 2))
+    colour = int((spread > COLOUR_SPREAD).sum())
+    if colour:
+        log.warning("%s: %d of %d images checked are in colour, e.g. %s, but --channels 1 trains on grayscale, so "
+                    "defects that differ only in colour will score as normal; pass --channels 3 to keep colour",
+                    job.data, colour, len(names), names[int(np.argmax(spread > COLOUR_SPREAD))])
+
+
+def _warn_duplicates(job: ImageTrainJob, source: ImageSource) -> None:
+    # A file listed twice can land in both the training and the calibration images; its
+    # calibration score is then that of a trained-on image, and the threshold comes out too low.
+    counts = Counter(os.path.normpath(item) for item in source.items)
+    repeated = [item for item, count in counts.items() if count > 1]
+    if repeated:
+        log.warning("%s: %d image(s) listed more than once, e.g. %s; a copy in both the training and the calibration "
+                    "images makes the threshold too low: list each image once", job.data, len(repeated), repeated[0])
 
 
 def split(job: ImageTrainJob, run: RunDir) -> dict:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ConfigError, DataError, InputFileError, one_line
@@ -137,10 +136,19 @@ def list_images(path: Path, path_column: str = "path") -> ImageSource:
 
 def _list_folder(folder: Path) -> ImageSource:
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
+    # Linked folders are followed (data sets are often assembled from links), each real folder
+    # once, so a link back up the tree cannot loop.
+    seen = {os.path.realpath(folder)}
+    for root, dirs, files in os.walk(folder, followlinks=True):
         # Hidden folders hold tool state (.git, .ipynb_checkpoints), hidden files are OS
         # droppings (._x.png from macOS looks like an image but is not one).
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        kept = []
+        for name in sorted(dirs):  # sorted, so which of two links to one folder wins never varies
+            real = os.path.realpath(os.path.join(root, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
         found.extend(Path(root) / name for name in files
                      if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES))
     if not found:
@@ -162,19 +170,49 @@ def _csv_header(path: Path) -> list[str]:
     return rows[0] if rows else []
 
 
-def _list_csv(path: Path, path_column: str) -> ImageSource:
-    header = _csv_header(path)
+def _check_path_column(path: Path, header: list[str], path_column: str) -> int:
     if path_column not in header:
         raise DataError(f"{path}: no {path_column!r} column (columns: {header[:10]}); "
                         f"add a column named {path_column!r} with one image path per row")
-    frame = pd.read_csv(path, usecols=[path_column], dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    values = frame[path_column].tolist()
+    if header.count(path_column) > 1:
+        raise DataError(f"{path}: the header names {path_column!r} {header.count(path_column)} times; "
+                        f"keep one column of image paths with that name")
+    return header.index(path_column)
+
+
+def _list_csv(path: Path, path_column: str) -> ImageSource:
+    values: list[str] = []
+    lines: list[int] = []
+    started = 2  # the line the row being read starts on (a quoted path may span lines)
+    # The csv module, not pandas: pandas reads a row with one field too many (a comma in an
+    # unquoted path, a trailing comma) as an index column and silently takes the wrong field as
+    # the path; here such a row is an error that names its line.
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, strict=True)
+            header = next(reader, [])
+            column = _check_path_column(path, header, path_column)
+            for row in reader:
+                if not row:  # a blank line, skipped as by every CSV reader
+                    started = reader.line_num + 1
+                    continue
+                if len(row) > len(header):
+                    raise DataError(f"{path}: line {started} has {len(row)} fields but the header has "
+                                    f"{len(header)}; quote paths that contain commas, or fix the row")
+                values.append(row[column] if column < len(row) else "")
+                lines.append(started)
+                started = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a valid CSV from line {started}: {one_line(exc)}; "
+                        f"check the quotes on that line") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({one_line(exc)}); save the CSV as UTF-8") from exc
     if not values:
         raise DataError(f"{path}: the {path_column!r} column has no rows; expected one image path per row")
     blank = [i for i, v in enumerate(values) if not v.strip()]
     if blank:
-        raise DataError(f"{path}: column {path_column!r} is empty in row {blank[0] + 1} (line {blank[0] + 2}); "
-                        f"fill in an image path or remove the row")
+        raise DataError(f"{path}: column {path_column!r} is empty in row {blank[0] + 1} "
+                        f"(line {lines[blank[0]]}); fill in an image path or remove the row")
     # Relative paths mean "next to the CSV", so a folder with its index can be moved as a whole.
     items = [v if Path(v).is_absolute() else str(path.parent / v) for v in values]
     return ImageSource(items=items, kind="csv", origin=path)
@@ -197,6 +235,10 @@ def _list_npy(path: Path) -> ImageSource:
                         f"save uint8 values in 0..255 or floats in 0..1")
     if shape[0] == 0:
         raise DataError(f"{path}: the array holds no images (shape {shape}); expected at least one")
+    # Zero-sized images would load as all-black ones (PIL resizes nothing to zeros), not fail.
+    if 0 in shape[1:]:
+        raise DataError(f"{path}: array of shape {shape} holds images with no pixels (a side of 0); "
+                        f"expected images at least 1 pixel wide and high")
     return ImageSource(items=[f"{path}[{i}]" for i in range(shape[0])], kind="npy", origin=path, layout=layout)
 
 
@@ -289,6 +331,9 @@ def _read_file(item: str) -> Image.Image | str:
         with Image.open(item) as opened:
             # load() decodes every pixel now, so a truncated file fails here and not later.
             opened.load()
+            if opened.mode == "F":
+                # Float pixels have no agreed range (0..1? 0..255?); guessing turns a whole set black.
+                return "32-bit float pixels (mode F) have no fixed range; save the image as 8-bit or 16-bit"
             # Camera JPEGs store rotation as a tag; apply it so the model sees what viewers show.
             return ImageOps.exif_transpose(opened)
     except FileNotFoundError:
@@ -317,9 +362,9 @@ def _npy_pictures(source: ImageSource, start: int, stop: int | None) -> Iterator
     high = 1 if is_float else 255
     bad = ~np.isfinite(block) | (block < 0) | (block > high) if is_float else (block < 0) | (block > high)
     if bad.any():
-        index = start + int(np.argwhere(bad)[0][0])
-        raise DataError(f"{source.origin}: image {index} has values outside 0..{high} for dtype {block.dtype}; "
-                        f"save uint8 values in 0..255 or floats in 0..1")
+        where = tuple(np.argwhere(bad)[0])
+        raise DataError(f"{source.origin}: image {start + int(where[0])} has value {block[where].item():.6g}, outside "
+                        f"0..{high} for dtype {block.dtype}; save uint8 values in 0..255 or floats in 0..1")
     # Back to 8-bit pixels so an array and the files it was made from go through PIL identically;
     # floats that came from x / 255 round-trip exactly.
     pixels = np.rint(block * 255.0).astype(np.uint8) if is_float else block.astype(np.uint8)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
+from pipeline.config import CalibrationConfig, ImageTrainJob, PipelineConfig, TrainingConfig
 from pipeline.errors import ConfigError, DataError, InputFileError
+from pipeline.image_workflow import run_image_training
 from pipeline.images import (IMAGE_SUFFIXES, ImageSpec, is_image_input, iter_image_batches, list_images,
                              load_images, text_path, write_errors)
 
@@ -227,3 +231,168 @@ def test_spec_round_trips_and_rejects_other_preprocessing():
     with pytest.raises(ConfigError, match="channels"):
         ImageSpec(channels=2)
     assert ".png" in IMAGE_SUFFIXES and is_image_input(Path("whatever.npy"))
+
+
+# --- CSV and .npy inputs a user gets slightly wrong ------------------------------------------
+
+
+def test_csv_row_with_a_field_too_many_is_an_error_not_a_shifted_path(tmp_path):
+    # pandas read "1,a.png,extra" under "id,path" as index 1, id a.png, path "extra": a wrong file.
+    index = tmp_path / "index.csv"
+    index.write_text("id,path\n1,imgs/a.png,extra\n2,imgs/b.png,extra\n")
+    with pytest.raises(DataError, match=r"index.csv: line 2 has 3 fields but the header has 2; quote paths"):
+        list_images(index)
+
+
+def test_csv_paths_with_commas_spaces_and_blank_lines_are_read_as_written(tmp_path):
+    index = tmp_path / "index.csv"
+    index.write_text('path,label\n"imgs/a b,c.png",0\n\nimgs/d.png\n')
+    assert list_images(index).items == [str(tmp_path / "imgs" / "a b,c.png"), str(tmp_path / "imgs" / "d.png")]
+    index.write_text("path,label\nimgs/a.png,0\n\n,1\n")
+    with pytest.raises(DataError, match=r"empty in row 2 \(line 4\)"):
+        list_images(index)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'path\n"imgs/a.png"\n"imgs/b.png\n', r"not a valid CSV from line 3: .*check the quotes"),
+    (b"path\nimgs/caf\xe9.png\n", r"not UTF-8 text .*save the CSV as UTF-8"),
+    (b"path,path\na.png,b.png\n", r"header names 'path' 2 times"),
+])
+def test_malformed_csv_is_a_one_line_data_error(tmp_path, content, message):
+    index = tmp_path / "index.csv"
+    index.write_bytes(content)
+    with pytest.raises(DataError, match=message):  # was pandas' ParserError, or "no 'path' column"
+        list_images(index)
+
+
+def test_npy_with_zero_sized_images_is_refused(tmp_path):
+    empty_rows = tmp_path / "flat.npy"
+    np.save(empty_rows, np.zeros((5, 0, 8), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"shape \(5, 0, 8\) holds images with no pixels"):
+        list_images(empty_rows)  # loaded as five black images before
+
+
+def test_npy_bad_value_is_named_in_the_error(tmp_path):
+    array = np.full((40, 4, 4), 0.5, dtype=np.float32)
+    array[33, 1, 2] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, array)
+    with pytest.raises(DataError, match=r"image 33 has value nan, outside 0..1 for dtype float32"):
+        load_images(list_images(path), ImageSpec(size=4))
+
+
+def test_linked_folders_are_followed_once_and_loops_end(tmp_path):
+    real = tmp_path / "elsewhere"
+    _save(real / "a.png", Image.fromarray(_pixels(50, channels=1), mode="L"))
+    _save(real / "sub" / "b.png", Image.fromarray(_pixels(51, channels=1), mode="L"))
+    root = tmp_path / "set"
+    _save(root / "c.png", Image.fromarray(_pixels(52, channels=1), mode="L"))
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (root / "same_again").symlink_to(real, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    items = [Path(i).relative_to(root).as_posix() for i in list_images(root).items]
+    assert items == ["c.png", "linked/a.png", "linked/sub/b.png"]
+
+
+# --- training on images ----------------------------------------------------------------------
+
+ENOUGH = 80  # images the splits need at target FPR 0.05 (79) and one more
+
+
+def _train(data: Path, out: Path, **job) -> dict:
+    """One epoch on 8x8 images, 2 threads: seconds, not minutes."""
+    training = TrainingConfig(max_epochs=1, patience=1, batch_size=32, threads=2, progress=False)
+    config = PipelineConfig(training=training, calibration=CalibrationConfig(target_fpr=0.05))
+    return run_image_training(ImageTrainJob(data=data, name="parts", out_dir=out, image_size=8,
+                                            config=config, **job))
+
+
+def _gray_folder(root: Path, n: int, offset: int = 0) -> Path:
+    for i in range(n):
+        _save(root / f"img_{i + offset:03d}.png", Image.fromarray(_pixels(100 + i + offset, channels=1), mode="L"))
+    return root
+
+
+def test_too_few_images_fail_before_any_is_decoded_and_say_images(tmp_path, monkeypatch):
+    import pipeline.image_workflow as workflow
+
+    folder = _gray_folder(tmp_path / "few", 30)
+    monkeypatch.setattr(workflow, "iter_image_batches", lambda *a: pytest.fail("images decoded"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DataError, match=r"few: too few images to train and calibrate: 30 listed, need at least 79 "
+                                        r"for target FPR 0.05 .*add images or raise --target-fpr"):
+        _train(folder, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []  # no staging folder left
+
+
+def test_unreadable_images_are_listed_with_verbose_and_too_few_readable_says_why(tmp_path, caplog):
+    folder = _gray_folder(tmp_path / "set", 75)
+    for i in range(6):
+        (folder / f"zz_bad{i}.png").write_bytes(b"not a png")
+    (tmp_path / "out").mkdir()
+    with caplog.at_level(logging.DEBUG, logger="vaeguard"), pytest.raises(
+            DataError, match=r"75 of 81 could be read \(6 skipped, e.g. .*zz_bad0.png: cannot identify image file; "
+                             r"all with --verbose\), need at least 79"):
+        _train(folder, tmp_path / "out")
+    skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "skipped" in r.getMessage()]
+    assert len(skipped) == 6 and all("cannot identify image file" in m for m in skipped)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_skipped_files_leave_the_same_bundle_as_a_folder_without_them(tmp_path):
+    clean = _gray_folder(tmp_path / "clean", ENOUGH)
+    dirty = _gray_folder(tmp_path / "dirty", ENOUGH)
+    (dirty / "img_040_truncated.png").write_bytes((clean / "img_040.png").read_bytes()[:60])
+    (dirty / "zz_empty.jpg").write_bytes(b"")
+    facts = [_train(folder, tmp_path / name) for folder, name in ((clean, "a"), (dirty, "b"))]
+    assert facts[1]["load_images"] == {"images": ENOUGH, "skipped": 2}
+    thresholds = [json.loads((Path(f["bundle"]) / "manifest.json").read_text())["calibration"]["threshold"]
+                  for f in facts]
+    assert thresholds[0] == thresholds[1]
+
+
+def test_colour_images_with_channels_1_warn_and_gray_ones_do_not(tmp_path, caplog):
+    colour = tmp_path / "colour"
+    for i in range(ENOUGH):
+        _save(colour / f"{i:03d}.png", Image.fromarray(_pixels(200 + i, 8, 8)))
+    gray_as_rgb = tmp_path / "gray.npy"
+    np.save(gray_as_rgb, np.repeat(np.stack([_pixels(i, 8, 8, channels=1) for i in range(ENOUGH)])[..., None], 3, -1))
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        _train(colour, tmp_path / "a")
+        _train(gray_as_rgb, tmp_path / "b")
+    warnings = [r.getMessage() for r in caplog.records if "--channels 3" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{colour}: 16 of 16 images checked are in colour")
+
+
+def test_csv_listing_an_image_twice_warns(tmp_path, caplog):
+    _gray_folder(tmp_path / "imgs", ENOUGH)
+    index = tmp_path / "index.csv"
+    paths = [f"imgs/img_{i:03d}.png" for i in range(ENOUGH)] + ["imgs/img_007.png", "./imgs/img_007.png"]
+    pd.DataFrame({"path": paths}).to_csv(index, index=False)
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        _train(index, tmp_path / "out", path_column="path")
+    [warning] = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+    assert "1 image(s) listed more than once, e.g. " in warning and "img_007.png" in warning
+
+
+def test_an_image_set_larger_than_memory_fails_before_loading(tmp_path, monkeypatch):
+    import pipeline.image_workflow as workflow
+
+    folder = _gray_folder(tmp_path / "set", ENOUGH)
+    monkeypatch.setattr(workflow, "_physical_memory", lambda: 2**30)
+    monkeypatch.setattr(workflow, "iter_image_batches", lambda *a: pytest.fail("images decoded"))
+    with pytest.raises(ConfigError, match=r"80 images at 2000x2000 with 1 channel\(s\) need 1.2 GiB as float32, "
+                                          r"more than this machine's 1.0 GiB of memory; use a smaller --image-size"):
+        run_image_training(ImageTrainJob(data=folder, name="big", out_dir=tmp_path / "out", image_size=2000,
+                                         config=PipelineConfig(calibration=CalibrationConfig(target_fpr=0.05))))
+
+
+def test_float_tiff_from_a_csv_is_skipped_not_loaded_black(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.7, dtype=np.float32)).save(tmp_path / "float.tif")
+    _save(tmp_path / "ok.png", Image.fromarray(_pixels(60, 8, 8, channels=1), mode="L"))
+    index = tmp_path / "index.csv"
+    index.write_text("path\nfloat.tif\nok.png\n")
+    images, names, errors = load_images(list_images(index), ImageSpec(size=8))
+    assert names == [str(tmp_path / "ok.png")] and images.shape == (1, 1, 8, 8)
+    assert errors == [(str(tmp_path / "float.tif"), "32-bit float pixels (mode F) have no fixed range; "
+                                                    "save the image as 8-bit or 16-bit")]
