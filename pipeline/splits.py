@@ -66,10 +66,12 @@ def _enough(n_normal: int, cal: CalibrationConfig, training: TrainingConfig, lab
 
 def rows_needed(cal: CalibrationConfig, training: TrainingConfig, labelled: bool) -> int:
     """Fewest normal rows that give every split its minimum size."""
-    n = MIN_TRAIN_ROWS + MIN_VAL_ROWS
+    low, n = MIN_TRAIN_ROWS + MIN_VAL_ROWS - 1, MIN_TRAIN_ROWS + MIN_VAL_ROWS
     while not _enough(n, cal, training, labelled):
-        n = max(n + 1, math.ceil(n * 1.01))
-    return n
+        low, n = n, max(n + 1, math.ceil(n * 1.01))
+    # 1% steps find a size that is enough quickly (0.1% needs about 10,000 rows); the fewest lies
+    # after the last size that was not, so the error message does not ask for more than needed.
+    return next(m for m in range(low + 1, n + 1) if _enough(m, cal, training, labelled))
 
 
 def split_rows(labels: np.ndarray | None, n_rows: int, cal: CalibrationConfig,

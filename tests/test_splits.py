@@ -26,11 +26,14 @@ def test_splits_are_fixed_by_the_seed():
     assert len(a.test) == 0  # no labels, no test split
 
 
-def test_too_few_rows_names_the_number_needed():
-    needed = rows_needed(CalibrationConfig(), TrainingConfig(), labelled=False)
-    split_rows(None, needed, CalibrationConfig(), TrainingConfig(), "t")  # exactly enough works
+@pytest.mark.parametrize("target", [0.01, 0.05, 0.002, 0.001])
+def test_too_few_rows_names_the_number_needed(target):
+    """The number is the fewest that work, not an overshoot: one row less must fail."""
+    cal = CalibrationConfig(target_fpr=target)
+    needed = rows_needed(cal, TrainingConfig(), labelled=False)
+    split_rows(None, needed, cal, TrainingConfig(), "t")  # exactly enough works
     with pytest.raises(DataError, match=rf"need at least {needed}"):
-        split_rows(None, needed - 1, CalibrationConfig(), TrainingConfig(), "small.csv")
+        split_rows(None, needed - 1, cal, TrainingConfig(), "small.csv")
 
 
 @pytest.mark.parametrize("target", [0.01, 0.05, 0.003, 0.001])
