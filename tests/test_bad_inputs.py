@@ -630,48 +630,33 @@ def test_train_config_learning_rate_in_e_notation_is_a_number(capsys, tmp_path, 
     assert "missing.csv" in message  # past the config: the missing data file is the only problem
 
 
-def _config_with_syntax_error(path: Path) -> tuple[Path, str]:
-    path.write_text("training:\n  max_epochs: 3\n   patience: [\n")
-    return path, f"{path}, line 3, column 12: not valid YAML: mapping values are not allowed here"
-
-
-def _config_with_key_twice(path: Path) -> tuple[Path, str]:
+# (what the file holds: text, bytes, or None for a folder; the message, with {path} for the file)
+UNUSABLE_CONFIGS = {
+    "syntax error": ("training:\n  max_epochs: 3\n   patience: [\n",
+                     "{path}, line 3, column 12: not valid YAML: mapping values are not allowed here"),
     # YAML keeps the last: the first training section, max_epochs included, would vanish unseen.
-    path.write_text("training:\n  max_epochs: 3\ncalibration:\n  target_fpr: 0.05\ntraining:\n  seed: 1\n")
-    return path, f"{path}, line 5, column 1: not valid YAML: key 'training' is given twice"
+    "key twice": ("training:\n  max_epochs: 3\ncalibration:\n  target_fpr: 0.05\ntraining:\n  seed: 1\n",
+                  "{path}, line 5, column 1: not valid YAML: key 'training' is given twice"),
+    "folder": (None, "config file {path} is a folder"),
+    "list": ("- training\n", "{path}: expected a mapping of sections, got list"),
+    "misspelt section": ("modle:\n  beta: 1\n", "{path}: unknown section(s) ['modle']"),
+    "misspelt key": ("training:\n  max_epoch: 3\n", "{path}:training: unknown key(s) ['max_epoch']"),
+    "not UTF-8": (b"training:\n  device: \xe9\n", "config file {path} cannot be read as UTF-8 text"),
+}
 
 
-def _config_folder(path: Path) -> tuple[Path, str]:
-    path.mkdir()
-    return path, f"config file {path} is a folder"
-
-
-def _config_list(path: Path) -> tuple[Path, str]:
-    path.write_text("- training\n")
-    return path, f"{path}: expected a mapping of sections, got list"
-
-
-def _config_misspelt_section(path: Path) -> tuple[Path, str]:
-    path.write_text("modle:\n  beta: 1\n")
-    return path, f"{path}: unknown section(s) ['modle']"
-
-
-def _config_misspelt_key(path: Path) -> tuple[Path, str]:
-    path.write_text("training:\n  max_epoch: 3\n")
-    return path, f"{path}:training: unknown key(s) ['max_epoch']"
-
-
-def _config_not_utf8(path: Path) -> tuple[Path, str]:
-    path.write_bytes(b"training:\n  device: \xe9\n")
-    return path, f"config file {path} cannot be read as UTF-8 text"
-
-
-@pytest.mark.parametrize("make", [_config_with_syntax_error, _config_with_key_twice, _config_folder, _config_list,
-                                  _config_misspelt_section, _config_misspelt_key, _config_not_utf8])
-def test_train_unusable_config_file(capsys, tmp_path, out_dir, make):
-    config, expected = make(tmp_path / "vaeguard.yaml")
+@pytest.mark.parametrize("case", UNUSABLE_CONFIGS)
+def test_train_unusable_config_file(capsys, tmp_path, out_dir, case):
+    content, expected = UNUSABLE_CONFIGS[case]
+    config = tmp_path / "vaeguard.yaml"
+    if content is None:
+        config.mkdir()
+    elif isinstance(content, bytes):
+        config.write_bytes(content)
+    else:
+        config.write_text(content)
     message = error_line(*run_train(capsys, tmp_path / "missing.csv", out_dir, config))
-    assert expected in message, message
+    assert expected.format(path=config) in message, message
     assert list(out_dir.iterdir()) == []
 
 
