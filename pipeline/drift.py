@@ -22,12 +22,16 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import stats
+from scipy.special import logsumexp
 
 from pipeline.errors import ConfigError, DataError
 
 PSI_BINS = 10
 # Keeps an empty bin from making PSI infinite; small enough not to matter for a filled one.
 PSI_EPS = 1e-4
+# Below this, calibrated_p_value sums the beta-binomial tail itself, TAIL_CHUNK terms at a time.
+TAIL_BY_SUM = 1e-8
+TAIL_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,21 @@ def calibrated_p_value(anomalies: int, rows: int, expected_fpr: float, n_calibra
         return rate_p_value(anomalies, rows, expected_fpr)
     if anomalies == 0:
         return 1.0
-    return float(stats.betabinom.sf(anomalies - 1, rows, rank, n_calibration + 1 - rank))
+    a, b = rank, n_calibration + 1 - rank
+    p = float(stats.betabinom.sf(anomalies - 1, rows, a, b))
+    if p > TAIL_BY_SUM:
+        return p
+    # scipy's sf is 1 - cdf here: below about 1e-8 it keeps few digits, and by 1e-17 none, so a
+    # run far above its rate showed p = 0. Summed term by term (the terms fall past the mode),
+    # the tail keeps its digits down to float's limit.
+    log_total, start = -np.inf, anomalies
+    while start <= rows:
+        terms = stats.betabinom.logpmf(np.arange(start, min(rows, start + TAIL_CHUNK - 1) + 1), rows, a, b)
+        log_total = np.logaddexp(log_total, logsumexp(terms))
+        if terms[-1] < log_total - 40:  # the rest adds less than e^-40 of the sum
+            break
+        start += TAIL_CHUNK
+    return float(np.exp(log_total))
 
 
 def population_stability_index(run: np.ndarray, calibration: np.ndarray, bins: int = PSI_BINS) -> float:
