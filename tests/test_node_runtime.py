@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.batch_score import score_files
 from pipeline.config import ScoreJob
+from pipeline.errors import PipelineError
 
 pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")), reason="needs node and npm")
 
@@ -182,3 +183,163 @@ def test_header_problems_fail_as_in_python(trained_bundle, node_example, tmp_pat
     assert done.returncode == 2
     assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.csv").exists()
+
+
+def python_error(bundle: Path, source: Path, tmp_path: Path) -> str:
+    """The message `vaeguard score` fails with on ``source`` (the test fails if it scores it)."""
+    with pytest.raises(PipelineError) as failure:
+        score_files(ScoreJob(bundle, (source,), tmp_path / "refused.py.parquet", device="cpu"))
+    return str(failure.value)
+
+
+def edited_rows(incoming_csv: Path, edit, rows: int = 12) -> tuple[list[str], list[list[str]]]:
+    """The header and the first rows of the incoming batch as text, after ``edit(at, rows)``."""
+    table = list(csv.reader(incoming_csv.open(newline="")))
+    header, body = table[0], table[1:rows + 1]
+    edit({name: i for i, name in enumerate(header)}, body)
+    return header, body
+
+
+def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows([header, *rows])
+    return path
+
+
+def test_an_upper_case_gz_name_is_decompressed_as_python_does(trained_bundle, incoming_csv, node_example, tmp_path):
+    # pipeline.tables reads ".CSV.GZ" as gzip; Node matched ".gz" only and parsed the compressed bytes.
+    source = tmp_path / "INCOMING.CSV.GZ"
+    source.write_bytes(gzip.compress(incoming_csv.read_bytes()))
+    python, node = score_both(node_example, trained_bundle, source, tmp_path)
+    assert_same_results(python, node)
+    assert len(node) == 2000
+
+
+@pytest.mark.parametrize("name", ["incoming.txt", "incoming.tsv.gz", "incoming", "incoming.parquet"])
+def test_a_file_python_would_not_read_as_csv_is_refused(trained_bundle, incoming_csv, node_example, tmp_path, name):
+    # `vaeguard score` takes .csv and .csv.gz (any case) as CSV and refuses other names before
+    # reading; Node scored a .txt or .tsv.gz, and parsed a Parquet file's bytes as CSV.
+    source = tmp_path / name
+    data = incoming_csv.read_bytes()
+    source.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    if name.endswith(".parquet"):
+        pd.read_csv(incoming_csv).to_parquet(source)
+    else:
+        assert "unsupported file type" in python_error(trained_bundle, source, tmp_path)
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2, done.stderr
+    assert f"{source}: unsupported file type" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_an_empty_gz_file_is_empty_not_corrupt(trained_bundle, node_example, tmp_path):
+    # Python checks the size before decompressing; Node called a zero-byte .csv.gz unreadable gzip.
+    source = tmp_path / "empty.csv.gz"
+    source.write_bytes(b"")
+    assert "the file is empty" in python_error(trained_bundle, source, tmp_path)
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert f"{source}: the file is empty" in done.stderr
+
+
+def test_a_missing_id_column_is_refused_as_python_refuses_it(trained_bundle, incoming_csv, node_example, tmp_path):
+    # `vaeguard score` requires the bundle's id columns (pipeline.batch_score.required_columns);
+    # Node wrote scores without them, rows nobody could match back to their input.
+    source = tmp_path / "no_id.csv"
+    pd.read_csv(incoming_csv).drop(columns=["row_id"]).to_csv(source, index=False)
+    assert "'row_id'" in python_error(trained_bundle, source, tmp_path)
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert 'missing column(s) "row_id"' in done.stderr and not (tmp_path / "out.csv").exists()
+
+
+def test_a_label_holding_text_is_refused_as_python_refuses_it(trained_bundle, incoming_csv, node_example, tmp_path):
+    # The label is not scored, but `vaeguard score` reads it as a number when the input has it.
+    def edit(at, rows):
+        rows[4][at["label"]] = "yes"
+    source = write_rows(tmp_path / "label.csv", *edited_rows(incoming_csv, edit))
+    assert "column 'label' must be numeric but row 5 (line 6) holds 'yes'" in python_error(trained_bundle, source, tmp_path)
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert 'column "label" must be numeric but row 5 (line 6) holds "yes"' in done.stderr
+
+
+@pytest.mark.parametrize("column", ["line", "row_id"])
+def test_bytes_that_are_not_utf8_in_a_used_column_are_refused(trained_bundle, incoming_csv, node_example, tmp_path,
+                                                             column):
+    # pyarrow refuses them in text columns; Node decoded them to U+FFFD and scored the row.
+    def edit(at, rows):
+        rows[6][at[column]] = "MARK"
+    source = write_rows(tmp_path / "latin1.csv", *edited_rows(incoming_csv, edit))
+    source.write_bytes(source.read_bytes().replace(b"MARK", b"caf\xe9"))
+    assert "not UTF-8" in python_error(trained_bundle, source, tmp_path)
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert f'holds text that is not UTF-8 (column "{column}", row 7, line 8)' in done.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_bytes_that_are_not_utf8_in_an_unused_column_are_ignored_as_in_python(trained_bundle, incoming_csv,
+                                                                             node_example, tmp_path):
+    # pyarrow does not read the columns the bundle does not use: the file scores on both sides.
+    def edit(at, rows):
+        for i, row in enumerate(rows):
+            row.append("caf\u00e9" if i != 3 else "MARK")
+    header, rows = edited_rows(incoming_csv, edit)
+    source = write_rows(tmp_path / "note.csv", header + ["note"], rows)
+    source.write_bytes(source.read_bytes().replace(b"MARK", b"caf\xe9"))
+    python, node = score_both(node_example, trained_bundle, source, tmp_path)
+    assert_same_results(python, node)
+    assert len(node) == 12
+
+
+def test_a_header_that_is_not_utf8_is_refused(trained_bundle, incoming_csv, node_example, tmp_path):
+    # `vaeguard score` cannot read such a header either (it stops on a UnicodeDecodeError).
+    source = tmp_path / "header.csv"
+    source.write_bytes(incoming_csv.read_bytes().replace(b"label", b"caf\xe9", 1))
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2
+    assert "holds text that is not UTF-8 (header, column 12)" in done.stderr
+
+
+def test_utf8_decoding_does_not_depend_on_where_chunks_end(node_example):
+    # A file arrives in 1 MiB reads (gzip: smaller pieces), so a character, valid or not, can be
+    # split between two: every split must decode as the whole does, invalid bytes marked the same.
+    program = """
+    const { decodeUtf8 } = require(process.argv[1]);
+    const bytes = Buffer.from([0x61, 0xc3, 0xa9, 0xe2, 0x82, 0xac, 0xf0, 0x9f, 0x98, 0x80, 0xe2, 0x82, 0x62, 0xff,
+                               0xc0, 0xaf, 0xed, 0xa0, 0x80, 0xf0, 0x9f]);
+    const decode = async (parts) => { let t = ''; for await (const s of decodeUtf8(parts)) t += s; return t; };
+    (async () => {
+      const whole = await decode([bytes]);
+      for (let i = 0; i <= bytes.length; i++) {
+        for (let j = i; j <= bytes.length; j++) {
+          const split = await decode([bytes.subarray(0, i), bytes.subarray(i, j), bytes.subarray(j)]);
+          if (split !== whole) throw new Error(`split at ${i}, ${j}: ${JSON.stringify(split)}`);
+        }
+      }
+      process.stdout.write(JSON.stringify(whole));
+    })().catch((err) => { console.error(err.message); process.exit(1); });
+    """
+    done = subprocess.run(["node", "-e", program, str(node_example)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # Valid characters intact; each invalid byte a lone surrogate, so no cell can pass as valid text.
+    assert json.loads(done.stdout) == "a\u00e9\u20ac\U0001F600" + "\udce2\udc82b\udcff\udcc0\udcaf\udced\udca0\udc80\udcf0\udc9f"
+
+
+def test_a_nul_inside_a_category_scores_as_in_python(trained_bundle, incoming_csv, node_example, tmp_path):
+    # onnxruntime-node passes strings to the graph as C strings, cut at a NUL: "A\0x" scored as the
+    # known "A", while Python passes the whole string, a category never seen in training.
+    def edit(at, rows):
+        rows[2][at["line"]] = rows[2][at["line"]] + "\0x"
+        rows[5][at["shift"]] = "\0"
+    source = write_rows(tmp_path / "nul.csv", *edited_rows(incoming_csv, edit))
+    python, node = score_both(node_example, trained_bundle, source, tmp_path)
+    assert_same_results(python, node)
+    # Not vacuous: the NUL changes the score, as an unseen category does.
+    def unseen(at, rows):
+        rows[2][at["line"]] = "never-seen"
+        rows[5][at["shift"]] = "never-seen"
+    plain = write_rows(tmp_path / "unseen.csv", *edited_rows(incoming_csv, unseen))
+    unseen_python, _ = score_both(node_example, trained_bundle, plain, tmp_path)
+    np.testing.assert_allclose(python["score"], unseen_python["score"], rtol=1e-6)

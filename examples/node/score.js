@@ -5,15 +5,18 @@
 //
 // Reads BUNDLE_DIR/manifest.json, checks scorer.onnx against the sha256 the manifest records,
 // feeds the CSV's feature columns to the graph in chunks and writes one row per input row:
-// the id columns (those the manifest names and the input has), then score, recon, kl,
+// the id columns the manifest names (required, as the features are), then score, recon, kl,
 // p_value and is_anomaly, the same columns `vaeguard score ... -o OUTPUT.csv` writes.
 // The threshold is baked into scorer.onnx, so is_anomaly needs no extra step.
 //
 // The CSV is read the way the Python pipeline reads it (pyarrow's defaults), so both give the
 // same decisions: the usual null markers ("", "NA", "null", "NaN", ...) are missing in every
 // column, numeric cells are parsed as float64 then rounded to float32, and categorical cells
-// are passed verbatim as strings (missing -> "").
-// A .gz input is decompressed as it streams. The header is checked as `vaeguard score` checks it:
+// are passed verbatim as strings (missing -> ""). Text that is not UTF-8 is refused in the
+// header and in the columns read (ids, features, label), and ignored in the others, as pyarrow
+// does; a label column, when the input has one, must hold numbers, as `vaeguard score` reads it.
+// Input names are those `vaeguard score` reads as CSV: .csv or .csv.gz in any case; a .gz input
+// is decompressed as it streams. The header is checked as `vaeguard score` checks it:
 // a single column holding ;, | or a tab (another separator) and a column named twice are refused.
 //
 // Exit status: 0 on success, 2 when the command line or the input CSV is wrong (missing
@@ -27,6 +30,7 @@ const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
 const zlib = require('node:zlib');
+const { isUtf8 } = require('node:buffer');
 const ort = require('onnxruntime-node');
 
 const BUNDLE_FORMAT = 'vaeguard-bundle';
@@ -106,12 +110,20 @@ function scorerInputs(manifest) {
   if (!Array.isArray(declared) || declared.length === 0) {
     throw new UserError('manifest.json: no onnx.scorer_inputs; re-export the bundle with a newer vaeguard');
   }
+  const preprocessing = manifest.preprocessing || {};
   return declared.map((input) => {
     if (input.dtype === 'float32' && Array.isArray(input.columns)) {
       return { name: input.name, kind: 'numeric', columns: input.columns };
     }
     if (input.dtype === 'string' && typeof input.column === 'string') {
-      return { name: input.name, kind: 'string', column: input.column, missing: input.missing ?? '' };
+      // onnxruntime-node hands strings to the graph as C strings, cut at the first NUL: "A\0x"
+      // would score as the known "A", while `vaeguard score` passes it whole, an unseen value.
+      // Such a cell is fed as a string the graph does not know (`unseen`) instead.
+      const stats = (preprocessing.categorical || []).find((c) => c.name === input.column);
+      const known = new Set(stats && Array.isArray(stats.categories) ? stats.categories : []);
+      let unseen = preprocessing.unknown_category || '__unknown__';
+      while (known.has(unseen)) unseen += '_';
+      return { name: input.name, kind: 'string', column: input.column, missing: input.missing ?? '', known, unseen };
     }
     throw new UserError(`manifest.json: scorer input ${JSON.stringify(input.name)} is not a table column ` +
       `(image bundles are not supported by this example)`);
@@ -249,18 +261,74 @@ class CsvParser {
   }
 }
 
+// Bytes that are not UTF-8. pyarrow refuses them in the columns it reads as text (ids,
+// categories) and as numbers, and ignores them in columns it does not read; `vaeguard score`
+// then fails with "holds text that is not UTF-8". A plain utf8 decode would turn them into
+// U+FFFD and score the row. So each invalid byte is decoded to a lone surrogate (U+DC80 to
+// U+DCFF, which no valid UTF-8 decodes to, as Python's surrogateescape does), and the cells the
+// scorer uses are checked with isWellFormed().
+function decodeEscaped(bytes) {
+  let text = '';
+  let start = 0; // start of the run of valid bytes not yet decoded
+  let i = 0;
+  while (i < bytes.length) {
+    const b = bytes[i];
+    if (b < 0x80) { i += 1; continue; }
+    const need = b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
+    if (need > 1 && i + need <= bytes.length && isUtf8(bytes.subarray(i, i + need))) { i += need; continue; }
+    text += bytes.toString('utf8', start, i) + String.fromCharCode(0xdc00 + b);
+    i += 1;
+    start = i;
+  }
+  return text + bytes.toString('utf8', start);
+}
+
+/** Where a chunk's last complete character ends: a sequence cut by the chunk's end waits for the next. */
+function completeEnd(bytes) {
+  for (let i = bytes.length - 1; i >= Math.max(0, bytes.length - 3); i--) {
+    const b = bytes[i];
+    if (b < 0x80) break;
+    if (b >= 0xc0) {
+      const need = b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : 2;
+      return bytes.length - i < need ? i : bytes.length;
+    }
+  }
+  return bytes.length;
+}
+
+/** UTF-8 text of a byte stream, invalid bytes as lone surrogates (see decodeEscaped). */
+async function* decodeUtf8(stream) {
+  let carry = Buffer.alloc(0);
+  for await (const chunk of stream) {
+    const bytes = carry.length ? Buffer.concat([carry, chunk]) : chunk;
+    const end = completeEnd(bytes);
+    const part = bytes.subarray(0, end);
+    carry = Buffer.from(bytes.subarray(end));
+    yield isUtf8(part) ? part.toString('utf8') : decodeEscaped(part);
+  }
+  if (carry.length) yield decodeEscaped(carry); // a character cut short by the end of the file
+}
+
+/** The file is one Python reads as CSV: .csv or .csv.gz in any case (pipeline.tables.table_format). */
+function checkInputName(file) {
+  const name = path.basename(file).toLowerCase();
+  if (name.endsWith('.csv') || name.endsWith('.csv.gz')) return;
+  const suffix = path.extname(name);
+  throw inputError(`${file}: unsupported file type ${suffix ? JSON.stringify(suffix) : '(none)'}; expected .csv or ` +
+    `.csv.gz${suffix === '.parquet' || suffix === '.pq' ? ' (this example reads CSV only: score Parquet with `vaeguard score`)' : ''}`);
+}
+
 async function* csvRecords(file) {
   const parser = new CsvParser();
   let first = true;
-  // A .gz file is decompressed as it streams, as pyarrow does for `vaeguard score`.
+  // A .gz file is decompressed as it streams, as pyarrow does for `vaeguard score`, which
+  // recognises ".gz" in any case ("X.CSV.GZ" too).
   let stream = fs.createReadStream(file, { highWaterMark: 1 << 20 });
-  if (file.endsWith('.gz')) stream = stream.pipe(zlib.createGunzip());
-  // setEncoding decodes as a StringDecoder: multi-byte characters split across chunks are reassembled.
-  stream.setEncoding('utf8');
+  if (file.toLowerCase().endsWith('.gz')) stream = stream.pipe(zlib.createGunzip());
   try {
-    for await (let text of stream) {
+    for await (let text of decodeUtf8(stream)) {
       if (first && text.charCodeAt(0) === 0xfeff) text = text.slice(1);
-      first = false;
+      first = first && text.length === 0;
       yield* parser.push(text);
     }
   } catch (err) {
@@ -274,6 +342,11 @@ async function* csvRecords(file) {
 
 /** The header checks of `vaeguard score` (pipeline.tables.check_header), in the same words. */
 function checkHeader(file, names) {
+  // pyarrow cannot decode such a header: `vaeguard score` stops there too.
+  const unreadable = names.findIndex((name) => !name.isWellFormed());
+  if (unreadable !== -1) {
+    throw inputError(`${file}: holds text that is not UTF-8 (header, column ${unreadable + 1}); save the file as UTF-8`);
+  }
   if (names.length === 1) {
     const separator = [';', '\t', '|'].find((s) => names[0].includes(s));
     if (separator) {
@@ -334,13 +407,16 @@ function formatId(value) {
 // Scoring
 
 class ChunkScorer {
-  constructor(session, inputs, header, idColumns, chunkRows, inputPath) {
+  constructor(session, inputs, header, schema, chunkRows, inputPath) {
     this.session = session;
     this.inputs = inputs;
     this.chunkRows = chunkRows;
     this.inputPath = inputPath;
     const position = new Map(header.map((name, i) => [name, i]));
-    const required = [];
+    // The id columns are required as the features are: `vaeguard score` refuses an input
+    // without them (pipeline.batch_score.required_columns), rather than write unlabelled scores.
+    const idColumns = schema.id_columns || [];
+    const required = [...idColumns];
     for (const input of inputs) required.push(...(input.kind === 'numeric' ? input.columns : [input.column]));
     const missing = required.filter((name) => !position.has(name));
     if (missing.length) {
@@ -348,7 +424,11 @@ class ChunkScorer {
         `that the bundle was trained on; add them (empty values are allowed)`);
     }
     this.header = header;
-    this.ids = idColumns.filter((name) => position.has(name)).map((name) => ({ name, at: position.get(name) }));
+    this.ids = idColumns.map((name) => ({ name, at: position.get(name) }));
+    // `vaeguard score` reads the label column, when the input has it, as a number (for AUROC),
+    // and so refuses a file whose label holds text: checked here too, though not used.
+    this.label = schema.label_column && position.has(schema.label_column)
+      ? { name: schema.label_column, at: position.get(schema.label_column) } : null;
     // Per input: where its columns sit in a CSV record, and a buffer for one chunk.
     this.feeds = inputs.map((input) => (input.kind === 'numeric'
       ? { input, at: input.columns.map((c) => position.get(c)), values: new Float32Array(chunkRows * input.columns.length) }
@@ -389,12 +469,35 @@ class ChunkScorer {
         }
       } else {
         const raw = fields[feed.at];
-        feed.values[r] = NULL_VALUES.has(raw) ? feed.input.missing : raw;
+        this.checkText(raw, feed.input.column, row, line);
+        if (NULL_VALUES.has(raw)) feed.values[r] = feed.input.missing;
+        else if (!raw.includes('\0')) feed.values[r] = raw;
+        else if (!feed.input.known.has(raw)) feed.values[r] = feed.input.unseen; // see scorerInputs
+        else {
+          throw inputError(`${this.inputPath}: column ${JSON.stringify(feed.input.column)} holds a NUL character ` +
+            `at row ${row} (line ${line}), in a category the bundle knows; onnxruntime-node cannot pass it`);
+        }
       }
     }
-    this.ids.forEach((id, k) => { this.idValues[k][r] = NULL_VALUES.has(fields[id.at]) ? null : fields[id.at]; });
+    this.ids.forEach((id, k) => {
+      const raw = fields[id.at];
+      this.checkText(raw, id.name, row, line);
+      this.idValues[k][r] = NULL_VALUES.has(raw) ? null : raw;
+    });
+    if (this.label && parseNumber(fields[this.label.at]) === undefined) {
+      throw inputError(`${this.inputPath}: column ${JSON.stringify(this.label.name)} must be numeric but row ${row} ` +
+        `(line ${line}) holds ${JSON.stringify(fields[this.label.at])}; fix or blank out that value`);
+    }
     this.rows += 1;
     return this.rows === this.chunkRows;
+  }
+
+  /** A text cell with bytes that are not UTF-8 (decoded as lone surrogates) is refused, as pyarrow does. */
+  checkText(raw, column, row, line) {
+    if (!raw.isWellFormed()) {
+      throw inputError(`${this.inputPath}: holds text that is not UTF-8 (column ${JSON.stringify(column)}, row ${row}, ` +
+        `line ${line}); save the file as UTF-8`);
+    }
   }
 
   /** Score the rows collected so far; returns their output CSV lines, and starts a new chunk. */
@@ -462,8 +565,13 @@ async function main(argv) {
   const manifest = readManifest(bundleDir);
   const inputs = scorerInputs(manifest);
   const scorerPath = await verifyScorer(bundleDir, manifest);
+  checkInputName(inputPath);
   if (!fs.existsSync(inputPath) || !fs.statSync(inputPath).isFile()) {
     throw inputError(`${inputPath}: file not found; check the path`);
+  }
+  // Checked before reading, as `vaeguard score` does: an empty .csv.gz is not a gzip error.
+  if (fs.statSync(inputPath).size === 0) {
+    throw inputError(`${inputPath}: the file is empty; expected a header row and data rows`);
   }
   const session = await ort.InferenceSession.create(scorerPath, { executionProviders: ['cpu'] });
 
@@ -475,8 +583,7 @@ async function main(argv) {
     for await (const record of csvRecords(inputPath)) {
       if (scorer === null) { // the first record is the header
         checkHeader(inputPath, record.fields);
-        const idColumns = (manifest.schema && manifest.schema.id_columns) || [];
-        scorer = new ChunkScorer(session, inputs, record.fields, idColumns, chunkRows, inputPath);
+        scorer = new ChunkScorer(session, inputs, record.fields, manifest.schema || {}, chunkRows, inputPath);
         fs.writeSync(out, scorer.outputHeader());
       } else if (scorer.add(record)) {
         fs.writeSync(out, await scorer.flush());
@@ -507,4 +614,4 @@ if (require.main === module) {
   });
 }
 
-module.exports = { CsvParser, parseNumber, formatFloat32 };
+module.exports = { CsvParser, parseNumber, formatFloat32, decodeUtf8 };
