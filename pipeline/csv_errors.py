@@ -35,6 +35,9 @@ def structure_error(path: Path, exc: Exception) -> InputFileError | None:
                               f"quote the fields that hold commas, or fix that line")
     if "Empty CSV file" in message:
         return InputFileError(f"{path}: has no data rows; expected a header row and data rows")
+    if isinstance(exc, UnicodeDecodeError):  # pyarrow decodes column names in Python
+        return InputFileError(f"{path}: its header holds text that is not UTF-8 ({one_line(exc)}); save the file "
+                              f"as UTF-8")
     if "invalid UTF8" in message:
         return InputFileError(f"{path}: holds text that is not UTF-8 ({one_line(exc)}); save the file as UTF-8")
     return None

@@ -92,7 +92,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         else:
             check_header(path, pq.ParquetFile(path).schema_arrow.names)  # before pyarrow refuses twice-named columns
             table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise structure_error(path, exc) or InputFileError(
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     if table.num_rows == 0:
@@ -112,7 +112,7 @@ def read_text_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
     try:
         with _csv_source(path) as source:
             return pacsv.read_csv(source, read_options=read, convert_options=convert).to_pandas()
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise structure_error(path, exc) or InputFileError(
             f"{path}: could not be read as csv: {one_line(exc)}") from exc
 
@@ -128,7 +128,7 @@ def read_columns(path: str | Path) -> list[str]:
                     names = list(reader.schema.names)
         else:
             names = list(pq.ParquetFile(path).schema_arrow.names)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise structure_error(path, exc) or InputFileError(
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     check_header(path, names)
@@ -178,6 +178,8 @@ def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthro
             for batch in reader:
                 for start in range(0, batch.num_rows, batch_rows):
                     yield batch.slice(start, batch_rows)
+    except UnicodeDecodeError as exc:  # a column name that is not UTF-8
+        raise structure_error(path, exc) from exc
     except pa.ArrowInvalid as exc:
         raise structure_error(path, exc) or _diagnose_csv_error(path, numeric, exc) from exc
 

@@ -187,6 +187,12 @@ def test_csv_without_rows_or_not_utf8_says_how_to_fix_it(tmp_path):
     latin.write_bytes("id,x,c\n1,2.5,caf\xe9\n".encode("latin-1"))
     with pytest.raises(InputFileError, match="not UTF-8 .*; save the file as UTF-8"):
         list(iter_batches(latin, ["x"], ["c"], ["id"], batch_rows=500))
+    # In the header, pyarrow's own decoding of the names raised a bare UnicodeDecodeError.
+    named = tmp_path / "latin_header.csv"
+    named.write_bytes("id,caf\xe9\n1,2.5\n".encode("latin-1"))
+    for read in (read_columns, read_table):
+        with pytest.raises(InputFileError, match="header holds text that is not UTF-8 .*; save the file as UTF-8"):
+            read(named)
 
 
 def test_a_bad_value_after_a_quoted_line_break_is_named_with_its_editor_line(tmp_path):
