@@ -178,8 +178,6 @@ def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthro
             for batch in reader:
                 for start in range(0, batch.num_rows, batch_rows):
                     yield batch.slice(start, batch_rows)
-    except UnicodeDecodeError as exc:  # a column name that is not UTF-8
-        raise structure_error(path, exc) from exc
     except pa.ArrowInvalid as exc:
         raise structure_error(path, exc) or _diagnose_csv_error(path, numeric, exc) from exc
 
