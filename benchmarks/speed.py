@@ -42,7 +42,7 @@ from pipeline.runtime import BundleScorer
 from pipeline.scorer_graph import ScorerGraph
 from pipeline.synthetic import SENSOR_COLUMNS as SENSOR_TUPLE
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
-from pipeline.tables import iter_batches
+from pipeline.tables import CSV_PARSE_OPTIONS, iter_batches
 from pipeline.workflow import run_training
 
 CHUNK = 65_536
@@ -94,7 +94,7 @@ def read_whole(path: Path) -> int:
         return pq.read_table(path, columns=columns).num_rows
     types = {c: pa.float64() for c in SENSOR_COLUMNS} | {"row_id": pa.string()}
     convert = pacsv.ConvertOptions(column_types=types, include_columns=columns, strings_can_be_null=True)
-    return pacsv.read_csv(path, convert_options=convert).num_rows
+    return pacsv.read_csv(path, parse_options=CSV_PARSE_OPTIONS, convert_options=convert).num_rows
 
 
 REPEATS = 3

@@ -7,7 +7,7 @@ missing in every column, strings included.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +27,13 @@ SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 # Peak memory grows with the block size (about 40x a block, measured), speed barely does:
 # 1 MB blocks parse as fast as 16 MB ones here and keep a 5M-row CSV under ~200 MB.
 _CSV_BLOCK_BYTES = 1 << 20
+# A row must fit in one block: a longer one (a huge text field, even in a column no one reads)
+# stopped the whole file with pyarrow's "straddling object". Such a file is read again with
+# larger blocks, in this order, and only such a file pays their memory.
+_LONG_ROW_BLOCK_BYTES = (1 << 22, 1 << 24, 1 << 26)
+# A quoted field may hold line breaks. Without this, pyarrow's chunker cuts blocks at any line
+# break, and a file failed with "parser got out of sync" when a quoted one fell at a block's end.
+CSV_PARSE_OPTIONS = pacsv.ParseOptions(newlines_in_values=True)
 
 
 def table_format(path: Path) -> str:
@@ -68,16 +75,56 @@ def _csv_source(path: Path) -> Iterator[Path | pa.NativeFile]:
         yield stream
 
 
-def _csv_options(column_types: dict[str, pa.DataType] | None = None,
-                 include_columns: list[str] | None = None,
-                 block_size: int = _CSV_BLOCK_BYTES):
-    read = pacsv.ReadOptions(block_size=block_size)
-    convert = pacsv.ConvertOptions(
-        strings_can_be_null=True,
-        column_types=column_types or {},
-        include_columns=include_columns or [],
-    )
-    return read, convert
+def _convert_options(column_types: dict[str, pa.DataType] | None = None,
+                     include_columns: list[str] | None = None) -> pacsv.ConvertOptions:
+    return pacsv.ConvertOptions(strings_can_be_null=True, column_types=column_types or {},
+                                include_columns=include_columns or [])
+
+
+def _longer_blocks_may_help(exc: pa.ArrowInvalid, block: int) -> bool:
+    return "straddling object" in str(exc) and block < _LONG_ROW_BLOCK_BYTES[-1]
+
+
+def _read_csv(path: Path, convert: pacsv.ConvertOptions, read: Callable = pacsv.read_csv):
+    """``read`` (pyarrow's read_csv, or a function of the same arguments) on the CSV, with blocks
+    large enough for its longest row."""
+    for block in (_CSV_BLOCK_BYTES, *_LONG_ROW_BLOCK_BYTES):
+        try:
+            with _csv_source(path) as source:
+                return read(source, read_options=pacsv.ReadOptions(block_size=block), parse_options=CSV_PARSE_OPTIONS,
+                            convert_options=convert)
+        except pa.ArrowInvalid as exc:
+            if not _longer_blocks_may_help(exc, block):
+                raise
+
+
+def _column_names(source, **options) -> list[str]:
+    """read_csv's arguments, but only the header's names are read (and the first block)."""
+    with pacsv.open_csv(source, **options) as reader:
+        return list(reader.schema.names)
+
+
+def _stream_csv(path: Path, convert: pacsv.ConvertOptions) -> Iterator[pa.RecordBatch]:
+    """The CSV's batches in order, in bounded memory. A row too long for the blocks makes the
+    reader start over with larger ones; the rows already given are skipped, not given twice."""
+    given = 0
+    for block in (_CSV_BLOCK_BYTES, *_LONG_ROW_BLOCK_BYTES):
+        skip = given
+        try:
+            with _csv_source(path) as source, pacsv.open_csv(
+                    source, read_options=pacsv.ReadOptions(block_size=block), parse_options=CSV_PARSE_OPTIONS,
+                    convert_options=convert) as reader:
+                for batch in reader:
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                    given += batch.num_rows
+                    yield batch
+            return
+        except pa.ArrowInvalid as exc:
+            if not _longer_blocks_may_help(exc, block):
+                raise
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -85,9 +132,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = check_input_file(path)
     try:
         if table_format(path) == "csv":
-            read, convert = _csv_options()
-            with _csv_source(path) as source:
-                table = pacsv.read_csv(source, read_options=read, convert_options=convert)
+            table = _read_csv(path, _convert_options())
             check_header(path, table.column_names)
         else:
             check_header(path, pq.ParquetFile(path).schema_arrow.names)  # before pyarrow refuses twice-named columns
@@ -108,10 +153,8 @@ def read_text_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
     every such row in the unknown bucket. Training re-reads its categorical columns with this.
     """
     path = check_input_file(path)
-    read, convert = _csv_options({c: pa.string() for c in columns}, list(columns))
     try:
-        with _csv_source(path) as source:
-            return pacsv.read_csv(source, read_options=read, convert_options=convert).to_pandas()
+        return _read_csv(path, _convert_options({c: pa.string() for c in columns}, list(columns))).to_pandas()
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise structure_error(path, exc) or InputFileError(
             f"{path}: could not be read as csv: {one_line(exc)}") from exc
@@ -122,10 +165,7 @@ def read_columns(path: str | Path) -> list[str]:
     path = check_input_file(path)
     try:
         if table_format(path) == "csv":
-            read, convert = _csv_options(block_size=1 << 20)
-            with _csv_source(path) as source:
-                with pacsv.open_csv(source, read_options=read, convert_options=convert) as reader:
-                    names = list(reader.schema.names)
+            names = _read_csv(path, _convert_options(), read=_column_names)
         else:
             names = list(pq.ParquetFile(path).schema_arrow.names)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
@@ -172,12 +212,10 @@ def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthro
             rows_before += batch.num_rows
         return
     types = {c: pa.float64() for c in numeric} | {c: pa.string() for c in text + passthrough}
-    read, convert = _csv_options(types, numeric + text + passthrough)
     try:
-        with _csv_source(path) as source, pacsv.open_csv(source, read_options=read, convert_options=convert) as reader:
-            for batch in reader:
-                for start in range(0, batch.num_rows, batch_rows):
-                    yield batch.slice(start, batch_rows)
+        for batch in _stream_csv(path, _convert_options(types, numeric + text + passthrough)):
+            for start in range(0, batch.num_rows, batch_rows):
+                yield batch.slice(start, batch_rows)
     except pa.ArrowInvalid as exc:
         raise structure_error(path, exc) or _diagnose_csv_error(path, numeric, exc) from exc
 
@@ -243,26 +281,23 @@ def category_strings(column: pa.Array) -> pa.Array:
 
 def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataError:
     """Arrow's conversion error names a column index; re-scan as text to name the column and row."""
-    read, convert = _csv_options({c: pa.string() for c in numeric}, numeric)
     row_offset = 0
     try:
-        with _csv_source(path) as source, pacsv.open_csv(source, read_options=read, convert_options=convert) as reader:
-            for batch in reader:
-                for name in numeric:
-                    raw = batch.column(name).to_pandas()
-                    parsed = pd.to_numeric(raw, errors="coerce")
-                    bad = np.flatnonzero(parsed.isna().to_numpy() & raw.notna().to_numpy())
-                    if bad.size:
-                        row = row_offset + int(bad[0]) + 1
-                        return DataError(
-                            f"{path}: column {name!r} must be numeric but row {row} (line {line_of_row(path, row)}) "
-                            f"holds {raw.iloc[int(bad[0])]!r}; fix or blank out that value"
-                        )
-                row_offset += batch.num_rows
+        for batch in _stream_csv(path, _convert_options({c: pa.string() for c in numeric}, numeric)):
+            for name in numeric:
+                raw = batch.column(name).to_pandas()
+                parsed = pd.to_numeric(raw, errors="coerce")
+                bad = np.flatnonzero(parsed.isna().to_numpy() & raw.notna().to_numpy())
+                if bad.size:
+                    row = row_offset + int(bad[0]) + 1
+                    return DataError(
+                        f"{path}: column {name!r} must be numeric but row {row} (line {line_of_row(path, row)}) "
+                        f"holds {raw.iloc[int(bad[0])]!r}; fix or blank out that value"
+                    )
+            row_offset += batch.num_rows
     except pa.ArrowInvalid:
         pass
     return DataError(f"{path}: could not be parsed: {one_line(exc)}")
-
 
 
 def estimate_rows(path: str | Path) -> int | None:

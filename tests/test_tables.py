@@ -201,3 +201,33 @@ def test_a_bad_value_after_a_quoted_line_break_is_named_with_its_editor_line(tmp
     # Row 3 of the data starts on line 6: the quoted field spans lines 2-3 and line 4 is blank.
     with pytest.raises(DataError, match=r"column 'x' must be numeric but row 3 \(line 6\) holds 'oops'"):
         list(iter_batches(path, ["x"], ["note"], ["id"], batch_rows=500))
+
+
+def _quoted_line_breaks_csv(path, rows=20_000, note=163):
+    # With 163 characters after each quoted line break, one of them falls at the end of the
+    # first 1 MiB block: pyarrow's chunker, cutting at any line break, lost the row structure.
+    lines = ["id,x,note"] + [f'{i},{i * 0.5},"a\n{"y" * note}"' for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_quoted_line_breaks_read_wherever_the_blocks_end(tmp_path):
+    path = _quoted_line_breaks_csv(tmp_path / "notes.csv")
+    batches = list(iter_batches(path, ["x"], ["note"], ["id"], batch_rows=65_536))
+    assert sum(b.num_rows for b in batches) == 20_000
+    x = np.concatenate([b.column("x").to_numpy() for b in batches])
+    assert np.array_equal(x, np.arange(20_000) * 0.5)
+    assert len(read_table(path)) == 20_000
+
+
+def test_a_row_longer_than_a_block_is_read_with_larger_blocks_without_repeating_rows(tmp_path):
+    """A 2 MB field (in a column scoring does not even read) stopped the whole file."""
+    frame = pd.DataFrame({"id": [str(i) for i in range(30_000)], "x": np.arange(30_000) * 0.25, "blob": ""})
+    frame.loc[25_000, "blob"] = "z" * (2 << 20)  # after several 1 MiB blocks were already given
+    path = tmp_path / "long.csv"
+    frame.to_csv(path, index=False)
+    batches = list(iter_batches(path, ["x"], [], ["id"], batch_rows=4_096))
+    ids = np.concatenate([b.column("id").to_numpy(zero_copy_only=False) for b in batches])
+    assert ids.tolist() == frame["id"].tolist()
+    assert read_columns(path) == ["id", "x", "blob"]
+    assert read_table(path)["blob"].str.len().max() == 2 << 20
