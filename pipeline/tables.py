@@ -280,24 +280,56 @@ def category_strings(column: pa.Array) -> pa.Array:
 
 
 def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataError:
-    """Arrow's conversion error names a column index; re-scan as text to name the column and row."""
+    """Arrow's conversion error names a column index; re-scan the raw bytes to name the column and row."""
     row_offset = 0
     try:
-        for batch in _stream_csv(path, _convert_options({c: pa.string() for c in numeric}, numeric)):
+        # As bytes, so that a value that is not even UTF-8 is found too.
+        for batch in _stream_csv(path, _convert_options({c: pa.binary() for c in numeric}, numeric)):
             for name in numeric:
-                raw = batch.column(name).to_pandas()
-                parsed = pd.to_numeric(raw, errors="coerce")
-                bad = np.flatnonzero(parsed.isna().to_numpy() & raw.notna().to_numpy())
-                if bad.size:
-                    row = row_offset + int(bad[0]) + 1
+                bad = _first_non_number(batch.column(name))
+                if bad is not None:
+                    row = row_offset + bad + 1
                     return DataError(
                         f"{path}: column {name!r} must be numeric but row {row} (line {line_of_row(path, row)}) "
-                        f"holds {raw.iloc[int(bad[0])]!r}; fix or blank out that value"
+                        f"holds {_shown(batch.column(name)[bad].as_py())}; fix or blank out that value"
                     )
             row_offset += batch.num_rows
     except pa.ArrowInvalid:
         pass
     return DataError(f"{path}: could not be parsed: {one_line(exc)}")
+
+
+def _shown(value: bytes) -> str:
+    try:
+        return repr(value.decode("utf-8"))
+    except UnicodeDecodeError:
+        return f"{value!r} (not UTF-8)"
+
+
+def _first_non_number(raw: pa.Array) -> int | None:
+    """Position of the first value pyarrow's CSV reader would not read as a number, or None.
+
+    pyarrow's own cast judges (after trimming the spaces and tabs its CSV reader trims), so a
+    value it refused is found even where pandas would have taken it ('\v1.5'), and so is one that
+    is not UTF-8; a binary search over slices finds the first.
+    """
+    def parses(start: int, stop: int) -> bool:
+        try:
+            pc.utf8_trim(raw.slice(start, stop - start).cast(pa.string()), characters=" \t").cast(pa.float64())
+            return True
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return False
+
+    if parses(0, len(raw)):
+        return None
+    low, high = 0, len(raw)  # the first bad value lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if parses(low, middle):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def estimate_rows(path: str | Path) -> int | None:

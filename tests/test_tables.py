@@ -231,3 +231,16 @@ def test_a_row_longer_than_a_block_is_read_with_larger_blocks_without_repeating_
     assert ids.tolist() == frame["id"].tolist()
     assert read_columns(path) == ["id", "x", "blob"]
     assert read_table(path)["blob"].str.len().max() == 2 << 20
+
+
+@pytest.mark.parametrize("cell, shown", [(b"\x0b1.5", r"'\x0b1.5'"), (b"\xe9", r"b'\xe9' (not UTF-8)"),
+                                         (b"1.5.2", "'1.5.2'")])
+def test_a_value_pyarrow_refuses_is_named_with_its_column_and_row(tmp_path, cell, shown):
+    """pandas reads '\\v1.5' as a number and can't read bytes that are not UTF-8 at all, so
+    judging by pandas, these failed with "could not be parsed: In CSV column #1" and no row."""
+    path = tmp_path / "odd.csv"
+    path.write_bytes(b"id,x\n" + b"".join(b"%d, %d.5\n" % (i, i) for i in range(3000)) + b"3000," + cell + b"\n")
+    with pytest.raises(DataError) as caught:
+        list(iter_batches(path, ["x"], [], ["id"], batch_rows=500))
+    assert str(caught.value) == (f"{path}: column 'x' must be numeric but row 3001 (line 3002) holds {shown}; "
+                                 f"fix or blank out that value")
