@@ -22,8 +22,8 @@ from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.image_score import merge_error_files
-from pipeline.outputs import (check_not_an_input, check_output_location, check_outside_bundle, make_parents,
-                              merge_scored_parts, remove_empty_folders, summary_path, write_atomic)
+from pipeline.outputs import (check_scores_target, make_parents, merge_scored_parts, remove_empty_folders,
+                              summary_path, write_atomic)
 from pipeline.scoring import score
 from pipeline.scoring_report import check_report_target, report_path, summary_markdown, write_scoring_report
 
@@ -94,9 +94,7 @@ def write_report(job: ScoreJob) -> Path:
 @flow(name="vaeguard-score", log_prints=True)
 def score_flow(job: ScoreJob) -> dict:
     # Before any work: the merge at the end would otherwise refuse only after every file scored.
-    check_output_location(job.output)
-    check_not_an_input(job.output, job.inputs)
-    check_outside_bundle(job.output, job.bundle, "--output")
+    check_scores_target(job.output, job.inputs, job.bundle)
     if job.report:
         check_report_target(job.output)
     # Tasks may run in worker processes started in another folder: they get absolute paths. The

@@ -29,7 +29,7 @@ from pipeline.config import ScoreJob, resolve_threads, show_progress
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError, EmptyInputError
 from pipeline.metrics import auprc, auroc
-from pipeline.outputs import OutputWriter, check_not_an_input, check_outside_bundle, summary_path, write_atomic
+from pipeline.outputs import OutputWriter, check_scores_target, summary_path, write_atomic
 from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.tables import estimate_rows, iter_batches, read_columns
 
@@ -164,9 +164,8 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     """Score every input into one output file (with a ``source`` column when several)."""
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
-    writer = OutputWriter(job.output)  # validates the output extension and location before any work
-    check_not_an_input(job.output, job.inputs)
-    check_outside_bundle(job.output, job.bundle, "--output")
+    writer = OutputWriter(job.output)  # validates the output extension before any work
+    check_scores_target(job.output, job.inputs, job.bundle)
     # Inputs are checked before the session is built, so a bad path fails with its own error
     # alone, not after a device warning.
     bundle = scorer.bundle if scorer else Bundle.load(job.bundle)

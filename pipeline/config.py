@@ -299,9 +299,7 @@ class ScoreJob:
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive number of rows, got {self.batch_size!r}; "
                               f"pass e.g. --batch-size 65536")
-        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
-            raise ConfigError(f"--threads must be a positive integer, got {self.threads!r}; pass e.g. --threads 2, "
-                              f"or leave it out for the default")
+        check_threads(self.threads)
         for option, value, choices in (("--device", self.device, ("auto", "cpu", "cuda")),
                                        ("--precision", self.precision, ("fp32", "fp16", "int8"))):
             if value not in choices:
@@ -460,6 +458,14 @@ def show_progress(requested: bool | None = None) -> bool:
     if requested is not None:
         return requested
     return sys.stderr.isatty() and os.environ.get("VAEGUARD_PROGRESS", "1") != "0"
+
+
+def check_threads(threads: Any) -> None:
+    """--threads of scoring and export: a positive integer, or None for the default (0 or less
+    must not silently mean the default)."""
+    if threads is not None and (not _is_int(threads) or threads < 1):
+        raise ConfigError(f"--threads must be a positive integer, got {threads!r}; pass e.g. --threads 2, "
+                          f"or leave it out for the default")
 
 
 def resolve_threads(threads: int | None) -> int:

@@ -29,9 +29,8 @@ from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, text_path, write_errors
-from pipeline.outputs import (OutputWriter, check_location, check_not_an_input, check_output_location,
-                              check_outside_bundle, missing_parents, remove_empty_folders, same_file, summary_path,
-                              write_atomic)
+from pipeline.outputs import (OutputWriter, check_location, check_outside_bundle, check_scores_target,
+                              missing_parents, remove_empty_folders, same_file, summary_path, write_atomic)
 from pipeline.runtime import check_scorer_agrees, check_variant_device, create_session, variant_device
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
@@ -48,12 +47,10 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     # Before any work: the output, its summary, its errors file and the maps folder must not be
     # inputs (the errors file of an earlier run is deleted by name, an input with it), and the
     # maps folder must be able to become a folder.
-    check_output_location(Path(job.output))
-    check_not_an_input(Path(job.output), job.inputs)
-    check_side_files(Path(job.output), job.maps_dir, job.inputs)
-    check_outside_bundle(Path(job.output), Path(job.bundle), "--output")
+    check_scores_target(job.output, job.inputs, job.bundle)
+    check_side_files(job.output, job.maps_dir, job.inputs)
     if job.maps_dir is not None:
-        check_outside_bundle(Path(job.maps_dir), Path(job.bundle), "--maps")
+        check_outside_bundle(job.maps_dir, job.bundle, "--maps")
     writer = OutputWriter(job.output)
     bundle = Bundle.load(job.bundle)
     spec = ImageSpec.from_dict(bundle.manifest["image"])

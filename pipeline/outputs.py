@@ -72,6 +72,14 @@ def check_location(path: Path, option: str, kind: str) -> None:
                           f"or move that file away")
 
 
+def check_scores_target(output: Path, inputs: Iterable[Path | str], bundle: Path) -> None:
+    """Every check a scoring run makes of its --output before any work: file scoring, image
+    scoring and the scoring flow share it."""
+    check_output_location(output)
+    check_not_an_input(output, inputs)
+    check_outside_bundle(output, bundle, "--output")
+
+
 def check_outside_bundle(path: Path, bundle: Path, option: str) -> None:
     """Refuse, before any work, an output inside the bundle folder.
 

@@ -45,6 +45,7 @@ from onnx import helper
 from pipeline.bundle import (CALIBRATION_IMAGES, CALIBRATION_ROWS, VARIANT_FILES, Bundle, bundle_lock,
                              sha256_file, write_manifest)
 from pipeline.calibrate import Calibration, calibrate, conformal_p_values
+from pipeline.config import check_threads
 from pipeline.contract import IMAGE_INPUT, IR_VERSION
 from pipeline.errors import BundleError, ConfigError, ExportError, PipelineError
 from pipeline.precision_graphs import CONVERTERS, find_table, write_table
@@ -198,10 +199,7 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
     if precision not in VARIANT_FILES:
         raise ConfigError(f"--precision must be one of {', '.join(VARIANT_FILES)} for export, got {precision!r} "
                           f"(fp32 is scorer.onnx itself)")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        # As `vaeguard score` refuses it: 0 or less would silently mean "the default" here.
-        raise ConfigError(f"--threads must be a positive integer, got {threads!r}; pass e.g. --threads 2, "
-                          f"or leave it out for the default")
+    check_threads(threads)
     bundle = Bundle.load(bundle_path)
     directory = bundle.path
     name = VARIANT_FILES[precision]

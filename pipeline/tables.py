@@ -31,6 +31,7 @@ _CSV_BLOCK_BYTES = 1 << 20
 # stopped the whole file with pyarrow's "straddling object". Such a file is read again with
 # larger blocks, in this order, and only such a file pays their memory.
 _LONG_ROW_BLOCK_BYTES = (1 << 22, 1 << 24, 1 << 26)
+_BLOCK_SIZES = (_CSV_BLOCK_BYTES, *_LONG_ROW_BLOCK_BYTES)
 # A quoted field may hold line breaks. Without this, pyarrow's chunker cuts blocks at any line
 # break, and a file failed with "parser got out of sync" when a quoted one fell at a block's end.
 CSV_PARSE_OPTIONS = pacsv.ParseOptions(newlines_in_values=True)
@@ -82,13 +83,13 @@ def _convert_options(column_types: dict[str, pa.DataType] | None = None,
 
 
 def _longer_blocks_may_help(exc: pa.ArrowInvalid, block: int) -> bool:
-    return "straddling object" in str(exc) and block < _LONG_ROW_BLOCK_BYTES[-1]
+    return "straddling object" in str(exc) and block < _BLOCK_SIZES[-1]
 
 
 def _read_csv(path: Path, convert: pacsv.ConvertOptions, read: Callable = pacsv.read_csv):
     """``read`` (pyarrow's read_csv, or a function of the same arguments) on the CSV, with blocks
     large enough for its longest row."""
-    for block in (_CSV_BLOCK_BYTES, *_LONG_ROW_BLOCK_BYTES):
+    for block in _BLOCK_SIZES:
         try:
             with _csv_source(path) as source:
                 return read(source, read_options=pacsv.ReadOptions(block_size=block), parse_options=CSV_PARSE_OPTIONS,
@@ -108,7 +109,7 @@ def _stream_csv(path: Path, convert: pacsv.ConvertOptions) -> Iterator[pa.Record
     """The CSV's batches in order, in bounded memory. A row too long for the blocks makes the
     reader start over with larger ones; the rows already given are skipped, not given twice."""
     given = 0
-    for block in (_CSV_BLOCK_BYTES, *_LONG_ROW_BLOCK_BYTES):
+    for block in _BLOCK_SIZES:
         skip = given
         try:
             with _csv_source(path) as source, pacsv.open_csv(
@@ -310,7 +311,7 @@ def _first_non_number(raw: pa.Array) -> int | None:
     """Position of the first value pyarrow's CSV reader would not read as a number, or None.
 
     pyarrow's own cast judges (after trimming the spaces and tabs its CSV reader trims), so a
-    value it refused is found even where pandas would have taken it ('\v1.5'), and so is one that
+    value it refused is found even where pandas would have taken it ('\\v1.5'), and so is one that
     is not UTF-8; a binary search over slices finds the first.
     """
     def parses(start: int, stop: int) -> bool:
