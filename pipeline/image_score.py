@@ -28,7 +28,7 @@ from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
-from pipeline.images import ImageSpec, iter_image_batches, list_images, text_path, write_errors
+from pipeline.images import ImageSpec, iter_image_batches, list_images, searched_by, text_path, write_errors
 from pipeline.outputs import (OutputWriter, check_location, check_outside_bundle, check_scores_target,
                               missing_parents, remove_empty_folders, same_file, summary_path, write_atomic)
 from pipeline.runtime import check_scorer_agrees, check_variant_device, create_session, variant_device
@@ -48,7 +48,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     # inputs (the errors file of an earlier run is deleted by name, an input with it), and the
     # maps folder must be able to become a folder.
     check_scores_target(job.output, job.inputs, job.bundle)
-    check_side_files(job.output, job.maps_dir, job.inputs)
+    check_side_files(job.output, job.maps_dir, job.inputs, job.report)
     if job.maps_dir is not None:
         check_outside_bundle(job.maps_dir, job.bundle, "--maps")
     writer = OutputWriter(job.output)
@@ -85,6 +85,8 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                     # A file name that is not valid UTF-8 can't go into a table as it is; escaped, it can.
                     texts = [text_path(n) for n in names]
                     columns = {"path": pa.array(texts, pa.string())} | {n: pa.array(outputs[n]) for n in OUTPUT_NAMES}
+                    if len(sources) > 1:  # as for tables, and as the scoring flow's merge writes it
+                        columns = {"source": pa.array([text_path(str(path))] * len(names), pa.string())} | columns
                     writer.write(pa.table(columns))
                     if staging is not None:
                         for i in np.flatnonzero(outputs["is_anomaly"]):
@@ -117,8 +119,16 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     return summary
 
 
-def check_side_files(output: Path, maps_dir: Path | None, inputs) -> None:
-    """Refuse, before any work, an errors file or maps folder that is an input, or a maps path that is a file."""
+def check_side_files(output: Path, maps_dir: Path | None, inputs, report: bool = False) -> None:
+    """Refuse, before any work, an errors file or maps folder that is an input, a maps path that is a
+    file, and PNGs (maps, report figures) written where the next scoring of an input folder would
+    take them for images."""
+    pictures = [] if maps_dir is None else [("--maps", Path(maps_dir))]
+    if report:
+        from pipeline.report_html import figures_dir
+        from pipeline.scoring_report import report_path
+
+        pictures.append(("--report", figures_dir(report_path(output))))
     for source in map(Path, inputs):
         if same_file(errors_path(output), source):
             raise ConfigError(f"--output {output}: its errors file {errors_path(output)} is the input {source}, "
@@ -126,9 +136,19 @@ def check_side_files(output: Path, maps_dir: Path | None, inputs) -> None:
         if maps_dir is not None and same_file(Path(maps_dir), source):
             raise ConfigError(f"--maps {maps_dir}: is the input {source}, into which the maps would be written; "
                               f"write the maps to another folder")
+        for option, folder in pictures:
+            # Listed there, last night's maps were scored (and flagged) as images tonight, and mapped again.
+            if searched_by(source, folder):
+                raise ConfigError(f"{option}: its PNGs would go to {folder}, inside the input folder {source}, whose "
+                                  f"next scoring would take them for images; write them outside that folder")
     if maps_dir is None:
         return
-    check_location(Path(maps_dir), "--maps", "directory")
+    maps_dir = Path(maps_dir)
+    if maps_dir.is_symlink() and not maps_dir.exists():
+        # Found only when the maps were published, after the scores: a failed run that left its output.
+        raise ConfigError(f"--maps {maps_dir}: is a link to {os.readlink(maps_dir)}, which does not exist; "
+                          f"create that folder, or give another path")
+    check_location(maps_dir, "--maps", "directory")
 
 
 def _staging_folder(maps_dir: Path) -> Path:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ConfigError, DataError, InputFileError, one_line
+
+log = logging.getLogger("vaeguard")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -134,12 +138,27 @@ def list_images(path: Path, path_column: str = "path") -> ImageSource:
     )
 
 
+def searched_by(folder: Path, path: Path) -> bool:
+    """True when listing ``folder`` would look inside ``path`` (an existing one or one to come):
+    it lies within the folder, links resolved, and under no hidden folder, which listing skips."""
+    root, target = os.path.realpath(folder), os.path.realpath(path)
+    if not os.path.isdir(root) or os.path.commonpath([root, target]) != root:
+        return False
+    return not any(part.startswith(".") for part in Path(os.path.relpath(target, root)).parts)
+
+
 def _list_folder(folder: Path) -> ImageSource:
     found: list[Path] = []
     # Linked folders are followed (data sets are often assembled from links), each real folder
     # once, so a link back up the tree cannot loop.
     seen = {os.path.realpath(folder)}
-    for root, dirs, files in os.walk(folder, followlinks=True):
+
+    def unlistable(error: OSError) -> None:
+        # os.walk skips a folder it cannot list, silently: its images would be missing from the results.
+        raise InputFileError(f"{error.filename}: could not be listed ({error.strerror or one_line(error)}), so its "
+                             f"images would be left out; fix its permissions, or move it out of {folder}") from error
+
+    for root, dirs, files in os.walk(folder, onerror=unlistable, followlinks=True):
         # Hidden folders hold tool state (.git, .ipynb_checkpoints), hidden files are OS
         # droppings (._x.png from macOS looks like an image but is not one).
         kept = []
@@ -328,14 +347,21 @@ def _read_file(item: str) -> Image.Image | str:
     try:
         if os.path.getsize(item) == 0:
             return "empty file (0 bytes)"
-        with Image.open(item) as opened:
-            # load() decodes every pixel now, so a truncated file fails here and not later.
-            opened.load()
-            if opened.mode == "F":
-                # Float pixels have no agreed range (0..1? 0..255?); guessing turns a whole set black.
-                return "32-bit float pixels (mode F) have no fixed range; save the image as 8-bit or 16-bit"
-            # Camera JPEGs store rotation as a tag; apply it so the model sees what viewers show.
-            return ImageOps.exif_transpose(opened)
+        with warnings.catch_warnings():
+            # Pillow's own warning for a large image spans two lines and does not name the file.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(item) as opened:
+                # load() decodes every pixel now, so a truncated file fails here and not later.
+                opened.load()
+                if Image.MAX_IMAGE_PIXELS and opened.width * opened.height > Image.MAX_IMAGE_PIXELS:
+                    log.warning("%s: %s x %s pixels, more than Pillow's limit of %s; decoded, but an image over "
+                                "%s pixels is skipped", text_path(item), opened.width, opened.height,
+                                f"{Image.MAX_IMAGE_PIXELS:,}", f"{2 * Image.MAX_IMAGE_PIXELS:,}")
+                if opened.mode == "F":
+                    # Float pixels have no agreed range (0..1? 0..255?); guessing turns a whole set black.
+                    return "32-bit float pixels (mode F) have no fixed range; save the image as 8-bit or 16-bit"
+                # Camera JPEGs store rotation as a tag; apply it so the model sees what viewers show.
+                return ImageOps.exif_transpose(opened)
     except FileNotFoundError:
         return "file not found"
     except IsADirectoryError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from flows.train import train_flow
 from pipeline.config import CalibrationConfig, ImageTrainJob, PipelineConfig, ScoreJob, TrainingConfig
 from pipeline.image_score import errors_path
 from pipeline.outputs import summary_path
+from pipeline.scoring import score
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -88,3 +90,20 @@ def test_score_flow_reports_unreadable_images(flow_facts, image_folder, tmp_path
     assert summary["files"][0]["skipped"] == 1
     errors = pd.read_csv(errors_path(output))
     assert errors["path"].tolist() == [str(folder / "broken.png")]
+
+
+def test_score_flow_and_the_local_scorer_write_the_same_table_for_several_inputs(flow_facts, image_folder, tmp_path):
+    """Several inputs: both name each row's input in a `source` column first (the local scorer wrote none)."""
+    second = tmp_path / "second"
+    second.mkdir()
+    for source in sorted(image_folder.glob("*.png"))[:3]:
+        (second / source.name).write_bytes(source.read_bytes())
+    job = ScoreJob(bundle=Path(flow_facts["bundle"]), inputs=(image_folder, second), output=tmp_path / "flow.parquet",
+                   device="cpu")
+    score_flow(job)
+    local = dataclasses.replace(job, output=tmp_path / "local.parquet")
+    score(local)
+    flowed, scored = pd.read_parquet(job.output), pd.read_parquet(local.output)
+    assert list(scored.columns) == ["source", "path", "score", "recon", "kl", "p_value", "is_anomaly"]
+    assert scored["source"].tolist() == [str(image_folder)] * N_IMAGES + [str(second)] * 3
+    pd.testing.assert_frame_equal(flowed, scored)

@@ -425,6 +425,22 @@ def test_scores_are_identical_across_runs(tmp_path, texture_bundle, mixed_folder
     pd.testing.assert_frame_equal(pd.read_parquet(first), pd.read_parquet(second))
 
 
+def test_an_image_scores_the_same_whatever_batch_or_threads_it_is_scored_with(tmp_path, texture_bundle):
+    """onnxruntime's Elu gave last-bit differences with the work split among threads, so a score moved
+    with the batch size and with the images before it (an unreadable one shifted every batch)."""
+    folder = tmp_path / "incoming"
+    for i, image in enumerate(textures(40, seed=11)):
+        save_png(folder / f"img_{i:02d}.png", image)
+    runs = []
+    for threads, batch_size in [(1, 256), (4, 1), (4, 5), (4, 7), (4, 256), (2, 3)]:
+        output = tmp_path / f"t{threads}-b{batch_size}.parquet"
+        score(ScoreJob(bundle=texture_bundle, inputs=(folder,), output=output, device="cpu", threads=threads,
+                       batch_size=batch_size))
+        runs.append(pd.read_parquet(output))
+    for run in runs[1:]:
+        pd.testing.assert_frame_equal(run, runs[0], check_exact=True)
+
+
 # --- 6. an RGB folder through the CLI -------------------------------------------------------
 
 RGB_YAML = """\
@@ -544,6 +560,41 @@ def test_maps_folder_that_is_an_input_or_a_file_is_refused_up_front(capsys, tmp_
                             "--device", "cpu")
     assert code == 1 and "--maps" in one_error_line(err)
     assert not output.parent.exists() and sorted(p.name for p in folder.iterdir()) == ["img_0.png"]
+
+
+def test_maps_link_to_a_missing_folder_is_refused_before_the_scores_are_written(capsys, tmp_path, texture_bundle):
+    """It failed when the maps were published, with an unexpected FileExistsError, after writing the scores."""
+    folder = tmp_path / "defects"
+    save_png(folder / "blob_0.png", with_defects(2, seed=6)[0][0])  # flagged, so there is a map to publish
+    link = tmp_path / "maps"
+    link.symlink_to(tmp_path / "gone")
+    output = tmp_path / "out" / "s.csv"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps", link,
+                            "--device", "cpu")
+    assert code == 1 and "does not exist" in one_error_line(err) and str(link) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["defects", "maps"]
+
+
+def test_pngs_written_inside_an_input_folder_are_refused_up_front(capsys, tmp_path, texture_bundle):
+    """Maps (or report figures) inside a scored folder were scored as images by the next run, flagged,
+    and mapped again: every night the folder grew and the anomaly rate rose."""
+    folder = tmp_path / "images"
+    images = [save_png(folder / "blob_0.png", with_defects(2, seed=6)[0][0]),  # flagged: a map is drawn
+              save_png(folder / "img_0.png", textures(1, seed=9)[0])]
+    output = tmp_path / "out" / "s.csv"
+    for option, argv in [("--maps", ["--output", output, "--maps", folder / "nightly" / "maps"]),
+                         ("--report", ["--output", folder / "s.csv", "--report"])]:
+        code, _, err = run_main(capsys, "score", texture_bundle, folder, *argv, "--device", "cpu")
+        line = one_error_line(err)
+        assert code == 1 and option in line and str(folder) in line
+        assert sorted(tmp_path.rglob("*")) == [folder, *images]
+    # A hidden folder is never listed, so maps may go there, and the next run scores the same images.
+    for _ in range(2):
+        code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps",
+                                folder / ".maps", "--device", "cpu")
+        assert code == 0, err
+        assert pd.read_csv(output)["path"].tolist() == list(map(str, images))
+        assert [p.name for p in (folder / ".maps").iterdir()] == [map_name(str(images[0]))]
 
 
 def test_failed_run_leaves_no_maps_and_keeps_the_old_ones(capsys, tmp_path, texture_bundle):

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,21 @@ def test_sixteen_bit_matches_eight_bit_for_the_same_levels(tmp_path):
     np.testing.assert_array_equal(images[0], images[1])
 
 
+def test_a_large_image_warns_in_one_line_that_names_it(tmp_path, monkeypatch, caplog):
+    """Pillow's warning (two lines, no file name) became one line naming the file; over twice the limit, skipped."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    large = _save(tmp_path / "large.png", Image.fromarray(_pixels(1, 12, 12, channels=1), mode="L"))  # 144 pixels
+    _save(tmp_path / "huge.png", Image.fromarray(_pixels(2, 15, 15, channels=1), mode="L"))  # 225 > 2 x 100
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a Python warning fails the test
+            images, names, errors = load_images(list_images(tmp_path), ImageSpec(size=8, channels=1))
+    assert names == [str(large)] and images.shape == (1, 1, 8, 8)
+    assert [(Path(item).name, reason.split(":")[0]) for item, reason in errors] == [("huge.png", "too many pixels")]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(large)]
+    assert "12 x 12 pixels" in caplog.records[0].getMessage() and "\n" not in caplog.records[0].getMessage()
+
+
 def test_hidden_and_other_files_are_ignored_and_order_is_sorted(tmp_path):
     root = tmp_path / "imgs"
     for name in ["b.png", "a.png", "z/c.png", "A.jpeg"]:
@@ -78,6 +94,24 @@ def test_hidden_and_other_files_are_ignored_and_order_is_sorted(tmp_path):
     (root / "z" / "readme.md").write_text("nor this")
     items = list_images(root).items
     assert [Path(i).relative_to(root).as_posix() for i in items] == ["A.jpeg", "a.png", "b.png", "z/c.png"]
+
+
+def test_a_subfolder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
+    """os.walk skipped a folder it could not open (no permission), silently: its images went unscored."""
+    _save(tmp_path / "cam1" / "a.png", Image.fromarray(_pixels(1, channels=1), mode="L"))
+    locked = tmp_path / "cam2"
+    _save(locked / "b.png", Image.fromarray(_pixels(2, channels=1), mode="L"))
+    scandir = os.scandir
+
+    def refusing(path=".", *args):
+        if os.fspath(path) == str(locked):  # as a folder with mode 000 does (for anyone but root)
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(InputFileError, match=r"cam2: could not be listed \(Permission denied\)") as caught:
+        list_images(tmp_path)
+    assert "\n" not in str(caught.value)
 
 
 def test_folder_without_images_names_the_folder(tmp_path):
