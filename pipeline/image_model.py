@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.model import LOGVAR_MAX, LOGVAR_MIN, LOG_SCALE_MAX, LOG_SCALE_MIN
+from pipeline.model import ELU, LOGVAR_MAX, LOGVAR_MIN, LOG_SCALE_MAX, LOG_SCALE_MIN, elu
 
 
 def feature_map_sizes(size: int) -> list[int]:
@@ -30,25 +30,6 @@ def feature_map_sizes(size: int) -> list[int]:
 
 def channel_widths(steps: int) -> list[int]:
     return [min(32 * 2 ** i, 128) for i in range(max(steps, 1))]
-
-
-def elu(x: torch.Tensor) -> torch.Tensor:
-    """ELU; in an ONNX export spelled Max(x, 0) + Exp(Min(x, 0)) - 1 instead of one Elu node.
-
-    onnxruntime's CPU Elu can differ in the last bit with where an element falls in the work
-    split among threads, so an image's score moved (by about 1e-6) with the batch it was scored
-    in: with the batch size, with its place in the folder, with an unreadable file before it.
-    Exp, Min and Max give the same bits at every position. exp(x) - 1 instead of expm1 costs
-    about 1e-7 absolute; training keeps the one fused kernel.
-    """
-    if torch.onnx.is_in_onnx_export():
-        return torch.clamp(x, min=0) + (torch.exp(torch.clamp(x, max=0)) - 1)
-    return F.elu(x)
-
-
-class ELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return elu(x)
 
 
 class ConvEncoder(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 # Bounds on log-variance keep exp() finite for wildly out-of-distribution rows.
 LOGVAR_MIN, LOGVAR_MAX = -12.0, 12.0
@@ -24,9 +25,28 @@ def default_layer_sizes(n_features: int) -> tuple[tuple[int, ...], int]:
     return (first, second), latent
 
 
+def elu(x: torch.Tensor) -> torch.Tensor:
+    """ELU; in an ONNX export spelled Max(x, 0) + Exp(Min(x, 0)) - 1 instead of one Elu node.
+
+    onnxruntime's CPU Elu can differ in the last bit with where an element falls in the work
+    split among threads, so a row's or an image's score moved (by about 1e-6) with the batch it
+    was scored in: with the batch size, with its place in the file, with a bad row before it.
+    Exp, Min and Max give the same bits at every position. exp(x) - 1 instead of expm1 costs
+    about 1e-7 absolute; training keeps the one fused kernel.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return torch.clamp(x, min=0) + (torch.exp(torch.clamp(x, max=0)) - 1)
+    return F.elu(x)
+
+
+class ELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return elu(x)
+
+
 # Hidden-layer activations a model may be built with (``model.activation``, checked in
 # pipeline.train.build_model); the name is recorded in the manifest.
-ACTIVATIONS = {"elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.1), "relu": nn.ReLU}
+ACTIVATIONS = {"elu": ELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(0.1), "relu": nn.ReLU}
 
 
 def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
