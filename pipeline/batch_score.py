@@ -31,6 +31,7 @@ from pipeline.errors import ConfigError, DataError, EmptyInputError
 from pipeline.metrics import auprc, auroc
 from pipeline.outputs import OutputWriter, check_scores_target, summary_path, write_atomic
 from pipeline.runtime import BundleScorer, shared_scorer
+from pipeline.schema import scored_labels
 from pipeline.tables import estimate_rows, iter_batches, read_columns
 
 log = logging.getLogger("vaeguard")
@@ -87,9 +88,13 @@ def required_columns(bundle: Bundle, path: Path) -> tuple[list[str], bool]:
     needed = list(schema.id_columns) + list(schema.feature_columns)
     missing = [c for c in needed if c not in columns]
     if missing:
+        # 'pressure ' against 'pressure', or 'Pressure': hard to see in a list of names, so named.
+        alike = {c.strip().casefold(): c for c in columns}
+        near = [f"{alike[c.strip().casefold()]!r} for {c!r}" for c in missing if c.strip().casefold() in alike]
         raise DataError(
-            f"{path}: missing column(s) {missing} that bundle {bundle.name!r} was trained on; "
-            f"add them (empty values are allowed) or score with a bundle trained on these columns"
+            f"{path}: missing column(s) {missing} that bundle {bundle.name!r} was trained on"
+            + (f" (the file has {', '.join(near)}, which differ in case or spaces: rename them)" if near else "")
+            + "; add them (empty values are allowed) or score with a bundle trained on these columns"
         )
     has_label = bool(schema.label_column) and schema.label_column in columns
     extra = [c for c in columns if c not in needed and c != schema.label_column]
@@ -185,16 +190,18 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     with progress, writer:
         for path, _, has_label in checked:
             file_summary = FileSummary(str(path))
-            numeric = list(schema.numeric) + ([schema.label_column] if has_label else [])
+            text = list(schema.categorical) + ([schema.label_column] if has_label else [])
             source = str(path) if len(checked) > 1 else None
-            batches = iter_batches(path, numeric, list(schema.categorical), list(schema.id_columns), job.batch_size)
+            batches = iter_batches(path, list(schema.numeric), text, list(schema.id_columns), job.batch_size)
             for batch in _prefetch(batches):
+                if has_label:
+                    labels.append(scored_labels(batch.column(schema.label_column), schema.label_column, str(path),
+                                                file_summary.rows))
                 outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows)
                 writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
                 file_summary.rows += batch.num_rows
                 file_summary.anomalies += int(outputs["is_anomaly"].sum())
                 if has_label:
-                    labels.append(batch.column(schema.label_column).to_numpy(zero_copy_only=False))
                     scores.append(outputs["score"])
                 progress.update(batch.num_rows)
             summary.files.append(file_summary)

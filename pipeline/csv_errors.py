@@ -29,6 +29,11 @@ def structure_error(path: Path, exc: Exception) -> InputFileError | None:
     fields = _FIELD_COUNT.search(message)
     if fields:
         expected, got, text = int(fields.group(1)), int(fields.group(2)), fields.group(3).rstrip("\r\n")
+        # A ';'-separated file whose decimal commas split its rows: the header is the cause, not
+        # that line, and "quote the fields that hold commas" sent the user the wrong way.
+        other = separator_error(path, [_first_line(path)]) if expected == 1 else None
+        if other:
+            return other
         line = line_holding(path, text)
         where = f"line {line}" if line else "a line"
         return InputFileError(f"{path}: {where} has {got} fields where the header has {expected}: {text[:80]!r}; "
@@ -41,6 +46,23 @@ def structure_error(path: Path, exc: Exception) -> InputFileError | None:
     if "invalid UTF8" in message:
         return InputFileError(f"{path}: holds text that is not UTF-8 ({one_line(exc)}); save the file as UTF-8")
     return None
+
+
+def separator_error(path: Path, names: list[str]) -> InputFileError | None:
+    """The error for a header that is one column holding another separator, or None."""
+    if len(names) != 1:
+        return None
+    separator = next((s for s in (";", "\t", "|") if s in names[0]), None)
+    if separator is None:
+        return None
+    # Read as CSV, "a;b;c" is one text column: training would learn nothing from it.
+    return InputFileError(f"{path}: the header is a single column, {names[0][:60]!r}; the file looks separated by "
+                          f"{separator!r}, but vaeguard reads comma-separated files; save it with commas")
+
+
+def _first_line(path: Path) -> str:
+    with _open_bytes(path) as handle:
+        return handle.readline().decode("utf-8", "replace").removeprefix("\ufeff").rstrip("\r\n")
 
 
 def line_holding(path: Path, text: str) -> int | None:

@@ -75,9 +75,26 @@ def check_location(path: Path, option: str, kind: str) -> None:
 def check_scores_target(output: Path, inputs: Iterable[Path | str], bundle: Path) -> None:
     """Every check a scoring run makes of its --output before any work: file scoring, image
     scoring and the scoring flow share it."""
+    check_utf8_path(output, "--output")
+    check_utf8_path(bundle, "bundle")
     check_output_location(output)
     check_not_an_input(output, inputs)
     check_outside_bundle(output, bundle, "--output")
+
+
+def check_utf8_path(path: Path | str, what: str, error: type[Exception] = ConfigError) -> None:
+    """Refuse, before any work, a path that is not UTF-8 text (a Latin-1 folder name on Linux).
+
+    pyarrow and onnxruntime take paths as UTF-8 only: such a path failed deep inside them, after
+    the scoring work, with a bare UnicodeEncodeError, and the CLI could not even print it back.
+    """
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = os.fsencode(path)
+        raise error(f"{what} {raw.decode('utf-8', 'backslashreplace')}: the path is not UTF-8 text (byte "
+                    f"{raw[exc.start:exc.start + 1]!r} at position {exc.start + 1}), and pyarrow and onnxruntime "
+                    f"open UTF-8 paths only; rename that file or folder to a UTF-8 name") from None
 
 
 def check_outside_bundle(path: Path, bundle: Path, option: str) -> None:

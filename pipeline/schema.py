@@ -70,6 +70,13 @@ def infer_schema(frame: pd.DataFrame, *, source: str, config: PreprocessConfig,
         if name not in frame.columns:
             raise DataError(f"{source}: config names column {name!r}, which is not in the file")
 
+    unnamed = [position for position, name in enumerate(frame.columns, start=1) if not str(name).strip()]
+    if unnamed:
+        # A pandas index written with to_csv() looks so: a row counter, learned as a feature that every
+        # later batch lies beyond, and one that neither --id-columns nor the config can name.
+        raise DataError(f"{source}: column {unnamed[0]} has no name in the header; name it (and pass it as "
+                        f"--id-columns if it is a row number, as a pandas index written by to_csv() is), or "
+                        f"leave it out of the file (to_csv(index=False))")
     numeric, categorical, dropped = [], [], []
     for name in frame.columns:
         if name in id_columns or name == label_column:
@@ -117,7 +124,15 @@ def _warn_if_sequence(column: pd.Series, name: str, source: str) -> None:
 def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source: str) -> str:
     if name in config.categorical_columns:
         return "categorical"
-    if pd.api.types.is_bool_dtype(column):
+    inferred = pd.api.types.infer_dtype(column, skipna=True)
+    # True/False stored as objects (a nullable bool written without pandas metadata) count too.
+    if pd.api.types.is_bool_dtype(column) or inferred == "boolean":
+        if name in config.numeric_columns:
+            # Read as 0/1 here, scoring would have to take true/false as numbers, where a CSV's 'true'
+            # in a numeric column is refused: one rule for both, booleans are categories.
+            raise DataError(f"{source}: config lists column {name!r} in numeric_columns, but it holds booleans "
+                            f"(true/false), which vaeguard reads as categories; remove it from numeric_columns, "
+                            f"or store it as numbers (e.g. 0/1)")
         return "categorical"
     if pd.api.types.is_integer_dtype(column):
         if name in config.numeric_columns:
@@ -128,7 +143,6 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
     # Dates and times are refused, not guessed at: to_numeric below would turn them into
     # nanosecond counts, and as a feature a time's training range ends where training data ends,
     # so every later row would score as an anomaly; as categories each date would be new.
-    inferred = pd.api.types.infer_dtype(column, skipna=True)
     if (pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(column)
             or isinstance(column.dtype, pd.PeriodDtype)
             or inferred in ("datetime64", "datetime", "date", "time", "timedelta64", "timedelta", "period")):
@@ -137,10 +151,6 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
             f"leave it out of the file, pass it as --id-columns {name}, or convert it to a number "
             f"(e.g. hour of day)"
         )
-    # True/False stored as objects (a nullable bool written without pandas metadata): a flag,
-    # categorical like a bool column, although to_numeric would read it as 0/1.
-    if inferred == "boolean":
-        return "categorical"
     # Text or objects: numeric if nearly every value parses as a number (then the rest are typos to
     # report). Every value may parse (decimals, numbers stored as text): numeric, nothing to report.
     parsed = pd.to_numeric(column, errors="coerce")
@@ -199,19 +209,65 @@ def as_category_array(column: pa.Array) -> np.ndarray:
 
 
 def label_vector(frame: pd.DataFrame, label_column: str, source: str) -> np.ndarray:
-    """The label as 0/1 ints; anything but two classes 0/1 (or False/True) is an error."""
+    """The label as 0/1 ints; anything but 0/1 (or false/true, as numbers, booleans or text) is an error.
+
+    Judged on its text, as scoring judges it (scored_labels): a Parquet label stored as text '0'/'1'
+    was refused with "holds '0', '1'; recode it to 0/1", and 'true'/'false' taken by one and not the other.
+    """
     column = frame[label_column]
     if column.isna().any():
         row = int(np.flatnonzero(column.isna().to_numpy())[0])
+        # Marking the anomalies alone is a common way to label: say what the blanks must become.
+        only_anomalies = {_label_meaning(v) for v in column.dropna().astype(str).unique()} == {1.0}
         raise DataError(
             f"{source}: label column {label_column!r} is missing a value at row {row + 1}; "
             f"expected 0 (normal) or 1 (anomaly) on every row"
+            + ("; only anomalies (1) are labelled: fill the other rows with 0 if they are normal"
+               if only_anomalies else "")
         )
-    values = set(pd.unique(column).tolist())
-    if not values <= {0, 1, True, False}:
-        shown = sorted(map(repr, values))[:5]
+    text = column.astype(str)
+    meanings = {value: _label_meaning(value) for value in text.unique()}
+    bad = sorted(repr(value) for value, meaning in meanings.items() if meaning is None)
+    if bad:
         raise DataError(
             f"{source}: label column {label_column!r} must be binary (0 = normal, 1 = anomaly) but "
-            f"holds {', '.join(shown)}{' ...' if len(values) > 5 else ''}; recode it to 0/1"
+            f"holds {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; recode it to 0/1"
         )
-    return column.astype(int).to_numpy()
+    return text.map(meanings).to_numpy().astype(int)
+
+
+# A label as text (a CSV's as written, a Parquet column's through category_strings) and what it
+# means: the values training's label_vector takes, in the spellings its CSV reader reads as 0/1.
+_LABEL_TEXT = {"0": 0.0, "1": 1.0, **dict.fromkeys(("false", "False", "FALSE"), 0.0),
+               **dict.fromkeys(("true", "True", "TRUE"), 1.0)}
+
+
+def scored_labels(column: pa.Array, label_column: str, source: str, row_offset: int = 0) -> np.ndarray:
+    """The label of rows being scored, as text, to 0.0/1.0 with NaN where missing.
+
+    Read as a number, a label of true/false failed ("must be numeric but row 1 holds 'false'") on
+    the very file a bundle was trained on, where training takes it. Decided per distinct value.
+    """
+    encoded = pc.dictionary_encode(column)
+    meanings = []
+    for value in encoded.dictionary.to_pylist():
+        meaning = _label_meaning(value)
+        if meaning is None:
+            row = row_offset + pc.index(column, value).as_py() + 1
+            raise DataError(f"{source}: label column {label_column!r} must be 0 (normal) or 1 (anomaly) but row "
+                            f"{row} holds {value!r}; recode it to 0/1, blank it out, or leave the column out")
+        meanings.append(meaning)
+    indices = encoded.indices.fill_null(len(meanings)).to_numpy(zero_copy_only=False)
+    return np.array([*meanings, np.nan])[indices]
+
+
+def _label_meaning(value: str) -> float | None:
+    """0.0 or 1.0 for a label's text ('1', '1.0', 'true', ...), None for anything else."""
+    meaning = _LABEL_TEXT.get(value.strip())
+    if meaning is not None:
+        return meaning
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number in (0.0, 1.0) else None

@@ -18,8 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.csv_errors import line_of_row, structure_error
-from pipeline.errors import DataError, InputFileError, one_line
+from pipeline.csv_errors import line_of_row, separator_error, structure_error
+from pipeline.errors import DataError, InputFileError, PipelineError, one_line
+from pipeline.outputs import check_utf8_path
 
 # .csv.gz: nightly batch files often arrive gzipped; pyarrow decompresses them as it streams.
 SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
@@ -51,6 +52,7 @@ def table_format(path: Path) -> str:
 def check_input_file(path: str | Path) -> Path:
     """Fail early, with the path in the message, on a missing or zero-byte input."""
     path = Path(path)
+    check_utf8_path(path, "input", InputFileError)
     table_format(path)
     if not path.exists():
         raise InputFileError(f"{path}: file not found; check the path")
@@ -138,12 +140,34 @@ def read_table(path: str | Path) -> pd.DataFrame:
         else:
             check_header(path, pq.ParquetFile(path).schema_arrow.names)  # before pyarrow refuses twice-named columns
             table = pq.read_table(path)
+    except PipelineError:
+        raise  # check_header's own message; an InputFileError is an OSError too
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise structure_error(path, exc) or InputFileError(
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     if table.num_rows == 0:
         raise DataError(f"{path}: has a header but no data rows; expected at least one row")
-    return table.to_pandas()
+    return _plain_types(table, path).to_pandas()
+
+
+def _plain_types(table: pa.Table, path: Path) -> pa.Table:
+    """Each column in the type that training's schema judges, as scoring will read it.
+
+    A dictionary-encoded column (pandas categories written to Parquet) is decoded: as pandas'
+    category dtype, integers with few values became numeric, not categorical as written plainly.
+    float16 becomes float32 (pandas can't index float16: training crashed). A nested column has
+    several values per row, nothing a feature can hold: it crashed training with "unhashable type".
+    """
+    for position, field_ in enumerate(table.schema):
+        kind = field_.type.value_type if pa.types.is_dictionary(field_.type) else field_.type
+        if pa.types.is_nested(kind):
+            raise DataError(f"{path}: column {field_.name!r} holds {kind} values, several per row; expected one "
+                            f"number or text per row: flatten it into columns, or leave it out of the file")
+        if pa.types.is_float16(kind):
+            kind = pa.float32()
+        if kind != field_.type:
+            table = table.set_column(position, field_.name, table.column(position).cast(kind))
+    return table
 
 
 def read_text_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
@@ -178,13 +202,9 @@ def read_columns(path: str | Path) -> list[str]:
 
 def check_header(path: Path, names: list[str]) -> None:
     """Column names that would be read wrongly without a word: another separator, or a name twice."""
-    if len(names) == 1:
-        separator = next((s for s in (";", "\t", "|") if s in names[0]), None)
-        if separator:
-            # Read as CSV, "a;b;c" is one text column: training would learn nothing from it.
-            raise InputFileError(
-                f"{path}: the header is a single column, {names[0][:60]!r}; the file looks separated by "
-                f"{separator!r}, but vaeguard reads comma-separated files; save it with commas")
+    other_separator = separator_error(path, names)
+    if other_separator:
+        raise other_separator
     first: dict[str, int] = {}
     for position, name in enumerate(names, start=1):
         if name in first:
@@ -225,21 +245,45 @@ def _cast_batch(batch: pa.RecordBatch, target: pa.Schema, path: Path, rows_befor
     columns = []
     for field_ in target:
         column = batch.column(field_.name)
+        if pa.types.is_dictionary(column.type):
+            # pandas categories written to Parquet: the values count, not the encoding, as in training.
+            column = column.dictionary_decode()
         if column.type == field_.type:
             columns.append(column)
-            continue
-        if pa.types.is_string(field_.type) or pa.types.is_large_string(field_.type):
-            columns.append(category_strings(column))
-            continue
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            columns.append(_text_as_numbers(column, field_, path, rows_before))
-            continue
-        try:
-            columns.append(column.cast(field_.type))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise DataError(f"{path}: column {field_.name!r} must be numeric but holds {column.type} values; "
-                            f"store it as numbers") from None
+        elif _is_text(field_.type):
+            columns.append(_as_text(column, field_, path))
+        else:
+            columns.append(_as_numbers(column, field_, path, rows_before))
     return pa.RecordBatch.from_arrays(columns, schema=target)
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _as_text(column: pa.Array, field_: pa.Field, path: Path) -> pa.Array:
+    try:
+        return category_strings(column)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DataError(f"{path}: column {field_.name!r} must hold one category or id per row (text or a number) "
+                        f"but holds {column.type} values; store it as text") from None
+
+
+def _as_numbers(column: pa.Array, field_: pa.Field, path: Path, rows_before: int) -> pa.Array:
+    if pa.types.is_boolean(column.type):
+        # Training reads a true/false column as categories, and a CSV's 'true' in a numeric column
+        # is refused: read as 0/1 here, it scored against a numeric range it never had.
+        raise DataError(f"{path}: column {field_.name!r} must be numeric but holds booleans (true/false), which "
+                        f"vaeguard reads as categories, never as numbers; store it as numbers (e.g. 0/1)")
+    if _is_text(column.type):
+        return _text_as_numbers(column, field_, path, rows_before)
+    try:
+        # An integer beyond 2**53 rounds to the nearest float, as training's pandas reads it: the
+        # scorer computes in float32 anyway. A safe cast refused the whole column as "not numeric".
+        return column.cast(field_.type, safe=not pa.types.is_integer(column.type))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DataError(f"{path}: column {field_.name!r} must be numeric but holds {column.type} values; "
+                        f"store it as numbers") from None
 
 
 # The CSV reader's spellings of a missing value ("", "NA", "null", ...): numbers stored as text in
@@ -250,6 +294,9 @@ _MISSING_SPELLINGS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
 def _text_as_numbers(column: pa.Array, field_: pa.Field, path: Path, rows_before: int) -> pa.Array:
     text = column.cast(pa.string())
     text = pc.if_else(pc.is_in(text, value_set=_MISSING_SPELLINGS), pa.scalar(None, pa.string()), text)
+    # The spaces and tabs the CSV reader trims around a number (training's pandas takes them too):
+    # ' 1.5' stored as text was refused here, and read in the same file as a CSV.
+    text = pc.utf8_trim(text, characters=" \t")
     try:
         return text.cast(field_.type)
     except pa.ArrowInvalid:

@@ -29,7 +29,7 @@ from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input
 from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata
 from pipeline.metrics import auprc, auroc
 from pipeline.model import VAE
-from pipeline.outputs import make_parents, remove_empty_folders
+from pipeline.outputs import check_utf8_path, make_parents, remove_empty_folders
 from pipeline.preprocess import Preprocessor, check_training_scale, fit_preprocessor
 from pipeline.schema import TableSchema, infer_schema, label_vector, numeric_matrix
 from pipeline.scorer_graph import ScorerGraph, graph_inputs
@@ -50,6 +50,7 @@ class RunDir:
     def create(cls, job: TrainJob) -> "RunDir":
         # Here, not in publish(): the CLI and the flows (tables and images) all start a run
         # with this, so a target that must not be replaced fails before any data is read.
+        check_utf8_path(job.bundle_dir, "--out/--name")
         check_publish_target(job.bundle_dir)
         root = job.out_dir / f".{job.name}.run-{uuid.uuid4().hex[:8]}"
         made = tuple(make_parents(root))
@@ -97,10 +98,16 @@ def load_and_validate(job: TrainJob, run: RunDir) -> dict:
         if not pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name]):
             frame[name] = pd.to_numeric(frame[name]).astype("float64")
     numeric_matrix(frame, schema.numeric, _source(job))  # fails early on infinities
-    if schema.categorical and table_format(Path(job.data)) == "csv":
-        # Categories spelled as written ('007', 'False'), as scoring will read them.
-        frame[list(schema.categorical)] = read_text_columns(job.data, list(schema.categorical))
+    # Categories spelled as written ('007', 'False'), as scoring will read them. A column the CSV
+    # reader took as text is that already; one it typed (integers, booleans) lost its spelling, which
+    # only the text can give back, so those columns alone are read again. The typed read can't be
+    # skipped: the schema's kinds come from pyarrow's inference, the one scoring's reader shares.
+    typed = [c for c in schema.categorical if not pd.api.types.is_string_dtype(frame[c])]
+    if typed and table_format(Path(job.data)) == "csv":
+        frame[typed] = read_text_columns(job.data, typed)
     labels = label_vector(frame, schema.label_column, _source(job)) if schema.label_column else None
+    if labels is not None:
+        frame[schema.label_column] = labels  # later steps read 0/1, whatever the file spelled
     keep = list(schema.id_columns) + list(schema.feature_columns) + ([schema.label_column] if labels is not None else [])
     frame[keep].reset_index(drop=True).to_parquet(run.rows)
     write_json(run.schema, schema.to_dict())

@@ -6,6 +6,7 @@ index 56 is data row 57 (1-based, header not counted), the row the message must 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -248,6 +249,15 @@ def test_score_missing_column(capsys, tmp_path, batch, trained_bundle, scores_di
     assert list(scores_dir.iterdir()) == []
 
 
+def test_score_column_named_with_other_case_or_spaces_is_pointed_out(capsys, tmp_path, batch, trained_bundle,
+                                                                       scores_dir):
+    """"missing column(s) ['pressure']" for a file whose header says 'Pressure ': the difference is easy to miss."""
+    data = write_table(batch.rename(columns={"pressure": "Pressure "}), tmp_path / "renamed.csv")
+    message = error_line(*run_score(capsys, trained_bundle, [data], scores_dir / "scores.parquet"))
+    assert "the file has 'Pressure ' for 'pressure', which differ in case or spaces: rename them" in message
+    assert list(scores_dir.iterdir()) == []
+
+
 def test_score_file_separated_by_semicolons(capsys, tmp_path, batch, trained_bundle, scores_dir):
     data = tmp_path / "european.csv"
     batch.to_csv(data, index=False, sep=";")
@@ -472,6 +482,41 @@ def test_score_output_folder_that_does_not_exist_is_created(capsys, tmp_path, ba
     assert code == 0, err
     assert len(pd.read_parquet(output)) == len(batch)
     assert sorted(p.name for p in output.parent.iterdir()) == ["scores.parquet", "scores.summary.json"]
+
+
+# A Latin-1 folder name, as Linux hands it to Python (os.fsdecode keeps the byte as a surrogate).
+NOT_UTF8 = os.fsdecode(b"caf\xe9")
+
+
+@pytest.mark.parametrize("where", ["output", "input", "bundle"])
+def test_score_path_that_is_not_utf8_is_refused_before_any_work(capsys, tmp_path, batch, trained_bundle, where,
+                                                                 monkeypatch):
+    """pyarrow and onnxruntime take UTF-8 paths only: it failed after scoring, with "unexpected
+    UnicodeEncodeError: 'utf-8' codec can't encode character '\\udce9' ... surrogates not allowed"."""
+    import pipeline.batch_score as batch_score
+
+    built = []
+    monkeypatch.setattr(batch_score, "shared_scorer", lambda *args: built.append(args))
+    odd = tmp_path / NOT_UTF8
+    odd.mkdir()
+    data = write_table(batch, (odd if where == "input" else tmp_path) / "batch.csv")
+    bundle = shutil.copytree(trained_bundle, odd / "bundle") if where == "bundle" else trained_bundle
+    output = (odd if where == "output" else tmp_path) / "scores.parquet"
+    before = tree_bytes(tmp_path)
+    message = error_line(*run_score(capsys, bundle, [data], output))
+    assert "caf\\xe9" in message and "not UTF-8" in message and "rename" in message
+    assert built == []
+    assert tree_bytes(tmp_path) == before
+
+
+def test_train_path_that_is_not_utf8_is_refused_before_any_work(capsys, tmp_path, sensor_frame, out_dir, fast_yaml):
+    odd = tmp_path / NOT_UTF8
+    odd.mkdir()
+    data = write_table(sensor_frame.head(300), tmp_path / "train.csv")
+    for args in [(data, odd / "exported"), (write_table(sensor_frame.head(300), odd / "train.csv"), out_dir)]:
+        message = error_line(*run_train(capsys, *args, fast_yaml))
+        assert "caf\\xe9" in message and "not UTF-8" in message
+    assert list(out_dir.iterdir()) == [] and sorted(p.name for p in odd.iterdir()) == ["train.csv"]
 
 
 def test_score_parquet_float_category_and_id_holding_nan(capsys, tmp_path, batch, trained_bundle, scores_dir):

@@ -219,3 +219,26 @@ def test_merge_of_parts_refuses_to_replace_an_input(trained_bundle, frame, tmp_p
     with pytest.raises(ConfigError, match=r"is the input .*in\.csv"):
         merge_scored_parts([(str(source), part)], source)
     assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_label_spelled_as_training_takes_it_is_read_at_scoring(trained_bundle, frame, tmp_path, suffix):
+    """Training takes a true/false label; scoring read the label as a number and refused the same
+    file ("column 'label' must be numeric but row 1 holds 'false'"), or from Parquet read it as 0/1
+    only by accident of a cast."""
+    part = frame.iloc[:1000]
+    plain = score_files(ScoreJob(trained_bundle, (write_table(part, tmp_path / f"plain{suffix}"),),
+                                 tmp_path / "plain_scores.parquet", device="cpu", batch_size=300))
+    flags = part.assign(label=part["label"].astype(bool).astype(object))
+    flags.loc[flags.index[7], "label"] = None  # a blank label: left out of AUROC, as before
+    spelled = score_files(ScoreJob(trained_bundle, (write_table(flags, tmp_path / f"flags{suffix}"),),
+                                   tmp_path / "flags_scores.parquet", device="cpu", batch_size=300))
+    assert plain.auroc is not None and spelled.auroc is not None
+    assert abs(spelled.auroc - plain.auroc) < 0.01 and spelled.rows == plain.rows
+
+    odd = part.assign(label=np.where(np.arange(len(part)) == 650, "maybe", part["label"].astype(str)))
+    with pytest.raises(DataError, match=r"label column 'label' must be 0 \(normal\) or 1 \(anomaly\) but row 651 "
+                                        r"holds 'maybe'"):
+        score_files(ScoreJob(trained_bundle, (write_table(odd, tmp_path / f"odd{suffix}"),),
+                             tmp_path / "odd_scores.parquet", device="cpu", batch_size=300))
+    assert not (tmp_path / "odd_scores.parquet").exists()

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import PreprocessConfig
 from pipeline.errors import DataError
-from pipeline.schema import infer_schema, label_vector, numeric_matrix
+from pipeline.schema import infer_schema, label_vector, numeric_matrix, scored_labels
 
 
 @pytest.fixture
@@ -126,3 +126,59 @@ def test_numbers_stored_as_objects_are_numeric_and_bool_objects_categorical(tabl
     schema = infer_schema(table, source="t.parquet", config=config, label_column="label", id_columns=("id",))
     assert {"dec", "text"} <= set(schema.numeric)
     assert "flag" in schema.categorical
+
+
+@pytest.mark.parametrize("dtype", [bool, object])
+def test_booleans_named_numeric_are_refused_not_taken_as_categories(table, dtype):
+    """numeric_columns was silently ignored for a true/false column; scoring refuses booleans where
+    it expects numbers, so training can't take them as 0/1 either."""
+    table["flag"] = pd.Series([True, False] * 50, dtype=dtype)
+    with pytest.raises(DataError, match=r"column 'flag' in numeric_columns, but it holds booleans"):
+        infer_schema(table, source="t.parquet", config=PreprocessConfig(numeric_columns=("flag",)),
+                     label_column="label", id_columns=("id",))
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_a_column_without_a_name_is_refused_with_its_position(table, name):
+    """A pandas index written with to_csv() has no header name: it was learned as a feature rising on
+    every row, with a warning to pass "--id-columns " (an empty name, which the option can't take)."""
+    table.insert(0, name, np.arange(100))
+    with pytest.raises(DataError, match=r"column 1 has no name in the header; name it .*index=False"):
+        infer_schema(table, source="t.csv", config=PreprocessConfig(), label_column="label", id_columns=("id",))
+
+
+@pytest.mark.parametrize("spelled", [["0", "1"], ["false", "true"], ["FALSE", "True"], [0.0, 1.0], [False, True]])
+def test_a_label_means_the_same_in_training_and_scoring_whatever_its_type(table, spelled):
+    """A Parquet label stored as text '0'/'1' was refused with "holds '0', '1'; recode it to 0/1"."""
+    import pyarrow as pa
+
+    from pipeline.tables import category_strings
+
+    expected = table["label"].to_numpy()
+    table["label"] = pd.Series([spelled[v] for v in expected], dtype=object)
+    assert label_vector(table, "label", "t.parquet").tolist() == expected.tolist()
+    as_scored = category_strings(pa.array(table["label"].astype(type(spelled[0])), from_pandas=True))
+    assert scored_labels(as_scored, "label", "t.parquet").tolist() == expected.tolist()
+
+
+def test_a_label_that_is_not_0_or_1_is_named(table):
+    import pyarrow as pa
+
+    table["label"] = table["label"].astype(str).where(table.index != 5, "yes")
+    with pytest.raises(DataError, match=r"must be binary .* holds 'yes'; recode it to 0/1"):
+        label_vector(table, "label", "t.csv")
+    with pytest.raises(DataError, match=r"label column 'label' must be 0 \(normal\) or 1 \(anomaly\) but row 106 "
+                                        r"holds 'yes'"):
+        scored_labels(pa.array(table["label"].tolist()), "label", "t.csv", row_offset=100)
+    assert np.isnan(scored_labels(pa.array(["1", None]), "label", "t.csv")).tolist() == [False, True]
+
+
+def test_a_label_that_marks_only_the_anomalies_says_to_fill_the_rest(table):
+    """Blank for normal, 1 for anomaly: the error said a value was missing at row 1, not what to put there."""
+    table["label"] = table["label"].where(table["label"] == 1)
+    with pytest.raises(DataError, match=r"missing a value at row \d+; .*only anomalies \(1\) are labelled: fill "
+                                        r"the other rows with 0"):
+        label_vector(table, "label", "t.csv")
+    table.loc[table["label"].first_valid_index(), "label"] = 0  # some normal rows labelled too: no such hint
+    with pytest.raises(DataError, match=r"on every row$"):
+        label_vector(table, "label", "t.csv")

@@ -244,3 +244,111 @@ def test_a_value_pyarrow_refuses_is_named_with_its_column_and_row(tmp_path, cell
         list(iter_batches(path, ["x"], [], ["id"], batch_rows=500))
     assert str(caught.value) == (f"{path}: column 'x' must be numeric but row 3001 (line 3002) holds {shown}; "
                                  f"fix or blank out that value")
+
+
+def _score_parquet(path, column, numeric=("x",), text=()):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": column}), path)
+    return list(iter_batches(path, list(numeric), list(text), [], batch_rows=100))
+
+
+def test_parquet_booleans_where_the_bundle_wants_numbers_are_refused_like_csv_text(tmp_path):
+    """They were read as 0/1 without a word, where a CSV's 'true' in that column is refused and
+    training reads a true/false column as categories."""
+    import pyarrow as pa
+
+    with pytest.raises(DataError, match=r"column 'x' must be numeric but holds booleans \(true/false\).*0/1"):
+        _score_parquet(tmp_path / "b.parquet", pa.array([True, False, None]))
+    csv = tmp_path / "b.csv"
+    csv.write_text("x\n1.5\ntrue\n")
+    with pytest.raises(DataError, match=r"column 'x' must be numeric but row 2 \(line 3\) holds 'true'"):
+        list(iter_batches(csv, ["x"], [], [], batch_rows=100))
+    # As a category, a boolean is read as training reads it.
+    [batch] = _score_parquet(tmp_path / "b.parquet", pa.array([True, None]), numeric=(), text=("x",))
+    assert batch.column("x").to_pylist() == ["true", None]
+
+
+def test_parquet_dictionary_columns_read_as_their_values(tmp_path):
+    """pandas categories written to Parquet: a bad number was reported as "holds dictionary<values=string,
+    indices=int32, ordered=0> values", without its row."""
+    import pyarrow as pa
+
+    [batch] = _score_parquet(tmp_path / "d.parquet", pa.array(["1.5", "NA", "2"]).dictionary_encode())
+    assert batch.column("x").to_pylist() == [1.5, None, 2.0]
+    with pytest.raises(DataError, match=r"column 'x' must be numeric but row 2 holds 'oops'"):
+        _score_parquet(tmp_path / "d.parquet", pa.array(["1.5", "oops"]).dictionary_encode())
+    [batch] = _score_parquet(tmp_path / "d.parquet", pa.array([1.0, 2.0]).dictionary_encode(), numeric=(), text=("x",))
+    assert batch.column("x").to_pylist() == ["1", "2"]  # integral floats spelled as training spells them
+
+
+def test_parquet_integers_beyond_float_precision_are_numbers(tmp_path):
+    """A safe cast refused int64 2**62 as "must be numeric but holds int64 values"."""
+    import pyarrow as pa
+
+    [batch] = _score_parquet(tmp_path / "i.parquet", pa.array([1, 2**62, None]))
+    assert batch.column("x").to_pylist() == [1.0, float(2**62), None]
+    [batch] = _score_parquet(tmp_path / "u.parquet", pa.array([2**64 - 1], pa.uint64()))
+    assert batch.column("x").to_pylist() == [float(2**64 - 1)]
+
+
+def test_parquet_nested_values_are_refused_in_any_slot(tmp_path):
+    """A list in a category or id column crashed with ArrowNotImplementedError."""
+    import pyarrow as pa
+
+    with pytest.raises(DataError, match=r"column 'x' must be numeric but holds list<.*> values"):
+        _score_parquet(tmp_path / "n.parquet", pa.array([[1.0], [2.0]]))
+    with pytest.raises(DataError, match=r"column 'x' must hold one category or id per row .* holds struct<"):
+        _score_parquet(tmp_path / "n.parquet", pa.array([{"a": 1}, {"a": 2}]), numeric=(), text=("x",))
+
+
+def test_training_reads_parquet_types_as_scoring_does(tmp_path):
+    """float16 crashed training ("float16 indexes are not supported"), a list column crashed it
+    ("unhashable type"), and a dictionary of few integers became numeric where the plain column
+    is categorical."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.schema import infer_schema
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"half": pa.array(rng.normal(size=200).astype(np.float16)),
+                             "mode": pa.array(rng.integers(0, 3, 200)).dictionary_encode(),
+                             "text": pa.array(rng.choice(["a", "b"], 200)).dictionary_encode()}), path)
+    frame = read_table(path)
+    schema = infer_schema(frame, source=str(path), config=PreprocessConfig())
+    assert schema.numeric == ("half",) and schema.categorical == ("mode", "text")
+    assert frame["half"].dtype == np.float32
+    pq.write_table(pa.table({"x": [1.0, 2.0], "nested": [[1.0], [2.0, 3.0]]}), path)
+    with pytest.raises(DataError, match=r"column 'nested' holds list<.*> values, several per row.*flatten"):
+        read_table(path)
+
+
+def test_a_semicolon_file_with_decimal_commas_is_named_for_its_separator(tmp_path):
+    """Its rows split on the decimal commas, so pyarrow failed first with "a line has 3 fields where the
+    header has 1 ...; quote the fields that hold commas", and training wrapped the separator message
+    in "could not be read as csv: <path>: ..."."""
+    path = tmp_path / "european.csv"
+    pd.DataFrame({"a": [1.5, 2.5], "b": [3.5, 4.5]}).to_csv(path, index=False, sep=";", decimal=",")
+    for read in (read_table, read_columns):
+        with pytest.raises(InputFileError) as caught:
+            read(path)
+        assert str(caught.value) == (f"{path}: the header is a single column, 'a;b'; the file looks separated by "
+                                     f"';', but vaeguard reads comma-separated files; save it with commas")
+    pd.DataFrame({"a": [1.5, 2.5], "b": [3.5, 4.5]}).to_csv(path, index=False, sep=";")
+    with pytest.raises(InputFileError, match=rf"^{re.escape(str(path))}: the header is a single column"):
+        read_table(path)
+
+
+def test_parquet_numbers_as_text_with_spaces_read_as_in_a_csv(tmp_path):
+    """' 1.5' was refused from Parquet text, while the CSV reader and training's pandas take it."""
+    import pyarrow as pa
+
+    [batch] = _score_parquet(tmp_path / "s.parquet", pa.array([" 1.5", "2 ", "\t3", None]))
+    assert batch.column("x").to_pylist() == [1.5, 2.0, 3.0, None]
+    csv = tmp_path / "s.csv"
+    csv.write_text("x\n 1.5\n2 \n\t3\n\n")
+    assert next(iter_batches(csv, ["x"], [], [], 10)).column("x").to_pylist() == [1.5, 2.0, 3.0]

@@ -234,3 +234,28 @@ def test_jobs_take_paths_as_strings_and_refuse_a_bare_string_for_a_list(tmp_path
             ImageTrainJob(data=tmp_path, name="x", **values)
     with pytest.raises(ConfigError, match="config must be a PipelineConfig"):
         TrainJob(data=tmp_path / "d.csv", name="x", config={"training": {"max_epochs": 3}})
+
+
+@pytest.mark.parametrize("codes, parses", [(None, 1), (["007", "012"], 2)], ids=["text_categories", "coded_categories"])
+def test_a_csv_is_parsed_again_only_for_categories_its_reader_typed(sensor_frame, tmp_path, monkeypatch, codes, parses):
+    """Every CSV with a categorical column was parsed twice, text categories ('line', 'shift') included."""
+    import pipeline.tables as tables
+
+    columns = []
+    real = tables._read_csv
+    monkeypatch.setattr(tables, "_read_csv", lambda path, convert, *a, **k: columns.append(
+        list(convert.include_columns)) or real(path, convert, *a, **k))
+    frame = sensor_frame.head(300)
+    data = write_table(frame.assign(site=(codes * 150)) if codes else frame, tmp_path / "t.csv")
+    job = TrainJob(data=data, name="t", out_dir=tmp_path / "out", id_columns=("row_id",), label_column="label",
+                   config=quiet_config())
+    run = workflow.RunDir.create(job)
+    try:
+        workflow.load_and_validate(job, run)
+        rows = pd.read_parquet(run.rows)
+    finally:
+        run.remove()
+    assert len(columns) == parses and columns[1:] in ([], [["site"]])  # the second parse converts 'site' alone
+    assert rows["line"].tolist() == frame["line"].tolist()
+    if codes:
+        assert rows["site"].iloc[:2].tolist() == codes  # spelled as written
