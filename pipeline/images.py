@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ConfigError, DataError, InputFileError, one_line
+from pipeline.outputs import text_path  # noqa: F401  (also imported from here)
 
 log = logging.getLogger("vaeguard")
 
@@ -310,19 +311,6 @@ def iter_image_batches(source: ImageSource, spec: ImageSpec, batch_size: int
         raise ConfigError(f"image batch size must be a positive integer, got {batch_size!r}")
     for start in range(0, len(source.items), batch_size):
         yield load_images(source, spec, start, start + batch_size)
-
-
-def text_path(item: str) -> str:
-    """``item`` as text that can be written anywhere: bytes of a file name that are not valid
-    UTF-8 (kept by Python as lone surrogates, e.g. b"caf\\xe9.png") become "\\xe9" escapes.
-
-    Without this, writing one such name to a table or CSV raised UnicodeEncodeError and failed
-    the whole run.
-    """
-    try:
-        return os.fsencode(item).decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        return item.encode("utf-8", "backslashreplace").decode("utf-8")  # surrogates fsencode can't take
 
 
 def write_errors(errors: list[tuple[str, str]], path: Path) -> None:

@@ -80,6 +80,26 @@ def check_scores_target(output: Path, inputs: Iterable[Path | str], bundle: Path
     check_output_location(output)
     check_not_an_input(output, inputs)
     check_outside_bundle(output, bundle, "--output")
+    check_inputs_distinct(inputs)
+
+
+def check_inputs_distinct(inputs: Iterable[Path | str]) -> None:
+    """Refuse an input given twice (``data/*.csv data/today.csv``, or a link to it): its rows
+    were scored twice, and the summary's counts and anomaly rate counted them twice."""
+    seen: dict[object, Path] = {}
+    for source in map(Path, inputs):
+        # As same_file judges, in one pass: thousands of inputs are common in nightly folders.
+        try:
+            status = os.stat(source)
+            keys = [os.path.realpath(source), (status.st_dev, status.st_ino)]
+        except OSError:
+            keys = [os.path.realpath(source)]  # missing: scoring names it
+        earlier = next((seen[k] for k in keys if k in seen), None)
+        if earlier is not None:
+            shown = f"{source}" if str(source) == str(earlier) else f"{source} and {earlier}, the same file"
+            raise ConfigError(f"{shown}: given twice as an input, so its rows would be scored and counted twice; "
+                              f"give each input once")
+        seen.update(dict.fromkeys(keys, source))
 
 
 def check_utf8_path(path: Path | str, what: str, error: type[Exception] = ConfigError) -> None:
@@ -266,6 +286,19 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def text_path(item: str) -> str:
+    """``item`` as text that can be written anywhere: bytes of a file name that are not valid
+    UTF-8 (kept by Python as lone surrogates, e.g. b"caf\\xe9.png") become "\\xe9" escapes.
+
+    Without this, writing one such name to a table or CSV raised UnicodeEncodeError and failed
+    the whole run.
+    """
+    try:
+        return os.fsencode(item).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return item.encode("utf-8", "backslashreplace").decode("utf-8")  # surrogates fsencode can't take
+
+
 def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
     """Concatenate per-file score parts (Parquet) into one output, atomically.
 
@@ -279,7 +312,8 @@ def merge_scored_parts(parts: list[tuple[str, Path]], output: Path) -> int:
             for batch in pq.ParquetFile(part).iter_batches():
                 table = pa.Table.from_batches([batch])
                 if len(parts) > 1:
-                    table = table.add_column(0, "source", pa.array([source] * batch.num_rows, pa.string()))
+                    # An image folder's name need not be UTF-8 (its rows' paths are escaped alike).
+                    table = table.add_column(0, "source", pa.array([text_path(source)] * batch.num_rows, pa.string()))
                 writer.write(table)
                 rows += batch.num_rows
     return rows

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -219,6 +220,17 @@ def test_merge_of_parts_refuses_to_replace_an_input(trained_bundle, frame, tmp_p
     with pytest.raises(ConfigError, match=r"is the input .*in\.csv"):
         merge_scored_parts([(str(source), part)], source)
     assert source.read_bytes() == before
+
+
+def test_merge_of_parts_names_a_source_that_is_not_utf8(trained_bundle, frame, tmp_path):
+    """An image folder's name need not be UTF-8 (b'caf\\xe9' on Linux): the flow's merge wrote it
+    into the `source` column as it was, and pyarrow failed the run with UnicodeEncodeError."""
+    part = tmp_path / "part.parquet"
+    score_files(ScoreJob(trained_bundle, (write_table(frame.iloc[:20], tmp_path / "in.csv"),), part, device="cpu"))
+    odd = os.fsdecode(b"/data/caf\xe9")
+    rows = merge_scored_parts([(odd, part), ("/data/plain", part)], tmp_path / "merged.parquet")
+    merged = pd.read_parquet(tmp_path / "merged.parquet")
+    assert rows == 40 and merged["source"].tolist() == ["/data/caf\\xe9"] * 20 + ["/data/plain"] * 20
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])

@@ -162,6 +162,23 @@ def test_two_inputs_add_source_column_first(capsys, tmp_path, trained_bundle, in
     assert [f["rows"] for f in summary["files"]] == [n_first, 50]
 
 
+@pytest.mark.parametrize("how", ["same path", "a link"])
+def test_an_input_given_twice_is_refused_before_any_work(capsys, tmp_path, trained_bundle, incoming_csv, how):
+    """Before: `score B data/*.csv data/today.csv` scored today's rows twice and counted them twice
+    in the summary's rows, anomalies and anomaly rate, without a word."""
+    again = incoming_csv
+    if how == "a link":
+        again = tmp_path / "today.csv"
+        again.symlink_to(incoming_csv)
+    output = tmp_path / "out" / "scores.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, again, "--output", output, "--device", "cpu")
+    assert code == 1
+    expected = f"{incoming_csv}" if how == "same path" else f"{again} and {incoming_csv}, the same file"
+    assert err.strip().splitlines() == [f"error: {expected}: given twice as an input, so its rows would be scored and "
+                                        f"counted twice; give each input once"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_size_does_not_change_scores(capsys, tmp_path, trained_bundle, incoming_csv):
     outputs = {}
     for name, extra in (("default", []), ("small", ["--batch-size", "100"])):
