@@ -119,7 +119,9 @@ class Bundle:
         return self.manifest["variants"][precision]["calibration"]
 
     @classmethod
-    def load(cls, path: str | Path) -> "Bundle":
+    def load(cls, path: str | Path, replacing: str | None = None) -> "Bundle":
+        """``replacing``: a variant file the caller is about to make again (`vaeguard export`), left
+        unchecked so that a deleted or damaged variant can be re-exported instead of blocking it."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if path.is_file() and (path.parent / MANIFEST).is_file():
@@ -137,9 +139,13 @@ class Bundle:
         check_format(manifest, manifest_path)
         check_manifest(manifest, manifest_path)
         for name, expected in manifest["files"].items():
+            if name == replacing and name in VARIANT_FILES.values():
+                continue
             file_path = path / name
             if not file_path.is_file():
-                raise BundleError(f"{path}: {name} is missing; copy the whole bundle folder")
+                again = "".join(f", or make it again with `vaeguard export {path} --precision {precision}`"
+                                for precision, variant in VARIANT_FILES.items() if variant == name)
+                raise BundleError(f"{path}: {name} is missing; copy the whole bundle folder{again}")
             actual = sha256_file(file_path)
             if actual != expected:
                 raise BundleError(

@@ -55,11 +55,9 @@ def _describe(manifest: dict) -> str:
     ]
     if manifest.get("variants"):
         lines += ["reduced-precision scorers (own threshold; used only on the device they were checked on):",
-                  *_table([(precision, v["file"], f"threshold {_fmt(v['threshold'])}",
-                            f"agreement {v['decision_agreement']:.2%}",
-                            f"median rel error {v['median_rel_score_error']:.2%}",
-                            f"checked on {v['device']}", f"speed {v['speed_ratio']:.2f}x")
-                           for precision, v in manifest["variants"].items()])]
+                  *_table([_variant_row(precision, v) for precision, v in manifest["variants"].items()]),
+                  *(f"  warning: {v['file']}: {warning}" for v in manifest["variants"].values()
+                    for warning in v.get("warnings", []))]
     if manifest["metrics"]:
         lines += ["held-out metrics:", *_table([(k, _fmt(v)) for k, v in manifest["metrics"].items()])]
     verification = manifest.get("verification") or {}
@@ -71,6 +69,35 @@ def _describe(manifest: dict) -> str:
     lines += ["files (sha256):", *_table([(name, digest) for name, digest in manifest["files"].items()]),
               "versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())]
     return "\n".join(lines)
+
+
+def _variant_row(precision: str, entry: dict) -> tuple[str, ...]:
+    # The threshold of the variant's calibration section, the one `vaeguard score` checks against
+    # the graph it decides with; the entry's top-level copy is checked by nothing.
+    cal = entry["calibration"]
+    return (precision, entry["file"], f"threshold {_fmt(cal['threshold'])}",
+            f"expected FPR {_fmt(cal['expected_fpr'])}",
+            f"agrees with fp32 on {agreeing(entry):,}/{cal['n_calibration']:,}{rounding_note(entry, '')}",
+            f"median rel error {_percent(entry['median_rel_score_error'])}",
+            f"checked on {_fmt(entry.get('device'))}", f"speed {entry['speed_ratio']:.2f}x")
+
+
+def agreeing(entry: dict) -> int:
+    """How many calibration inputs a variant decides as fp32 does: a count, since a percentage
+    rounded to two decimals shows 1 difference in 20,000 as 100.00%."""
+    rows = entry["calibration"]["n_calibration"]
+    return rows - entry.get("decisions_differ", round((1 - entry["decision_agreement"]) * rows))
+
+
+def rounding_note(entry: dict, why: str = ", where fp32 decides by rounding") -> str:
+    """The differences at fp32's own threshold, where fp32 decides by float rounding (pipeline.precision)."""
+    at = entry.get("differ_at_fp32_threshold", 0)  # not recorded by exports before it was counted
+    return f" ({at:,} at fp32's threshold{why})" if at else ""
+
+
+def _percent(fraction: float) -> str:
+    """Three significant digits: a fixed number of decimals shows a 0.003% error as 0.00%."""
+    return f"{fraction * 100:.3g}%"
 
 
 def _image_inputs(manifest: dict) -> list[str]:

@@ -7,9 +7,12 @@ The table bundle is the session's `trained_bundle`, copied before anything is ad
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -400,6 +403,135 @@ def test_an_export_onto_a_bundle_replaced_meanwhile_writes_nothing(monkeypatch, 
     assert after["variants"]["int8"] == json.loads((variant_bundle / "manifest.json").read_text())["variants"]["int8"]
     assert sha256_file(bundle / "scorer.int8.onnx") == sha256_file(variant_bundle / "scorer.int8.onnx")
     assert not [p.name for p in bundle.iterdir() if p.name.startswith(".")]
+
+
+def test_export_into_a_folder_it_cannot_write_is_a_one_line_error(capsys, monkeypatch, tmp_path, trained_bundle):
+    """Before: `error: unexpected PermissionError: [Errno 13] ... .scorer.int8.onnx.draft-...`."""
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    before = snapshot(bundle)
+
+    def refuse(model, path, *args, **kwargs):
+        # As root a read-only folder is still writable, so the refusal is simulated where it happens.
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(onnx, "save", refuse)
+    code, out, err = run_main(capsys, "export", bundle, "--precision", "int8", "--threads", "2")
+    assert code == 1 and out == ""
+    assert err == (f"error: {bundle}: cannot write scorer.int8.onnx into the bundle folder (Permission denied); "
+                   f"`vaeguard export` adds the variant and rewrites manifest.json there: make the folder writable "
+                   f"(or free disk space), or export a copy of the bundle; the bundle was left unchanged\n")
+    assert snapshot(bundle) == before
+
+
+def test_sigterm_while_a_variant_is_committed_keeps_a_whole_variant(capsys, monkeypatch, tmp_path, variant_bundle):
+    """Before: SIGTERM between the re-export's first manifest write (old int8 entry dropped) and the
+    second left a bundle without its int8 scorer, and `error: terminated; no output was written`."""
+    monkeypatch.setattr(precision, "SPEED_ROWS", 1_024)
+    bundle = shutil.copytree(variant_bundle, tmp_path / "sensors")
+    real_replace = os.replace
+
+    def terminated_on_the_way(source, target, *args, **kwargs):
+        if Path(target).name == "scorer.int8.onnx":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", terminated_on_the_way)
+    code, _, err = run_main(capsys, "export", bundle, "--precision", "int8", "--threads", "2")
+    assert code == 128 + signal.SIGTERM and "terminated" in err
+    loaded = Bundle.load(bundle)  # every listed file matches its hash
+    assert set(loaded.manifest["variants"]) == {"fp16", "int8"}
+    assert loaded.manifest["variants"]["int8"]["created_at"] != \
+        Bundle.load(variant_bundle).manifest["variants"]["int8"]["created_at"]  # the new one, whole
+    assert not [p.name for p in bundle.iterdir() if p.name.startswith(".")]
+
+
+def test_inspect_shows_the_threshold_scoring_checks(capsys, tmp_path, variant_bundle):
+    """Before: inspect printed the entry's top-level copy of the threshold, which nothing checks:
+    edited by hand, inspect showed it while scoring used (and checked) the calibration's."""
+    bundle = shutil.copytree(variant_bundle, tmp_path / "sensors")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    real = manifest["variants"]["int8"]["calibration"]["threshold"]
+    manifest["variants"]["int8"]["threshold"] = 123.0
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = run_main(capsys, "inspect", bundle)
+    assert code == 0, err
+    [row] = [line for line in out.splitlines() if line.strip().startswith("int8 ")]
+    assert f"threshold {real:.6g}" in row and "123" not in row
+    assert f"expected FPR {manifest['variants']['int8']['calibration']['expected_fpr']:.6g}" in row
+
+
+def test_agreement_is_shown_as_a_count(variant_bundle):
+    """Before: one decision in 20,000 differing from fp32 was shown as `100.00%` by export and inspect."""
+    from pipeline.inspect import describe_manifest
+
+    manifest = json.loads((variant_bundle / "manifest.json").read_text())
+    entry = manifest["variants"]["fp16"]
+    entry["calibration"]["n_calibration"] = 20_000
+    entry["decision_agreement"], entry["decisions_differ"] = 19_999 / 20_000, 1
+    entry["median_rel_score_error"] = 3.1e-5
+    entry["warnings"] = ["a warning the export recorded"]
+    printed = precision.describe_variant(entry)
+    assert "decisions agree with fp32 on 19,999 of the 20,000 calibration inputs" in printed
+    inspected = describe_manifest(manifest)
+    [row] = [line for line in inspected.splitlines() if line.strip().startswith("fp16 ")]
+    assert "agrees with fp32 on 19,999/20,000" in row and "median rel error 0.0031%" in row
+    assert "100.00%" not in printed + inspected
+    assert "  warning: scorer.fp16.onnx: a warning the export recorded" in inspected.splitlines()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_a_damaged_variant_can_be_exported_again(capsys, monkeypatch, tmp_path, variant_bundle, damage):
+    """Before: every command refused the bundle (`scorer.int8.onnx is missing`), `vaeguard export`
+    too, so the variant could only be repaired by editing manifest.json by hand."""
+    monkeypatch.setattr(precision, "SPEED_ROWS", 1_024)
+    bundle = shutil.copytree(variant_bundle, tmp_path / "sensors")
+    if damage == "deleted":
+        (bundle / "scorer.int8.onnx").unlink()
+        with pytest.raises(BundleError, match=f"or make it again with `vaeguard export {bundle} --precision int8`"):
+            Bundle.load(bundle)
+    else:
+        with open(bundle / "scorer.int8.onnx", "ab") as handle:
+            handle.write(b"x")
+    # Only the file being made again goes unchecked: a damaged other variant still stops the export.
+    code, _, err = run_main(capsys, "export", bundle, "--precision", "fp16", "--threads", "2")
+    assert code == 1 and "scorer.int8.onnx" in err
+    code, _, err = run_main(capsys, "export", bundle, "--precision", "int8", "--threads", "2")
+    assert code == 0, err
+    loaded = Bundle.load(bundle)
+    assert set(loaded.manifest["variants"]) == {"fp16", "int8"}
+    assert sha256_file(loaded.scorer_path_for("int8")) == loaded.manifest["files"]["scorer.int8.onnx"]
+
+
+def test_a_row_fp32_decides_by_rounding_is_no_variant_warning():
+    """Before: fp32's threshold is the PyTorch score of a calibration row, which scorer.onnx scores a
+    few ulps to either side of it; flagged by fp32 and not by the variant (whose threshold is its own
+    score), that one row made every variant of a bundle with 99 calibration inputs warn `its decisions
+    agree with fp32 on only 98.99%`, on every `vaeguard score --precision`."""
+    from pipeline.verify import RTOL
+
+    assert precision.FP32_ROUNDING == RTOL
+    threshold = 5.92163
+    fp32 = np.linspace(1.0, 5.9, 99).astype(np.float32)
+    fp32[-1] = np.nextafter(np.float32(threshold), np.float32(np.inf))  # the threshold's own row
+    variant = fp32 * np.float32(1.0001)
+    variant_flags = np.zeros(99, bool)  # its own threshold is its top score
+    errors = precision.score_errors({"score": fp32, "is_anomaly": fp32 > np.float32(threshold)},
+                                    {"score": variant, "is_anomaly": variant_flags}, threshold)
+    assert (errors["decisions_differ"], errors["differ_at_fp32_threshold"]) == (1, 1)
+    entry = {**errors, "calibration": {"n_calibration": 99}}
+    assert precision.variant_warnings(entry) == []
+    assert "(1 at fp32's threshold, where fp32 decides by rounding)" in precision.describe_variant(
+        {**entry, "file": "scorer.int8.onnx", "tool": "t", "precision": "int8", "threshold": threshold,
+         "calibration": {"n_calibration": 99, "expected_fpr": 0.01}, "max_abs_score_error": 0.0,
+         "max_rel_score_error": 0.0, "speed_ratio": 1.0, "variant_rows_per_s": 1.0, "fp32_rows_per_s": 1.0,
+         "device": "cpu", "threads": 1, "batch_dependence": {"rows": 99, "batches": [1, 99],
+                                                              "max_rel_score_change": 0.0, "tolerance": 1e-5}})
+    # A row the variant decides otherwise away from fp32's threshold is the variant's own difference.
+    variant_flags[50] = True
+    errors = precision.score_errors({"score": fp32, "is_anomaly": fp32 > np.float32(threshold)},
+                                    {"score": variant, "is_anomaly": variant_flags}, threshold)
+    assert precision.variant_warnings({**errors, "calibration": {"n_calibration": 99}}) == [
+        "its decisions differ from fp32's on 1 of the 99 calibration inputs (1.01%, more than 1%)"]
 
 
 def test_precision_module_needs_no_torch_or_prefect():

@@ -35,3 +35,23 @@ def test_decisions_may_differ_only_at_the_threshold():
     at_threshold = np.array([86.25, 60.0, 40.0], dtype=np.float32)
     report = compare({"score": (at_threshold, at_threshold)}, (flipped, FLAGS), at_threshold, 60.0, 3, "rows")
     assert report["passed"] and report["decision_agreement"] == pytest.approx(2 / 3)
+
+
+def test_a_nan_on_one_side_only_fails():
+    """Before: |NaN - x| is NaN, which Python's max() over the outputs dropped: an encoder output that
+    was NaN in ONNX only passed, and its NaN went into the manifest (which refuses NaN)."""
+    mu = np.array([[0.5], [1.0], [-0.2]], dtype=np.float32)
+    broken = mu.copy()
+    broken[1, 0] = np.nan
+    with pytest.raises(ExportError, match=r"'mu': inf"):
+        compare(pairs() | {"mu": (broken, mu)}, (FLAGS, FLAGS), SCORE, 60.0, 3, "rows")
+
+
+def test_the_same_infinity_on_both_sides_matches():
+    """Before: a row that both score +inf (float32 overflow inside the network, published as +inf)
+    gave inf - inf = NaN and failed verification with `max abs diffs {'score': nan}`."""
+    score = np.array([np.inf, 12.0, 40.0], dtype=np.float32)
+    report = compare({"score": (score, score), "recon": (score, score)}, (FLAGS, FLAGS), score, 60.0, 3, "rows")
+    assert report["passed"] and report["max_abs_diff"] == {"score": 0.0, "recon": 0.0}
+    with pytest.raises(ExportError, match=r"'score': inf"):  # +inf against a finite score is no match
+        compare({"score": (score, SCORE)}, (FLAGS, FLAGS), SCORE, 60.0, 3, "rows")
