@@ -211,6 +211,13 @@ def check_manifest(manifest: dict, manifest_path: Path) -> None:
             fail(f"variants[{precision!r}] is not a {'/'.join(VARIANT_FILES)} scorer entry naming its file")
         if entry["file"] not in files:
             fail(f"variants[{precision!r}] names {entry['file']}, which files lists no sha256 for")
+        # Shown by `score --precision` and `inspect`: a string warning was printed a letter a line.
+        warnings = entry.get("warnings", [])
+        if not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
+            fail(f"variants[{precision!r}].warnings must be a JSON list of strings, got {warnings!r}")
+        if not isinstance(entry.get("device"), str):
+            fail(f"variants[{precision!r}].device must be the device it was checked on (cpu or cuda), "
+                 f"got {entry.get('device')!r}")
         sections.append((f"variants[{precision!r}].calibration", entry.get("calibration"), Calibration.from_dict))
     for key, raw, parse in sections:
         try:

@@ -118,10 +118,20 @@ def check_scorer_agrees(session: ort.InferenceSession, bundle: Bundle, precision
         raise BundleError(f"{path}: {what}; the manifest was edited or belongs to another bundle: restore "
                           f"manifest.json or re-export the bundle")
 
-    threshold = bundle.calibration_for(precision)["threshold"]
+    calibration = bundle.calibration_for(precision)
+    threshold = calibration["threshold"]
     if "vaeguard.threshold" in metadata and float(metadata["vaeguard.threshold"]) != threshold:
         refuse(f"its threshold is {metadata['vaeguard.threshold']}, the manifest's {threshold!r} (the threshold is "
                f"baked into the graph; to flag at another rate, use p_value <= that rate)")
+    # The summary, the drift checks and the report state the target and expected FPR from the
+    # manifest: edited, a run flagging at 1% reported itself against 5%.
+    for key, what in (("target_fpr", "target FPR"), ("n_calibration", "number of calibration inputs")):
+        baked = metadata.get(f"vaeguard.{key}")
+        if baked is not None and float(baked) != calibration[key]:
+            refuse(f"its {what} is {baked}, the manifest's {calibration[key]!r}")
+    if calibration["expected_fpr"] != calibration["rank"] / (calibration["n_calibration"] + 1):
+        refuse(f"the manifest's expected FPR {calibration['expected_fpr']!r} is not its rank / (n_calibration + 1) "
+               f"= {calibration['rank']} / {calibration['n_calibration'] + 1}")
     if bundle.manifest.get("modality") == "image":
         return  # one image input, whose size the session checks on every batch
     schema = bundle.schema

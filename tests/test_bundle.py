@@ -90,7 +90,17 @@ BROKEN_MANIFESTS = {
     "unknown modality": (lambda m: m.update(modality="audio"), "modality must be one of table, image"),
     "variant without file": (lambda m: m.update(variants={"fp16": {"calibration": m["calibration"]}}),
                              r"variants\['fp16'\] is not a fp16/int8 scorer entry"),
+    # Before: `score --precision fp16` printed a string warning one letter a line; inspect showed "checked on None".
+    "variant warnings a string": (lambda m: _add_variant(m, warnings="oops"),
+                                  r"variants\['fp16'\]\.warnings must be a JSON list of strings, got 'oops'"),
+    "variant device null": (lambda m: _add_variant(m, device=None), r"variants\['fp16'\]\.device must be the device"),
 }
+
+
+def _add_variant(manifest, **entry):
+    manifest["files"]["scorer.fp16.onnx"] = "0" * 64
+    manifest["variants"] = {"fp16": {"file": "scorer.fp16.onnx", "calibration": manifest["calibration"],
+                                     "warnings": [], "device": "cpu", **entry}}
 
 
 @pytest.mark.parametrize("case", BROKEN_MANIFESTS)

@@ -175,6 +175,8 @@ def _swap_two_columns(manifest):
     (lambda m: m["schema"].update(categorical=["line"]), r"its inputs are .*'cat_shift'.*the manifest's schema needs "
                                                           r"\['cat_line', 'numeric'\]"),
     (lambda m: m["calibration"].update(threshold=50.0), r"its threshold is [0-9.]+, the manifest's 50\.0 .*p_value <="),
+    (lambda m: m["calibration"].update(target_fpr=0.05), r"its target FPR is 0\.01, the manifest's 0\.05"),
+    (lambda m: m["calibration"].update(expected_fpr=0.05), r"the manifest's expected FPR 0\.05 is not its rank"),
 ])
 def test_a_manifest_that_disagrees_with_its_scorer_is_refused(capsys, trained_bundle, tmp_path, incoming_csv,
                                                               edit, message):
