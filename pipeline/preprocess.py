@@ -134,7 +134,7 @@ def fit_preprocessor(frame: pd.DataFrame, schema: TableSchema, config: Preproces
         _numeric_stats(name, numeric[:, i]) for i, name in enumerate(schema.numeric)
     ]
     categorical = [
-        CategoricalStats(name, _kept_categories(values, config))
+        CategoricalStats(name, _kept_categories(values, config, name, source))
         for name, values in zip(schema.categorical, categorical_strings(frame, schema.categorical))
     ]
     return Preprocessor(tuple(stats), tuple(categorical))
@@ -177,8 +177,19 @@ def _numeric_stats(name: str, values: np.ndarray) -> NumericStats:
                         bool(np.isnan(values).any()))
 
 
-def _kept_categories(values: np.ndarray, config: PreprocessConfig) -> tuple[str, ...]:
+def _kept_categories(values: np.ndarray, config: PreprocessConfig, name: str, source: str) -> tuple[str, ...]:
     counts = pd.Series(values).value_counts()
-    counts = counts[counts >= config.min_category_count]
+    kept = counts[counts >= config.min_category_count]
+    if kept.empty:
+        # Every value rare: a code or name per row, not a category. Its one-hot block would be the
+        # unknown bucket alone, and the export crashed after training on the empty category list.
+        example = str(counts.index[0])
+        hint = (" (if the rows are image paths, train on images with --image-size)"
+                if example.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")) else "")
+        raise DataError(f"{source}: column {name!r} has {len(counts):,} distinct values in {len(values):,} training "
+                        f"rows and none seen {config.min_category_count} times (e.g. {example!r}), so it is no "
+                        f"category: it looks like an identifier; pass it with --id-columns {name}, or leave it out "
+                        f"of the file{hint}")
+    counts = kept
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return tuple(str(c) for c, _ in ordered[: config.max_categories])

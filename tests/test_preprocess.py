@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import PreprocessConfig
+from pipeline.errors import DataError
 from pipeline.preprocess import UNKNOWN, Preprocessor, fit_preprocessor
 from pipeline.schema import infer_schema
 
@@ -49,3 +50,17 @@ def test_rare_categories_go_to_unknown(frame):
 def test_round_trips_through_the_manifest_dict(frame):
     pre = fitted(frame)
     assert Preprocessor.from_dict(pre.to_dict()) == pre
+
+
+@pytest.mark.parametrize("values, hint", [
+    ([f"c{i}" for i in range(1000)], ""),
+    ([f"images/{i}.png" for i in range(1000)], r" \(if the rows are image paths, train on images with --image-size\)"),
+])
+def test_a_text_column_of_rare_values_only_is_named_as_an_identifier(frame, values, hint):
+    """Before: training ran to the end and the export failed with "unexpected ValueError: Could not
+    infer attribute `cats_strings` type from empty iterator" (a CSV of image paths given without
+    --image-size, which is read as a table, did the same)."""
+    with pytest.raises(DataError, match=r"^t: column 'code' has 1,000 distinct values in 1,000 training rows and "
+                                        r"none seen 2 times \(e\.g\. '.+'\), so it is no category: it looks like an "
+                                        rf"identifier; pass it with --id-columns code, or leave it out of the file{hint}$"):
+        fitted(frame.assign(code=values))
