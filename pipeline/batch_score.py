@@ -9,6 +9,7 @@ existing one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -32,6 +33,7 @@ from pipeline.metrics import auprc, auroc
 from pipeline.outputs import OutputWriter, check_scores_target, summary_path, write_atomic
 from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.schema import scored_labels
+from pipeline.signals import signals_held
 from pipeline.tables import estimate_rows, iter_batches, read_columns
 
 log = logging.getLogger("vaeguard")
@@ -187,36 +189,41 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
     show = show_progress()
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
     progress = tqdm(total=total or None, unit="rows", unit_scale=True, desc="scoring", disable=not show, leave=False)
-    with progress, writer:
-        for path, _, has_label in checked:
-            file_summary = FileSummary(str(path))
-            text = list(schema.categorical) + ([schema.label_column] if has_label else [])
-            source = str(path) if len(checked) > 1 else None
-            batches = iter_batches(path, list(schema.numeric), text, list(schema.id_columns), job.batch_size)
-            for batch in _prefetch(batches):
-                if has_label:
-                    labels.append(scored_labels(batch.column(schema.label_column), schema.label_column, str(path),
-                                                file_summary.rows))
-                outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows)
-                writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
-                file_summary.rows += batch.num_rows
-                file_summary.anomalies += int(outputs["is_anomaly"].sum())
-                if has_label:
-                    scores.append(outputs["score"])
-                progress.update(batch.num_rows)
-            summary.files.append(file_summary)
-            summary.rows += file_summary.rows
-            summary.anomalies += file_summary.anomalies
-        if summary.rows == 0:
-            raise EmptyInputError(f"{', '.join(map(str, job.inputs))}: no data rows to score; expected at least one row")
-    summary.seconds = time.perf_counter() - started
-    if labels:
-        # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.
-        y, s = np.concatenate(labels), np.concatenate(scores)
-        known = ~np.isnan(y)
-        if len(np.unique(y[known])) == 2:
-            summary.auroc, summary.auprc = auroc(y[known], s[known]), auprc(y[known], s[known])
-    write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
+    # The scores and their summary become real together: a signal from the end of the last batch
+    # on waits until both are written (pipeline.signals).
+    with contextlib.ExitStack() as commit:
+        with progress, writer:
+            for path, _, has_label in checked:
+                file_summary = FileSummary(str(path))
+                text = list(schema.categorical) + ([schema.label_column] if has_label else [])
+                source = str(path) if len(checked) > 1 else None
+                batches = iter_batches(path, list(schema.numeric), text, list(schema.id_columns), job.batch_size)
+                for batch in _prefetch(batches):
+                    if has_label:
+                        labels.append(scored_labels(batch.column(schema.label_column), schema.label_column, str(path),
+                                                    file_summary.rows))
+                    outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows)
+                    writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
+                    file_summary.rows += batch.num_rows
+                    file_summary.anomalies += int(outputs["is_anomaly"].sum())
+                    if has_label:
+                        scores.append(outputs["score"])
+                    progress.update(batch.num_rows)
+                summary.files.append(file_summary)
+                summary.rows += file_summary.rows
+                summary.anomalies += file_summary.anomalies
+            if summary.rows == 0:
+                raise EmptyInputError(f"{', '.join(map(str, job.inputs))}: no data rows to score; "
+                                      f"expected at least one row")
+            summary.seconds = time.perf_counter() - started
+            if labels:
+                # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.
+                y, s = np.concatenate(labels), np.concatenate(scores)
+                known = ~np.isnan(y)
+                if len(np.unique(y[known])) == 2:
+                    summary.auroc, summary.auprc = auroc(y[known], s[known]), auprc(y[known], s[known])
+            commit.enter_context(signals_held())
+        write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
     return summary
 
 

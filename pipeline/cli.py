@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.calibrate import describe_fpr_range
 from pipeline.errors import PipelineError
+from pipeline.signals import StoppedAfterCommit
 
 log = logging.getLogger("vaeguard")
 
@@ -303,9 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        signum = exc.signum if isinstance(exc, (Terminated, StoppedAfterCommit)) else signal.SIGINT
         how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-        print(f"error: {how}; no output was written", file=sys.stderr)
+        if isinstance(exc, StoppedAfterCommit):
+            # The signal came while the output was being committed and waited for it (pipeline.signals).
+            print(f"error: {how} after the output was written whole, which was kept; the steps after it "
+                  f"(such as --report) did not run", file=sys.stderr)
+        else:
+            print(f"error: {how}; no output was written", file=sys.stderr)
         return 128 + signum
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.verbose:

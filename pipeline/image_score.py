@@ -10,6 +10,7 @@ hidden staging folder and moved into ``maps_dir`` only when the run succeeds.
 from __future__ import annotations
 
 import csv
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from pipeline.images import ImageSpec, iter_image_batches, list_images, searched
 from pipeline.outputs import (OutputWriter, check_location, check_outside_bundle, check_scores_target,
                               missing_parents, remove_empty_folders, same_file, summary_path, write_atomic)
 from pipeline.runtime import check_scorer_agrees, check_variant_device, create_session, variant_device
+from pipeline.signals import signals_held
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
 MAX_IMAGE_BATCH = 256
@@ -73,45 +75,50 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     started = time.perf_counter()
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
     try:
-        with progress, writer:
-            for path, source in sources:
-                file_summary = FileSummary(str(path))
-                for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
-                    errors += bad
-                    if not names:
-                        continue
-                    outputs = dict(zip(IMAGE_OUTPUT_NAMES,
-                                       session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: images})))
-                    # A file name that is not valid UTF-8 can't go into a table as it is; escaped, it can.
-                    texts = [text_path(n) for n in names]
-                    columns = {"path": pa.array(texts, pa.string())} | {n: pa.array(outputs[n]) for n in OUTPUT_NAMES}
-                    if len(sources) > 1:  # as for tables, and as the scoring flow's merge writes it
-                        columns = {"source": pa.array([text_path(str(path))] * len(names), pa.string())} | columns
-                    writer.write(pa.table(columns))
-                    if staging is not None:
-                        for i in np.flatnonzero(outputs["is_anomaly"]):
-                            # One colour scale for every map: the threshold's share per pixel.
-                            write_map(staging / map_name(texts[i]), images[i], outputs["reconstruction"][i],
-                                      outputs["anomaly_map"][i], vmax=_map_scale(threshold, spec))
-                    file_summary.rows += len(names)
-                    file_summary.anomalies += int(outputs["is_anomaly"].sum())
-                    progress.update(len(names))
-                summary.files.append(file_summary)
-                summary.rows += file_summary.rows
-                summary.anomalies += file_summary.anomalies
-            if summary.rows == 0:
-                # No errors file is written for a run that fails, so the first reason goes in the message.
-                first = f" (first: {text_path(errors[0][0])}: {text_path(errors[0][1])})" if errors else ""
-                raise DataError(f"{', '.join(map(str, job.inputs))}: none of the {len(errors)} image file(s) could "
-                                f"be read{first}; expected PNG, JPEG or BMP images")
-        summary.seconds = time.perf_counter() - started
-        summary.skipped = len(errors)
-        errors_path(job.output).unlink(missing_ok=True)  # a stale list from an earlier run would mislead
-        write_errors(errors, errors_path(job.output))
-        report = summary.to_dict() | {"errors_file": str(errors_path(job.output)) if errors else None}
-        write_atomic(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
-        if staging is not None:
-            _publish_maps(staging, Path(job.maps_dir))
+        # The scores, their errors file, summary and maps become real together: a signal from the
+        # end of the last batch on waits until all are in place (pipeline.signals).
+        with contextlib.ExitStack() as commit:
+            with progress, writer:
+                for path, source in sources:
+                    file_summary = FileSummary(str(path))
+                    for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
+                        errors += bad
+                        if not names:
+                            continue
+                        outputs = dict(zip(IMAGE_OUTPUT_NAMES,
+                                           session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: images})))
+                        # A file name that is not valid UTF-8 can't go into a table as it is; escaped, it can.
+                        texts = [text_path(n) for n in names]
+                        columns = {"path": pa.array(texts, pa.string())}
+                        columns |= {n: pa.array(outputs[n]) for n in OUTPUT_NAMES}
+                        if len(sources) > 1:  # as for tables, and as the scoring flow's merge writes it
+                            columns = {"source": pa.array([text_path(str(path))] * len(names), pa.string())} | columns
+                        writer.write(pa.table(columns))
+                        if staging is not None:
+                            for i in np.flatnonzero(outputs["is_anomaly"]):
+                                # One colour scale for every map: the threshold's share per pixel.
+                                write_map(staging / map_name(texts[i]), images[i], outputs["reconstruction"][i],
+                                          outputs["anomaly_map"][i], vmax=_map_scale(threshold, spec))
+                        file_summary.rows += len(names)
+                        file_summary.anomalies += int(outputs["is_anomaly"].sum())
+                        progress.update(len(names))
+                    summary.files.append(file_summary)
+                    summary.rows += file_summary.rows
+                    summary.anomalies += file_summary.anomalies
+                if summary.rows == 0:
+                    # No errors file is written for a run that fails, so the first reason goes in the message.
+                    first = f" (first: {text_path(errors[0][0])}: {text_path(errors[0][1])})" if errors else ""
+                    raise DataError(f"{', '.join(map(str, job.inputs))}: none of the {len(errors)} image file(s) could "
+                                    f"be read{first}; expected PNG, JPEG or BMP images")
+                commit.enter_context(signals_held())
+            summary.seconds = time.perf_counter() - started
+            summary.skipped = len(errors)
+            errors_path(job.output).unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+            write_errors(errors, errors_path(job.output))
+            report = summary.to_dict() | {"errors_file": str(errors_path(job.output)) if errors else None}
+            write_atomic(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
+            if staging is not None:
+                _publish_maps(staging, Path(job.maps_dir))
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)  # gone when published; the partial maps of a failed run

@@ -34,8 +34,6 @@ import copy
 import errno
 import os
 import platform
-import signal
-import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -55,6 +53,7 @@ from pipeline.errors import BundleError, ConfigError, ExportError, PipelineError
 from pipeline.inspect import agreeing, rounding_note
 from pipeline.precision_graphs import CONVERTERS, find_table, write_table
 from pipeline.runtime import CUDA, create_session, frame_feeds
+from pipeline.signals import signals_held
 
 TOOLS = {"fp16": "onnxruntime.transformers.float16",
          "int8": "onnxruntime.quantization.quantize_dynamic weights, per-row activations "
@@ -202,31 +201,6 @@ def device_name(device: str) -> str:
 
 
 # --- the export ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Ctrl-C and SIGTERM are held while a variant is committed, then delivered.
-
-    The commit is a few file operations (drop an old variant from the manifest, move the new
-    file in, list it); interrupted between them, a re-export would lose the variant the bundle
-    had, and a first export would leave an unlisted file. Signals reach Python code only in the
-    main thread, so elsewhere there is nothing to hold."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    previous = {signum: handler for signum, handler in previous.items() if handler is not None}  # None: set in C
-    for signum in previous:
-        signal.signal(signum, lambda received, frame: caught.append(received))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(caught):
-            signal.raise_signal(signum)
 
 
 def cannot_write(directory: Path, name: str, exc: OSError, left: str) -> ExportError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,32 @@ def test_an_input_given_twice_is_refused_before_any_work(capsys, tmp_path, train
     assert err.strip().splitlines() == [f"error: {expected}: given twice as an input, so its rows would be scored and "
                                         f"counted twice; give each input once"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_scores_are_committed_keeps_them_whole_and_says_so(capsys, monkeypatch, tmp_path,
+                                                                               trained_bundle, incoming_csv, signame):
+    """Before: a signal after the scores were renamed into place but before their summary was written
+    left the scores without a summary, and the CLI said "no output was written"."""
+    import pipeline.batch_score as batch_score
+
+    signum = getattr(signal, signame)
+    real_write = batch_score.write_atomic
+
+    def signalled_on_the_way(path, text):
+        os.kill(os.getpid(), signum)
+        return real_write(path, text)
+
+    monkeypatch.setattr(batch_score, "write_atomic", signalled_on_the_way)
+    output = tmp_path / "scores.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", output, "--device", "cpu")
+    how = "terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted"
+    assert code == 128 + signum
+    assert err.strip().splitlines() == [f"error: {how} after the output was written whole, which was kept; the steps "
+                                        f"after it (such as --report) did not run"]
+    summary = json.loads((tmp_path / "scores.summary.json").read_text())
+    assert summary["rows"] == len(read_scores(output)) == len(pd.read_csv(incoming_csv))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "scores.summary.json"]
 
 
 def test_batch_size_does_not_change_scores(capsys, tmp_path, trained_bundle, incoming_csv):

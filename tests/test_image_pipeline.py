@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,30 @@ def test_score_folder_with_corrupt_files(capsys, tmp_path, texture_bundle, mixed
         with Image.open(png) as picture:
             assert picture.mode == "RGB"
             assert picture.size == (3 * side + 2 * _GAP, side)  # image | reconstruction | heat map
+
+
+def test_a_signal_while_image_scores_are_committed_keeps_scores_summary_and_maps(capsys, monkeypatch, tmp_path,
+                                                                                  texture_bundle, mixed_folder):
+    """Before: Ctrl-C after the scores were renamed into place left them without their errors file,
+    summary and maps, and the CLI said "no output was written"."""
+    import pipeline.image_score as image_score
+
+    real_write = image_score.write_atomic
+
+    def interrupted_on_the_way(path, text):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_write(path, text)
+
+    monkeypatch.setattr(image_score, "write_atomic", interrupted_on_the_way)
+    folder, good, _ = mixed_folder
+    output, maps = tmp_path / "out.parquet", tmp_path / "maps"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps", maps,
+                            "--device", "cpu")
+    assert code == 130
+    assert err.strip().splitlines()[-1].startswith("error: interrupted after the output was written whole")
+    summary = json.loads(summary_path(output).read_text())
+    assert summary["rows"] == len(pd.read_parquet(output)) == len(good) and errors_path(output).exists()
+    assert len(list(maps.glob("*.png"))) == summary["anomalies"] > 0
 
 
 # --- 4. empty folders; other sizes and modes ------------------------------------------------

@@ -1,0 +1,46 @@
+"""Ctrl-C and SIGTERM around the moment a run's output becomes real.
+
+A run's output is committed in a few file operations: the scores renamed into place, then their
+summary; a precision variant moved in, then listed in the manifest. A signal between two of them
+left a half-committed result (scores with no summary, a bundle without the variant it had) while
+the CLI said that no output was written. Held over the commit, the signal waits until the output
+is whole, and then stops the run with ``StoppedAfterCommit`` so the message can say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+class StoppedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM that came while an output was committed: raised once it was whole."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends; one that came then raises StoppedAfterCommit.
+
+    If the block fails, its error goes on and the held signal is dropped: the run is ending anyway.
+    Signals reach Python code only in the main thread, so elsewhere there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: handler for signum, handler in previous.items() if handler is not None}  # None: set in C
+    for signum in previous:
+        signal.signal(signum, lambda received, frame: caught.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught and previous.get(caught[0]) not in (signal.SIG_IGN, None):
+        raise StoppedAfterCommit(caught[0])
