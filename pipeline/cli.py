@@ -298,6 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     previous = _stop_cleanly_on_sigterm() if args.command != "serve" else None
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
+    except BrokenPipeError:
+        # `vaeguard inspect B | head`: the reader took what it wanted and left. Quiet, as `cat` is, with
+        # the status a shell gives a process a closed pipe stopped; stdout goes nowhere so that
+        # Python's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except PipelineError as exc:
         if args.verbose:
             traceback.print_exc()

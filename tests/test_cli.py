@@ -139,6 +139,18 @@ def test_inspect_via_installed_script(cli_trained):
         assert column in proc.stdout
 
 
+def test_output_into_a_closed_pipe_ends_quietly(trained_bundle):
+    """`vaeguard inspect B --json | head`: before, `error: unexpected BrokenPipeError` after head left."""
+    script = Path(sys.executable).with_name("vaeguard")
+    command = [script] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    proc = subprocess.Popen([*map(str, command), "inspect", str(trained_bundle), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the command writes: the reader is gone
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert err == ""
+
+
 # --- in-process ----------------------------------------------------------------------------
 
 
