@@ -11,21 +11,29 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.dask_runner import stop_own_workers
 from pipeline.bundle import Bundle
+from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.image_score import merge_error_files
+from pipeline.batch_score import label_metrics_of
+from pipeline.image_score import errors_path, merge_error_files
 from pipeline.outputs import (check_scores_target, make_parents, merge_scored_parts, remove_empty_folders,
                               summary_path, write_atomic)
+from pipeline.schema import scored_labels
 from pipeline.scoring import score
-from pipeline.scoring_report import check_report_target, report_path, summary_markdown, write_scoring_report
+from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
+from pipeline.tables import iter_batches, read_columns
 
 
 @task(cache_policy=NO_CACHE)
@@ -33,9 +41,11 @@ def check_bundle(bundle: Path, precision: str = "fp32") -> dict:
     """Load the bundle, verify its file hashes and find the scorer of this precision."""
     loaded = Bundle.load(bundle)
     calibration = loaded.calibration_for(precision)  # the variant's own threshold and expected FPR
+    modality = loaded.manifest.get("modality", "table")
     return {"name": loaded.manifest["name"], "version": loaded.manifest["version"], "precision": precision,
             "target_fpr": calibration["target_fpr"], "expected_fpr": calibration["expected_fpr"],
-            "modality": loaded.manifest.get("modality", "table")}
+            "fpr_range": stored_fpr_range(calibration), "modality": modality,
+            "label_column": loaded.schema.label_column if modality == "table" else None}
 
 
 # Written into the parts folder when the run fails: tasks that have not started yet skip their
@@ -45,7 +55,8 @@ STOP = "STOP"
 
 
 @task(cache_policy=NO_CACHE)
-def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = None) -> dict | None:
+def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = None,
+               label_column: str | None = None) -> dict | None:
     """Score one input (table file or image folder) into a part file; None once the run has failed."""
     if (part.parent / STOP).exists():
         return None
@@ -56,7 +67,28 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
     single = ScoreJob(bundle=job.bundle, inputs=(input_path,), output=part, device=job.device,
                       batch_size=job.batch_size, threads=job.threads, maps_dir=job.maps_dir,
                       precision=job.precision)
-    return score(single).to_dict()
+    summary = score(single).to_dict()
+    if label_column and label_column in read_columns(input_path):
+        save_labels(input_path, label_column, part, job.batch_size)
+    return summary
+
+
+def labels_path(part: Path) -> Path:
+    return part.with_suffix(".labels.npz")
+
+
+def save_labels(input_path: Path, label_column: str, part: Path, batch_size: int) -> None:
+    """The input's labels beside its part's scores, row for row, for the run's AUROC over every input.
+
+    Read again from the input (only its label column): the scoring keeps no rows, and a task
+    returns small values, not arrays of every row.
+    """
+    labels, rows = [], 0
+    for batch in iter_batches(input_path, [], [label_column], [], batch_size):  # as text, as score() reads it
+        labels.append(scored_labels(batch.column(0), label_column, str(input_path), rows))
+        rows += batch.num_rows
+    scores = pq.read_table(part, columns=["score"]).column("score").to_numpy()
+    np.savez(labels_path(part), label=np.concatenate(labels), score=scores)
 
 
 def named_as_given(error: PipelineError, given: dict[str, str]) -> PipelineError:
@@ -117,29 +149,40 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     parts_dir = resolved.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"
     parts_dir.mkdir()
     futures = []
+    interrupted = False
     try:
         parts = [parts_dir / f"{i:05d}.parquet" for i in range(len(job.inputs))]
-        futures = [score_file.submit(resolved, path, part, os.getcwd()) for path, part in zip(inputs, parts)]
+        started = time.perf_counter()
+        futures = [score_file.submit(resolved, path, part, os.getcwd(), bundle["label_column"])
+                   for path, part in zip(inputs, parts)]
         files = [future.result() for future in futures]
         merge_parts([(str(p), part) for p, part in zip(job.inputs, parts)], resolved.output)
-        merge_error_files(parts, job.output)  # unreadable images of every input, next to the output
+        skipped = merge_error_files(parts, job.output)  # unreadable images of every input, next to the output
+        seconds = time.perf_counter() - started
+        labelled = label_metrics(parts)  # before the parts folder goes
+    except BaseException as exc:
+        interrupted = not isinstance(exc, Exception)  # Ctrl-C, SIGTERM
+        raise
     finally:
         try:
             # A failed or interrupted run: tasks not started skip their input, and those running
-            # finish their part, before the folder goes (a second Ctrl-C stops the wait).
+            # finish their part, before the folder goes (a second Ctrl-C stops the wait). When
+            # interrupted, the workers this run started are restarted instead, ending their tasks.
             (parts_dir / STOP).touch()
-            for future in futures:
-                future.wait()
+            if not (interrupted and futures and stop_own_workers()):
+                for future in futures:
+                    future.wait()
         finally:
             shutil.rmtree(parts_dir, ignore_errors=True)
             remove_empty_folders(new_folders)  # a folder this run made stays only with the output in it
-    summary = combine_summaries(job, bundle, files)
+    summary = combine_summaries(job, bundle, files, seconds, labelled)
+    if bundle["modality"] == "image":
+        summary["errors_file"] = str(errors_path(job.output)) if skipped else None
     create_markdown_artifact(key="vaeguard-scoring-summary", markdown=summary_markdown(job),
                              description="Scores against calibration: anomaly rate and drift")
     if job.report:
         write_report(dataclasses.replace(resolved, inputs=inputs))
-        summary["report"] = str(report_path(job.output))
-    write_atomic(summary_path(job.output), json.dumps(summary, indent=2))
+    write_atomic(summary_path(job.output), json.dumps(summary, indent=2, allow_nan=False))
     create_table_artifact(key="vaeguard-scoring", table=summary["files"],
                           description=f"Scores of {len(job.inputs)} file(s) with bundle {bundle['name']}: "
                                       f"{summary['rows']:,} rows, {summary['anomalies']:,} anomalies "
@@ -147,14 +190,30 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     return summary
 
 
-def combine_summaries(job: ScoreJob, bundle: dict, files: list[dict]) -> dict:
+def label_metrics(parts: list[Path]) -> tuple[float | None, float | None]:
+    """AUROC and AUPRC over every labelled row of every input, as single-process scoring computes
+    them: rows with no label left out, and only when both classes occur."""
+    found = [np.load(labels_path(part)) for part in parts if labels_path(part).exists()]
+    if not found:
+        return None, None
+    return label_metrics_of(np.concatenate([f["label"] for f in found]), np.concatenate([f["score"] for f in found]))
+
+
+def combine_summaries(job: ScoreJob, bundle: dict, files: list[dict], seconds: float,
+                      labelled: tuple[float | None, float | None]) -> dict:
+    """The fields of single-process scoring's summary (pipeline.batch_score.ScoreSummary.to_dict),
+    each file's entry with the rate, skipped images, AUROC and speed of its task besides."""
     rows = sum(f["rows"] for f in files)
     anomalies = sum(f["anomalies"] for f in files)
-    table = [{"file": str(path), "rows": f["rows"], "anomalies": f["anomalies"],
+    table = [{"input": str(path), "rows": f["rows"], "anomalies": f["anomalies"],
               "anomaly_rate": round(f["anomaly_rate"], 6), "target_fpr": bundle["target_fpr"],
               "skipped": f["skipped"], "auroc": None if f["auroc"] is None else round(f["auroc"], 4),
               "rows_per_second": round(f["rows_per_second"] or 0)}
              for path, f in zip(job.inputs, files)]
-    return {"bundle": str(job.bundle), "output": str(job.output), "rows": rows, "anomalies": anomalies,
-            "anomaly_rate": anomalies / rows if rows else 0.0, "target_fpr": bundle["target_fpr"],
-            "expected_fpr": bundle["expected_fpr"], "files": table}
+    # Each worker picks its device (auto: CUDA where it has it); one list says if they differed.
+    device = ", ".join(sorted({f["device"] for f in files}))
+    return {"bundle": str(job.bundle), "output": str(job.output), "device": device,
+            "target_fpr": bundle["target_fpr"], "expected_fpr": bundle["expected_fpr"],
+            "fpr_range": bundle["fpr_range"], "rows": rows, "anomalies": anomalies, "seconds": seconds,
+            "files": table, "auroc": labelled[0], "auprc": labelled[1], "skipped": sum(f["skipped"] for f in files),
+            "anomaly_rate": anomalies / rows if rows else 0.0, "rows_per_second": rows / seconds if seconds else None}

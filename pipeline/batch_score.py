@@ -218,13 +218,19 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
             summary.seconds = time.perf_counter() - started
             if labels:
                 # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.
-                y, s = np.concatenate(labels), np.concatenate(scores)
-                known = ~np.isnan(y)
-                if len(np.unique(y[known])) == 2:
-                    summary.auroc, summary.auprc = auroc(y[known], s[known]), auprc(y[known], s[known])
+                summary.auroc, summary.auprc = label_metrics_of(np.concatenate(labels), np.concatenate(scores))
             commit.enter_context(signals_held())
         write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
     return summary
+
+
+def label_metrics_of(labels: np.ndarray, scores: np.ndarray) -> tuple[float | None, float | None]:
+    """AUROC and AUPRC of a run's scores against its labels (0.0/1.0, NaN where a row has none):
+    unlabelled rows left out, and None unless both classes occur."""
+    known = ~np.isnan(labels)
+    if len(np.unique(labels[known])) != 2:
+        return None, None
+    return auroc(labels[known], scores[known]), auprc(labels[known], scores[known])
 
 
 def read_score_column(paths: list[Path]) -> np.ndarray:

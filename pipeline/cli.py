@@ -182,22 +182,22 @@ def cmd_score(args: argparse.Namespace) -> None:
         for warning in entry.get("warnings", []):
             log.warning("%s: %s", entry["file"], warning)
     if args.task_runner == "dask":
+        from flows.dask_runner import dask_task_runner, prefect_api
         from flows.score import score_flow
-        from prefect_dask import DaskTaskRunner
+        from pipeline.batch_score import ScoreSummary
 
-        cluster = {"cluster_kwargs": {"n_workers": 2, "threads_per_worker": 1}}
-        runner = DaskTaskRunner(address=args.dask_address) if args.dask_address else DaskTaskRunner(**cluster)
-        with tracebacks_in_logs(args.verbose):
-            summary = score_flow.with_options(task_runner=runner)(job)
-        print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary['rows']:,} rows, "
-              f"{summary['anomalies']:,} anomalies: observed rate {summary['anomaly_rate']:.4%} against target "
-              f"FPR {summary['target_fpr']:.4%}")
-        return
-    summary = score(job)
+        with tracebacks_in_logs(args.verbose), prefect_api(args.dask_address):
+            flowed = score_flow.with_options(task_runner=dask_task_runner(args.dask_address, args.verbose))(job)
+        # The flow's summary has ScoreSummary's fields: printed as the plain run's is.
+        printed = {f.name for f in dataclasses.fields(ScoreSummary)} - {"files"}
+        summary = ScoreSummary(**{k: v for k, v in flowed.items() if k in printed})
+    else:
+        summary = score(job)
     if job.report:
-        from pipeline.scoring_report import write_scoring_report
+        from pipeline.scoring_report import report_path, write_scoring_report
 
-        print(f"report:  {write_scoring_report(job)}")
+        # The flow wrote it already, as one of its tasks.
+        print(f"report:  {report_path(job.output) if args.task_runner == 'dask' else write_scoring_report(job)}")
     print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary.describe()}")
     print(f"device:  {summary.device}; {summary.rows / max(summary.seconds, 1e-9):,.0f} rows/s")
 

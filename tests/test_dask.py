@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -50,17 +57,34 @@ def test_dask_output_equals_single_process_output(trained_bundle, tmp_path):
 
 
 def test_cli_task_runner_dask_starts_a_local_cluster(trained_bundle, tmp_path, capsys):
+    """The Dask run's summary file and printed summary have the plain run's fields and values
+    (AUROC over every labelled row of every input, device), timings aside."""
     from pipeline.cli import main
 
     inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=500, seed=70 + i)), tmp_path / f"in{i}.parquet")
               for i in range(2)]
-    out = tmp_path / "scores.parquet"
-    code = main(["score", str(trained_bundle), *map(str, inputs), "--output", str(out), "--device", "cpu",
-                 "--task-runner", "dask"])
-    assert code == 0, capsys.readouterr().err
-    scored = pd.read_parquet(out)
+    printed, summaries = {}, {}
+    for runner in ("local", "dask"):
+        out = tmp_path / runner / "scores.parquet"
+        code = main(["score", str(trained_bundle), *map(str, inputs), "--output", str(out), "--device", "cpu",
+                     "--task-runner", runner])
+        printed[runner] = capsys.readouterr().out.replace(str(tmp_path / runner), "OUT")
+        assert code == 0, printed[runner]
+        summaries[runner] = json.loads((tmp_path / runner / "scores.summary.json").read_text())
+    scored = pd.read_parquet(tmp_path / "dask" / "scores.parquet")
     assert len(scored) == 1000 and scored["source"].nunique() == 2
-    assert "1,000 rows" in capsys.readouterr().out
+
+    plain, dask = summaries["local"], summaries["dask"]
+    assert list(dask) == list(plain)
+    apart = {"seconds", "rows_per_second", "output", "files"}  # timings, the two outputs, and below
+    assert {k: v for k, v in dask.items() if k not in apart} == {k: v for k, v in plain.items() if k not in apart}
+    assert plain["auroc"] > 0.9 and plain["device"] == "cpu"
+    for ours, theirs in zip(dask["files"], plain["files"], strict=True):
+        assert {k: ours[k] for k in theirs} == theirs
+        assert set(ours) - set(theirs) == {"anomaly_rate", "target_fpr", "skipped", "auroc", "rows_per_second"}
+    # Every line alike but the speed: the Dask run's is its wall time across workers.
+    assert printed["dask"].splitlines()[:-1] == printed["local"].splitlines()[:-1]
+    assert printed["dask"].splitlines()[-1].startswith("device:  cpu; ")
 
 
 def test_dask_flow_scores_with_the_chosen_precision(trained_bundle, tmp_path):
@@ -151,5 +175,109 @@ def test_dask_workers_in_another_folder_read_relative_paths_from_the_callers_fol
     expected, actual = pd.read_parquet(work / "single.parquet"), pd.read_parquet(work / "out" / "dask.parquet")
     pd.testing.assert_frame_equal(actual, expected)
     assert actual["source"].unique().tolist() == ["a.csv", "b.parquet"]
-    assert [f["file"] for f in summary["files"]] == ["a.csv", "b.parquet"] and summary["rows"] == 800
+    assert [f["input"] for f in summary["files"]] == ["a.csv", "b.parquet"] and summary["rows"] == 800
     assert list(elsewhere.iterdir()) == []
+
+
+def cli_environment(tmp_path: Path, marker: str) -> dict:
+    """A `vaeguard` process as a user starts it: no PREFECT_API_URL, its own Prefect home, and a
+    marker every process it starts inherits, so that survivors can be found after it exits. It
+    imports this checkout's code (the one under test), not the one the virtualenv was built from."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    code = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    return env | {"PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1", "PYTHONPATH": code,
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "VAEGUARD_TEST_RUN": marker}
+
+
+def processes_with(marker: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if f"VAEGUARD_TEST_RUN={marker}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(proc.name + ": " + (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:200].decode())
+        except OSError:  # not a process, or one that ended meanwhile
+            pass
+    return found
+
+
+def test_cli_dask_run_starts_no_prefect_server_per_worker(trained_bundle, tmp_path):
+    """Without PREFECT_API_URL the flow and both workers report to one temporary server that
+    vaeguard starts and stops; Prefect starts none of its own (about 10 s in each process)."""
+    inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=300, seed=75 + i)), tmp_path / f"in{i}.parquet")
+              for i in range(2)]
+    marker = uuid.uuid4().hex
+    done = subprocess.run([str(Path(sys.executable).parent / "vaeguard"), "score", str(trained_bundle),
+                           *map(str, inputs), "--output", str(tmp_path / "scores.parquet"), "--device", "cpu",
+                           "--task-runner", "dask"], env=cli_environment(tmp_path, marker), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "600 rows" in done.stdout
+    assert "Starting temporary server" not in done.stderr  # what Prefect logs for each server it starts
+    assert "Task run 'score_file-" in done.stderr  # the tasks did report
+    assert processes_with(marker) == []
+
+
+@pytest.mark.parametrize("signame, to_group, status, message", [
+    ("SIGINT", True, 130, "error: interrupted; no output was written"),  # Ctrl-C in a terminal: the whole group
+    ("SIGTERM", False, 143, "error: terminated (SIGTERM); no output was written"),  # kill, a scheduler
+    ("SIGTERM", True, 143, "error: terminated (SIGTERM); no output was written"),  # `timeout`: the whole group
+])
+def test_cli_dask_run_stopped_by_a_signal_leaves_nothing_behind(trained_bundle, tmp_path, signame, to_group, status,
+                                                               message):
+    """Stopped mid-run, the real CLI ends within seconds with its one line, not after the files
+    being scored; the earlier output and summary stay as they were, no parts folder remains, and
+    no process it started (workers, the Prefect server) lives on. Signalled as a group, it used to
+    hang: the workers and the servers died of the signal too."""
+    inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=60_000, seed=100 + i)), tmp_path / f"in{i}.csv")
+              for i in range(4)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.parquet").write_bytes(b"earlier scores")
+    (out / "scores.summary.json").write_text("earlier summary")
+    marker = uuid.uuid4().hex
+    # Tiny batches: each file takes over 30 s, so the signal lands while tasks run. A process
+    # started in the background inherits SIGINT ignored; a terminal's Ctrl-C reaches a default handler.
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "vaeguard"), "score", str(trained_bundle),
+                             *map(str, inputs), "--output", str(out / "scores.parquet"), "--device", "cpu",
+                             "--batch-size", "2", "--task-runner", "dask"],
+                            env=cli_environment(tmp_path, marker), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob(".scores.parquet.parts-*/.*.tmp-*")):  # a task is writing its part
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        sent = time.monotonic()
+        (os.killpg if to_group else os.kill)(proc.pid, getattr(signal, signame))
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - sent < 25, "waited for the running files instead of stopping them"
+    assert proc.returncode == status, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [message]
+    assert "Traceback" not in stderr, stderr
+    assert stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.summary.json"]
+    assert (out / "scores.parquet").read_bytes() == b"earlier scores"
+    assert (out / "scores.summary.json").read_text() == "earlier summary"
+    deadline = time.monotonic() + 10
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_with(marker) == []
+
+
+def test_the_flow_reads_labels_as_single_process_scoring_does(trained_bundle, tmp_path):
+    """A label spelled true/false, with a blank: the flow's per-input labels (for the run's AUROC)
+    were read as numbers and failed where `vaeguard score` without Dask reads them."""
+    from flows.score import label_metrics, save_labels
+
+    frame = make_sensor_table(SyntheticSpec(n_rows=600, seed=31))
+    spelled = frame.assign(label=frame["label"].astype(bool).astype(object))
+    spelled.loc[spelled.index[3], "label"] = None
+    source = write_table(spelled, tmp_path / "in.csv")
+    part = tmp_path / "part.parquet"
+    plain = score_files(ScoreJob(trained_bundle, (source,), part, device="cpu"))
+    save_labels(source, "label", part, batch_size=100)
+    assert label_metrics([part]) == (plain.auroc, plain.auprc) and plain.auroc is not None

@@ -1,0 +1,196 @@
+"""What `vaeguard score --task-runner dask` runs the scoring flow in, on the local cluster it starts:
+one temporary Prefect server for the flow and its workers, and worker processes that only
+vaeguard stops.
+
+A terminal's Ctrl-C, and `timeout`'s SIGTERM, go to every process of the foreground group. Had
+they reached the workers and the Prefect server, the workers would die mid-task (the flow then
+waited for their futures for ever) and so would the server the flow reports its end to. Here
+only the vaeguard process takes them; the scoring flow restarts the workers it started (ending
+the tasks they run) and removes its parts, then the cluster and the server are closed in turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+from pipeline.errors import ConfigError
+
+SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+# Prefect's own temporary server (create_app(ephemeral=True): SQLite in PREFECT_HOME, only the
+# services a temporary server runs), served on a socket vaeguard bound, so its port is known and
+# can't be taken meanwhile. It stops itself when vaeguard is gone, even killed (the pipe ends).
+_SERVE = """
+import os, signal, socket, sys, threading
+listener, alive = socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2])
+def stop_when_vaeguard_is_gone():
+    os.read(alive, 1)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=stop_when_vaeguard_is_gone, daemon=True).start()
+import uvicorn
+from prefect.server.api.server import create_app
+uvicorn.Server(uvicorn.Config(create_app(ephemeral=True, final=True), log_level="error")).run(sockets=[listener])
+"""
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, and threads started in it never take them.
+
+    A LocalCluster made in the block spawns its worker processes (restarted ones too) from its
+    event-loop thread, and a process starts with the signals its spawning thread blocks.
+    """
+    received: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+        handlers = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in SIGNALS}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for signum in received:
+            signal.raise_signal(signum)
+
+
+def shielded_local_cluster(**kwargs):
+    """A distributed.LocalCluster whose worker processes ignore the signals sent to vaeguard's group."""
+    from multiprocessing import resource_tracker
+
+    from distributed import LocalCluster
+
+    # Started first from the cluster's thread, multiprocessing's resource tracker would unblock
+    # the signals there again (CPython's resource_tracker.ensure_running does).
+    resource_tracker.ensure_running()
+    with signals_held():
+        return LocalCluster(**kwargs)
+
+
+def dask_task_runner(address: str | None, verbose: bool = False):
+    """The scheduler at ``address``, or a local cluster of 2 single-threaded worker processes.
+
+    Without ``verbose`` the local workers log only Dask's critical errors: a stopped run's workers
+    log tracebacks of connections closed under them; a task's own error is the CLI's one line.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_class=shielded_local_cluster,
+                          cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,
+                                          "silence_logs": logging.WARNING if verbose else logging.CRITICAL})
+
+
+@contextlib.contextmanager
+def prefect_api(address: str | None) -> Iterator[None]:
+    """Without PREFECT_API_URL, a local cluster's run reports to one temporary server of its own.
+
+    Prefect would otherwise start one in the flow's process and one in each worker process
+    (about 10 s each). The URL reaches the workers in the settings Prefect sends with each task.
+    Workers of a scheduler named by ``address`` may be on other machines, where this server's
+    127.0.0.1 is not this machine: they keep Prefect's default.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if address or PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_prefect_server() as url, temporary_settings({PREFECT_API_URL: url}):
+        try:
+            yield
+        finally:
+            send_pending_reports()
+
+
+def send_pending_reports() -> None:
+    """Send the logs and events Prefect still holds while the server is up: sent at exit, after
+    it stopped, they would be retried for a minute or more (as prefect_test_harness does too)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(RuntimeError):  # no log was sent, so there is no worker to drain
+        APILogWorker.instance().drain()
+    EventsWorker.drain_all()
+
+
+@contextlib.contextmanager
+def temporary_prefect_server() -> Iterator[str]:
+    """Yield the API URL of a Prefect server in a session of its own, stopped when the block ends."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+    alive, keep_alive = os.pipe()
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
+    log = tempfile.TemporaryFile()
+    with log:
+        try:
+            server = subprocess.Popen([sys.executable, "-c", _SERVE, str(listener.fileno()), str(alive)],
+                                      pass_fds=(listener.fileno(), alive), start_new_session=True, env=env,
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            listener.close()
+            os.close(alive)
+        try:
+            _wait_until_serving(server, url, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), log)
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            os.close(keep_alive)
+
+
+def _wait_until_serving(server: subprocess.Popen, url: str, timeout: float, log) -> None:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1, whatever http_proxy says
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with direct.open(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    log.seek(0)
+    said = " ".join(log.read().decode(errors="replace").split()[-40:])
+    how = f"exited with status {server.returncode}" if server.poll() is not None else f"did not answer in {timeout} s"
+    raise ConfigError(f"the temporary Prefect server for the Dask run {how}" + (f" ({said})" if said else "")
+                      + "; start one with `prefect server start` and set PREFECT_API_URL to its API "
+                        "(e.g. http://127.0.0.1:4200/api)")
+
+
+def stop_own_workers() -> bool:
+    """Restart the workers of the cluster this flow run's DaskTaskRunner started: the tasks they
+    run end at once (a file may take minutes) and those not started are cancelled.
+
+    False where there is no such cluster: another task runner, or a scheduler named by address,
+    whose workers are not this run's to stop.
+    """
+    from prefect.context import FlowRunContext
+
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        return False
+    context = FlowRunContext.get()
+    runner = context.task_runner if context else None
+    if not isinstance(runner, DaskTaskRunner) or runner.client.cluster is None:
+        return False
+    runner.client.restart(wait_for_workers=False)
+    return True
