@@ -27,7 +27,7 @@ from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.batch_score import label_metrics_of
-from pipeline.image_score import errors_path, merge_error_files
+from pipeline.image_score import check_side_files, errors_path, merge_error_files
 from pipeline.outputs import (check_scores_target, make_parents, merge_scored_parts, remove_empty_folders,
                               summary_path, write_atomic)
 from pipeline.schema import scored_labels
@@ -145,6 +145,10 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     # An image's row names it by its input folder's path, so image inputs stay as given (a worker
     # in another folder says so) and the output reads as with the local runner.
     inputs = job.inputs if bundle["modality"] == "image" else tuple(absolute(p) for p in job.inputs)
+    if bundle["modality"] == "image":
+        # Each task checks its own input's side files, but only here is --report known: its figures
+        # inside an input folder would be scored as images by the next run.
+        check_side_files(job.output, job.maps_dir, job.inputs, job.report)
     new_folders = make_parents(resolved.output)
     parts_dir = resolved.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"
     parts_dir.mkdir()

@@ -14,6 +14,7 @@ from PIL import Image
 from flows.score import score_flow
 from flows.train import train_flow
 from pipeline.config import CalibrationConfig, ImageTrainJob, PipelineConfig, ScoreJob, TrainingConfig
+from pipeline.errors import ConfigError
 from pipeline.image_score import errors_path
 from pipeline.outputs import summary_path
 from pipeline.scoring import score
@@ -107,3 +108,18 @@ def test_score_flow_and_the_local_scorer_write_the_same_table_for_several_inputs
     assert list(scored.columns) == ["source", "path", "score", "recon", "kl", "p_value", "is_anomaly"]
     assert scored["source"].tolist() == [str(image_folder)] * N_IMAGES + [str(second)] * 3
     pd.testing.assert_frame_equal(flowed, scored)
+
+
+def test_score_flow_refuses_report_figures_inside_an_input_folder(flow_facts, image_folder, tmp_path):
+    """As `vaeguard score` does: the figures of OUT.report.html would be scored as images by the
+    next run of that folder. The flow's tasks never see --report, so the flow itself must check."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for image in sorted(image_folder.glob("*.png"))[:3]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    before = sorted(folder.rglob("*"))
+    job = ScoreJob(bundle=Path(flow_facts["bundle"]), inputs=(folder,), output=folder / "s.csv", device="cpu",
+                   report=True)
+    with pytest.raises(ConfigError, match=r"^--report: its PNGs would go to .*inside the input folder"):
+        score_flow(job)
+    assert sorted(folder.rglob("*")) == before
