@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", parents=[common], help="train a bundle from a CSV or Parquet file")
-    train.add_argument("data", type=Path, help="training table (.csv or .parquet) of mostly normal rows")
+    train.add_argument("data", type=Path, help="training table (.csv, .csv.gz, .parquet, .pq) of mostly normal rows, "
+                       "or images (a folder, a CSV of paths, a .npy) with --image-size")
     train.add_argument("--name", required=True, help="bundle name: written to OUT/NAME/")
     train.add_argument("--label-column", help="0/1 column (1 = anomaly); anomalies are never trained on")
     train.add_argument("--id-columns", type=_columns, default=(), help="comma-separated columns copied to scores")
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", parents=[common], help="score tables with a bundle")
     score.add_argument("bundle", type=Path, help="bundle folder written by `vaeguard train`")
-    score.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help=".csv or .parquet files")
+    score.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="table files (.csv, .csv.gz, .parquet, .pq), or for an image bundle image "
+                       "folders, .npy arrays or CSV lists of paths; each once")
     score.add_argument("--output", "-o", type=Path, required=True, help="scores file: .parquet or .csv")
     score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--batch-size", type=int, default=65_536, help="rows per chunk (default 65536)")
