@@ -6,11 +6,12 @@ time), record each success in the ledger after its output is in place, quarantin
 fails because of its data, then compare the run's scores with the calibration scores and
 publish a markdown artifact, marked as an alert when drift passes the limits. Files that failed
 for another reason (device, disk) stay in the landing folder, and the run ends Failed after its
-report, so someone looks. `vaeguard serve` serves this flow on a schedule.
+report, so someone looks. `vaeguard serve` serves this flow on a schedule (flows/serve.py).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a served run gets the flow's function pickled by
+# value (cloudpickle, into a spawned process) with only the globals its body uses, so string
+# annotations such as "Path" could not be resolved there when Prefect validates the parameters.
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,8 +25,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipeline.batch_score import read_score_column, score_files
 from pipeline.outputs import write_atomic
 from pipeline.bundle import Bundle
-from pipeline.config import ScoreJob
+from pipeline.config import LandingJob, ScoreJob
 from pipeline.drift import DriftLimits, drift_report
+from pipeline.errors import EmptyInputError
 from pipeline.landing import (
     DATA_FAULTS,
     LandedFile,
@@ -33,6 +35,7 @@ from pipeline.landing import (
     check_folders,
     output_path,
     pending_files,
+    record_empty,
     record_failure,
     record_scored,
     run_failure,
@@ -54,17 +57,25 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 @task(retries=FILE_RETRIES, retry_delay_seconds=1, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
 def score_landed_file(bundle: Path, landed: LandedFile, output: Path, device: str, batch_size: int) -> dict:
-    """Score one landed file into its own output (atomic)."""
-    summary = score_files(ScoreJob(bundle=bundle, inputs=(landed.path,), output=output, device=device,
-                                   batch_size=batch_size))
+    """Score one landed file into its own output (atomic); a file without data rows comes back as empty."""
+    try:
+        summary = score_files(ScoreJob(bundle=bundle, inputs=(landed.path,), output=output, device=device,
+                                       batch_size=batch_size))
+    except EmptyInputError:
+        # A day without events is no failure: raised, it would be logged as a Failed task run (an ERROR).
+        return {"rows": 0, "anomalies": 0, "empty": True}
     return {"rows": summary.rows, "anomalies": summary.anomalies}
 
 
+# The parameters are plain values, not a LandingJob: a deployment stores them as JSON
+# (LandingJob.parameters()), and each run builds and checks the job from them.
 @flow(name="vaeguard-landing", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=FILE_WORKERS))
 def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float = 30.0, device: str = "auto",
                  batch_size: int = 65_536, rate_p_value: float = 0.001, max_psi: float = 0.25) -> dict:
     logger = get_run_logger()
-    bundle, watch, output = Path(bundle), Path(watch), Path(output)
+    job = LandingJob(bundle=bundle, watch=watch, output=output, settle_seconds=settle_seconds, device=device,
+                     batch_size=batch_size, max_psi=max_psi, rate_p_value=rate_p_value)
+    bundle, watch, output = job.bundle, job.watch, job.output
     check_folders(watch, output)
     output.mkdir(parents=True, exist_ok=True)
     manifest = Bundle.load(bundle).manifest  # a corrupted bundle fails the run before any file moves
@@ -73,15 +84,17 @@ def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float 
             logger.warning("another run holds %s; skipping this one (its files are picked up next time)", output)
             return {"skipped": True}
         ledger = Ledger(output)
-        landed = pending_files(watch, ledger, settle_seconds)
-        futures = {item.relative: (item, score_landed_file.submit(bundle, item, output_path(output, item), device,
-                                                                  batch_size)) for item in landed}
+        landed = pending_files(watch, ledger, job.settle_seconds)
+        futures = {item.relative: (item, score_landed_file.submit(bundle, item, output_path(output, item), job.device,
+                                                                  job.batch_size)) for item in landed}
         files = []
         for relative, (item, future) in futures.items():
             future.wait()
             state = future.state
             if state.is_completed():
-                entry = record_scored(item, output_path(output, item), future.result(), ledger)
+                result = future.result()
+                entry = (record_empty(item, ledger) if result.get("empty")
+                         else record_scored(item, output_path(output, item), result, ledger))
             else:
                 entry = record_failure(output, item, _failure(state), ledger)
             if entry["status"] == "empty":
@@ -93,7 +106,7 @@ def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float 
     calibration = manifest["calibration"]
     drift = drift_report(read_score_column(scored_outputs), sum(f["anomalies"] for f in files),
                          _calibration_scores(calibration), calibration["expected_fpr"],
-                         DriftLimits(rate_p_value=rate_p_value, max_psi=max_psi))
+                         DriftLimits(rate_p_value=job.rate_p_value, max_psi=job.max_psi))
     for alert in drift.alerts:
         logger.warning("drift alert: %s", alert)
     report = {"finished_at": datetime.now(timezone.utc).isoformat(), "bundle": str(bundle),

@@ -215,24 +215,22 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from pipeline.bundle import Bundle
-    from pipeline.errors import ConfigError
+    from pipeline.config import LandingJob, ServeJob
     from pipeline.landing import check_folders
 
+    # Every value is checked here, before the bundle is read or Prefect is reached. Absolute
+    # paths: the scheduled runs start in another working directory.
+    landing = LandingJob(bundle=args.bundle.resolve(), watch=args.watch.resolve(), output=args.output.resolve(),
+                         settle_seconds=args.settle_seconds, device=args.device, max_psi=args.max_psi,
+                         rate_p_value=args.rate_p_value)
+    job = ServeJob(landing=landing, cron=args.cron, interval=args.interval, name=args.name)
     bundle = Bundle.load(args.bundle)
     check_folders(args.watch, args.output)
-    if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError("vaeguard serve needs a running Prefect server: start one with `prefect server start` "
-                          "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from prefect.deployments.runner import EntrypointType
+    # Until the runner takes SIGTERM over (flows.serve.StoppableRunner), main()'s handler stops the
+    # setup as Ctrl-C would.
+    from flows.serve import serve_landing
 
-    from flows.landing import landing_flow
-
-    parameters = {"bundle": str(args.bundle.resolve()), "watch": str(args.watch.resolve()),
-                  "output": str(args.output.resolve()), "settle_seconds": args.settle_seconds,
-                  "device": args.device, "max_psi": args.max_psi, "rate_p_value": args.rate_p_value}
-    # Runs of one deployment never overlap on a folder: the flow also takes a file lock.
-    landing_flow.serve(name=args.name or f"vaeguard-{bundle.name}", cron=args.cron, interval=args.interval,
-                       parameters=parameters, entrypoint_type=EntrypointType.MODULE_PATH)
+    serve_landing(job, bundle.name)
     print("vaeguard serve stopped")
 
 
@@ -297,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     log.handlers[:] = [handler]  # replace, not add: main() may run many times in one process
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.propagate = False
-    previous = _stop_cleanly_on_sigterm() if args.command != "serve" else None
+    previous = _stop_cleanly_on_sigterm()
     try:
         COMMANDS[args.command](args)
         sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
@@ -349,7 +347,8 @@ def _raise_terminated(signum, frame):
 def _stop_cleanly_on_sigterm():
     """SIGTERM (`timeout`, `kill`, a scheduler stopping a job) ends Python at once by default,
     skipping the `finally` blocks that remove a run's staging folder and part files; raising
-    instead unwinds them, as Ctrl-C does. `serve` is left to Prefect, which stops its runs itself."""
+    instead unwinds them, as Ctrl-C does. `serve` hands SIGTERM to its runner once serving
+    (flows.serve.StoppableRunner), which stops the runs in flight itself."""
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, _raise_terminated)

@@ -306,6 +306,77 @@ class ScoreJob:
                 raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
+@dataclass(frozen=True)
+class LandingJob:
+    """What one run of the landing flow is asked to do; `vaeguard serve` passes it to every scheduled run."""
+
+    bundle: Path
+    watch: Path  # the landing folder
+    output: Path  # scores, ledger, quarantine and run reports
+    settle_seconds: float = 30.0  # a file whose mtime moved more recently is still being written
+    device: str = "auto"
+    batch_size: int = 65_536
+    max_psi: float = 0.25  # drift alert above this population stability index of the scores
+    rate_p_value: float = 0.001  # drift alert when the anomaly count is this unlikely under the target FPR
+
+    def __post_init__(self) -> None:
+        # The flow builds this from its parameters, so a run asked for nonsense fails before it
+        # scores a file, not at the drift check after scoring them all.
+        _paths(self, "bundle", "watch", "output")
+        _number(self, "landing", "settle_seconds", 0.0, flag="--settle-seconds",
+                fix="e.g. --settle-seconds 30 waits until a file has not changed for 30 s")
+        _number(self, "landing", "max_psi", 0.0, low_open=True, flag="--max-psi",
+                fix="e.g. --max-psi 0.25 alerts when the scores' PSI against calibration exceeds 0.25")
+        _number(self, "landing", "rate_p_value", 0.0, 1.0, low_open=True, high_open=True, flag="--rate-p-value",
+                fix="e.g. --rate-p-value 0.001 alerts when a run's anomaly count is that unlikely")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive number of rows, got {self.batch_size!r}; e.g. 65536")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be one of auto, cpu, cuda, got {self.device!r}")
+
+    def parameters(self) -> dict[str, Any]:
+        """The landing flow's parameters: plain JSON, as a Prefect deployment stores them."""
+        return {f.name: str(v) if isinstance(v, Path) else v
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+
+# A longer interval is no schedule anyone waits for, and Python's timedelta (which Prefect turns
+# the seconds into) overflows beyond about 8.6e13 seconds.
+MAX_INTERVAL_SECONDS = 366 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class ServeJob:
+    """What `vaeguard serve` is asked to do: run the landing job on a schedule, as a Prefect deployment."""
+
+    landing: LandingJob
+    cron: str | None = None  # exactly one of cron and interval
+    interval: float | None = None  # seconds
+    name: str | None = None  # deployment name; None: vaeguard-<bundle name>
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.landing, LandingJob):
+            raise ConfigError(f"landing must be a LandingJob, got {type(self.landing).__name__}")
+        if (self.cron is None) == (self.interval is None):
+            raise ConfigError("give exactly one schedule: --cron EXPR or --interval SECONDS, e.g. --cron \"0 * * * *\" "
+                              "or --interval 3600 for every hour")
+        # The cron expression's fields are checked by Prefect's own parser (flows/serve.py), which
+        # is what runs the schedule; here only what needs no Prefect.
+        if self.cron is not None and (not isinstance(self.cron, str) or not self.cron.strip()):
+            raise ConfigError(f"--cron must be a cron expression, got {self.cron!r}; e.g. --cron \"0 * * * *\" "
+                              f"for every hour")
+        if self.interval is not None:
+            if not _is_number(self.interval) or not 0 < self.interval <= MAX_INTERVAL_SECONDS:
+                raise ConfigError(f"--interval must be a number of seconds above 0 and at most {MAX_INTERVAL_SECONDS} "
+                                  f"(366 days), got {self.interval!r}; e.g. --interval 3600 for every hour")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise ConfigError(f"--name must be a deployment name, got {self.name!r}; e.g. --name nightly-machines, or "
+                              f"leave it out for vaeguard-<bundle name>")
+
+    def deployment_name(self, bundle_name: str) -> str:
+        return self.name or f"vaeguard-{bundle_name}"
+
+
 def check_bundle_name(name: str) -> None:
     """A bundle name is one plain folder name inside --out. Publishing renames OUT/NAME, so "."
     or ".." would swap out the output folder itself or its parent, a slash would write outside

@@ -40,6 +40,16 @@ class DriftLimits:
     max_psi: float = 0.25  # alert when the population stability index of scores exceeds this
     min_rows: int = 100  # fewer rows: report, never alert (too little evidence)
 
+    def __post_init__(self) -> None:
+        # Checked when built, so a bad limit fails before a run scores its files, not after. NaN
+        # compares False both ways and would silently never alert.
+        rate, psi, rows = self.rate_p_value, self.max_psi, self.min_rows
+        if not (_real(rate) and 0.0 < rate < 1.0 and _real(psi) and psi > 0
+                and isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1):
+            raise ConfigError(f"drift limits rate_p_value={rate!r}, max_psi={psi!r}, min_rows={rows!r}: expected "
+                              f"0 < rate_p_value < 1, a finite max_psi > 0 and min_rows >= 1; e.g. the defaults "
+                              f"0.001, 0.25 and 100")
+
 
 @dataclass(frozen=True)
 class DriftReport:
@@ -72,6 +82,11 @@ class DriftReport:
         return text + ("; ALERT: " + "; ".join(self.alerts) if self.alerts else "")
 
 
+def _real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
 def _json_number(value):
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
@@ -85,7 +100,7 @@ def drift_report(scores: np.ndarray, anomalies: int, calibration_scores: np.ndar
     run = _checked_scores(scores, "run scores", overflow_allowed=True)
     calibration = _checked_scores(calibration_scores, "calibration scores", overflow_allowed=False)
     rows, anomalies = len(run), int(anomalies)
-    _check_inputs(rows, anomalies, len(calibration), expected_fpr, limits)
+    _check_inputs(rows, anomalies, len(calibration), expected_fpr)
     if rows == 0:
         nan = float("nan")
         return DriftReport(0, 0, nan, expected_fpr, nan, nan, nan, nan, len(calibration), nan, ())
@@ -112,7 +127,7 @@ def _checked_scores(values: np.ndarray, what: str, overflow_allowed: bool) -> np
     return array
 
 
-def _check_inputs(rows: int, anomalies: int, n_calibration: int, expected_fpr: float, limits: DriftLimits) -> None:
+def _check_inputs(rows: int, anomalies: int, n_calibration: int, expected_fpr: float) -> None:
     if not 0 <= anomalies <= rows:
         raise DataError(f"anomalies: expected a count between 0 and the {rows:,} scored rows, got {anomalies:,}; "
                         f"pass the number of rows flagged in this run")
@@ -122,8 +137,6 @@ def _check_inputs(rows: int, anomalies: int, n_calibration: int, expected_fpr: f
     if not 0.0 < expected_fpr < 1.0:
         raise ConfigError(f"expected_fpr: expected a rate strictly between 0 and 1, got {expected_fpr}; "
                           f"pass the bundle's calibration expected_fpr")
-    if not 0.0 < limits.rate_p_value < 1.0 or limits.max_psi <= 0 or limits.min_rows < 1:
-        raise ConfigError(f"drift limits {limits}: expected 0 < rate_p_value < 1, max_psi > 0 and min_rows >= 1")
 
 
 def rate_p_value(anomalies: int, rows: int, expected_fpr: float) -> float:

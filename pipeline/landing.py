@@ -294,21 +294,31 @@ def record_scored(landed: LandedFile, output: Path, result: dict, ledger: Ledger
     return {"file": landed.relative, "status": "scored", **result}
 
 
+def record_empty(landed: LandedFile, ledger: Ledger) -> dict:
+    """Record a file with the bundle's columns but no data rows as done, with no output and no
+    quarantine; its run-report entry, status 'empty', or 'changed' / 'vanished' (nothing recorded)."""
+    entry = {"file": landed.relative, "rows": 0, "anomalies": 0}
+    change = change_since_listing(landed)
+    if change:
+        return {**entry, "status": change,
+                "reason": f"{change} while being read (it had no data rows); its current content is scored next run"}
+    ledger.record({"relative": landed.relative, "sha256": landed.sha256, "status": "empty", "rows": 0, "anomalies": 0})
+    return {**entry, "status": "empty", "reason": "header only, no data rows: nothing to score"}
+
+
 def record_failure(out_dir: Path, landed: LandedFile, error: BaseException, ledger: Ledger) -> dict:
     """Settle a file whose scoring still failed after retries; its run-report entry.
 
-    'empty' for a file with the bundle's columns but no rows (recorded as done, no output);
+    'empty' for a file with the bundle's columns but no rows (``record_empty``);
     'quarantined' for another fault in the file's data (DATA_FAULTS); 'changed' / 'vanished' when the
     file moved on meanwhile (the error may be about content that is gone: nothing recorded, the
     next run tries the new content); otherwise 'failed': a ledger line, and the file stays.
     """
+    if isinstance(error, EmptyInputError):
+        return record_empty(landed, ledger)
     reason = one_line(error)
     entry = {"file": landed.relative, "rows": 0, "anomalies": 0}
     change = change_since_listing(landed)
-    if change is None and isinstance(error, EmptyInputError):
-        ledger.record({"relative": landed.relative, "sha256": landed.sha256, "status": "empty", "rows": 0,
-                       "anomalies": 0})
-        return {**entry, "status": "empty", "reason": "header only, no data rows: nothing to score"}
     if change is None and isinstance(error, DATA_FAULTS):
         if quarantine(out_dir, landed, reason, ledger) is not None:
             return {**entry, "status": "quarantined", "reason": reason}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.synthetic import write_table
+from tests.conftest import free_port
 
 FAST_YAML = "training:\n  max_epochs: 30\n  patience: 8\n  threads: 2\n  progress: false\n"
 SCORE_COLUMNS = ["row_id", "score", "recon", "kl", "p_value", "is_anomaly"]
@@ -728,3 +731,51 @@ def test_score_option_out_of_range_is_refused(capsys, tmp_path, trained_bundle, 
     message = error_line(*run_score(capsys, trained_bundle, [tmp_path / "missing.csv"], output, option, value))
     assert expected in message, message
     assert list(scores_dir.iterdir()) == []
+
+
+# --- serve: checked before anything starts (the real CLI, as Prefect's settings are read once per process)
+
+
+def run_serve(bundle: Path, tmp_path: Path, api_url: str, *schedule_and_options: str) -> tuple[int, str]:
+    landing = tmp_path / "landing"
+    landing.mkdir(exist_ok=True)
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", str(bundle), "--watch", str(landing),
+                           "--output", str(tmp_path / "scored"), *schedule_and_options],
+                          env=env, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr
+
+
+def closed_port_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--cron", "nonsense"], "--cron 'nonsense' is not a valid cron schedule (Invalid cron string: \"nonsense\"); "
+                             "expected 5 fields: minute hour day-of-month month day-of-week"),
+    (["--cron", "0 * * * * * * *"], "--cron '0 * * * * * * *' is not a valid cron schedule"),
+    (["--interval", "0"], "--interval must be a number of seconds above 0 and at most 31622400 (366 days), got 0.0"),
+    (["--interval", "-5"], "--interval must be a number of seconds above 0 and at most 31622400 (366 days), got -5.0"),
+    (["--interval", "1e15"], "--interval must be a number of seconds above 0"),
+    (["--interval", "60", "--max-psi", "0"], "landing.max_psi (--max-psi) must be a number above 0, got 0.0"),
+    (["--interval", "60", "--max-psi", "nan"], "landing.max_psi (--max-psi) must be a number above 0, got nan"),
+    (["--interval", "60", "--rate-p-value", "1.5"],
+     "landing.rate_p_value (--rate-p-value) must be a number above 0 and below 1, got 1.5"),
+    (["--interval", "60", "--settle-seconds", "-1"],
+     "landing.settle_seconds (--settle-seconds) must be a number of at least 0, got -1.0"),
+])
+def test_serve_bad_schedule_or_limit_is_one_line_before_anything_starts(tmp_path, trained_bundle, options, expected):
+    """Before: a schedule Prefect refused was pydantic's multi-line ValidationError, and the
+    limits were never checked, so serve went on to the Prefect API."""
+    message = error_line(*run_serve(trained_bundle, tmp_path, closed_port_url(), *options))
+    assert expected in message, message
+    assert not (tmp_path / "scored").exists()
+
+
+def test_serve_without_a_prefect_api_names_the_url_and_the_fix(tmp_path, trained_bundle):
+    url = closed_port_url()
+    message = error_line(*run_serve(trained_bundle, tmp_path, url, "--interval", "60"))
+    assert message.startswith(f"error: no Prefect API at PREFECT_API_URL={url} ("), message
+    assert "start one with `prefect server start`" in message and "or correct PREFECT_API_URL" in message, message
+    assert not (tmp_path / "scored").exists()

@@ -117,3 +117,13 @@ def test_calibrated_p_value_keeps_its_digits_far_in_the_tail():
     assert far > 0 and far == pytest.approx(terms.sum(), rel=1e-9)
     # Unchanged where sf is accurate.
     assert calibrated_p_value(30, 1000, k / (n + 1), n) == stats.betabinom.sf(29, 1000, k, n + 1 - k)
+
+
+@pytest.mark.parametrize("limits", [{"max_psi": 0.0}, {"max_psi": float("nan")}, {"max_psi": float("inf")},
+                                    {"rate_p_value": 0.0}, {"rate_p_value": 1.5}, {"rate_p_value": float("nan")},
+                                    {"min_rows": 0}, {"min_rows": 2.5}])
+def test_limits_are_checked_when_built(limits):
+    """Before, only drift_report checked them, at the end of a run that had scored every file; and a
+    NaN max_psi passed there, so the shape alert could never fire."""
+    with pytest.raises(ConfigError, match=r"expected 0 < rate_p_value < 1, a finite max_psi > 0 and min_rows >= 1"):
+        DriftLimits(**limits)

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -77,12 +79,36 @@ def assert_exactly_once(out: Path, landed: dict[str, int]) -> None:
     assert sum(pd.read_parquet(p).shape[0] for p in outputs) == sum(landed.values())
 
 
-def test_serve_scores_a_dropped_file_once_and_stops_cleanly(prefect_server, trained_bundle, tmp_path):
+def runs_begun_after(api_url: str, deployment: str, moment: float) -> list[str]:
+    """Flow runs of a deployment that were handed to a process (Pending) or began (Running) after
+    ``moment`` (epoch seconds), from their state histories in the API. A run's start_time is no
+    help: the server stamps it on a run cancelled before it ever ran, too."""
+    def api(path: str, body: dict | None = None):
+        request = urllib.request.Request(f"{api_url}{path}", method="POST" if body is not None else "GET",
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    begun = []
+    for run in api("/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}}):
+        for state in api(f"/flow_run_states/?flow_run_id={run['id']}"):
+            at = datetime.fromisoformat(state["timestamp"]).timestamp()
+            if state["type"] in ("PENDING", "RUNNING") and at > moment:
+                begun.append(f"{run['name']}: {state['type']} at {state['timestamp']}")
+    return begun
+
+
+def test_serve_scores_a_dropped_file_once_and_stops_cleanly_on_sigterm(prefect_server, trained_bundle, tmp_path):
+    """SIGTERM (kill, docker stop, a scheduler) reaches serve alone, not its runs' processes. Prefect's
+    handler printed two tracebacks, skipped "vaeguard serve stopped", and runs handed to a process
+    before the signal (the runner fetches them up to 10 s ahead) began after it."""
     landing, out = tmp_path / "landing", tmp_path / "out"
     landing.mkdir()
+    deployment = f"sigterm-{tmp_path.name}"
     serve = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
-         "--output", str(out), "--interval", "3", "--settle-seconds", "0.5", "--device", "cpu"],
+         "--output", str(out), "--interval", "3", "--settle-seconds", "0.5", "--device", "cpu", "--name", deployment],
         env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = ""
     try:
@@ -99,17 +125,20 @@ def test_serve_scores_a_dropped_file_once_and_stops_cleanly(prefect_server, trai
         wait_for(lambda: len(run_reports(out)) > scored_at + 1, 90, "a later scheduled run", 0.5)
         assert all(r["files"] == [] for r in run_reports(out)[scored_at + 1:])
         assert_exactly_once(out, {"batch-001.csv": 500})
-    finally:
+        signalled = time.time()
         serve.send_signal(signal.SIGTERM)
-        try:
-            output, _ = serve.communicate(timeout=120)  # cancelling an in-flight run is slow on a loaded machine
-        except subprocess.TimeoutExpired:
+        output, _ = serve.communicate(timeout=120)  # cancelling runs in flight is slow on a loaded machine
+    finally:
+        if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
             output = serve.communicate()[0]
-            raise AssertionError(f"vaeguard serve did not stop within 120 s of SIGTERM:\n{output[-5000:]}") from None
-        finally:
-            print(output[-3000:])  # shown by pytest when the test fails
-    assert serve.returncode == 0, output[-3000:]
+        print(output[-5000:])  # shown by pytest when the test fails
+    assert serve.returncode == 0
+    assert "Traceback" not in output
+    assert output.rstrip().endswith("vaeguard serve stopped")
+    # A second for the signal to be handled: a run whose process was starting may just make it.
+    assert runs_begun_after(prefect_server["PREFECT_API_URL"], deployment, signalled + 1.0) == []
+    assert_exactly_once(out, {"batch-001.csv": 500})
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(prefect_server, trained_bundle, tmp_path):

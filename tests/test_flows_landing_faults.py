@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 import flows.landing as landing_module
 from flows.landing import landing_flow
-from pipeline.errors import DataError, DeviceError, PipelineError
+from pipeline.errors import ConfigError, DataError, DeviceError, PipelineError
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -43,9 +44,10 @@ def test_corrupt_file_is_quarantined_while_the_others_score(trained_bundle, tmp_
     assert landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")["files"] == []
 
 
-def test_a_header_only_file_is_recorded_as_empty_not_quarantined(trained_bundle, tmp_path):
-    """A nightly export of a day without events is a header alone: nothing to score, nothing wrong.
-    A header without the bundle's columns is still bad data."""
+def test_a_header_only_file_is_recorded_as_empty_not_quarantined(trained_bundle, tmp_path, caplog):
+    """A nightly export of a day without events is a header alone: nothing to score, nothing wrong,
+    and nothing in the logs that looks like a failure. A header without the bundle's columns is
+    still bad data."""
     landing, out = tmp_path / "landing", tmp_path / "out"
     landing.mkdir()
     columns = list(make_sensor_table(SyntheticSpec(n_rows=5, seed=43)).columns)
@@ -58,7 +60,24 @@ def test_a_header_only_file_is_recorded_as_empty_not_quarantined(trained_bundle,
     assert (landing / "quiet.csv").exists() and not (out / "scores").exists()
     assert sorted((e["relative"], e["status"]) for e in ledger_lines(out)) == [("quiet.csv", "empty"),
                                                                                  ("wrong.csv", "quarantined")]
+    # Before, its task run ended Failed: "ERROR ... Task run ... Failed ... EmptyInputError".
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "quiet.csv" in r.getMessage()] \
+        == []
     assert landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")["files"] == []
+
+
+@pytest.mark.parametrize("limit", [{"max_psi": float("nan")}, {"max_psi": -1.0}, {"rate_p_value": 2.0},
+                                   {"settle_seconds": -5.0}])
+def test_a_run_asked_for_a_bad_limit_fails_before_scoring_a_file(trained_bundle, tmp_path, limit):
+    """Before, a bad drift limit failed the run only after every file was scored and recorded, and a
+    NaN max_psi passed, so the shape alert could never fire."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    land_sensors(landing, "monday.csv", 90)
+    name = next(iter(limit)).replace("_", "-")
+    with pytest.raises(ConfigError, match=f"--{name}"):
+        landing_flow(trained_bundle, landing, out, **{"settle_seconds": 0.0, "device": "cpu", **limit})
+    assert not (out / "ledger.jsonl").exists() and not (out / "scores").exists()
 
 
 def test_drifted_batch_raises_the_alert_and_a_normal_one_does_not(trained_bundle, tmp_path):

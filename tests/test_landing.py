@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import DataError, DeviceError, InputFileError
+from pipeline.config import LandingJob, ServeJob
+from pipeline.errors import ConfigError, DataError, DeviceError, InputFileError
 from pipeline.outputs import summary_path
 from pipeline.landing import (
     LandedFile,
@@ -27,6 +28,7 @@ from pipeline.landing import (
     output_path,
     pending_files,
     quarantine,
+    record_empty,
     record_failure,
     record_scored,
     run_failure,
@@ -344,3 +346,68 @@ def test_quarantine_survives_the_file_vanishing_between_check_and_move(dirs, mon
     assert quarantine(out, landed, "column 'a' missing", ledger) is None
     assert ledger.entries() == [] and not list(out.rglob("*.reason.txt"))
     assert record_failure(out, landed, DataError("x"), ledger)["status"] == "vanished"
+
+
+def test_header_only_file_is_done_as_empty_unless_it_changed_meanwhile(dirs):
+    landing, out = dirs
+    ledger = Ledger(out)
+    land(landing, "quiet.csv", "a,b\n")
+    land(landing, "refilled.csv", "a,b\n")
+    quiet, refilled = sorted(pending_files(landing, ledger), key=lambda f: f.relative != "quiet.csv")
+    land(landing, "refilled.csv", "a,b\n1,2\n")  # the day's rows arrived after all
+    assert record_empty(quiet, ledger)["status"] == "empty"
+    assert record_empty(refilled, ledger)["status"] == "changed"
+    assert [(e["relative"], e["status"]) for e in ledger.entries()] == [("quiet.csv", "empty")]
+    assert [f.relative for f in pending_files(landing, ledger)] == ["refilled.csv"]
+    assert (landing / "quiet.csv").exists() and not (out / "scores").exists()
+
+
+# --- the serve and landing jobs (pipeline/config.py): checked when built, shared by the CLI and the flow
+
+
+def landing_job(tmp_path: Path, **values) -> LandingJob:
+    return LandingJob(bundle=tmp_path / "bundle", watch=tmp_path / "landing", output=tmp_path / "out", **values)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"max_psi": -1.0}, r"^landing\.max_psi \(--max-psi\) must be a number above 0, got -1\.0; e\.g\. --max-psi 0\.25"),
+    ({"max_psi": float("nan")}, r"--max-psi\) must be a number above 0, got nan"),
+    ({"max_psi": float("inf")}, r"--max-psi\) must be a number above 0, got inf"),
+    ({"rate_p_value": 0.0}, r"--rate-p-value\) must be a number above 0 and below 1, got 0\.0"),
+    ({"rate_p_value": 1.0}, r"--rate-p-value\) must be a number above 0 and below 1, got 1\.0"),
+    ({"settle_seconds": -0.5}, r"--settle-seconds\) must be a number of at least 0, got -0\.5"),
+    ({"settle_seconds": True}, r"--settle-seconds\) must be a number of at least 0, got True"),
+    ({"device": "gpu"}, r"--device must be one of auto, cpu, cuda, got 'gpu'"),
+    ({"batch_size": 0}, r"batch_size must be a positive number of rows, got 0"),
+])
+def test_landing_job_refuses_values_out_of_range(tmp_path, values, message):
+    with pytest.raises(ConfigError, match=message):
+        landing_job(tmp_path, **values)
+
+
+def test_landing_job_parameters_are_json_and_rebuild_the_same_job(tmp_path):
+    """A deployment stores the flow's parameters as JSON and each run builds the job from them."""
+    job = landing_job(tmp_path, settle_seconds=0.5, device="cpu", max_psi=0.5, rate_p_value=0.01)
+    parameters = json.loads(json.dumps(job.parameters()))
+    assert parameters["bundle"] == str(tmp_path / "bundle") and parameters["max_psi"] == 0.5
+    assert LandingJob(**parameters) == job
+
+
+@pytest.mark.parametrize("schedule, message", [
+    ({}, r"give exactly one schedule: --cron EXPR or --interval SECONDS"),
+    ({"cron": "0 * * * *", "interval": 60.0}, r"give exactly one schedule"),
+    ({"cron": "  "}, r"--cron must be a cron expression, got '  '"),
+    ({"interval": 0.0}, r"--interval must be a number of seconds above 0 and at most 31622400 \(366 days\), got 0\.0"),
+    ({"interval": -5}, r"--interval must be a number of seconds above 0 .*got -5"),
+    ({"interval": float("inf")}, r"--interval must be a number of seconds above 0 .*got inf"),
+    ({"interval": 1e15}, r"--interval must be a number of seconds above 0 .*got 1000000000000000\.0"),
+    ({"interval": 60.0, "name": ""}, r"--name must be a deployment name, got ''"),
+])
+def test_serve_job_needs_exactly_one_valid_schedule(tmp_path, schedule, message):
+    with pytest.raises(ConfigError, match=message):
+        ServeJob(landing=landing_job(tmp_path), **schedule)
+
+
+def test_serve_job_names_its_deployment_after_the_bundle_unless_named(tmp_path):
+    assert ServeJob(landing=landing_job(tmp_path), interval=0.5).deployment_name("machines") == "vaeguard-machines"
+    assert ServeJob(landing=landing_job(tmp_path), cron="0 * * * *", name="nightly").deployment_name("m") == "nightly"

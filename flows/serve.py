@@ -1,0 +1,155 @@
+"""`vaeguard serve`: the landing flow served as a Prefect deployment on a schedule, until Ctrl-C
+or SIGTERM.
+
+Before anything is registered, the schedule and the Prefect API are checked, so a mistake is
+one line. Then Prefect's Runner serves the deployment; ``StoppableRunner`` makes both signals
+stop it the way Prefect means to (its own SIGTERM handling does not, in 3.8.8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import anyio
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import EntrypointType
+from prefect.runner import Runner
+from prefect.settings import get_current_settings
+
+from flows.landing import landing_flow
+from pipeline.config import ServeJob
+from pipeline.errors import ConfigError, one_line
+
+# How long `vaeguard serve` waits for the Prefect API's health check before saying it is unreachable.
+API_CHECK_SECONDS = 5.0
+
+
+def serve_landing(job: ServeJob, bundle_name: str) -> None:
+    """Serve landing_flow as a deployment on the job's schedule until Ctrl-C or SIGTERM.
+
+    The schedule and the Prefect API are checked first, so a mistake is one line before anything
+    is registered or started.
+    """
+    if job.cron is not None:
+        check_cron(job.cron)
+    check_api()
+    name = job.deployment_name(bundle_name)
+    runner = StoppableRunner(name=name)
+    # Runs of one deployment never overlap on a folder: the flow also takes a file lock.
+    runner.add_flow(landing_flow, name=name, cron=job.cron, interval=job.interval,
+                    parameters=job.landing.parameters(), entrypoint_type=EntrypointType.MODULE_PATH)
+    every = f"cron {job.cron!r}" if job.cron is not None else f"every {job.interval:g} s"
+    print(f"serving deployment '{landing_flow.name}/{name}' ({every}): files landing in {job.landing.watch} are "
+          f"scored into {job.landing.output}; Ctrl-C or SIGTERM stops it", flush=True)
+    previous = signal.getsignal(signal.SIGTERM)  # Runner.start() replaces it
+    try:
+        asyncio.run(runner.serve())
+    except KeyboardInterrupt:
+        pass  # Ctrl-C before the runner took it over: asyncio cancelled start(), which unwound cleanly
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_cron(expression: str) -> None:
+    """A cron expression Prefect's own parser (the one that runs the schedule) accepts, or a one-line error."""
+    try:
+        CronSchedule(cron=expression)
+    except ValueError as exc:  # pydantic's ValidationError, several lines long
+        reasons = [e["msg"].removeprefix("Value error, ") for e in exc.errors()] if hasattr(exc, "errors") else []
+        reason = "; ".join(reasons) or one_line(exc)
+        raise ConfigError(f"--cron {expression!r} is not a valid cron schedule ({reason}); "
+                          f"expected 5 fields: minute hour day-of-month month day-of-week, e.g. --cron \"0 * * * *\" "
+                          f"for every hour") from None
+
+
+def check_api(timeout: float = API_CHECK_SECONDS) -> None:
+    """The Prefect API that PREFECT_API_URL names answers its health check, or a one-line error.
+
+    Otherwise the first call of the runner fails deep inside Prefect, as a bare ConnectError.
+    """
+    url = get_current_settings().api.url
+    if not url:
+        raise ConfigError("vaeguard serve needs a running Prefect server: start one with `prefect server start` "
+                          "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    with get_client(httpx_settings={"timeout": timeout}, sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is None:
+        return
+    if isinstance(problem, httpx.HTTPStatusError):
+        reason = f"{problem.request.url} answered HTTP {problem.response.status_code}, so it is no Prefect API"
+    elif isinstance(problem, httpx.TimeoutException):
+        reason = f"no answer within {timeout:g} s"
+    else:
+        reason = one_line(problem)
+    raise ConfigError(f"no Prefect API at PREFECT_API_URL={url} ({reason}); start one with `prefect server start` "
+                      f"(and set PREFECT_API_URL=http://127.0.0.1:4200/api), or correct PREFECT_API_URL")
+
+
+class StoppableRunner(Runner):
+    """Prefect's Runner, stopped by SIGTERM or Ctrl-C the way Prefect means to stop it.
+
+    Prefect's own SIGTERM handler calls the sync stop() from inside the running event loop, where
+    it only creates a coroutine that nobody awaits: the poller goes on, and runs already handed to
+    a process begin after the signal; then its sys.exit(0) unwinds the loop from wherever the
+    signal landed, printing two tracebacks. Ctrl-C cancelled start(), which waits for the runs in
+    flight to finish, so runs fetched ahead of their time (up to 10 s) began after it too. Here
+    either signal schedules astop() on the loop: the poller stops, the runs in flight are
+    cancelled (a landing run is safe to stop anywhere), the schedules are paused, start() returns.
+    """
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _main: asyncio.Task | None = None
+    _stopping: asyncio.Task | None = None
+
+    async def serve(self) -> None:
+        self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
+        # Not where SIGINT is ignored (a job started with `&` by a script): that is the caller's choice.
+        ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        if ctrl_c:
+            self._loop.add_signal_handler(signal.SIGINT, self._begin_stop, "Ctrl-C")
+        try:
+            await self.start()  # installs handle_sigterm
+        except asyncio.CancelledError:
+            if self._stopping is None:
+                raise
+        finally:
+            if ctrl_c:
+                self._loop.remove_signal_handler(signal.SIGINT)  # back to KeyboardInterrupt
+
+    def handle_sigterm(self, *args) -> None:
+        if self._loop is not None:
+            # The handler runs between two bytecodes of the loop's own thread: the stop is
+            # scheduled, not run here, so the loop first finishes the step it was in.
+            self._loop.call_soon_threadsafe(self._begin_stop, "SIGTERM")
+
+    def _begin_stop(self, what: str) -> None:
+        if self._stopping is not None:
+            return  # a second signal must not cut the shutdown short
+        logging.getLogger("prefect.runner").info("%s: cancelling the runs in flight and stopping...", what)
+        self._stopping = self._loop.create_task(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            await self.astop()
+        except Exception:  # noqa: BLE001 - not started yet, or the API went away: cancel start() instead
+            logging.getLogger("prefect.runner").debug("astop failed; cancelling the runner", exc_info=True)
+            self._main.cancel()
+
+    async def cancel_all(self) -> None:
+        # Prefect's cancels the runs in flight one after another, 3 s or more each (the kill looks
+        # for the process's exit every 3 s), and a run waiting its turn begins meanwhile. These
+        # attributes are Prefect 3.8.8's (pinned); tests/test_flows_landing.py stops a serve with
+        # runs in flight.
+        async with anyio.create_task_group() as group:
+            for flow_run_id in self._process_manager.flow_run_ids():
+                group.start_soon(self._cancel_run, flow_run_id)
+
+    async def _cancel_run(self, flow_run_id) -> None:
+        try:
+            await self._cancellation_manager.cancel_by_id(flow_run_id)
+        except Exception:  # noqa: BLE001 - one run that can't be cancelled must not keep the others running
+            logging.getLogger("prefect.runner").warning("could not cancel flow run %s", flow_run_id, exc_info=True)
