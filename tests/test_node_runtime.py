@@ -246,15 +246,31 @@ def test_a_missing_id_column_is_refused_as_python_refuses_it(trained_bundle, inc
     assert 'missing column(s) "row_id"' in done.stderr and not (tmp_path / "out.csv").exists()
 
 
-def test_a_label_holding_text_is_refused_as_python_refuses_it(trained_bundle, incoming_csv, node_example, tmp_path):
-    # The label is not scored, but `vaeguard score` reads it as a number when the input has it.
+def test_a_label_that_is_not_0_1_or_true_false_is_refused_as_python_refuses_it(trained_bundle, incoming_csv,
+                                                                                node_example, tmp_path):
+    # The label is not scored, but `vaeguard score` reads it (for AUROC) when the input has it.
     def edit(at, rows):
         rows[4][at["label"]] = "yes"
     source = write_rows(tmp_path / "label.csv", *edited_rows(incoming_csv, edit))
-    assert "column 'label' must be numeric but row 5 (line 6) holds 'yes'" in python_error(trained_bundle, source, tmp_path)
+    assert "label column 'label' must be 0 (normal) or 1 (anomaly) but row 5 holds 'yes'" in \
+        python_error(trained_bundle, source, tmp_path)
     done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
     assert done.returncode == 2
-    assert 'column "label" must be numeric but row 5 (line 6) holds "yes"' in done.stderr
+    assert 'label column "label" must be 0 (normal) or 1 (anomaly) but row 5 (line 6) holds "yes"' in done.stderr
+
+
+def test_labels_python_takes_node_takes_too(trained_bundle, incoming_csv, node_example, tmp_path):
+    """true/false in any of its usual cases, 1.0, and blanks: `vaeguard score` takes them since labels
+    are read as text; Node refused all but numbers."""
+    spellings = ["true", "False", "TRUE", "1.0", " 0 ", "", "NA"]
+
+    def edit(at, rows):
+        for i, spelling in enumerate(spellings):
+            rows[i][at["label"]] = spelling
+    source = write_rows(tmp_path / "labels.csv", *edited_rows(incoming_csv, edit))
+    python, node = score_both(node_example, trained_bundle, source, tmp_path)
+    assert len(node) == len(python) == 12
+    assert node["row_id"].tolist() == python["row_id"].tolist()
 
 
 @pytest.mark.parametrize("column", ["line", "row_id"])

@@ -14,7 +14,7 @@
 // column, numeric cells are parsed as float64 then rounded to float32, and categorical cells
 // are passed verbatim as strings (missing -> ""). Text that is not UTF-8 is refused in the
 // header and in the columns read (ids, features, label), and ignored in the others, as pyarrow
-// does; a label column, when the input has one, must hold numbers, as `vaeguard score` reads it.
+// does; a label column, when the input has one, must hold 0/1 or true/false, as `vaeguard score` reads it.
 // Input names are those `vaeguard score` reads as CSV: .csv or .csv.gz in any case; a .gz input
 // is decompressed as it streams. The header is checked as `vaeguard score` checks it:
 // a single column holding ;, | or a tab (another separator) and a column named twice are refused.
@@ -372,6 +372,19 @@ const SPECIAL = /^([+-]?)(nan|inf|infinity)$/i;
 const FLOAT32_MAX = 3.4028234663852886e38;
 
 /** float64 value of a numeric cell, NaN when missing; undefined when it is not a number. */
+// The label spellings `vaeguard score` takes (pipeline.schema.scored_labels): 0 or 1 as any
+// number, or true/false as pandas, spreadsheets and databases write them; a missing one leaves
+// the row unlabelled.
+const LABEL_WORDS = new Set(['0', '1', 'false', 'False', 'FALSE', 'true', 'True', 'TRUE']);
+
+function isLabel(raw) {
+  if (NULL_VALUES.has(raw)) return true;
+  const text = raw.trim();
+  if (LABEL_WORDS.has(text)) return true;
+  const number = parseNumber(text);
+  return number === 0 || number === 1;
+}
+
 function parseNumber(raw) {
   if (NULL_VALUES.has(raw)) return NaN;
   const text = raw.replace(/^[ \t]+|[ \t]+$/g, '');
@@ -425,8 +438,8 @@ class ChunkScorer {
     }
     this.header = header;
     this.ids = idColumns.map((name) => ({ name, at: position.get(name) }));
-    // `vaeguard score` reads the label column, when the input has it, as a number (for AUROC),
-    // and so refuses a file whose label holds text: checked here too, though not used.
+    // `vaeguard score` reads the label column, when the input has it, for AUROC, and refuses a
+    // file whose label is neither 0/1 nor true/false: checked here too, though not used.
     this.label = schema.label_column && position.has(schema.label_column)
       ? { name: schema.label_column, at: position.get(schema.label_column) } : null;
     // Per input: where its columns sit in a CSV record, and a buffer for one chunk.
@@ -484,9 +497,10 @@ class ChunkScorer {
       this.checkText(raw, id.name, row, line);
       this.idValues[k][r] = NULL_VALUES.has(raw) ? null : raw;
     });
-    if (this.label && parseNumber(fields[this.label.at]) === undefined) {
-      throw inputError(`${this.inputPath}: column ${JSON.stringify(this.label.name)} must be numeric but row ${row} ` +
-        `(line ${line}) holds ${JSON.stringify(fields[this.label.at])}; fix or blank out that value`);
+    if (this.label && !isLabel(fields[this.label.at])) {
+      throw inputError(`${this.inputPath}: label column ${JSON.stringify(this.label.name)} must be 0 (normal) or ` +
+        `1 (anomaly) but row ${row} (line ${line}) holds ${JSON.stringify(fields[this.label.at])}; recode it to 0/1, ` +
+        'blank it out, or leave the column out');
     }
     this.rows += 1;
     return this.rows === this.chunkRows;
