@@ -45,8 +45,11 @@ uvicorn.Server(uvicorn.Config(create_app(ephemeral=True, final=True), log_level=
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
+def signals_blocked() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block ends, and threads started in it never take them.
+
+    Unlike pipeline.signals.signals_held, the signals are blocked at the thread level
+    (pthread_sigmask), because what must not take them is the processes those threads spawn.
 
     A LocalCluster made in the block spawns its worker processes (restarted ones too) from its
     event-loop thread, and a process starts with the signals its spawning thread blocks.
@@ -75,7 +78,7 @@ def shielded_local_cluster(**kwargs):
     # Started first from the cluster's thread, multiprocessing's resource tracker would unblock
     # the signals there again (CPython's resource_tracker.ensure_running does).
     resource_tracker.ensure_running()
-    with signals_held():
+    with signals_blocked():
         return LocalCluster(**kwargs)
 
 
