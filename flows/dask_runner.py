@@ -43,6 +43,10 @@ from prefect.server.api.server import create_app
 uvicorn.Server(uvicorn.Config(create_app(ephemeral=True, final=True), log_level="error")).run(sockets=[listener])
 """
 
+# The least time the server gets to answer: in a new PREFECT_HOME it first creates its SQLite
+# database (7-8 s on 2 busy cores), where Prefect's own default allows 20 s in all.
+STARTUP_SECONDS = 120
+
 
 @contextlib.contextmanager
 def signals_blocked() -> Iterator[None]:
@@ -149,16 +153,19 @@ def temporary_prefect_server() -> Iterator[str]:
             listener.close()
             os.close(alive)
         try:
-            _wait_until_serving(server, url, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), log)
+            timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), STARTUP_SECONDS)
+            _wait_until_serving(server, url, timeout, log)
             yield url
         finally:
-            server.terminate()
             try:
+                server.terminate()
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-            os.close(keep_alive)
+            finally:
+                # Also when a second Ctrl-C cut the wait short: the server sees the pipe end and stops.
+                os.close(keep_alive)
 
 
 def _wait_until_serving(server: subprocess.Popen, url: str, timeout: float, log) -> None:

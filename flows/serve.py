@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 
 import anyio
 import httpx
@@ -49,7 +50,7 @@ def serve_landing(job: ServeJob, bundle_name: str) -> None:
     try:
         asyncio.run(runner.serve())
     except KeyboardInterrupt:
-        pass  # Ctrl-C before the runner took it over: asyncio cancelled start(), which unwound cleanly
+        pass  # Ctrl-C (or SIGTERM, as main()'s Terminated) before the runner took it over: start() unwound
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -108,7 +109,8 @@ class StoppableRunner(Runner):
     async def serve(self) -> None:
         self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
         # Not where SIGINT is ignored (a job started with `&` by a script): that is the caller's choice.
-        ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        ctrl_c = (threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+                  and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
         if ctrl_c:
             self._loop.add_signal_handler(signal.SIGINT, self._begin_stop, "Ctrl-C")
         try:
@@ -121,7 +123,9 @@ class StoppableRunner(Runner):
                 self._loop.remove_signal_handler(signal.SIGINT)  # back to KeyboardInterrupt
 
     def handle_sigterm(self, *args) -> None:
-        if self._loop is not None:
+        # Not once the loop is closed: serve_landing puts the previous handler back only after
+        # asyncio.run() returns, and the runner has stopped then anyway.
+        if self._loop is not None and not self._loop.is_closed():
             # The handler runs between two bytecodes of the loop's own thread: the stop is
             # scheduled, not run here, so the loop first finishes the step it was in.
             self._loop.call_soon_threadsafe(self._begin_stop, "SIGTERM")

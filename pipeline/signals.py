@@ -27,6 +27,7 @@ class StoppedAfterCommit(KeyboardInterrupt):
 def signals_held() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block ends; one that came then raises StoppedAfterCommit.
 
+    A handler of the caller's that was in place gets the signal then, as it would have at once.
     If the block fails, its error goes on and the held signal is dropped: the run is ending anyway.
     Signals reach Python code only in the main thread, so elsewhere there is nothing to hold."""
     if threading.current_thread() is not threading.main_thread():
@@ -42,5 +43,15 @@ def signals_held() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if caught and previous.get(caught[0]) not in (signal.SIG_IGN, None):
-        raise StoppedAfterCommit(caught[0])
+    if not caught or previous.get(caught[0]) in (signal.SIG_IGN, None):
+        return
+    signum, handler = caught[0], previous[caught[0]]
+    if callable(handler) and handler is not signal.default_int_handler:
+        # The caller's own handler (a flag that asks for a graceful stop, Prefect's TerminationSignal)
+        # decides what the signal means; only an interrupt it raises is named as one after the commit.
+        try:
+            handler(signum, None)
+        except KeyboardInterrupt as exc:
+            raise StoppedAfterCommit(signum) from exc
+        return
+    raise StoppedAfterCommit(signum)

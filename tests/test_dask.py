@@ -254,7 +254,9 @@ def test_cli_dask_run_stopped_by_a_signal_leaves_nothing_behind(trained_bundle, 
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert time.monotonic() - sent < 25, "waited for the running files instead of stopping them"
+    # Stopping takes 2.5-6 s here; finishing the running files instead took 48 s (SIGTERM to the
+    # process) or hung (to the group). 35 s leaves room for 2 busy CI cores and still tells them apart.
+    assert time.monotonic() - sent < 35, "waited for the running files instead of stopping them"
     assert proc.returncode == status, stderr
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [message]
     assert "Traceback" not in stderr, stderr
@@ -281,3 +283,43 @@ def test_the_flow_reads_labels_as_single_process_scoring_does(trained_bundle, tm
     plain = score_files(ScoreJob(trained_bundle, (source,), part, device="cpu"))
     save_labels(source, "label", part, batch_size=100)
     assert label_metrics([part]) == (plain.auroc, plain.auprc) and plain.auroc is not None
+
+
+def test_a_second_ctrl_c_while_the_temporary_server_stops_still_stops_it(tmp_path, monkeypatch):
+    """Ctrl-C pressed again while vaeguard waits for its Prefect server to stop (a busy machine, or
+    `vaeguard` in Jupyter): the server used to live on, its pipe to vaeguard left open."""
+    from flows import dask_runner
+
+    ready = tmp_path / "ignoring SIGTERM"
+    # A stand-in for the server that, as the real one does, stops when vaeguard's end of its pipe
+    # closes, and that ignores SIGTERM as a server slow to shut down seems to.
+    monkeypatch.setattr(dask_runner, "_SERVE", "import os, pathlib, signal, sys\n"
+                                               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                               f"pathlib.Path({str(ready)!r}).touch()\n"
+                                               "os.read(int(sys.argv[2]), 1)\n")
+
+    def wait_until_ready(server, url, timeout, log):
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+
+    monkeypatch.setattr(dask_runner, "_wait_until_serving", wait_until_ready)
+    servers, real_wait = [], subprocess.Popen.wait
+
+    def interrupted_wait(self, timeout=None):
+        if not servers:
+            servers.append(self)
+            raise KeyboardInterrupt  # the second Ctrl-C
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        with dask_runner.temporary_prefect_server():
+            pass
+    try:
+        assert real_wait(servers[0], timeout=60) == 0
+    finally:
+        if servers[0].poll() is None:
+            servers[0].kill()
+            real_wait(servers[0])
