@@ -142,30 +142,31 @@ def temporary_prefect_server() -> Iterator[str]:
     listener.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
     alive, keep_alive = os.pipe()
-    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
-    log = tempfile.TemporaryFile()
-    with log:
-        try:
-            server = subprocess.Popen([sys.executable, "-c", _SERVE, str(listener.fileno()), str(alive)],
-                                      pass_fds=(listener.fileno(), alive), start_new_session=True, env=env,
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        finally:
-            listener.close()
-            os.close(alive)
-        try:
-            timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), STARTUP_SECONDS)
-            _wait_until_serving(server, url, timeout, log)
-            yield url
-        finally:
+    # Closed however the block ends (Popen failing, a signal anywhere, a second Ctrl-C cutting the
+    # wait below short): the server sees the pipe end and stops itself.
+    try:
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
+        with tempfile.TemporaryFile() as log:
             try:
-                server.terminate()
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+                server = subprocess.Popen([sys.executable, "-c", _SERVE, str(listener.fileno()), str(alive)],
+                                          pass_fds=(listener.fileno(), alive), start_new_session=True, env=env,
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             finally:
-                # Also when a second Ctrl-C cut the wait short: the server sees the pipe end and stops.
-                os.close(keep_alive)
+                listener.close()
+                os.close(alive)
+            try:
+                timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), STARTUP_SECONDS)
+                _wait_until_serving(server, url, timeout, log)
+                yield url
+            finally:
+                try:
+                    server.terminate()
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+    finally:
+        os.close(keep_alive)
 
 
 def _wait_until_serving(server: subprocess.Popen, url: str, timeout: float, log) -> None:
