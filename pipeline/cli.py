@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", parents=[common], help="score tables with a bundle")
     score.add_argument("bundle", type=Path, help="bundle folder written by `vaeguard train`")
-    score.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="table files (.csv, .csv.gz, .parquet, .pq), or for an image bundle image "
-                       "folders, .npy arrays or CSV lists of paths; each once")
+    score.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                       help="table files (.csv, .csv.gz, .parquet, .pq), or for an image bundle image folders, "
+                            ".npy arrays or CSV lists of paths; each once")
     score.add_argument("--output", "-o", type=Path, required=True, help="scores file: .parquet or .csv")
     score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--batch-size", type=int, default=65_536, help="rows per chunk (default 65536)")
