@@ -237,10 +237,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from pipeline.bundle import Bundle
+    from pipeline.errors import BundleError
     from pipeline.inspect import describe_manifest
+    from pipeline.runtime import check_scorer_agrees, create_session
 
     bundle = Bundle.load(args.bundle)
     print(json.dumps(bundle.manifest, indent=2) if args.json else describe_manifest(bundle.manifest))
+    # What is shown is the manifest, but only the graphs are hash-checked: where a hand edit made
+    # them disagree, say so here rather than first at the night's `vaeguard score`, which refuses it.
+    for precision in ("fp32", *bundle.manifest.get("variants", {})):
+        try:
+            check_scorer_agrees(create_session(bundle.scorer_path_for(precision), "cpu", threads=1), bundle, precision)
+        except BundleError as exc:
+            log.warning("%s (`vaeguard score` refuses the bundle until then)", exc)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -170,6 +170,17 @@ def _swap_two_columns(manifest):
     numeric[0], numeric[1] = numeric[1], numeric[0]
 
 
+def test_inspect_shows_the_edited_manifest_and_says_where_it_disagrees(capsys, trained_bundle, tmp_path):
+    """Before: inspect printed a hand-edited threshold as the bundle's, with no word; the night's
+    `vaeguard score` was the first to refuse the bundle."""
+    bundle = _edited(trained_bundle, tmp_path, lambda m: m["calibration"].update(threshold=50.0))
+    assert main(["inspect", str(bundle.path)]) == 0
+    out, err = capsys.readouterr()
+    assert "50" in out  # the manifest, as it is
+    assert re.fullmatch(rf"warning: {re.escape(str(bundle.scorer_path))}: its threshold is [0-9.]+, the manifest's "
+                        r"50\.0 .*\(`vaeguard score` refuses the bundle until then\)\n", err), err
+
+
 @pytest.mark.parametrize("edit, message", [
     (_swap_two_columns, r"its numeric columns are \['temperature', 'pressure'.*the manifest's \['pressure', 'temperature'"),
     (lambda m: m["schema"].update(categorical=["line"]), r"its inputs are .*'cat_shift'.*the manifest's schema needs "
