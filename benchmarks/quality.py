@@ -72,7 +72,6 @@ ADBENCH_DIR = DATA_DIR / "adbench"
 PUBLISHED_CSV = DATA_DIR / "published_auroc_dev.csv"
 
 METHODS = ("ours", "pyod_vae", "pyod_ae", "iforest", "knn")
-PEERS = METHODS[1:]
 PROTOCOLS = ("semi", "unsup")
 SPLIT_STREAM = 1  # the semi split's random stream, apart from every method's seed (see make_split)
 TARGET_FPRS = (0.001, 0.01, 0.05)
