@@ -2,8 +2,8 @@
 
 Uses torch's TorchScript-based exporter (no onnxscript needed, one file per model, dynamic
 batch axis named ``batch_size``). The scorer's categorical front end (strings -> one-hot with
-an unknown bucket) is built with onnx.helper on the ai.onnx.ml OneHotEncoder and composed in
-front of the exported numeric graph.
+an unknown bucket) is built with onnx.helper on the ai.onnx.ml OneHotEncoder (after a LabelEncoder
+for boolean columns) and composed in front of the exported numeric graph.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from onnx import TensorProto, compose, helper
 from pipeline.contract import BATCH_AXIS as BATCH
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, ML_OPSET, OPSET, OUTPUT_NAMES, categorical_input_name
 from pipeline.model import VAE
-from pipeline.preprocess import Preprocessor
+from pipeline.preprocess import BOOLEAN_TEXT, UNKNOWN, Preprocessor
 from pipeline.scorer_graph import ScorerGraph
 
 
@@ -89,6 +89,10 @@ def categorical_front(pre: Preprocessor) -> onnx.ModelProto:
 
     OneHotEncoder with zeros=1 maps an unseen string to all zeros; the unknown bucket is then
     1 - (sum of the row), so each column's block always holds exactly one 1.
+
+    A boolean column's strings first go through a LabelEncoder that maps each spelling of
+    true/false to 'true'/'false' (as Preprocessor.one_hot reads them), and anything else to a
+    string that is no category (unknown), so every runtime decides alike from the raw strings.
     """
     inputs, nodes, blocks = [], [], []
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
@@ -97,8 +101,14 @@ def categorical_front(pre: Preprocessor) -> onnx.ModelProto:
         name = categorical_input_name(stats.name)
         inputs.append(helper.make_tensor_value_info(name, TensorProto.STRING, [BATCH]))
         known, seen, unknown = f"known_{i}", f"seen_{i}", f"unknown_{i}"
+        values = name
+        if stats.boolean:
+            values = f"canonical_{i}"
+            nodes.append(helper.make_node("LabelEncoder", [name], [values], domain="ai.onnx.ml",
+                                          keys_strings=list(BOOLEAN_TEXT), values_strings=list(BOOLEAN_TEXT.values()),
+                                          default_string=UNKNOWN))
         nodes += [
-            helper.make_node("OneHotEncoder", [name], [known], domain="ai.onnx.ml",
+            helper.make_node("OneHotEncoder", [values], [known], domain="ai.onnx.ml",
                              cats_strings=list(stats.categories), zeros=1),
             helper.make_node("ReduceSum", [known, "axis_1"], [seen], keepdims=1),
             helper.make_node("Sub", ["one", seen], [unknown]),

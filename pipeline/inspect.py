@@ -115,7 +115,9 @@ def _table_inputs(manifest: dict) -> list[str]:
                  for s in pre["numeric"]]),
         "categorical columns (kept categories; others map to unknown):",
         *_table([(s["name"], ", ".join(repr(c) for c in s["categories"][:12])
-                  + (" ..." if len(s["categories"]) > 12 else "")) for s in pre["categorical"]]),
+                  + (" ..." if len(s["categories"]) > 12 else ""),
+                  "boolean (true/True/TRUE, false/False/FALSE)" if s.get("boolean") else "")
+                 for s in pre["categorical"]]),
         f"id columns: {', '.join(schema['id_columns']) or '-'}   label column: {schema['label_column'] or '-'}",
     ]
     if schema["dropped"]:

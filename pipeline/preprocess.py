@@ -7,6 +7,11 @@ it works in float32 and does the same operations in the same order.
 Features, in order: scaled numeric columns, then one missing-indicator per numeric column
 that had missing values in training, then per categorical column its kept categories and an
 "unknown" bucket (unseen or too-rare categories at scoring time land there, no error).
+
+A boolean column (true/false in any of the spellings of BOOLEAN_TEXT) keeps 'false'/'true' as its
+categories, whatever the training file spelled: pandas' to_csv writes True/False and a Parquet bool
+reads as true/false, and compared verbatim, a bundle trained on one put every row of the other in
+the unknown bucket. scorer.onnx maps the spellings the same way (pipeline.export).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from pipeline.errors import DataError
 from pipeline.schema import TableSchema, categorical_strings, numeric_matrix
 
 UNKNOWN = "__unknown__"
+# A boolean's spellings (what pandas' to_csv, pyarrow and other tools write) and what each means;
+# missing stays missing. Any other value of a boolean column is unknown, as an unseen category is.
+BOOLEAN_TEXT = {**dict.fromkeys(("false", "False", "FALSE"), "false"),
+                **dict.fromkeys(("true", "True", "TRUE"), "true"), "": ""}
 # Scaling by IQR / 1.349 makes a Gaussian column's scale equal its standard deviation, so
 # reconstruction errors are in familiar units while outliers in training don't set the scale.
 _IQR_TO_SIGMA = 1.349
@@ -40,6 +49,7 @@ class NumericStats:
 class CategoricalStats:
     name: str
     categories: tuple[str, ...]  # "" is the missing value, when kept
+    boolean: bool = False  # values are read through BOOLEAN_TEXT first; categories are 'false'/'true'
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,8 @@ class Preprocessor:
     @staticmethod
     def one_hot(stats: CategoricalStats, values: np.ndarray) -> np.ndarray:
         lookup = {c: i for i, c in enumerate(stats.categories)}
+        if stats.boolean:
+            lookup = {text: lookup[meaning] for text, meaning in BOOLEAN_TEXT.items() if meaning in lookup}
         unknown = len(stats.categories)
         codes = np.fromiter((lookup.get(v, unknown) for v in values), dtype=np.int64, count=len(values))
         return np.eye(unknown + 1, dtype=np.float32)[codes]
@@ -109,7 +121,9 @@ class Preprocessor:
             "missing_category": "",
             "unknown_category": UNKNOWN,
             "numeric": [vars(s) for s in self.numeric],
-            "categorical": [{"name": s.name, "categories": list(s.categories)} for s in self.categorical],
+            # "boolean" only where true: a manifest without it reads as before.
+            "categorical": [{"name": s.name, "categories": list(s.categories), **({"boolean": True} if s.boolean else {})}
+                            for s in self.categorical],
             "feature_names": self.feature_names,
         }
 
@@ -117,8 +131,16 @@ class Preprocessor:
     def from_dict(cls, raw: dict) -> "Preprocessor":
         return cls(
             numeric=tuple(NumericStats(**s) for s in raw["numeric"]),
-            categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"])) for s in raw["categorical"]),
+            categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"]), _flag(s, "boolean"))
+                              for s in raw["categorical"]),
         )
+
+
+def _flag(entry: dict, key: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise TypeError(f"categorical column {entry.get('name')!r}: {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def source_column(feature: str) -> str:
@@ -134,10 +156,18 @@ def fit_preprocessor(frame: pd.DataFrame, schema: TableSchema, config: Preproces
         _numeric_stats(name, numeric[:, i]) for i, name in enumerate(schema.numeric)
     ]
     categorical = [
-        CategoricalStats(name, _kept_categories(values, config, name, source))
+        _categorical_stats(name, values, config, source)
         for name, values in zip(schema.categorical, categorical_strings(frame, schema.categorical))
     ]
     return Preprocessor(tuple(stats), tuple(categorical))
+
+
+def _categorical_stats(name: str, values: np.ndarray, config: PreprocessConfig, source: str) -> CategoricalStats:
+    distinct = set(pd.unique(values)) - {""}
+    boolean = bool(distinct) and distinct <= BOOLEAN_TEXT.keys()
+    if boolean:
+        values = np.array([BOOLEAN_TEXT[v] for v in values], dtype=object)  # 'True' and 'true' count as one
+    return CategoricalStats(name, _kept_categories(values, config, name, source), boolean)
 
 
 # A robust z-score past this overflows float32 training: the loss squares it (times up to e^10

@@ -147,7 +147,28 @@ def read_table(path: str | Path) -> pd.DataFrame:
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     if table.num_rows == 0:
         raise DataError(f"{path}: has a header but no data rows; expected at least one row")
-    return _plain_types(table, path).to_pandas()
+    return _to_pandas(_plain_types(table, path))
+
+
+# pandas' nullable integers: an integer column with a blank, read with numpy's types, becomes float64.
+_NULLABLE_INTEGERS = {pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+                      pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+                      pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype()}
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    """The table in pandas, integer columns with missing values as pandas' nullable integers.
+
+    As float64 (pandas' default for them), a code column with a few values and one blank cell was
+    judged numeric, and without the blank categorical: two nights of the same data trained
+    different models. Columns without missing values keep numpy's types, as before.
+    """
+    frame = table.to_pandas()
+    for name, column in zip(table.column_names, table.columns):
+        # A Parquet file's pandas index is a column of the table, not of the frame.
+        if pa.types.is_integer(column.type) and column.null_count and name in frame.columns:
+            frame[name] = column.to_pandas(types_mapper=_NULLABLE_INTEGERS.get).array
+    return frame
 
 
 def _plain_types(table: pa.Table, path: Path) -> pa.Table:

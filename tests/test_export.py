@@ -183,3 +183,34 @@ def test_a_value_that_overflows_float32_is_flagged_not_passed(bundle, torch_grap
                                     (eager[0].numpy(), eager[3].numpy(), eager[4].numpy())):
         assert score[1] == np.inf and flagged[1] and p_value[1] == np.float32(1 / (bundle.calibration.n + 1))
         assert np.isfinite(score[[0, 2]]).all()
+
+
+def test_a_boolean_columns_spellings_decide_alike_inside_the_graph():
+    """Other runtimes feed raw strings: the graph itself must read a pandas CSV's 'True' as the
+    'true' a Parquet bool column trained on (and as Preprocessor.one_hot reads it), not as unknown."""
+    import pandas as pd
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.export import categorical_front
+    from pipeline.preprocess import fit_preprocessor
+    from pipeline.schema import infer_schema
+
+    rng = np.random.default_rng(0)
+    trained = (rng.random(300) > 0.5).astype(object)  # booleans with a few missing, as pandas holds them
+    trained[::50] = None
+    frame = pd.DataFrame({"flag": trained, "code": rng.choice(["a", "True"], 300)})
+    config = PreprocessConfig()
+    pre = fit_preprocessor(frame, infer_schema(frame, source="t", config=config), config, "t")
+    model = categorical_front(pre)
+    onnx.checker.check_model(model, full_check=True)
+    flags = np.array(["true", "True", "TRUE", "false", "False", "FALSE", "", "yes", "__unknown__", " true"], dtype=object)
+    codes = np.array(["true", "True"] * 5, dtype=object)  # not boolean: verbatim, 'true' is unknown
+    (block,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"cat_flag": flags, "cat_code": codes})
+    np.testing.assert_array_equal(block, pre.onehot_block([flags, codes], len(flags)))
+    flag = block[:, :len(pre.categorical[0].categories) + 1]
+    assert (flag[:3] == flag[0]).all() and (flag[3:6] == flag[3]).all() and not (flag[0] == flag[3]).all()
+    assert flag[0, -1] == 0 and flag[3, -1] == 0 and flag[6, -1] == 0  # true, false, missing: known
+    assert (flag[7:, -1] == 1).all()  # any other text: the unknown bucket
+    assert block[0, -1] == 1 and block[1, -1] == 0  # the text column keeps its spellings
+    assert [n.op_type for n in model.graph.node].count("LabelEncoder") == 1

@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 
 from pipeline.batch_score import score_files
-from pipeline.config import ScoreJob
+from pipeline.config import ScoreJob, TrainJob
 from pipeline.errors import PipelineError
+from pipeline.workflow import run_training
+from tests.conftest import quiet_config
 
 pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")), reason="needs node and npm")
 
@@ -352,3 +354,26 @@ def test_a_nul_inside_a_category_scores_as_in_python(trained_bundle, incoming_cs
     plain = write_rows(tmp_path / "unseen.csv", *edited_rows(incoming_csv, unseen))
     unseen_python, _ = score_both(node_example, trained_bundle, plain, tmp_path)
     np.testing.assert_allclose(python["score"], unseen_python["score"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_boolean_column_scores_alike_in_any_spelling(node_example, tmp_path):
+    """The graph maps a boolean column's true/True/TRUE (false...) itself: Node feeds the CSV's text as
+    written, and a pandas CSV's True/False must score as the Parquet bool the bundle trained on."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=600)
+    frame = pd.DataFrame({"row_id": [f"r{i}" for i in range(600)], "a": a, "b": 2 * a + rng.normal(scale=0.1, size=600),
+                          "flag": a + rng.normal(scale=0.3, size=600) > 0})
+    frame.to_parquet(tmp_path / "train.parquet")
+    job = TrainJob(data=tmp_path / "train.parquet", name="flags", out_dir=tmp_path / "out", id_columns=("row_id",),
+                   config=quiet_config(max_epochs=3))
+    bundle = Path(run_training(job)["bundle"])
+    frame.to_csv(tmp_path / "pandas.csv", index=False)  # True/False
+    frame.assign(flag=frame["flag"].map({True: "true", False: "FALSE"})).to_csv(tmp_path / "lower.csv", index=False)
+    python, node = score_both(node_example, bundle, tmp_path / "pandas.csv", tmp_path)
+    assert_same_results(python, node)
+    _, lower = score_both(node_example, bundle, tmp_path / "lower.csv", tmp_path)
+    assert_same_results(python, lower)
+    frame.assign(flag="maybe").to_csv(tmp_path / "unknown.csv", index=False)
+    _, unknown = score_both(node_example, bundle, tmp_path / "unknown.csv", tmp_path)
+    assert (unknown["score"] > node["score"] + 1e-3).mean() > 0.9  # not vacuous: the flag is read, not ignored

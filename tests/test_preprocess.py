@@ -64,3 +64,48 @@ def test_a_text_column_of_rare_values_only_is_named_as_an_identifier(frame, valu
                                         r"none seen 2 times \(e\.g\. '.+'\), so it is no category: it looks like an "
                                         rf"identifier; pass it with --id-columns code, or leave it out of the file{hint}$"):
         fitted(frame.assign(code=values))
+
+
+def _flag_features(pre: Preprocessor, values: list[str]) -> np.ndarray:
+    return pre.onehot_block([np.array(values, dtype=object)] + [np.array(["red"] * len(values), dtype=object)],
+                            len(values))[:, :len(pre.categorical[0].categories) + 1]
+
+
+def test_a_boolean_column_means_the_same_in_every_spelling(frame):
+    """A bundle fitted on a Parquet bool column (read as 'true'/'false') put every row of the same
+    data in a pandas-written CSV ('True'/'False') in the unknown bucket, and the other way round."""
+    written = np.where(frame["y"] > 0, "True", "False").astype(object)
+    written[::97] = None
+    pre = fitted(pd.DataFrame({"flag": written, "color": frame["color"]}))
+    np.testing.assert_array_equal(_flag_features(pre, ["true", "True", "TRUE"]), _flag_features(pre, ["True"] * 3))
+    np.testing.assert_array_equal(_flag_features(pre, ["false", "False", "FALSE"]), _flag_features(pre, ["False"] * 3))
+    flag = pre.categorical[0]
+    assert (flag.name, flag.boolean) == ("flag", True) and sorted(flag.categories) == ["", "false", "true"]
+    assert not pre.categorical[1].boolean
+    assert _flag_features(pre, ["True"])[0, :-1].any() and not _flag_features(pre, ["True"])[0, -1]
+    assert _flag_features(pre, ["yes"])[0, -1] == 1.0  # any other value: unknown, as an unseen category
+    assert _flag_features(pre, [""])[0, flag.categories.index("")] == 1.0  # missing stays missing
+    # Mixed spellings are one category, counted together; a bool column is boolean too.
+    mixed = fitted(pd.DataFrame({"x": frame["x"], "flag": np.tile(["true", "True", "FALSE", "false"], 250)}))
+    assert mixed.categorical[0].boolean and sorted(mixed.categorical[0].categories) == ["false", "true"]
+    assert fitted(pd.DataFrame({"x": frame["x"], "flag": frame["y"] > 0})).categorical[0].boolean
+
+
+def test_only_true_false_makes_a_column_boolean(frame):
+    for values in (np.tile(["True", "yes"], 500), np.tile(["1", "0"], 500), np.tile(["t", "f"], 500)):
+        pre = fitted(pd.DataFrame({"x": frame["x"], "flag": values}), categorical_columns=("flag",))
+        assert not pre.categorical[0].boolean and set(pre.categorical[0].categories) == set(values)
+
+
+def test_the_boolean_flag_round_trips_and_old_manifests_read_as_before(frame):
+    pre = fitted(frame.assign(flag=frame["y"] > 0))
+    raw = pre.to_dict()
+    assert raw["categorical"] == [{"name": "color", "categories": ["red", "blue", "green"]},
+                                  {"name": "flag", "categories": ["false", "true"], "boolean": True}]
+    assert Preprocessor.from_dict(raw) == pre
+    del raw["categorical"][1]["boolean"]  # a bundle exported before the flag: categories verbatim
+    old = Preprocessor.from_dict(raw).categorical[1]
+    assert not old.boolean and Preprocessor.one_hot(old, np.array(["True"], dtype=object)).tolist() == [[0, 0, 1]]
+    raw["categorical"][1]["boolean"] = "yes"
+    with pytest.raises(TypeError, match="'boolean' must be true or false, got 'yes'"):
+        Preprocessor.from_dict(raw)

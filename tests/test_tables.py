@@ -352,3 +352,41 @@ def test_parquet_numbers_as_text_with_spaces_read_as_in_a_csv(tmp_path):
     csv = tmp_path / "s.csv"
     csv.write_text("x\n 1.5\n2 \n\t3\n\n")
     assert next(iter_batches(csv, ["x"], [], [], 10)).column("x").to_pylist() == [1.5, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_an_integer_column_with_a_blank_keeps_its_kind(tmp_path, suffix, caplog):
+    """One blank cell made the column float64, and a code with 3 values numeric instead of
+    categorical: two nights of the same data trained two different models."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.schema import categorical_strings, infer_schema, numeric_matrix
+
+    rng = np.random.default_rng(0)
+    blank = np.arange(200) == 5
+    table = pa.table({"x": rng.normal(size=200), "code": pa.array(rng.integers(1, 4, 200), mask=blank),
+                      "count": pa.array(rng.integers(0, 1000, 200), pa.int32(), mask=blank),
+                      "seq": pa.array(np.arange(200), mask=blank)})
+    path = tmp_path / f"t{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(table, path)  # as other tools write it: no pandas metadata to say Int64
+    else:
+        pacsv.write_csv(table, path)
+    frame = read_table(path)
+    with caplog.at_level("WARNING", logger="vaeguard"):
+        schema = infer_schema(frame, source=str(path), config=PreprocessConfig())
+    assert schema.categorical == ("code",) and schema.numeric == ("x", "count", "seq")
+    assert [r.getMessage().split(" rises")[0] for r in caplog.records] == [f"{path}: column 'seq'"]
+    codes = categorical_strings(frame, ("code",))[0]
+    assert codes[5] == "" and set(codes) == {"1", "2", "3", ""}  # as scoring reads them: '3', not '3.0'
+    counts = numeric_matrix(frame, ("count",), str(path))[:, 0]
+    assert np.isnan(counts[5]) and np.array_equal(counts[~blank], table["count"].drop_null().to_numpy())
+    full = tmp_path / f"full{suffix}"
+    if suffix == ".parquet":
+        frame.drop(index=5).to_parquet(full)
+    else:
+        frame.drop(index=5).to_csv(full, index=False)
+    assert infer_schema(read_table(full), source=str(full), config=PreprocessConfig()) == schema  # the other night

@@ -124,7 +124,7 @@ def test_csv_categories_are_learned_as_written_so_scoring_recognises_them(sensor
                    config=quiet_config(max_epochs=3))
     bundle = Bundle.load(workflow.run_training(job)["bundle"])
     categories = {c["name"]: set(c["categories"]) for c in bundle.manifest["preprocessing"]["categorical"]}
-    assert categories["site"] == {"003", "007", "012"} and categories["door_open"] == {"False", "True"}
+    assert categories["site"] == {"003", "007", "012"} and categories["door_open"] == {"false", "true"}  # boolean
 
     out = tmp_path / "scores.parquet"
     score_files(ScoreJob(bundle.path, (data,), out, device="cpu"))
@@ -259,3 +259,40 @@ def test_a_csv_is_parsed_again_only_for_categories_its_reader_typed(sensor_frame
     assert rows["line"].tolist() == frame["line"].tolist()
     if codes:
         assert rows["site"].iloc[:2].tolist() == codes  # spelled as written
+
+
+@pytest.mark.slow
+def test_a_parquet_bundle_scores_the_same_rows_from_a_pandas_csv_alike(tmp_path):
+    """A bundle trained on a Parquet bool column ('true'/'false') put every row of the nightly CSV
+    exported from pandas ('True'/'False') in the unknown bucket: every score rose, a night of false
+    alarms. An integer code with one blank was read as decimals from the Parquet, and became numeric."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    n = 800
+    a = rng.normal(size=n)
+    flag = (a + rng.normal(scale=0.3, size=n) > 0).astype(object)
+    flag[::97] = None
+    code = pd.array(rng.integers(1, 4, n), dtype="Int64")
+    code[5] = pd.NA
+    frame = pd.DataFrame({"a": a, "b": 2 * a + rng.normal(scale=0.1, size=n), "flag": flag, "code": code})
+    parquet = tmp_path / "night.parquet"
+    # As a tool other than pandas writes it: bool and int64 with nulls, no pandas metadata.
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(), parquet)
+    csv = tmp_path / "night.csv"
+    frame.to_csv(csv, index=False)
+    assert "True" in csv.read_text() and "true" not in csv.read_text()
+
+    job = TrainJob(data=parquet, name="night", out_dir=tmp_path / "out", config=quiet_config(max_epochs=5))
+    bundle = Bundle.load(workflow.run_training(job)["bundle"])
+    scores = {}
+    for data in (parquet, csv):
+        score_files(ScoreJob(bundle.path, (data,), tmp_path / f"{data.suffix[1:]}.scores.parquet", device="cpu"))
+        scores[data.suffix] = pd.read_parquet(tmp_path / f"{data.suffix[1:]}.scores.parquet")
+    np.testing.assert_array_equal(scores[".csv"]["score"], scores[".parquet"]["score"])
+    np.testing.assert_array_equal(scores[".csv"]["is_anomaly"], scores[".parquet"]["is_anomaly"])
+    entries = {c["name"]: c for c in bundle.manifest["preprocessing"]["categorical"]}
+    assert entries["flag"]["boolean"] and set(entries["flag"]["categories"]) == {"", "false", "true"}
+    assert "boolean" not in entries["code"] and set(entries["code"]["categories"]) == {"1", "2", "3"}
+    assert bundle.manifest["verification"]["passed"]
