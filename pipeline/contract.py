@@ -4,7 +4,7 @@ Kept apart from the export code so scoring never imports torch.
 """
 
 OPSET = 17
-ML_OPSET = 3  # ai.onnx.ml, for the string one-hot encoder and the boolean columns' LabelEncoder
+ML_OPSET = 3  # ai.onnx.ml, for the string one-hot encoder and the LabelEncoder of boolean and integer-coded columns
 # onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses; 10 is read everywhere.
 IR_VERSION = 10
 BATCH_AXIS = "batch_size"

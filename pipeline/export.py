@@ -3,7 +3,7 @@
 Uses torch's TorchScript-based exporter (no onnxscript needed, one file per model, dynamic
 batch axis named ``batch_size``). The scorer's categorical front end (strings -> one-hot with
 an unknown bucket) is built with onnx.helper on the ai.onnx.ml OneHotEncoder (after a LabelEncoder
-for boolean columns) and composed in front of the exported numeric graph.
+for boolean and integer-coded columns) and composed in front of the exported numeric graph.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from onnx import TensorProto, compose, helper
 from pipeline.contract import BATCH_AXIS as BATCH
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, ML_OPSET, OPSET, OUTPUT_NAMES, categorical_input_name
 from pipeline.model import VAE
-from pipeline.preprocess import BOOLEAN_TEXT, UNKNOWN, Preprocessor
+from pipeline.preprocess import UNKNOWN, Preprocessor
 from pipeline.scorer_graph import ScorerGraph
 
 
@@ -90,9 +90,10 @@ def categorical_front(pre: Preprocessor) -> onnx.ModelProto:
     OneHotEncoder with zeros=1 maps an unseen string to all zeros; the unknown bucket is then
     1 - (sum of the row), so each column's block always holds exactly one 1.
 
-    A boolean column's strings first go through a LabelEncoder that maps each spelling of
-    true/false to 'true'/'false' (as Preprocessor.one_hot reads them), and anything else to a
-    string that is no category (unknown), so every runtime decides alike from the raw strings.
+    A column with spellings (boolean: 'True' for 'true'; integer-coded: '3.0' for '3') first goes
+    through a LabelEncoder that maps each spelling to its category (as Preprocessor.one_hot reads
+    them), and anything else to a string that is no category (unknown), so every runtime decides
+    alike from the raw strings.
     """
     inputs, nodes, blocks = [], [], []
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
@@ -102,10 +103,11 @@ def categorical_front(pre: Preprocessor) -> onnx.ModelProto:
         inputs.append(helper.make_tensor_value_info(name, TensorProto.STRING, [BATCH]))
         known, seen, unknown = f"known_{i}", f"seen_{i}", f"unknown_{i}"
         values = name
-        if stats.boolean:
+        spellings = stats.spellings
+        if spellings is not None:
             values = f"canonical_{i}"
             nodes.append(helper.make_node("LabelEncoder", [name], [values], domain="ai.onnx.ml",
-                                          keys_strings=list(BOOLEAN_TEXT), values_strings=list(BOOLEAN_TEXT.values()),
+                                          keys_strings=list(spellings), values_strings=list(spellings.values()),
                                           default_string=UNKNOWN))
         nodes += [
             helper.make_node("OneHotEncoder", [values], [known], domain="ai.onnx.ml",

@@ -107,6 +107,16 @@ def _image_inputs(manifest: dict) -> list[str]:
             f"{manifest['source'].get('skipped', 0)} unreadable skipped)"]
 
 
+def _spelled(entry: dict) -> str:
+    """The other spellings a categorical column takes (Preprocessor's spellings), for the reader."""
+    if entry.get("boolean"):
+        return "boolean (true/True/TRUE, false/False/FALSE)"
+    example = next((c for c in entry["categories"] if c), None)
+    if entry.get("integer") and example is not None:
+        return f"integer-coded ({example + '.0'!r} reads as {example!r})"
+    return ""
+
+
 def _table_inputs(manifest: dict) -> list[str]:
     schema, pre = manifest["schema"], manifest["preprocessing"]
     lines = [
@@ -116,8 +126,7 @@ def _table_inputs(manifest: dict) -> list[str]:
         "categorical columns (kept categories; others map to unknown):",
         *_table([(s["name"], ", ".join(repr(c) for c in s["categories"][:12])
                   + (" ..." if len(s["categories"]) > 12 else ""),
-                  "boolean (true/True/TRUE, false/False/FALSE)" if s.get("boolean") else "")
-                 for s in pre["categorical"]]),
+                  _spelled(s)) for s in pre["categorical"]]),
         f"id columns: {', '.join(schema['id_columns']) or '-'}   label column: {schema['label_column'] or '-'}",
     ]
     if schema["dropped"]:

@@ -11,7 +11,9 @@ that had missing values in training, then per categorical column its kept catego
 A boolean column (true/false in any of the spellings of BOOLEAN_TEXT) keeps 'false'/'true' as its
 categories, whatever the training file spelled: pandas' to_csv writes True/False and a Parquet bool
 reads as true/false, and compared verbatim, a bundle trained on one put every row of the other in
-the unknown bucket. scorer.onnx maps the spellings the same way (pipeline.export).
+the unknown bucket. An integer-coded column (categories '1', '2', '3') also takes '3.0' as '3': pandas
+reads an integer column with one blank cell as float64, and its to_csv writes every value so. Each
+column's spellings (CategoricalStats.spellings) are read alike here and in scorer.onnx (pipeline.export).
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ class CategoricalStats:
     name: str
     categories: tuple[str, ...]  # "" is the missing value, when kept
     boolean: bool = False  # values are read through BOOLEAN_TEXT first; categories are 'false'/'true'
+    integer: bool = False  # categories are integers' text ('3'); '3.0' is read as '3'
+
+    @property
+    def spellings(self) -> dict[str, str] | None:
+        """Each text this column's values may come as, to the category (or missing "") it means;
+        None where values are read verbatim. Any other text is unknown."""
+        if self.boolean:
+            return BOOLEAN_TEXT
+        if self.integer:
+            return {"": "", **{text: c for c in self.categories if c for text in (c, f"{c}.0")}}
+        return None
 
 
 @dataclass(frozen=True)
@@ -104,8 +117,9 @@ class Preprocessor:
     @staticmethod
     def one_hot(stats: CategoricalStats, values: np.ndarray) -> np.ndarray:
         lookup = {c: i for i, c in enumerate(stats.categories)}
-        if stats.boolean:
-            lookup = {text: lookup[meaning] for text, meaning in BOOLEAN_TEXT.items() if meaning in lookup}
+        spellings = stats.spellings
+        if spellings is not None:
+            lookup = {text: lookup[meaning] for text, meaning in spellings.items() if meaning in lookup}
         unknown = len(stats.categories)
         codes = np.fromiter((lookup.get(v, unknown) for v in values), dtype=np.int64, count=len(values))
         return np.eye(unknown + 1, dtype=np.float32)[codes]
@@ -121,9 +135,9 @@ class Preprocessor:
             "missing_category": "",
             "unknown_category": UNKNOWN,
             "numeric": [vars(s) for s in self.numeric],
-            # "boolean" only where true: a manifest without it reads as before.
-            "categorical": [{"name": s.name, "categories": list(s.categories), **({"boolean": True} if s.boolean else {})}
-                            for s in self.categorical],
+            # "boolean" and "integer" only where true: a manifest without them reads as before.
+            "categorical": [{"name": s.name, "categories": list(s.categories), **({"boolean": True} if s.boolean else {}),
+                             **({"integer": True} if s.integer else {})} for s in self.categorical],
             "feature_names": self.feature_names,
         }
 
@@ -131,7 +145,7 @@ class Preprocessor:
     def from_dict(cls, raw: dict) -> "Preprocessor":
         return cls(
             numeric=tuple(NumericStats(**s) for s in raw["numeric"]),
-            categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"]), _flag(s, "boolean"))
+            categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"]), _flag(s, "boolean"), _flag(s, "integer"))
                               for s in raw["categorical"]),
         )
 
@@ -165,9 +179,17 @@ def fit_preprocessor(frame: pd.DataFrame, schema: TableSchema, config: Preproces
 def _categorical_stats(name: str, values: np.ndarray, config: PreprocessConfig, source: str) -> CategoricalStats:
     distinct = set(pd.unique(values)) - {""}
     boolean = bool(distinct) and distinct <= BOOLEAN_TEXT.keys()
+    integer = bool(distinct) and all(_INTEGER_TEXT.fullmatch(v) for v in distinct)
     if boolean:
         values = np.array([BOOLEAN_TEXT[v] for v in values], dtype=object)  # 'True' and 'true' count as one
-    return CategoricalStats(name, _kept_categories(values, config, name, source), boolean)
+    elif integer:
+        values = np.array([v.removesuffix(".0") for v in values], dtype=object)  # '3.0' and '3' count as one
+    return CategoricalStats(name, _kept_categories(values, config, name, source), boolean, integer)
+
+
+# An integer as Python, pandas and pyarrow write it ('-12'), or as pandas writes it from a float64
+# column ('-12.0'). Not '007': a code with leading zeros is text, which its writer keeps as written.
+_INTEGER_TEXT = re.compile(r"(0|-?[1-9][0-9]*)(\.0)?")
 
 
 # A robust z-score past this overflows float32 training: the loss squares it (times up to e^10

@@ -214,3 +214,35 @@ def test_a_boolean_columns_spellings_decide_alike_inside_the_graph():
     assert (flag[7:, -1] == 1).all()  # any other text: the unknown bucket
     assert block[0, -1] == 1 and block[1, -1] == 0  # the text column keeps its spellings
     assert [n.op_type for n in model.graph.node].count("LabelEncoder") == 1
+
+
+def test_an_integer_coded_columns_decimal_spelling_decides_alike_inside_the_graph():
+    """A pandas CSV of a code column with a blank says '3.0' for 3; runtimes other than Python feed the
+    graph that text, so the graph itself must read it as '3', as Preprocessor.one_hot does."""
+    import pandas as pd
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.export import categorical_front
+    from pipeline.preprocess import fit_preprocessor
+    from pipeline.schema import infer_schema
+
+    rng = np.random.default_rng(0)
+    code = pd.array(rng.integers(1, 4, 300), dtype="Int64")
+    code[::50] = pd.NA
+    frame = pd.DataFrame({"code": code, "site": rng.choice(["3", "a"], 300)})
+    config = PreprocessConfig()
+    pre = fit_preprocessor(frame, infer_schema(frame, source="t", config=config), config, "t")
+    model = categorical_front(pre)
+    onnx.checker.check_model(model, full_check=True)
+    codes = np.array(["3", "3.0", "", "x", "1.0", "1", "3.00", " 3", "4.0", "__unknown__"], dtype=object)
+    sites = np.array(["3", "3.0"] * 5, dtype=object)  # a text column, not integer-coded: verbatim
+    (block,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"cat_code": codes, "cat_site": sites})
+    np.testing.assert_array_equal(block, pre.onehot_block([codes, sites], len(codes)))
+    width = len(pre.categorical[0].categories) + 1
+    code_block, site_block = block[:, :width], block[:, width:]
+    assert (code_block[0] == code_block[1]).all() and (code_block[4] == code_block[5]).all()
+    assert code_block[[0, 2, 4], -1].sum() == 0  # 3, missing, 1: known
+    assert (code_block[[3, 6, 7, 8, 9], -1] == 1).all()  # any other text: the unknown bucket
+    assert site_block[0, -1] == 0 and site_block[1, -1] == 1
+    assert [n.op_type for n in model.graph.node].count("LabelEncoder") == 1

@@ -357,13 +357,15 @@ def test_a_nul_inside_a_category_scores_as_in_python(trained_bundle, incoming_cs
 
 
 @pytest.mark.slow
-def test_a_boolean_column_scores_alike_in_any_spelling(node_example, tmp_path):
-    """The graph maps a boolean column's true/True/TRUE (false...) itself: Node feeds the CSV's text as
-    written, and a pandas CSV's True/False must score as the Parquet bool the bundle trained on."""
+def test_boolean_and_integer_code_columns_score_alike_in_any_spelling(node_example, tmp_path):
+    """The graph maps a boolean column's true/True/TRUE (false...) and an integer code's 3.0 itself: Node
+    feeds the CSV's text as written, and a pandas CSV's True/False must score as the Parquet bool the
+    bundle trained on, and the 2.0 pandas writes for a code column with a blank as the 2 it trained on."""
     rng = np.random.default_rng(0)
     a = rng.normal(size=600)
     frame = pd.DataFrame({"row_id": [f"r{i}" for i in range(600)], "a": a, "b": 2 * a + rng.normal(scale=0.1, size=600),
-                          "flag": a + rng.normal(scale=0.3, size=600) > 0})
+                          "flag": a + rng.normal(scale=0.3, size=600) > 0,
+                          "code": np.digitize(a + rng.normal(scale=0.3, size=600), [-0.5, 0.5]) + 1})
     frame.to_parquet(tmp_path / "train.parquet")
     job = TrainJob(data=tmp_path / "train.parquet", name="flags", out_dir=tmp_path / "out", id_columns=("row_id",),
                    config=quiet_config(max_epochs=3))
@@ -377,3 +379,8 @@ def test_a_boolean_column_scores_alike_in_any_spelling(node_example, tmp_path):
     frame.assign(flag="maybe").to_csv(tmp_path / "unknown.csv", index=False)
     _, unknown = score_both(node_example, bundle, tmp_path / "unknown.csv", tmp_path)
     assert (unknown["score"] > node["score"] + 1e-3).mean() > 0.9  # not vacuous: the flag is read, not ignored
+    frame.assign(code=frame["code"].where(frame.index != 7)).to_csv(tmp_path / "decimal.csv", index=False)
+    assert ",2.0\n" in (tmp_path / "decimal.csv").read_text()
+    python_decimal, decimal = score_both(node_example, bundle, tmp_path / "decimal.csv", tmp_path)
+    assert_same_results(python_decimal, decimal)
+    assert_same_results(python.drop(index=7).reset_index(drop=True), decimal.drop(index=7).reset_index(drop=True))

@@ -109,3 +109,48 @@ def test_the_boolean_flag_round_trips_and_old_manifests_read_as_before(frame):
     raw["categorical"][1]["boolean"] = "yes"
     with pytest.raises(TypeError, match="'boolean' must be true or false, got 'yes'"):
         Preprocessor.from_dict(raw)
+
+
+def test_an_integer_coded_column_reads_its_decimal_spelling_as_the_integer(frame):
+    """A code column with one blank cell, read by pandas, becomes float64, and its to_csv writes
+    '3.0' for 3: read verbatim, every row of that night landed in the unknown bucket."""
+    codes = pd.array(np.random.default_rng(1).integers(-1, 3, 1000), dtype="Int64")
+    codes[::97] = pd.NA
+    pre = fitted(pd.DataFrame({"code": codes, "color": frame["color"]}))
+    code = pre.categorical[0]
+
+    def features(values):
+        return pre.onehot_block([np.array(values, dtype=object), np.array(["red"] * len(values), dtype=object)],
+                                len(values))[:, :len(code.categories) + 1]
+
+    np.testing.assert_array_equal(features(["-1.0", "0.0", "1.0", "2.0", ""]), features(["-1", "0", "1", "2", ""]))
+    assert (code.name, code.integer, code.boolean) == ("code", True, False)
+    assert sorted(code.categories) == ["", "-1", "0", "1", "2"] and not pre.categorical[1].integer
+    assert not features(["2.0"])[0, -1] and features([""])[0, code.categories.index("")] == 1.0
+    # Only what tools write: other texts of the number, or a code never seen, are unknown.
+    assert (features(["2.00", " 2", "+2", "2.", "2e0", "3", "3.0", "x", UNKNOWN])[:, -1] == 1).all()
+    # A text column of the integers' text, or of both spellings, is integer-coded too, counted as one.
+    both = fitted(pd.DataFrame({"x": frame["x"], "code": np.tile(["1", "1.0", "2", "2.0"], 250)}),
+                  categorical_columns=("code",)).categorical[0]
+    assert both.integer and sorted(both.categories) == ["1", "2"]
+
+
+@pytest.mark.parametrize("values", [["007", "012"], ["1", "x"], ["1.5", "2"], ["1", "2.5"], ["true", "false"], ["-0", "1"]])
+def test_only_integers_text_makes_a_column_integer_coded(frame, values):
+    """A code with leading zeros is text as written (pandas itself would write '7', not '007.0')."""
+    pre = fitted(pd.DataFrame({"x": frame["x"], "code": np.tile(values, 500)}), categorical_columns=("code",))
+    assert not pre.categorical[0].integer and set(pre.categorical[0].categories) == {v.lower() for v in values}
+
+
+def test_the_integer_flag_round_trips_and_old_manifests_read_as_before(frame):
+    pre = fitted(frame.assign(code=np.tile([1, 2], 500)))
+    raw = pre.to_dict()
+    assert raw["categorical"][1] == {"name": "code", "categories": ["1", "2"], "integer": True}
+    assert "integer" not in raw["categorical"][0] and Preprocessor.from_dict(raw) == pre
+    del raw["categorical"][1]["integer"]  # a bundle exported before the flag: categories verbatim
+    old = Preprocessor.from_dict(raw).categorical[1]
+    assert not old.integer and Preprocessor.one_hot(old, np.array(["1", "1.0"], dtype=object)).tolist() == [[1, 0, 0],
+                                                                                                            [0, 0, 1]]
+    raw["categorical"][1]["integer"] = 1
+    with pytest.raises(TypeError, match="'integer' must be true or false, got 1"):
+        Preprocessor.from_dict(raw)

@@ -12,6 +12,7 @@ from pipeline.batch_score import score_files
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob, TrainJob
 from pipeline.errors import DataError, ExportError
+from pipeline.inspect import describe_manifest
 from pipeline.runtime import BundleScorer
 from pipeline.synthetic import write_table
 from tests.conftest import SHARED_DATA, quiet_config
@@ -296,3 +297,39 @@ def test_a_parquet_bundle_scores_the_same_rows_from_a_pandas_csv_alike(tmp_path)
     assert entries["flag"]["boolean"] and set(entries["flag"]["categories"]) == {"", "false", "true"}
     assert "boolean" not in entries["code"] and set(entries["code"]["categories"]) == {"1", "2", "3"}
     assert bundle.manifest["verification"]["passed"]
+
+
+@pytest.mark.slow
+def test_an_integer_code_scores_alike_after_pandas_rewrote_it_with_a_blank(tmp_path):
+    """A nightly job reads the CSV with pandas; one blank cell makes an integer code float64, and
+    to_csv writes '3.0' for 3. Read verbatim, every row of the code went to the unknown bucket: the
+    whole night's scores rose and rows were flagged that were not the night before."""
+    rng = np.random.default_rng(0)
+    n = 600
+    a = rng.normal(size=n)
+    frame = pd.DataFrame({"row_id": [f"r{i}" for i in range(n)], "a": a, "b": 2 * a + rng.normal(scale=0.1, size=n),
+                          "code": np.digitize(a + rng.normal(scale=0.3, size=n), [-0.5, 0.5]) + 1})
+    train = tmp_path / "train.csv"
+    frame.to_csv(train, index=False)
+    job = TrainJob(data=train, name="codes", out_dir=tmp_path / "out", id_columns=("row_id",),
+                   config=quiet_config(max_epochs=5))
+    bundle = Bundle.load(workflow.run_training(job)["bundle"])
+    night = pd.read_csv(train)
+    night.loc[7, "code"] = None
+    assert night["code"].dtype == np.float64
+    nightly = {"csv": tmp_path / "night.csv", "parquet": tmp_path / "night.parquet"}
+    night.to_csv(nightly["csv"], index=False)
+    night.to_parquet(nightly["parquet"], index=False)  # float64 holding 3.0: read as '3' already
+    assert ",2.0\n" in nightly["csv"].read_text()
+    scores = {}
+    for name, data in {"train": train, **nightly}.items():
+        score_files(ScoreJob(bundle.path, (data,), tmp_path / f"{name}.scores.parquet", device="cpu"))
+        scores[name] = pd.read_parquet(tmp_path / f"{name}.scores.parquet").drop(index=7)
+    for name in nightly:
+        np.testing.assert_array_equal(scores[name]["score"], scores["train"]["score"])
+        np.testing.assert_array_equal(scores[name]["is_anomaly"], scores["train"]["is_anomaly"])
+    entry = bundle.manifest["preprocessing"]["categorical"][0]
+    assert entry == {"name": "code", "categories": entry["categories"], "integer": True}
+    assert sorted(entry["categories"]) == ["1", "2", "3"] and bundle.manifest["verification"]["passed"]
+    example = entry["categories"][0]
+    assert f"integer-coded ('{example}.0' reads as '{example}')" in describe_manifest(bundle.manifest)
