@@ -26,7 +26,7 @@ from pipeline.bundle import Bundle
 from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.batch_score import label_metrics_of
+from pipeline.batch_score import label_metrics_of, required_columns
 from pipeline.image_score import check_side_files, errors_path, merge_error_files
 from pipeline.outputs import (check_scores_target, make_parents, merge_scored_parts, remove_empty_folders,
                               summary_path, write_atomic)
@@ -37,11 +37,18 @@ from pipeline.tables import iter_batches, read_columns
 
 
 @task(cache_policy=NO_CACHE)
-def check_bundle(bundle: Path, precision: str = "fp32") -> dict:
-    """Load the bundle, verify its file hashes and find the scorer of this precision."""
+def check_bundle(bundle: Path, precision: str = "fp32", inputs: tuple[Path, ...] = ()) -> dict:
+    """Load the bundle, verify its file hashes, find the scorer of this precision and check each
+    table input's header against the bundle's columns."""
     loaded = Bundle.load(bundle)
     calibration = loaded.calibration_for(precision)  # the variant's own threshold and expected FPR
     modality = loaded.manifest.get("modality", "table")
+    if modality == "table":
+        # As single-process scoring does before any work (headers only, no rows): otherwise a file
+        # without a column the bundle needs fails only when its task runs, after the others have
+        # been scored for nothing. Each task warns of its file's extra columns as it scores it.
+        for path in inputs:
+            required_columns(loaded, path, warn=False)
     return {"name": loaded.manifest["name"], "version": loaded.manifest["version"], "precision": precision,
             "target_fpr": calibration["target_fpr"], "expected_fpr": calibration["expected_fpr"],
             "fpr_range": stored_fpr_range(calibration), "modality": modality,
@@ -141,7 +148,7 @@ def score_flow(job: ScoreJob) -> dict:
 
 
 def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> dict:
-    bundle = check_bundle(resolved.bundle, job.precision)
+    bundle = check_bundle(resolved.bundle, job.precision, job.inputs)
     # An image's row names it by its input folder's path, so image inputs stay as given (a worker
     # in another folder says so) and the output reads as with the local runner.
     inputs = job.inputs if bundle["modality"] == "image" else tuple(absolute(p) for p in job.inputs)

@@ -83,8 +83,11 @@ class ScoreSummary:
         return text
 
 
-def required_columns(bundle: Bundle, path: Path) -> tuple[list[str], bool]:
-    """Check an input's header: missing columns fail, extra ones are ignored with a warning."""
+def required_columns(bundle: Bundle, path: Path, warn: bool = True) -> tuple[list[str], bool]:
+    """Check an input's header: missing columns fail, extra ones are ignored with a warning.
+
+    ``warn=False`` for a check ahead of a task that scores the file, and so warns, itself.
+    """
     schema = bundle.schema
     columns = read_columns(path)
     needed = list(schema.id_columns) + list(schema.feature_columns)
@@ -100,7 +103,7 @@ def required_columns(bundle: Bundle, path: Path) -> tuple[list[str], bool]:
         )
     has_label = bool(schema.label_column) and schema.label_column in columns
     extra = [c for c in columns if c not in needed and c != schema.label_column]
-    if extra:
+    if extra and warn:
         log.warning("%s: ignoring %d column(s) the bundle does not use: %s", path, len(extra),
                     ", ".join(extra[:10]) + (" ..." if len(extra) > 10 else ""))
     return needed, has_label

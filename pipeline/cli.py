@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--batch-size", type=int, default=65_536, help="rows per chunk (default 65536)")
     score.add_argument("--threads", type=int, help="onnxruntime threads (default: one fewer than the cores, at most 3, "
-                                                    "leaving one to the reader; images: cores, at most 4)")
+                                                    "leaving one to the reader; images: cores, at most 4; more than "
+                                                    "the cores: the cores, with a warning)")
     score.add_argument("--maps", type=Path, help="image bundles: write a PNG (image, reconstruction, heat map) "
                        "for each flagged image into this folder")
     score.add_argument("--report", action="store_true",
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", choices=("fp16", "int8"), required=True)
     export.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="where the variant is calibrated and timed against fp32 (default cpu)")
-    export.add_argument("--threads", type=int, help="onnxruntime threads (default: cores, at most 4)")
+    export.add_argument("--threads", type=int, help="onnxruntime threads (default: cores, at most 4; "
+                        "more than the cores: the cores, with a warning)")
 
     serve = commands.add_parser("serve", parents=[common],
                                 help="score a landing folder on a schedule (needs `prefect server start`)")

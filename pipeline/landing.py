@@ -7,8 +7,9 @@ score every landed file exactly once:
 - a file is keyed by (relative path, sha256): new content under the same name is a new version
   and is scored again, the same content is never scored twice;
 - a file whose mtime moved within ``settle_seconds`` is still being written and waits;
-- the output name is a function of (relative path, sha256), so a run killed after writing the
-  output but before the ledger line rewrites the same file on restart instead of adding one;
+- the output name is a function of (relative path, sha256), one output per landed file, so a run
+  killed after writing the output but before the ledger line rewrites the same file on restart
+  instead of adding one;
 - the ledger is appended with fsync and a torn last line is ignored, so a killed run leaves a
   readable ledger;
 - ``run_lock`` keeps overlapping runs apart with a kernel lock that dies with its process;
@@ -344,13 +345,16 @@ def run_failure(files: list[dict]) -> LandingRunError | None:
 
 
 def output_path(out_dir: Path, landed: LandedFile, suffix: str = ".parquet") -> Path:
-    """OUT_DIR/scores/<relative without suffix>.<sha256[:12]><suffix>, subfolders mirrored.
+    """OUT_DIR/scores/<relative>.<sha256[:12]><suffix>, subfolders mirrored.
 
     Deterministic per (relative, content): re-scoring after a crash overwrites the same file
-    instead of adding a duplicate; a changed file gets a new output next to the old one.
+    instead of adding a duplicate; a changed file gets a new output next to the old one. The
+    file's whole name, suffix included: x.parquet and x.pq (or x.csv and x.CSV) with the same
+    bytes are two landed files, each with its own output, where one output named after the stem
+    was written by both, and discarding one (rewritten while scored) took the other's too.
     """
     relative = PurePosixPath(landed.relative)
-    name = f"{relative.stem}.{landed.sha256[:12]}{suffix}"
+    name = f"{relative.name}.{landed.sha256[:12]}{suffix}"
     return Path(out_dir) / SCORES_DIR / Path(*relative.parent.parts) / name
 
 

@@ -333,3 +333,60 @@ def test_train_flags_win_over_the_config_file(capsys, tmp_path, sensor_csv, monk
     training, calibration = jobs[0].config.training, jobs[0].config.calibration
     assert (training.seed, training.trim_fraction, training.device, calibration.target_fpr) == (2, 0.05, "cpu", 0.02)
     assert training.max_epochs == 7  # what no flag sets comes from the file
+
+
+# --- threads beyond the cores ---------------------------------------------------------------
+
+
+@pytest.fixture
+def one_core(monkeypatch):
+    """This process may use one core, whatever machine runs the test; the cap's warning is given anew."""
+    from pipeline import config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    config._warn_capped.cache_clear()
+    yield
+    config._warn_capped.cache_clear()
+
+
+CAPPED_WARNING = ("warning: threads {} is more than the 1 CPU core(s) this process may use; using 1, as more threads "
+                  "than cores only slow torch and onnxruntime down; set --threads (or training.threads) to at most 1, "
+                  "or leave it out for the default")
+
+
+def test_score_threads_beyond_the_cores_are_capped_with_one_warning(capsys, monkeypatch, tmp_path, trained_bundle,
+                                                                    incoming_csv, one_core):
+    """`vaeguard score --threads 10000` on 2 cores made onnxruntime start 10,000 threads: 50,000 rows
+    were not scored after 11 minutes (0.7 s with 2). Now the session gets the cores, and one line says so."""
+    from pipeline import runtime
+
+    monkeypatch.setattr(runtime, "_SHARED", {})  # a session of an earlier test would be reused
+    threads, real = [], runtime.create_session
+
+    def recorded(*args, **kwargs):
+        session = real(*args, **kwargs)
+        threads.append(session.get_session_options().intra_op_num_threads)
+        return session
+
+    monkeypatch.setattr(runtime, "create_session", recorded)
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / "scores.parquet",
+                            "--device", "cpu", "--threads", "3")
+    assert code == 0, err
+    assert threads == [1]
+    assert err.splitlines() == [CAPPED_WARNING.format(3)]
+
+
+def test_train_config_threads_beyond_the_cores_are_capped_with_one_warning(capsys, monkeypatch, tmp_path, sensor_csv,
+                                                                           one_core):
+    """`threads: 10000` in the config file trained 20 epochs in 177 s instead of 0.3 s on 2 cores."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)  # torch's pool is the whole test session's
+    config = tmp_path / "fast.yaml"
+    config.write_text(FAST_YAML.replace("max_epochs: 30", "max_epochs: 2").replace("threads: 2", "threads: 10000"))
+    code, _, err = run_main(capsys, "train", sensor_csv, "--name", "capped", "--id-columns", "row_id", "--config",
+                            config, "--out", tmp_path / "exported")
+    assert code == 0, err
+    assert asked == [1]
+    assert err.splitlines() == [CAPPED_WARNING.format(10000)]

@@ -323,3 +323,46 @@ def test_a_second_ctrl_c_while_the_temporary_server_stops_still_stops_it(tmp_pat
         if servers[0].poll() is None:
             servers[0].kill()
             real_wait(servers[0])
+
+
+@pytest.mark.parametrize("fault", ["missing column", "header twice"])
+def test_cli_dask_refuses_a_bad_header_before_any_task(trained_bundle, tmp_path, capsys, monkeypatch, fault):
+    """One of many inputs without a column the bundle needs, or with a header the reader refuses:
+    the Dask run used to find it only when that file's task ran, after the others were scored.
+    Now it fails as the plain run does, with the same line, before a task is submitted, and
+    leaves the earlier output alone."""
+    import flows.score
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    good = [write_table(make_sensor_table(SyntheticSpec(n_rows=300, seed=40 + i)), tmp_path / f"in{i}.csv").name
+            for i in range(2)]
+    bad = make_sensor_table(SyntheticSpec(n_rows=300, seed=42))
+    if fault == "missing column":
+        bad = bad.drop(columns=["torque"])
+    else:
+        bad = bad.rename(columns={"humidity": "pressure"})
+    bad.to_csv("bad.csv", index=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scores.parquet").write_bytes(b"earlier scores")
+    submitted, submit = [], flows.score.score_file.submit
+
+    def recorded(*args, **kwargs):
+        submitted.append(args[1])
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(flows.score.score_file, "submit", recorded)
+
+    errors = {}
+    for runner in ("local", "dask"):
+        code = main(["score", str(trained_bundle), *good, "bad.csv", "--output", "out/scores.parquet",
+                     "--device", "cpu", "--task-runner", runner])
+        assert code == 1
+        errors[runner] = capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert submitted == []
+    assert errors["dask"] == errors["local"]
+    assert errors["dask"].startswith("error: bad.csv: " + ("missing column(s) ['torque']" if fault == "missing column"
+                                                           else "column 'pressure' appears twice in the header"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores.parquet"]  # no parts folder
+    assert (tmp_path / "out" / "scores.parquet").read_bytes() == b"earlier scores"

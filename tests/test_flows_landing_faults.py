@@ -202,6 +202,44 @@ def test_files_changed_or_deleted_during_the_run_are_not_recorded(trained_bundle
                                                                              ("rewritten.csv", "scored", 500)]
 
 
+def test_landed_files_with_the_same_bytes_and_stem_each_get_their_own_output(trained_bundle, tmp_path, monkeypatch):
+    """x.parquet and x.pq with identical bytes were both scored into x.<sha256[:12]>.parquet, with no
+    word in the log: the ledger pointed both at it, and when x.pq was rewritten while scored,
+    discarding its output deleted x.parquet's, which the ledger still recorded as scored."""
+    import shutil
+
+    import pandas as pd
+
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    first = land_sensors(landing, "x.parquet", 60)
+    for twin in ("x.pq", "y.parquet"):
+        shutil.copy2(first, landing / twin)
+    real_score = landing_module.score_files
+
+    def re_exported_after_the_read(job):
+        summary = real_score(job)
+        if Path(job.inputs[0]).name == "x.pq":
+            land_sensors(landing, "x.pq", 61, rows=200)
+        return summary
+
+    monkeypatch.setattr(landing_module, "score_files", re_exported_after_the_read)
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert {f["file"]: f["status"] for f in report["files"]} == {"x.parquet": "scored", "x.pq": "changed",
+                                                                 "y.parquet": "scored"}
+    monkeypatch.setattr(landing_module, "score_files", real_score)
+    again = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert [(f["file"], f["status"], f["rows"]) for f in again["files"]] == [("x.pq", "scored", 200)]
+
+    recorded = {e["relative"]: Path(e["output"]) for e in ledger_lines(out)}
+    assert sorted(recorded) == ["x.parquet", "x.pq", "y.parquet"]
+    for relative, output in recorded.items():
+        assert output.name.startswith(f"{relative}.") and output.exists(), output
+    assert {relative: len(pd.read_parquet(output)) for relative, output in recorded.items()} == {
+        "x.parquet": 300, "x.pq": 200, "y.parquet": 300}
+    assert len(list((out / "scores").glob("*.parquet"))) == 3
+
+
 def test_at_most_two_files_are_scored_at_once(trained_bundle, tmp_path, monkeypatch):
     landing, out = tmp_path / "landing", tmp_path / "out"
     landing.mkdir()

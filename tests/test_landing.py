@@ -75,9 +75,24 @@ def test_scored_file_is_done_until_its_content_changes(dirs):
     [second] = pending_files(landing, ledger)
     assert second.relative == first.relative and second.sha256 != first.sha256
     assert output_path(out, second) != output_path(out, first)
-    assert output_path(out, first) == out / "scores" / f"sensors.{first.sha256[:12]}.parquet"
+    assert output_path(out, first) == out / "scores" / f"sensors.csv.{first.sha256[:12]}.parquet"
     # Same content, same output: a re-run after a crash overwrites instead of duplicating.
     assert output_path(out, second) == output_path(out, dataclasses.replace(second, size=0, mtime_ns=0))
+
+
+def test_landed_files_with_the_same_bytes_each_get_their_own_output(dirs):
+    """x.parquet and x.pq (or x.csv and x.CSV) with identical bytes both had the output
+    x.<sha256[:12]>.parquet: two files scored into one, and discarding one discarded both."""
+    landing, out = dirs
+    for relative in ["x.parquet", "x.pq", "y.csv", "y.CSV", "z.parquet", "sub/x.parquet"]:
+        land(landing, relative, "same bytes")
+    found = pending_files(landing, Ledger(out))
+    assert len({f.sha256 for f in found}) == 1
+    outputs = {f.relative: output_path(out, f) for f in found}
+    assert len(set(outputs.values())) == len(found) == 6
+    sha = found[0].sha256[:12]
+    assert outputs["x.pq"] == out / "scores" / f"x.pq.{sha}.parquet"
+    assert outputs["sub/x.parquet"] == out / "scores" / "sub" / f"x.parquet.{sha}.parquet"
 
 
 def test_file_still_being_written_waits_for_settle_time(dirs):
@@ -100,9 +115,9 @@ def test_listing_skips_hidden_quarantine_and_unsupported_and_recurses(dirs):
         land(landing, relative)
     found = pending_files(landing, Ledger(out))
     assert [f.relative for f in found] == ["a.csv", "b/c.pq", "b/c/d.PARQUET", "e.csv.gz"]
-    assert output_path(out, found[3]) == out / "scores" / f"e.csv.{found[3].sha256[:12]}.parquet"
+    assert output_path(out, found[3]) == out / "scores" / f"e.csv.gz.{found[3].sha256[:12]}.parquet"
     nested = found[2]
-    assert output_path(out, nested, ".csv") == out / "scores" / "b" / "c" / f"d.{nested.sha256[:12]}.csv"
+    assert output_path(out, nested, ".csv") == out / "scores" / "b" / "c" / f"d.PARQUET.{nested.sha256[:12]}.csv"
 
 
 def test_torn_last_ledger_line_is_ignored_and_appends_continue(dirs):
