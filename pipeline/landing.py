@@ -31,7 +31,6 @@ import os
 import shutil
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -169,12 +168,6 @@ def _json_default(value):
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def ledger_summary(ledger: Ledger) -> dict:
-    counts = Counter(entry.get("status") for entry in ledger.entries())
-    return {"entries": sum(counts.values()), **{status: counts.get(status, 0) for status in STATUSES},
-            **{str(status): n for status, n in counts.items() if status not in STATUSES}}
 
 
 def utc_now() -> str:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,11 @@ from pipeline.config import LandingJob, ServeJob
 from pipeline.errors import ConfigError, DataError, DeviceError, InputFileError
 from pipeline.outputs import summary_path
 from pipeline.landing import (
+    STATUSES,
     LandedFile,
     LandingRunError,
     Ledger,
     LedgerError,
-    ledger_summary,
     output_path,
     pending_files,
     quarantine,
@@ -36,6 +37,12 @@ from pipeline.landing import (
 )
 
 LONG_AGO = time.time() - 3600
+
+
+def ledger_summary(ledger: Ledger) -> dict:
+    """How many ledger entries have each status."""
+    counts = Counter(entry.get("status") for entry in ledger.entries())
+    return {"entries": sum(counts.values()), **{status: counts.get(status, 0) for status in STATUSES}}
 
 
 def land(folder: Path, relative: str, text: str = "a,b\n1,2\n", mtime: float | None = LONG_AGO) -> Path:
