@@ -384,3 +384,55 @@ def test_boolean_and_integer_code_columns_score_alike_in_any_spelling(node_examp
     python_decimal, decimal = score_both(node_example, bundle, tmp_path / "decimal.csv", tmp_path)
     assert_same_results(python_decimal, decimal)
     assert_same_results(python.drop(index=7).reset_index(drop=True), decimal.drop(index=7).reset_index(drop=True))
+
+
+def _row_as_missing(at, rows):
+    rows[3][at["temperature"]] = ""
+
+
+# Found by a differential fuzz of Node against `vaeguard score` on CSV cells (edge spellings of
+# numbers, labels, quoting): the cells where the two read a file differently before.
+@pytest.mark.parametrize("column, value, outcome", [
+    # C's NaN with a payload (MSVC's printf writes "-nan(ind)"): pyarrow reads it as NaN, missing
+    # like "nan"; Node refused the file as "must be numeric".
+    ("temperature", "nan(123)", "missing"),
+    ("temperature", " -nan(ind) ", "missing"),
+    ("temperature", "NaN(0x7ff8)", "missing"),
+    # A byte order mark is no white space to Python, which refuses the label; JS's trim() removed
+    # it, and Node scored the file.
+    ("label", "\ufeff1", "refused"),
+    ("label", "0\ufeff", "refused"),
+])
+def test_cells_that_python_and_node_read_alike(trained_bundle, incoming_csv, node_example, tmp_path,
+                                              column, value, outcome):
+    def edit(at, rows):
+        rows[3][at[column]] = value
+    source = write_rows(tmp_path / "cell.csv", *edited_rows(incoming_csv, edit))
+    if outcome == "refused":
+        assert "must be 0 (normal) or 1 (anomaly) but row 4" in python_error(trained_bundle, source, tmp_path)
+        done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+        assert done.returncode == 2, done.stderr
+        shown = json.dumps(value, ensure_ascii=False)
+        assert f"must be 0 (normal) or 1 (anomaly) but row 4 (line 5) holds {shown}" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
+        return
+    python, node = score_both(node_example, trained_bundle, source, tmp_path)
+    assert_same_results(python, node)
+    # Read as missing, not as some number: the row scores as it does with the cell left empty.
+    blank = write_rows(tmp_path / "blank.csv", *edited_rows(incoming_csv, _row_as_missing))
+    _, node_blank = score_both(node_example, trained_bundle, blank, tmp_path)
+    assert node["score"].tolist() == node_blank["score"].tolist()
+
+
+def test_a_quote_never_closed_is_refused_naming_file_and_line(trained_bundle, incoming_csv, node_example, tmp_path):
+    # pyarrow takes the rest of the file as that one value (the rows after it are lost without a
+    # word when it sits in the last column); Node refused, but without the file or a fix.
+    header, rows = edited_rows(incoming_csv, lambda at, rows: None)
+    source = write_rows(tmp_path / "quote.csv", header + ["note"], [row + ["ok"] for row in rows])
+    lines = source.read_text().splitlines(keepends=True)
+    lines[5] = lines[5].replace(",ok\n", ',"never closed\n')
+    source.write_text("".join(lines))
+    done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
+    assert done.returncode == 2, done.stderr
+    assert f"{source}: line 6 opens a quoted field that is never closed" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()

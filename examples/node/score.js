@@ -147,7 +147,8 @@ const QUOTE_SEEN = 3;  // a quote inside a quoted field: "" (a literal quote) or
 
 /** A streaming parser: push() text chunks of any size, get back complete records. */
 class CsvParser {
-  constructor() {
+  constructor(file = 'input') {
+    this.file = file;      // for messages
     this.state = FIELD_START;
     this.field = '';
     this.record = [];
@@ -155,6 +156,7 @@ class CsvParser {
     this.skipLF = false;   // the last character was a CR: a following LF belongs to it
     this.line = 1;         // physical line the parser is on
     this.recordLine = 1;   // physical line the current record started on
+    this.quoteLine = 1;    // physical line the last quoted field opened on
   }
 
   push(text) {
@@ -199,6 +201,7 @@ class CsvParser {
       } else if (c === QUOTE && this.state === FIELD_START) {
         this.state = QUOTED;
         this.fieldWasQuoted = true;
+        this.quoteLine = this.line;
         i += 1;
       } else { // a run of plain characters, up to the next comma or line end
         let j = i + 1;
@@ -217,8 +220,11 @@ class CsvParser {
 
   /** Call once after the last chunk: returns the last record if the file did not end in a newline. */
   end() {
+    // pyarrow (`vaeguard score`) takes the rest of the file as that one value: the rows after it
+    // vanish without a word. Refused here, with where to look.
     if (this.state === QUOTED) {
-      throw inputError(`line ${this.recordLine}: a quoted field is never closed`);
+      throw inputError(`${this.file}: line ${this.quoteLine} opens a quoted field that is never closed, so the ` +
+        'rest of the file would be one value; close that quote, or write a quote inside a value as ""');
     }
     const records = [];
     this.endRecord(records);
@@ -319,7 +325,7 @@ function checkInputName(file) {
 }
 
 async function* csvRecords(file) {
-  const parser = new CsvParser();
+  const parser = new CsvParser(file);
   let first = true;
   // A .gz file is decompressed as it streams, as pyarrow does for `vaeguard score`, which
   // recognises ".gz" in any case ("X.CSV.GZ" too).
@@ -367,31 +373,39 @@ function checkHeader(file, names) {
 // A number as pyarrow parses it: surrounding spaces/tabs ignored, an optional sign, decimal
 // digits with an optional exponent, or nan / inf / infinity in any case. Anything else
 // (hex, "1_000", "1,5", ...) is not a number. JS's Number() is more lenient, hence the regex.
+// A NaN may carry C's payload, "nan(...)": MSVC's printf writes "-nan(ind)", and pyarrow reads
+// it as NaN (missing), as it does "nan".
 const DECIMAL = /^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$/;
-const SPECIAL = /^([+-]?)(nan|inf|infinity)$/i;
+const SPECIAL = /^([+-]?)(?:(nan)(?:\([0-9A-Za-z_]*\))?|inf|infinity)$/i;
 const FLOAT32_MAX = 3.4028234663852886e38;
 
-/** float64 value of a numeric cell, NaN when missing; undefined when it is not a number. */
 // The label spellings `vaeguard score` takes (pipeline.schema.scored_labels): 0 or 1 as any
 // number, or true/false as pandas, spreadsheets and databases write them; a missing one leaves
 // the row unlabelled.
 const LABEL_WORDS = new Set(['0', '1', 'false', 'False', 'FALSE', 'true', 'True', 'TRUE']);
+// The white space around a label that Python's str.strip() and JS's trim() both remove. trim()
+// also removes U+FEFF, which Python keeps, and refuses the label: "\uFEFF1" scored here only.
+// Python's also removes control characters (\x1c-\x1f, \x85), and its float() reads "0_1" and
+// non-ASCII digits ("１") as numbers: such labels are refused here, a clear error over a guess.
+const LABEL_SPACE_CHARS = '\\t\\n\\v\\f\\r \\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000';
+const LABEL_SPACE = new RegExp(`^[${LABEL_SPACE_CHARS}]+|[${LABEL_SPACE_CHARS}]+$`, 'g');
 
 function isLabel(raw) {
   if (NULL_VALUES.has(raw)) return true;
-  const text = raw.trim();
+  const text = raw.replace(LABEL_SPACE, '');
   if (LABEL_WORDS.has(text)) return true;
   const number = parseNumber(text);
   return number === 0 || number === 1;
 }
 
+/** float64 value of a numeric cell, NaN when missing; undefined when it is not a number. */
 function parseNumber(raw) {
   if (NULL_VALUES.has(raw)) return NaN;
   const text = raw.replace(/^[ \t]+|[ \t]+$/g, '');
   if (DECIMAL.test(text)) return Number(text);
   const special = SPECIAL.exec(text);
   if (special) {
-    if (special[2].toLowerCase() === 'nan') return NaN;
+    if (special[2]) return NaN;
     return special[1] === '-' ? -Infinity : Infinity;
   }
   return undefined;
