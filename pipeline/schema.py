@@ -151,6 +151,12 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
             f"leave it out of the file, pass it as --id-columns {name}, or convert it to a number "
             f"(e.g. hour of day)"
         )
+    integers = _integers_in_text(column)
+    if integers is not None and name not in config.numeric_columns:
+        # Integer codes stored as text (a Parquet string column) are judged as the CSV reader's
+        # integers of the same text are: as numbers stored as text, they trained as numeric in a
+        # Parquet file and as categories in a CSV.
+        return "categorical" if len(pc.unique(integers)) <= config.max_integer_categories else "numeric"
     # Text or objects: numeric if nearly every value parses as a number (then the rest are typos to
     # report). Every value may parse (decimals, numbers stored as text): numeric, nothing to report.
     parsed = pd.to_numeric(column, errors="coerce")
@@ -165,6 +171,27 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
             )
         return "numeric"
     return "categorical"
+
+
+# An integer as pyarrow's CSV reader takes it (it trims spaces and tabs, and keeps '007' as 7).
+_INTEGER_TEXT = r"^[ \t]*-?[0-9]+[ \t]*$"
+
+
+def _integers_in_text(column: pd.Series) -> pa.Array | None:
+    """The values of a text column as integers, where the CSV reader would read every present one
+    as an int64; None otherwise (decimals, other text, integers beyond int64, not text at all)."""
+    try:
+        text = pa.array(column.dropna(), from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None  # objects of mixed types: not one text column
+    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        return None
+    if not pc.all(pc.match_substring_regex(text, _INTEGER_TEXT)).as_py():
+        return None
+    try:
+        return pc.utf8_trim(text, characters=" \t").cast(pa.int64())
+    except pa.ArrowInvalid:
+        return None
 
 
 def numeric_matrix(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> np.ndarray:

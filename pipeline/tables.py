@@ -2,7 +2,7 @@
 
 Both paths go through pyarrow with the same parsing rules, so a value means the same thing at
 training and at scoring time: empty fields and the usual null markers ("NA", "null", ...) are
-missing in every column, strings included.
+missing in every column, strings included, in a CSV and in a Parquet file's text alike.
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ def _plain_types(table: pa.Table, path: Path) -> pa.Table:
     category dtype, integers with few values became numeric, not categorical as written plainly.
     float16 becomes float32 (pandas can't index float16: training crashed). A nested column has
     several values per row, nothing a feature can hold: it crashed training with "unhashable type".
+    Text reads the CSV reader's spellings of a missing value as missing (missing_as_null).
     """
     for position, field_ in enumerate(table.schema):
         kind = field_.type.value_type if pa.types.is_dictionary(field_.type) else field_.type
@@ -188,6 +189,8 @@ def _plain_types(table: pa.Table, path: Path) -> pa.Table:
             kind = pa.float32()
         if kind != field_.type:
             table = table.set_column(position, field_.name, table.column(position).cast(kind))
+        if _is_text(kind):
+            table = table.set_column(position, field_.name, missing_as_null(table.column(position)))
     return table
 
 
@@ -269,6 +272,8 @@ def _cast_batch(batch: pa.RecordBatch, target: pa.Schema, path: Path, rows_befor
         if pa.types.is_dictionary(column.type):
             # pandas categories written to Parquet: the values count, not the encoding, as in training.
             column = column.dictionary_decode()
+        if _is_text(column.type):
+            column = missing_as_null(column)
         if column.type == field_.type:
             columns.append(column)
         elif _is_text(field_.type):
@@ -280,6 +285,22 @@ def _cast_batch(batch: pa.RecordBatch, target: pa.Schema, path: Path, rows_befor
 
 def _is_text(kind: pa.DataType) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+# The CSV reader's spellings of a missing value ("", "NA", "null", "nan", ...).
+_MISSING_SPELLINGS = pacsv.ConvertOptions().null_values
+
+
+def missing_as_null(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A Parquet text column with the CSV reader's spellings of a missing value as missing.
+
+    A CSV's 'NA' or 'nan' is missing in every column; the same text in a Parquet column was a
+    category 'nan' (numpy's astype(str) writes NaN so), or refused in a column of numbers stored
+    as text at training while scoring took it: the same table trained and scored differently as
+    CSV and as Parquet.
+    """
+    spelled = pc.is_in(text, value_set=pa.array(_MISSING_SPELLINGS, text.type))
+    return pc.if_else(spelled, pa.scalar(None, text.type), text)
 
 
 def _as_text(column: pa.Array, field_: pa.Field, path: Path) -> pa.Array:
@@ -307,14 +328,8 @@ def _as_numbers(column: pa.Array, field_: pa.Field, path: Path, rows_before: int
                         f"store it as numbers") from None
 
 
-# The CSV reader's spellings of a missing value ("", "NA", "null", ...): numbers stored as text in
-# a Parquet file read as the same values written to a CSV would.
-_MISSING_SPELLINGS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
-
-
 def _text_as_numbers(column: pa.Array, field_: pa.Field, path: Path, rows_before: int) -> pa.Array:
     text = column.cast(pa.string())
-    text = pc.if_else(pc.is_in(text, value_set=_MISSING_SPELLINGS), pa.scalar(None, pa.string()), text)
     # The spaces and tabs the CSV reader trims around a number (training's pandas takes them too):
     # ' 1.5' stored as text was refused here, and read in the same file as a CSV.
     text = pc.utf8_trim(text, characters=" \t")

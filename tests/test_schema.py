@@ -182,3 +182,32 @@ def test_a_label_that_marks_only_the_anomalies_says_to_fill_the_rest(table):
     table.loc[table["label"].first_valid_index(), "label"] = 0  # some normal rows labelled too: no such hint
     with pytest.raises(DataError, match=r"on every row$"):
         label_vector(table, "label", "t.csv")
+
+
+def test_integer_codes_stored_as_text_are_judged_as_a_csvs_integers(tmp_path):
+    """A Parquet text column of codes '1', '2', '3' trained as numeric (numbers stored as text), and
+    the same column in a CSV as categories (the CSV reader's integers): one night's model differed
+    from the next's by the file's format alone."""
+    from pipeline.tables import read_table
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(1, 4, 200)
+    frame = pd.DataFrame({
+        "x": rng.normal(size=200),
+        "code": [str(c) for c in codes],
+        "padded": [f"{c:03d}" for c in codes],              # kept as written: categories '001', ...
+        "spaced": [f" {c}" for c in codes],                  # the CSV reader trims spaces around a number
+        "blank": [None if i % 40 == 0 else str(c) for i, c in enumerate(codes)],
+        "many": [str(v) for v in rng.integers(-10**6, 10**6, 200)],  # many values: numeric, as before
+        "decimal": [f"{c}.5" for c in codes],                # decimals stored as text: numeric, as before
+    })
+    parquet, csv = tmp_path / "t.parquet", tmp_path / "t.csv"
+    frame.to_parquet(parquet)
+    frame.to_csv(csv, index=False)
+    config = PreprocessConfig()
+    from_parquet, from_csv = (infer_schema(read_table(p), source=str(p), config=config) for p in (parquet, csv))
+    assert from_parquet == from_csv
+    assert from_parquet.categorical == ("code", "padded", "spaced", "blank")
+    assert from_parquet.numeric == ("x", "many", "decimal")
+    forced = PreprocessConfig(numeric_columns=("code",))
+    assert "code" in infer_schema(read_table(parquet), source="t", config=forced).numeric

@@ -390,3 +390,35 @@ def test_an_integer_column_with_a_blank_keeps_its_kind(tmp_path, suffix, caplog)
     else:
         frame.drop(index=5).to_csv(full, index=False)
     assert infer_schema(read_table(full), source=str(full), config=PreprocessConfig()) == schema  # the other night
+
+
+@pytest.mark.parametrize("encoding", ["plain", "dictionary", "large_string"])
+def test_a_parquet_texts_missing_spellings_are_missing_as_in_a_csv(tmp_path, encoding):
+    """A CSV's 'NA' or 'nan' is missing in every column. The same text in a Parquet column was a
+    category 'nan' (numpy's astype(str) writes NaN so) in training and scoring, and in numbers
+    stored as text refused by training while scoring took it: one table, two models."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spellings = ["NA", "nan", "null", "N/A", "NaN", ""]
+    n = len(spellings)
+    columns = {"c": ["a", "b"] * n + spellings, "x": ["1.5", "2"] * n + spellings, "id": [f"r{i}" for i in range(2 * n)] + spellings}
+    arrays = {name: pa.array(values) for name, values in columns.items()}
+    if encoding == "dictionary":
+        arrays = {name: array.dictionary_encode() for name, array in arrays.items()}
+    elif encoding == "large_string":
+        arrays = {name: array.cast(pa.large_string()) for name, array in arrays.items()}
+    parquet, csv = tmp_path / "t.parquet", tmp_path / "t.csv"
+    pq.write_table(pa.table(arrays), parquet)
+    pd.DataFrame(columns).to_csv(csv, index=False)
+    expected = [False] * (2 * n) + [True] * n
+    for path in (parquet, csv):
+        frame = read_table(path)
+        assert [frame[name].isna().tolist() for name in columns] == [expected] * 3, path
+        [batch] = list(iter_batches(path, ["x"], ["c"], ["id"], batch_rows=100))
+        assert batch.column("c").to_pylist() == ["a", "b"] * n + [None] * n, path
+        assert batch.column("x").to_pylist() == [1.5, 2.0] * n + [None] * n, path
+        assert batch.column("id").null_count == n, path
+    # Text that only resembles a spelling is kept, in both formats.
+    pq.write_table(pa.table({"c": ["None", " NA", "na"]}), parquet)
+    assert read_table(parquet)["c"].tolist() == ["None", " NA", "na"]
