@@ -20,6 +20,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.batch_score import read_score_column, score_files
@@ -27,7 +28,7 @@ from pipeline.outputs import write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import LandingJob, ScoreJob
 from pipeline.drift import DriftLimits, drift_report
-from pipeline.errors import EmptyInputError
+from pipeline.errors import EmptyInputError, PipelineError, one_line
 from pipeline.landing import (
     DATA_FAULTS,
     LandedFile,
@@ -68,15 +69,33 @@ def score_landed_file(bundle: Path, landed: LandedFile, output: Path, device: st
 
 
 # The parameters are plain values, not a LandingJob: a deployment stores them as JSON
-# (LandingJob.parameters()), and each run builds and checks the job from them.
-@flow(name="vaeguard-landing", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=FILE_WORKERS))
+# (LandingJob.parameters()), and each run builds and checks the job from them. Prefect's own
+# validation (pydantic) is off: it turned an empty path into Path("."), the folder the run
+# started in, whose files the run then scored and quarantined; LandingJob checks the values as
+# they came, with the same one-line error as `vaeguard serve`. The Prefect server still checks
+# the types against the signature when a run is created.
+@flow(name="vaeguard-landing", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=FILE_WORKERS),
+      validate_parameters=False)
 def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float = 30.0, device: str = "auto",
                  batch_size: int = 65_536, rate_p_value: float = 0.001, max_psi: float = 0.25) -> dict:
+    try:
+        return _landing_run(bundle, watch, output, settle_seconds, device, batch_size, rate_p_value, max_psi)
+    except PipelineError as exc:
+        # Our errors are one line that says what to fix (a bad parameter, a broken bundle, files that
+        # failed outside their data): that line is the run's state message and its one ERROR log,
+        # where raising it made Prefect log a traceback and prefix the message with the class name.
+        # Called as a function, the flow still raises the error itself.
+        message = one_line(exc)
+        get_run_logger().error("%s", message)
+        return Failed(message=message, data=exc)
+
+
+def _landing_run(bundle, watch, output, settle_seconds, device, batch_size, rate_p_value, max_psi) -> dict:
     logger = get_run_logger()
     job = LandingJob(bundle=bundle, watch=watch, output=output, settle_seconds=settle_seconds, device=device,
                      batch_size=batch_size, max_psi=max_psi, rate_p_value=rate_p_value)
     bundle, watch, output = job.bundle, job.watch, job.output
-    check_folders(watch, output)
+    check_folders(watch, output, bundle)
     output.mkdir(parents=True, exist_ok=True)
     manifest = Bundle.load(bundle).manifest  # a corrupted bundle fails the run before any file moves
     with run_lock(output) as acquired:

@@ -9,50 +9,88 @@ stop it the way Prefect means to (its own SIGTERM handling does not, in 3.8.8).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import shutil
 import signal
 import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
 
 import anyio
 import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType
+from prefect.exceptions import ObjectNotFound
 from prefect.runner import Runner
 from prefect.settings import get_current_settings
 
 from flows.landing import landing_flow
 from pipeline.config import ServeJob
 from pipeline.errors import ConfigError, one_line
+from pipeline.signals import signals_held
 
 # How long `vaeguard serve` waits for the Prefect API's health check before saying it is unreachable.
 API_CHECK_SECONDS = 5.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def serve_landing(job: ServeJob, bundle_name: str) -> None:
     """Serve landing_flow as a deployment on the job's schedule until Ctrl-C or SIGTERM.
 
     The schedule and the Prefect API are checked first, so a mistake is one line before anything
-    is registered or started.
+    is registered or started. A signal once serving stops the runner, and this returns; one that
+    comes earlier raises KeyboardInterrupt, after pausing the schedule if it was registered.
+    Either way the deployment is left paused, as Prefect's own stop leaves it.
     """
     if job.cron is not None:
         check_cron(job.cron)
     check_api()
     name = job.deployment_name(bundle_name)
+    check_not_served(f"{landing_flow.name}/{name}")
     runner = StoppableRunner(name=name)
-    # Runs of one deployment never overlap on a folder: the flow also takes a file lock.
-    runner.add_flow(landing_flow, name=name, cron=job.cron, interval=job.interval,
-                    parameters=job.landing.parameters(), entrypoint_type=EntrypointType.MODULE_PATH)
-    every = f"cron {job.cron!r}" if job.cron is not None else f"every {job.interval:g} s"
-    print(f"serving deployment '{landing_flow.name}/{name}' ({every}): files landing in {job.landing.watch} are "
-          f"scored into {job.landing.output}; Ctrl-C or SIGTERM stops it", flush=True)
-    previous = signal.getsignal(signal.SIGTERM)  # Runner.start() replaces it
+    deployment_id = None
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}  # the runner replaces them
     try:
+        # Held over the registration, which runs in Prefect's loop thread: a signal that unwound the
+        # wait for it would not stop it, and the deployment it registers would go unpaused.
+        with signals_held():
+            # Runs of one deployment never overlap on a folder: the flow also takes a file lock.
+            deployment_id = runner.add_flow(landing_flow, name=name, cron=job.cron, interval=job.interval,
+                                            parameters=job.landing.parameters(),
+                                            entrypoint_type=EntrypointType.MODULE_PATH)
+        every = f"cron {job.cron!r}" if job.cron is not None else f"every {job.interval:g} s"
+        print(f"serving deployment '{landing_flow.name}/{name}' ({every}): files landing in {job.landing.watch} "
+              f"are scored into {job.landing.output}; Ctrl-C or SIGTERM stops it", flush=True)
         asyncio.run(runner.serve())
-    except KeyboardInterrupt:
-        pass  # Ctrl-C (or SIGTERM, as main()'s Terminated) before the runner took it over: start() unwound
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        with stop_signals_ignored(then=previous):
+            runner.undo_unfinished_start(deployment_id)
+
+
+@contextlib.contextmanager
+def stop_signals_ignored(then: dict) -> Iterator[None]:
+    """Ctrl-C and SIGTERM do nothing in the block, and get the handlers ``then`` after it.
+
+    Stopping already: one more signal must not cut the stop short and leave the schedule running.
+    A handler rather than SIG_IGN, which processes started meanwhile would inherit."""
+    if threading.current_thread() is not threading.main_thread():  # where signal handlers can be set
+        yield
+        return
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stopping_already)
+    try:
+        yield
+    finally:
+        for signum, handler in then.items():
+            if handler is not None:  # None: set outside Python, can't be put back
+                signal.signal(signum, handler)
+
+
+def _stopping_already(signum, frame) -> None:
+    logging.getLogger("prefect.runner").debug("signal %d: stopping already", signum)
 
 
 def check_cron(expression: str) -> None:
@@ -90,6 +128,49 @@ def check_api(timeout: float = API_CHECK_SECONDS) -> None:
                       f"(and set PREFECT_API_URL=http://127.0.0.1:4200/api), or correct PREFECT_API_URL")
 
 
+def check_not_served(deployment_name: str) -> None:
+    """No other `vaeguard serve` serves this deployment now, or a one-line error.
+
+    Two serves of one deployment (two landing folders served with one bundle take the same default
+    name) share it: the second one's registration gave the first one's runs its parameters, so the
+    first folder was no longer scored, and whichever stopped first paused the schedule of the
+    other, which went on running with nothing to do. A serve that stops pauses the schedule; one
+    whose schedule is on and that asked for runs lately may be alive, or killed (SIGKILL, out of
+    memory) just before this restart: a live one asks again within its poll interval, so this
+    waits for that, and goes on once the last ask is too old to come from a live one.
+    """
+    deployment = _read_deployment(deployment_name)
+    if deployment is None or deployment.paused or deployment.last_polled is None:
+        return
+    # A live runner asks every PREFECT_RUNNER_POLL_FREQUENCY seconds (10 by default).
+    live_within = max(3 * get_current_settings().runner.poll_frequency, 30)
+    wait = live_within - (datetime.now(timezone.utc) - deployment.last_polled).total_seconds()
+    if wait <= 0:
+        return
+    print(f"deployment '{deployment_name}' has its schedule on and was asked for runs lately: waiting up to "
+          f"{wait:.0f} s to see whether the `vaeguard serve` that asked is still running", flush=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = _read_deployment(deployment_name)
+        if now is None or now.paused:
+            return  # it stopped meanwhile
+        if now.last_polled != deployment.last_polled:
+            raise ConfigError(
+                f"deployment '{deployment_name}' is served already (scoring {now.parameters.get('watch')} into "
+                f"{now.parameters.get('output')}): a runner asks for its runs; two serves of one deployment take "
+                f"each other's parameters and pause each other's schedule, so stop that `vaeguard serve` first, or "
+                f"give this one its own --name (the default is vaeguard-<bundle name>)")
+
+
+def _read_deployment(deployment_name: str):
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(deployment_name)
+        except ObjectNotFound:
+            return None
+
+
 class StoppableRunner(Runner):
     """Prefect's Runner, stopped by SIGTERM or Ctrl-C the way Prefect means to stop it.
 
@@ -105,6 +186,7 @@ class StoppableRunner(Runner):
     _loop: asyncio.AbstractEventLoop | None = None
     _main: asyncio.Task | None = None
     _stopping: asyncio.Task | None = None
+    _paused = False
 
     async def serve(self) -> None:
         self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
@@ -142,6 +224,28 @@ class StoppableRunner(Runner):
         except Exception:  # noqa: BLE001 - not started yet, or the API went away: cancel start() instead
             logging.getLogger("prefect.runner").debug("astop failed; cancelling the runner", exc_info=True)
             self._main.cancel()
+
+    async def _pause_schedules(self) -> None:
+        await super()._pause_schedules()
+        self._paused = True
+
+    def undo_unfinished_start(self, deployment_id) -> None:
+        """After serving, or a set-up cut short by a signal: the schedule paused, as Prefect's own
+        stop leaves it, and the runner's scratch folder gone.
+
+        A stop before the runner had started (a signal while it set up its client and services)
+        skipped both, which left the deployment's schedule running with no runner to serve it: the
+        server went on creating runs that a later serve would run back to back."""
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        if deployment_id is None or self._paused:
+            return
+        try:
+            with get_client(sync_client=True) as client:
+                client.pause_deployment(deployment_id)
+        except Exception as exc:  # noqa: BLE001 - the stop goes on; say what is left to do
+            logging.getLogger("prefect.runner").warning(
+                "could not pause the schedule of deployment %s (%s); pause it with `prefect deployment schedule "
+                "pause %s/%s --all`", deployment_id, one_line(exc), landing_flow.name, self.name)
 
     async def cancel_all(self) -> None:
         # Prefect's cancels the runs in flight one after another, 3 s or more each (the kill looks

@@ -217,6 +217,37 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    """Ctrl-C or SIGTERM is a requested stop at any moment, the set-up included: status 0 and
+    "vaeguard serve stopped". A supervisor (systemd, Kubernetes, `docker stop`) sends SIGTERM to
+    stop a service and reads 0 as the clean stop it asked for (systemd counts an exit status of
+    143 as a failure unless told otherwise); before, a signal during the set-up ended serve with
+    143 or 0 depending on the moment."""
+    stopping: list[int] = []
+
+    def stop(signum, frame):
+        # Until the runner takes the signals over (flows.serve.StoppableRunner), the first one
+        # unwinds the set-up; once stopping, one more must not cut the stop short.
+        if not stopping:
+            stopping.append(signum)
+            raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():  # where signal handlers can be set
+        saved = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            _serve(args)
+            stopping.append(0)  # served, and stopped by the runner
+        except KeyboardInterrupt:
+            pass  # a signal during the set-up: flows.serve.serve_landing left nothing registered or active
+        print("vaeguard serve stopped", flush=True)
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:  # None: set outside Python, can't be put back
+                signal.signal(signum, handler)
+
+
+def _serve(args: argparse.Namespace) -> None:
     from pipeline.bundle import Bundle
     from pipeline.config import LandingJob, ServeJob
     from pipeline.landing import check_folders
@@ -228,13 +259,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          rate_p_value=args.rate_p_value)
     job = ServeJob(landing=landing, cron=args.cron, interval=args.interval, name=args.name)
     bundle = Bundle.load(args.bundle)
-    check_folders(args.watch, args.output)
-    # Until the runner takes SIGTERM over (flows.serve.StoppableRunner), main()'s handler stops the
-    # setup as Ctrl-C would.
+    check_folders(args.watch, args.output, args.bundle)
     from flows.serve import serve_landing
 
     serve_landing(job, bundle.name)
-    print("vaeguard serve stopped")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

@@ -326,7 +326,9 @@ class LandingJob:
     def __post_init__(self) -> None:
         # The flow builds this from its parameters, so a run asked for nonsense fails before it
         # scores a file, not at the drift check after scoring them all.
-        _paths(self, "bundle", "watch", "output")
+        for key, flag, example in (("bundle", "BUNDLE", "/srv/vaeguard/exported/machines"),
+                                   ("watch", "--watch", "/data/landing"), ("output", "--output", "/data/scored")):
+            _absolute_path(self, key, flag, example)
         _number(self, "landing", "settle_seconds", 0.0, flag="--settle-seconds",
                 fix="e.g. --settle-seconds 30 waits until a file has not changed for 30 s")
         _number(self, "landing", "max_psi", 0.0, low_open=True, flag="--max-psi",
@@ -334,9 +336,11 @@ class LandingJob:
         _number(self, "landing", "rate_p_value", 0.0, 1.0, low_open=True, high_open=True, flag="--rate-p-value",
                 fix="e.g. --rate-p-value 0.001 alerts when a run's anomaly count is that unlikely")
         if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive number of rows, got {self.batch_size!r}; e.g. 65536")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be one of auto, cpu, cuda, got {self.device!r}")
+            raise _bad("landing", "batch_size", None, "a whole number of rows of at least 1", self.batch_size,
+                       "e.g. batch_size 65536 (rows scored per chunk)")
+        if not isinstance(self.device, str) or self.device not in ("auto", "cpu", "cuda"):
+            raise _bad("landing", "device", "--device", "one of auto, cpu, cuda", self.device,
+                       "e.g. --device cpu, or auto to use a GPU where onnxruntime's CUDA provider works")
 
     def parameters(self) -> dict[str, Any]:
         """The landing flow's parameters: plain JSON, as a Prefect deployment stores them."""
@@ -401,6 +405,20 @@ def _path(value: Any, name: str) -> Path:
     if not isinstance(value, (str, os.PathLike)) or str(value) == "":
         raise ConfigError(f"{name} must be a path, got {value!r}")
     return Path(value)
+
+
+def _absolute_path(job: Any, key: str, flag: str, example: str) -> None:
+    """A path of the landing job, which must not depend on the folder a run starts in.
+
+    A deployment run starts in the serving process's folder, not in the folder of whoever
+    triggered it: a relative path (or an empty one, which is the current folder) would point the
+    run at another folder, whose files it would score and quarantine (move away)."""
+    value = getattr(job, key)
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value) or not Path(value).is_absolute():
+        raise _bad("landing", key, flag, "an absolute path", value if not isinstance(value, Path) else str(value),
+                   f"name it from the root, e.g. {example} (a served run starts in the folder of `vaeguard serve`, "
+                   f"not in yours)")
+    object.__setattr__(job, key, Path(value))
 
 
 def _pipeline_config(config: Any) -> None:

@@ -416,11 +416,16 @@ def move_file(source: Path, target: Path) -> None:
         os.unlink(source)
 
 
-def check_folders(landing_dir: Path, out_dir: Path) -> None:
-    """The output folder must not sit inside the landing folder, or scores would be re-scored."""
+def check_folders(landing_dir: Path, out_dir: Path, bundle_dir: Path | None = None) -> None:
+    """Neither the output folder nor the bundle may sit inside the landing folder: scores would be
+    re-scored, and the bundle's calibration_rows.parquet scored, found wanting and quarantined,
+    that is moved out of the bundle, which then fails its hash check on every later run."""
     landing, out = Path(landing_dir).resolve(), Path(out_dir).resolve()
     if not landing.is_dir():
         raise ConfigError(f"landing folder {landing_dir} does not exist; create it or fix the path")
     if out == landing or out.is_relative_to(landing):
         raise ConfigError(f"output folder {out_dir} is inside the landing folder {landing_dir}; "
                           f"put outputs elsewhere, or their scores would be scored as landed files")
+    if bundle_dir is not None and Path(bundle_dir).resolve().is_relative_to(landing):
+        raise ConfigError(f"bundle {bundle_dir} is inside the landing folder {landing_dir}; keep bundles elsewhere, "
+                          f"or the runs would score its files as landed ones and quarantine (move) them out of it")

@@ -4,11 +4,13 @@ process, `vaeguard serve` as a subprocess, SIGKILL mid-run, two overlapping runs
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -191,3 +193,274 @@ def test_sigterm_after_serving_ended_is_no_error():
     asyncio.run(serve_briefly())
     runner.handle_sigterm(signal.SIGTERM, None)
     assert runner._stopping is None
+
+
+class HoldingProxy:
+    """A TCP proxy in front of the Prefect API that holds the first request whose first bytes are
+    ``hold`` until released: a moment of serve's set-up, reached for sure, with no sleeps. Bytes
+    are passed as they come, so the runner's websockets work through it too."""
+
+    def __init__(self, target_port: int, hold: bytes | None):
+        import socket
+        import threading
+
+        self.target_port, self.hold = target_port, hold
+        self.reached, self.release = threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = self._connect()
+            if upstream is None:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _connect(self):
+        import socket
+
+        for _ in range(10):  # a server busy on a loaded machine may refuse a connection now and then
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+            except OSError:
+                time.sleep(1.0)
+            else:
+                upstream.settimeout(None)
+                return upstream
+        return None
+
+    def _pump(self, source, sink, requests: bool):
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                if requests and self.hold and data.startswith(self.hold) and not self.reached.is_set():
+                    self.reached.set()
+                    self.release.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.release.set()
+        self.listener.close()
+
+
+def signal_bits(pid: int, field: str) -> int:
+    """A signal mask from /proc/PID/status (SigCgt: signals with a handler; SigPnd/ShdPnd: pending)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def api_get(api_url: str, path: str):
+    try:
+        with urllib.request.urlopen(f"{api_url}{path}", timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+TERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+# Requests of serve's set-up, in order: the API check, the deployment's registration (Prefect's loop
+# thread, while the main thread waits), the runner entering its client (its SIGTERM handler is in
+# place, it has not started), its events websocket, and its first poll for runs (serving).
+SETUP_MOMENTS = {
+    "checks": None,  # as soon as vaeguard has its SIGTERM handler: reading the bundle, importing Prefect
+    "api check": b"GET /api/health ",
+    "registration": b"POST /api/deployments/ ",
+    "runner entering its client": b"GET /api/admin/version ",
+    "runner opening its events": b"GET /api/events/in ",
+    "first poll": b"POST /api/deployments/get_scheduled_flow_runs ",
+}
+
+
+@pytest.mark.parametrize("moment", list(SETUP_MOMENTS))
+def test_sigterm_at_any_moment_of_the_set_up_stops_serve_with_status_0_and_leaves_no_schedule_running(
+        prefect_server, trained_bundle, tmp_path, moment):
+    """A supervisor stops a service with SIGTERM. During serve's set-up that ended it with 143
+    ("terminated") or 0 ("stopped") depending on the moment, and a signal while the runner set up
+    its client left the deployment registered with its schedule running and nobody serving it."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    api_url = prefect_server["PREFECT_API_URL"]
+    proxy = HoldingProxy(int(api_url.rsplit(":", 1)[1].split("/")[0]), SETUP_MOMENTS[moment])
+    deployment = f"setup-{tmp_path.name}"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
+         "--output", str(out), "--interval", "60", "--settle-seconds", "0", "--device", "cpu", "--name", deployment],
+        env={**prefect_server, "PREFECT_API_URL": f"http://127.0.0.1:{proxy.port}/api"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = ""
+    try:
+        # Before vaeguard's own handler is in place, SIGTERM is Python's default: it kills the process.
+        wait_for(lambda: signal_bits(serve.pid, "SigCgt") & TERM_BIT, 120, "vaeguard's SIGTERM handler")
+        if SETUP_MOMENTS[moment] is not None:
+            assert proxy.reached.wait(180), f"serve never reached the {moment}"
+        serve.send_signal(signal.SIGTERM)
+        # Released only once the signal has reached the process, so it lands while the request is held.
+        wait_for(lambda: not (signal_bits(serve.pid, "SigPnd") | signal_bits(serve.pid, "ShdPnd")) & TERM_BIT, 30,
+                 "the signal to be delivered")
+        proxy.release.set()
+        output, _ = serve.communicate(timeout=120)
+    finally:
+        proxy.close()
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            output = serve.communicate()[0]
+        print(output[-5000:])
+    assert serve.returncode == 0
+    assert "Traceback" not in output and "error:" not in output
+    assert output.rstrip().endswith("vaeguard serve stopped")
+    registered = api_get(api_url, f"/deployments/name/vaeguard-landing/{deployment}")
+    if moment == "api check":
+        assert registered is None
+    elif moment == "checks":  # on a slow machine the signal may come later than meant
+        assert registered is None or registered["paused"] is True, registered
+    else:
+        assert registered is not None and registered["paused"] is True, registered
+
+
+def api_call(api_url: str, path: str, body: dict | None = None):
+    request = urllib.request.Request(f"{api_url}{path}", method="POST" if body is not None else "GET",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_a_deployment_run_given_bad_parameters_fails_with_the_line_serve_prints_and_touches_nothing(
+        prefect_server, trained_bundle, tmp_path):
+    """A person starts the served deployment by hand with other parameters (`prefect deployment run
+    ... --param device=tpu`, the UI, the API). The runs ended Failed("Flow run encountered an
+    exception: ConfigError: ..."), with a traceback in their logs; `watch=` (empty) was turned into
+    the folder serve was started in, whose tables the run scored and quarantined (moved away)."""
+    from pipeline.config import LandingJob
+    from pipeline.errors import ConfigError
+
+    landing, out, here = tmp_path / "landing", tmp_path / "out", tmp_path / "where-serve-was-started"
+    landing.mkdir(), here.mkdir()
+    notes = write_table(make_sensor_table(SyntheticSpec(n_rows=50, seed=32)).drop(columns="pressure"),
+                        here / "notes.csv")
+    os.utime(notes, (time.time() - 60, time.time() - 60))
+    api_url, deployment = prefect_server["PREFECT_API_URL"], f"by-hand-{tmp_path.name}"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
+         "--output", str(out), "--cron", "0 0 1 1 *", "--device", "cpu", "--name", deployment],
+        env={**prefect_server, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, cwd=here,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = ""
+    try:
+        registered = wait_for(lambda: api_get(api_url, f"/deployments/name/vaeguard-landing/{deployment}"), 180,
+                              "the deployment to be registered", poll=0.5)
+        served = {"bundle": str(trained_bundle), "watch": str(landing), "output": str(out), "device": "cpu"}
+        expected = {}
+        for bad in ({"watch": ""}, {"device": "tpu"}, {"settle_seconds": -5}, {"bundle": "exported/sensors"}):
+            with pytest.raises(ConfigError) as refused:
+                LandingJob(**{**served, **bad})  # what `vaeguard serve` says of the same value
+            run = api_call(api_url, f"/deployments/{registered['id']}/create_flow_run", {"parameters": bad})
+            expected[run["id"]] = str(refused.value)
+        missing = api_call(api_url, f"/deployments/{registered['id']}/create_flow_run",
+                           {"parameters": {"watch": str(tmp_path / "nowhere")}})
+        expected[missing["id"]] = f"landing folder {tmp_path / 'nowhere'} does not exist; create it or fix the path"
+        # A wrong type is Prefect's to refuse, when the run is created, and its message says it plainly.
+        with pytest.raises(urllib.error.HTTPError) as conflict:
+            api_call(api_url, f"/deployments/{registered['id']}/create_flow_run",
+                     {"parameters": {"settle_seconds": "abc"}})
+        assert conflict.value.code == 409
+        assert "'abc' is not of type 'number'" in conflict.value.read().decode()
+
+        def final_states():
+            runs = {run_id: api_get(api_url, f"/flow_runs/{run_id}")["state"] for run_id in expected}
+            return runs if all(s["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in runs.values()) \
+                else None
+
+        states = wait_for(final_states, 240, "the runs to end", poll=1.0)
+        serve.send_signal(signal.SIGTERM)
+        output, _ = serve.communicate(timeout=120)
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            output = serve.communicate()[0]
+        print(output[-5000:])
+    for run_id, message in expected.items():
+        assert (states[run_id]["type"], states[run_id]["message"]) == ("FAILED", message)
+        logs = api_call(api_url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+        assert [entry["message"] for entry in logs if entry["level"] >= logging.ERROR] == [message]
+        assert not any("Traceback" in entry["message"] for entry in logs)
+    assert notes.exists() and not (out / "quarantine").exists()
+    assert serve.returncode == 0
+
+
+def test_a_second_serve_of_a_served_deployment_is_refused_and_one_after_a_kill_takes_over(
+        prefect_server, trained_bundle, tmp_path):
+    """Two landing folders served with one bundle get the same default deployment name. The second
+    serve re-registered it with its own folders, so the first one's runs scored the second folder
+    and its own was never scored again; and whichever stopped first paused the other's schedule,
+    leaving it serving nothing, with no word. A serve killed with SIGKILL (out of memory), which
+    could not pause its schedule, must not keep a restart from serving."""
+    api_url, deployment = prefect_server["PREFECT_API_URL"], f"shared-{tmp_path.name}"
+
+    def serve(folder: str) -> subprocess.Popen:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(tmp_path / folder),
+             "--output", str(tmp_path / f"{folder}-out"), "--interval", "3600", "--device", "cpu",
+             "--name", deployment],
+            env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def served_by(folder: str, asked_after: str | None = None):
+        found = api_get(api_url, f"/deployments/name/vaeguard-landing/{deployment}")
+        return (found is not None and not found["paused"] and found["parameters"]["watch"] == str(tmp_path / folder)
+                and found["last_polled"] is not None and found["last_polled"] != asked_after and found)
+
+    first = serve("plant1")
+    processes, outputs = [first], {}
+    try:
+        asked = wait_for(lambda: served_by("plant1"), 180, "the first serve to poll", poll=0.5)["last_polled"]
+        wait_for(lambda: served_by("plant1", asked), 60, "the first serve to poll again", poll=0.5)
+        second = serve("plant2")
+        processes.append(second)
+        outputs["second"] = second.communicate(timeout=180)[0]
+        assert second.returncode == 1, outputs["second"]
+        assert outputs["second"].rstrip().splitlines()[-1] == (
+            f"error: deployment 'vaeguard-landing/{deployment}' is served already (scoring {tmp_path / 'plant1'} into "
+            f"{tmp_path / 'plant1-out'}): a runner asks for its runs; two serves of one deployment take each other's "
+            f"parameters and pause each other's schedule, so stop that `vaeguard serve` first, or give this one its "
+            f"own --name (the default is vaeguard-<bundle name>)")
+        assert served_by("plant1")  # the first one's folders, schedule on
+
+        os.killpg(first.pid, signal.SIGKILL)
+        outputs["first"] = first.communicate()[0]
+        after_kill = serve("plant2")
+        processes.append(after_kill)
+        wait_for(lambda: served_by("plant2"), 180, "the serve started after the kill to serve", poll=0.5)
+        after_kill.send_signal(signal.SIGTERM)
+        outputs["after kill"] = after_kill.communicate(timeout=120)[0]
+        assert after_kill.returncode == 0, outputs["after kill"]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+        print(outputs)

@@ -80,6 +80,41 @@ def test_a_run_asked_for_a_bad_limit_fails_before_scoring_a_file(trained_bundle,
     assert not (out / "ledger.jsonl").exists() and not (out / "scores").exists()
 
 
+@pytest.mark.parametrize("watch", ["", "."])
+def test_an_empty_or_relative_landing_folder_is_refused_not_taken_as_the_current_one(trained_bundle, tmp_path,
+                                                                                     monkeypatch, watch):
+    """`prefect deployment run ... --param watch=`: Prefect's parameter validation made the empty
+    path Path("."), the folder the run started in (the serve process's), and the run scored that
+    folder and quarantined, that is moved away, every table in it that the bundle could not read."""
+    here, out = tmp_path / "where-serve-was-started", tmp_path / "out"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    settled(write_table(make_sensor_table(SyntheticSpec(n_rows=50, seed=44)).drop(columns="pressure"),
+                        here / "notes.csv"))
+    with pytest.raises(ConfigError, match=rf"^landing\.watch \(--watch\) must be an absolute path, got '{watch}'"):
+        landing_flow(trained_bundle, watch, out, settle_seconds=0.0, device="cpu")
+    assert (here / "notes.csv").exists()
+    assert not out.exists()
+
+
+def test_a_bad_parameter_fails_the_run_with_the_cli_line_as_its_message_and_no_traceback(trained_bundle, tmp_path,
+                                                                                         caplog):
+    """A deployment run given device=tpu ended Failed("Flow run encountered an exception: ConfigError:
+    --device must be ..."), with a traceback logged at ERROR; the line said nothing of how to fix it."""
+    from pipeline.config import LandingJob
+
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    with pytest.raises(ConfigError) as expected:
+        LandingJob(bundle=trained_bundle, watch=landing, output=out, device="tpu")  # what `serve --device` checks
+    state = landing_flow(trained_bundle, landing, out, device="tpu", return_state=True)
+    assert state.is_failed() and state.message == str(expected.value), state.message
+    assert "e.g. --device cpu" in state.message
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [str(expected.value)]
+    assert not any(r.exc_info or r.exc_text for r in errors)
+
+
 def test_drifted_batch_raises_the_alert_and_a_normal_one_does_not(trained_bundle, tmp_path):
     landing, out = tmp_path / "landing", tmp_path / "out"
     landing.mkdir()

@@ -247,6 +247,19 @@ def test_output_inside_the_landing_folder_is_refused(tmp_path):
         check_folders(tmp_path / "nope", tmp_path / "out")
 
 
+def test_a_bundle_inside_the_landing_folder_is_refused(tmp_path):
+    """`serve --watch .` from the folder that holds exported/: every run would score the bundle's
+    calibration_rows.parquet, find it lacks the id columns and quarantine it, that is move it out
+    of the bundle, which then fails its hash check on every later run."""
+    from pipeline.landing import check_folders
+
+    (tmp_path / "landing" / "exported" / "machines").mkdir(parents=True)
+    check_folders(tmp_path / "landing", tmp_path / "out", tmp_path / "models" / "machines")
+    with pytest.raises(ConfigError, match=r"bundle .*machines is inside the landing folder .*landing; keep bundles "
+                                          r"elsewhere"):
+        check_folders(tmp_path / "landing", tmp_path / "out", tmp_path / "landing" / "exported" / "machines")
+
+
 def test_unreadable_file_is_skipped_with_a_warning_and_the_others_listed(dirs, monkeypatch, caplog):
     import pipeline.landing as landing_module
 
@@ -388,7 +401,8 @@ def test_header_only_file_is_done_as_empty_unless_it_changed_meanwhile(dirs):
 
 
 def landing_job(tmp_path: Path, **values) -> LandingJob:
-    return LandingJob(bundle=tmp_path / "bundle", watch=tmp_path / "landing", output=tmp_path / "out", **values)
+    return LandingJob(**{"bundle": tmp_path / "bundle", "watch": tmp_path / "landing", "output": tmp_path / "out",
+                         **values})
 
 
 @pytest.mark.parametrize("values, message", [
@@ -399,12 +413,28 @@ def landing_job(tmp_path: Path, **values) -> LandingJob:
     ({"rate_p_value": 1.0}, r"--rate-p-value\) must be a number above 0 and below 1, got 1\.0"),
     ({"settle_seconds": -0.5}, r"--settle-seconds\) must be a number of at least 0, got -0\.5"),
     ({"settle_seconds": True}, r"--settle-seconds\) must be a number of at least 0, got True"),
-    ({"device": "gpu"}, r"--device must be one of auto, cpu, cuda, got 'gpu'"),
-    ({"batch_size": 0}, r"batch_size must be a positive number of rows, got 0"),
+    ({"device": "gpu"}, r"^landing\.device \(--device\) must be one of auto, cpu, cuda, got 'gpu'; e\.g\. --device "
+                        r"cpu"),
+    ({"device": 3}, r"^landing\.device \(--device\) must be one of auto, cpu, cuda, got 3; e\.g\."),
+    ({"batch_size": 0}, r"^landing\.batch_size must be a whole number of rows of at least 1, got 0; e\.g\. batch_size "
+                        r"65536"),
 ])
 def test_landing_job_refuses_values_out_of_range(tmp_path, values, message):
     with pytest.raises(ConfigError, match=message):
         landing_job(tmp_path, **values)
+
+
+@pytest.mark.parametrize("key, value, shown", [("watch", "", "''"), ("watch", ".", "'.'"),
+                                               ("output", "scored", "'scored'"), ("bundle", Path("exported/m"),
+                                                                                   "'exported/m'"),
+                                               ("watch", None, "None")])
+def test_landing_job_paths_must_be_absolute(tmp_path, key, value, shown):
+    """A deployment run started by hand (`prefect deployment run ... --param watch=`) starts in the
+    folder `vaeguard serve` was started in: an empty or relative path pointed the run at that
+    folder, whose files it scored and quarantined (moved away)."""
+    with pytest.raises(ConfigError, match=rf"^landing\.{key} \(.*\) must be an absolute path, got {shown}; name it "
+                                          rf"from the root, e\.g\. /"):
+        landing_job(tmp_path, **{key: value})
 
 
 def test_landing_job_parameters_are_json_and_rebuild_the_same_job(tmp_path):
