@@ -3,7 +3,8 @@
 pyarrow's CSV errors say what went wrong but not where a person would look: "Expected 3
 columns, got 4" gives the line's text, not its number, and its row numbers skip the line breaks
 inside quoted fields and blank lines. These helpers run only once a read has failed, so they may
-read the file again.
+read the file again; all but quote_may_be_open, which looks at the last bytes of every CSV read,
+and finds most files fine without reading more.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ from __future__ import annotations
 import csv
 import gzip
 import re
+import zlib
 from pathlib import Path
 
 from pipeline.errors import InputFileError, one_line
 
 SCAN_BLOCK = 1 << 24  # bytes per read when looking for a line
 _FIELD_COUNT = re.compile(r"Expected (\d+) columns, got (\d+): (.*)", re.S)
+_CONVERSION = re.compile(r"CSV conversion error to \w+: invalid value '(.*)'", re.S)
+_QUOTE, _FIELD_ENDS, _BOM, _GZIP_MAGIC = 0x22, b",\n\r", b"\xef\xbb\xbf", b"\x1f\x8b"
+# A quoted value's bytes, "" included, up to its closing quote (or to the end of the bytes).
+_QUOTED_BODY = re.compile(rb'(?:[^"]++|"")*+')
 
 
 def _open_bytes(path: Path):
@@ -32,12 +38,19 @@ def structure_error(path: Path, exc: Exception) -> InputFileError | None:
         # A ';'-separated file whose decimal commas split its rows: the header is the cause, not
         # that line, and "quote the fields that hold commas" sent the user the wrong way.
         other = separator_error(path, [_first_line(path)]) if expected == 1 else None
+        # A quote never closed makes its row end with the file, short of fields.
+        other = other or unclosed_quote_error(path)
         if other:
             return other
         line = line_holding(path, text)
         where = f"line {line}" if line else "a line"
         return InputFileError(f"{path}: {where} has {got} fields where the header has {expected}: {text[:80]!r}; "
                               f"quote the fields that hold commas, or fix that line")
+    if "straddling object" in message:  # a row longer than the largest block: or a quote never closed
+        return unclosed_quote_error(path)
+    value = _CONVERSION.search(message)
+    if value and ("\n" in value.group(1) or "\r" in value.group(1)):  # the lines after a quote never closed?
+        return unclosed_quote_error(path)
     if "Empty CSV file" in message:
         return InputFileError(f"{path}: has no data rows; expected a header row and data rows")
     if isinstance(exc, UnicodeDecodeError):  # pyarrow decodes column names in Python
@@ -107,3 +120,124 @@ def line_of_row(path: Path, row: int) -> int:
     except (csv.Error, OSError):
         pass  # a field past csv's size limit, say: the plain count is the best guess left
     return row + 1
+
+
+def quote_may_be_open(tail: bytes, from_start: bool) -> bytes | None:
+    """None when a CSV ending in ``tail`` surely does not end inside a quoted field; else the byte
+    before the quote that may open one (b"" at the file's start, or where ``tail`` is cut).
+
+    ``tail`` holds the file's last bytes (all of them when ``from_start``), at least its last row
+    and the byte before it. A field left open opens with a run of an odd number of quotes at a
+    field's start, and only pairs ("", a quote in the value) follow it: so the last odd run tells,
+    and only where it starts a field must unclosed_quote_line read the file. Found from the end
+    with rfind: a tail without quotes costs a memrchr, one whose last quote closes a value no more.
+    """
+    end = len(tail)
+    while (last := tail.rfind(b'"', 0, end)) >= 0:
+        start = last
+        while start > 0 and tail[start - 1] == _QUOTE:
+            start -= 1
+        if (last + 1 - start) % 2 == 0:
+            end = start
+            continue
+        if start == 0 or (from_start and start == len(_BOM) and tail.startswith(_BOM)):
+            return b""
+        before = tail[start - 1:start]
+        return before if before in (b",", b"\n", b"\r") else None
+    return None
+
+
+def unclosed_quote_line(path: Path) -> int | None:
+    """The line on which a quoted field opens that the file never closes, or None."""
+    opened = _unclosed_quote_offset(path)
+    return None if opened is None else _line_at(path, opened)
+
+
+def _unclosed_quote_offset(path: Path) -> int | None:
+    """The byte offset of a quote that opens a field the file never closes, or None.
+
+    Follows pyarrow's reader: a quote opens a field only at the field's start, "" inside it is a
+    quote, and any other quote closes it. Reads the whole file, a quoted field at a time.
+    """
+    inside = quote_last = False  # quote_last: the read ended, inside, on a quote: "" or the closing one?
+    opened, offset, before = None, 0, b"\n"[0]  # offset: of data in the file; before: the byte before data
+    with _open_bytes(path) as handle:
+        data = handle.read(max(SCAN_BLOCK, len(_BOM)))
+        if data.startswith(_BOM):
+            offset, data = len(_BOM), data[len(_BOM):] or handle.read(SCAN_BLOCK)
+        while data:
+            position = 0
+            if quote_last:
+                quote_last = False
+                inside, position = data[0] == _QUOTE, int(data[0] == _QUOTE)
+            while True:
+                if inside:
+                    end = _QUOTED_BODY.match(data, position).end()
+                    if end >= len(data) - 1:  # the value, or its last quote, goes on in the next read
+                        quote_last = end == len(data) - 1
+                        break
+                    inside, position = False, end + 1
+                quote = data.find(b'"', position)
+                if quote < 0:
+                    break
+                if (data[quote - 1] if quote else before) in _FIELD_ENDS:
+                    inside, opened = True, offset + quote
+                position = quote + 1
+            offset, before = offset + len(data), data[-1]
+            data = handle.read(SCAN_BLOCK)
+    return opened if inside and not quote_last else None
+
+
+def _line_at(path: Path, offset: int) -> int:
+    """The line that byte ``offset`` is on, as an editor counts lines (LF, CR LF or CR ends one)."""
+    line, after_cr = 1, False
+    with _open_bytes(path) as handle:
+        while offset > 0 and (data := handle.read(min(SCAN_BLOCK, offset))):
+            line += data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n") - (after_cr and data[0] == 0x0A)
+            after_cr, offset = data.endswith(b"\r"), offset - len(data)
+    return line
+
+
+def unclosed_quote_error(path: Path) -> InputFileError | None:
+    """The error for a CSV that ends inside a quoted field, or None."""
+    line = unclosed_quote_line(path)
+    if line is None:
+        return None
+    # pyarrow takes the rest of the file as that one value: the rows after it vanished without a word.
+    return InputFileError(f'{path}: line {line} opens a quoted field that is never closed, so the rest of the file '
+                          f'would be one value; close that quote, or write a quote inside a value as ""')
+
+
+def gzip_data_end(path: Path) -> int:
+    """Where the gzip data of a .gz file ends: its size, or less where zero bytes pad it (gzip -t
+    takes such padding, pyarrow's reader fails on it). An InputFileError for a file that is not
+    gzip, is cut short or damaged, or holds other bytes after its data."""
+    with open(path, "rb") as raw:
+        if raw.read(2) != _GZIP_MAGIC:
+            raise InputFileError(f"{path}: is not gzip data, though its name ends in .gz; compress it with gzip, "
+                                 f"or name it .csv if it is plain text")
+        end = 0  # where the members read so far end
+        while True:
+            raw.seek(end)
+            if raw.read(2) != _GZIP_MAGIC:
+                break
+            raw.seek(end)
+            inflater = zlib.decompressobj(31)  # one gzip member
+            try:
+                while not inflater.eof:
+                    data = inflater.unconsumed_tail or raw.read(SCAN_BLOCK)
+                    # At most SCAN_BLOCK out at once, and thrown away: only where the member ends matters.
+                    if not inflater.decompress(data, SCAN_BLOCK) and not data and not inflater.eof:
+                        raise InputFileError(f"{path}: its gzip data ends early: the file is cut short (an "
+                                             f"interrupted copy or download?); copy or compress it again")
+            except zlib.error as exc:
+                raise InputFileError(f"{path}: its gzip data is damaged ({one_line(exc)}); copy or compress it "
+                                     f"again") from None
+            end = raw.tell() - len(inflater.unused_data)  # unused_data: the bytes after the member
+        raw.seek(end)
+        while block := raw.read(SCAN_BLOCK):
+            if block.strip(b"\0"):
+                raise InputFileError(f"{path}: holds bytes after its gzip data that are neither gzip data nor zero "
+                                     f"padding (gzip -t calls them trailing garbage); compress the CSV again, e.g. "
+                                     f"gzip -c data.csv > data.csv.gz")
+    return end

@@ -7,6 +7,7 @@ can trust its input. Messages name the file, the column and the (1-based) data r
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,6 +268,13 @@ def label_vector(frame: pd.DataFrame, label_column: str, source: str) -> np.ndar
 # means: the values training's label_vector takes, in the spellings its CSV reader reads as 0/1.
 _LABEL_TEXT = {"0": 0.0, "1": 1.0, **dict.fromkeys(("false", "False", "FALSE"), 0.0),
                **dict.fromkeys(("true", "True", "TRUE"), 1.0)}
+# A number as pyarrow's CSV reader reads one in a numeric column: ASCII digits only. Python's
+# float() also took '0_1' (as 1) and '１' or '١' (other scripts' digits), which that very column refuses.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# The white space trimmed around a label: str.strip()'s, less the control characters it also strips
+# (\x1c-\x1f, \x85: separators to it, not blanks to a person); the Node example's LABEL_SPACE_CHARS
+# (examples/node/score.js), so that both runtimes take the same labels.
+_LABEL_SPACE = "\t\n\v\f\r \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 
 
 def scored_labels(column: pa.Array, label_column: str, source: str, row_offset: int = 0) -> np.ndarray:
@@ -290,11 +298,11 @@ def scored_labels(column: pa.Array, label_column: str, source: str, row_offset: 
 
 def _label_meaning(value: str) -> float | None:
     """0.0 or 1.0 for a label's text ('1', '1.0', 'true', ...), None for anything else."""
-    meaning = _LABEL_TEXT.get(value.strip())
+    text = value.strip(_LABEL_SPACE)
+    meaning = _LABEL_TEXT.get(text)
     if meaning is not None:
         return meaning
-    try:
-        number = float(value)
-    except ValueError:
+    if not _DECIMAL.fullmatch(text):
         return None
-    return number if number in (0.0, 1.0) else None
+    number = float(text)
+    return number + 0.0 if number in (0.0, 1.0) else None  # + 0.0: '-0' means 0.0, not -0.0

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.csv_errors import line_of_row, separator_error, structure_error
+from pipeline.csv_errors import (gzip_data_end, line_of_row, quote_may_be_open, separator_error, structure_error,
+                                 unclosed_quote_error)
 from pipeline.errors import DataError, InputFileError, PipelineError, one_line
 from pipeline.outputs import check_utf8_path
 
@@ -63,19 +64,71 @@ def check_input_file(path: str | Path) -> Path:
     return path
 
 
+def _is_gzip(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
 @contextmanager
-def _csv_source(path: Path) -> Iterator[Path | pa.NativeFile]:
+def _csv_source(path: Path, gzip_end: int | None = None) -> Iterator[Path | pa.NativeFile]:
     """What to hand pyarrow's CSV readers: the path, or a gzip stream for a .gz file.
 
     pyarrow detects gzip from a lower-case ".gz" extension only, while table_format accepts any
     case: given "X.CSV.GZ" it parsed the compressed bytes as text. A plain CSV is still opened by
-    path, pyarrow's fastest way in (file scoring is benchmarked against parsing).
+    path, pyarrow's fastest way in (file scoring is benchmarked against parsing). ``gzip_end``:
+    where the gzip data of a file padded with zero bytes ends (gzip_data_end). Never a Python file
+    object: pyarrow reads ahead in its own threads, and one of those left holding a Python object
+    aborted the interpreter at exit ("terminate called without an active exception").
     """
-    if not path.name.lower().endswith(".gz"):
+    if not _is_gzip(path):
         yield path
-        return
-    with pa.input_stream(str(path), compression="gzip") as stream:
-        yield stream
+    elif gzip_end is None:
+        with pa.input_stream(str(path), compression="gzip") as stream:
+            yield stream
+    else:
+        with pa.memory_map(str(path)) as mapped, pa.CompressedInputStream(
+                pa.BufferReader(mapped.read_buffer(gzip_end)), "gzip") as stream:
+            yield stream
+
+
+def _refuse_unclosed_quote(path: Path, block: int, last_value=None) -> None:
+    """Fail on a CSV that ends inside a quoted field, once a reader with ``block`` has read it all.
+
+    pyarrow reads the rest of such a file as that one value: the rows in it were lost without a
+    word, and a category or label could be read from it. A plain file is cleared by its last bytes,
+    with no cost per row. A gzip stream can't be read from its end, so its last row's last value
+    (``last_value``, the header's last column, as text) is looked at: it holds every line after
+    such a quote.
+    """
+    if _is_gzip(path):
+        if isinstance(last_value, bytes):
+            last_value = last_value.decode("utf-8", "replace")
+        if not isinstance(last_value, str) or ("\n" not in last_value and "\r" not in last_value):
+            return
+    else:
+        before = quote_may_be_open(*_file_tail(path, block))
+        if before is None:
+            return
+        # Opened at a line's start, the field is its row's only one: pyarrow refused that row
+        # already, unless the header has one column.
+        if before in (b"\n", b"\r") and len(_read_csv(path, _convert_options(), read=_column_names)) > 1:
+            return
+    error = unclosed_quote_error(path)
+    if error:
+        raise error
+
+
+def _file_tail(path: Path, block: int) -> tuple[bytes, bool]:
+    """The file's last bytes, enough for its last row, and whether they are all of it.
+
+    pyarrow reads a last row (from its start to the file's end) of at most two blocks, and refuses
+    a longer one as "straddling" (pinned by a test).
+    """
+    keep = 2 * block + 1
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        start = size - keep if size > keep + 3 else 0  # all of it rather than a byte order mark cut
+        handle.seek(start)
+        return handle.read(), start == 0
 
 
 def _convert_options(column_types: dict[str, pa.DataType] | None = None,
@@ -84,21 +137,38 @@ def _convert_options(column_types: dict[str, pa.DataType] | None = None,
                                 include_columns=include_columns or [])
 
 
-def _longer_blocks_may_help(exc: pa.ArrowInvalid, block: int) -> bool:
-    return "straddling object" in str(exc) and block < _BLOCK_SIZES[-1]
+def _next_attempt(path: Path, exc: Exception, block: int, gzip_end: int | None) -> tuple[int, int | None]:
+    """How to read a CSV again after ``exc``: with larger blocks for a row too long for them, or
+    without the zero bytes that pad a gzip file; otherwise ``exc``, or what it means, is raised."""
+    if isinstance(exc, pa.ArrowInvalid) and "straddling object" in str(exc) and block < _BLOCK_SIZES[-1]:
+        return _BLOCK_SIZES[_BLOCK_SIZES.index(block) + 1], gzip_end
+    if isinstance(exc, OSError) and _is_gzip(path) and gzip_end is None:
+        # pyarrow's gzip reader fails on zero padding after the data ("unknown compression
+        # method"), which gzip -t takes; a file that is not whole gzip data gets its own message.
+        end = gzip_data_end(path)
+        if end < path.stat().st_size:
+            return block, end
+    raise exc
 
 
-def _read_csv(path: Path, convert: pacsv.ConvertOptions, read: Callable = pacsv.read_csv):
+def _read_csv(path: Path, convert: pacsv.ConvertOptions, read: Callable = pacsv.read_csv, check_end: bool = False):
     """``read`` (pyarrow's read_csv, or a function of the same arguments) on the CSV, with blocks
-    large enough for its longest row."""
-    for block in _BLOCK_SIZES:
+    large enough for its longest row. ``check_end``: it read every column of the whole file, which
+    is refused if it ends inside a quoted field."""
+    block, gzip_end = _BLOCK_SIZES[0], None
+    while True:
         try:
-            with _csv_source(path) as source:
-                return read(source, read_options=pacsv.ReadOptions(block_size=block), parse_options=CSV_PARSE_OPTIONS,
-                            convert_options=convert)
-        except pa.ArrowInvalid as exc:
-            if not _longer_blocks_may_help(exc, block):
-                raise
+            with _csv_source(path, gzip_end) as source:
+                result = read(source, read_options=pacsv.ReadOptions(block_size=block),
+                              parse_options=CSV_PARSE_OPTIONS, convert_options=convert)
+            if check_end:
+                last = result.column(result.num_columns - 1) if result.num_rows else None
+                _refuse_unclosed_quote(path, block, last[-1].as_py() if last is not None else None)
+            return result
+        except PipelineError:
+            raise
+        except (pa.ArrowInvalid, OSError) as exc:
+            block, gzip_end = _next_attempt(path, exc, block, gzip_end)
 
 
 def _column_names(source, **options) -> list[str]:
@@ -107,27 +177,55 @@ def _column_names(source, **options) -> list[str]:
         return list(reader.schema.names)
 
 
-def _stream_csv(path: Path, convert: pacsv.ConvertOptions) -> Iterator[pa.RecordBatch]:
-    """The CSV's batches in order, in bounded memory. A row too long for the blocks makes the
-    reader start over with larger ones; the rows already given are skipped, not given twice."""
-    given = 0
-    for block in _BLOCK_SIZES:
-        skip = given
+def _last_column_name(path: Path) -> str:
+    """The header's last name. Read from a 64 KiB block first: for its first block, pyarrow's reader
+    decompressed several MiB of a gzip stream ahead (12 ms on the benchmark's file, 2 ms so)."""
+    try:
+        with _csv_source(path) as source:
+            return _column_names(source, read_options=pacsv.ReadOptions(block_size=1 << 16),
+                                 parse_options=CSV_PARSE_OPTIONS)[-1]
+    except (pa.ArrowInvalid, OSError):  # a longer first row, or a gzip file padded with zeros
+        return _read_csv(path, _convert_options(), read=_column_names)[-1]
+
+
+def _stream_csv(path: Path, types: dict[str, pa.DataType], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The CSV's ``columns`` in batches, in order, in bounded memory. A row too long for the blocks
+    makes the reader start over with larger ones; the rows already given are skipped, not given twice.
+
+    Each batch is given once the next one is read, and the last once the file is known to end
+    where it should (_refuse_unclosed_quote): a file refused there had its last rows, read from
+    one value, used by nothing. From a gzip stream the header's last column is read too, for that
+    check (pyarrow's decompression is the bottleneck there, so it is free).
+    """
+    last = _last_column_name(path) if _is_gzip(path) else None
+    extra = [last] if last is not None and last not in columns else []
+    convert = _convert_options(types | dict.fromkeys(extra, pa.string()), columns + extra)
+    given, block, gzip_end = 0, _BLOCK_SIZES[0], None
+    while True:
+        skip, held, last_value = given, None, None
         try:
-            with _csv_source(path) as source, pacsv.open_csv(
+            with _csv_source(path, gzip_end) as source, pacsv.open_csv(
                     source, read_options=pacsv.ReadOptions(block_size=block), parse_options=CSV_PARSE_OPTIONS,
                     convert_options=convert) as reader:
                 for batch in reader:
+                    if last is not None and batch.num_rows:
+                        last_value = batch.column(last)[batch.num_rows - 1].as_py()
                     if skip >= batch.num_rows:
                         skip -= batch.num_rows
                         continue
                     batch, skip = batch.slice(skip), 0
-                    given += batch.num_rows
-                    yield batch
+                    if held is not None:
+                        given += held.num_rows
+                        yield held
+                    held = batch.select(columns) if extra else batch
+            _refuse_unclosed_quote(path, block, last_value)
+            if held is not None:
+                yield held
             return
-        except pa.ArrowInvalid as exc:
-            if not _longer_blocks_may_help(exc, block):
-                raise
+        except PipelineError:
+            raise
+        except (pa.ArrowInvalid, OSError) as exc:
+            block, gzip_end = _next_attempt(path, exc, block, gzip_end)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -135,7 +233,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = check_input_file(path)
     try:
         if table_format(path) == "csv":
-            table = _read_csv(path, _convert_options())
+            table = _read_csv(path, _convert_options(), check_end=True)
             check_header(path, table.column_names)
         else:
             check_header(path, pq.ParquetFile(path).schema_arrow.names)  # before pyarrow refuses twice-named columns
@@ -203,7 +301,10 @@ def read_text_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
     """
     path = check_input_file(path)
     try:
+        # No check_end: read_table read the whole file first.
         return _read_csv(path, _convert_options({c: pa.string() for c in columns}, list(columns))).to_pandas()
+    except PipelineError:
+        raise  # an InputFileError is an OSError too
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise structure_error(path, exc) or InputFileError(
             f"{path}: could not be read as csv: {one_line(exc)}") from exc
@@ -217,6 +318,8 @@ def read_columns(path: str | Path) -> list[str]:
             names = _read_csv(path, _convert_options(), read=_column_names)
         else:
             names = list(pq.ParquetFile(path).schema_arrow.names)
+    except PipelineError:
+        raise  # an InputFileError is an OSError too
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise structure_error(path, exc) or InputFileError(
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
@@ -258,11 +361,15 @@ def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthro
         return
     types = {c: pa.float64() for c in numeric} | {c: pa.string() for c in text + passthrough}
     try:
-        for batch in _stream_csv(path, _convert_options(types, numeric + text + passthrough)):
+        for batch in _stream_csv(path, types, numeric + text + passthrough):
             for start in range(0, batch.num_rows, batch_rows):
                 yield batch.slice(start, batch_rows)
     except pa.ArrowInvalid as exc:
         raise structure_error(path, exc) or _diagnose_csv_error(path, numeric, exc) from exc
+    except PipelineError:
+        raise
+    except OSError as exc:  # an I/O error: raised bare, it named no file
+        raise InputFileError(f"{path}: could not be read as csv: {one_line(exc)}") from exc
 
 
 def _cast_batch(batch: pa.RecordBatch, target: pa.Schema, path: Path, rows_before: int) -> pa.RecordBatch:
@@ -368,7 +475,7 @@ def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataE
     row_offset = 0
     try:
         # As bytes, so that a value that is not even UTF-8 is found too.
-        for batch in _stream_csv(path, _convert_options({c: pa.binary() for c in numeric}, numeric)):
+        for batch in _stream_csv(path, {c: pa.binary() for c in numeric}, numeric):
             for name in numeric:
                 bad = _first_non_number(batch.column(name))
                 if bad is not None:
@@ -422,7 +529,7 @@ def estimate_rows(path: str | Path) -> int | None:
     try:
         if table_format(path) == "parquet":
             return pq.ParquetFile(path).metadata.num_rows
-        if path.suffix.lower() == ".gz":
+        if _is_gzip(path):
             return None  # the compressed size says little about the rows: a bar without an ETA
         with open(path, "rb") as handle:
             head = handle.read(1 << 20)

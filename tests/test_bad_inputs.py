@@ -328,6 +328,75 @@ def test_score_failure_leaves_existing_output_unchanged(capsys, tmp_path, batch,
     assert sorted(p.name for p in scores_dir.iterdir()) == ["scores.csv", "scores.summary.json"]
 
 
+def with_unclosed_quote(frame: pd.DataFrame, path: Path, column: str) -> Path:
+    """``frame`` as CSV (or .csv.gz), ``column`` last, its value on data row BAD_ROW opening a quote
+    that is never closed: the rest of the file is that one value to pyarrow."""
+    import gzip
+
+    lines = frame[[c for c in frame.columns if c != column] + [column]].to_csv(index=False).splitlines(keepends=True)
+    head, _, value = lines[BAD_ROW].rstrip("\n").rpartition(",")
+    lines[BAD_ROW] = f'{head},"{value}\n'
+    data = "".join(lines).encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+@pytest.mark.parametrize("column", ["shift", "label", "torque"])
+def test_score_quote_never_closed_loses_no_rows_silently(capsys, tmp_path, batch, trained_bundle, scores_dir,
+                                                         column, suffix):
+    """`vaeguard score` exited 0 with the rows before the quote: the 243 after it were one 'shift'
+    value (an unseen category), or a label or number refused with the next lines as its value."""
+    output = scores_dir / "scores.parquet"
+    output.write_bytes(b"an earlier night's scores")
+    before = tree_bytes(scores_dir)
+    data = with_unclosed_quote(batch, tmp_path / f"unclosed{suffix}", column)
+    message = error_line(*run_score(capsys, trained_bundle, [data], output, "--batch-size", 10))
+    assert message == (f"error: {data}: line {BAD_ROW + 1} opens a quoted field that is never closed, so the rest of "
+                       f'the file would be one value; close that quote, or write a quote inside a value as ""')
+    assert tree_bytes(scores_dir) == before
+
+
+def test_train_quote_never_closed_loses_no_rows_silently(capsys, tmp_path, sensor_frame, out_dir, fast_yaml):
+    """Training read the same file as its rows up to the quote."""
+    data = with_unclosed_quote(sensor_frame, tmp_path / "unclosed.csv", "shift")
+    message = error_line(*run_train(capsys, data, out_dir, fast_yaml, "--label-column", "label"))
+    assert f"{data}: line {BAD_ROW + 1} opens a quoted field that is never closed" in message
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, message", [(lambda data: data[:-30], "its gzip data ends early"),
+                                             (lambda data: data + b"junk", "holds bytes after its gzip data")],
+                         ids=["truncated", "trailing_garbage"])
+def test_score_gzip_file_that_is_not_whole_says_what_is_wrong(capsys, tmp_path, batch, trained_bundle, scores_dir,
+                                                              damage, message):
+    """It was "could not be read as csv: Truncated compressed stream" (or "zlib inflate failed: incorrect
+    header check"): pyarrow's words, with no hint of what to do."""
+    import gzip
+
+    data = tmp_path / "night.csv.gz"
+    data.write_bytes(damage(gzip.compress(batch.to_csv(index=False).encode())))
+    line = error_line(*run_score(capsys, trained_bundle, [data], scores_dir / "scores.parquet"))
+    assert f"{data}: {message}" in line
+    assert list(scores_dir.iterdir()) == []
+
+
+def test_score_gzip_file_padded_with_zero_bytes_scores_as_the_plain_one(capsys, tmp_path, batch, trained_bundle,
+                                                                        scores_dir):
+    """gzip -t and the Node example take zero padding after the gzip data; it was "could not be read as
+    csv: zlib inflate failed: unknown compression method"."""
+    import gzip
+
+    plain = write_table(batch, tmp_path / "night.csv")
+    padded = tmp_path / "padded.csv.gz"
+    padded.write_bytes(gzip.compress(plain.read_bytes()) + b"\0" * 16)
+    for source in (plain, padded):
+        code, err = run_score(capsys, trained_bundle, [source], scores_dir / f"{source.stem}.parquet")
+        assert code == 0, err
+    pd.testing.assert_frame_equal(pd.read_parquet(scores_dir / "padded.csv.parquet"),
+                                  pd.read_parquet(scores_dir / "night.parquet"))
+
+
 @pytest.mark.parametrize("command", ["score", "inspect"])
 def test_bundle_not_matching_manifest(capsys, tmp_path, batch, trained_bundle, scores_dir, command):
     bundle = tmp_path / "bundle"

@@ -1,11 +1,15 @@
 """Finding the line a CSV error is on, as an editor numbers lines."""
 
 import gzip
+import random
+import re
 
 import pytest
 
 from pipeline import csv_errors
-from pipeline.csv_errors import line_holding, line_of_row
+from pipeline.csv_errors import (gzip_data_end, line_holding, line_of_row, quote_may_be_open, unclosed_quote_error,
+                                 unclosed_quote_line)
+from pipeline.errors import InputFileError
 
 LINES = ["id,x"] + [f"{i},{i / 7}" for i in range(400)]
 
@@ -29,3 +33,66 @@ def test_line_of_row_counts_quoted_line_breaks_and_skips_blank_lines(tmp_path):
     path.write_text('id,note\n1,"a\nb\nc"\n\n2,plain\n3,x\n')
     assert [line_of_row(path, row) for row in (1, 2, 3)] == [2, 6, 7]
     assert line_of_row(path, 9) == 10  # past the end: the plain count
+
+
+def _reference_opener(data: bytes) -> int | None:
+    """Where a quote opens that the data never closes, by pyarrow's rules, one byte at a time: a quote
+    opens a field only at its start, "" inside is a quote, any other quote closes it."""
+    state, opened, i = "start", None, 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    while i < len(data):
+        byte = data[i:i + 1]
+        if state == "quoted":
+            if byte == b'"' and data[i + 1:i + 2] == b'"':
+                i += 1  # a quote in the value
+            elif byte == b'"':
+                state = "field"
+        elif byte == b'"' and state == "start":
+            state, opened = "quoted", i
+        else:
+            state = "start" if byte in (b",", b"\n", b"\r") else "field"
+        i += 1
+    return opened if state == "quoted" else None
+
+
+def test_an_unclosed_quote_is_found_as_pyarrow_reads_quotes(tmp_path, monkeypatch):
+    """Random files of quotes, separators and line ends (CR, LF, CR LF, a byte order mark), read in
+    reads as short as one byte: the opening quote's line, or None, as the byte-at-a-time rules say;
+    and the cheap look at the file's end never clears one that ends inside a quote."""
+    rng = random.Random(7)
+    pieces = ["a", "b", ",", ",", '"', '"', '"', '""', "\n", "\n", "\r", "\r\n"]
+    path = tmp_path / "f.csv"
+    for _ in range(3000):
+        data = (rng.choice(["", "\ufeff"]) + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))).encode()
+        path.write_bytes(data)
+        opened = _reference_opener(data)
+        line = None if opened is None else 1 + len(re.findall(rb"\r\n|\r|\n", data[:opened]))
+        for block in (1, 2, 5, 1 << 24):
+            monkeypatch.setattr(csv_errors, "SCAN_BLOCK", block)
+            assert unclosed_quote_line(path) == line, (data, block)
+        if opened is not None:  # any tail holding the opening quote and the byte before it
+            for cut in [0] + list(range(4 if data.startswith(b"\xef") else 1, opened)):
+                assert quote_may_be_open(data[cut:], from_start=cut == 0) is not None, (data, cut)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_an_unclosed_quote_is_named_with_its_editor_line(tmp_path, compressed):
+    text = "\ufeffid,note\r\n1,\"two\r\nlines\"\r\n\r\n2,\"x\"\"y\"\r3,\"oops\n4,z\n"
+    path = tmp_path / ("q.csv.gz" if compressed else "q.csv")
+    path.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
+    assert unclosed_quote_line(path) == 6
+    assert "line 6 opens a quoted field that is never closed" in str(unclosed_quote_error(path))
+    path.write_bytes(gzip.compress(b"id,note\n1,\"ok\"\n") if compressed else b"id,note\n1,\"ok\"\n")
+    assert unclosed_quote_line(path) is None and unclosed_quote_error(path) is None
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 24])
+def test_gzip_data_end_is_where_zero_padding_starts(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(csv_errors, "SCAN_BLOCK", block)  # members, and what a read leaves over, across reads
+    members = gzip.compress(b"id,x\n" + b"1,2\n" * 500) + gzip.compress(b"3,4\n" * 300)
+    path = tmp_path / "t.csv.gz"
+    for padding in (b"", b"\0", b"\0" * 1000):
+        path.write_bytes(members + padding)
+        assert gzip_data_end(path) == len(members)
+    path.write_bytes(members[:-3])
+    with pytest.raises(InputFileError, match="its gzip data ends early"):
+        gzip_data_end(path)

@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from pipeline.config import PreprocessConfig
@@ -171,6 +172,29 @@ def test_a_label_that_is_not_0_or_1_is_named(table):
                                         r"holds 'yes'"):
         scored_labels(pa.array(table["label"].tolist()), "label", "t.csv", row_offset=100)
     assert np.isnan(scored_labels(pa.array(["1", None]), "label", "t.csv")).tolist() == [False, True]
+
+
+@pytest.mark.parametrize("spelled", ["0_1", "\uff11", "\u0661", "\x1c1", "1\x85", "1\x1f", "\ufeff1"],
+                         ids=["underscore", "fullwidth_digit", "arabic_digit", "x1c", "x85", "x1f", "bom"])
+def test_a_label_the_numeric_columns_would_refuse_is_refused(table, spelled):
+    """float() read '0_1' as 1 and '１' as a number, and str.strip() took control characters for spaces:
+    labels that pyarrow refuses in a numeric column, and that the Node example refuses, were taken."""
+    table["label"] = table["label"].astype(str).where(table.index != 5, spelled)
+    with pytest.raises(DataError, match="must be binary"):
+        label_vector(table, "label", "t.csv")
+    with pytest.raises(DataError, match=r"but row 6 holds"):
+        scored_labels(pa.array(table["label"].tolist()), "label", "t.csv")
+
+
+@pytest.mark.parametrize("spelled", ["1.0", "1e0", "+1", "1.", " 1 ", "\t1", "\xa01\u3000", "1\n"])
+def test_a_label_spelled_as_a_number_or_with_white_space_is_taken(table, spelled):
+    """The spellings both runtimes take: pyarrow's numbers, white space as the Node example trims it."""
+    zero = {"1.0": "0.0", "1e0": "0e0", "+1": "-0", "1.": ".0"}.get(spelled, spelled.replace("1", "0"))
+    table["label"] = [spelled if v else zero for v in table["label"]]
+    expected = [1 if v == spelled else 0 for v in table["label"]]
+    assert label_vector(table, "label", "t.csv").tolist() == expected
+    scored = scored_labels(pa.array(table["label"].tolist()), "label", "t.csv")
+    assert scored.tolist() == expected and not np.signbit(scored).any()  # '-0' is 0, not -0.0
 
 
 def test_a_label_that_marks_only_the_anomalies_says_to_fill_the_rest(table):

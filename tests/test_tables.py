@@ -2,6 +2,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from pipeline.errors import DataError, InputFileError
@@ -422,3 +423,127 @@ def test_a_parquet_texts_missing_spellings_are_missing_as_in_a_csv(tmp_path, enc
     # Text that only resembles a spelling is kept, in both formats.
     pq.write_table(pa.table({"c": ["None", " NA", "na"]}), parquet)
     assert read_table(parquet)["c"].tolist() == ["None", " NA", "na"]
+
+
+# The differential fuzz's file; r1's value in one column opens a quote that is never closed.
+FUZZED = [dict(row_id="r0", a="0.1", b="0.2", c="101", cat="red", flag="true", code="2", label="0", note="ok"),
+          dict(row_id="r1", a="-1.2", b="-2.5", c="95.5", cat="green", flag="false", code="1", label="0", note="oops"),
+          dict(row_id="r2", a="1.3", b="2.7", c="110", cat="blue", flag="true", code="3", label="0", note="fine"),
+          dict(row_id="r3", a="0.0", b="0.05", c="99", cat="red", flag="False", code="2", label="1", note="fine")]
+NEVER_CLOSED = (r"line 3 opens a quoted field that is never closed, so the rest of the file would be one value; "
+                r'close that quote, or write a quote inside a value as ""')
+
+
+def _write(path, text: str):
+    import gzip
+
+    data = text.encode()
+    path.write_bytes(gzip.compress(data) if path.name.lower().endswith(".gz") else data)
+    return path
+
+
+def _unclosed_quote_csv(path, column: str, last: bool):
+    names = [n for n in FUZZED[0] if n != column] + [column] if last else list(FUZZED[0])
+    rows = [dict(row) for row in FUZZED]
+    rows[1][column] = '"' + rows[1][column]
+    return _write(path, "\n".join([",".join(names)] + [",".join(row[n] for n in names) for row in rows]) + "\n")
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.csv.gz", "t.CSV.GZ"])
+@pytest.mark.parametrize("column, last", [("note", True), ("cat", True), ("a", True), ("label", True), ("cat", False)],
+                         ids=["unread_text_last", "category_last", "number_last", "label_last", "category_inside"])
+def test_a_quote_never_closed_is_refused_with_the_line_it_opens_on(tmp_path, name, column, last):
+    """In the last column, pyarrow took the rest of the file as that value: r2 and r3 vanished without
+    a word, in training and scoring alike ('green\\n...' an unseen category); in another column it was
+    "a line has 5 fields where the header has 9"."""
+    path = _unclosed_quote_csv(tmp_path / name, column, last)
+    with pytest.raises(InputFileError, match=re.escape(str(path)) + ": " + NEVER_CLOSED):
+        read_table(path)
+    for batch_rows in (1, 500):  # not even the rows before it are given: a scoring run writes nothing
+        batches = iter_batches(path, ["a", "b"], ["cat"], ["row_id"], batch_rows=batch_rows)
+        with pytest.raises(InputFileError, match=re.escape(str(path)) + ": " + NEVER_CLOSED):
+            next(batches)
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.csv.gz"])
+@pytest.mark.parametrize("last", ['"last\n"', '"last,"', '"last"', 'last"', '""'])
+def test_quoted_values_that_close_near_the_end_still_read(tmp_path, name, last):
+    """A value ending in a line break or a comma (its closing quote looks like an opening one from the
+    end), quotes doubled inside one, or a quote inside an unquoted value: none is an unclosed quote."""
+    text = 'id,x,note\n1,1.5,"a\nb\n"\n2,2.5,"c,"\n3,3.5,"say ""hi"""\n4,4.5,""\n5,5.5,5" pipe\n6,6.5,' + last
+    path = _write(tmp_path / name, text)
+    notes = ["a\nb\n", "c,", 'say "hi"', "", '5" pipe', {'""': "", 'last"': 'last"'}.get(last, last.strip('"'))]
+    assert read_table(path)["note"].fillna("").tolist() == notes
+    assert sum(b.num_rows for b in iter_batches(path, ["x"], [], ["id"], batch_rows=3)) == 6
+
+
+def test_a_quote_never_closed_is_found_wherever_the_blocks_end(tmp_path, monkeypatch):
+    """The check reads the file's last two blocks: pyarrow refuses a longer last row (pinned here)."""
+    import io
+
+    import pyarrow.csv as pacsv
+
+    from pipeline import tables
+
+    block = 1_000
+    monkeypatch.setattr(tables, "_BLOCK_SIZES", (block, 4 * block))
+    rows = [f"{i},{i * 0.5},ok" for i in range(300)]
+    for after in range(0, 2 * block, 97):  # bytes of lines the quote takes from the end of the file
+        lines = rows + ['300,150.0,"oops'] + [f"{i},0.5,fine" for i in range(after // 11)]
+        path = _write(tmp_path / "t.csv", "id,x,note\n" + "\n".join(lines) + "\n")
+        with pytest.raises(InputFileError, match="line 302 opens a quoted field that is never closed"):
+            list(iter_batches(path, ["x"], [], ["id"], batch_rows=64))
+        with pytest.raises(InputFileError, match="line 302 opens a quoted field that is never closed"):
+            read_table(path)
+    # What the check relies on: a last row longer than two blocks is pyarrow's error, not a value.
+    longest = "id,x,note\n" + "\n".join(rows) + '\n1,2,"' + "z" * (2 * block) + "\n"
+    with pytest.raises(pa.ArrowInvalid, match="straddling"):
+        pacsv.read_csv(io.BytesIO(longest.encode()), read_options=pacsv.ReadOptions(block_size=block),
+                       parse_options=tables.CSV_PARSE_OPTIONS)
+    with pytest.raises(pa.ArrowInvalid, match="straddling"):
+        list(pacsv.open_csv(io.BytesIO(longest.encode()), read_options=pacsv.ReadOptions(block_size=block),
+                            parse_options=tables.CSV_PARSE_OPTIONS))
+
+
+@pytest.mark.parametrize("trailer", [b"\0" * 16, b"\0"])
+def test_a_gzip_file_padded_with_zero_bytes_reads_as_the_plain_one(tmp_path, trailer):
+    """gzip -t and Python's gzip take zero bytes after the data (tape padding); pyarrow failed with
+    "zlib inflate failed: unknown compression method"."""
+    import gzip
+
+    frame = pd.DataFrame({"id": [f"{i:05d}" for i in range(3000)], "x": np.arange(3000.0) / 7})
+    plain = tmp_path / "t.csv"
+    frame.to_csv(plain, index=False)
+    padded = tmp_path / "t.csv.gz"
+    padded.write_bytes(gzip.compress(plain.read_bytes()) + trailer)
+    pd.testing.assert_frame_equal(read_table(padded), read_table(plain))
+    streamed = [list(iter_batches(p, ["x"], [], ["id"], batch_rows=500)) for p in (plain, padded)]
+    assert [b.to_pydict() for b in streamed[0]] == [b.to_pydict() for b in streamed[1]]
+    assert read_columns(padded) == ["id", "x"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data + b"junk\n", "holds bytes after its gzip data that are neither gzip data nor zero padding"),
+    (lambda data: data + b"\0\0x", "holds bytes after its gzip data that are neither gzip data nor zero padding"),
+    (lambda data: data[:-40], "its gzip data ends early: the file is cut short"),
+    (lambda data: data[:200] + bytes(b ^ 0xFF for b in data[200:260]) + data[260:], "its gzip data is damaged"),
+], ids=["trailing_text", "zeros_then_text", "truncated", "corrupted"])
+def test_a_gzip_file_that_is_not_whole_gzip_data_says_what_is_wrong(tmp_path, damage, message):
+    """It was "could not be read as csv: zlib inflate failed: ..." in training, and iter_batches raised
+    a bare OSError, naming no file."""
+    import gzip
+
+    path = tmp_path / "t.csv.gz"
+    path.write_bytes(damage(gzip.compress(("id,x\n" + "".join(f"{i},{i / 7}\n" for i in range(3000))).encode())))
+    with pytest.raises(InputFileError, match=re.escape(str(path)) + ": " + message):
+        read_table(path)
+    with pytest.raises(InputFileError, match=re.escape(str(path)) + ": " + message):
+        list(iter_batches(path, ["x"], [], ["id"], batch_rows=500))
+
+
+def test_a_plain_csv_named_gz_is_said_to_be_no_gzip(tmp_path):
+    path = tmp_path / "t.csv.gz"
+    path.write_text("id,x\n1,2.5\n")
+    for read in (read_table, read_columns, lambda p: list(iter_batches(p, ["x"], [], ["id"], batch_rows=5))):
+        with pytest.raises(InputFileError, match="is not gzip data, though its name ends in .gz"):
+            read(path)
