@@ -26,14 +26,16 @@ from pipeline.bundle import Bundle
 from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.batch_score import label_metrics_of, required_columns
+from pipeline.batch_score import label_metrics_of, required_columns, score_files
 from pipeline.image_score import check_side_files, errors_path, merge_error_files
 from pipeline.outputs import (check_scores_target, make_parents, merge_scored_parts, remove_empty_folders,
                               summary_path, write_atomic)
+from pipeline.preprocess import Preprocessor
 from pipeline.schema import scored_labels
 from pipeline.scoring import score
 from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
 from pipeline.tables import iter_batches, read_columns
+from pipeline.unseen import UnseenCounts, unseen_counts_of, unseen_entries, warn_unseen
 
 
 @task(cache_policy=NO_CACHE)
@@ -52,7 +54,9 @@ def check_bundle(bundle: Path, precision: str = "fp32", inputs: tuple[Path, ...]
     return {"name": loaded.manifest["name"], "version": loaded.manifest["version"], "precision": precision,
             "target_fpr": calibration["target_fpr"], "expected_fpr": calibration["expected_fpr"],
             "fpr_range": stored_fpr_range(calibration), "modality": modality,
-            "label_column": loaded.schema.label_column if modality == "table" else None}
+            "label_column": loaded.schema.label_column if modality == "table" else None,
+            # The categorical columns' entries: the merged summary judges the run's unseen values by them.
+            "categorical": loaded.manifest["preprocessing"]["categorical"] if modality == "table" else []}
 
 
 # Written into the parts folder when the run fails: tasks that have not started yet skip their
@@ -63,7 +67,7 @@ STOP = "STOP"
 
 @task(cache_policy=NO_CACHE)
 def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = None,
-               label_column: str | None = None) -> dict | None:
+               label_column: str | None = None, modality: str = "table") -> dict | None:
     """Score one input (table file or image folder) into a part file; None once the run has failed."""
     if (part.parent / STOP).exists():
         return None
@@ -74,7 +78,8 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
     single = ScoreJob(bundle=job.bundle, inputs=(input_path,), output=part, device=job.device,
                       batch_size=job.batch_size, threads=job.threads, maps_dir=job.maps_dir,
                       precision=job.precision)
-    summary = score(single).to_dict()
+    # A table's unseen categories warn once for the run, from the merged counts (combine_summaries).
+    summary = (score_files(single, warn=False) if modality == "table" else score(single)).to_dict()
     if label_column and label_column in read_columns(input_path):
         save_labels(input_path, label_column, part, job.batch_size)
     return summary
@@ -164,7 +169,7 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     try:
         parts = [parts_dir / f"{i:05d}.parquet" for i in range(len(job.inputs))]
         started = time.perf_counter()
-        futures = [score_file.submit(resolved, path, part, os.getcwd(), bundle["label_column"])
+        futures = [score_file.submit(resolved, path, part, os.getcwd(), bundle["label_column"], bundle["modality"])
                    for path, part in zip(inputs, parts)]
         files = [future.result() for future in futures]
         merge_parts([(str(p), part) for p, part in zip(job.inputs, parts)], resolved.output)
@@ -189,11 +194,13 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     summary = combine_summaries(job, bundle, files, seconds, labelled)
     if bundle["modality"] == "image":
         summary["errors_file"] = str(errors_path(job.output)) if skipped else None
+    warn_unseen(summary["unseen_categories"])
+    # Before the report, which shows its warnings.
+    write_atomic(summary_path(job.output), json.dumps(summary, indent=2, allow_nan=False))
     create_markdown_artifact(key="vaeguard-scoring-summary", markdown=summary_markdown(job),
                              description="Scores against calibration: anomaly rate and drift")
     if job.report:
         write_report(dataclasses.replace(resolved, inputs=inputs))
-    write_atomic(summary_path(job.output), json.dumps(summary, indent=2, allow_nan=False))
     create_table_artifact(key="vaeguard-scoring", table=summary["files"],
                           description=f"Scores of {len(job.inputs)} file(s) with bundle {bundle['name']}: "
                                       f"{summary['rows']:,} rows, {summary['anomalies']:,} anomalies "
@@ -223,8 +230,15 @@ def combine_summaries(job: ScoreJob, bundle: dict, files: list[dict], seconds: f
              for path, f in zip(job.inputs, files)]
     # Each worker picks its device (auto: CUDA where it has it); one list says if they differed.
     device = ", ".join(sorted({f["device"] for f in files}))
+    unseen: dict[str, UnseenCounts] = {}
+    for f in files:
+        for name, entry in f["unseen_categories"].items():
+            unseen.setdefault(name, UnseenCounts()).add(unseen_counts_of(entry))
+    categorical = Preprocessor.from_dict({"numeric": [], "categorical": bundle["categorical"]}).categorical
+    where = f"{job.inputs[0]}: " if len(job.inputs) == 1 else ""
     return {"bundle": str(job.bundle), "output": str(job.output), "device": device,
             "target_fpr": bundle["target_fpr"], "expected_fpr": bundle["expected_fpr"],
             "fpr_range": bundle["fpr_range"], "rows": rows, "anomalies": anomalies, "seconds": seconds,
             "files": table, "auroc": labelled[0], "auprc": labelled[1], "skipped": sum(f["skipped"] for f in files),
+            "unseen_categories": unseen_entries(categorical, unseen, where),
             "anomaly_rate": anomalies / rows if rows else 0.0, "rows_per_second": rows / seconds if seconds else None}

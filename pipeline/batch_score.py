@@ -35,6 +35,7 @@ from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.schema import scored_labels
 from pipeline.signals import signals_held
 from pipeline.tables import estimate_rows, iter_batches, read_columns
+from pipeline.unseen import UnseenCounts, percent, unseen_entries, warn_unseen
 
 log = logging.getLogger("vaeguard")
 
@@ -63,6 +64,8 @@ class ScoreSummary:
     auroc: float | None = None  # only when the input carries the bundle's label column
     auprc: float | None = None
     skipped: int = 0  # image inputs: unreadable files, listed in <output>.errors.csv
+    # Per categorical column, the rows its unknown bucket took and the warning, if any (unseen_entries).
+    unseen_categories: dict[str, dict] = field(default_factory=dict)
 
     @property
     def anomaly_rate(self) -> float:
@@ -80,6 +83,10 @@ class ScoreSummary:
             text += f"; {self.skipped:,} unreadable image(s) skipped"
         if self.auroc is not None:
             text += f"; AUROC {self.auroc:.4f}, AUPRC {self.auprc:.4f} on the label column"
+        warned = [f"{name!r} ({percent(entry['share'])} of rows)"
+                  for name, entry in self.unseen_categories.items() if entry["warning"]]
+        if warned:
+            text += f"; values the bundle never saw in {', '.join(warned)}: see the warning"
         return text
 
 
@@ -170,8 +177,11 @@ def file_scoring_threads(threads: int | None) -> int:
     return threads if threads and threads > 0 else max(1, resolve_threads(None) - 1)
 
 
-def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSummary:
-    """Score every input into one output file (with a ``source`` column when several)."""
+def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = True) -> ScoreSummary:
+    """Score every input into one output file (with a ``source`` column when several).
+
+    ``warn=False`` leaves the warnings on unseen categories to a caller that adds up several
+    runs' counts (the scoring flow), so that each column warns once."""
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
     writer = OutputWriter(job.output)  # validates the output extension before any work
@@ -188,6 +198,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
                            target_fpr=calibration["target_fpr"], expected_fpr=calibration["expected_fpr"],
                            fpr_range=stored_fpr_range(calibration))
     labels, scores = [], []
+    unseen: dict[str, UnseenCounts] = {}
     started = time.perf_counter()
     show = show_progress()
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
@@ -205,7 +216,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
                     if has_label:
                         labels.append(scored_labels(batch.column(schema.label_column), schema.label_column, str(path),
                                                     file_summary.rows))
-                    outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows)
+                    outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows, unseen=unseen)
                     writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
                     file_summary.rows += batch.num_rows
                     file_summary.anomalies += int(outputs["is_anomaly"].sum())
@@ -219,11 +230,15 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None) -> ScoreSumma
                 raise EmptyInputError(f"{', '.join(map(str, job.inputs))}: no data rows to score; "
                                       f"expected at least one row")
             summary.seconds = time.perf_counter() - started
+            summary.unseen_categories = unseen_entries(bundle.preprocessor.categorical, unseen,
+                                                       f"{checked[0][0]}: " if len(checked) == 1 else "")
             if labels:
                 # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.
                 summary.auroc, summary.auprc = label_metrics_of(np.concatenate(labels), np.concatenate(scores))
             commit.enter_context(signals_held())
         write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
+    if warn:
+        warn_unseen(summary.unseen_categories)
     return summary
 
 

@@ -53,6 +53,9 @@ class CategoricalStats:
     categories: tuple[str, ...]  # "" is the missing value, when kept
     boolean: bool = False  # values are read through BOOLEAN_TEXT first; categories are 'false'/'true'
     integer: bool = False  # categories are integers' text ('3'); '3.0' is read as '3'
+    # Share of training rows whose value went to the unknown bucket (categories too rare to keep):
+    # scoring compares each run's share with it. None: a bundle exported before it was recorded.
+    unknown_share: float | None = None
 
     @property
     def spellings(self) -> dict[str, str] | None:
@@ -63,6 +66,16 @@ class CategoricalStats:
         if self.integer:
             return {"": "", **{text: c for c in self.categories if c for text in (c, f"{c}.0")}}
         return None
+
+    @property
+    def known_texts(self) -> frozenset[str]:
+        """Every text this column's scorer input takes as a kept category (missing "" when kept):
+        any other text lands in the unknown bucket."""
+        spellings = self.spellings
+        if spellings is None:
+            return frozenset(self.categories)
+        kept = set(self.categories)
+        return frozenset(text for text, meaning in spellings.items() if meaning in kept)
 
 
 @dataclass(frozen=True)
@@ -137,7 +150,9 @@ class Preprocessor:
             "numeric": [vars(s) for s in self.numeric],
             # "boolean" and "integer" only where true: a manifest without them reads as before.
             "categorical": [{"name": s.name, "categories": list(s.categories), **({"boolean": True} if s.boolean else {}),
-                             **({"integer": True} if s.integer else {})} for s in self.categorical],
+                             **({"integer": True} if s.integer else {}),
+                             **({} if s.unknown_share is None else {"unknown_share": s.unknown_share})}
+                            for s in self.categorical],
             "feature_names": self.feature_names,
         }
 
@@ -145,7 +160,8 @@ class Preprocessor:
     def from_dict(cls, raw: dict) -> "Preprocessor":
         return cls(
             numeric=tuple(NumericStats(**s) for s in raw["numeric"]),
-            categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"]), _flag(s, "boolean"), _flag(s, "integer"))
+            categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"]), _flag(s, "boolean"), _flag(s, "integer"),
+                                               _share(s))
                               for s in raw["categorical"]),
         )
 
@@ -155,6 +171,14 @@ def _flag(entry: dict, key: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"categorical column {entry.get('name')!r}: {key!r} must be true or false, got {value!r}")
     return value
+
+
+def _share(entry: dict) -> float | None:
+    value = entry.get("unknown_share")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        raise TypeError(f"categorical column {entry.get('name')!r}: 'unknown_share' must be a number from 0 to 1, "
+                        f"got {value!r}")
+    return None if value is None else float(value)
 
 
 def source_column(feature: str) -> str:
@@ -184,7 +208,9 @@ def _categorical_stats(name: str, values: np.ndarray, config: PreprocessConfig, 
         values = np.array([BOOLEAN_TEXT[v] for v in values], dtype=object)  # 'True' and 'true' count as one
     elif integer:
         values = np.array([v.removesuffix(".0") for v in values], dtype=object)  # '3.0' and '3' count as one
-    return CategoricalStats(name, _kept_categories(values, config, name, source), boolean, integer)
+    kept = _kept_categories(values, config, name, source)
+    unknown = len(values) - int(pd.Series(values).isin(kept).sum())
+    return CategoricalStats(name, kept, boolean, integer, round(unknown / len(values), 6) if len(values) else 0.0)
 
 
 # An integer as Python, pandas and pyarrow write it ('-12'), or as pandas writes it from a float64

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.bundle import Bundle
 from pipeline.config import resolve_threads
@@ -29,6 +30,7 @@ from pipeline.errors import BundleError, ConfigError, DeviceError
 from pipeline.contract import (CUDA_PROVIDER_OPTIONS, CUDA_SESSION_OPTIONS, OUTPUT_NAMES,
                                categorical_input_name)
 from pipeline.schema import TableSchema, as_category_array, categorical_strings, check_finite, numeric_matrix
+from pipeline.unseen import UnseenCounts
 
 log = logging.getLogger("vaeguard")
 
@@ -160,6 +162,18 @@ def frame_feeds(schema: TableSchema, frame: pd.DataFrame, source: str) -> dict[s
                        categorical_strings(frame, schema.categorical))
 
 
+def category_codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A categorical column as its distinct texts and each row's index into them: the texts are
+    ``as_category_array`` of the column's distinct values, so ``texts[indices]`` is exactly
+    ``as_category_array(column)``, and the distinct values are there to count from."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    encoded = pc.dictionary_encode(column, null_encoding="encode")
+    return as_category_array(encoded.dictionary), encoded.indices.to_numpy()
+
+
 class BundleScorer:
     """Scores chunks of rows with a bundle's scorer.onnx; one session, reused for every chunk."""
 
@@ -172,6 +186,8 @@ class BundleScorer:
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         check_variant_device(bundle, precision, self.device)
         check_scorer_agrees(self.session, bundle, precision)
+        # What the graph takes as a kept category, per categorical column (after its spellings).
+        self._known = {stats.name: stats.known_texts for stats in bundle.preprocessor.categorical}
 
     @property
     def numeric_columns(self) -> list[str]:
@@ -185,8 +201,12 @@ class BundleScorer:
         feeds = table_feeds(self.schema, numeric, categories)
         return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
 
-    def score_batch(self, batch: pa.RecordBatch, source: str, row_offset: int = 0) -> dict[str, np.ndarray]:
-        """A record batch with numeric columns as float64 and categorical ones as strings."""
+    def score_batch(self, batch: pa.RecordBatch, source: str, row_offset: int = 0,
+                    unseen: dict[str, UnseenCounts] | None = None) -> dict[str, np.ndarray]:
+        """A record batch with numeric columns as float64 and categorical ones as strings.
+
+        With ``unseen``, each categorical column's rows and the rows the scorer sends to its
+        unknown bucket are added to that column's counts (made here on first use)."""
         # Filled column by column straight into float32 (the same rounding as a float64 matrix
         # cast afterwards, without that matrix and its extra pass: file scoring is CPU-bound).
         numeric = np.empty((batch.num_rows, len(self.schema.numeric)), dtype=np.float32)
@@ -194,7 +214,12 @@ class BundleScorer:
             column = batch.column(name).to_numpy(zero_copy_only=False)
             check_finite(column[:, None], [name], source, row_offset)
             numeric[:, i] = column
-        categories = [as_category_array(batch.column(name)) for name in self.schema.categorical]
+        categories = []
+        for name in self.schema.categorical:
+            texts, indices = category_codes(batch.column(name))
+            categories.append(texts[indices])
+            if unseen is not None:
+                unseen.setdefault(name, UnseenCounts()).count(texts, indices, self._known[name])
         return self.score_arrays(numeric, categories)
 
     def score_frame(self, frame: pd.DataFrame, source: str = "input") -> pd.DataFrame:

@@ -8,6 +8,7 @@ images the image, its reconstruction and the heat map.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
 from pipeline.drift import drift_report
 from pipeline.errors import InputFileError
 from pipeline.images import ImageSource, ImageSpec, list_images, load_images, text_path
-from pipeline.outputs import output_format
+from pipeline.outputs import output_format, summary_path
 from pipeline.plots import feature_contributions, image_grid, score_histogram
 from pipeline.preprocess import source_column
 from pipeline.report_html import Section, check_report_location, facts_table, write_report
@@ -59,6 +60,16 @@ def scorer_calibration(bundle: Bundle, precision: str) -> Calibration:
     return Calibration.from_dict(bundle.calibration_for(precision))
 
 
+def unseen_warnings(output: Path) -> list[str]:
+    """The run's warnings on categorical values the bundle never saw, from its summary (written
+    before the report): they say why a night's scores rose, which the drift figures only show."""
+    try:
+        summary = json.loads(summary_path(output).read_text())
+    except FileNotFoundError:  # scores written by an older version, without a summary beside them
+        return []
+    return [entry["warning"] for entry in summary.get("unseen_categories", {}).values() if entry["warning"]]
+
+
 def scorer_name(bundle: Bundle, precision: str) -> str:
     return f"{precision} ({bundle.scorer_path_for(precision).name})"
 
@@ -83,7 +94,7 @@ def scoring_sections(job: ScoreJob) -> list[Section]:
         Section("Anomaly rate", tables=[("Flagged rows against the target false-positive rate", facts_table(rate))]),
         Section("Drift", "Population stability index (PSI) and Kolmogorov-Smirnov statistic of the scores "
                 "against the calibration scores; PSI above 0.25 usually means the data changed.",
-                alert="\n".join(drift.alerts),
+                alert="\n".join([*drift.alerts, *unseen_warnings(job.output)]),
                 tables=[("", facts_table({"PSI": _fmt(drift.psi), "KS statistic": _fmt(drift.ks_statistic),
                                           "KS p-value": _fmt(drift.ks_p_value)}))]),
     ]
@@ -211,4 +222,5 @@ def summary_markdown(job: ScoreJob) -> str:
              f"| KS statistic | {_fmt(drift.ks_statistic)} |",
              f"| median score (calibration median) | {np.median(scored['score']):.4g} "
              f"({np.median(calibration.scores):.4g}) |"]
-    return "\n".join(lines + [f"\n**Alert:** {alert}" for alert in drift.alerts])
+    alerts = [*drift.alerts, *unseen_warnings(job.output)]
+    return "\n".join(lines + [f"\n**Alert:** {alert}" for alert in alerts])

@@ -1,5 +1,7 @@
 import json
 import os
+from pathlib import Path
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -8,10 +10,12 @@ import pytest
 from pipeline.batch_score import score_files
 from pipeline.outputs import merge_scored_parts, summary_path
 from pipeline.bundle import Bundle
-from pipeline.config import ScoreJob
+from pipeline.config import ScoreJob, TrainJob
 from pipeline.errors import ConfigError, DataError
 from pipeline.runtime import BundleScorer
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+from pipeline.workflow import run_training
+from tests.conftest import quiet_config
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +258,50 @@ def test_a_label_spelled_as_training_takes_it_is_read_at_scoring(trained_bundle,
         score_files(ScoreJob(trained_bundle, (write_table(odd, tmp_path / f"odd{suffix}"),),
                              tmp_path / "odd_scores.parquet", device="cpu", batch_size=300))
     assert not (tmp_path / "odd_scores.parquet").exists()
+
+
+@pytest.fixture(scope="module")
+def yes_no_bundle(tmp_path_factory):
+    """A bundle trained on a 'yes'/'no' column, and its training file."""
+    folder = tmp_path_factory.mktemp("yes_no")
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=600)
+    frame = pd.DataFrame({"a": a, "b": 2 * a + rng.normal(scale=0.1, size=600), "flag": np.where(a > 0, "yes", "no")})
+    train = folder / "train.csv"
+    frame.to_csv(train, index=False)
+    job = TrainJob(data=train, name="flags", out_dir=folder / "out", config=quiet_config(max_epochs=3))
+    return Path(run_training(job)["bundle"]), train
+
+
+@pytest.mark.slow
+def test_a_column_spelled_differently_warns_once_with_its_counts(yes_no_bundle, tmp_path, capsys):
+    """A colleague's export now writes 'Y'/'N' for 'yes'/'no': every row went to the unknown bucket
+    and scored higher, and the night's alarms came with no word of why."""
+    from pipeline.cli import main
+
+    bundle, train = yes_no_bundle
+    night = pd.read_csv(train)
+    night["flag"] = night["flag"].map({"yes": "Y", "no": "N"})
+    night.to_csv(tmp_path / "night.csv", index=False)
+    out = tmp_path / "night.parquet"
+    assert main(["score", str(bundle), str(tmp_path / "night.csv"), "--output", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    warnings = [line for line in printed.err.splitlines() if "never saw" in line]
+    frequent = Counter(night["flag"]).most_common()  # ties in the order of first appearance, as counted
+    assert warnings == [f"warning: {tmp_path / 'night.csv'}: column 'flag': 600 of 600 rows (100%) hold values the "
+                        f"bundle never saw (e.g. {', '.join(repr(v) for v, _ in frequent)}); it knows "
+                        + ", ".join(repr(c) for c in Bundle.load(bundle).preprocessor.categorical[0].categories)
+                        + "; a changed spelling or format sends every such row to the unknown bucket and raises "
+                          "its score"]
+    assert "values the bundle never saw in 'flag' (100% of rows): see the warning" in printed.out
+    entry = json.loads(summary_path(out).read_text())["unseen_categories"]["flag"]
+    assert {k: entry[k] for k in ("rows", "unseen", "share", "training_share")} == {
+        "rows": 600, "unseen": 600, "share": 1.0, "training_share": 0.0}
+    assert list(entry["examples"].items()) == frequent
+
+    own = tmp_path / "own.parquet"
+    assert main(["score", str(bundle), str(train), "--output", str(own), "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    assert "never saw" not in printed.err + printed.out
+    assert json.loads(summary_path(own).read_text())["unseen_categories"] == {
+        "flag": {"rows": 600, "unseen": 0, "share": 0.0, "training_share": 0.0, "examples": {}, "warning": None}}

@@ -87,6 +87,41 @@ def test_cli_task_runner_dask_starts_a_local_cluster(trained_bundle, tmp_path, c
     assert printed["dask"].splitlines()[-1].startswith("device:  cpu; ")
 
 
+def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_path, capsys):
+    """Each task counts its file's values the bundle never saw; the run's summary carries them
+    summed, as a plain run's does, and each column warns once for the run, not once per file."""
+    from flows.score import combine_summaries
+    from pipeline.cli import main
+
+    frames = [make_sensor_table(SyntheticSpec(n_rows=300, seed=80 + i)) for i in range(2)]
+    frames[1]["line"] = frames[1]["line"].str.lower()  # one export spells the line differently
+    inputs = [write_table(frame, tmp_path / f"in{i}.parquet") for i, frame in enumerate(frames)]
+    summaries, warned = {}, {}
+    for runner in ("local", "dask"):
+        out = tmp_path / runner / "scores.parquet"
+        assert main(["score", str(trained_bundle), *map(str, inputs), "--output", str(out), "--device", "cpu",
+                     "--task-runner", runner]) == 0
+        printed = capsys.readouterr()
+        warned[runner] = [line for line in printed.err.splitlines() if "never saw" in line]
+        assert "values the bundle never saw in 'line' (" in printed.out
+        summaries[runner] = json.loads((out.parent / "scores.summary.json").read_text())["unseen_categories"]
+    assert summaries["dask"] == summaries["local"]
+    assert warned["dask"] == warned["local"] and len(warned["dask"]) == 1
+    line = summaries["dask"]["line"]
+    assert line["rows"] == 600 and line["unseen"] >= 300 and line["warning"] == warned["dask"][0][len("warning: "):]
+    assert warned["dask"][0].startswith(f"warning: column 'line': {line['unseen']} of 600 rows (")
+    # Counts per file add up: rows, unseen rows and the examples' counts.
+    bundle = {"target_fpr": 0.01, "expected_fpr": 0.01, "fpr_range": "r", "categorical": [
+        {"name": "line", "categories": ["A", "B", "C"], "unknown_share": 0.0}]}
+    files = [{"rows": 300, "anomalies": 0, "anomaly_rate": 0.0, "skipped": 0, "auroc": None, "rows_per_second": 1,
+              "device": "cpu", "unseen_categories": {"line": {"rows": 300, "unseen": unseen, "examples": examples}}}
+             for unseen, examples in ((4, {"D": 4}), (300, {"a": 150, "b": 100, "D": 50}))]
+    job = ScoreJob(trained_bundle, tuple(inputs), tmp_path / "merged.parquet")
+    merged = combine_summaries(job, bundle, files, 1.0, (None, None))["unseen_categories"]["line"]
+    assert (merged["rows"], merged["unseen"], merged["examples"]) == (600, 304, {"a": 150, "b": 100, "D": 54})
+    assert merged["share"] == 304 / 600 and merged["warning"].startswith("column 'line': 304 of 600 rows (51%)")
+
+
 def test_dask_flow_scores_with_the_chosen_precision(trained_bundle, tmp_path):
     """--precision reaches every Dask task: the files are scored by the int8 variant, not scorer.onnx."""
     from distributed import LocalCluster

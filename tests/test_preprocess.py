@@ -52,6 +52,33 @@ def test_round_trips_through_the_manifest_dict(frame):
     assert Preprocessor.from_dict(pre.to_dict()) == pre
 
 
+def test_the_share_of_training_rows_in_the_unknown_bucket_is_recorded(frame):
+    """Scoring warns when a run's unseen values are far above training's own share (its rare
+    categories go to the unknown bucket too): that share must be in the manifest."""
+    colors = frame["color"].to_numpy(dtype=object).copy()
+    colors[:7] = [f"odd{i}" for i in range(7)]  # seen once each: below min_category_count
+    colors[::100] = None  # 10 blanks: kept as the category "" (a blank is not unknown)
+    pre = fitted(frame.assign(color=colors))
+    color = pre.categorical[0]
+    assert "" in color.categories and color.unknown_share == pytest.approx(6 / 1000)  # row 0 is blank
+    rows = pre.onehot_block([np.where(pd.isna(colors), "", colors).astype(object)], len(colors))
+    assert rows[:, -1].sum() == 6  # the share is what the one-hot (and so the graph) sends there
+    # Beyond max_categories too; spellings read as one category count as the category.
+    assert fitted(frame, max_categories=2).categorical[0].unknown_share == pytest.approx(
+        (frame["color"] == "green").mean())
+    flags = fitted(frame.assign(flag=np.tile(["True", "true", "FALSE"], 334)[:1000])).categorical[1]
+    assert flags.boolean and flags.unknown_share == 0.0
+    raw = pre.to_dict()
+    assert raw["categorical"][0]["unknown_share"] == color.unknown_share and Preprocessor.from_dict(raw) == pre
+    del raw["categorical"][0]["unknown_share"]  # a bundle exported before it: training's share is not known
+    assert Preprocessor.from_dict(raw).categorical[0].unknown_share is None
+    assert "unknown_share" not in Preprocessor.from_dict(raw).to_dict()["categorical"][0]
+    for bad in ("0.1", 1.5, -0.1, True):
+        raw["categorical"][0]["unknown_share"] = bad
+        with pytest.raises(TypeError, match=r"'unknown_share' must be a number from 0 to 1, got "):
+            Preprocessor.from_dict(raw)
+
+
 @pytest.mark.parametrize("values, hint", [
     ([f"c{i}" for i in range(1000)], ""),
     ([f"images/{i}.png" for i in range(1000)], r" \(if the rows are image paths, train on images with --image-size\)"),
@@ -100,8 +127,9 @@ def test_only_true_false_makes_a_column_boolean(frame):
 def test_the_boolean_flag_round_trips_and_old_manifests_read_as_before(frame):
     pre = fitted(frame.assign(flag=frame["y"] > 0))
     raw = pre.to_dict()
-    assert raw["categorical"] == [{"name": "color", "categories": ["red", "blue", "green"]},
-                                  {"name": "flag", "categories": ["false", "true"], "boolean": True}]
+    assert raw["categorical"] == [{"name": "color", "categories": ["red", "blue", "green"], "unknown_share": 0.0},
+                                  {"name": "flag", "categories": ["false", "true"], "boolean": True,
+                                   "unknown_share": 0.0}]
     assert Preprocessor.from_dict(raw) == pre
     del raw["categorical"][1]["boolean"]  # a bundle exported before the flag: categories verbatim
     old = Preprocessor.from_dict(raw).categorical[1]
@@ -145,7 +173,7 @@ def test_only_integers_text_makes_a_column_integer_coded(frame, values):
 def test_the_integer_flag_round_trips_and_old_manifests_read_as_before(frame):
     pre = fitted(frame.assign(code=np.tile([1, 2], 500)))
     raw = pre.to_dict()
-    assert raw["categorical"][1] == {"name": "code", "categories": ["1", "2"], "integer": True}
+    assert raw["categorical"][1] == {"name": "code", "categories": ["1", "2"], "integer": True, "unknown_share": 0.0}
     assert "integer" not in raw["categorical"][0] and Preprocessor.from_dict(raw) == pre
     del raw["categorical"][1]["integer"]  # a bundle exported before the flag: categories verbatim
     old = Preprocessor.from_dict(raw).categorical[1]

@@ -139,6 +139,30 @@ def test_scoring_report_names_the_column_that_overflowed(trained_bundle, incomin
     assert first_two["main driver"].to_dict() == {rows.loc[10, "row_id"]: "vibration", rows.loc[20, "row_id"]: "pressure"}
 
 
+def test_scoring_report_says_which_column_holds_values_the_bundle_never_saw(trained_bundle, incoming_csv, tmp_path):
+    """The drift figures show that a night's scores rose; the report says why when a column came
+    spelled differently ('a' for 'A'), as the run's warning does."""
+    import pandas as pd
+
+    rows = pd.read_csv(incoming_csv, dtype={"row_id": str}).head(500)
+    rows["line"] = rows["line"].str.lower()
+    data = tmp_path / "lower.csv"
+    rows.to_csv(data, index=False)
+    out = tmp_path / "scores.parquet"
+    assert main(["score", str(trained_bundle), str(data), "--output", str(out), "--device", "cpu", "--report"]) == 0
+    drift = scoring_sections(ScoreJob(trained_bundle, (data,), out))[2]
+    alerts = drift.alert.split("\n")
+    assert sum("never saw" in a for a in alerts) == 1
+    assert any(a.startswith(f"{data}: column 'line': 500 of 500 rows (100%) hold values the bundle never saw")
+               for a in alerts)
+    html = (tmp_path / "scores.report.html").read_text()
+    assert "column &#x27;line&#x27;: 500 of 500 rows" in html
+    # The same data as training spells it: no such alert.
+    plain = tmp_path / "plain.parquet"
+    assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(plain), "--device", "cpu"]) == 0
+    assert "never saw" not in scoring_sections(ScoreJob(trained_bundle, (incoming_csv,), plain))[2].alert
+
+
 @needs_browser
 def test_scoring_report_renders_with_every_image(trained_bundle, incoming_csv, tmp_path):
     out = tmp_path / "scores.csv"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from pipeline import cuda_libraries, runtime
@@ -16,8 +17,9 @@ from pipeline.cli import main
 from pipeline.config import ModelConfig, TrainJob
 from pipeline.errors import BundleError, ConfigError, DeviceError
 from pipeline.outputs import summary_path
-from pipeline.runtime import BundleScorer, create_session, gpu_present
-from pipeline.schema import categorical_strings, numeric_matrix
+from pipeline.preprocess import CategoricalStats, Preprocessor
+from pipeline.runtime import BundleScorer, category_codes, create_session, gpu_present
+from pipeline.schema import as_category_array, categorical_strings, numeric_matrix
 from pipeline.workflow import run_training
 from tests.conftest import quiet_config
 
@@ -129,6 +131,45 @@ def test_score_frame_gives_exactly_what_session_run_gives(trained_bundle, sensor
     got = scorer.score_frame(sensor_frame)[list(OUTPUT_NAMES)].to_numpy().T
     for a, b in zip(expected, got):
         assert np.array_equal(a, b.astype(a.dtype))
+
+
+def _unknown_rows(stats: CategoricalStats, values: np.ndarray) -> np.ndarray:
+    """Rows the bundle's one-hot (the reference scorer.onnx matches) puts in the unknown bucket."""
+    return Preprocessor.one_hot(stats, values)[:, -1] == 1
+
+
+def test_score_batch_counts_the_rows_each_column_sends_to_the_unknown_bucket(trained_bundle, sensor_frame):
+    """A column spelled differently ('a' for 'A') sends its rows to the unknown bucket silently; the
+    counts say how many, per column, and which values."""
+    scorer = BundleScorer(Bundle.load(trained_bundle), device="cpu", threads=1)
+    frame = sensor_frame.iloc[:1000].copy()
+    frame.loc[frame.index[:300], "line"] = frame["line"].iloc[:300].str.lower()
+    frame.loc[frame.index[300:305], "line"] = None
+    unseen = {}
+    batches = pa.Table.from_pandas(frame, preserve_index=False).to_batches(max_chunksize=300)
+    scores = np.concatenate([scorer.score_batch(b, "t", unseen=unseen)["score"] for b in batches])
+    np.testing.assert_array_equal(scores, scorer.score_frame(frame)["score"].to_numpy())  # counting changes nothing
+    stats = {s.name: s for s in Bundle.load(trained_bundle).preprocessor.categorical}
+    for name, values in zip(scorer.categorical_columns, categorical_strings(frame, scorer.categorical_columns)):
+        expected = _unknown_rows(stats[name], values)
+        assert (unseen[name].rows, unseen[name].unseen) == (1000, int(expected.sum())), name
+        assert sum(unseen[name].examples.values()) == int(expected.sum())
+    assert unseen["line"].unseen >= 300 and {"a", "b"} <= set(unseen["line"].examples)
+    assert unseen["line"].examples.most_common(1)[0][0] == "a"
+    assert scorer.score_batch(batches[0], "t")["score"].shape == (300,)  # without counts, as before
+
+
+@pytest.mark.parametrize("column", [
+    pa.array(["b", None, "a", "b", ""], pa.string()),
+    pa.chunked_array([pa.array(["x", None]), pa.array(["y", "x"])]),
+    pa.array(["p", "q", None, "p"]).dictionary_encode(),
+    pa.array([1.0, float("nan"), None, 3.0]),
+    pa.array([True, None, False]),
+    pa.array([], pa.string()),
+])
+def test_category_codes_give_exactly_the_scorer_inputs_as_before(column):
+    texts, indices = category_codes(column)
+    assert texts[indices].tolist() == as_category_array(column).tolist()
 
 
 @pytest.fixture(scope="module")

@@ -329,7 +329,7 @@ def test_an_integer_code_scores_alike_after_pandas_rewrote_it_with_a_blank(tmp_p
         np.testing.assert_array_equal(scores[name]["score"], scores["train"]["score"])
         np.testing.assert_array_equal(scores[name]["is_anomaly"], scores["train"]["is_anomaly"])
     entry = bundle.manifest["preprocessing"]["categorical"][0]
-    assert entry == {"name": "code", "categories": entry["categories"], "integer": True}
+    assert entry == {"name": "code", "categories": entry["categories"], "integer": True, "unknown_share": 0.0}
     assert sorted(entry["categories"]) == ["1", "2", "3"] and bundle.manifest["verification"]["passed"]
     example = entry["categories"][0]
     assert f"integer-coded ('{example}.0' reads as '{example}')" in describe_manifest(bundle.manifest)
