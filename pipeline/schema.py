@@ -175,7 +175,8 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
 
 
 # An integer as pyarrow's CSV reader takes it (it trims spaces and tabs, and keeps '007' as 7).
-_INTEGER_TEXT = r"^[ \t]*-?[0-9]+[ \t]*$"
+# Not preprocess's rule for integer-coded categories, which takes pandas' '3.0' and not '007'.
+_CSV_INTEGER_TEXT = r"^[ \t]*-?[0-9]+[ \t]*$"
 
 
 def _integers_in_text(column: pd.Series) -> pa.Array | None:
@@ -187,7 +188,7 @@ def _integers_in_text(column: pd.Series) -> pa.Array | None:
         return None  # objects of mixed types: not one text column
     if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
         return None
-    if not pc.all(pc.match_substring_regex(text, _INTEGER_TEXT)).as_py():
+    if not pc.all(pc.match_substring_regex(text, _CSV_INTEGER_TEXT)).as_py():
         return None
     try:
         return pc.utf8_trim(text, characters=" \t").cast(pa.int64())

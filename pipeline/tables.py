@@ -485,8 +485,10 @@ def _diagnose_csv_error(path: Path, numeric: list[str], exc: Exception) -> DataE
                         f"holds {_shown(batch.column(name)[bad].as_py())}; fix or blank out that value"
                     )
             row_offset += batch.num_rows
-    except pa.ArrowInvalid:
-        pass
+    except PipelineError:
+        raise  # what the re-read found is the better message (a quote never closed, say)
+    except (pa.ArrowInvalid, OSError):
+        pass  # raised bare from the handler of the first error, an I/O error named no file
     return DataError(f"{path}: could not be parsed: {one_line(exc)}")
 
 

@@ -547,3 +547,22 @@ def test_a_plain_csv_named_gz_is_said_to_be_no_gzip(tmp_path):
     for read in (read_table, read_columns, lambda p: list(iter_batches(p, ["x"], [], ["id"], batch_rows=5))):
         with pytest.raises(InputFileError, match="is not gzip data, though its name ends in .gz"):
             read(path)
+
+
+def test_an_io_error_while_diagnosing_a_bad_value_is_still_one_error_naming_the_file(tmp_path, monkeypatch):
+    """The diagnosis re-reads the file from inside the first error's handler: an I/O error there
+    came out bare, naming no file, past iter_batches' own handling."""
+    from pipeline import tables
+
+    path = tmp_path / "t.csv"
+    path.write_text("a,b\n1,x\n")
+    read_once = tables._stream_csv
+
+    def failing_again(*args, **kwargs):
+        if kwargs or args[1] != {"a": pa.float64(), "b": pa.float64()}:
+            raise OSError("Input/output error")
+        yield from read_once(*args, **kwargs)
+
+    monkeypatch.setattr(tables, "_stream_csv", failing_again)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: could not be parsed: "):
+        list(iter_batches(path, ["a", "b"], [], [], 100))
