@@ -29,6 +29,15 @@ def _columns(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
+def _path(text: str) -> Path:
+    """A path argument. An empty one is refused: Path("") is the current folder, so an unset shell
+    variable (`vaeguard serve B --watch "$LANDING"`) served, trained on or wrote into wherever the
+    command ran."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder (is a shell variable unset?)")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaeguard", description="VAE anomaly detection for tables: "
                                      "train, calibrate, export to ONNX, batch-score.")
@@ -37,37 +46,37 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", parents=[common], help="train a bundle from a CSV or Parquet file")
-    train.add_argument("data", type=Path, help="training table (.csv, .csv.gz, .parquet, .pq) of mostly normal rows, "
+    train.add_argument("data", type=_path, help="training table (.csv, .csv.gz, .parquet, .pq) of mostly normal rows, "
                        "or images (a folder, a CSV of paths, a .npy) with --image-size")
     train.add_argument("--name", required=True, help="bundle name: written to OUT/NAME/")
     train.add_argument("--label-column", help="0/1 column (1 = anomaly); anomalies are never trained on")
     train.add_argument("--id-columns", type=_columns, default=(), help="comma-separated columns copied to scores")
     train.add_argument("--target-fpr", type=float, help="false-positive rate of the threshold (default 0.01)")
-    train.add_argument("--config", type=Path, help="YAML file with preprocess/model/training/calibration sections; "
+    train.add_argument("--config", type=_path, help="YAML file with preprocess/model/training/calibration sections; "
                        "--target-fpr, --seed, --trim-fraction and --device, when given, win over its values")
     train.add_argument("--seed", type=int, help="random seed (default 0)")
     train.add_argument("--trim-fraction", type=float,
                        help="if the training rows may hold anomalies: leave each batch's worst-fitting share of "
                             "rows out of the loss, e.g. 0.05 (default 0)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
-    train.add_argument("--out", type=Path, default=Path("exported"), help="output folder (default exported/)")
+    train.add_argument("--out", type=_path, default=Path("exported"), help="output folder (default exported/)")
     images = train.add_argument_group("images (DATA is a folder of images, a CSV with a path column, or a .npy)")
     images.add_argument("--image-size", type=int, help="square side images are resized to (default 64)")
     images.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale, 3 = RGB")
     images.add_argument("--path-column", default="path", help="column of image paths in a CSV (default path)")
 
     score = commands.add_parser("score", parents=[common], help="score tables with a bundle")
-    score.add_argument("bundle", type=Path, help="bundle folder written by `vaeguard train`")
-    score.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+    score.add_argument("bundle", type=_path, help="bundle folder written by `vaeguard train`")
+    score.add_argument("inputs", type=_path, nargs="+", metavar="INPUT",
                        help="table files (.csv, .csv.gz, .parquet, .pq), or for an image bundle image folders, "
                             ".npy arrays or CSV lists of paths; each once")
-    score.add_argument("--output", "-o", type=Path, required=True, help="scores file: .parquet or .csv")
+    score.add_argument("--output", "-o", type=_path, required=True, help="scores file: .parquet or .csv")
     score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--batch-size", type=int, default=65_536, help="rows per chunk (default 65536)")
     score.add_argument("--threads", type=int, help="onnxruntime threads (default: one fewer than the cores, at most 3, "
                                                     "leaving one to the reader; images: cores, at most 4; more than "
                                                     "the cores: the cores, with a warning)")
-    score.add_argument("--maps", type=Path, help="image bundles: write a PNG (image, reconstruction, heat map) "
+    score.add_argument("--maps", type=_path, help="image bundles: write a PNG (image, reconstruction, heat map) "
                        "for each flagged image into this folder")
     score.add_argument("--report", action="store_true",
                        help="write OUT.report.html next to the output: score histograms, rate, drift, top anomalies")
@@ -79,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", parents=[common],
                                  help="add a reduced-precision scorer (fp16 for GPUs, int8 for CPUs) to a bundle")
-    export.add_argument("bundle", type=Path, help="bundle folder written by `vaeguard train`")
+    export.add_argument("bundle", type=_path, help="bundle folder written by `vaeguard train`")
     export.add_argument("--precision", choices=("fp16", "int8"), required=True)
     export.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="where the variant is calibrated and timed against fp32 (default cpu)")
@@ -88,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", parents=[common],
                                 help="score a landing folder on a schedule (needs `prefect server start`)")
-    serve.add_argument("bundle", type=Path)
-    serve.add_argument("--watch", type=Path, required=True, help="landing folder: new CSV/Parquet files land here")
-    serve.add_argument("--output", type=Path, required=True, help="folder for scores, ledger and quarantine")
+    serve.add_argument("bundle", type=_path)
+    serve.add_argument("--watch", type=_path, required=True, help="landing folder: new CSV/Parquet files land here")
+    serve.add_argument("--output", type=_path, required=True, help="folder for scores, ledger and quarantine")
     when = serve.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help='cron schedule, e.g. "0 * * * *" for every hour')
     when.add_argument("--interval", type=float, help="schedule every N seconds")
@@ -103,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="deployment name (default: vaeguard-<bundle name>)")
 
     inspect = commands.add_parser("inspect", parents=[common], help="show a bundle's manifest")
-    inspect.add_argument("bundle", type=Path)
+    inspect.add_argument("bundle", type=_path)
     inspect.add_argument("--json", action="store_true", help="print the raw manifest")
 
     demo = commands.add_parser("demo", parents=[common], help="train and score on generated data through Prefect")
     demo.add_argument("--rows", type=int, default=20_000, help="rows of generated training data")
-    demo.add_argument("--out", type=Path, default=Path("exported"), help="bundle folder (default exported/)")
-    demo.add_argument("--work", type=Path, default=Path("runs/demo"), help="folder for data and scores")
+    demo.add_argument("--out", type=_path, default=Path("exported"), help="bundle folder (default exported/)")
+    demo.add_argument("--work", type=_path, default=Path("runs/demo"), help="folder for data and scores")
     return parser
 
 

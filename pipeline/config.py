@@ -592,5 +592,5 @@ def resolve_threads(threads: int | None) -> int:
 @functools.cache  # once per process and value: a run builds several sessions, a worker many runs
 def _warn_capped(threads: int, cores: int) -> None:
     log.warning("threads %d is more than the %d CPU core(s) this process may use; using %d, as more threads than "
-                "cores only slow torch and onnxruntime down; set --threads (or training.threads) to at most %d, "
+                "cores only slow torch and onnxruntime down; set --threads (in training, training.threads) to at most %d, "
                 "or leave it out for the default", threads, cores, cores, cores)

@@ -350,7 +350,7 @@ def one_core(monkeypatch):
 
 
 CAPPED_WARNING = ("warning: threads {} is more than the 1 CPU core(s) this process may use; using 1, as more threads "
-                  "than cores only slow torch and onnxruntime down; set --threads (or training.threads) to at most 1, "
+                  "than cores only slow torch and onnxruntime down; set --threads (in training, training.threads) to at most 1, "
                   "or leave it out for the default")
 
 
@@ -390,3 +390,18 @@ def test_train_config_threads_beyond_the_cores_are_capped_with_one_warning(capsy
     assert code == 0, err
     assert asked == [1]
     assert err.splitlines() == [CAPPED_WARNING.format(10000)]
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "/srv/bundle", "--watch", "", "--output", "/srv/scored", "--interval", "60"],
+    ["train", "", "--name", "x"],
+    ["score", "/srv/bundle", "in.csv", "--output", ""],
+    ["inspect", ""],
+])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(argv, capsys):
+    """Path("") is ".": an unset shell variable (`--watch "$LANDING"`) served the folder the command
+    ran in, whose files the runs then scored and quarantined (moved away)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert "an empty path; give a file or folder (is a shell variable unset?)" in capsys.readouterr().err
