@@ -35,7 +35,7 @@ from pipeline.schema import scored_labels
 from pipeline.scoring import score
 from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
 from pipeline.tables import iter_batches, read_columns
-from pipeline.unseen import UnseenCounts, unseen_counts_of, unseen_entries, warn_unseen
+from pipeline.unseen import UnseenCounts, file_entries, unseen_counts_of, unseen_entries, warn_unseen
 
 
 @task(cache_policy=NO_CACHE)
@@ -201,7 +201,9 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
                              description="Scores against calibration: anomaly rate and drift")
     if job.report:
         write_report(dataclasses.replace(resolved, inputs=inputs))
-    create_table_artifact(key="vaeguard-scoring", table=summary["files"],
+    # One flat row per file: the nested unseen counts are in the summary file, not in a table cell.
+    create_table_artifact(key="vaeguard-scoring", table=[{k: v for k, v in f.items() if k != "unseen_categories"}
+                                                         for f in summary["files"]],
                           description=f"Scores of {len(job.inputs)} file(s) with bundle {bundle['name']}: "
                                       f"{summary['rows']:,} rows, {summary['anomalies']:,} anomalies "
                                       f"({summary['anomaly_rate']:.3%} against target {bundle['target_fpr']:.3%})")
@@ -223,22 +225,26 @@ def combine_summaries(job: ScoreJob, bundle: dict, files: list[dict], seconds: f
     each file's entry with the rate, skipped images, AUROC and speed of its task besides."""
     rows = sum(f["rows"] for f in files)
     anomalies = sum(f["anomalies"] for f in files)
+    categorical = Preprocessor.from_dict({"numeric": [], "categorical": bundle["categorical"]}).categorical
+    # A task scores one file: its run's counts are that file's own.
+    per_file = [(str(path), {name: unseen_counts_of(entry) for name, entry in f["unseen_categories"].items()})
+                for path, f in zip(job.inputs, files)]
     table = [{"input": str(path), "rows": f["rows"], "anomalies": f["anomalies"],
               "anomaly_rate": round(f["anomaly_rate"], 6), "target_fpr": bundle["target_fpr"],
               "skipped": f["skipped"], "auroc": None if f["auroc"] is None else round(f["auroc"], 4),
-              "rows_per_second": round(f["rows_per_second"] or 0)}
-             for path, f in zip(job.inputs, files)]
+              "rows_per_second": round(f["rows_per_second"] or 0),
+              "unseen_categories": file_entries(categorical, counts)}
+             for (path, counts), f in zip(per_file, files)]
     # Each worker picks its device (auto: CUDA where it has it); one list says if they differed.
     device = ", ".join(sorted({f["device"] for f in files}))
     unseen: dict[str, UnseenCounts] = {}
-    for f in files:
-        for name, entry in f["unseen_categories"].items():
-            unseen.setdefault(name, UnseenCounts()).add(unseen_counts_of(entry))
-    categorical = Preprocessor.from_dict({"numeric": [], "categorical": bundle["categorical"]}).categorical
+    for _, counts in per_file:
+        for name, tally in counts.items():
+            unseen.setdefault(name, UnseenCounts()).add(tally)
     where = f"{job.inputs[0]}: " if len(job.inputs) == 1 else ""
     return {"bundle": str(job.bundle), "output": str(job.output), "device": device,
             "target_fpr": bundle["target_fpr"], "expected_fpr": bundle["expected_fpr"],
             "fpr_range": bundle["fpr_range"], "rows": rows, "anomalies": anomalies, "seconds": seconds,
             "files": table, "auroc": labelled[0], "auprc": labelled[1], "skipped": sum(f["skipped"] for f in files),
-            "unseen_categories": unseen_entries(categorical, unseen, where),
+            "unseen_categories": unseen_entries(categorical, unseen, where, per_file),
             "anomaly_rate": anomalies / rows if rows else 0.0, "rows_per_second": rows / seconds if seconds else None}

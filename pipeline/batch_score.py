@@ -35,7 +35,7 @@ from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.schema import scored_labels
 from pipeline.signals import signals_held
 from pipeline.tables import estimate_rows, iter_batches, read_columns
-from pipeline.unseen import UnseenCounts, percent, unseen_entries, warn_unseen
+from pipeline.unseen import UnseenCounts, file_entries, percent, unseen_entries, warn_unseen
 
 log = logging.getLogger("vaeguard")
 
@@ -47,6 +47,8 @@ class FileSummary:
     input: str
     rows: int = 0
     anomalies: int = 0
+    # This input's own rows, unseen rows and share per categorical column (unseen.file_entries).
+    unseen_categories: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,6 +201,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
                            fpr_range=stored_fpr_range(calibration))
     labels, scores = [], []
     unseen: dict[str, UnseenCounts] = {}
+    per_file: list[tuple[str, dict[str, UnseenCounts]]] = []
     started = time.perf_counter()
     show = show_progress()
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
@@ -209,6 +212,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
         with progress, writer:
             for path, _, has_label in checked:
                 file_summary = FileSummary(str(path))
+                file_unseen: dict[str, UnseenCounts] = {}
                 text = list(schema.categorical) + ([schema.label_column] if has_label else [])
                 source = str(path) if len(checked) > 1 else None
                 batches = iter_batches(path, list(schema.numeric), text, list(schema.id_columns), job.batch_size)
@@ -216,13 +220,18 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
                     if has_label:
                         labels.append(scored_labels(batch.column(schema.label_column), schema.label_column, str(path),
                                                     file_summary.rows))
-                    outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows, unseen=unseen)
+                    outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows, unseen=file_unseen)
                     writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
                     file_summary.rows += batch.num_rows
                     file_summary.anomalies += int(outputs["is_anomaly"].sum())
                     if has_label:
                         scores.append(outputs["score"])
                     progress.update(batch.num_rows)
+                file_summary.unseen_categories = file_entries(bundle.preprocessor.categorical, file_unseen)
+                for name, tally in file_unseen.items():
+                    unseen.setdefault(name, UnseenCounts()).add(tally)
+                    tally.examples.clear()  # the run's counts have them; a file's warning names it by its counts
+                per_file.append((str(path), file_unseen))
                 summary.files.append(file_summary)
                 summary.rows += file_summary.rows
                 summary.anomalies += file_summary.anomalies
@@ -231,7 +240,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
                                       f"expected at least one row")
             summary.seconds = time.perf_counter() - started
             summary.unseen_categories = unseen_entries(bundle.preprocessor.categorical, unseen,
-                                                       f"{checked[0][0]}: " if len(checked) == 1 else "")
+                                                       f"{checked[0][0]}: " if len(checked) == 1 else "", per_file)
             if labels:
                 # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.
                 summary.auroc, summary.auprc = label_metrics_of(np.concatenate(labels), np.concatenate(scores))

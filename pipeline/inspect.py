@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.calibrate import FPR_RANGE_KEY, format_fpr_range
 from pipeline.errors import BundleError, one_line
+from pipeline.unseen import percent
 
 
 def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
@@ -117,6 +118,13 @@ def _spelled(entry: dict) -> str:
     return ""
 
 
+def _unknown_share(entry: dict) -> str:
+    """Training's share of rows in the unknown bucket, which scoring's warning on unseen values is
+    judged against (pipeline.unseen); bundles exported before it was recorded have none."""
+    share = entry.get("unknown_share")
+    return "" if share is None else f"unknown in training {percent(share)}"
+
+
 def _table_inputs(manifest: dict) -> list[str]:
     schema, pre = manifest["schema"], manifest["preprocessing"]
     lines = [
@@ -126,7 +134,7 @@ def _table_inputs(manifest: dict) -> list[str]:
         "categorical columns (kept categories; others map to unknown):",
         *_table([(s["name"], ", ".join(repr(c) for c in s["categories"][:12])
                   + (" ..." if len(s["categories"]) > 12 else ""),
-                  _spelled(s)) for s in pre["categorical"]]),
+                  _unknown_share(s), _spelled(s)) for s in pre["categorical"]]),
         f"id columns: {', '.join(schema['id_columns']) or '-'}   label column: {schema['label_column'] or '-'}",
     ]
     if schema["dropped"]:

@@ -86,25 +86,45 @@ def unseen_limit(training_share: float | None) -> float:
     return max(UNSEEN_MIN_SHARE, min(UNSEEN_FACTOR * training_share, (1 + training_share) / 2))
 
 
-def unseen_entries(categorical: Sequence[CategoricalStats], counts: dict[str, UnseenCounts],
-                   where: str = "") -> dict[str, dict]:
+# Files named in a column's warning when a run has several inputs; the rest are counted.
+FILES_NAMED = 3
+
+
+def unseen_entries(categorical: Sequence[CategoricalStats], counts: dict[str, UnseenCounts], where: str = "",
+                   files: Sequence[tuple[str, dict[str, UnseenCounts]]] = ()) -> dict[str, dict]:
     """The summary's field for each categorical column: rows scored, rows its unknown bucket took,
-    their share and training's, the most frequent such values, and the warning line or None."""
+    their share and training's, the most frequent such values, and the warning line or None.
+
+    ``files``, each input's name and own counts: with several, a warning names those whose own
+    share is above the limit, since the run's total does not say which export changed."""
     entries = {}
     for stats in categorical:
         tally = counts.get(stats.name, UnseenCounts())
         share = tally.unseen / tally.rows if tally.rows else 0.0
-        fired = tally.unseen >= UNSEEN_MIN_ROWS and share > unseen_limit(stats.unknown_share)
+        limit = unseen_limit(stats.unknown_share)
+        fired = tally.unseen >= UNSEEN_MIN_ROWS and share > limit
+        named = _files_above(stats.name, limit, files) if fired and len(files) > 1 else ""
         entries[stats.name] = {"rows": tally.rows, "unseen": tally.unseen, "share": share,
                                "training_share": stats.unknown_share,
                                "examples": dict(tally.examples.most_common(UNSEEN_EXAMPLES)),
-                               "warning": _unseen_warning(stats, tally, share, where) if fired else None}
+                               "warning": _unseen_warning(stats, tally, share, where, named) if fired else None}
+    return entries
+
+
+def file_entries(categorical: Sequence[CategoricalStats], counts: dict[str, UnseenCounts]) -> dict[str, dict]:
+    """One input's own counts per categorical column, for its entry in the summary's ``files``:
+    compact (no examples), as a run may have thousands of inputs."""
+    entries = {}
+    for stats in categorical:
+        tally = counts.get(stats.name, UnseenCounts())
+        entries[stats.name] = {"rows": tally.rows, "unseen": tally.unseen,
+                               "share": tally.unseen / tally.rows if tally.rows else 0.0}
     return entries
 
 
 def unseen_counts_of(entry: dict) -> UnseenCounts:
-    """Counts back from a summary's entry, to add up the entries of several files."""
-    return UnseenCounts(entry["rows"], entry["unseen"], Counter(entry["examples"]))
+    """Counts back from a summary's entry (or a file's, which has no examples), to add up several."""
+    return UnseenCounts(entry["rows"], entry["unseen"], Counter(entry.get("examples", {})))
 
 
 def warn_unseen(entries: dict[str, dict]) -> None:
@@ -113,14 +133,26 @@ def warn_unseen(entries: dict[str, dict]) -> None:
             log.warning("%s", entry["warning"])
 
 
-def _unseen_warning(stats: CategoricalStats, tally: UnseenCounts, share: float, where: str) -> str:
+def _files_above(column: str, limit: float, files: Sequence[tuple[str, dict[str, UnseenCounts]]]) -> str:
+    """' in a.csv (600 of 600 rows), b.csv (590 of 600)': the inputs whose own share of the column
+    is above the limit, highest first. The run's share is their average, so one at least is."""
+    above = [(name, tally) for name, counts in files
+             if (tally := counts.get(column)) and tally.rows and tally.unseen / tally.rows > limit]
+    above.sort(key=lambda item: -item[1].unseen / item[1].rows)  # stable: ties stay in input order
+    shown = [f"{name} ({tally.unseen:,} of {tally.rows:,}{' rows' if i == 0 else ''})"
+             for i, (name, tally) in enumerate(above[:FILES_NAMED])]
+    more = f" and {len(above) - FILES_NAMED} more" if len(above) > FILES_NAMED else ""
+    return f" in {', '.join(shown)}{more}" if shown else ""
+
+
+def _unseen_warning(stats: CategoricalStats, tally: UnseenCounts, share: float, where: str, named: str = "") -> str:
     training = f"; {percent(stats.unknown_share)} in training" if stats.unknown_share else ""
     examples = ", ".join(_shown(v) for v, _ in tally.examples.most_common(3))
     known = ", ".join(_shown(c) for c in stats.categories[:8]) + (
         f" and {len(stats.categories) - 8} more" if len(stats.categories) > 8 else "")
     return (f"{where}column {stats.name!r}: {tally.unseen:,} of {tally.rows:,} rows ({percent(share)}{training}) "
-            f"hold values the bundle never saw (e.g. {examples}); it knows {known}; a changed spelling or format "
-            f"sends every such row to the unknown bucket and raises its score")
+            f"hold values the bundle never saw (e.g. {examples}){named}; it knows {known}; a changed spelling or "
+            f"format sends every such row to the unknown bucket and raises its score")
 
 
 def _shown(value: str) -> str:

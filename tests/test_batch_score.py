@@ -305,3 +305,33 @@ def test_a_column_spelled_differently_warns_once_with_its_counts(yes_no_bundle, 
     assert "never saw" not in printed.err + printed.out
     assert json.loads(summary_path(own).read_text())["unseen_categories"] == {
         "flag": {"rows": 600, "unseen": 0, "share": 0.0, "training_share": 0.0, "examples": {}, "warning": None}}
+
+
+def test_two_inputs_one_spelled_differently_each_file_has_its_counts_and_the_warning_names_it(trained_bundle, tmp_path):
+    """`score B mon.parquet tue.parquet`: tue's export wrote the line in lower case. The run's warning
+    said 'line' changed but not where; each file's entry now has its own counts, and the line names tue."""
+    mon = make_sensor_table(SyntheticSpec(n_rows=300, seed=80))
+    tue = make_sensor_table(SyntheticSpec(n_rows=300, seed=81))
+    tue["line"] = tue["line"].str.lower()
+    inputs = (write_table(mon, tmp_path / "mon.parquet"), write_table(tue, tmp_path / "tue.parquet"))
+    out = tmp_path / "week.parquet"
+    summary = score_files(ScoreJob(trained_bundle, inputs, out, device="cpu", batch_size=128))
+    line = next(s for s in Bundle.load(trained_bundle).preprocessor.categorical if s.name == "line")
+    own = [int((~frame["line"].isin(line.known_texts)).sum()) for frame in (mon, tue)]
+    assert own[1] == 300 and own[0] < 10  # mon: the odd new line of the synthetic anomalies
+    written = json.loads(summary_path(out).read_text())
+    for i, path in enumerate(inputs):
+        assert summary.files[i].unseen_categories["line"] == {"rows": 300, "unseen": own[i], "share": own[i] / 300}
+        assert written["files"][i]["input"] == str(path)
+        assert written["files"][i]["unseen_categories"] == summary.files[i].unseen_categories
+    entry = written["unseen_categories"]["line"]
+    assert (entry["rows"], entry["unseen"]) == (600, sum(own))
+    assert entry["warning"].startswith(f"column 'line': {sum(own)} of 600 rows (")
+    assert f") in {inputs[1]} (300 of 300 rows); it knows " in entry["warning"]
+    assert str(inputs[0]) not in entry["warning"]
+    # One input: its path starts the line, and no file is named besides.
+    alone = score_files(ScoreJob(trained_bundle, inputs[1:], tmp_path / "tue_scores.parquet", device="cpu"))
+    warning = alone.unseen_categories["line"]["warning"]
+    assert warning.startswith(f"{inputs[1]}: column 'line': 300 of 300 rows (100%) hold values the bundle never saw (e.g. ")
+    assert warning.count(str(inputs[1])) == 1 and "rows); it knows" not in warning
+    assert alone.files[0].unseen_categories["line"] == {"rows": 300, "unseen": 300, "share": 1.0}

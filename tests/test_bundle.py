@@ -157,6 +157,29 @@ def test_inspect_of_a_manifest_missing_a_shown_entry_is_one_line(capsys, bundle_
     assert main(["inspect", str(bundle_copy), "--json"]) == 0  # the raw manifest is still there to read
 
 
+def test_inspect_shows_each_categorical_columns_unknown_share_in_training(bundle_copy):
+    """Scoring warns on unseen values against training's share of them; inspect did not show it."""
+    def shares(manifest):
+        for i, entry in enumerate(manifest["preprocessing"]["categorical"]):
+            entry["unknown_share"] = 0.034 if i == 0 else 0.0
+
+    edit_manifest(bundle_copy, shares)
+    categorical = Bundle.load(bundle_copy).manifest["preprocessing"]["categorical"]
+    shown = describe_manifest(Bundle.load(bundle_copy).manifest).splitlines()
+    names = [e["name"] for e in categorical]
+    rows = [line for line in shown if line.strip().split(" ")[0] in names]
+    assert [row.split()[0] for row in rows] == names and len(names) >= 2
+    assert "unknown in training 3.4%" in rows[0]
+    assert all("unknown in training 0.0%" in row for row in rows[1:])
+
+    def unrecorded(manifest):  # a bundle exported before the share was recorded
+        for entry in manifest["preprocessing"]["categorical"]:
+            entry.pop("unknown_share")
+
+    edit_manifest(bundle_copy, unrecorded)
+    assert "unknown in training" not in describe_manifest(Bundle.load(bundle_copy).manifest)
+
+
 def test_publish_refuses_to_replace_what_is_not_a_bundle(tmp_path):
     """Something that appeared at the target while training ran is not swapped out and deleted."""
     from pipeline.bundle import publish_bundle

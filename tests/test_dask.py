@@ -96,7 +96,7 @@ def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_p
     frames = [make_sensor_table(SyntheticSpec(n_rows=300, seed=80 + i)) for i in range(2)]
     frames[1]["line"] = frames[1]["line"].str.lower()  # one export spells the line differently
     inputs = [write_table(frame, tmp_path / f"in{i}.parquet") for i, frame in enumerate(frames)]
-    summaries, warned = {}, {}
+    summaries, warned, per_file = {}, {}, {}
     for runner in ("local", "dask"):
         out = tmp_path / runner / "scores.parquet"
         assert main(["score", str(trained_bundle), *map(str, inputs), "--output", str(out), "--device", "cpu",
@@ -104,8 +104,15 @@ def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_p
         printed = capsys.readouterr()
         warned[runner] = [line for line in printed.err.splitlines() if "never saw" in line]
         assert "values the bundle never saw in 'line' (" in printed.out
-        summaries[runner] = json.loads((out.parent / "scores.summary.json").read_text())["unseen_categories"]
-    assert summaries["dask"] == summaries["local"]
+        written = json.loads((out.parent / "scores.summary.json").read_text())
+        summaries[runner] = written["unseen_categories"]
+        per_file[runner] = [f["unseen_categories"]["line"] for f in written["files"]]
+    assert summaries["dask"] == summaries["local"] and per_file["dask"] == per_file["local"]
+    # Each file's own counts, and the line names the file spelled differently, not the other.
+    assert [f["rows"] for f in per_file["dask"]] == [300, 300] and per_file["dask"][1]["unseen"] >= 300 - 10
+    assert per_file["dask"][0]["unseen"] + per_file["dask"][1]["unseen"] == summaries["dask"]["line"]["unseen"]
+    assert f" in {inputs[1]} ({per_file['dask'][1]['unseen']} of 300 rows); it knows " in warned["dask"][0]
+    assert str(inputs[0]) not in warned["dask"][0]
     assert warned["dask"] == warned["local"] and len(warned["dask"]) == 1
     line = summaries["dask"]["line"]
     assert line["rows"] == 600 and line["unseen"] >= 300 and line["warning"] == warned["dask"][0][len("warning: "):]
@@ -120,6 +127,11 @@ def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_p
     merged = combine_summaries(job, bundle, files, 1.0, (None, None))["unseen_categories"]["line"]
     assert (merged["rows"], merged["unseen"], merged["examples"]) == (600, 304, {"a": 150, "b": 100, "D": 54})
     assert merged["share"] == 304 / 600 and merged["warning"].startswith("column 'line': 304 of 600 rows (51%)")
+    # Each file above the limit (1% here) named, highest share first.
+    assert f"(e.g. 'a', 'b', 'D') in {inputs[1]} (300 of 300 rows), {inputs[0]} (4 of 300); it knows" in merged["warning"]
+    table = combine_summaries(job, bundle, files, 1.0, (None, None))["files"]
+    assert [f["unseen_categories"] for f in table] == [{"line": {"rows": 300, "unseen": 4, "share": 4 / 300}},
+                                                      {"line": {"rows": 300, "unseen": 300, "share": 1.0}}]
 
 
 def test_dask_flow_scores_with_the_chosen_precision(trained_bundle, tmp_path):

@@ -10,7 +10,7 @@ from pipeline.batch_score import ScoreSummary
 from pipeline.preprocess import CategoricalStats, Preprocessor
 from pipeline.runtime import category_codes
 from pipeline.schema import as_category_array
-from pipeline.unseen import EXAMPLES_KEPT, UnseenCounts, unseen_entries, unseen_limit
+from pipeline.unseen import EXAMPLES_KEPT, UnseenCounts, file_entries, unseen_counts_of, unseen_entries, unseen_limit
 
 
 def _unknown_rows(stats: CategoricalStats, values: np.ndarray) -> np.ndarray:
@@ -87,3 +87,30 @@ def test_the_warning_line_names_the_column_its_share_examples_and_categories():
     assert summary.describe().endswith("; values the bundle never saw in 'flag' (100% of rows): see the warning")
     quiet = ScoreSummary("b", "o", "cpu", 0.01, 0.01, "r", rows=600, unseen_categories={"flag": _judged(1, 600, 0.0)})
     assert "never saw" not in quiet.describe()
+
+
+def test_with_several_inputs_the_warning_names_the_files_above_the_limit():
+    """`score B mon.csv tue.csv wed.csv`: the run's total said a column changed, not which export."""
+    stats = CategoricalStats("flag", ("no", "yes"), unknown_share=0.0)
+    own = {"mon.csv": (2, 600), "tue.csv": (600, 600), "wed.csv": (590, 600)}
+    files = [(name, {"flag": UnseenCounts(rows, unseen)}) for name, (unseen, rows) in own.items()]
+    run = UnseenCounts(1800, 1192, Counter({"Y": 600, "N": 590, "x": 2}))
+    warning = unseen_entries([stats], {"flag": run}, "", files)["flag"]["warning"]
+    assert warning.startswith("column 'flag': 1,192 of 1,800 rows (66%) hold values the bundle never saw "
+                              "(e.g. 'Y', 'N', 'x') in tue.csv (600 of 600 rows), wed.csv (590 of 600); it knows ")
+    # At most three named, highest share first; the rest counted.
+    many = [(f"d{i}.csv", {"flag": UnseenCounts(100, unseen)}) for i, unseen in enumerate((50, 90, 0, 70, 100, 60))]
+    warning = unseen_entries([stats], {"flag": UnseenCounts(600, 370, Counter({"Y": 370}))}, "", many)["flag"]["warning"]
+    assert "never saw (e.g. 'Y') in d4.csv (100 of 100 rows), d1.csv (90 of 100), d3.csv (70 of 100) and 2 more; " in warning
+    # One input: the line starts with its path, as before, and names no file besides.
+    single = unseen_entries([stats], {"flag": run}, "tue.csv: ", files[1:2])["flag"]["warning"]
+    assert single == unseen_entries([stats], {"flag": run}, "tue.csv: ")["flag"]["warning"]
+    assert single.startswith("tue.csv: column 'flag': ") and "never saw (e.g. 'Y', 'N', 'x'); it knows" in single
+
+
+def test_a_files_entry_has_its_own_counts_without_examples():
+    stats = [CategoricalStats("flag", ("no", "yes")), CategoricalStats("site", ("a",))]
+    counts = {"flag": UnseenCounts(600, 150, Counter({"Y": 150}))}
+    assert file_entries(stats, counts) == {"flag": {"rows": 600, "unseen": 150, "share": 0.25},
+                                           "site": {"rows": 0, "unseen": 0, "share": 0.0}}
+    assert unseen_counts_of(file_entries(stats, counts)["flag"]) == UnseenCounts(600, 150)
