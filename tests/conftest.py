@@ -13,10 +13,16 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from pipeline.config import PipelineConfig, TrainJob, TrainingConfig  # noqa: E402
+from pipeline.preprocess import CategoricalStats, Preprocessor  # noqa: E402
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table  # noqa: E402
 from pipeline.workflow import run_training  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def unknown_bucket_rows(stats: CategoricalStats, values):
+    """Rows the bundle's one-hot (the reference scorer.onnx matches) puts in the unknown bucket."""
+    return Preprocessor.one_hot(stats, values)[:, -1] == 1
 
 
 def quiet_config(**training) -> PipelineConfig:

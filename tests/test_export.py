@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 
@@ -185,28 +186,36 @@ def test_a_value_that_overflows_float32_is_flagged_not_passed(bundle, torch_grap
         assert np.isfinite(score[[0, 2]]).all()
 
 
-def test_a_boolean_columns_spellings_decide_alike_inside_the_graph():
-    """Other runtimes feed raw strings: the graph itself must read a pandas CSV's 'True' as the
-    'true' a Parquet bool column trained on (and as Preprocessor.one_hot reads it), not as unknown."""
-    import pandas as pd
-
+def _fitted_front(frame):
+    """The preprocessor fitted on ``frame`` with the defaults, and its categorical front graph."""
     from pipeline.config import PreprocessConfig
     from pipeline.export import categorical_front
     from pipeline.preprocess import fit_preprocessor
     from pipeline.schema import infer_schema
 
-    rng = np.random.default_rng(0)
-    trained = (rng.random(300) > 0.5).astype(object)  # booleans with a few missing, as pandas holds them
-    trained[::50] = None
-    frame = pd.DataFrame({"flag": trained, "code": rng.choice(["a", "True"], 300)})
     config = PreprocessConfig()
     pre = fit_preprocessor(frame, infer_schema(frame, source="t", config=config), config, "t")
     model = categorical_front(pre)
     onnx.checker.check_model(model, full_check=True)
+    return pre, model
+
+
+def _one_hot_in_graph(model, feeds: dict) -> np.ndarray:
+    (block,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return block
+
+
+def test_a_boolean_columns_spellings_decide_alike_inside_the_graph():
+    """Other runtimes feed raw strings: the graph itself must read a pandas CSV's 'True' as the
+    'true' a Parquet bool column trained on (and as Preprocessor.one_hot reads it), not as unknown."""
+    rng = np.random.default_rng(0)
+    trained = (rng.random(300) > 0.5).astype(object)  # booleans with a few missing, as pandas holds them
+    trained[::50] = None
+    frame = pd.DataFrame({"flag": trained, "code": rng.choice(["a", "True"], 300)})
+    pre, model = _fitted_front(frame)
     flags = np.array(["true", "True", "TRUE", "false", "False", "FALSE", "", "yes", "__unknown__", " true"], dtype=object)
     codes = np.array(["true", "True"] * 5, dtype=object)  # not boolean: verbatim, 'true' is unknown
-    (block,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"cat_flag": flags, "cat_code": codes})
+    block = _one_hot_in_graph(model, {"cat_flag": flags, "cat_code": codes})
     np.testing.assert_array_equal(block, pre.onehot_block([flags, codes], len(flags)))
     flag = block[:, :len(pre.categorical[0].categories) + 1]
     assert (flag[:3] == flag[0]).all() and (flag[3:6] == flag[3]).all() and not (flag[0] == flag[3]).all()
@@ -219,25 +228,14 @@ def test_a_boolean_columns_spellings_decide_alike_inside_the_graph():
 def test_an_integer_coded_columns_decimal_spelling_decides_alike_inside_the_graph():
     """A pandas CSV of a code column with a blank says '3.0' for 3; runtimes other than Python feed the
     graph that text, so the graph itself must read it as '3', as Preprocessor.one_hot does."""
-    import pandas as pd
-
-    from pipeline.config import PreprocessConfig
-    from pipeline.export import categorical_front
-    from pipeline.preprocess import fit_preprocessor
-    from pipeline.schema import infer_schema
-
     rng = np.random.default_rng(0)
     code = pd.array(rng.integers(1, 4, 300), dtype="Int64")
     code[::50] = pd.NA
     frame = pd.DataFrame({"code": code, "site": rng.choice(["3", "a"], 300)})
-    config = PreprocessConfig()
-    pre = fit_preprocessor(frame, infer_schema(frame, source="t", config=config), config, "t")
-    model = categorical_front(pre)
-    onnx.checker.check_model(model, full_check=True)
+    pre, model = _fitted_front(frame)
     codes = np.array(["3", "3.0", "", "x", "1.0", "1", "3.00", " 3", "4.0", "__unknown__"], dtype=object)
     sites = np.array(["3", "3.0"] * 5, dtype=object)  # a text column, not integer-coded: verbatim
-    (block,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"cat_code": codes, "cat_site": sites})
+    block = _one_hot_in_graph(model, {"cat_code": codes, "cat_site": sites})
     np.testing.assert_array_equal(block, pre.onehot_block([codes, sites], len(codes)))
     width = len(pre.categorical[0].categories) + 1
     code_block, site_block = block[:, :width], block[:, width:]

@@ -17,11 +17,10 @@ from pipeline.cli import main
 from pipeline.config import ModelConfig, TrainJob
 from pipeline.errors import BundleError, ConfigError, DeviceError
 from pipeline.outputs import summary_path
-from pipeline.preprocess import CategoricalStats, Preprocessor
 from pipeline.runtime import BundleScorer, category_codes, create_session, gpu_present
 from pipeline.schema import as_category_array, categorical_strings, numeric_matrix
 from pipeline.workflow import run_training
-from tests.conftest import quiet_config
+from tests.conftest import quiet_config, unknown_bucket_rows
 
 no_gpu = pytest.mark.skipif(gpu_present(), reason="checks the behaviour of a machine without a GPU")
 
@@ -133,11 +132,6 @@ def test_score_frame_gives_exactly_what_session_run_gives(trained_bundle, sensor
         assert np.array_equal(a, b.astype(a.dtype))
 
 
-def _unknown_rows(stats: CategoricalStats, values: np.ndarray) -> np.ndarray:
-    """Rows the bundle's one-hot (the reference scorer.onnx matches) puts in the unknown bucket."""
-    return Preprocessor.one_hot(stats, values)[:, -1] == 1
-
-
 def test_score_batch_counts_the_rows_each_column_sends_to_the_unknown_bucket(trained_bundle, sensor_frame):
     """A column spelled differently ('a' for 'A') sends its rows to the unknown bucket silently; the
     counts say how many, per column, and which values."""
@@ -151,7 +145,7 @@ def test_score_batch_counts_the_rows_each_column_sends_to_the_unknown_bucket(tra
     np.testing.assert_array_equal(scores, scorer.score_frame(frame)["score"].to_numpy())  # counting changes nothing
     stats = {s.name: s for s in Bundle.load(trained_bundle).preprocessor.categorical}
     for name, values in zip(scorer.categorical_columns, categorical_strings(frame, scorer.categorical_columns)):
-        expected = _unknown_rows(stats[name], values)
+        expected = unknown_bucket_rows(stats[name], values)
         assert (unseen[name].rows, unseen[name].unseen) == (1000, int(expected.sum())), name
         assert sum(unseen[name].examples.values()) == int(expected.sum())
     assert unseen["line"].unseen >= 300 and {"a", "b"} <= set(unseen["line"].examples)

@@ -2,20 +2,15 @@
 
 from collections import Counter
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
 from pipeline.batch_score import ScoreSummary
-from pipeline.preprocess import CategoricalStats, Preprocessor
+from pipeline.preprocess import CategoricalStats
 from pipeline.runtime import category_codes
 from pipeline.schema import as_category_array
 from pipeline.unseen import EXAMPLES_KEPT, UnseenCounts, file_entries, unseen_counts_of, unseen_entries, unseen_limit
-
-
-def _unknown_rows(stats: CategoricalStats, values: np.ndarray) -> np.ndarray:
-    """Rows the bundle's one-hot (the reference scorer.onnx matches) puts in the unknown bucket."""
-    return Preprocessor.one_hot(stats, values)[:, -1] == 1
+from tests.conftest import unknown_bucket_rows
 
 
 @pytest.mark.parametrize("stats, values", [
@@ -31,7 +26,7 @@ def test_unseen_counts_read_spellings_as_the_graph_does(stats, values):
     texts, indices = category_codes(column)
     counts = UnseenCounts()
     counts.count(texts, indices, stats.known_texts)
-    expected = _unknown_rows(stats, as_category_array(column))
+    expected = unknown_bucket_rows(stats, as_category_array(column))
     assert (counts.rows, counts.unseen) == (len(values), int(expected.sum()))
     assert sum(counts.examples.values()) == counts.unseen
 
