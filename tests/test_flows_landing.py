@@ -85,16 +85,9 @@ def runs_begun_after(api_url: str, deployment: str, moment: float) -> list[str]:
     """Flow runs of a deployment that were handed to a process (Pending) or began (Running) after
     ``moment`` (epoch seconds), from their state histories in the API. A run's start_time is no
     help: the server stamps it on a run cancelled before it ever ran, too."""
-    def api(path: str, body: dict | None = None):
-        request = urllib.request.Request(f"{api_url}{path}", method="POST" if body is not None else "GET",
-                                         data=json.dumps(body).encode() if body is not None else None,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
     begun = []
-    for run in api("/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}}):
-        for state in api(f"/flow_run_states/?flow_run_id={run['id']}"):
+    for run in api_call(api_url, "/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}}):
+        for state in api_call(api_url, f"/flow_run_states/?flow_run_id={run['id']}"):
             at = datetime.fromisoformat(state["timestamp"]).timestamp()
             if state["type"] in ("PENDING", "RUNNING") and at > moment:
                 begun.append(f"{run['name']}: {state['type']} at {state['timestamp']}")
@@ -269,10 +262,25 @@ def signal_bits(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
+def api_call(api_url: str, path: str, body: dict | None = None, attempts: int = 5):
+    """The Prefect API's JSON answer. A 503 is retried: the test server's SQLite answers it when a
+    write times out on its lock (rolled back), as it did once on 2 busy CI cores."""
+    for attempt in range(attempts):
+        request = urllib.request.Request(f"{api_url}{path}", method="POST" if body is not None else "GET",
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+
+
 def api_get(api_url: str, path: str):
     try:
-        with urllib.request.urlopen(f"{api_url}{path}", timeout=30) as response:
-            return json.loads(response.read())
+        return api_call(api_url, path)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
@@ -339,14 +347,6 @@ def test_sigterm_at_any_moment_of_the_set_up_stops_serve_with_status_0_and_leave
         assert registered is None or registered["paused"] is True, registered
     else:
         assert registered is not None and registered["paused"] is True, registered
-
-
-def api_call(api_url: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(f"{api_url}{path}", method="POST" if body is not None else "GET",
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 def test_a_deployment_run_given_bad_parameters_fails_with_the_line_serve_prints_and_touches_nothing(
