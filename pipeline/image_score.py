@@ -51,6 +51,11 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     # maps folder must be able to become a folder.
     check_scores_target(job.output, job.inputs, job.bundle)
     check_side_files(job.output, job.maps_dir, job.inputs, job.report)
+    for source in map(Path, job.inputs):
+        # Listed with the folder, the bundle's report figures would be scored (and flagged) as images.
+        if searched_by(source, job.bundle):
+            raise ConfigError(f"{source}: holds the bundle {job.bundle}, whose report figures would be scored as "
+                              f"images; move the bundle out of {source}, or score a subfolder without it")
     if job.maps_dir is not None:
         check_outside_bundle(job.maps_dir, job.bundle, "--maps")
     writer = OutputWriter(job.output)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, OPSET
 from pipeline.errors import ConfigError, DataError
 from pipeline.export import export_image_graphs, set_metadata
 from pipeline.image_model import ConvVAE
-from pipeline.images import ImageSource, ImageSpec, iter_image_batches, list_images
+from pipeline.images import ImageSource, ImageSpec, iter_image_batches, list_images, searched_by
 from pipeline.images import load_images as read_images  # `load_images` is this module's step
 from pipeline.scorer_graph import ImageScorerGraph
 from pipeline.splits import rows_needed, split_rows
@@ -62,6 +61,7 @@ def _check_count(job: ImageTrainJob, n: int, reason: str) -> None:
 
 def load_images(job: ImageTrainJob, run: RunDir) -> dict:
     """Find and preprocess every image; skip unreadable ones with their reason."""
+    _check_bundle_outside(job)
     source = list_images(job.data, job.path_column)
     # Before decoding anything: a folder that is too small fails in a second, not after a long load.
     _check_count(job, len(source), f"{len(source)} listed")
@@ -90,6 +90,15 @@ def load_images(job: ImageTrainJob, run: RunDir) -> dict:
         _shrink(target, len(names))
     write_json(run.root / "images.json", {"names": names, "skipped": [list(e) for e in errors]})
     return {"images": len(names), "skipped": len(errors)}
+
+
+def _check_bundle_outside(job: ImageTrainJob) -> None:
+    # The bundle's report figures are PNGs: published inside the image folder (`vaeguard train .`
+    # with the default --out), the next training or scoring of that folder takes them for images.
+    if searched_by(job.data, job.bundle_dir):
+        raise ConfigError(f"--out {job.out_dir}: the bundle would go to {job.bundle_dir}, inside the image folder "
+                          f"{job.data}, whose next training or scoring would take its report figures for images; "
+                          f"pass an --out outside {job.data}")
 
 
 def _shrink(path: Path, n: int) -> None:
@@ -154,11 +163,17 @@ def _warn_colour(job: ImageTrainJob, source: ImageSource, spec: ImageSpec, sampl
 def _warn_duplicates(job: ImageTrainJob, source: ImageSource) -> None:
     # A file listed twice can land in both the training and the calibration images; its
     # calibration score is then that of a trained-on image, and the threshold comes out too low.
-    counts = Counter(os.path.normpath(item) for item in source.items)
-    repeated = [item for item, count in counts.items() if count > 1]
+    # Links resolved: a folder assembled from links may hold two links to one file, or a link and its file.
+    if source.kind == "npy":
+        return  # rows of one array are never the same item
+    listed: dict[str, list[str]] = {}
+    for item in source.items:
+        listed.setdefault(os.path.realpath(item), []).append(item)
+    repeated = [names for names in listed.values() if len(names) > 1]
     if repeated:
+        example = " and ".join(list(dict.fromkeys(repeated[0]))[:2])  # a link and its file: both names
         log.warning("%s: %d image(s) listed more than once, e.g. %s; a copy in both the training and the calibration "
-                    "images makes the threshold too low: list each image once", job.data, len(repeated), repeated[0])
+                    "images makes the threshold too low: list each image once", job.data, len(repeated), example)
 
 
 def split(job: ImageTrainJob, run: RunDir) -> dict:

@@ -351,7 +351,10 @@ def _read_file(item: str) -> Image.Image | str:
                 # Camera JPEGs store rotation as a tag; apply it so the model sees what viewers show.
                 return ImageOps.exif_transpose(opened)
     except FileNotFoundError:
-        return "file not found"
+        try:  # a broken link: `ls` shows it, so "file not found" alone would puzzle
+            return f"a link to {text_path(os.readlink(item))}, which does not exist"
+        except OSError:  # not a link (or gone meanwhile)
+            return "file not found"
     except IsADirectoryError:
         return "is a directory, not an image"
     except PermissionError:

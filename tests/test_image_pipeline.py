@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -700,3 +701,16 @@ def test_when_no_image_can_be_read_the_error_says_why(capsys, tmp_path, texture_
     assert code == 1 and "none of the 2 image file(s) could be read (first: " in line
     assert str(folder / "a.png") in line
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_folder_holding_the_bundle_is_refused_before_its_report_figures_are_scored(capsys, tmp_path,
+                                                                                        texture_bundle):
+    """`vaeguard score exported/parts .` scored the bundle's report PNGs as images (and flagged them)."""
+    folder = tmp_path / "line"
+    save_png(folder / "img_0.png", textures(1, seed=9)[0])
+    bundle = shutil.copytree(texture_bundle, folder / "exported" / "texture")
+    assert list((bundle / "report_files").glob("*.png"))  # what would have been scored
+    output = tmp_path / "out" / "s.csv"
+    code, _, err = run_main(capsys, "score", bundle, folder, "--output", output, "--device", "cpu")
+    assert code == 1 and f"{folder}: holds the bundle {bundle}, whose report figures" in one_error_line(err)
+    assert not output.parent.exists()

@@ -430,3 +430,42 @@ def test_float_tiff_from_a_csv_is_skipped_not_loaded_black(tmp_path):
     assert names == [str(tmp_path / "ok.png")] and images.shape == (1, 1, 8, 8)
     assert errors == [(str(tmp_path / "float.tif"), "32-bit float pixels (mode F) have no fixed range; "
                                                     "save the image as 8-bit or 16-bit")]
+
+
+def test_a_broken_link_is_skipped_with_where_it_points(tmp_path):
+    root = tmp_path / "imgs"
+    _save(root / "a.png", Image.fromarray(_pixels(1, channels=1), mode="L"))
+    (root / "b.png").symlink_to(tmp_path / "moved" / "b.png")
+    _, names, errors = load_images(list_images(root), ImageSpec(size=8))
+    assert names == [str(root / "a.png")]
+    assert errors == [(str(root / "b.png"), f"a link to {tmp_path / 'moved' / 'b.png'}, which does not exist")]
+
+
+def test_a_bundle_published_inside_the_image_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """`vaeguard train .` with the default --out put the bundle's report PNGs among the images, so the
+    next training of the folder trained on them, and its scoring scored them."""
+    import pipeline.image_workflow as workflow
+
+    folder = _gray_folder(tmp_path / "set", ENOUGH)
+    monkeypatch.setattr(workflow, "iter_image_batches", lambda *a: pytest.fail("images decoded"))
+    with pytest.raises(ConfigError, match=r"--out .*set/exported: the bundle would go to .*set/exported/parts, "
+                                          r"inside the image folder .*set, whose next training or scoring would take "
+                                          r"its report figures for images; pass an --out outside"):
+        _train(folder, folder / "exported")
+    assert sorted(p.name for p in folder.iterdir()) == [f"img_{i:03d}.png" for i in range(ENOUGH)]
+
+
+def test_a_hidden_out_folder_inside_the_image_folder_is_not_listed_so_is_allowed(tmp_path):
+    folder = _gray_folder(tmp_path / "set", ENOUGH)
+    facts = _train(folder, folder / ".exported")
+    assert facts["load_images"] == {"images": ENOUGH, "skipped": 0}
+    assert list_images(folder).items == [str(folder / f"img_{i:03d}.png") for i in range(ENOUGH)]
+
+
+def test_a_link_to_an_image_of_the_same_folder_warns_as_listed_twice(tmp_path, caplog):
+    folder = _gray_folder(tmp_path / "set", ENOUGH)
+    (folder / "zz_link.png").symlink_to(folder / "img_007.png")
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        _train(folder, tmp_path / "out")
+    [warning] = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+    assert f"1 image(s) listed more than once, e.g. {folder / 'img_007.png'} and {folder / 'zz_link.png'};" in warning
