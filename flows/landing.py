@@ -12,7 +12,10 @@ report, so someone looks. `vaeguard serve` serves this flow on a schedule (flows
 # No `from __future__ import annotations` here: a served run gets the flow's function pickled by
 # value (cloudpickle, into a spawned process) with only the globals its body uses, so string
 # annotations such as "Path" could not be resolved there when Prefect validates the parameters.
+import difflib
+import inspect
 import json
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from pipeline.outputs import write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import LandingJob, ScoreJob
 from pipeline.drift import DriftLimits, drift_report
-from pipeline.errors import EmptyInputError, PipelineError, one_line
+from pipeline.errors import ConfigError, EmptyInputError, PipelineError, one_line
 from pipeline.landing import (
     DATA_FAULTS,
     LandedFile,
@@ -88,6 +91,29 @@ def landing_flow(bundle: Path, watch: Path, output: Path, settle_seconds: float 
         message = one_line(exc)
         get_run_logger().error("%s", message)
         return Failed(message=message, data=exc)
+
+
+def check_parameter_names(parameters: Mapping[str, object]) -> None:
+    """Every key is a parameter of landing_flow, or a one-line ConfigError naming the others.
+
+    A key the flow does not take never reaches its body: Prefect's engine binds the run's parameters
+    to the signature before anything of ours runs (with or without validate_parameters), and the run
+    ended Crashed with a traceback. `vaeguard serve` calls this before it starts a run
+    (flows/serve.py). Accepting `**extra` instead does not help: Prefect 3.8.8 binds an unknown key
+    only when it comes nested under "extra", and the schema would show "extra" as a required
+    parameter in the UI.
+    """
+    accepted = list(inspect.signature(landing_flow.fn).parameters)
+    unknown = sorted(set(parameters) - set(accepted), key=str)
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        nearest = difflib.get_close_matches(str(key), accepted, n=1)
+        named.append(repr(key) + (f" (did you mean {nearest[0]!r}?)" if nearest else ""))
+    noun, pronoun = ("parameter", "it") if len(unknown) == 1 else ("parameters", "them")
+    raise ConfigError(f"unknown {noun} {', '.join(named)}: the landing flow takes {', '.join(accepted)}; "
+                      f"rename or remove {pronoun} in the run's parameters")
 
 
 def _landing_run(bundle, watch, output, settle_seconds, device, batch_size, rate_p_value, max_psi) -> dict:

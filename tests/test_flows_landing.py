@@ -390,12 +390,7 @@ def test_a_deployment_run_given_bad_parameters_fails_with_the_line_serve_prints_
         assert conflict.value.code == 409
         assert "'abc' is not of type 'number'" in conflict.value.read().decode()
 
-        def final_states():
-            runs = {run_id: api_get(api_url, f"/flow_runs/{run_id}")["state"] for run_id in expected}
-            return runs if all(s["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in runs.values()) \
-                else None
-
-        states = wait_for(final_states, 240, "the runs to end", poll=1.0)
+        states = wait_for(lambda: final_states(api_url, expected), 240, "the runs to end", poll=1.0)
         serve.send_signal(signal.SIGTERM)
         output, _ = serve.communicate(timeout=120)
     finally:
@@ -403,13 +398,70 @@ def test_a_deployment_run_given_bad_parameters_fails_with_the_line_serve_prints_
             os.killpg(serve.pid, signal.SIGKILL)
             output = serve.communicate()[0]
         print(output[-5000:])
+    assert_failed_with_one_line(api_url, states, expected)
+    assert notes.exists() and not (out / "quarantine").exists()
+    assert serve.returncode == 0
+
+
+def test_a_deployment_run_given_an_unknown_parameter_fails_with_one_line_naming_it_and_what_the_flow_takes(
+        prefect_server, trained_bundle, tmp_path):
+    """A misspelt key sent through the API (a raw POST, Python's `run_deployment`) passes the server,
+    which checks the types of the parameters the flow has and lets other keys through. Prefect's
+    engine refused it only as the run started, before the flow's own checks: the run ended Crashed
+    ("Process exited with status code: 1"), its traceback in serve's output and none in its logs."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    api_url, deployment = prefect_server["PREFECT_API_URL"], f"misspelt-{tmp_path.name}"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
+         "--output", str(out), "--cron", "0 0 1 1 *", "--device", "cpu", "--name", deployment],
+        env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = ""
+    try:
+        registered = wait_for(lambda: api_get(api_url, f"/deployments/name/vaeguard-landing/{deployment}"), 180,
+                              "the deployment to be registered", poll=0.5)
+        # The UI's form for a run by hand: the flow's parameters, and no catch-all beside them.
+        schema = registered["parameter_openapi_schema"]
+        takes = ["bundle", "watch", "output", "settle_seconds", "device", "batch_size", "rate_p_value", "max_psi"]
+        assert (list(schema["properties"]), schema["required"]) == (takes, ["bundle", "watch", "output"])
+        takes_line = f"the landing flow takes {', '.join(takes)}"
+        expected = {}
+        for unknown, message in (
+                ({"wach": str(tmp_path)}, f"unknown parameter 'wach' (did you mean 'watch'?): {takes_line}; rename or "
+                                          f"remove it in the run's parameters"),
+                ({"colour": "red", "batchsize": 10},
+                 f"unknown parameters 'batchsize' (did you mean 'batch_size'?), 'colour': {takes_line}; rename or "
+                 f"remove them in the run's parameters")):
+            run = api_call(api_url, f"/deployments/{registered['id']}/create_flow_run", {"parameters": unknown})
+            expected[run["id"]] = message
+        states = wait_for(lambda: final_states(api_url, expected), 240, "the runs to end", poll=1.0)
+        serve.send_signal(signal.SIGTERM)
+        output, _ = serve.communicate(timeout=120)
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            output = serve.communicate()[0]
+        print(output[-5000:])
+    assert_failed_with_one_line(api_url, states, expected)
+    assert "Traceback" not in output
+    assert serve.returncode == 0
+    assert list(landing.iterdir()) == [] and not out.exists()
+
+
+def final_states(api_url: str, run_ids) -> dict | None:
+    """The runs' states once every one has ended, else None."""
+    states = {run_id: api_get(api_url, f"/flow_runs/{run_id}")["state"] for run_id in run_ids}
+    return states if all(s["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()) \
+        else None
+
+
+def assert_failed_with_one_line(api_url: str, states: dict, expected: dict[str, str]) -> None:
+    """Each run ended Failed with its expected line as the state message and its one ERROR log, no traceback."""
     for run_id, message in expected.items():
         assert (states[run_id]["type"], states[run_id]["message"]) == ("FAILED", message)
         logs = api_call(api_url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
         assert [entry["message"] for entry in logs if entry["level"] >= logging.ERROR] == [message]
         assert not any("Traceback" in entry["message"] for entry in logs)
-    assert notes.exists() and not (out / "quarantine").exists()
-    assert serve.returncode == 0
 
 
 def test_a_second_serve_of_a_served_deployment_is_refused_and_one_after_a_kill_takes_over(
