@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.calibrate import describe_fpr_range
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.signals import StoppedAfterCommit
 
 log = logging.getLogger("vaeguard")
@@ -336,6 +336,16 @@ COMMANDS = {"train": cmd_train, "score": cmd_score, "export": cmd_export, "serve
             "demo": cmd_demo}
 
 
+def control_escaped(message: str) -> str:
+    """``message`` with control characters written as Python escapes (a line break as \\n).
+
+    Our errors are one line, but they quote file and column names, which may hold a line break:
+    `x<newline>y.csv: file not found` printed over two lines, which a log reader or a script taking
+    the last line of stderr splits. Whitespace is kept as it is otherwise, since it is part of the name.
+    """
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Only our own logger: Prefect configures its own, and a root handler would print its logs twice.
@@ -357,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {control_escaped(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, (Terminated, StoppedAfterCommit)) else signal.SIGINT
@@ -372,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.verbose:
             traceback.print_exc()
-        print(f"error: unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
+        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run with --verbose for the traceback)",
               file=sys.stderr)
         return 1
     finally:

@@ -283,6 +283,15 @@ def test_traceback_only_with_verbose(capsys, tmp_path, trained_bundle, verbose):
     assert not output.exists()
 
 
+def test_an_error_naming_a_file_with_a_line_break_stays_one_line(capsys, tmp_path, trained_bundle):
+    """A file name may hold a line break; printed as it is, `x<newline>y.csv: file not found` came over two
+    lines, and a script reading the last line of stderr got half of it."""
+    missing = tmp_path / "x\ny.csv"
+    code, _, err = run_main(capsys, "score", trained_bundle, missing, "--output", tmp_path / "s.csv", "--device", "cpu")
+    assert code == 1
+    assert err.splitlines() == [f"error: {tmp_path}/x\\ny.csv: file not found; check the path"]
+
+
 @pytest.mark.parametrize("signame, status, message", [("SIGINT", 130, "error: interrupted; no output was written"),
                                                       ("SIGTERM", 143, "error: terminated (SIGTERM); no output was "
                                                                        "written")])
