@@ -7,6 +7,9 @@ they reached the workers and the Prefect server, the workers would die mid-task 
 waited for their futures for ever) and so would the server the flow reports its end to. Here
 only the vaeguard process takes them; the scoring flow restarts the workers it started (ending
 the tasks they run) and removes its parts, then the cluster and the server are closed in turn.
+
+The local workers write to the user's terminal too: without --verbose, Prefect's records of their
+tasks are shown there as the CLI shows its own (pipeline.console), not with a failed file's traceback.
 """
 
 from __future__ import annotations
@@ -89,16 +92,36 @@ def shielded_local_cluster(**kwargs):
 def dask_task_runner(address: str | None, verbose: bool = False):
     """The scheduler at ``address``, or a local cluster of 2 single-threaded worker processes.
 
-    Without ``verbose`` the local workers log only Dask's critical errors: a stopped run's workers
-    log tracebacks of connections closed under them; a task's own error is the CLI's one line.
+    Without ``verbose`` the local workers log only Dask's critical errors (a stopped run's workers
+    log tracebacks of connections closed under them), and each runs dask_setup below when it starts.
     """
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
+    quiet = {} if verbose else {"preload": [__name__]}  # this module, for its dask_setup
     return DaskTaskRunner(cluster_class=shielded_local_cluster,
-                          cluster_kwargs={"n_workers": 2, "threads_per_worker": 1,
+                          cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, **quiet,
                                           "silence_logs": logging.WARNING if verbose else logging.CRITICAL})
+
+
+_WORKER_CONSOLE = contextlib.ExitStack()
+
+
+def dask_setup(worker) -> None:
+    """Run by Dask in each worker process of a local cluster started without --verbose (its
+    ``preload``), whose console is the user's terminal: a file that fails with our error is then
+    reported by the CLI's one line alone, not also by the worker's Prefect records and traceback."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    from pipeline.console import quiet_console
+
+    ensure_logging_setup()  # Prefect's console handler, which the worker's first task would set up after this
+    _WORKER_CONSOLE.enter_context(quiet_console(verbose=False))
+
+
+def dask_teardown(worker) -> None:
+    _WORKER_CONSOLE.close()
 
 
 @contextlib.contextmanager

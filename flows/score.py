@@ -7,12 +7,16 @@ output atomically only when every file succeeded, so a failed run writes nothing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +34,13 @@ from pipeline.batch_score import label_metrics_of, required_columns, score_files
 from pipeline.image_score import check_side_files, errors_path, merge_error_files
 from pipeline.outputs import (check_scores_target, make_parents, merge_scored_parts, remove_empty_folders,
                               summary_path, write_atomic)
-from pipeline.preprocess import Preprocessor
 from pipeline.schema import scored_labels
 from pipeline.scoring import score
 from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
 from pipeline.tables import iter_batches, read_columns
 from pipeline.unseen import UnseenCounts, file_entries, unseen_counts_of, unseen_entries, warn_unseen
+
+log = logging.getLogger("vaeguard")
 
 
 @task(cache_policy=NO_CACHE)
@@ -55,8 +60,8 @@ def check_bundle(bundle: Path, precision: str = "fp32", inputs: tuple[Path, ...]
             "target_fpr": calibration["target_fpr"], "expected_fpr": calibration["expected_fpr"],
             "fpr_range": stored_fpr_range(calibration), "modality": modality,
             "label_column": loaded.schema.label_column if modality == "table" else None,
-            # The categorical columns' entries: the merged summary judges the run's unseen values by them.
-            "categorical": loaded.manifest["preprocessing"]["categorical"] if modality == "table" else []}
+            # The merged summary judges the run's unseen values by the categorical columns' statistics.
+            "categorical": loaded.preprocessor.categorical if modality == "table" else ()}
 
 
 # Written into the parts folder when the run fails: tasks that have not started yet skip their
@@ -68,7 +73,10 @@ STOP = "STOP"
 @task(cache_policy=NO_CACHE)
 def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = None,
                label_column: str | None = None, modality: str = "table") -> dict | None:
-    """Score one input (table file or image folder) into a part file; None once the run has failed."""
+    """Score one input (table file or image folder) into a part file; None once the run has failed.
+
+    The summary's ``warnings`` are the ones scoring it logged, for the flow to log (log_warnings).
+    """
     if (part.parent / STOP).exists():
         return None
     if cwd is not None and not input_path.is_absolute() and os.getcwd() != cwd:
@@ -78,11 +86,43 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
     single = ScoreJob(bundle=job.bundle, inputs=(input_path,), output=part, device=job.device,
                       batch_size=job.batch_size, threads=job.threads, maps_dir=job.maps_dir,
                       precision=job.precision)
-    # A table's unseen categories warn once for the run, from the merged counts (combine_summaries).
-    summary = (score_files(single, warn=False) if modality == "table" else score(single)).to_dict()
+    with held_warnings() as warnings:
+        # A table's unseen categories warn once for the run, from the merged counts (combine_summaries).
+        summary = (score_files(single, warn=False) if modality == "table" else score(single)).to_dict()
     if label_column and label_column in read_columns(input_path):
         save_labels(input_path, label_column, part, job.batch_size)
-    return summary
+    return {**summary, "warnings": warnings}
+
+
+@contextlib.contextmanager
+def held_warnings() -> Iterator[list[str]]:
+    """The warnings this thread logs to the "vaeguard" logger meanwhile, collected instead of shown.
+
+    A task in a Dask worker would show them on the worker's console: each worker's own "CUDA is
+    not active", and the absolute paths the task was handed. The flow logs each once instead.
+    """
+    held: list[str] = []
+    thread = threading.get_ident()
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.thread != thread or record.levelno != logging.WARNING:
+            return True
+        held.append(record.getMessage())
+        return False
+
+    log.addFilter(hold)
+    try:
+        yield held
+    finally:
+        log.removeFilter(hold)
+
+
+def log_warnings(warnings: list[str], given: dict[str, str], logged: set[str]) -> None:
+    """Log each of a task's warnings, with paths as given, unless an earlier task's said the same."""
+    for text in (as_given(w, given) for w in warnings):
+        if text not in logged:
+            logged.add(text)
+            log.warning("%s", text)
 
 
 def labels_path(part: Path) -> Path:
@@ -103,14 +143,18 @@ def save_labels(input_path: Path, label_column: str, part: Path, batch_size: int
     np.savez(labels_path(part), label=np.concatenate(labels), score=scores)
 
 
+def as_given(text: str, given: dict[str, str]) -> str:
+    """``text`` with the absolute paths the tasks were handed written back as the user gave them,
+    so that it reads as with the local task runner."""
+    for absolute in sorted(given, key=len, reverse=True):  # an input inside the bundle folder: longest first
+        text = text.replace(absolute, given[absolute])
+    return text
+
+
 def named_as_given(error: PipelineError, given: dict[str, str]) -> PipelineError:
-    """The error with the absolute paths the task was handed written back as the user gave them,
-    so that its message reads as with the local task runner."""
+    """The error with its message's paths as given (as_given)."""
     if len(error.args) == 1 and isinstance(error.args[0], str):
-        text = error.args[0]
-        for absolute in sorted(given, key=len, reverse=True):  # an input inside the bundle folder: longest first
-            text = text.replace(absolute, given[absolute])
-        error.args = (text,)
+        error.args = (as_given(error.args[0], given),)
     return error
 
 
@@ -171,7 +215,10 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
         started = time.perf_counter()
         futures = [score_file.submit(resolved, path, part, os.getcwd(), bundle["label_column"], bundle["modality"])
                    for path, part in zip(inputs, parts)]
-        files = [future.result() for future in futures]
+        files, logged = [], set()
+        for future in futures:  # in input order, each file's warnings as its result comes
+            files.append(future.result())
+            log_warnings(files[-1]["warnings"], given, logged)
         merge_parts([(str(p), part) for p, part in zip(job.inputs, parts)], resolved.output)
         skipped = merge_error_files(parts, job.output)  # unreadable images of every input, next to the output
         seconds = time.perf_counter() - started
@@ -225,7 +272,7 @@ def combine_summaries(job: ScoreJob, bundle: dict, files: list[dict], seconds: f
     each file's entry with the rate, skipped images, AUROC and speed of its task besides."""
     rows = sum(f["rows"] for f in files)
     anomalies = sum(f["anomalies"] for f in files)
-    categorical = Preprocessor.from_dict({"numeric": [], "categorical": bundle["categorical"]}).categorical
+    categorical = bundle["categorical"]
     # A task scores one file: its run's counts are that file's own.
     per_file = [(str(path), {name: unseen_counts_of(entry) for name, entry in f["unseen_categories"].items()})
                 for path, f in zip(job.inputs, files)]

@@ -7,7 +7,6 @@ traceback, and the exit status is 1; `--verbose` adds the traceback and debug lo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.calibrate import describe_fpr_range
+from pipeline.console import quiet_console
 from pipeline.errors import PipelineError, one_line
 from pipeline.signals import StoppedAfterCommit
 
@@ -200,7 +200,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         from flows.score import score_flow
         from pipeline.batch_score import ScoreSummary
 
-        with tracebacks_in_logs(args.verbose), prefect_api(args.dask_address):
+        with quiet_console(args.verbose), prefect_api(args.dask_address):
             flowed = score_flow.with_options(task_runner=dask_task_runner(args.dask_address, args.verbose))(job)
         # The flow's summary has ScoreSummary's fields: printed as the plain run's is.
         printed = {f.name for f in dataclasses.fields(ScoreSummary)} - {"files"}
@@ -295,41 +295,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     # The one command that reaches into flows/: the demo *is* the Prefect path.
     from flows.demo import run_demo
 
-    with tracebacks_in_logs(args.verbose):
+    with quiet_console(args.verbose):
         run_demo(rows=args.rows, out_dir=args.out, work_dir=args.work)
-
-
-class _WithoutTraceback(logging.Formatter):
-    """Formats a record as ``inner`` does, leaving out its traceback."""
-
-    def __init__(self, inner: logging.Formatter | None):
-        super().__init__()
-        self.inner = inner or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        saved = record.exc_info, record.exc_text, record.stack_info
-        record.exc_info = record.exc_text = record.stack_info = None
-        try:
-            return self.inner.format(record)
-        finally:
-            record.exc_info, record.exc_text, record.stack_info = saved
-
-
-@contextlib.contextmanager
-def tracebacks_in_logs(verbose: bool):
-    """Prefect logs a failed task or flow run with its traceback, twice, on the console; without
-    --verbose the CLI's one `error:` line is the report. Only the console handlers change: the
-    records, and the copies sent to the Prefect API, keep their tracebacks."""
-    handlers = [] if verbose else [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
-                                   and not isinstance(h.formatter, _WithoutTraceback)]
-    saved = [h.formatter for h in handlers]
-    for handler in handlers:
-        handler.setFormatter(_WithoutTraceback(handler.formatter))
-    try:
-        yield
-    finally:
-        for handler, formatter in zip(handlers, saved):
-            handler.setFormatter(formatter)
 
 
 COMMANDS = {"train": cmd_train, "score": cmd_score, "export": cmd_export, "serve": cmd_serve, "inspect": cmd_inspect,

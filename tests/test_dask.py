@@ -21,6 +21,8 @@ from pipeline.batch_score import score_files
 from pipeline.bundle import Bundle
 from pipeline.config import ScoreJob
 from pipeline.errors import DataError
+from pipeline.preprocess import CategoricalStats
+from pipeline.runtime import gpu_present
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -118,8 +120,8 @@ def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_p
     assert line["rows"] == 600 and line["unseen"] >= 300 and line["warning"] == warned["dask"][0][len("warning: "):]
     assert warned["dask"][0].startswith(f"warning: column 'line': {line['unseen']} of 600 rows (")
     # Counts per file add up: rows, unseen rows and the examples' counts.
-    bundle = {"target_fpr": 0.01, "expected_fpr": 0.01, "fpr_range": "r", "categorical": [
-        {"name": "line", "categories": ["A", "B", "C"], "unknown_share": 0.0}]}
+    bundle = {"target_fpr": 0.01, "expected_fpr": 0.01, "fpr_range": "r",
+              "categorical": (CategoricalStats("line", ("A", "B", "C"), unknown_share=0.0),)}
     files = [{"rows": 300, "anomalies": 0, "anomaly_rate": 0.0, "skipped": 0, "auroc": None, "rows_per_second": 1,
               "device": "cpu", "unseen_categories": {"line": {"rows": 300, "unseen": unseen, "examples": examples}}}
              for unseen, examples in ((4, {"D": 4}), (300, {"a": 150, "b": 100, "D": 50}))]
@@ -132,6 +134,58 @@ def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_p
     table = combine_summaries(job, bundle, files, 1.0, (None, None))["files"]
     assert [f["unseen_categories"] for f in table] == [{"line": {"rows": 300, "unseen": 4, "share": 4 / 300}},
                                                       {"line": {"rows": 300, "unseen": 300, "share": 1.0}}]
+
+
+@pytest.mark.skipif(gpu_present(), reason="checks the warning of a machine without a GPU")
+def test_cli_dask_run_warns_once_each_as_the_plain_run_does(trained_bundle, tmp_path, capfd, monkeypatch):
+    """Each worker's first task said "CUDA is not active" on the worker's console, so once per
+    worker and in Prefect's format, and named a file with extra columns by the absolute path the
+    task was handed. The flow now logs the tasks' warnings: once each, the plain run's lines."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    frames = [make_sensor_table(SyntheticSpec(n_rows=200, seed=110 + i)) for i in range(4)]
+    frames[2]["note"] = "x"  # a column the bundle does not use
+    inputs = [write_table(frame, tmp_path / f"in{i}.csv").name for i, frame in enumerate(frames)]
+    warned = {}
+    for runner in ("local", "dask"):
+        assert main(["score", str(trained_bundle), *inputs, "--output", f"{runner}/scores.parquet",
+                     "--task-runner", runner]) == 0
+        err = capfd.readouterr().err  # the workers' console as well
+        warned[runner] = sorted(line for line in err.splitlines() if "CUDA is not active" in line or "not use" in line)
+    assert len(warned["local"]) == 2 and warned["local"][0].startswith("warning: CUDA is not active (")
+    assert warned["local"][1] == "warning: in2.csv: ignoring 1 column(s) the bundle does not use: note"
+    assert warned["dask"] == warned["local"]
+
+
+def test_cli_dask_file_failing_mid_run_is_not_reported_by_its_worker(trained_bundle, tmp_path, capfd, monkeypatch):
+    """A bad value that only the file's task finds: the worker logged the task's failure twice on
+    the user's terminal, the first time with its traceback, and the flow's records repeated it, above
+    the CLI's one line, which is now all there is."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_table(make_sensor_table(SyntheticSpec(n_rows=200, seed=120)), tmp_path / "in0.csv")
+    bad = make_sensor_table(SyntheticSpec(n_rows=200, seed=121))
+    bad["pressure"] = bad["pressure"].astype(object)
+    bad.loc[150, "pressure"] = "abc"
+    bad.to_csv("bad.csv", index=False)
+
+    code = main(["score", str(trained_bundle), "in0.csv", "bad.csv", "--output", "scores.parquet", "--device", "cpu",
+                 "--task-runner", "dask"])
+    err = capfd.readouterr().err.splitlines()
+    assert code == 1
+    assert err[-1].startswith("error: bad.csv: column 'pressure' must be numeric but row 151 (line 152) holds 'abc'")
+    assert not any(line.startswith("Traceback") for line in err), "\n".join(err)
+    assert [line for line in err if "must be numeric" in line] == [err[-1]]
+
+
+def test_local_workers_are_quieted_only_without_verbose():
+    """Each local worker runs dask_setup (pipeline.console.quiet_console), since its console is the user's."""
+    from flows.dask_runner import dask_task_runner
+
+    assert dask_task_runner(None).cluster_kwargs["preload"] == ["flows.dask_runner"]
+    assert "preload" not in dask_task_runner(None, verbose=True).cluster_kwargs
 
 
 def test_dask_flow_scores_with_the_chosen_precision(trained_bundle, tmp_path):
@@ -377,7 +431,8 @@ def test_cli_dask_refuses_a_bad_header_before_any_task(trained_bundle, tmp_path,
     """One of many inputs without a column the bundle needs, or with a header the reader refuses:
     the Dask run used to find it only when that file's task ran, after the others were scored.
     Now it fails as the plain run does, with the same line, before a task is submitted, and
-    leaves the earlier output alone."""
+    leaves the earlier output alone. Of two inputs lacking columns, the first given is named,
+    its missing columns in the bundle's order (ids, numeric, categorical), not the file's."""
     import flows.score
     from pipeline.cli import main
 
@@ -386,10 +441,12 @@ def test_cli_dask_refuses_a_bad_header_before_any_task(trained_bundle, tmp_path,
             for i in range(2)]
     bad = make_sensor_table(SyntheticSpec(n_rows=300, seed=42))
     if fault == "missing column":
-        bad = bad.drop(columns=["torque"])
+        bad = bad[["line", "shift", "row_id", "humidity", "temperature", "flow_rate", "vibration", "rpm"]]
+        bad.drop(columns=["temperature"]).to_csv("worse.csv", index=False)  # a second, given after it
     else:
         bad = bad.rename(columns={"humidity": "pressure"})
     bad.to_csv("bad.csv", index=False)
+    inputs = [*good, "bad.csv", *(["worse.csv"] if fault == "missing column" else [])]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "scores.parquet").write_bytes(b"earlier scores")
     submitted, submit = [], flows.score.score_file.submit
@@ -402,14 +459,15 @@ def test_cli_dask_refuses_a_bad_header_before_any_task(trained_bundle, tmp_path,
 
     errors = {}
     for runner in ("local", "dask"):
-        code = main(["score", str(trained_bundle), *good, "bad.csv", "--output", "out/scores.parquet",
+        code = main(["score", str(trained_bundle), *inputs, "--output", "out/scores.parquet",
                      "--device", "cpu", "--task-runner", runner])
         assert code == 1
         errors[runner] = capsys.readouterr().err.strip().splitlines()[-1]
 
     assert submitted == []
     assert errors["dask"] == errors["local"]
-    assert errors["dask"].startswith("error: bad.csv: " + ("missing column(s) ['torque']" if fault == "missing column"
+    assert errors["dask"].startswith("error: bad.csv: " + ("missing column(s) ['pressure', 'power_kw', 'torque'] "
+                                                           if fault == "missing column"
                                                            else "column 'pressure' appears twice in the header"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores.parquet"]  # no parts folder
     assert (tmp_path / "out" / "scores.parquet").read_bytes() == b"earlier scores"
