@@ -2,7 +2,8 @@
 
 onnxruntime-gpu silently falls back to the CPU when CUDA libraries are missing, so the
 providers a session really got are checked: ``cuda`` fails with a clear message naming the
-CUDA libraries that cannot be loaded, ``auto`` falls back to the CPU with one warning.
+CUDA libraries that cannot be loaded, ``auto`` falls back to the CPU, with one warning where the
+machine has an NVIDIA GPU (and quietly, logged at INFO, where it has none).
 
 Batches go through plain ``session.run`` on both devices. IO binding (inputs copied to the GPU
 as OrtValues, outputs bound to host memory) was what this module did before; over four runs on
@@ -79,7 +80,10 @@ def _cpu_fallback(model_path: Path, options: ort.SessionOptions, device: str, wh
     if device == "cuda":
         raise DeviceError(f"--device cuda asked for, but onnxruntime's CUDA provider is not active ({why}); "
                           f"{fix}, or use --device cpu")
-    log.warning("CUDA is not active (%s; %s); scoring on the CPU", why, fix)
+    # On a machine without an NVIDIA GPU, auto means the CPU by design: a warning every night that says
+    # to find a GPU would teach users to skip warnings. Where a GPU is there, CUDA should have worked.
+    level = logging.WARNING if gpu_present() else logging.INFO
+    log.log(level, "CUDA is not active (%s; %s); scoring on the CPU", why, fix)
     return ort.InferenceSession(str(model_path), options, providers=[CPU])
 
 
