@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from pipeline.bundle import Bundle
 from pipeline.calibrate import stored_fpr_range
-from pipeline.config import ScoreJob, resolve_threads, show_progress
+from pipeline.config import ScoreJob, show_progress
+from pipeline.cores import resolve_threads
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError, EmptyInputError
 from pipeline.metrics import auprc, auroc

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.bundle import Bundle
-from pipeline.config import resolve_threads
+from pipeline.cores import resolve_threads
 from pipeline.cuda_libraries import cuda_failure, preload_cuda_libraries
 from pipeline.errors import BundleError, ConfigError, DeviceError
 from pipeline.contract import (CUDA_PROVIDER_OPTIONS, CUDA_SESSION_OPTIONS, OUTPUT_NAMES,

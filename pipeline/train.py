@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import ModelConfig, TrainingConfig, resolve_threads, show_progress
+from pipeline.config import ModelConfig, TrainingConfig, show_progress
+from pipeline.cores import resolve_threads
 from pipeline.errors import ConfigError, DeviceError, TrainingError
 from pipeline.model import ACTIVATIONS, VAE, default_layer_sizes, likelihood_penalty, score_components
 

@@ -350,12 +350,12 @@ def test_train_flags_win_over_the_config_file(capsys, tmp_path, sensor_csv, monk
 @pytest.fixture
 def one_core(monkeypatch):
     """This process may use one core, whatever machine runs the test; the cap's warning is given anew."""
-    from pipeline import config
+    from pipeline import cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    config._warn_capped.cache_clear()
+    cores._warn_capped.cache_clear()
     yield
-    config._warn_capped.cache_clear()
+    cores._warn_capped.cache_clear()
 
 
 CAPPED_WARNING = ("warning: threads {} is more than the 1 CPU core(s) this process may use; using 1, as more threads "

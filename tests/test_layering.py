@@ -6,7 +6,7 @@ import sys
 LIBRARY = ["config", "tables", "schema", "preprocess", "splits", "model", "train", "calibrate", "scorer_graph",
            "export", "verify", "bundle", "runtime", "batch_score", "workflow", "inspect", "synthetic", "cli",
            "landing", "drift", "unseen", "outputs", "image_model", "images", "image_workflow", "image_score",
-           "anomaly_maps", "scoring", "plots", "report_html", "training_report", "scoring_report", "console"]
+           "anomaly_maps", "scoring", "plots", "report_html", "training_report", "scoring_report", "console", "cores"]
 
 
 def imported_after(statement: str) -> set[str]:

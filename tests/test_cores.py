@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipeline import config
-from pipeline.config import available_cores, resolve_threads
+from pipeline import cores as cores_module
+from pipeline.cores import available_cores, resolve_threads
 
 
 @pytest.fixture
@@ -16,11 +16,11 @@ def machine(tmp_path, monkeypatch):
     """A 16-core machine whose cgroup files are a fake tree: machine(cgroups, files) writes
     /proc/self/cgroup's lines and the files (path under the cgroup root: text or bytes)."""
     root, self_cgroup = tmp_path / "sys-fs-cgroup", tmp_path / "proc-self-cgroup"
-    monkeypatch.setattr(config, "CGROUP_ROOT", root)
-    monkeypatch.setattr(config, "SELF_CGROUP", self_cgroup)
+    monkeypatch.setattr(cores_module, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cores_module, "SELF_CGROUP", self_cgroup)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    config._cgroup_cpu_quota.cache_clear()
-    config._warn_capped.cache_clear()
+    cores_module._cgroup_cpu_quota.cache_clear()
+    cores_module._warn_capped.cache_clear()
 
     def write(cgroups: list[str] | None, files: dict[str, str | bytes]) -> None:
         if cgroups is not None:
@@ -31,8 +31,8 @@ def machine(tmp_path, monkeypatch):
             (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
 
     yield write
-    config._cgroup_cpu_quota.cache_clear()
-    config._warn_capped.cache_clear()
+    cores_module._cgroup_cpu_quota.cache_clear()
+    cores_module._warn_capped.cache_clear()
 
 
 V2_POD = "0::/kubepods/pod1/app"
