@@ -57,6 +57,15 @@ def trained_bundle(tmp_path_factory, sensor_csv) -> Path:
     return Path(run_training(job)["bundle"])
 
 
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """The CLI run in this process as a user runs it: its status, stdout and stderr."""
+    from pipeline.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(autouse=True)
 def cli_logger_reset():
     """Undo what an in-process ``cli.main()`` does to the "vaeguard" logger, as a new process would.

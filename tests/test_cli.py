@@ -24,6 +24,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.runtime import gpu_present
 from pipeline.synthetic import write_table
+from tests.conftest import run_main
 
 BUNDLE_FILES = ("encoder.onnx", "decoder.onnx", "scorer.onnx", "manifest.json", "report.html", "report_files",
                 "calibration_rows.parquet")
@@ -39,12 +40,6 @@ def run_process(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 def vaeguard_process(*args, cwd: Path) -> subprocess.CompletedProcess:
     return run_process(sys.executable, "-m", "pipeline.cli", *args, cwd=cwd)
-
-
-def run_main(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read_scores(path: Path) -> pd.DataFrame:

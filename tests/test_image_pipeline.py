@@ -39,6 +39,7 @@ from pipeline.metrics import auroc
 from pipeline.outputs import summary_path
 from pipeline.scorer_graph import ImageScorerGraph
 from pipeline.scoring import score
+from tests.conftest import run_main
 
 SCORE_COLUMNS = ["path", "score", "recon", "kl", "p_value", "is_anomaly"]
 TEXTURE = 24  # side of the synthetic textures
@@ -51,12 +52,6 @@ def image_config(**training) -> PipelineConfig:
     base = TrainingConfig(threads=2, progress=False, batch_size=32, learning_rate=3e-3)
     return PipelineConfig(training=dataclasses.replace(base, **training),
                           calibration=CalibrationConfig(target_fpr=0.05))
-
-
-def run_main(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def save_png(path: Path, pixels: np.ndarray) -> Path:

@@ -26,7 +26,6 @@ from onnx import TensorProto, helper, numpy_helper
 from pipeline import precision, precision_graphs
 from pipeline.bundle import CALIBRATION_IMAGES, CALIBRATION_ROWS, Bundle, sha256_file
 from pipeline.calibrate import Calibration
-from pipeline.cli import main
 from pipeline.config import ImageTrainJob, ScoreJob
 from pipeline.contract import IR_VERSION
 from pipeline.errors import BundleError, DeviceError, ExportError
@@ -35,16 +34,11 @@ from pipeline.metrics import auroc
 from pipeline.runtime import BundleScorer, gpu_present, variant_device
 from pipeline.scoring import score
 from pipeline.scoring_report import summary_markdown
+from tests.conftest import run_main
 from tests.test_image_pipeline import image_config, textures
 from tests.test_layering import imported_after
 
 VARIANTS = ("fp16", "int8")
-
-
-def run_main(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def session(path: Path) -> ort.InferenceSession:
