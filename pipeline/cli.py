@@ -313,11 +313,18 @@ def control_escaped(message: str) -> str:
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in message)
 
 
+class OneLineFormatter(logging.Formatter):
+    """A warning on one line, as an error is (control_escaped); a traceback (--verbose) keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return control_escaped(super().formatMessage(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Only our own logger: Prefect configures its own, and a root handler would print its logs twice.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if args.verbose else "warning: %(message)s"))
+    handler.setFormatter(OneLineFormatter("%(levelname)s: %(message)s" if args.verbose else "warning: %(message)s"))
     log.handlers[:] = [handler]  # replace, not add: main() may run many times in one process
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.propagate = False

@@ -287,6 +287,14 @@ def test_an_error_naming_a_file_with_a_line_break_stays_one_line(capsys, tmp_pat
     assert err.splitlines() == [f"error: {tmp_path}/x\\ny.csv: file not found; check the path"]
 
 
+def test_a_warning_naming_a_file_with_a_line_break_stays_one_line(capsys, tmp_path, trained_bundle, sensor_frame):
+    named = tmp_path / "x\ny.csv"
+    write_table(sensor_frame.head(50).assign(note="n"), named)
+    code, _, err = run_main(capsys, "score", trained_bundle, named, "--output", tmp_path / "s.csv", "--device", "cpu")
+    assert code == 0
+    assert err.splitlines() == [f"warning: {tmp_path}/x\\ny.csv: ignoring 1 column(s) the bundle does not use: note"]
+
+
 @pytest.mark.parametrize("signame, status, message", [("SIGINT", 130, "error: interrupted; no output was written"),
                                                       ("SIGTERM", 143, "error: terminated (SIGTERM); no output was "
                                                                        "written")])
