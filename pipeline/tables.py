@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.csv_errors import (gzip_data_end, line_of_row, quote_may_be_open, separator_error, structure_error,
-                                 unclosed_quote_error)
+from pipeline.csv_errors import (gzip_data_end, line_of_row, padded_gzip_end, quote_may_be_open, separator_error,
+                                 structure_error, unclosed_quote_error)
 from pipeline.errors import DataError, InputFileError, PipelineError, one_line
 from pipeline.outputs import check_utf8_path
 
@@ -151,11 +151,16 @@ def _next_attempt(path: Path, exc: Exception, block: int, gzip_end: int | None) 
     raise exc
 
 
-def _read_csv(path: Path, convert: pacsv.ConvertOptions, read: Callable = pacsv.read_csv, check_end: bool = False):
+def _read_csv(path: Path, convert: pacsv.ConvertOptions, read: Callable = pacsv.read_csv, check_end: bool = False,
+              gzip_end: int | None = None):
     """``read`` (pyarrow's read_csv, or a function of the same arguments) on the CSV, with blocks
     large enough for its longest row. ``check_end``: it read every column of the whole file, which
-    is refused if it ends inside a quoted field."""
-    block, gzip_end = _BLOCK_SIZES[0], None
+    is refused if it ends inside a quoted field. ``gzip_end``: where a padded gzip file's data ends,
+    if known; a read of the whole file looks for it first (padded_gzip_end), a header's read has
+    no need to."""
+    if read is pacsv.read_csv and gzip_end is None:
+        gzip_end = padded_gzip_end(path)
+    block = _BLOCK_SIZES[0]
     while True:
         try:
             with _csv_source(path, gzip_end) as source:
@@ -177,15 +182,15 @@ def _column_names(source, **options) -> list[str]:
         return list(reader.schema.names)
 
 
-def _last_column_name(path: Path) -> str:
+def _last_column_name(path: Path, gzip_end: int | None) -> str:
     """The header's last name. Read from a 64 KiB block first: for its first block, pyarrow's reader
     decompressed several MiB of a gzip stream ahead (12 ms on the benchmark's file, 2 ms so)."""
     try:
-        with _csv_source(path) as source:
+        with _csv_source(path, gzip_end) as source:
             return _column_names(source, read_options=pacsv.ReadOptions(block_size=1 << 16),
                                  parse_options=CSV_PARSE_OPTIONS)[-1]
-    except (pa.ArrowInvalid, OSError):  # a longer first row, or a gzip file padded with zeros
-        return _read_csv(path, _convert_options(), read=_column_names)[-1]
+    except (pa.ArrowInvalid, OSError):  # a longer first row, or the padding of a small gzip file
+        return _read_csv(path, _convert_options(), read=_column_names, gzip_end=gzip_end)[-1]
 
 
 def _stream_csv(path: Path, types: dict[str, pa.DataType], columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -197,10 +202,11 @@ def _stream_csv(path: Path, types: dict[str, pa.DataType], columns: list[str]) -
     one value, used by nothing. From a gzip stream the header's last column is read too, for that
     check (pyarrow's decompression is the bottleneck there, so it is free).
     """
-    last = _last_column_name(path) if _is_gzip(path) else None
+    gzip_end = padded_gzip_end(path)  # first: a padded file read whole failed at its end, and was read again
+    last = _last_column_name(path, gzip_end) if _is_gzip(path) else None
     extra = [last] if last is not None and last not in columns else []
     convert = _convert_options(types | dict.fromkeys(extra, pa.string()), columns + extra)
-    given, block, gzip_end = 0, _BLOCK_SIZES[0], None
+    given, block = 0, _BLOCK_SIZES[0]
     while True:
         skip, held, last_value = given, None, None
         try:
@@ -394,8 +400,9 @@ def _is_text(kind: pa.DataType) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
-# The CSV reader's spellings of a missing value ("", "NA", "null", "nan", ...).
-_MISSING_SPELLINGS = pacsv.ConvertOptions().null_values
+# The CSV reader's spellings of a missing value ("", "NA", "null", "nan", ...), as is_in's value set
+# (it takes a large_string column too).
+_MISSING_SPELLINGS = pa.array(pacsv.ConvertOptions().null_values, pa.string())
 
 
 def missing_as_null(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -406,7 +413,7 @@ def missing_as_null(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedAr
     as text at training while scoring took it: the same table trained and scored differently as
     CSV and as Parquet.
     """
-    spelled = pc.is_in(text, value_set=pa.array(_MISSING_SPELLINGS, text.type))
+    spelled = pc.is_in(text, value_set=_MISSING_SPELLINGS)
     return pc.if_else(spelled, pa.scalar(None, text.type), text)
 
 

@@ -96,3 +96,21 @@ def test_gzip_data_end_is_where_zero_padding_starts(tmp_path, monkeypatch, block
     path.write_bytes(members[:-3])
     with pytest.raises(InputFileError, match="its gzip data ends early"):
         gzip_data_end(path)
+
+
+def test_padded_gzip_end_looks_only_at_the_last_bytes_of_a_file_not_padded(tmp_path, monkeypatch):
+    """A file is decompressed to find its end only where four zero bytes end it: a length below 16 MiB
+    ends a gzip file in zero bytes too, and such a file must not pay a second pass."""
+    members = gzip.compress(b"id,x\n" + b"1,2\n" * 500) + gzip.compress(b"3,4\n" * 300)
+    assert members.endswith(b"\x04\0\0")  # the last member's length, 1200
+    path = tmp_path / "t.CSV.GZ"
+    for padding in (b"\0\0", b"\0" * 4096):
+        path.write_bytes(members + padding)
+        assert csv_errors.padded_gzip_end(path) == len(members)
+    plain = tmp_path / "t.csv"
+    plain.write_bytes(b"id,x\n1,2\n\0\0\0\0")
+    monkeypatch.setattr(csv_errors, "gzip_data_end", lambda path: pytest.fail(f"{path} decompressed"))
+    for data in (members, members + b"\0"):  # one zero byte of padding is found as the read fails
+        path.write_bytes(data)
+        assert csv_errors.padded_gzip_end(path) is None, data[-8:]
+    assert csv_errors.padded_gzip_end(plain) is None

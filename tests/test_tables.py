@@ -522,6 +522,33 @@ def test_a_gzip_file_padded_with_zero_bytes_reads_as_the_plain_one(tmp_path, tra
     assert read_columns(padded) == ["id", "x"]
 
 
+def test_a_gzip_file_padded_with_zero_bytes_is_read_once_up_to_its_data(tmp_path, monkeypatch):
+    """Read whole first, it failed at the padding once its rows were parsed, and was parsed again up to
+    the data's end: the file was decompressed about three times before scoring. Now one pass finds the
+    end and every read stops there (one to three zero bytes still go the old way: see padded_gzip_end)."""
+    import gzip
+
+    from pipeline import tables
+
+    plain = tmp_path / "t.csv"
+    plain.write_text("id,x\n" + "".join(f"{i:05d},{i / 7}\n" for i in range(3000)))
+    data = gzip.compress(plain.read_bytes())
+    padded = tmp_path / "t.csv.gz"
+    padded.write_bytes(data + b"\0" * 512)
+    streamed, table = [b.to_pydict() for b in iter_batches(plain, ["x"], [], ["id"], 500)], read_table(plain)
+    read_up_to = []
+    csv_source = tables._csv_source
+
+    def spy(path, gzip_end=None):
+        read_up_to.append(gzip_end)
+        return csv_source(path, gzip_end)
+
+    monkeypatch.setattr(tables, "_csv_source", spy)
+    assert [b.to_pydict() for b in iter_batches(padded, ["x"], [], ["id"], 500)] == streamed
+    pd.testing.assert_frame_equal(read_table(padded), table)
+    assert read_up_to and set(read_up_to) == {len(data)}
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data + b"junk\n", "holds bytes after its gzip data that are neither gzip data nor zero padding"),
     (lambda data: data + b"\0\0x", "holds bytes after its gzip data that are neither gzip data nor zero padding"),
