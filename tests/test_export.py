@@ -58,9 +58,21 @@ def test_scorer_matches_pytorch(bundle, torch_graph, rows, n):
     batch = rows.iloc[:n]
     onnx_out = BundleScorer(bundle, device="cpu").score_frame(batch)
     with torch.no_grad():
-        expected = torch_graph(*graph_inputs(bundle.preprocessor, batch, "rows"))
-    for name, value in zip(["score", "recon", "kl", "p_value", "is_anomaly"], expected):
-        np.testing.assert_allclose(onnx_out[name].to_numpy(), value.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+        expected = dict(zip(["score", "recon", "kl", "p_value", "is_anomaly"],
+                            (v.numpy() for v in torch_graph(*graph_inputs(bundle.preprocessor, batch, "rows")))))
+    for name in ("score", "recon", "kl"):
+        np.testing.assert_allclose(onnx_out[name].to_numpy(), expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    # p_value and is_anomaly step where a score passes a calibration score: a row whose two scores
+    # (equal to float rounding) straddle one may differ by a step (seen: 1 row in 4,096 of a CI run).
+    # Every other row must get the same p-value and decision.
+    calibration, ours, theirs = bundle.calibration.scores, onnx_out["score"].to_numpy(), expected["score"]
+    low, high = np.minimum(ours, theirs), np.maximum(ours, theirs)
+    margin = 1e-6 * np.maximum(np.abs(high), 1.0)  # the graphs' comparisons may round either way
+    straddled = ((calibration[None, :] >= (low - margin)[:, None]) & (calibration[None, :] <= (high + margin)[:, None]))
+    clear = ~straddled.any(axis=1)
+    assert clear.mean() > 0.99
+    for name in ("p_value", "is_anomaly"):
+        np.testing.assert_array_equal(onnx_out[name].to_numpy()[clear], expected[name][clear], err_msg=name)
 
 
 @pytest.mark.parametrize("n", BATCHES)

@@ -304,7 +304,7 @@ def image_bundle(tmp_path_factory) -> Path:
     for i in range(100):
         Image.fromarray(stripes(rng)).save(folder / f"{i:03d}.png")
     config = dataclasses.replace(quiet_config(max_epochs=5), calibration=CalibrationConfig(target_fpr=0.05))
-    return Path(run_image_training(ImageTrainJob(data=folder, name="stripes", out_dir=folder / "exp", image_size=16,
+    return Path(run_image_training(ImageTrainJob(data=folder, name="stripes", out_dir=tmp_path_factory.mktemp("exp"), image_size=16,
                                                  config=config))["bundle"])
 
 
