@@ -3,6 +3,7 @@ process, `vaeguard serve` as a subprocess, SIGKILL mid-run, two overlapping runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,6 +95,48 @@ def runs_begun_after(api_url: str, deployment: str, moment: float) -> list[str]:
     return begun
 
 
+class ServeProcess:
+    """`vaeguard serve BUNDLE --watch LANDING --output OUT OPTIONS` in its own process group, for a
+    `with` block: stop() sends SIGTERM as a supervisor does and keeps what it printed; leaving the
+    block kills it if it still runs, and prints its output's end (pytest shows it when a test fails)."""
+
+    def __init__(self, env: dict, bundle: Path, landing: Path, out: Path, *options: str, cwd: Path | None = None):
+        self.output = ""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "serve", str(bundle), "--watch", str(landing), "--output", str(out),
+             *options], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 120) -> str:
+        """SIGTERM, then its output once it ended (cancelling runs in flight is slow on a loaded machine)."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> str:
+        self.output = self.process.communicate(timeout=timeout)[0]
+        return self.output
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.output = self.process.communicate()[0]
+        print(self.output[-5000:])
+
+
 def test_serve_scores_a_dropped_file_once_and_stops_cleanly_on_sigterm(prefect_server, trained_bundle, tmp_path):
     """SIGTERM (kill, docker stop, a scheduler) reaches serve alone, not its runs' processes. Prefect's
     handler printed two tracebacks, skipped "vaeguard serve stopped", and runs handed to a process
@@ -101,12 +144,8 @@ def test_serve_scores_a_dropped_file_once_and_stops_cleanly_on_sigterm(prefect_s
     landing, out = tmp_path / "landing", tmp_path / "out"
     landing.mkdir()
     deployment = f"sigterm-{tmp_path.name}"
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
-         "--output", str(out), "--interval", "3", "--settle-seconds", "0.5", "--device", "cpu", "--name", deployment],
-        env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = ""
-    try:
+    with ServeProcess(prefect_server, trained_bundle, landing, out, "--interval", "3", "--settle-seconds", "0.5",
+                      "--device", "cpu", "--name", deployment) as serve:
         land(make_sensor_table(SyntheticSpec(n_rows=500, seed=31)), landing, "batch-001.csv")
         # Watch the run reports, not the ledger (its line is written before the report). A served
         # flow that started late may run its missed schedules back to back, so the report that
@@ -121,13 +160,7 @@ def test_serve_scores_a_dropped_file_once_and_stops_cleanly_on_sigterm(prefect_s
         assert all(r["files"] == [] for r in run_reports(out)[scored_at + 1:])
         assert_exactly_once(out, {"batch-001.csv": 500})
         signalled = time.time()
-        serve.send_signal(signal.SIGTERM)
-        output, _ = serve.communicate(timeout=120)  # cancelling runs in flight is slow on a loaded machine
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
-            output = serve.communicate()[0]
-        print(output[-5000:])  # shown by pytest when the test fails
+        output = serve.stop()
     assert serve.returncode == 0
     assert "Traceback" not in output
     assert output.rstrip().endswith("vaeguard serve stopped")
@@ -314,13 +347,9 @@ def test_sigterm_at_any_moment_of_the_set_up_stops_serve_with_status_0_and_leave
     api_url = prefect_server["PREFECT_API_URL"]
     proxy = HoldingProxy(int(api_url.rsplit(":", 1)[1].split("/")[0]), SETUP_MOMENTS[moment])
     deployment = f"setup-{tmp_path.name}"
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
-         "--output", str(out), "--interval", "60", "--settle-seconds", "0", "--device", "cpu", "--name", deployment],
-        env={**prefect_server, "PREFECT_API_URL": f"http://127.0.0.1:{proxy.port}/api"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = ""
-    try:
+    through_proxy = {**prefect_server, "PREFECT_API_URL": f"http://127.0.0.1:{proxy.port}/api"}
+    with ServeProcess(through_proxy, trained_bundle, landing, out, "--interval", "60", "--settle-seconds", "0",
+                      "--device", "cpu", "--name", deployment) as serve, contextlib.closing(proxy):
         # Before vaeguard's own handler is in place, SIGTERM is Python's default: it kills the process.
         wait_for(lambda: signal_bits(serve.pid, "SigCgt") & TERM_BIT, 120, "vaeguard's SIGTERM handler")
         if SETUP_MOMENTS[moment] is not None:
@@ -330,13 +359,7 @@ def test_sigterm_at_any_moment_of_the_set_up_stops_serve_with_status_0_and_leave
         wait_for(lambda: not (signal_bits(serve.pid, "SigPnd") | signal_bits(serve.pid, "ShdPnd")) & TERM_BIT, 30,
                  "the signal to be delivered")
         proxy.release.set()
-        output, _ = serve.communicate(timeout=120)
-    finally:
-        proxy.close()
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
-            output = serve.communicate()[0]
-        print(output[-5000:])
+        output = serve.wait(timeout=120)
     assert serve.returncode == 0
     assert "Traceback" not in output and "error:" not in output
     assert output.rstrip().endswith("vaeguard serve stopped")
@@ -364,13 +387,8 @@ def test_a_deployment_run_given_bad_parameters_fails_with_the_line_serve_prints_
                         here / "notes.csv")
     os.utime(notes, (time.time() - 60, time.time() - 60))
     api_url, deployment = prefect_server["PREFECT_API_URL"], f"by-hand-{tmp_path.name}"
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
-         "--output", str(out), "--cron", "0 0 1 1 *", "--device", "cpu", "--name", deployment],
-        env={**prefect_server, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, cwd=here,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = ""
-    try:
+    with ServeProcess({**prefect_server, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, trained_bundle,
+                      landing, out, "--cron", "0 0 1 1 *", "--device", "cpu", "--name", deployment, cwd=here) as serve:
         registered = wait_for(lambda: api_get(api_url, f"/deployments/name/vaeguard-landing/{deployment}"), 180,
                               "the deployment to be registered", poll=0.5)
         served = {"bundle": str(trained_bundle), "watch": str(landing), "output": str(out), "device": "cpu"}
@@ -391,13 +409,7 @@ def test_a_deployment_run_given_bad_parameters_fails_with_the_line_serve_prints_
         assert "'abc' is not of type 'number'" in conflict.value.read().decode()
 
         states = wait_for(lambda: final_states(api_url, expected), 240, "the runs to end", poll=1.0)
-        serve.send_signal(signal.SIGTERM)
-        output, _ = serve.communicate(timeout=120)
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
-            output = serve.communicate()[0]
-        print(output[-5000:])
+        serve.stop()
     assert_failed_with_one_line(api_url, states, expected)
     assert notes.exists() and not (out / "quarantine").exists()
     assert serve.returncode == 0
@@ -412,12 +424,8 @@ def test_a_deployment_run_given_an_unknown_parameter_fails_with_one_line_naming_
     landing, out = tmp_path / "landing", tmp_path / "out"
     landing.mkdir()
     api_url, deployment = prefect_server["PREFECT_API_URL"], f"misspelt-{tmp_path.name}"
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(landing),
-         "--output", str(out), "--cron", "0 0 1 1 *", "--device", "cpu", "--name", deployment],
-        env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = ""
-    try:
+    with ServeProcess(prefect_server, trained_bundle, landing, out, "--cron", "0 0 1 1 *", "--device", "cpu",
+                      "--name", deployment) as serve:
         registered = wait_for(lambda: api_get(api_url, f"/deployments/name/vaeguard-landing/{deployment}"), 180,
                               "the deployment to be registered", poll=0.5)
         # The UI's form for a run by hand: the flow's parameters, and no catch-all beside them.
@@ -435,13 +443,7 @@ def test_a_deployment_run_given_an_unknown_parameter_fails_with_one_line_naming_
             run = api_call(api_url, f"/deployments/{registered['id']}/create_flow_run", {"parameters": unknown})
             expected[run["id"]] = message
         states = wait_for(lambda: final_states(api_url, expected), 240, "the runs to end", poll=1.0)
-        serve.send_signal(signal.SIGTERM)
-        output, _ = serve.communicate(timeout=120)
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
-            output = serve.communicate()[0]
-        print(output[-5000:])
+        output = serve.stop()
     assert_failed_with_one_line(api_url, states, expected)
     assert "Traceback" not in output
     assert serve.returncode == 0
@@ -473,29 +475,24 @@ def test_a_second_serve_of_a_served_deployment_is_refused_and_one_after_a_kill_t
     could not pause its schedule, must not keep a restart from serving."""
     api_url, deployment = prefect_server["PREFECT_API_URL"], f"shared-{tmp_path.name}"
 
-    def serve(folder: str) -> subprocess.Popen:
+    def serve(folder: str) -> ServeProcess:
         (tmp_path / folder).mkdir(exist_ok=True)
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "serve", str(trained_bundle), "--watch", str(tmp_path / folder),
-             "--output", str(tmp_path / f"{folder}-out"), "--interval", "3600", "--device", "cpu",
-             "--name", deployment],
-            env=prefect_server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return processes.enter_context(ServeProcess(prefect_server, trained_bundle, tmp_path / folder,
+                                                    tmp_path / f"{folder}-out", "--interval", "3600", "--device", "cpu",
+                                                    "--name", deployment))
 
     def served_by(folder: str, asked_after: str | None = None):
         found = api_get(api_url, f"/deployments/name/vaeguard-landing/{deployment}")
         return (found is not None and not found["paused"] and found["parameters"]["watch"] == str(tmp_path / folder)
                 and found["last_polled"] is not None and found["last_polled"] != asked_after and found)
 
-    first = serve("plant1")
-    processes, outputs = [first], {}
-    try:
+    with contextlib.ExitStack() as processes:
+        first = serve("plant1")
         asked = wait_for(lambda: served_by("plant1"), 180, "the first serve to poll", poll=0.5)["last_polled"]
         wait_for(lambda: served_by("plant1", asked), 60, "the first serve to poll again", poll=0.5)
         second = serve("plant2")
-        processes.append(second)
-        outputs["second"] = second.communicate(timeout=180)[0]
-        assert second.returncode == 1, outputs["second"]
-        assert outputs["second"].rstrip().splitlines()[-1] == (
+        assert second.wait(timeout=180) and second.returncode == 1, second.output
+        assert second.output.rstrip().splitlines()[-1] == (
             f"error: deployment 'vaeguard-landing/{deployment}' is served already (scoring {tmp_path / 'plant1'} into "
             f"{tmp_path / 'plant1-out'}): a runner asks for its runs; two serves of one deployment take each other's "
             f"parameters and pause each other's schedule, so stop that `vaeguard serve` first, or give this one its "
@@ -503,16 +500,8 @@ def test_a_second_serve_of_a_served_deployment_is_refused_and_one_after_a_kill_t
         assert served_by("plant1")  # the first one's folders, schedule on
 
         os.killpg(first.pid, signal.SIGKILL)
-        outputs["first"] = first.communicate()[0]
+        first.wait(timeout=60)
         after_kill = serve("plant2")
-        processes.append(after_kill)
         wait_for(lambda: served_by("plant2"), 180, "the serve started after the kill to serve", poll=0.5)
-        after_kill.send_signal(signal.SIGTERM)
-        outputs["after kill"] = after_kill.communicate(timeout=120)[0]
-        assert after_kill.returncode == 0, outputs["after kill"]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.communicate()
-        print(outputs)
+        after_kill.stop()
+        assert after_kill.returncode == 0, after_kill.output
