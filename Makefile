@@ -9,14 +9,22 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast clean browser
+.PHONY: setup demo test test-fast clean browser lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt constraints-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -c constraints-lock.txt -e '.[test]'
+	touch $(STAMP)
+
+# After an upgrade has passed `make test`: the venv's exact versions become the lock (torch stays
+# pinned by constraints.txt alone, as its local wheel's version carries "+cpu").
+lock:
+	{ sed -n '/^#/p' constraints-lock.txt; $(BIN)/pip freeze --exclude-editable | \
+		grep -v -E '^(pip|setuptools|wheel|torch|pyflakes)=='; } > constraints-lock.txt.new
+	mv constraints-lock.txt.new constraints-lock.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
