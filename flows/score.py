@@ -94,27 +94,47 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
     return {**summary, "warnings": warnings}
 
 
+class _HeldWarnings(logging.Filter):
+    """Holds the warnings of the threads that asked (held_warnings) instead of passing them on.
+
+    One filter for the logger's life: filters added and removed per task, from several threads,
+    raced (the logger walks its list of filters without a copy), and a warning slipped through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = getattr(self.local, "held", None)
+        if held is None or record.levelno != logging.WARNING:
+            return True
+        held.append(record.getMessage())
+        return False
+
+
+_HOLDER = _HeldWarnings()
+log.addFilter(_HOLDER)
+
+
 @contextlib.contextmanager
 def held_warnings() -> Iterator[list[str]]:
     """The warnings this thread logs to the "vaeguard" logger meanwhile, collected instead of shown.
 
     A task in a Dask worker would show them on the worker's console: each worker's own "CUDA is
     not active", and the absolute paths the task was handed. The flow logs each once instead.
+    Where the block fails, they are logged as they are: the flow will not see them.
     """
     held: list[str] = []
-    thread = threading.get_ident()
-
-    def hold(record: logging.LogRecord) -> bool:
-        if record.thread != thread or record.levelno != logging.WARNING:
-            return True
-        held.append(record.getMessage())
-        return False
-
-    log.addFilter(hold)
+    _HOLDER.local.held = held
     try:
         yield held
+    except BaseException:
+        _HOLDER.local.held = None
+        for text in held:
+            log.warning("%s", text)
+        raise
     finally:
-        log.removeFilter(hold)
+        _HOLDER.local.held = None
 
 
 def log_warnings(warnings: list[str], given: dict[str, str], logged: set[str]) -> None:
@@ -202,9 +222,10 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     # in another folder says so) and the output reads as with the local runner.
     inputs = job.inputs if bundle["modality"] == "image" else tuple(absolute(p) for p in job.inputs)
     if bundle["modality"] == "image":
-        # Each task checks its own input's side files, but only here is --report known: its figures
-        # inside an input folder would be scored as images by the next run.
-        check_side_files(job.output, job.maps_dir, job.inputs, job.report)
+        # Before any task: each checks its own input's side files too, but only here is --report known
+        # (its figures inside an input folder would be scored as images by the next run), and a
+        # folder holding the bundle would fail only once the folders before it were scored.
+        check_side_files(job)
     new_folders = make_parents(resolved.output)
     parts_dir = resolved.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"
     parts_dir.mkdir()

@@ -199,7 +199,11 @@ class StoppableRunner(Runner):
         # given a parameter the flow does not take can still end with our line (Prefect's engine then
         # crashes on it, before the flow's own checks). The poller is built in Runner.__aenter__
         # (Prefect 3.8.8, pinned); tests/test_flows_landing.py sends such a run through the API.
-        self._scheduled_run_poller._state_proposer = NamesCheckedProposer(client=self._client)
+        poller = self._scheduled_run_poller
+        if not isinstance(getattr(poller, "_state_proposer", None), StateProposer):
+            raise RuntimeError("Prefect's runner no longer proposes states through its poller's _state_proposer "
+                               "(Prefect 3.8.8 did): flows/serve.py must follow it")
+        poller._state_proposer = NamesCheckedProposer(client=self._client)
         return self
 
     async def serve(self) -> None:
@@ -285,11 +289,19 @@ class NamesCheckedProposer(StateProposer):
         try:
             check_parameter_names(flow_run.parameters)
         except ConfigError as exc:
-            message = one_line(exc)
-            flow_run_logger(flow_run=flow_run).error("%s", message)
-            try:
-                await propose_state(self._client, Failed(message=message), flow_run_id=flow_run.id)
-            except Abort:  # the server keeps the run from changing state (cancelled meanwhile): not started either
-                pass
+            await self._fail(flow_run, one_line(exc))
             return False
         return await super().propose_pending(flow_run)
+
+    async def _fail(self, flow_run, message: str) -> None:
+        try:
+            state = await propose_state(self._client, Failed(message=message), flow_run_id=flow_run.id)
+        except Abort:  # the server keeps the run from changing state (cancelled meanwhile): not started either
+            return
+        except Exception as exc:  # noqa: BLE001 - as Prefect's own proposer: the runner goes on serving
+            # The run stays Scheduled and is checked again at the next poll, so it is logged there once it fails.
+            self._logger.warning("could not fail flow run '%s' (%s); it stays scheduled: %s", flow_run.id,
+                                 one_line(exc), message)
+            return
+        if state.is_failed():
+            flow_run_logger(flow_run=flow_run).error("%s", message)

@@ -55,22 +55,29 @@ class PipelineErrorRuns(logging.Filter):
         return run not in self.failed
 
 
-def dask_below_critical(record: logging.LogRecord) -> bool:
-    """False for Dask's records below CRITICAL, which the Dask task runner's ``silence_logs`` means
-    to hide. Dask applies it to a console handler of its own, which the "distributed" logger has only
-    where Dask was imported before Prefect set up logging: in the workers, not in vaeguard's process."""
+def dask_info(record: logging.LogRecord) -> bool:
+    """False for Dask's INFO and DEBUG records: some 30 lines a run from the scheduler and nannies
+    in vaeguard's process, where the Dask task runner's ``silence_logs`` does not reach (Dask applies
+    it to a console handler of its own, which it adds only where it is imported before Prefect sets
+    up logging). Its warnings and errors stay: a nanny restarting a worker that ran out of memory is
+    what explains a run that then fails."""
     return not ((record.name == "distributed" or record.name.startswith("distributed."))
-                and record.levelno < logging.CRITICAL)
+                and record.levelno < logging.WARNING)
+
+
+def _console(handler: logging.Handler) -> bool:
+    # A FileHandler is a StreamHandler too: a log file the user set up keeps every record and traceback.
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
 
 
 @contextlib.contextmanager
 def quiet_console(verbose: bool) -> Iterator[None]:
     """The root logger's console handlers without tracebacks, without the records of a run that
-    failed with a PipelineError, and with Dask's critical records only; unchanged with ``verbose``."""
-    handlers = [] if verbose else [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
-                                   and not isinstance(h.formatter, _WithoutTraceback)]
+    failed with a PipelineError, and without Dask's INFO lines; unchanged with ``verbose``."""
+    handlers = [] if verbose else [h for h in logging.getLogger().handlers
+                                   if _console(h) and not isinstance(h.formatter, _WithoutTraceback)]
     saved = [h.formatter for h in handlers]
-    quiet = (PipelineErrorRuns(), dask_below_critical)
+    quiet = (PipelineErrorRuns(), dask_info)
     for handler in handlers:
         handler.setFormatter(_WithoutTraceback(handler.formatter))
         for f in quiet:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -52,14 +51,16 @@ def _cgroup_cpu_quota(root: Path, self_cgroup: Path) -> int | None:
         v1 = "cpu" in controllers.split(",")
         if controllers and not v1:  # a v1 hierarchy of another controller (memory, pids, ...)
             continue
-        own = (root / "cpu" if v1 else root) / path.lstrip("/")
-        for directory in (own, *own.parents[:len(Path(path).parts) - 1]):
-            if v1:
-                quota = _read_kernel_file(directory / "cpu.cfs_quota_us")
-                period = _read_kernel_file(directory / "cpu.cfs_period_us")
-            else:
-                quota, _, period = _read_kernel_file(directory / "cpu.max").partition(" ")
-            quotas.append(_whole_cores(quota, period))
+        # v1 mounts the hierarchy as cpu (often a link to cpu,cpuacct) or only by its controllers' names.
+        mounts = dict.fromkeys([root / "cpu", root / controllers] if v1 else [root])
+        for own in (mount / path.lstrip("/") for mount in mounts):
+            for directory in (own, *own.parents[:len(Path(path).parts) - 1]):
+                if v1:
+                    quota = _read_kernel_file(directory / "cpu.cfs_quota_us")
+                    period = _read_kernel_file(directory / "cpu.cfs_period_us")
+                else:
+                    quota, _, period = _read_kernel_file(directory / "cpu.max").partition(" ")
+                quotas.append(_whole_cores(quota, period))
     return min((q for q in quotas if q), default=None)
 
 
@@ -78,7 +79,7 @@ def _whole_cores(quota: str, period: str) -> int | None:
         quota_us, period_us = int(quota), int(period)
     except ValueError:
         return None
-    return math.ceil(quota_us / period_us) if quota_us > 0 and period_us > 0 else None
+    return -(-quota_us // period_us) if quota_us > 0 and period_us > 0 else None  # ceil, in integers
 
 
 def resolve_threads(threads: int | None) -> int:

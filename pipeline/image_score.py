@@ -50,12 +50,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     # inputs (the errors file of an earlier run is deleted by name, an input with it), and the
     # maps folder must be able to become a folder.
     check_scores_target(job.output, job.inputs, job.bundle)
-    check_side_files(job.output, job.maps_dir, job.inputs, job.report)
-    for source in map(Path, job.inputs):
-        # Listed with the folder, the bundle's report figures would be scored (and flagged) as images.
-        if searched_by(source, job.bundle):
-            raise ConfigError(f"{source}: holds the bundle {job.bundle}, whose report figures would be scored as "
-                              f"images; move the bundle out of {source}, or score a subfolder without it")
+    check_side_files(job)
     if job.maps_dir is not None:
         check_outside_bundle(job.maps_dir, job.bundle, "--maps")
     writer = OutputWriter(job.output)
@@ -131,17 +126,22 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     return summary
 
 
-def check_side_files(output: Path, maps_dir: Path | None, inputs, report: bool = False) -> None:
+def check_side_files(job: ScoreJob) -> None:
     """Refuse, before any work, an errors file or maps folder that is an input, a maps path that is a
-    file, and PNGs (maps, report figures) written where the next scoring of an input folder would
-    take them for images."""
+    file, and PNGs (maps, report figures, the bundle's own) where scoring an input folder would take
+    them for images."""
+    output, maps_dir = job.output, job.maps_dir
     pictures = [] if maps_dir is None else [("--maps", Path(maps_dir))]
-    if report:
+    if job.report:
         from pipeline.report_html import figures_dir
         from pipeline.scoring_report import report_path
 
         pictures.append(("--report", figures_dir(report_path(output))))
-    for source in map(Path, inputs):
+    for source in map(Path, job.inputs):
+        # Listed with the folder, the bundle's report figures would be scored (and flagged) as images.
+        if searched_by(source, job.bundle):
+            raise ConfigError(f"{source}: holds the bundle {job.bundle}, whose report figures would be scored as "
+                              f"images; move the bundle out of {source}, or score a subfolder without it")
         if same_file(errors_path(output), source):
             raise ConfigError(f"--output {output}: its errors file {errors_path(output)} is the input {source}, "
                               f"which would be deleted or replaced; choose another output name")

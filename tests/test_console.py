@@ -27,7 +27,9 @@ def test_quiet_console_leaves_out_only_runs_our_errors_failed():
                *failed_run("prefect.task_runs", "t2", KeyError("bug")),
                *failed_run("prefect.flow_runs", "f1", DataError("bad.csv: wrong")),
                logging.makeLogRecord({"name": "distributed.scheduler", "levelno": logging.INFO, "levelname": "INFO",
-                                      "msg": "Scheduler at: tcp://127.0.0.1:1"})]
+                                      "msg": "Scheduler at: tcp://127.0.0.1:1"}),
+               logging.makeLogRecord({"name": "distributed.nanny.memory", "levelno": logging.WARNING,
+                                      "levelname": "WARNING", "msg": "Worker exceeded 95% memory budget. Restarting..."})]
     console = logging.StreamHandler(io.StringIO())
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.getLogger().addHandler(console)
@@ -42,7 +44,26 @@ def test_quiet_console_leaves_out_only_runs_our_errors_failed():
     finally:
         logging.getLogger().removeHandler(console)
     assert shown[False].splitlines() == ["ERROR failed with exception: KeyError('bug')",
-                                         "ERROR Finished in state Failed(KeyError)"]
+                                         "ERROR Finished in state Failed(KeyError)",
+                                         "WARNING Worker exceeded 95% memory budget. Restarting..."]
     assert shown[True].count("Traceback") == 3 and shown[True].count("Finished in state") == 3
     assert "Scheduler at" in shown[True]
     assert console.filters == [] and type(console.formatter) is logging.Formatter  # as they were
+
+
+def test_a_log_file_keeps_every_record_and_traceback(tmp_path):
+    """A FileHandler is a StreamHandler too: a user's Prefect log file lost a bug's traceback and the
+    records of failed runs, which only the console is spared."""
+    path = tmp_path / "prefect.log"
+    log_file = logging.FileHandler(path)
+    logging.getLogger().addHandler(log_file)
+    try:
+        with quiet_console(verbose=False):
+            try:
+                raise DataError("bad.csv: wrong")
+            except DataError:
+                logging.getLogger("prefect.task_runs").error("failed", exc_info=True, extra={"task_run_id": "t1"})
+    finally:
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
+    assert "failed" in path.read_text() and "Traceback" in path.read_text()

@@ -71,6 +71,13 @@ def test_cgroup_v1_quota_caps_the_cores(machine, quota, cores):
     assert available_cores() == cores
 
 
+def test_cgroup_v1_mounted_only_by_its_controllers_names(machine):
+    """Some hosts mount v1's cpu hierarchy as cpu,cpuacct with no `cpu` link beside it."""
+    machine(["4:cpu,cpuacct:/docker/abc"],
+            {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
+    assert available_cores() == 3
+
+
 @pytest.mark.parametrize("cgroups, files", [
     (None, {}),  # no /proc/self/cgroup (not Linux)
     ([V2_POD], {}),  # no cgroup files mounted

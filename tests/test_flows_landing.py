@@ -133,6 +133,7 @@ class ServeProcess:
     def __exit__(self, *exc) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.stdout is not None and not self.process.stdout.closed:  # not read yet: it explains a failure
             self.output = self.process.communicate()[0]
         print(self.output[-5000:])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,23 @@ def test_score_flow_refuses_report_figures_inside_an_input_folder(flow_facts, im
     with pytest.raises(ConfigError, match=r"^--report: its PNGs would go to .*inside the input folder"):
         score_flow(job)
     assert sorted(folder.rglob("*")) == before
+
+
+def test_score_flow_refuses_a_folder_holding_the_bundle_before_any_folder_is_scored(flow_facts, image_folder, tmp_path,
+                                                                                      monkeypatch):
+    """The plain run refuses it before any work; the flow's own task for that folder refused it only
+    once its turn came, after the folders before it were scored."""
+    import flows.score
+
+    first, second = tmp_path / "monday", tmp_path / "tuesday"
+    for folder in (first, second):
+        folder.mkdir()
+        for image in sorted(image_folder.glob("*.png"))[:3]:
+            (folder / image.name).write_bytes(image.read_bytes())
+    bundle = Path(shutil.copytree(flow_facts["bundle"], second / "exported" / "images"))
+    scored = []
+    monkeypatch.setattr(flows.score, "score", lambda job: scored.append(job.inputs) or score(job))
+    job = ScoreJob(bundle=bundle, inputs=(first, second), output=tmp_path / "out" / "s.csv", device="cpu")
+    with pytest.raises(ConfigError, match=rf"^{second}: holds the bundle {bundle}, whose report figures"):
+        score_flow(job)
+    assert scored == [] and not (tmp_path / "out").exists()
