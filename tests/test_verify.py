@@ -35,6 +35,7 @@ def test_decisions_may_differ_only_at_the_threshold():
     at_threshold = np.array([86.25, 60.0, 40.0], dtype=np.float32)
     report = compare({"score": (at_threshold, at_threshold)}, (flipped, FLAGS), at_threshold, 60.0, 3, "rows")
     assert report["passed"] and report["decision_agreement"] == pytest.approx(2 / 3)
+    assert report["differ_at_threshold"] == 1
 
 
 def test_a_nan_on_one_side_only_fails():
