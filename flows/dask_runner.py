@@ -101,7 +101,8 @@ def dask_task_runner(address: str | None, verbose: bool = False):
         return DaskTaskRunner(address=address)
     quiet = {} if verbose else {"preload": [__name__]}  # this module, for its dask_setup
     return DaskTaskRunner(cluster_class=shielded_local_cluster,
-                          cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, **quiet,
+                          # No dashboard: nothing prints its address, and a second cluster warned that its port was taken.
+                          cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "dashboard_address": None, **quiet,
                                           "silence_logs": logging.WARNING if verbose else logging.CRITICAL})
 
 

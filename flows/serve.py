@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -129,8 +130,19 @@ def check_api(timeout: float = API_CHECK_SECONDS) -> None:
         reason = f"no answer within {timeout:g} s"
     else:
         reason = one_line(problem)
-    raise ConfigError(f"no Prefect API at PREFECT_API_URL={url} ({reason}); start one with `prefect server start` "
-                      f"(and set PREFECT_API_URL=http://127.0.0.1:4200/api), or correct PREFECT_API_URL")
+    raise ConfigError(f"no Prefect API at PREFECT_API_URL={url} ({reason}); {_how_to_start(url)}, or correct "
+                      f"PREFECT_API_URL")
+
+
+def _how_to_start(url: str) -> str:
+    """The command that starts the server the URL names, where it is this machine's."""
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return f"start the Prefect server at {parts.netloc}"
+    # A server started a moment ago refuses connections for about 10 s: a service started right
+    # after it (a script, a systemd unit) should wait for its /health.
+    return (f"start one with `prefect server start --host {parts.hostname} --port {parts.port or 80}` (a server "
+            f"answers about 10 s after it starts)")
 
 
 def check_not_served(deployment_name: str) -> None:

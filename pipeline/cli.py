@@ -40,13 +40,13 @@ def _path(text: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaeguard", description="VAE anomaly detection for tables: "
+    parser = argparse.ArgumentParser(prog="vaeguard", description="VAE anomaly detection for tables and images: "
                                      "train, calibrate, export to ONNX, batch-score.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", "-v", action="store_true", help="show debug logs and tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", parents=[common], help="train a bundle from a CSV or Parquet file")
+    train = commands.add_parser("train", parents=[common], help="train a bundle from a CSV or Parquet table, or from images")
     train.add_argument("data", type=_path, help="training table (.csv, .csv.gz, .parquet, .pq) of mostly normal rows, "
                        "or images (a folder, a CSV of paths, a .npy) with --image-size")
     train.add_argument("--name", required=True, help="bundle name: written to OUT/NAME/")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale, 3 = RGB")
     images.add_argument("--path-column", default="path", help="column of image paths in a CSV (default path)")
 
-    score = commands.add_parser("score", parents=[common], help="score tables with a bundle")
+    score = commands.add_parser("score", parents=[common], help="score tables or image folders with a bundle")
     score.add_argument("bundle", type=_path, help="bundle folder written by `vaeguard train`")
     score.add_argument("inputs", type=_path, nargs="+", metavar="INPUT",
                        help="table files (.csv, .csv.gz, .parquet, .pq), or for an image bundle image folders, "
@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scorer to use: fp32 (scorer.onnx, default) or a variant added by `vaeguard export`")
 
     export = commands.add_parser("export", parents=[common],
-                                 help="add a reduced-precision scorer (fp16 for GPUs, int8 for CPUs) to a bundle")
+                                 help="add a reduced-precision scorer (fp16 or int8), checked and recalibrated on the bundle's "
+                                      "calibration inputs, to a bundle; on a CPU neither was faster than fp32 (BENCHMARKS.md, "
+                                      "\"Precision variants\")")
     export.add_argument("bundle", type=_path, help="bundle folder written by `vaeguard train`")
     export.add_argument("--precision", choices=("fp16", "int8"), required=True)
     export.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import PreprocessConfig
+from pipeline.csv_errors import line_of_row
 from pipeline.errors import DataError
 from pipeline.tables import category_strings
 
@@ -167,11 +169,20 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
         if len(bad):
             row = int(bad[0])
             raise DataError(
-                f"{source}: column {name!r} must be numeric but row {row + 1} holds {column.iloc[row]!r}; "
+                f"{source}: column {name!r} must be numeric but {_where(source, row + 1)} holds {column.iloc[row]!r}; "
                 f"fix or blank out that value"
             )
         return "numeric"
     return "categorical"
+
+
+def _where(source: str, row: int) -> str:
+    """Data row ``row`` (1-based), and in a CSV file its line, as scoring names the same cell: an editor
+    goes to a line, which quoted line breaks or blank lines above it move."""
+    path = Path(source)
+    if path.name.lower().endswith((".csv", ".csv.gz")) and path.is_file():
+        return f"row {row} (line {line_of_row(path, row)})"
+    return f"row {row}"
 
 
 # An integer as pyarrow's CSV reader takes it (it trims spaces and tabs, and keeps '007' as 7).

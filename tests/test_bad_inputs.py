@@ -846,5 +846,7 @@ def test_serve_without_a_prefect_api_names_the_url_and_the_fix(tmp_path, trained
     url = closed_port_url()
     message = error_line(*run_serve(trained_bundle, tmp_path, url, "--interval", "60"))
     assert message.startswith(f"error: no Prefect API at PREFECT_API_URL={url} ("), message
-    assert "start one with `prefect server start`" in message and "or correct PREFECT_API_URL" in message, message
+    port = url.split(":")[2].split("/")[0]
+    assert f"start one with `prefect server start --host 127.0.0.1 --port {port}` (a server answers about 10 s " \
+           "after it starts), or correct PREFECT_API_URL" in message, message
     assert not (tmp_path / "scored").exists()

@@ -48,6 +48,19 @@ def test_typo_in_numeric_column_names_column_and_row(table):
         infer_schema(table, source="t.csv", config=PreprocessConfig())
 
 
+def test_a_bad_number_in_a_csv_names_its_line_as_scoring_does(table, tmp_path):
+    """Training said "row 42" and scoring "row 42 (line 44)" of the same cell; a quoted line break
+    above it moves the line an editor shows."""
+    table["temp"] = table["temp"].astype(str)
+    table.loc[41, "temp"] = "n/a?"
+    table["note"] = "x"
+    table.loc[3, "note"] = "two\nlines"
+    path = tmp_path / "t.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"column 'temp' must be numeric but row 42 \(line 44\) holds 'n/a\?'"):
+        infer_schema(pd.read_csv(path), source=str(path), config=PreprocessConfig())
+
+
 def test_infinity_names_column_and_row(table):
     table.loc[9, "temp"] = np.inf
     with pytest.raises(DataError, match=r"column 'temp' holds inf at row 10"):
