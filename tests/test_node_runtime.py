@@ -17,7 +17,7 @@ from pipeline.batch_score import score_files
 from pipeline.config import ScoreJob, TrainJob
 from pipeline.errors import PipelineError
 from pipeline.workflow import run_training
-from tests.conftest import quiet_config
+from tests.conftest import quiet_config, run_main
 
 pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")), reason="needs node and npm")
 
@@ -46,8 +46,8 @@ def node_example() -> Path:
     return EXAMPLE / "score.js"
 
 
-def run_node(script: Path, bundle: Path, source: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["node", str(script), str(bundle), str(source), str(out)],
+def run_node(script: Path, bundle: Path, source: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["node", str(script), str(bundle), str(source), str(out), *options],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -356,8 +356,97 @@ def test_a_nul_inside_a_category_scores_as_in_python(trained_bundle, incoming_cs
     np.testing.assert_allclose(python["score"], unseen_python["score"], rtol=1e-6)
 
 
+def unseen_warnings_of_both(capsys, script: Path, bundle: Path, source: Path,
+                            tmp_path: Path) -> tuple[list[str], list[str]]:
+    """The lines on values the bundle never saw that `vaeguard score` and Node print on stderr for ``source``."""
+    code, _, err = run_main(capsys, "score", bundle, source, "--output", tmp_path / f"{source.stem}.py.parquet",
+                            "--device", "cpu")
+    assert code == 0, err
+    done = run_node(script, bundle, source, tmp_path / f"{source.stem}.node.csv")
+    assert done.returncode == 0, done.stderr
+    return ([line for line in err.splitlines() if "never saw" in line],
+            [line for line in done.stderr.splitlines() if "never saw" in line])
+
+
+def respelled(at, rows):
+    """A night whose export spells things anew: lines 'a' and 'b' for 'A' and 'B', shift 'N' for
+    'night', and 30 lines blank, 5 of them as "NA" (training had none, so a blank is unseen too)."""
+    for i, row in enumerate(rows):
+        line = row[at["line"]]
+        row[at["line"]] = "" if i < 25 else "NA" if i < 30 else {"A": "a", "B": "b"}.get(line, line)
+        row[at["shift"]] = "N" if row[at["shift"]] == "night" else row[at["shift"]]
+
+
+@pytest.mark.parametrize("training_share, warned", [
+    (0.0, {"line": "(81%)", "shift": "(40%)"}),       # as exported: training sent no row to the bucket
+    (None, {"line": "(81%)"}),                          # a bundle from before the share: warns from half the rows
+    (0.3, {"line": "(81%; 30% in training)"}),          # 30% rare values in training: warns above 65%
+])
+def test_a_column_spelled_anew_warns_as_vaeguard_score_does(trained_bundle, incoming_csv, node_example, tmp_path,
+                                                           capsys, training_share, warned):
+    # `vaeguard score` warns when a column's values are mostly ones the bundle never saw
+    # (pipeline.unseen); Node scored such a night, every row higher, without a word.
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for entry in manifest["preprocessing"]["categorical"]:
+        assert entry.pop("unknown_share") == 0.0
+        if training_share is not None:
+            entry["unknown_share"] = training_share
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    source = write_rows(tmp_path / "night.csv", *edited_rows(incoming_csv, respelled, rows=2000))
+    python, node = unseen_warnings_of_both(capsys, node_example, bundle, source, tmp_path)
+    assert node == python
+    assert [line.split(": column ")[1].split("'")[1] for line in python] == list(warned)
+    for line, (column, share) in zip(python, warned.items()):
+        assert line.startswith(f"warning: {source}: column '{column}': ") and share in line
+    assert "1,616 of 2,000 rows" in python[0] and "(e.g. 'a', 'b', '' (blank)); it knows 'A', 'B', 'C';" in python[0]
+    # Counts and examples add up alike over chunks of a few rows (Node) and one batch (Python).
+    chunked = run_node(node_example, bundle, source, tmp_path / "chunked.csv", "--chunk-rows", "7")
+    assert [line for line in chunked.stderr.splitlines() if "never saw" in line] == python
+
+
+@pytest.mark.parametrize("unseen", [20, 21])
+def test_a_few_new_values_warn_for_neither_and_the_limit_is_the_same(trained_bundle, incoming_csv, node_example,
+                                                                     tmp_path, capsys, unseen):
+    # The batch has some lines 'D', never seen in training; more become 'E' until `unseen` of its
+    # 2,000 rows are new: 20 is 1.0%, not above the 1% a warning needs, 21 is.
+    def edit(at, rows):
+        new = sum(row[at["line"]] not in ("A", "B", "C") for row in rows)
+        assert 10 <= new < unseen
+        for row in [row for row in rows if row[at["line"]] == "A"][:unseen - new]:
+            row[at["line"]] = "E"
+    source = write_rows(tmp_path / "few.csv", *edited_rows(incoming_csv, edit, rows=2000))
+    python, node = unseen_warnings_of_both(capsys, node_example, trained_bundle, source, tmp_path)
+    assert node == python
+    assert len(python) == (unseen == 21)
+    assert not python or "column 'line': 21 of 2,000 rows (1.1%) hold values the bundle never saw" in python[0]
+
+
+def test_percentages_and_values_are_written_as_python_writes_them(node_example):
+    """The warning's parts that differ between the languages: rounding an exact half (Python to even,
+    toFixed up) and Python's repr() of a value (quotes, escapes, a cut at 40 characters)."""
+    from pipeline.unseen import _shown, percent
+
+    shares = sorted({i / n for n in (8, 16, 40, 80, 160, 200, 2000, 3) for i in range(n + 1)} | {0.0995, 0.999, 0.105})
+    values = ["Y", "it's", 'say "hi"', "both ' and \"", "tab\there", "new\nline\r", "nul\0", "bell\x07", "del\x7f",
+              "nbsp\xa0", "zero\u200bwidth", "para\u2029", "café", "日本", "smile \U0001F600", "tag \U000E0041",
+              "back\\slash", " ", "private \ue000", "x" * 40, "x" * 41, "\U0001F600" * 41, "é" * 45, ""]
+    program = """
+    const { percent, shown } = require(process.argv[1]);
+    const { shares, values } = JSON.parse(require('node:fs').readFileSync(0, 'utf8'));
+    process.stdout.write(JSON.stringify({ percents: shares.map(percent), shown: values.map(shown) }));
+    """
+    done = subprocess.run(["node", "-e", program, str(node_example)], capture_output=True, text=True, timeout=60,
+                          input=json.dumps({"shares": shares, "values": values}))
+    assert done.returncode == 0, done.stderr
+    node = json.loads(done.stdout)
+    assert node["percents"] == [percent(share) for share in shares]
+    assert node["shown"] == [_shown(value) for value in values]
+    assert percent(0.125) == "12%" and percent(1 / 16) == "6.2%"  # not vacuous: exact halves are among them
+
+
 @pytest.mark.slow
-def test_boolean_and_integer_code_columns_score_alike_in_any_spelling(node_example, tmp_path):
+def test_boolean_and_integer_code_columns_score_alike_in_any_spelling(node_example, tmp_path, capsys):
     """The graph maps a boolean column's true/True/TRUE (false...) and an integer code's 3.0 itself: Node
     feeds the CSV's text as written, and a pandas CSV's True/False must score as the Parquet bool the
     bundle trained on, and the 2.0 pandas writes for a code column with a blank as the 2 it trained on."""
@@ -384,6 +473,15 @@ def test_boolean_and_integer_code_columns_score_alike_in_any_spelling(node_examp
     python_decimal, decimal = score_both(node_example, bundle, tmp_path / "decimal.csv", tmp_path)
     assert_same_results(python_decimal, decimal)
     assert_same_results(python.drop(index=7).reset_index(drop=True), decimal.drop(index=7).reset_index(drop=True))
+    # Those spellings are no values the bundle never saw, for Node either (counted verbatim, every row
+    # of True/False or 2.0 would be); 'maybe' is, and both say so in the same words.
+    for name in ("pandas", "lower", "decimal"):
+        assert unseen_warnings_of_both(capsys, node_example, bundle, tmp_path / f"{name}.csv", tmp_path) == ([], [])
+    python_unknown, node_unknown = unseen_warnings_of_both(capsys, node_example, bundle, tmp_path / "unknown.csv",
+                                                           tmp_path)
+    assert node_unknown == python_unknown and len(python_unknown) == 1
+    assert "column 'flag': 600 of 600 rows (100%) hold values the bundle never saw (e.g. 'maybe'); it knows " \
+        in python_unknown[0]
 
 
 def _row_as_missing(at, rows):

@@ -7,7 +7,8 @@
 // feeds the CSV's feature columns to the graph in chunks and writes one row per input row:
 // the id columns the manifest names (required, as the features are), then score, recon, kl,
 // p_value and is_anomaly, the same columns `vaeguard score ... -o OUTPUT.csv` writes.
-// The threshold is baked into scorer.onnx, so is_anomaly needs no extra step.
+// The threshold is baked into scorer.onnx, so is_anomaly needs no extra step. A categorical
+// column whose values are mostly ones the bundle never saw gets `vaeguard score`'s warning on stderr.
 //
 // The CSV is read the way the Python pipeline reads it (pyarrow's defaults), so both give the
 // same decisions: the usual null markers ("", "NA", "null", "NaN", ...) are missing in every
@@ -119,11 +120,15 @@ function scorerInputs(manifest) {
       // onnxruntime-node hands strings to the graph as C strings, cut at the first NUL: "A\0x"
       // would score as the known "A", while `vaeguard score` passes it whole, an unseen value.
       // Such a cell is fed as a string the graph does not know (`unseen`) instead.
-      const stats = (preprocessing.categorical || []).find((c) => c.name === input.column);
-      const known = new Set(stats && Array.isArray(stats.categories) ? stats.categories : []);
+      const found = (preprocessing.categorical || []).find((c) => c.name === input.column);
+      const stats = found && Array.isArray(found.categories) ? found : { name: input.column, categories: [] };
+      const known = new Set(stats.categories);
       let unseen = preprocessing.unknown_category || '__unknown__';
       while (known.has(unseen)) unseen += '_';
-      return { name: input.name, kind: 'string', column: input.column, missing: input.missing ?? '', known, unseen };
+      // `stats`, the manifest's entry for the column, is also what the count of unseen values reads.
+      return {
+        name: input.name, kind: 'string', column: input.column, missing: input.missing ?? '', known, unseen, stats,
+      };
     }
     throw new UserError(`manifest.json: scorer input ${JSON.stringify(input.name)} is not a table column ` +
       `(image bundles are not supported by this example)`);
@@ -431,6 +436,145 @@ function formatId(value) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Values the bundle never saw (pipeline/unseen.py, by the same rule and in the same words)
+//
+// An unseen category goes to its column's unknown bucket, silently: right for the odd new value.
+// A whole column there is most likely the same data spelled differently ('Y' for 'yes', a prefix
+// on codes): every such row scores higher, and a night of false alarms needs a line saying why.
+
+// A run warns for a column when at least UNSEEN_MIN_ROWS rows went to its unknown bucket and
+// their share is above unseenLimit(training's share).
+const UNSEEN_MIN_ROWS = 10;
+const UNSEEN_MIN_SHARE = 0.01;
+const UNSEEN_FACTOR = 5;
+// A bundle exported before training's share was recorded: only a majority is a changed format.
+const UNSEEN_WITHOUT_BASELINE = 0.5;
+// Unseen values kept as examples, per chunk and per run: enough that a run's most frequent ones
+// survive the per-chunk cut, few enough that a column of a new id per row costs no memory.
+const EXAMPLES_PER_CHUNK = 20;
+const EXAMPLES_KEPT = 100;
+// pipeline.preprocess.BOOLEAN_TEXT: a boolean column's spellings and the category each means.
+const BOOLEAN_TEXT = new Map([
+  ['false', 'false'], ['False', 'false'], ['FALSE', 'false'],
+  ['true', 'true'], ['True', 'true'], ['TRUE', 'true'], ['', ''],
+]);
+
+/**
+ * Every text the graph takes as a kept category of a column (CategoricalStats.known_texts): a
+ * boolean's spellings, an integer code's '3.0' for '3', and missing ("") where training kept it.
+ */
+function knownTexts(stats) {
+  const kept = new Set(stats.categories);
+  if (stats.boolean === true) return new Set([...BOOLEAN_TEXT].filter(([, c]) => kept.has(c)).map(([text]) => text));
+  const known = new Set(kept);
+  if (stats.integer === true) for (const c of kept) if (c) known.add(`${c}.0`);
+  return known;
+}
+
+/** One categorical column over a run: rows, rows its unknown bucket took, most frequent such values. */
+class UnseenCounts {
+  constructor(stats) {
+    this.stats = stats;
+    this.known = knownTexts(stats);
+    this.rows = 0;
+    this.unseen = 0;
+    this.examples = new Map();   // value -> rows, over the run (approximately, as in Python)
+    this.inChunk = new Map();    // value -> rows, in the chunk being read
+  }
+
+  /** A cell's text as the graph gets it (missing as ""). */
+  add(value) {
+    if (!this.known.has(value)) this.inChunk.set(value, (this.inChunk.get(value) || 0) + 1);
+  }
+
+  endChunk(rows) {
+    this.rows += rows;
+    for (const n of this.inChunk.values()) this.unseen += n;
+    for (const [value, n] of mostCommon(this.inChunk, EXAMPLES_PER_CHUNK)) {
+      this.examples.set(value, (this.examples.get(value) || 0) + n);
+    }
+    if (this.examples.size > EXAMPLES_KEPT) this.examples = new Map(mostCommon(this.examples, EXAMPLES_KEPT));
+    this.inChunk.clear();
+  }
+
+  /** The line `vaeguard score` warns with for this column (pipeline.unseen._unseen_warning), or null. */
+  warning(where) {
+    const { stats, rows, unseen } = this;
+    const share = rows ? unseen / rows : 0;
+    const trainingShare = typeof stats.unknown_share === 'number' ? stats.unknown_share : null;
+    if (unseen < UNSEEN_MIN_ROWS || !(share > unseenLimit(trainingShare))) return null;
+    const training = trainingShare ? `; ${percent(trainingShare)} in training` : '';
+    const examples = mostCommon(this.examples, 3).map(([value]) => shown(value)).join(', ');
+    const categories = stats.categories;
+    const known = categories.slice(0, 8).map(shown).join(', ') +
+      (categories.length > 8 ? ` and ${categories.length - 8} more` : '');
+    return `${where}column ${pyRepr(stats.name)}: ${thousands(unseen)} of ${thousands(rows)} rows (${percent(share)}` +
+      `${training}) hold values the bundle never saw (e.g. ${examples}); it knows ${known}; a changed spelling or ` +
+      'format sends every such row to the unknown bucket and raises its score';
+  }
+}
+
+/** Five times training's share, at least 1%, at most halfway from training's share to every row. */
+function unseenLimit(trainingShare) {
+  if (trainingShare === null) return UNSEEN_WITHOUT_BASELINE;
+  return Math.max(UNSEEN_MIN_SHARE, Math.min(UNSEEN_FACTOR * trainingShare, (1 + trainingShare) / 2));
+}
+
+/** The n most frequent entries, ties in insertion order: Python's Counter.most_common(n). */
+function mostCommon(counts, n) {
+  return [...counts].sort((a, b) => b[1] - a[1]).slice(0, n); // Array.prototype.sort is stable
+}
+
+/** As Python's f"{n:,}". */
+function thousands(n) {
+  return String(n).replace(/\B(?=(\d{3})+$)/g, ',');
+}
+
+/** As Python's f"{share:.0%}" from 10% up, f"{share:.1%}" below (pipeline.unseen.percent). */
+function percent(share) {
+  return `${fixed(share * 100, share >= 0.1 ? 0 : 1)}%`; // Python multiplies the float by 100 too
+}
+
+/**
+ * x (>= 0) with `digits` decimals as Python's format() writes it. Both round the float's exact
+ * value, but toFixed rounds an exact half up and Python to even ("12%" for 12.5, "6.2%" for 6.25).
+ */
+function fixed(x, digits) {
+  // Every digit of x, where a half can be (x >= 0.05: its exact value ends within 60 decimals).
+  const exact = x.toFixed(60);
+  const cut = exact.indexOf('.') + (digits ? digits + 1 : 0);
+  const isHalf = /^\.?50*$/.test(exact.slice(cut));
+  return isHalf && Number(exact[cut - 1]) % 2 === 0 ? exact.slice(0, cut) : x.toFixed(digits);
+}
+
+// Characters Python's str.isprintable() rejects (categories C* and Z*, the space aside): repr()
+// and the CLI's one-line messages (pipeline.cli.control_escaped) write them as escapes.
+const NOT_PRINTABLE = /[\p{C}\p{Z}]/gu;
+const NAMED_ESCAPES = { '\t': '\\t', '\n': '\\n', '\r': '\\r' };
+
+function pyEscape(c) {
+  if (c === ' ') return c;
+  if (NAMED_ESCAPES[c]) return NAMED_ESCAPES[c];
+  const code = c.codePointAt(0);
+  const [prefix, width] = code < 0x100 ? ['\\x', 2] : code < 0x10000 ? ['\\u', 4] : ['\\U', 8];
+  return prefix + code.toString(16).padStart(width, '0');
+}
+
+/** Python's repr() of a str. */
+function pyRepr(text) {
+  const quote = text.includes("'") && !text.includes('"') ? '"' : "'";
+  const body = text.replace(/\\/g, '\\\\').replace(NOT_PRINTABLE, pyEscape);
+  return quote + (quote === "'" ? body.replace(/'/g, "\\'") : body) + quote;
+}
+
+/** A value as the warning shows it (pipeline.unseen._shown): repr, cut at 40 characters. */
+function shown(value) {
+  if (value === '') return "'' (blank)";
+  const chars = Array.from(value); // code points, as Python counts them
+  return pyRepr(chars.length <= 40 ? value : `${chars.slice(0, 40).join('')}...`);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Scoring
 
 class ChunkScorer {
@@ -459,7 +603,8 @@ class ChunkScorer {
     // Per input: where its columns sit in a CSV record, and a buffer for one chunk.
     this.feeds = inputs.map((input) => (input.kind === 'numeric'
       ? { input, at: input.columns.map((c) => position.get(c)), values: new Float32Array(chunkRows * input.columns.length) }
-      : { input, at: position.get(input.column), values: new Array(chunkRows) }));
+      : { input, at: position.get(input.column), values: new Array(chunkRows),
+        unseenCounts: new UnseenCounts(input.stats) }));
     this.idValues = this.ids.map(() => new Array(chunkRows));
     this.rows = 0;        // rows in the current chunk
     this.rowsBefore = 0;  // rows in earlier chunks
@@ -497,9 +642,10 @@ class ChunkScorer {
       } else {
         const raw = fields[feed.at];
         this.checkText(raw, feed.input.column, row, line);
-        if (NULL_VALUES.has(raw)) feed.values[r] = feed.input.missing;
-        else if (!raw.includes('\0')) feed.values[r] = raw;
-        else if (!feed.input.known.has(raw)) feed.values[r] = feed.input.unseen; // see scorerInputs
+        const value = NULL_VALUES.has(raw) ? feed.input.missing : raw;
+        feed.unseenCounts.add(value); // the text itself, not the stand-in below: a warning shows it
+        if (!value.includes('\0')) feed.values[r] = value;
+        else if (!feed.input.known.has(value)) feed.values[r] = feed.input.unseen; // see scorerInputs
         else {
           throw inputError(`${this.inputPath}: column ${JSON.stringify(feed.input.column)} holds a NUL character ` +
             `at row ${row} (line ${line}), in a category the bundle knows; onnxruntime-node cannot pass it`);
@@ -553,9 +699,17 @@ class ChunkScorer {
         formatFloat32(pValue[r]), anomalous ? 'true' : 'false');
       lines[r] = cells.join(',');
     }
+    for (const feed of this.feeds) if (feed.unseenCounts) feed.unseenCounts.endChunk(n);
     this.rowsBefore += n;
     this.rows = 0;
     return lines.join('\n') + '\n';
+  }
+
+  /** The warnings on values the bundle never saw, one per column at most, in the manifest's order. */
+  unseenWarnings() {
+    return this.feeds.filter((feed) => feed.unseenCounts)
+      .map((feed) => feed.unseenCounts.warning(`${this.inputPath}: `))
+      .filter((line) => line !== null);
   }
 
   outputHeader() {
@@ -622,6 +776,10 @@ async function main(argv) {
     if (scorer.rowsBefore === 0) throw inputError(`${inputPath}: has a header but no data rows`);
     fs.closeSync(out);
     fs.renameSync(temp, outputPath);
+    // As `vaeguard score` prints them: "warning: " and the line, its control characters escaped.
+    for (const line of scorer.unseenWarnings()) {
+      process.stderr.write(`warning: ${line.replace(NOT_PRINTABLE, pyEscape)}\n`);
+    }
     process.stderr.write(`${outputPath}: ${scorer.rowsBefore} rows, ${scorer.anomalies} anomalies ` +
       `(threshold ${manifest.calibration.threshold}, target FPR ${manifest.calibration.target_fpr})\n`);
   } catch (err) {
@@ -642,4 +800,4 @@ if (require.main === module) {
   });
 }
 
-module.exports = { CsvParser, parseNumber, formatFloat32, decodeUtf8 };
+module.exports = { CsvParser, parseNumber, formatFloat32, decodeUtf8, percent, shown };
