@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml constraints.txt constraints-lock.txt
 # After an upgrade has passed `make test`: the venv's exact versions become the lock (torch stays
 # pinned by constraints.txt alone, as its local wheel's version carries "+cpu").
 lock:
-	{ sed -n '/^#/p' constraints-lock.txt; $(BIN)/pip freeze --exclude-editable | \
-		grep -v -E '^(pip|setuptools|wheel|torch|pyflakes)=='; } > constraints-lock.txt.new
+	{ sed -n '/^#/p' constraints-lock.txt; $(BIN)/pip freeze --all --exclude-editable | \
+		grep -v -E '^(pip|torch|pyflakes)=='; } > constraints-lock.txt.new
 	mv constraints-lock.txt.new constraints-lock.txt
 	touch $(STAMP)
 

@@ -137,11 +137,15 @@ def check_api(timeout: float = API_CHECK_SECONDS) -> None:
 def _how_to_start(url: str) -> str:
     """The command that starts the server the URL names, where it is this machine's."""
     parts = urlsplit(url)
-    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        return f"start the Prefect server at {parts.netloc}"
+    try:
+        port = parts.port or 80
+    except ValueError:  # a port out of range: the URL is the mistake, and this line names it
+        return "start the Prefect server it should name"
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1") or parts.scheme != "http":
+        return f"start the Prefect server at {parts.netloc}"  # `prefect server start` serves plain http only
     # A server started a moment ago refuses connections for about 10 s: a service started right
     # after it (a script, a systemd unit) should wait for its /health.
-    return (f"start one with `prefect server start --host {parts.hostname} --port {parts.port or 80}` (a server "
+    return (f"start one with `prefect server start --host {parts.hostname} --port {port}` (a server "
             f"answers about 10 s after it starts)")
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from pipeline.calibrate import describe_fpr_range
 from pipeline.console import quiet_console
 from pipeline.errors import PipelineError, one_line
-from pipeline.inspect import parity_of_decisions
 from pipeline.signals import StoppedAfterCommit
 
 log = logging.getLogger("vaeguard")
@@ -175,8 +174,11 @@ def format_training(facts: dict) -> str:
     if "auroc" in cal:
         lines.append(f"held-out:    AUROC {cal['auroc']:.4f}, AUPRC {cal['auprc']:.4f}, "
                      f"FPR {cal['test_fpr']:.4%}, recall {cal['test_recall']:.2%}")
+    from pipeline.inspect import parity_of_decisions  # here: it loads pandas, which most commands never need
+
     verify = facts["verify_bundle"]
-    lines.append(f"ONNX parity: max |score diff| {verify['max_abs_diff']['score']:.2e}, {parity_of_decisions(verify)}")
+    lines.append(f"ONNX parity: max |score diff| {verify['max_abs_diff']['score']:.2e}, decisions "
+                 f"{parity_of_decisions(verify)}")
     lines.append(f"report:      {Path(facts['bundle']) / facts['write_training_report']['report']}")
     return "\n".join(lines)
 

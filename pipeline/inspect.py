@@ -65,8 +65,7 @@ def _describe(manifest: dict) -> str:
     if verification:
         lines += ["export verification (onnxruntime vs PyTorch):",
                   *_table([(k, f"{v:.2e}") for k, v in verification["max_abs_diff"].items()]
-                          + [("decisions", parity_of_decisions(verification)),
-                             ("rows", _fmt(verification["rows"]))])]
+                          + [("decisions", parity_of_decisions(verification))])]
     lines += ["files (sha256):", *_table([(name, digest) for name, digest in manifest["files"].items()]),
               "versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())]
     return "\n".join(lines)
@@ -78,7 +77,7 @@ def parity_of_decisions(verify: dict) -> str:
     rows = verify["rows"]
     differ = rows - round(verify["decision_agreement"] * rows)
     at = verify.get("differ_at_threshold", 0)  # not recorded by bundles before it was counted
-    text = f"decisions agree on {rows - differ:,} of {rows:,} rows"
+    text = f"agree on {rows - differ:,} of {rows:,} rows"
     return text + (f" (the other {at:,} at the threshold, where float rounding decides)" if at and at == differ else "")
 
 

@@ -7,10 +7,10 @@ def test_a_difference_at_the_threshold_reads_as_what_it_is():
     """A sound bundle printed "decisions agree on 99.80% of 499 rows", which reads as a fault: the
     one other row scores at the threshold, a PyTorch score, where float rounding decides."""
     at_threshold = {"rows": 499, "decision_agreement": 498 / 499, "differ_at_threshold": 1}
-    assert parity_of_decisions(at_threshold) == ("decisions agree on 498 of 499 rows (the other 1 at the threshold, "
+    assert parity_of_decisions(at_threshold) == ("agree on 498 of 499 rows (the other 1 at the threshold, "
                                                  "where float rounding decides)")
     assert parity_of_decisions({"rows": 499, "decision_agreement": 1.0, "differ_at_threshold": 0}) == \
-        "decisions agree on 499 of 499 rows"
+        "agree on 499 of 499 rows"
     # A bundle from before the count: the plain count, no claim about where the difference is.
     assert parity_of_decisions({"rows": 20_000, "decision_agreement": 19_999 / 20_000}) == \
-        "decisions agree on 19,999 of 20,000 rows"
+        "agree on 19,999 of 20,000 rows"

@@ -11,6 +11,7 @@ import pytest
 
 import flows.serve as serve
 from flows.landing import check_parameter_names
+from flows.serve import check_api
 from pipeline.errors import ConfigError
 
 
@@ -54,3 +55,17 @@ def test_a_run_with_an_unknown_parameter_fails_with_its_line_and_one_error_log(m
     line = logged[0]
     assert line.startswith("unknown parameter 'wach' (did you mean 'watch'?)") and logged == [line]
     assert proposed == [("FAILED", line)]
+
+
+@pytest.mark.parametrize("url, fix", [
+    ("http://127.0.0.1:99999/api", "start the Prefect server it should name, or correct PREFECT_API_URL"),
+    ("https://localhost/api", "start the Prefect server at localhost, or correct PREFECT_API_URL"),
+    ("http://[::1]:1/api", "start one with `prefect server start --host ::1 --port 1`"),
+])
+def test_no_api_is_one_line_whatever_the_url(url, fix):
+    """A port out of range raised ValueError while this very line was written: "unexpected ValueError"."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}), pytest.raises(ConfigError) as refused:
+        check_api(timeout=2.0)
+    assert str(refused.value).startswith(f"no Prefect API at PREFECT_API_URL={url} (") and fix in str(refused.value)
