@@ -8,6 +8,11 @@ waited for their futures for ever) and so would the server the flow reports its 
 only the vaeguard process takes them; the scoring flow restarts the workers it started (ending
 the tasks they run) and removes its parts, then the cluster and the server are closed in turn.
 
+On a cluster named by --dask-address, the signals reach neither the workers (not vaeguard's) nor
+the temporary Prefect server vaeguard reports to (in a session of its own, as above): the flow
+cancels the run's tasks there and removes its parts, and a task already running there removes its
+part itself when it ends (flows.score).
+
 The local workers write to the user's terminal too: without --verbose, Prefect's records of their
 tasks are shown there as the CLI shows its own (pipeline.console), not with a failed file's traceback.
 """
@@ -24,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
@@ -127,23 +133,46 @@ def dask_teardown(worker) -> None:
 
 @contextlib.contextmanager
 def prefect_api(address: str | None) -> Iterator[None]:
-    """Without PREFECT_API_URL, a local cluster's run reports to one temporary server of its own.
+    """Without PREFECT_API_URL, a Dask run reports to a temporary server of its own, in a session
+    of its own (temporary_prefect_server).
 
-    Prefect would otherwise start one in the flow's process and one in each worker process
-    (about 10 s each). The URL reaches the workers in the settings Prefect sends with each task.
-    Workers of a scheduler named by ``address`` may be on other machines, where this server's
-    127.0.0.1 is not this machine: they keep Prefect's default.
+    On a local cluster, the workers report to it too: Prefect would otherwise start one in the
+    flow's process and one in each worker process (about 10 s each). The URL reaches the workers in
+    the settings Prefect sends with each task. Workers of a scheduler named by ``address`` may be
+    on other machines, where this server's 127.0.0.1 is not this machine: they keep Prefect's
+    default, and the server stands in for the one Prefect would start in this process.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if address or PREFECT_API_URL.value():
+    if PREFECT_API_URL.value():
         yield
         return
-    with temporary_prefect_server() as url, temporary_settings({PREFECT_API_URL: url}):
-        try:
-            yield
-        finally:
-            send_pending_reports()
+    with temporary_prefect_server() as (url, server):
+        # Not in the settings that travel with each task: this process alone reports to it, where
+        # Prefect would start its own, which a terminal's Ctrl-C stops mid-run (the flow then could
+        # not record its end and failed with a ConnectError after a minute of retries).
+        with (prefects_temporary_server(url, server) if address else temporary_settings({PREFECT_API_URL: url})):
+            try:
+                yield
+            finally:
+                send_pending_reports()
+
+
+@contextlib.contextmanager
+def prefects_temporary_server(url: str, server: subprocess.Popen) -> Iterator[None]:
+    """The server at ``url`` serves as the temporary server Prefect starts in this process when no
+    PREFECT_API_URL is set (for its client, logs and events), so none is started."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    prefects = SubprocessASGIServer()  # one per process, which Prefect starts when first asked
+    if prefects.running:
+        yield
+        return
+    prefects.port, prefects.server_process, prefects.running = urllib.parse.urlsplit(url).port, server, True
+    try:
+        yield
+    finally:  # as it was: Prefect would start one of its own when asked again
+        prefects.port, prefects.server_process, prefects.running = None, None, False
 
 
 def send_pending_reports() -> None:
@@ -158,8 +187,8 @@ def send_pending_reports() -> None:
 
 
 @contextlib.contextmanager
-def temporary_prefect_server() -> Iterator[str]:
-    """Yield the API URL of a Prefect server in a session of its own, stopped when the block ends."""
+def temporary_prefect_server() -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yield the API URL and the process of a Prefect server in a session of its own, stopped when the block ends."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
 
     listener = socket.socket()
@@ -181,7 +210,7 @@ def temporary_prefect_server() -> Iterator[str]:
             try:
                 timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), STARTUP_SECONDS)
                 _wait_until_serving(server, url, timeout, log)
-                yield url
+                yield url, server
             finally:
                 try:
                     server.terminate()
@@ -210,12 +239,15 @@ def _wait_until_serving(server: subprocess.Popen, url: str, timeout: float, log)
                         "(e.g. http://127.0.0.1:4200/api)")
 
 
-def stop_own_workers() -> bool:
-    """Restart the workers of the cluster this flow run's DaskTaskRunner started: the tasks they
-    run end at once (a file may take minutes) and those not started are cancelled.
+def stop_tasks(futures: list) -> bool:
+    """End this flow run's Dask tasks without waiting for those running (a file may take minutes).
 
-    False where there is no such cluster: another task runner, or a scheduler named by address,
-    whose workers are not this run's to stop.
+    On the cluster this run started, the workers are restarted: the tasks they run end at once and
+    those not started are cancelled. On a scheduler named by address, whose workers are not this
+    run's to restart, the run's futures are cancelled: tasks not started never start, and those
+    running (Dask can't stop them) run to their end with their results dropped.
+
+    False for another task runner, whose running tasks must be waited for.
     """
     from prefect.context import FlowRunContext
 
@@ -225,7 +257,10 @@ def stop_own_workers() -> bool:
         return False
     context = FlowRunContext.get()
     runner = context.task_runner if context else None
-    if not isinstance(runner, DaskTaskRunner) or runner.client.cluster is None:
+    if not isinstance(runner, DaskTaskRunner):
         return False
-    runner.client.restart(wait_for_workers=False)
+    if runner.client.cluster is None:
+        runner.client.cancel([future.wrapped_future for future in futures])
+    else:
+        runner.client.restart(wait_for_workers=False)
     return True

@@ -25,7 +25,7 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.dask_runner import stop_own_workers
+from flows.dask_runner import stop_tasks
 from pipeline.bundle import Bundle
 from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob
@@ -64,20 +64,35 @@ def check_bundle(bundle: Path, precision: str = "fp32", inputs: tuple[Path, ...]
             "categorical": loaded.preprocessor.categorical if modality == "table" else ()}
 
 
-# Written into the parts folder when the run fails: tasks that have not started yet skip their
-# input, so the flow can wait for every task to end before it removes the folder (a task still
-# running after that would recreate the folder and leave its part there).
-STOP = "STOP"
+# In the parts folder while the run wants parts; removed when it fails or is stopped. Tasks not
+# started yet then skip their input, and one running removes what it wrote when it ends: a stopped
+# run on a cluster named by --dask-address removes its folder without waiting for the tasks running
+# there, whose writers may even create the folder again. So its absence, not a STOP file in a folder
+# that may be gone, is what says the run is over.
+RUNNING = "RUNNING"
+
+
+def run_wants(part: Path) -> bool:
+    return (part.parent / RUNNING).exists()
+
+
+def discard_part(part: Path) -> None:
+    """Remove what a task wrote for a run that is over (the part and the files named after it: its
+    summary, labels, unreadable images), and the parts folder once it is empty."""
+    for path in part.parent.glob(f"{part.stem}.*"):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the flow's to remove, or another task's files are still in it
+        part.parent.rmdir()
 
 
 @task(cache_policy=NO_CACHE)
 def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = None,
                label_column: str | None = None, modality: str = "table") -> dict | None:
-    """Score one input (table file or image folder) into a part file; None once the run has failed.
+    """Score one input (table file or image folder) into a part file; None once the run is over.
 
     The summary's ``warnings`` are the ones scoring it logged, for the flow to log (log_warnings).
     """
-    if (part.parent / STOP).exists():
+    if not run_wants(part):
         return None
     if cwd is not None and not input_path.is_absolute() and os.getcwd() != cwd:
         raise ConfigError(f"{input_path}: a relative path, but the Dask worker runs in {os.getcwd()}, not in {cwd} "
@@ -86,11 +101,19 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
     single = ScoreJob(bundle=job.bundle, inputs=(input_path,), output=part, device=job.device,
                       batch_size=job.batch_size, threads=job.threads, maps_dir=job.maps_dir,
                       precision=job.precision)
-    with held_warnings() as warnings:
-        # A table's unseen categories warn once for the run, from the merged counts (combine_summaries).
-        summary = (score_files(single, warn=False) if modality == "table" else score(single)).to_dict()
-    if label_column and label_column in read_columns(input_path):
-        save_labels(input_path, label_column, part, job.batch_size)
+    try:
+        with held_warnings() as warnings:
+            # A table's unseen categories warn once for the run, from the merged counts (combine_summaries).
+            summary = (score_files(single, warn=False) if modality == "table" else score(single)).to_dict()
+        if label_column and label_column in read_columns(input_path):
+            save_labels(input_path, label_column, part, job.batch_size)
+    except Exception:
+        if run_wants(part):
+            raise
+        # The run is over, and no one waits for this error (often the folder removed under the writer).
+    if not run_wants(part):
+        discard_part(part)
+        return None
     return {**summary, "warnings": warnings}
 
 
@@ -125,16 +148,17 @@ def held_warnings() -> Iterator[list[str]]:
     Where the block fails, they are logged as they are: the flow will not see them.
     """
     held: list[str] = []
+    outer = getattr(_HOLDER.local, "held", None)  # a block around this one holds again after it
     _HOLDER.local.held = held
     try:
         yield held
     except BaseException:
-        _HOLDER.local.held = None
+        _HOLDER.local.held = outer
         for text in held:
             log.warning("%s", text)
         raise
     finally:
-        _HOLDER.local.held = None
+        _HOLDER.local.held = outer
 
 
 def log_warnings(warnings: list[str], given: dict[str, str], logged: set[str]) -> None:
@@ -229,6 +253,7 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     new_folders = make_parents(resolved.output)
     parts_dir = resolved.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"
     parts_dir.mkdir()
+    (parts_dir / RUNNING).touch()
     futures = []
     interrupted = False
     try:
@@ -249,11 +274,12 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
         raise
     finally:
         try:
-            # A failed or interrupted run: tasks not started skip their input, and those running
-            # finish their part, before the folder goes (a second Ctrl-C stops the wait). When
-            # interrupted, the workers this run started are restarted instead, ending their tasks.
-            (parts_dir / STOP).touch()
-            if not (interrupted and futures and stop_own_workers()):
+            # A failed or interrupted run: tasks not started skip their input, and the flow waits for
+            # those running before the folder goes (a second Ctrl-C stops the wait). When interrupted,
+            # Dask's tasks are stopped instead (stop_tasks); any still running on a cluster named by
+            # --dask-address removes its part itself when it ends.
+            (parts_dir / RUNNING).unlink(missing_ok=True)
+            if not (interrupted and futures and stop_tasks(futures)):
                 for future in futures:
                     future.wait()
         finally:

@@ -371,6 +371,104 @@ def test_cli_dask_run_stopped_by_a_signal_leaves_nothing_behind(trained_bundle, 
     assert processes_with(marker) == []
 
 
+@pytest.fixture(scope="module")
+def named_cluster():
+    """A cluster of one single-threaded worker, as a user runs one for --dask-address: apart from the
+    `vaeguard` process, whose signals don't reach it."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+@pytest.mark.parametrize("signame, status, message", [
+    ("SIGINT", 130, "error: interrupted; no output was written"),  # Ctrl-C in a terminal
+    ("SIGTERM", 143, "error: terminated (SIGTERM); no output was written"),  # `timeout`
+])
+def test_cli_run_on_a_named_cluster_stopped_by_a_signal_cancels_its_tasks(trained_bundle, tmp_path, named_cluster,
+                                                                          signame, status, message):
+    """Ctrl-C (or `timeout`) to `vaeguard score --dask-address`: the run ends with its one line and
+    status, keeps the earlier output, cancels its tasks on the cluster, and no part appears when the
+    task running there ends later; the cluster scores the next run. The signal used to stop the
+    temporary Prefect server Prefect had started in vaeguard's group: the run waited for the
+    running files, then for a minute of retries, and ended with `unexpected ConnectError`."""
+    from prefect_dask import DaskTaskRunner
+
+    client = named_cluster
+    # Tiny batches: each file takes seconds, so the signal lands while the first is scored and the
+    # second waits on the cluster's one worker.
+    inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=20_000, seed=140 + i)), tmp_path / f"in{i}.csv")
+              for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.parquet").write_bytes(b"earlier scores")
+    (out / "scores.summary.json").write_text("earlier summary")
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "vaeguard"), "score", str(trained_bundle),
+                             *map(str, inputs), "--output", str(out / "scores.parquet"), "--device", "cpu",
+                             "--batch-size", "2", "--task-runner", "dask", "--dask-address",
+                             client.scheduler.address],
+                            env=cli_environment(tmp_path, marker), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob(".scores.parquet.parts-*/.*.tmp-*")):  # the task is writing its part
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        os.killpg(proc.pid, getattr(signal, signame))  # the whole group, as a terminal and `timeout` do
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == status, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [message]
+    assert "Traceback" not in stderr and stdout == "", stderr
+    assert client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks)) == []  # cancelled
+
+    deadline = time.monotonic() + 120
+    while any(client.run(busy_threads).values()):  # Dask can't stop a running task: it scores on, then drops its part
+        assert time.monotonic() < deadline, "the cancelled task still runs"
+        time.sleep(0.2)
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.summary.json"]
+    assert (out / "scores.parquet").read_bytes() == b"earlier scores"
+    assert (out / "scores.summary.json").read_text() == "earlier summary"
+    assert processes_with(marker) == []
+
+    job = ScoreJob(trained_bundle, (inputs[0],), out / "next.parquet", device="cpu", batch_size=4096)
+    summary = score_flow.with_options(task_runner=DaskTaskRunner(address=client.scheduler.address))(job)
+    assert summary["rows"] == 20_000
+
+
+@pytest.mark.parametrize("stopped", ["before its first rows", "after its scores"])
+def test_a_task_that_ends_after_its_run_stopped_leaves_nothing(trained_bundle, tmp_path, monkeypatch, stopped):
+    """A run stopped on a cluster named by --dask-address removes its parts folder without waiting
+    for the tasks running there. One whose writer had not started made the folder again and left its
+    part in it; one that had scored failed writing its labels, an error for no one."""
+    import flows.score
+    from flows.score import RUNNING, score_file
+
+    source = write_table(make_sensor_table(SyntheticSpec(n_rows=300, seed=150)), tmp_path / "in.csv")
+    parts = tmp_path / ".scores.parquet.parts-1234abcd"
+    parts.mkdir()
+    (parts / RUNNING).touch()
+    real = flows.score.score_files
+
+    def stopped_meanwhile(job, **kwargs):
+        if stopped == "before its first rows":
+            shutil.rmtree(parts)
+        summary = real(job, **kwargs)
+        if stopped == "after its scores":
+            shutil.rmtree(parts)
+        return summary
+
+    monkeypatch.setattr(flows.score, "score_files", stopped_meanwhile)
+    job = ScoreJob(trained_bundle, (source,), tmp_path / "scores.parquet", device="cpu")
+    assert score_file.fn(job, source, parts / "00000.parquet", label_column="label") is None
+    assert list(tmp_path.iterdir()) == [source]
+
+
 def test_the_flow_reads_labels_as_single_process_scoring_does(trained_bundle, tmp_path):
     """A label spelled true/false, with a blank: the flow's per-input labels (for the run's AUROC)
     were read as numbers and failed where `vaeguard score` without Dask reads them."""
