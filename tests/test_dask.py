@@ -318,6 +318,28 @@ def test_cli_dask_run_starts_no_prefect_server_per_worker(trained_bundle, tmp_pa
     assert processes_with(marker) == []
 
 
+def start_slow_dask_run(bundle: Path, tmp_path: Path, rows: int, seed: int, files: int,
+                        options: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path, str]:
+    """`vaeguard score --task-runner dask` on ``files`` inputs in tiny batches, in a session of its own,
+    over an earlier output and summary; its process, the output folder and the marker its environment
+    carries. A process started in the background inherits SIGINT ignored: a terminal's Ctrl-C reaches
+    a default handler, so it gets one."""
+    inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=rows, seed=seed + i)), tmp_path / f"in{i}.csv")
+              for i in range(files)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.parquet").write_bytes(b"earlier scores")
+    (out / "scores.summary.json").write_text("earlier summary")
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "vaeguard"), "score", str(bundle),
+                             *map(str, inputs), "--output", str(out / "scores.parquet"), "--device", "cpu",
+                             "--batch-size", "2", "--task-runner", "dask", *options],
+                            env=cli_environment(tmp_path, marker), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return proc, out, marker
+
+
 @pytest.mark.parametrize("signame, to_group, status, message", [
     ("SIGINT", True, 130, "error: interrupted; no output was written"),  # Ctrl-C in a terminal: the whole group
     ("SIGTERM", False, 143, "error: terminated (SIGTERM); no output was written"),  # kill, a scheduler
@@ -329,21 +351,8 @@ def test_cli_dask_run_stopped_by_a_signal_leaves_nothing_behind(trained_bundle, 
     being scored; the earlier output and summary stay as they were, no parts folder remains, and
     no process it started (workers, the Prefect server) lives on. Signalled as a group, it used to
     hang: the workers and the servers died of the signal too."""
-    inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=60_000, seed=100 + i)), tmp_path / f"in{i}.csv")
-              for i in range(4)]
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "scores.parquet").write_bytes(b"earlier scores")
-    (out / "scores.summary.json").write_text("earlier summary")
-    marker = uuid.uuid4().hex
-    # Tiny batches: each file takes over 30 s, so the signal lands while tasks run. A process
-    # started in the background inherits SIGINT ignored; a terminal's Ctrl-C reaches a default handler.
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "vaeguard"), "score", str(trained_bundle),
-                             *map(str, inputs), "--output", str(out / "scores.parquet"), "--device", "cpu",
-                             "--batch-size", "2", "--task-runner", "dask"],
-                            env=cli_environment(tmp_path, marker), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Tiny batches: each file takes over 30 s, so the signal lands while tasks run.
+    proc, out, marker = start_slow_dask_run(trained_bundle, tmp_path, rows=60_000, seed=100, files=4)
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob(".scores.parquet.parts-*/.*.tmp-*")):  # a task is writing its part
@@ -398,20 +407,8 @@ def test_cli_run_on_a_named_cluster_stopped_by_a_signal_cancels_its_tasks(traine
     client = named_cluster
     # Tiny batches: each file takes seconds, so the signal lands while the first is scored and the
     # second waits on the cluster's one worker.
-    inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=20_000, seed=140 + i)), tmp_path / f"in{i}.csv")
-              for i in range(2)]
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "scores.parquet").write_bytes(b"earlier scores")
-    (out / "scores.summary.json").write_text("earlier summary")
-    marker = uuid.uuid4().hex
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "vaeguard"), "score", str(trained_bundle),
-                             *map(str, inputs), "--output", str(out / "scores.parquet"), "--device", "cpu",
-                             "--batch-size", "2", "--task-runner", "dask", "--dask-address",
-                             client.scheduler.address],
-                            env=cli_environment(tmp_path, marker), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc, out, marker = start_slow_dask_run(trained_bundle, tmp_path, rows=20_000, seed=140, files=2,
+                                            options=("--dask-address", client.scheduler.address))
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob(".scores.parquet.parts-*/.*.tmp-*")):  # the task is writing its part
@@ -436,7 +433,7 @@ def test_cli_run_on_a_named_cluster_stopped_by_a_signal_cancels_its_tasks(traine
     assert (out / "scores.summary.json").read_text() == "earlier summary"
     assert processes_with(marker) == []
 
-    job = ScoreJob(trained_bundle, (inputs[0],), out / "next.parquet", device="cpu", batch_size=4096)
+    job = ScoreJob(trained_bundle, (tmp_path / "in0.csv",), out / "next.parquet", device="cpu", batch_size=4096)
     summary = score_flow.with_options(task_runner=DaskTaskRunner(address=client.scheduler.address))(job)
     assert summary["rows"] == 20_000
 
