@@ -107,7 +107,8 @@ def dask_task_runner(address: str | None, verbose: bool = False):
         return DaskTaskRunner(address=address)
     quiet = {} if verbose else {"preload": [__name__]}  # this module, for its dask_setup
     return DaskTaskRunner(cluster_class=shielded_local_cluster,
-                          # No dashboard: nothing prints its address, and a second cluster warned that its port was taken.
+                          # No dashboard: nothing of ours prints its address. (distributed still binds its HTTP
+                          # server to 8787, so a second cluster still warns that the port is taken.)
                           cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "dashboard_address": None, **quiet,
                                           "silence_logs": logging.WARNING if verbose else logging.CRITICAL})
 
