@@ -134,6 +134,17 @@ def calibrate(scores: np.ndarray, target_fpr: float) -> Calibration:
     return Calibration(ordered, float(target_fpr), float(ordered[n - rank]), rank)
 
 
+def placeholder_calibration(n: int, target_fpr: float) -> Calibration:
+    """A calibration of ``n`` made-up scores, for exporting a scorer graph before it has scores.
+
+    The graph depends on n alone (the table's padded size sets the search's steps), so the graph
+    exported with this scores exactly as the final one; its table and threshold are then replaced
+    (pipeline.precision_graphs.write_table) by the calibration on the scores it gave. Distinct
+    values, so the exporter cannot merge the table with an equal initializer.
+    """
+    return calibrate(np.arange(1, n + 1, dtype=np.float32), target_fpr)
+
+
 def conformal_p_values(sorted_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """(1 + #{cal >= s}) / (n + 1) in float32, computed as scorer.onnx computes it."""
     n = len(sorted_scores)

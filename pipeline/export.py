@@ -4,6 +4,12 @@ Uses torch's TorchScript-based exporter (no onnxscript needed, one file per mode
 batch axis named ``batch_size``). The scorer's categorical front end (strings -> one-hot with
 an unknown bucket) is built with onnx.helper on the ai.onnx.ml OneHotEncoder (after a LabelEncoder
 for boolean and integer-coded columns) and composed in front of the exported numeric graph.
+
+The scorer is exported before it is calibrated, with a placeholder table of the right size
+(pipeline.calibrate.placeholder_calibration): training scores the calibration inputs with that
+very graph in onnxruntime, calibrates on those scores, and ``write_calibrated_scorer`` puts the
+table into it. The table does not enter the score, so the bundle's scorer.onnx gives exactly the
+scores it was calibrated on.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ import onnx
 import torch
 from onnx import TensorProto, compose, helper
 
+from pipeline.calibrate import Calibration
 from pipeline.contract import BATCH_AXIS as BATCH
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, ML_OPSET, OPSET, OUTPUT_NAMES, categorical_input_name
+from pipeline.image_model import ConvVAE
 from pipeline.model import VAE
+from pipeline.precision_graphs import write_table
 from pipeline.preprocess import UNKNOWN, Preprocessor
-from pipeline.scorer_graph import ScorerGraph
+from pipeline.scorer_graph import ImageScorerGraph, ScorerGraph
 
 
 def export_module(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
@@ -71,6 +80,13 @@ def export_scorer(graph: ScorerGraph, pre: Preprocessor, path: Path) -> None:
         core.ir_version = IR_VERSION
         one_opset_per_domain(core)
     onnx.save(core, str(path))
+
+
+def write_calibrated_scorer(draft: Path, calibration: Calibration, path: Path) -> None:
+    """The scorer exported at ``draft`` with ``calibration``'s table and threshold, written to ``path``."""
+    model = write_table(onnx.load(str(draft)), calibration)
+    model.ir_version = IR_VERSION
+    onnx.save(model, str(path))
 
 
 def one_opset_per_domain(model: onnx.ModelProto) -> None:
@@ -133,13 +149,15 @@ def set_metadata(path: Path, props: Mapping[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def export_image_graphs(graph, directory: Path) -> None:
-    """encoder.onnx, decoder.onnx and scorer.onnx for a convolutional VAE's image scorer."""
-    vae = graph.vae
+def export_image_encoder_decoder(vae: ConvVAE, directory: Path) -> None:
+    """encoder.onnx and decoder.onnx of a convolutional VAE."""
     example = torch.zeros(2, vae.channels, vae.size, vae.size)
     onnx.save(export_module(vae.encoder.eval(), (example,), directory / "encoder.onnx", ["images"], ["mu", "logvar"]),
               str(directory / "encoder.onnx"))
     onnx.save(export_module(vae.decoder.eval(), (torch.zeros(2, vae.latent_dim),), directory / "decoder.onnx", ["z"],
                             ["reconstruction"]), str(directory / "decoder.onnx"))
-    onnx.save(export_module(graph.eval(), (example,), directory / "scorer.onnx", [IMAGE_INPUT],
-                            list(IMAGE_OUTPUT_NAMES)), str(directory / "scorer.onnx"))
+
+
+def export_image_scorer(graph: ImageScorerGraph, path: Path) -> None:
+    example = torch.zeros(2, graph.vae.channels, graph.vae.size, graph.vae.size)
+    onnx.save(export_module(graph.eval(), (example,), path, [IMAGE_INPUT], list(IMAGE_OUTPUT_NAMES)), str(path))

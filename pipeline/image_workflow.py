@@ -17,14 +17,16 @@ import numpy as np
 import torch
 
 from pipeline.bundle import CALIBRATION_IMAGES, FORMAT, FORMAT_VERSION, MODEL_FILES, write_new_manifest
-from pipeline.calibrate import Calibration, calibrate, min_calibration_rows
+from pipeline.calibrate import Calibration, calibrate, min_calibration_rows, placeholder_calibration
 from pipeline.config import ImageTrainJob
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, OPSET, cuda_settings
 from pipeline.errors import ConfigError, DataError
-from pipeline.export import export_image_graphs, set_metadata
+from pipeline.export import export_image_encoder_decoder, export_image_scorer, set_metadata, write_calibrated_scorer
 from pipeline.image_model import ConvVAE
 from pipeline.images import ImageSource, ImageSpec, iter_image_batches, list_images, searched_by
 from pipeline.images import load_images as read_images  # `load_images` is this module's step
+from pipeline.precision import IMAGE_CHUNK, score_in_chunks
+from pipeline.runtime import create_session
 from pipeline.scorer_graph import ImageScorerGraph
 from pipeline.splits import rows_needed, split_rows
 from pipeline.train import train_vae
@@ -207,17 +209,17 @@ def load_image_graph(job: ImageTrainJob, run: RunDir, calibration: Calibration |
     return ImageScorerGraph(model.eval(), job.config.model.kl_weight, calibration).eval()
 
 
-def _scores(graph: ImageScorerGraph, images: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([graph.components(torch.from_numpy(np.asarray(images[i:i + chunk])))[0].numpy()
-                               for i in range(0, len(images), chunk)])
-
-
 def calibrate_threshold(job: ImageTrainJob, run: RunDir) -> dict:
-    """Score the calibration images and set the threshold at the target FPR."""
+    """Export the scorer, score the calibration images with it in onnxruntime and set the threshold
+    at the target FPR."""
     splits = load_splits(run)
-    calibration = calibrate(_scores(load_image_graph(job, run), load_run_images(run)[splits.cal]),
-                            job.config.calibration.target_fpr)
+    target_fpr = job.config.calibration.target_fpr
+    # On the scores of the graph that decides, as for tables (pipeline.workflow.calibrate_threshold).
+    export_image_scorer(load_image_graph(job, run, placeholder_calibration(len(splits.cal), target_fpr)), run.scorer)
+    feeds = {IMAGE_INPUT: np.ascontiguousarray(load_run_images(run)[splits.cal])}
+    scores = score_in_chunks(create_session(run.scorer, "cpu", job.config.training.threads), feeds, IMAGE_CHUNK,
+                             ["score"])["score"]
+    calibration = calibrate(scores, target_fpr)
     write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": {}})
     return {"threshold": calibration.threshold, "n_calibration": calibration.n, "rank": calibration.rank,
             "expected_fpr": calibration.expected_fpr}
@@ -232,7 +234,8 @@ def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
     calibration = _calibration(run)
     graph = load_image_graph(job, run, calibration)
     run.bundle.mkdir(exist_ok=True)
-    export_image_graphs(graph, run.bundle)
+    export_image_encoder_decoder(graph.vae, run.bundle)
+    write_calibrated_scorer(run.scorer, calibration, run.bundle / "scorer.onnx")
     spec = _spec(job)
     created = datetime.now(timezone.utc)
     version = created.strftime("%Y%m%dT%H%M%SZ")
@@ -274,7 +277,7 @@ def export_bundle(job: ImageTrainJob, run: RunDir) -> dict:
 
 
 def verify_bundle(job: ImageTrainJob, run: RunDir) -> dict:
-    """Check the ONNX files and their parity with PyTorch on the calibration images."""
+    """Check the ONNX files, their parity with PyTorch and the scorer's decisions on the calibration images."""
     splits = load_splits(run)
     report = verify_image_export(run.bundle, load_image_graph(job, run, _calibration(run)),
                                  np.ascontiguousarray(load_run_images(run)[splits.cal]))

@@ -63,22 +63,29 @@ def _describe(manifest: dict) -> str:
         lines += ["held-out metrics:", *_table([(k, _fmt(v)) for k, v in manifest["metrics"].items()])]
     verification = manifest.get("verification") or {}
     if verification:
+        own = verification.get("consistency")  # not recorded by bundles calibrated on PyTorch's scores
         lines += ["export verification (onnxruntime vs PyTorch):",
                   *_table([(k, f"{v:.2e}") for k, v in verification["max_abs_diff"].items()]
-                          + [("decisions", parity_of_decisions(verification))])]
+                          + [("decisions", parity_of_decisions(verification))]
+                          + ([("own calibration", f"scorer.onnx flags {own['flagged']:,} of its {own['rows']:,} "
+                                                  f"calibration inputs, those above the threshold")] if own else []))]
     lines += ["files (sha256):", *_table([(name, digest) for name, digest in manifest["files"].items()]),
               "versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())]
     return "\n".join(lines)
 
 
 def parity_of_decisions(verify: dict) -> str:
-    """How many calibration rows onnxruntime decides as PyTorch does, as a count: a percentage read
-    99.80% where the one other row scores at the threshold itself, where float rounding decides."""
+    """How many calibration rows PyTorch decides as onnxruntime does, as a count: a percentage read
+    99.80% where the one other row scores at the threshold itself, where float rounding decides.
+
+    The bundle's decisions are scorer.onnx's (its threshold is one of its own scores); PyTorch's
+    are an export check, and may round a row at the threshold to the other side."""
     rows = verify["rows"]
     differ = rows - round(verify["decision_agreement"] * rows)
     at = verify.get("differ_at_threshold", 0)  # not recorded by bundles before it was counted
     text = f"agree on {rows - differ:,} of {rows:,} rows"
-    return text + (f" (the other {at:,} at the threshold, where float rounding decides)" if at and at == differ else "")
+    return text + (f" (the other {at:,} at the threshold, where float rounding decides; the bundle decides as "
+                   f"scorer.onnx)" if at and at == differ else "")
 
 
 def _variant_row(precision: str, entry: dict) -> tuple[str, ...]:
@@ -99,8 +106,8 @@ def agreeing(entry: dict) -> int:
     return rows - entry.get("decisions_differ", round((1 - entry["decision_agreement"]) * rows))
 
 
-def rounding_note(entry: dict, why: str = ", where fp32 decides by rounding") -> str:
-    """The differences at fp32's own threshold, where fp32 decides by float rounding (pipeline.precision)."""
+def rounding_note(entry: dict, why: str = ", where float rounding decides") -> str:
+    """The differences within rounding of fp32's threshold (pipeline.precision.FP32_ROUNDING)."""
     at = entry.get("differ_at_fp32_threshold", 0)  # not recorded by exports before it was counted
     return f" ({at:,} at fp32's threshold{why})" if at else ""
 

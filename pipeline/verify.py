@@ -1,9 +1,13 @@
-"""Export verification: the ONNX graphs must compute what the PyTorch model computes.
+"""Export verification: the ONNX graphs must compute what the PyTorch model computes, and the
+scorer must decide its own calibration inputs as it was calibrated.
 
 Run before a bundle is published. onnx.checker validates each file; then onnxruntime and
-PyTorch score the calibration rows (or images) and their outputs are compared. Decisions may
-differ only for rows whose score lies within the numeric tolerance of the threshold, where
-float rounding legitimately decides.
+PyTorch score the calibration rows (or images) and their outputs are compared. The bundle's
+decisions are scorer.onnx's: its threshold and table come from its own scores (pipeline.workflow),
+so PyTorch may decide otherwise only for rows whose score lies within the numeric tolerance of
+the threshold, where float rounding legitimately decides. scorer.onnx itself, scoring the
+calibration inputs as training did, must flag exactly those above the threshold, with the
+p-values of their ranks (pipeline.precision.check_consistency).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import pandas as pd
 import torch
 
 from pipeline.bundle import MODEL_FILES, Bundle
-from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
+from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ExportError
-from pipeline.runtime import BundleScorer
+from pipeline.precision import IMAGE_CHUNK, TABLE_CHUNK, check_consistency, score_in_chunks
+from pipeline.runtime import BundleScorer, create_session, frame_feeds
 from pipeline.scorer_graph import ImageScorerGraph, ScorerGraph, graph_inputs
 
 RTOL = 1e-4
@@ -70,8 +75,9 @@ def compare(pairs: dict[str, tuple[np.ndarray, np.ndarray]], is_anomaly: tuple[n
             excess = max(excess, float(np.max(np.where(np.isnan(ratio), np.inf, ratio), initial=0.0)))
     agree = is_anomaly[0] == is_anomaly[1]
     near_threshold = np.abs(score - threshold) <= ATOL + RTOL * abs(threshold)
-    # The threshold is a PyTorch score: its own row, scored by onnxruntime, lands a rounding away on
-    # either side. Such differences are counted apart, so a sound bundle does not read as a faulty one.
+    # The threshold is a score of scorer.onnx; PyTorch scores its row, and any other that close to
+    # it, a rounding away on either side. Such differences are counted apart, so a sound bundle does
+    # not read as a faulty one.
     report = {"rows": rows, "max_abs_diff": diffs, "decision_agreement": float(agree.mean()),
               "differ_at_threshold": int(np.sum(~agree & near_threshold)),
               "tolerance": {"rtol": RTOL, "atol": ATOL}, "passed": bool(excess <= 1.0 and np.all(agree | near_threshold))}
@@ -90,14 +96,21 @@ def verify_export(bundle_dir: Path, graph: ScorerGraph, rows: pd.DataFrame, feat
         expected = [t.numpy() for t in graph(*graph_inputs(bundle.preprocessor, rows, "calibration rows"))]
         mu, logvar = graph.vae.encoder(torch.from_numpy(features))
         reconstruction = graph.vae.decoder(mu)
-    actual = BundleScorer(bundle, device="cpu").score_frame(rows, "calibration rows")
+    # In the chunks training scored the calibration rows in (pipeline.workflow.calibrate_threshold).
+    scorer = BundleScorer(bundle, device="cpu")
+    actual = score_in_chunks(scorer.session, frame_feeds(bundle.schema, rows, "calibration rows"), TABLE_CHUNK,
+                             OUTPUT_NAMES)
     onnx_mu, onnx_logvar = _session(bundle_dir / "encoder.onnx").run(None, {"features": features})
     (onnx_reconstruction,) = _session(bundle_dir / "decoder.onnx").run(None, {"z": mu.numpy()})
-    pairs = {name: (actual[name].to_numpy(), value) for name, value in zip(("score", "recon", "kl"), expected)}
+    pairs = {name: (actual[name], value) for name, value in zip(("score", "recon", "kl"), expected)}
     pairs |= {"mu": (onnx_mu, mu.numpy()), "logvar": (onnx_logvar, logvar.numpy()),
               "reconstruction": (onnx_reconstruction, reconstruction.numpy())}
-    return compare(pairs, (actual["is_anomaly"].to_numpy(), expected[4]), expected[0], float(graph.threshold),
-                   len(rows), "rows")
+    report = compare(pairs, (actual["is_anomaly"], expected[4]), expected[0], float(graph.threshold), len(rows), "rows")
+    return report | {"consistency": own_calibration(actual, bundle)}
+
+
+def own_calibration(actual: dict[str, np.ndarray], bundle: Bundle) -> dict:
+    return check_consistency(actual, bundle.calibration, "fp32", "the bundle was not published")
 
 
 def verify_image_export(bundle_dir: Path, graph: ImageScorerGraph, images: np.ndarray) -> dict:
@@ -105,11 +118,14 @@ def verify_image_export(bundle_dir: Path, graph: ImageScorerGraph, images: np.nd
     with torch.no_grad():
         expected = dict(zip(IMAGE_OUTPUT_NAMES, (t.numpy() for t in graph(torch.from_numpy(images)))))
         mu, logvar = graph.vae.encoder(torch.from_numpy(images))
-    actual = dict(zip(IMAGE_OUTPUT_NAMES, _session(bundle_dir / "scorer.onnx").run(None, {IMAGE_INPUT: images})))
+    bundle = Bundle.load(bundle_dir)
+    actual = score_in_chunks(create_session(bundle.scorer_path, "cpu"), {IMAGE_INPUT: images}, IMAGE_CHUNK,
+                             IMAGE_OUTPUT_NAMES)
     onnx_mu, onnx_logvar = _session(bundle_dir / "encoder.onnx").run(None, {"images": images})
     (onnx_reconstruction,) = _session(bundle_dir / "decoder.onnx").run(None, {"z": mu.numpy()})
     pairs = {name: (actual[name], expected[name]) for name in ("score", "recon", "kl", "anomaly_map")}
     pairs |= {"mu": (onnx_mu, mu.numpy()), "logvar": (onnx_logvar, logvar.numpy()),
               "reconstruction": (onnx_reconstruction, expected["reconstruction"])}
-    return compare(pairs, (actual["is_anomaly"], expected["is_anomaly"]), expected["score"], float(graph.threshold),
-                   len(images), "images")
+    report = compare(pairs, (actual["is_anomaly"], expected["is_anomaly"]), expected["score"], float(graph.threshold),
+                     len(images), "images")
+    return report | {"consistency": own_calibration(actual, bundle)}

@@ -23,16 +23,18 @@ import torch
 
 from pipeline.bundle import (CALIBRATION_ROWS, FORMAT, FORMAT_VERSION, MODEL_FILES, check_publish_target,
                              publish_bundle, write_manifest, write_new_manifest)
-from pipeline.calibrate import Calibration, calibrate
+from pipeline.calibrate import Calibration, calibrate, placeholder_calibration
 from pipeline.config import TrainJob
 from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input_name, cuda_settings
-from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata
+from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata, write_calibrated_scorer
 from pipeline.metrics import auprc, auroc
 from pipeline.model import VAE
 from pipeline.outputs import check_utf8_path, make_parents, remove_empty_folders
+from pipeline.precision import TABLE_CHUNK, score_in_chunks
 from pipeline.preprocess import Preprocessor, check_training_scale, fit_preprocessor
+from pipeline.runtime import create_session, frame_feeds
 from pipeline.schema import TableSchema, infer_schema, label_vector, numeric_matrix
-from pipeline.scorer_graph import ScorerGraph, graph_inputs
+from pipeline.scorer_graph import ScorerGraph
 from pipeline.splits import Splits, split_rows
 from pipeline.tables import read_table, read_text_columns, table_format
 from pipeline.train import train_vae
@@ -65,6 +67,7 @@ class RunDir:
     model = property(lambda self: self.root / "model.pt")
     history = property(lambda self: self.root / "history.json")
     calibration = property(lambda self: self.root / "calibration.json")
+    scorer = property(lambda self: self.root / "scorer.onnx")  # calibrated on, not yet holding its table
     bundle = property(lambda self: self.root / "bundle")
 
     def remove(self) -> None:
@@ -171,28 +174,38 @@ def load_model(run: RunDir) -> VAE:
 
 
 def calibrate_threshold(job: TrainJob, run: RunDir) -> dict:
-    """Score calibration rows, set the threshold at the target FPR; measure on test rows."""
+    """Export the scorer, score the calibration rows with it in onnxruntime, set the threshold at
+    the target FPR; measure on test rows."""
     schema = TableSchema.from_dict(read_json(run.schema))
     pre = Preprocessor.from_dict(read_json(run.preprocessor))
     frame = pd.read_parquet(run.rows)
     splits = load_splits(run)
-    graph = ScorerGraph(load_model(run), pre, job.config.model.kl_weight).eval()
-    with torch.no_grad():
-        cal_scores = graph.components(*graph_inputs(pre, frame.iloc[splits.cal], _source(job)))[0].numpy()
-    calibration = calibrate(cal_scores, job.config.calibration.target_fpr)
+    target_fpr = job.config.calibration.target_fpr
+    # Calibrated on the scores of the graph every user decides with (onnxruntime on the CPU is the
+    # reference), not on PyTorch's, which differ by about 1e-6: the bundle must flag its own
+    # calibration rows as calibrated and give each the p-value of its rank.
+    graph = ScorerGraph(load_model(run), pre, job.config.model.kl_weight,
+                        placeholder_calibration(len(splits.cal), target_fpr)).eval()
+    export_scorer(graph, pre, run.scorer)
+    session = create_session(run.scorer, "cpu", job.config.training.threads)
+
+    def scores(rows: pd.DataFrame) -> np.ndarray:
+        # In the chunks `vaeguard export --precision` scores the kept calibration rows in.
+        return score_in_chunks(session, frame_feeds(schema, rows, _source(job)), TABLE_CHUNK, ["score"])["score"]
+
+    calibration = calibrate(scores(frame.iloc[splits.cal]), target_fpr)
     metrics: dict = {}
     if schema.label_column and len(splits.test):
         test = frame.iloc[splits.test]
-        with torch.no_grad():
-            scores = graph.components(*graph_inputs(pre, test, _source(job)))[0].numpy()
+        test_scores = scores(test)
         labels = test[schema.label_column].to_numpy().astype(int)
         normal = labels == 0
         metrics = {"test_normal_rows": int(normal.sum()), "test_anomaly_rows": int((~normal).sum()),
-                   "test_fpr": float((scores[normal] > calibration.threshold).mean())}
+                   "test_fpr": float((test_scores[normal] > np.float32(calibration.threshold)).mean())}
         # A label column with no anomalies (clean training data) leaves ranking metrics undefined.
         if (~normal).any():
-            metrics |= {"auroc": auroc(labels, scores), "auprc": auprc(labels, scores),
-                        "test_recall": float((scores[~normal] > calibration.threshold).mean())}
+            metrics |= {"auroc": auroc(labels, test_scores), "auprc": auprc(labels, test_scores),
+                        "test_recall": float((test_scores[~normal] > np.float32(calibration.threshold)).mean())}
     write_json(run.calibration, {"calibration": calibration.to_dict(), "metrics": metrics})
     return {"threshold": calibration.threshold, "n_calibration": calibration.n, "rank": calibration.rank,
             "expected_fpr": calibration.expected_fpr, **metrics}
@@ -211,7 +224,7 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
     run.bundle.mkdir(exist_ok=True)
     export_encoder(graph.vae, run.bundle / "encoder.onnx")
     export_decoder(graph.vae, run.bundle / "decoder.onnx")
-    export_scorer(graph, pre, run.bundle / "scorer.onnx")
+    write_calibrated_scorer(run.scorer, calibration, run.bundle / "scorer.onnx")
     created = datetime.now(timezone.utc)
     version = created.strftime("%Y%m%dT%H%M%SZ")
     facts = {
@@ -269,7 +282,7 @@ def export_bundle(job: TrainJob, run: RunDir) -> dict:
 
 
 def verify_bundle(job: TrainJob, run: RunDir) -> dict:
-    """Check the ONNX files and their parity with PyTorch on the calibration rows."""
+    """Check the ONNX files, their parity with PyTorch and the scorer's decisions on the calibration rows."""
     graph, _, _ = load_scorer_graph(job, run)
     frame = pd.read_parquet(run.rows)
     splits = load_splits(run)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline.bundle import Bundle
-from pipeline.calibrate import calibrate, conformal_p_values
+from pipeline.calibrate import calibrate, conformal_p_values, placeholder_calibration
+from pipeline.export import export_scorer, write_calibrated_scorer
 from pipeline.model import VAE
 from pipeline.runtime import BundleScorer
 from pipeline.scorer_graph import CalibrationTable, ScorerGraph, graph_inputs
@@ -62,9 +63,10 @@ def test_scorer_matches_pytorch(bundle, torch_graph, rows, n):
                             (v.numpy() for v in torch_graph(*graph_inputs(bundle.preprocessor, batch, "rows")))))
     for name in ("score", "recon", "kl"):
         np.testing.assert_allclose(onnx_out[name].to_numpy(), expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
-    # p_value and is_anomaly step where a score passes a calibration score: a row whose two scores
-    # (equal to float rounding) straddle one may differ by a step (seen: 1 row in 4,096 of a CI run).
-    # Every other row must get the same p-value and decision.
+    # p_value and is_anomaly step where a score passes a calibration score (a score of scorer.onnx,
+    # whose decisions are the bundle's): a row whose two scores (equal to float rounding) straddle one
+    # may differ by a step (seen: 1 row in 4,096 of a CI run). Every other row must get the same
+    # p-value and decision.
     calibration, ours, theirs = bundle.calibration.scores, onnx_out["score"].to_numpy(), expected["score"]
     low, high = np.minimum(ours, theirs), np.maximum(ours, theirs)
     margin = 1e-6 * np.maximum(np.abs(high), 1.0)  # the graphs' comparisons may round either way
@@ -94,6 +96,20 @@ def test_scorer_p_values_and_decisions_follow_the_calibration(bundle, rows):
     np.testing.assert_array_equal(out["p_value"].to_numpy(), cal.p_values(out["score"].to_numpy()))
     np.testing.assert_array_equal(out["is_anomaly"].to_numpy(), out["score"].to_numpy() > cal.threshold)
     np.testing.assert_array_equal(out["is_anomaly"].to_numpy(), out["p_value"].to_numpy() <= cal.target_fpr)
+
+
+def test_a_scorer_exported_before_its_calibration_is_the_one_exported_with_it(bundle, torch_graph, tmp_path):
+    """Training exports scorer.onnx with a placeholder table, calibrates on that graph's scores and
+    writes the table in; the graph must be byte for byte the one an export with the table gives,
+    or the bundle's scores need not be the ones it was calibrated on."""
+    cal = bundle.calibration
+    export_scorer(torch_graph, bundle.preprocessor, tmp_path / "with_table.onnx")
+    draft = ScorerGraph(torch_graph.vae, bundle.preprocessor, torch_graph.kl_weight,
+                        placeholder_calibration(cal.n, cal.target_fpr)).eval()
+    export_scorer(draft, bundle.preprocessor, tmp_path / "draft.onnx")
+    assert (tmp_path / "draft.onnx").read_bytes() != (tmp_path / "with_table.onnx").read_bytes()
+    write_calibrated_scorer(tmp_path / "draft.onnx", cal, tmp_path / "calibrated.onnx")
+    assert (tmp_path / "calibrated.onnx").read_bytes() == (tmp_path / "with_table.onnx").read_bytes()
 
 
 def test_unknown_category_maps_to_the_unknown_bucket(bundle, rows):

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from pipeline.anomaly_maps import _GAP, map_name
-from pipeline.bundle import Bundle
+from pipeline.bundle import CALIBRATION_IMAGES, Bundle
 from pipeline.cli import main
 from pipeline.config import (CalibrationConfig, ImageTrainJob, PipelineConfig, ScoreJob, TrainingConfig)
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
@@ -382,11 +382,31 @@ def test_scorer_matches_pytorch(texture_bundle, torch_graph, parity_images, n):
     for name in ("score", "recon", "kl", "anomaly_map", "reconstruction"):
         assert actual[name].shape == expected[name].shape, name
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
-    # p-values and decisions may differ only where a score ties a calibration score within float noise.
+    # PyTorch's p-values and decisions may differ from the graph's (which decide, and whose scores the
+    # table holds) only where a score ties a calibration score within float noise.
     calibration = torch_graph.table.scores.numpy()[: torch_graph.table.n]
     steady = np.array([np.all(np.abs(calibration - s) > 1e-4 * max(1.0, abs(s))) for s in expected["score"]])
     np.testing.assert_array_equal(actual["p_value"][steady], expected["p_value"][steady])
     np.testing.assert_array_equal(actual["is_anomaly"][steady], expected["is_anomaly"][steady])
+
+
+def test_the_bundle_flags_its_own_calibration_images_as_calibrated(tmp_path, texture_bundle):
+    """Before: the threshold and the table were PyTorch's scores, which scorer.onnx's differ from
+    by about 1e-7 relative: scoring its own calibration images, the bundle flagged the threshold's
+    own image in 2 of 4 small bundles (rank of them, not rank - 1), and gave 6 to 15 of their 39
+    images a p-value a step off their rank."""
+    output = tmp_path / "calibration.parquet"
+    score(ScoreJob(bundle=texture_bundle, inputs=(texture_bundle / CALIBRATION_IMAGES,), output=output, device="cpu"))
+    scored = pd.read_parquet(output)
+    cal = Bundle.load(texture_bundle).calibration
+    scores, flagged = scored["score"].to_numpy(), scored["is_anomaly"].to_numpy()
+    np.testing.assert_array_equal(np.sort(scores), cal.scores)  # the table holds the bundle's own scores
+    assert len(np.unique(scores)) == cal.n and cal.rank >= 2
+    assert flagged.sum() == cal.rank - 1
+    descending = np.argsort(-scores)
+    np.testing.assert_array_equal(scored["p_value"].to_numpy()[descending],
+                                  np.arange(2, cal.n + 2, dtype=np.float32) / np.float32(cal.n + 1))
+    assert Bundle.load(texture_bundle).manifest["verification"]["consistency"]["flagged"] == cal.rank - 1
 
 
 @pytest.mark.parametrize("n", PARITY_BATCHES)

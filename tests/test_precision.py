@@ -499,10 +499,11 @@ def test_a_damaged_variant_can_be_exported_again(capsys, monkeypatch, tmp_path, 
 
 
 def test_a_row_fp32_decides_by_rounding_is_no_variant_warning():
-    """Before: fp32's threshold is the PyTorch score of a calibration row, which scorer.onnx scores a
-    few ulps to either side of it; flagged by fp32 and not by the variant (whose threshold is its own
-    score), that one row made every variant of a bundle with 99 calibration inputs warn `its decisions
-    agree with fp32 on only 98.99%`, on every `vaeguard score --precision`."""
+    """Before: fp32's threshold was the PyTorch score of a calibration row (fp32 is now calibrated on
+    scorer.onnx's own scores), which scorer.onnx scored a few ulps to either side of it; flagged by fp32
+    and not by the variant (whose threshold is its own score), that one row made every variant of a
+    bundle with 99 calibration inputs warn `its decisions agree with fp32 on only 98.99%`, on every
+    `vaeguard score --precision`. Any row within rounding of fp32's threshold is such a row."""
     from pipeline.verify import RTOL
 
     assert precision.FP32_ROUNDING == RTOL
@@ -516,7 +517,7 @@ def test_a_row_fp32_decides_by_rounding_is_no_variant_warning():
     assert (errors["decisions_differ"], errors["differ_at_fp32_threshold"]) == (1, 1)
     entry = {**errors, "calibration": {"n_calibration": 99}}
     assert precision.variant_warnings(entry) == []
-    assert "(1 at fp32's threshold, where fp32 decides by rounding)" in precision.describe_variant(
+    assert "(1 at fp32's threshold, where float rounding decides)" in precision.describe_variant(
         {**entry, "file": "scorer.int8.onnx", "tool": "t", "precision": "int8", "threshold": threshold,
          "calibration": {"n_calibration": 99, "expected_fpr": 0.01}, "max_abs_score_error": 0.0,
          "max_rel_score_error": 0.0, "speed_ratio": 1.0, "variant_rows_per_s": 1.0, "fp32_rows_per_s": 1.0,
@@ -558,7 +559,10 @@ def test_image_variants(monkeypatch, tmp_path, image_bundle):
     for name in VARIANTS:
         entry = precision.export_variant(bundle, name, device="cpu", threads=2, repeats=1)
         assert entry["consistency"]["passed"] and entry["batch_dependence"]["passed"]
-        assert entry["decision_agreement"] >= 0.95
+        # fp32 and the variant each flag exactly rank - 1 of the 39 images, so they differ by swapped
+        # pairs: int8 swaps the top two (0.15% apart). Before fp32 was calibrated on its own scores it
+        # flagged the threshold's image too, and the same int8 read as 1 difference.
+        assert entry["decisions_differ"] <= 2
         assert entry["median_rel_score_error"] < 0.01
     loaded = Bundle.load(bundle)
     fresh = textures(20, seed=5, size=16)

@@ -1,10 +1,14 @@
-"""Export verification's comparison rule (pipeline.verify.compare)."""
+"""Export verification's comparison rule (pipeline.verify.compare) and its check of the scorer's
+decisions on its own calibration inputs (pipeline.verify.own_calibration)."""
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from pipeline.calibrate import calibrate, conformal_p_values
 from pipeline.errors import ExportError
-from pipeline.verify import compare
+from pipeline.verify import compare, own_calibration
 
 SCORE = np.array([86.25, 12.0, 40.0], dtype=np.float32)
 FLAGS = np.array([True, False, False])
@@ -56,3 +60,31 @@ def test_the_same_infinity_on_both_sides_matches():
     assert report["passed"] and report["max_abs_diff"] == {"score": 0.0, "recon": 0.0}
     with pytest.raises(ExportError, match=r"'score': inf"):  # +inf against a finite score is no match
         compare({"score": (score, SCORE)}, (FLAGS, FLAGS), SCORE, 60.0, 3, "rows")
+
+
+def as_the_graph_scores(calibration, scores: np.ndarray) -> dict[str, np.ndarray]:
+    """What scorer.onnx outputs for these scores with this calibration baked in."""
+    return {"score": scores, "p_value": conformal_p_values(calibration.scores, scores),
+            "is_anomaly": scores > np.float32(calibration.threshold)}
+
+
+def test_the_scorer_must_give_its_calibration_inputs_the_tables_scores():
+    """A table of scores from another graph (PyTorch's, which training used to calibrate on) is no
+    table of the scorer's own: a row scored a rounding off gets the p-value of a rank that is not its
+    own. The flagged count alone (all the variants' check looked at) missed it unless the threshold's
+    own row moved."""
+    scores = np.linspace(1.0, 30.0, 199).astype(np.float32)
+    cal = calibrate(scores, 0.05)  # rank 10: flags the 9 above the 10th largest
+    bundle = SimpleNamespace(calibration=cal)
+    assert own_calibration(as_the_graph_scores(cal, scores), bundle) == {
+        "rows": 199, "flagged": 9, "rate": 9 / 199, "passed": True}
+    off = scores.copy()
+    off[100] = np.nextafter(off[100], np.float32(np.inf))  # far from the threshold: nothing else shows it
+    with pytest.raises(ExportError, match=r"the fp32 scorer is not consistent with its own calibration \(its scores "
+                                          r"of the calibration inputs are not the calibration table's\); the bundle "
+                                          r"was not published"):
+        own_calibration(as_the_graph_scores(cal, off), bundle)
+    off = scores.copy()
+    off[-10] = np.nextafter(off[-10], np.float32(np.inf))  # the threshold's own row, rounded up: flagged
+    with pytest.raises(ExportError, match="10 calibration inputs flagged, the conformal count is 9"):
+        own_calibration(as_the_graph_scores(cal, off), bundle)

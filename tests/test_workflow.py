@@ -9,10 +9,11 @@ import pytest
 
 from pipeline import workflow
 from pipeline.batch_score import score_files
-from pipeline.bundle import Bundle
+from pipeline.bundle import CALIBRATION_ROWS, Bundle
 from pipeline.config import ScoreJob, TrainJob
 from pipeline.errors import DataError, ExportError
 from pipeline.inspect import describe_manifest
+from pipeline.metrics import auprc, auroc
 from pipeline.runtime import BundleScorer
 from pipeline.synthetic import write_table
 from tests.conftest import SHARED_DATA, quiet_config
@@ -22,6 +23,47 @@ def test_bundle_detects_injected_anomalies(trained_bundle):
     metrics = Bundle.load(trained_bundle).manifest["metrics"]
     assert metrics["auroc"] >= 0.90
     assert metrics["test_anomaly_rows"] > 50 and metrics["test_normal_rows"] > 400
+
+
+def test_the_bundle_decides_its_own_calibration_and_test_rows_as_training_measured(sensor_csv, tmp_path):
+    """Before: the threshold, the calibration table and the held-out metrics came from PyTorch's
+    scores, which scorer.onnx's differ from by about 1e-6. Scoring its own calibration rows, the
+    bundle flagged the threshold's own row in 4 of 8 small bundles (rank of them, not rank - 1),
+    and gave about a third of them a p-value a step off their rank (156 of 499 on one)."""
+    job = TrainJob(data=sensor_csv, name="sensors", out_dir=tmp_path / "out", label_column="label",
+                   config=quiet_config(max_epochs=3))
+    run = workflow.RunDir.create(job)
+    try:
+        for step in workflow.STEPS[:-1]:  # up to verification: the staged bundle is complete, less its report
+            step(job, run)
+        test = pd.read_parquet(run.rows).iloc[workflow.load_splits(run).test]
+        test.to_parquet(tmp_path / "test.parquet")
+        bundle = Bundle.load(run.bundle)
+        scored = {}
+        for name, data in (("cal", run.bundle / CALIBRATION_ROWS), ("test", tmp_path / "test.parquet")):
+            score_files(ScoreJob(run.bundle, (data,), tmp_path / f"{name}.scores.parquet", device="cpu"))
+            scored[name] = pd.read_parquet(tmp_path / f"{name}.scores.parquet")
+    finally:
+        run.remove()
+    cal = bundle.calibration
+    scores, flagged = scored["cal"]["score"].to_numpy(), scored["cal"]["is_anomaly"].to_numpy()
+    np.testing.assert_array_equal(np.sort(scores), cal.scores)  # the table holds the bundle's own scores
+    assert len(np.unique(scores)) == cal.n  # no ties in this data, so every rank below is one row's
+    assert flagged.sum() == cal.rank - 1 == np.sum(scores > np.float32(cal.threshold))
+    # The row of the j-th largest score gets (1 + j) / (n + 1), the threshold's row (1 + rank) / (n + 1).
+    descending = np.argsort(-scores)
+    np.testing.assert_array_equal(scored["cal"]["p_value"].to_numpy()[descending],
+                                  np.arange(2, cal.n + 2, dtype=np.float32) / np.float32(cal.n + 1))
+    assert not flagged[descending[cal.rank - 1]] and flagged[descending[: cal.rank - 1]].all()
+    assert bundle.manifest["verification"]["consistency"] == {
+        "rows": cal.n, "flagged": cal.rank - 1, "rate": (cal.rank - 1) / cal.n, "passed": True}
+    # The held-out metrics are the bundle's own decisions on the test rows.
+    labels, test_scores = test["label"].to_numpy().astype(int), scored["test"]["score"].to_numpy()
+    normal, decided = labels == 0, scored["test"]["is_anomaly"].to_numpy()
+    assert bundle.manifest["metrics"] == {
+        "test_normal_rows": int(normal.sum()), "test_anomaly_rows": int((~normal).sum()),
+        "test_fpr": float(decided[normal].mean()), "test_recall": float(decided[~normal].mean()),
+        "auroc": auroc(labels, test_scores), "auprc": auprc(labels, test_scores)}
 
 
 def _existing_bundle(path: Path) -> bytes:
