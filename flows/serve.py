@@ -3,14 +3,16 @@ or SIGTERM.
 
 Before anything is registered, the schedule and the Prefect API are checked, so a mistake is
 one line. Then Prefect's Runner serves the deployment; ``StoppableRunner`` makes both signals
-stop it the way Prefect means to (its own SIGTERM handling does not, in 3.8.8), and fails a run
-given a parameter the flow does not take with one line, where Prefect's engine crashed on it.
+stop it the way Prefect means to (its own SIGTERM handling does not, in 3.8.8), fails a run
+given a parameter the flow does not take with one line, where Prefect's engine crashed on it,
+and runs scheduled runs that missed their time once, not each in turn (``CatchUpOncePoller``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import shutil
 import signal
@@ -18,24 +20,32 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
 import httpx
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId,
+                                            FlowRunFilterNextScheduledStartTime, FlowRunFilterState,
+                                            FlowRunFilterStateType)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments.runner import EntrypointType
 from prefect.exceptions import Abort, ObjectNotFound
 from prefect.logging.loggers import flow_run_logger
 from prefect.runner import Runner
+from prefect.runner._scheduled_run_poller import ScheduledRunPoller
 from prefect.runner._state_proposer import StateProposer
 from prefect.settings import get_current_settings
-from prefect.states import Failed
+from prefect.states import Cancelled, Failed
 from prefect.utilities.engine import propose_state
 
 from flows.landing import check_parameter_names, landing_flow
 from pipeline.config import ServeJob
 from pipeline.errors import ConfigError, one_line
+from pipeline.landing import LOCK_NAME, run_lock
 from pipeline.signals import signals_held
 
 # How long `vaeguard serve` waits for the Prefect API's health check before saying it is unreachable.
@@ -47,15 +57,22 @@ def serve_landing(job: ServeJob, bundle_name: str) -> None:
     """Serve landing_flow as a deployment on the job's schedule until Ctrl-C or SIGTERM.
 
     The schedule and the Prefect API are checked first, so a mistake is one line before anything
-    is registered or started. A signal once serving stops the runner, and this returns; one that
-    comes earlier raises KeyboardInterrupt, after pausing the schedule if it was registered.
-    Either way the deployment is left paused, as Prefect's own stop leaves it.
+    is registered or started, and so is a deployment another serve serves. A signal once serving
+    stops the runner, and this returns; one that comes earlier raises KeyboardInterrupt, after
+    pausing the schedule if it was registered. Either way the deployment is left paused, as
+    Prefect's own stop leaves it.
     """
     if job.cron is not None:
         check_cron(job.cron)
-    check_api()
+    check_api(wait=job.api_wait)
     name = job.deployment_name(bundle_name)
-    check_not_served(f"{landing_flow.name}/{name}")
+    with served_here(f"{landing_flow.name}/{name}"):  # to the end: the schedule is paused under it
+        check_not_served(f"{landing_flow.name}/{name}")
+        _serve_deployment(job, name)
+
+
+def _serve_deployment(job: ServeJob, name: str) -> None:
+    """Register the deployment and serve it until a signal; its schedule is paused after."""
     runner = StoppableRunner(name=name)
     deployment_id = None
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}  # the runner replaces them
@@ -111,17 +128,26 @@ def check_cron(expression: str) -> None:
                           f"for every hour") from None
 
 
-def check_api(timeout: float = API_CHECK_SECONDS) -> None:
+def check_api(wait: float, timeout: float = API_CHECK_SECONDS) -> None:
     """The Prefect API that PREFECT_API_URL names answers its health check, or a one-line error.
 
-    Otherwise the first call of the runner fails deep inside Prefect, as a bare ConnectError.
+    Otherwise the first call of the runner fails deep inside Prefect, as a bare ConnectError. An
+    API that refuses connections is asked again for up to ``wait`` seconds, said once: a serve
+    started with its server (two system units at boot) failed while the server was starting.
     """
     url = get_current_settings().api.url
     if not url:
         raise ConfigError("vaeguard serve needs a running Prefect server: start one with `prefect server start` "
                           "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    deadline = time.monotonic() + wait
     with get_client(httpx_settings={"timeout": timeout}, sync_client=True) as client:
         problem = client.api_healthcheck()
+        if isinstance(problem, httpx.ConnectError) and wait > 0:
+            print(f"no Prefect API at PREFECT_API_URL={url} yet ({one_line(problem)}): waiting up to {wait:g} s for "
+                  f"it to start", flush=True)
+            while isinstance(problem, httpx.ConnectError) and time.monotonic() < deadline:
+                time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+                problem = client.api_healthcheck()
     if problem is None:
         return
     if isinstance(problem, httpx.HTTPStatusError):
@@ -177,11 +203,51 @@ def check_not_served(deployment_name: str) -> None:
         if now is None or now.paused:
             return  # it stopped meanwhile
         if now.last_polled != deployment.last_polled:
-            raise ConfigError(
-                f"deployment '{deployment_name}' is served already (scoring {now.parameters.get('watch')} into "
-                f"{now.parameters.get('output')}): a runner asks for its runs; two serves of one deployment take "
-                f"each other's parameters and pause each other's schedule, so stop that `vaeguard serve` first, or "
-                f"give this one its own --name (the default is vaeguard-<bundle name>)")
+            raise _served_already(deployment_name, f"scoring {now.parameters.get('watch')} into "
+                                                   f"{now.parameters.get('output')}", "a runner asks for its runs")
+
+
+def _served_already(deployment_name: str, what: str, evidence: str) -> ConfigError:
+    return ConfigError(f"deployment '{deployment_name}' is served already ({what}): {evidence}; two serves of one "
+                       f"deployment take each other's parameters and pause each other's schedule, so stop that "
+                       f"`vaeguard serve` first, or give this one its own --name (the default is "
+                       f"vaeguard-<bundle name>)")
+
+
+@contextlib.contextmanager
+def served_here(deployment_name: str) -> Iterator[None]:
+    """No other `vaeguard serve` on this machine serves the deployment while the block runs, or a
+    one-line error.
+
+    check_not_served reads the API, where two serves started at the same instant both find the
+    deployment unserved, and both served it. A kernel lock keyed by the API and the deployment
+    closes that race on one machine; it dies with its process, so a serve killed (SIGKILL, out of
+    memory) keeps no restart out. Serves on two machines still rely on check_not_served alone.
+    """
+    settings = get_current_settings()
+    key = hashlib.sha256(f"{_same_api(settings.api.url)} {deployment_name}".encode()).hexdigest()[:16]
+    folder = Path(settings.home) / "vaeguard-serve" / key  # where every serve of this user and profile looks
+    with contextlib.ExitStack() as stack:
+        try:
+            acquired = stack.enter_context(run_lock(folder))
+        except OSError as exc:  # a home it can't write (a service's read-only one): check_not_served alone
+            logging.getLogger("prefect.runner").debug("no serve lock in %s (%s)", folder, one_line(exc))
+            acquired = True
+        if not acquired:
+            holder = ""  # also for the moment it has no pid written yet
+            with contextlib.suppress(OSError):
+                holder = (folder / LOCK_NAME).read_text().strip()
+            by = f"process {holder}" if holder.isdigit() else "another process"
+            raise _served_already(deployment_name, f"by {by} on this machine",
+                                  f"it holds the lock {folder / LOCK_NAME}")
+        yield
+
+
+def _same_api(url: str) -> str:
+    """The API URL as one server's: the loopback names taken as one, no trailing slash."""
+    parts = urlsplit(url.rstrip("/"))
+    host = "localhost" if parts.hostname in ("127.0.0.1", "localhost", "::1") else parts.hostname
+    return parts._replace(netloc=f"{host}:{parts.port or ''}", scheme=parts.scheme.lower()).geturl()
 
 
 def _read_deployment(deployment_name: str):
@@ -220,6 +286,11 @@ class StoppableRunner(Runner):
             raise RuntimeError("Prefect's runner no longer proposes states through its poller's _state_proposer "
                                "(Prefect 3.8.8 did): flows/serve.py must follow it")
         poller._state_proposer = NamesCheckedProposer(client=self._client)
+        if type(poller) is not ScheduledRunPoller or not isinstance(getattr(poller, "_submitting_flow_run_ids", None),
+                                                                    set):
+            raise RuntimeError("Prefect's runner no longer polls through a ScheduledRunPoller that keeps the runs it "
+                               "submits in _submitting_flow_run_ids (Prefect 3.8.8 did): flows/serve.py must follow it")
+        poller.__class__ = CatchUpOncePoller  # built with its own class inside Runner.__aenter__
         return self
 
     async def serve(self) -> None:
@@ -295,6 +366,60 @@ class StoppableRunner(Runner):
             await self._cancellation_manager.cancel_by_id(flow_run_id)
         except Exception:  # noqa: BLE001 - one run that can't be cancelled must not keep the others running
             logging.getLogger("prefect.runner").warning("could not cancel flow run %s", flow_run_id, exc_info=True)
+
+
+class CatchUpOncePoller(ScheduledRunPoller):
+    """Prefect's poller of scheduled runs, which catches up once: of a deployment's scheduled runs
+    whose time has come and that have not begun, the newest runs and the older ones end Cancelled,
+    their message saying why.
+
+    Prefect's poller hands out every run whose time has come, oldest first, as many at once as the
+    runner's process limit (5) allows, however late. After a serve was down with its schedule on
+    (killed, or its machine off) the runs that piled up ran back to back, each finding nothing new
+    to score: a landing run scores all that landed since the last one, so one run catches up for
+    all. A run started by hand (not auto-scheduled) is never skipped.
+    """
+
+    async def _get_scheduled_flow_runs(self) -> list[FlowRun]:
+        runs = await super()._get_scheduled_flow_runs()
+        moment = datetime.now(timezone.utc)
+        if sum(self._missed(run, moment) for run in runs) < 2:
+            return runs  # the usual poll: no more requests
+        await self._skip_all_but_the_newest(moment)
+        return await super()._get_scheduled_flow_runs()  # the newest may lie beyond the page first read
+
+    def _missed(self, run: FlowRun, moment: datetime) -> bool:
+        return (run.auto_scheduled and run.next_scheduled_start_time is not None
+                and run.next_scheduled_start_time <= moment and run.id not in self._submitting_flow_run_ids)
+
+    async def _skip_all_but_the_newest(self, moment: datetime) -> None:
+        due = FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=list(self._deployment_registry.get_deployment_ids())),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+            next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(before_=moment))
+        missed, offset = {}, 0
+        # Every page (the server's limit is 200): a week of a schedule every minute is 10080 runs.
+        while page := await self._client.read_flow_runs(flow_run_filter=due, offset=offset,
+                                                        sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC):
+            offset += len(page)
+            missed.update((run.id, run) for run in page if self._missed(run, moment))
+        newest = {}
+        for run in sorted(missed.values(), key=lambda run: run.next_scheduled_start_time):
+            newest[run.deployment_id] = run
+        for deployment_id, kept in newest.items():
+            skipped = [run for run in missed.values() if run.deployment_id == deployment_id and run is not kept]
+            if not skipped:
+                continue
+            due_at = kept.next_scheduled_start_time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            self._logger.info("%d scheduled runs missed their time: skipping them; the newest, '%s' (due %s), runs "
+                              "once in their place", len(skipped), kept.name, due_at)
+            message = (f"skipped: missed its time, and a later scheduled run, '{kept.name}' (due {due_at}), runs once "
+                       f"in its place; a landing run scores all that landed since the last one")
+            for run in skipped:
+                try:
+                    await propose_state(self._client, Cancelled(message=message), flow_run_id=run.id)
+                except Abort:
+                    pass  # it moved on meanwhile (started by hand, cancelled): it is no longer waiting to run
 
 
 class NamesCheckedProposer(StateProposer):

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rate-p-value", type=float, default=0.001,
                        help="alert when the anomaly rate is this unlikely under the target FPR")
     serve.add_argument("--name", help="deployment name (default: vaeguard-<bundle name>)")
+    serve.add_argument("--api-wait", type=float, default=20.0,
+                       help="seconds to wait for a Prefect API that is not up yet, e.g. one starting at boot (default 20)")
 
     inspect = commands.add_parser("inspect", parents=[common], help="show a bundle's manifest")
     inspect.add_argument("bundle", type=_path)
@@ -270,7 +272,7 @@ def _serve(args: argparse.Namespace) -> None:
     landing = LandingJob(bundle=args.bundle.resolve(), watch=args.watch.resolve(), output=args.output.resolve(),
                          settle_seconds=args.settle_seconds, device=args.device, max_psi=args.max_psi,
                          rate_p_value=args.rate_p_value)
-    job = ServeJob(landing=landing, cron=args.cron, interval=args.interval, name=args.name)
+    job = ServeJob(landing=landing, cron=args.cron, interval=args.interval, name=args.name, api_wait=args.api_wait)
     bundle = Bundle.load(args.bundle)
     check_folders(args.watch, args.output, args.bundle)
     from flows.serve import serve_landing

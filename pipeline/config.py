@@ -350,6 +350,8 @@ class LandingJob:
 # A longer interval is no schedule anyone waits for, and Python's timedelta (which Prefect turns
 # the seconds into) overflows beyond about 8.6e13 seconds.
 MAX_INTERVAL_SECONDS = 366 * 24 * 3600
+# --api-wait: an hour covers any server start; longer is a server that is not coming.
+MAX_API_WAIT_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,10 @@ class ServeJob:
     cron: str | None = None  # exactly one of cron and interval
     interval: float | None = None  # seconds
     name: str | None = None  # deployment name; None: vaeguard-<bundle name>
+    # How long to wait for a Prefect API that refuses connections (--api-wait): a server started
+    # with serve (two system units at boot) answers about 10 s after it starts (11 s measured on
+    # 2 cores), and serve's own start takes some of that.
+    api_wait: float = 20.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.landing, LandingJob):
@@ -379,6 +385,9 @@ class ServeJob:
         if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
             raise ConfigError(f"--name must be a deployment name, got {self.name!r}; e.g. --name nightly-machines, or "
                               f"leave it out for vaeguard-<bundle name>")
+        if not _is_number(self.api_wait) or not 0 <= self.api_wait <= MAX_API_WAIT_SECONDS:
+            raise ConfigError(f"--api-wait must be a number of seconds from 0 to {MAX_API_WAIT_SECONDS:g}, got "
+                              f"{self.api_wait!r}; e.g. --api-wait 60 for a server that is slow to start")
 
     def deployment_name(self, bundle_name: str) -> str:
         return self.name or f"vaeguard-{bundle_name}"

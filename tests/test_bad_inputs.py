@@ -833,6 +833,8 @@ def closed_port_url() -> str:
      "landing.rate_p_value (--rate-p-value) must be a number above 0 and below 1, got 1.5"),
     (["--interval", "60", "--settle-seconds", "-1"],
      "landing.settle_seconds (--settle-seconds) must be a number of at least 0, got -1.0"),
+    (["--interval", "60", "--api-wait", "-1"], "--api-wait must be a number of seconds from 0 to 3600, got -1.0"),
+    (["--interval", "60", "--api-wait", "nan"], "--api-wait must be a number of seconds from 0 to 3600, got nan"),
 ])
 def test_serve_bad_schedule_or_limit_is_one_line_before_anything_starts(tmp_path, trained_bundle, options, expected):
     """Before: a schedule Prefect refused was pydantic's multi-line ValidationError, and the
@@ -844,7 +846,8 @@ def test_serve_bad_schedule_or_limit_is_one_line_before_anything_starts(tmp_path
 
 def test_serve_without_a_prefect_api_names_the_url_and_the_fix(tmp_path, trained_bundle):
     url = closed_port_url()
-    message = error_line(*run_serve(trained_bundle, tmp_path, url, "--interval", "60"))
+    # --api-wait 0: at once (the wait itself is tests/test_serve.py's)
+    message = error_line(*run_serve(trained_bundle, tmp_path, url, "--interval", "60", "--api-wait", "0"))
     assert message.startswith(f"error: no Prefect API at PREFECT_API_URL={url} ("), message
     port = url.split(":")[2].split("/")[0]
     assert f"start one with `prefect server start --host 127.0.0.1 --port {port}` (a server answers about 10 s " \

@@ -148,9 +148,8 @@ def test_serve_scores_a_dropped_file_once_and_stops_cleanly_on_sigterm(prefect_s
     with ServeProcess(prefect_server, trained_bundle, landing, out, "--interval", "3", "--settle-seconds", "0.5",
                       "--device", "cpu", "--name", deployment) as serve:
         land(make_sensor_table(SyntheticSpec(n_rows=500, seed=31)), landing, "batch-001.csv")
-        # Watch the run reports, not the ledger (its line is written before the report). A served
-        # flow that started late may run its missed schedules back to back, so the report that
-        # scored the file need not be the newest by the time it is seen.
+        # Watch the run reports, not the ledger (its line is written before the report). Later runs
+        # may report before this one is seen, so the report that scored the file need not be the newest.
         wait_for(lambda: any(r["files"] for r in run_reports(out)), 150,
                  "a scheduled run to report the dropped file", poll=0.5)
         reports = run_reports(out)
@@ -478,7 +477,10 @@ def test_a_second_serve_of_a_served_deployment_is_refused_and_one_after_a_kill_t
 
     def serve(folder: str) -> ServeProcess:
         (tmp_path / folder).mkdir(exist_ok=True)
-        return processes.enter_context(ServeProcess(prefect_server, trained_bundle, tmp_path / folder,
+        # Each its own PREFECT_HOME, as on two machines: on one, the second is refused by the first's
+        # lock before it asks the API (tests/test_serve.py); this is the check across machines.
+        env = {**prefect_server, "PREFECT_HOME": str(tmp_path / f"{folder}-home")}
+        return processes.enter_context(ServeProcess(env, trained_bundle, tmp_path / folder,
                                                     tmp_path / f"{folder}-out", "--interval", "3600", "--device", "cpu",
                                                     "--name", deployment))
 

@@ -1,18 +1,29 @@
-"""`vaeguard serve`'s checks of a run's parameters, without a server (tests/test_flows_landing.py
-serves for real)."""
+"""`vaeguard serve`'s checks of a run's parameters and of the Prefect API, without a server, and
+what it does with missed runs and with a second serve of one deployment, with one (the helpers
+of tests/test_flows_landing.py, which serves for real)."""
 
 import asyncio
+import contextlib
+import http.server
 import logging
+import os
+import threading
+import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import httpx
 import pytest
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 import flows.serve as serve
 from flows.landing import check_parameter_names
-from flows.serve import check_api
+from flows.serve import check_api, served_here
 from pipeline.errors import ConfigError
+from tests.conftest import free_port
+from tests.test_flows_landing import (HoldingProxy, ServeProcess, api_call, api_get, final_states, runs_begun_after,
+                                      wait_for)
 
 
 def test_parameter_names_name_the_unknown_ones_and_the_nearest():
@@ -64,8 +75,164 @@ def test_a_run_with_an_unknown_parameter_fails_with_its_line_and_one_error_log(m
 ])
 def test_no_api_is_one_line_whatever_the_url(url, fix):
     """A port out of range raised ValueError while this very line was written: "unexpected ValueError"."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     with temporary_settings(updates={PREFECT_API_URL: url}), pytest.raises(ConfigError) as refused:
-        check_api(timeout=2.0)
+        check_api(timeout=2.0, wait=0)
     assert str(refused.value).startswith(f"no Prefect API at PREFECT_API_URL={url} (") and fix in str(refused.value)
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    """The one answer of a Prefect API that check_api asks for."""
+
+    def do_GET(self):
+        self.send_response(200 if self.path == "/api/health" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"true")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_api_check_waits_for_a_server_that_starts_a_moment_later_saying_so_once(capsys):
+    """A system unit starts serve at boot right after the Prefect server, which answers about 10 s
+    after it starts: the one check found the port closed, and serve failed."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    servers = []
+
+    def start_later():
+        time.sleep(2.5)  # the first check tries for 1.5 s (httpcore's 3 connection attempts in Prefect's client)
+        servers.append(http.server.HTTPServer(("127.0.0.1", port), Health))
+        servers[0].serve_forever(poll_interval=0.1)
+
+    threading.Thread(target=start_later, daemon=True).start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            check_api(timeout=2.0, wait=20.0)
+    finally:
+        wait_for(lambda: servers, 10, "the server thread")
+        servers[0].shutdown()
+        servers[0].server_close()
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 1 and said[0].startswith(f"no Prefect API at PREFECT_API_URL={url} yet (")
+    assert said[0].endswith("): waiting up to 20 s for it to start")
+
+
+def test_an_api_that_never_starts_is_the_same_one_line_after_the_wait(capsys):
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    began = time.monotonic()
+    with temporary_settings(updates={PREFECT_API_URL: url}), pytest.raises(ConfigError) as refused:
+        check_api(timeout=2.0, wait=1.0)
+    assert 1.0 <= time.monotonic() - began < 10
+    port = url.split(":")[2].split("/")[0]
+    assert str(refused.value) == (f"no Prefect API at PREFECT_API_URL={url} ([Errno 111] Connection refused); start "
+                                  f"one with `prefect server start --host 127.0.0.1 --port {port}` (a server answers "
+                                  f"about 10 s after it starts), or correct PREFECT_API_URL")
+    said = capsys.readouterr().out
+    assert said == (f"no Prefect API at PREFECT_API_URL={url} yet ([Errno 111] Connection refused): waiting up to 1 s "
+                    f"for it to start\n")
+
+
+def test_one_serve_of_a_deployment_per_api_on_a_machine(tmp_path):
+    """The lock that keeps a second serve of a deployment out, even one started at the same instant
+    (test_two_serves_of_one_deployment_started_at_once_serve_it_once serves for real)."""
+    @contextlib.contextmanager
+    def lock(url: str, name: str, home=tmp_path):
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: home}), served_here(name):
+            yield
+
+    with lock("http://127.0.0.1:4200/api", "vaeguard-landing/plant"):
+        for same in ("http://127.0.0.1:4200/api", "http://localhost:4200/api/"):
+            with pytest.raises(ConfigError) as refused, lock(same, "vaeguard-landing/plant"):
+                pass
+            assert str(refused.value).startswith(
+                f"deployment 'vaeguard-landing/plant' is served already (by process {os.getpid()} on this machine): "
+                f"it holds the lock {tmp_path / 'vaeguard-serve'}/")
+            assert str(refused.value).endswith("or give this one its own --name (the default is "
+                                               "vaeguard-<bundle name>)")
+        with lock("http://127.0.0.1:4200/api", "vaeguard-landing/other"), lock("http://127.0.0.1:4201/api",
+                                                                                "vaeguard-landing/plant"):
+            pass
+        # A home it cannot write (a service's read-only one) leaves the check of the API alone.
+        (tmp_path / "file").write_text("")
+        with lock("http://127.0.0.1:4200/api", "vaeguard-landing/plant", home=tmp_path / "file"):
+            pass
+    with lock("http://127.0.0.1:4200/api", "vaeguard-landing/plant"):
+        pass  # let go at the end of the block
+
+
+@pytest.mark.slow
+def test_runs_that_piled_up_while_serve_was_down_run_once_and_the_older_ones_end_cancelled_saying_why(
+        prefect_server, trained_bundle, tmp_path):
+    """A serve that had no chance to pause its schedule (killed, out of memory, the power cut) left
+    it on, and the server went on making runs. On restart they all ran, oldest first, five at a
+    time, each finding nothing new: catch up once, with the newest; a run made by hand still runs."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    api_url, deployment = prefect_server["PREFECT_API_URL"], f"missed-{tmp_path.name}"
+    now = datetime.now(timezone.utc)
+    start = now - timedelta(hours=5, minutes=30)
+    parameters = {"bundle": str(trained_bundle), "watch": str(landing), "output": str(out), "settle_seconds": 0,
+                  "device": "cpu"}
+    # The deployment as an hourly serve killed five and a half hours ago left it, with the runs made since.
+    flow = api_call(api_url, "/flows/", {"name": "vaeguard-landing"})
+    registered = api_call(api_url, "/deployments/", {
+        "name": deployment, "flow_id": flow["id"], "parameters": parameters,
+        "schedules": [{"schedule": {"interval": 3600, "anchor_date": start.isoformat()}, "active": True}]})
+    api_call(api_url, f"/deployments/{registered['id']}/schedule",
+             {"start_time": start.isoformat(), "end_time": now.isoformat(), "min_runs": 100})
+    by_hand = api_call(api_url, f"/deployments/{registered['id']}/create_flow_run", {"state": {
+        "type": "SCHEDULED", "state_details": {"scheduled_time": (now - timedelta(hours=2)).isoformat()}}})
+    missed = sorted((run for run in api_call(api_url, "/flow_runs/filter",
+                                             {"flow_runs": {"deployment_id": {"any_": [registered["id"]]}}})
+                     if run["auto_scheduled"]), key=lambda run: run["expected_start_time"])
+    assert len(missed) == 6
+    newest = missed[-1]
+    with ServeProcess(prefect_server, trained_bundle, landing, out, "--interval", "3600", "--settle-seconds", "0",
+                      "--device", "cpu", "--name", deployment) as serve_process:
+        states = wait_for(lambda: final_states(api_url, [run["id"] for run in missed] + [by_hand["id"]]), 240,
+                          "the missed runs to end", poll=1.0)
+        output = serve_process.stop()
+    assert serve_process.returncode == 0
+    due_at = datetime.fromisoformat(newest["expected_start_time"]).strftime("%Y-%m-%d %H:%M:%S UTC")
+    skipped = (f"skipped: missed its time, and a later scheduled run, '{newest['name']}' (due {due_at}), runs once in "
+               f"its place; a landing run scores all that landed since the last one")
+    assert [(states[run["id"]]["type"], states[run["id"]]["message"]) for run in missed[:-1]] == \
+        [("CANCELLED", skipped)] * 5
+    assert states[newest["id"]]["type"] == states[by_hand["id"]]["type"] == "COMPLETED"
+    assert {begun.split(":")[0] for begun in runs_begun_after(api_url, deployment, 0)} == {newest["name"],
+                                                                                          by_hand["name"]}
+    assert output.count(f"5 scheduled runs missed their time: skipping them; the newest, '{newest['name']}' (due "
+                        f"{due_at}), runs once in their place") == 1
+
+
+@pytest.mark.slow
+def test_two_serves_of_one_deployment_started_at_once_serve_it_once(prefect_server, trained_bundle, tmp_path):
+    """Both asked the API before either had registered the deployment, found it unserved, and both
+    served it: the second's parameters for both, and the first to stop paused the other's schedule.
+    Here the first serve is held as it registers, so the second comes at that very moment."""
+    api_url, deployment = prefect_server["PREFECT_API_URL"], f"at-once-{tmp_path.name}"
+    proxy = HoldingProxy(int(api_url.rsplit(":", 1)[1].split("/")[0]), b"POST /api/deployments/ ")
+    through_proxy = {**prefect_server, "PREFECT_API_URL": f"http://127.0.0.1:{proxy.port}/api"}
+
+    def serve_at(folder: str) -> ServeProcess:
+        (tmp_path / folder).mkdir()
+        return processes.enter_context(ServeProcess(through_proxy, trained_bundle, tmp_path / folder,
+                                                    tmp_path / f"{folder}-out", "--interval", "3600", "--device",
+                                                    "cpu", "--name", deployment))
+
+    with contextlib.ExitStack() as processes, contextlib.closing(proxy):
+        first = serve_at("plant1")
+        assert proxy.reached.wait(180), "the first serve never registered"
+        second = serve_at("plant2")
+        second.wait(timeout=180)
+        assert second.returncode == 1
+        assert second.output.rstrip().splitlines()[-1].startswith(
+            f"error: deployment 'vaeguard-landing/{deployment}' is served already (by process {first.pid} on this "
+            f"machine): it holds the lock ")
+        proxy.release.set()
+        wait_for(lambda: (found := api_get(api_url, f"/deployments/name/vaeguard-landing/{deployment}"))
+                 and found["last_polled"] and found["parameters"]["watch"] == str(tmp_path / "plant1"), 180,
+                 "the first serve to serve", poll=0.5)
+        first.stop()
+    assert first.returncode == 0, first.output
