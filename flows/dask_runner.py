@@ -107,10 +107,14 @@ def dask_task_runner(address: str | None, verbose: bool = False):
         return DaskTaskRunner(address=address)
     quiet = {} if verbose else {"preload": [__name__]}  # this module, for its dask_setup
     return DaskTaskRunner(cluster_class=shielded_local_cluster,
-                          # No dashboard: nothing of ours prints its address. (distributed still binds its HTTP
-                          # server to 8787, so a second cluster still warns that the port is taken.)
-                          cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "dashboard_address": None, **quiet,
+                          cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, **quiet, **NO_DASHBOARD,
                                           "silence_logs": logging.WARNING if verbose else logging.CRITICAL})
+
+
+# No dashboard: nothing of ours prints its address. The scheduler still serves HTTP (its health and
+# metrics routes), by default on 127.0.0.1:8787: a second cluster at once found the port taken and
+# warned (UserWarning: Port 8787 is already in use) before it took another. Any free port will do.
+NO_DASHBOARD = {"dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
 
 
 _WORKER_CONSOLE = contextlib.ExitStack()

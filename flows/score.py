@@ -32,11 +32,12 @@ from pipeline.config import ScoreJob
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.batch_score import label_metrics_of, required_columns, score_files
 from pipeline.image_score import check_side_files, errors_path, merge_error_files
-from pipeline.outputs import (check_scores_target, make_parents, merge_scored_parts, remove_empty_folders,
-                              summary_path, write_atomic)
+from pipeline.outputs import (check_not_an_input, check_scores_target, make_parents, merge_scored_parts,
+                              remove_empty_folders, summary_path, write_atomic)
 from pipeline.schema import scored_labels
 from pipeline.scoring import score
 from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
+from pipeline.signals import StoppedAfterCommit, signals_held
 from pipeline.tables import iter_batches, read_columns
 from pipeline.unseen import UnseenCounts, file_entries, unseen_counts_of, unseen_entries, warn_unseen
 
@@ -90,7 +91,8 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
                label_column: str | None = None, modality: str = "table") -> dict | None:
     """Score one input (table file or image folder) into a part file; None once the run is over.
 
-    The summary's ``warnings`` are the ones scoring it logged, for the flow to log (log_warnings).
+    The summary's ``warnings`` are the ones scoring it logged, for the flow to log (log_warnings);
+    if it fails, they go with its error instead (warnings_of).
     """
     if not run_wants(part):
         return None
@@ -105,8 +107,8 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
         with held_warnings() as warnings:
             # A table's unseen categories warn once for the run, from the merged counts (combine_summaries).
             summary = (score_files(single, warn=False) if modality == "table" else score(single)).to_dict()
-        if label_column and label_column in read_columns(input_path):
-            save_labels(input_path, label_column, part, job.batch_size)
+            if label_column and label_column in read_columns(input_path):
+                save_labels(input_path, label_column, part, job.batch_size)
     except Exception:
         if run_wants(part):
             raise
@@ -145,20 +147,27 @@ def held_warnings() -> Iterator[list[str]]:
 
     A task in a Dask worker would show them on the worker's console: each worker's own "CUDA is
     not active", and the absolute paths the task was handed. The flow logs each once instead.
-    Where the block fails, they are logged as they are: the flow will not see them.
+    Where the block fails, they go with its error (warnings_of), which Dask pickles back to the flow:
+    a block around this one gets them instead, as it would have had this one not held them.
     """
     held: list[str] = []
     outer = getattr(_HOLDER.local, "held", None)  # a block around this one holds again after it
     _HOLDER.local.held = held
     try:
         yield held
-    except BaseException:
-        _HOLDER.local.held = outer
-        for text in held:
-            log.warning("%s", text)
+    except BaseException as exc:
+        if outer is not None:
+            outer.extend(held)
+        else:
+            exc.held_warnings = [*warnings_of(exc), *held]
         raise
     finally:
         _HOLDER.local.held = outer
+
+
+def warnings_of(error: BaseException) -> list[str]:
+    """The warnings held (held_warnings) while the task that failed with ``error`` ran."""
+    return getattr(error, "held_warnings", [])
 
 
 def log_warnings(warnings: list[str], given: dict[str, str], logged: set[str]) -> None:
@@ -214,6 +223,24 @@ def merge_parts(parts: list[tuple[str, Path]], output: Path) -> int:
     return merge_scored_parts(parts, output)
 
 
+@contextlib.contextmanager
+def commit_signals_held() -> Iterator[None]:
+    """pipeline.signals.signals_held, where Prefect's SIGTERM handler is the one to hand a held
+    SIGTERM to: the TerminationSignal it raises then is named as after the commit, as an interrupt
+    is (Prefect would hand it on as SIGTERM, which the CLI reports as no output written)."""
+    from prefect.exceptions import TerminationSignal
+
+    committed = False
+    try:
+        with signals_held():
+            yield
+            committed = True
+    except TerminationSignal as exc:
+        if not committed:  # it came before the signals were held, or the commit failed
+            raise
+        raise StoppedAfterCommit(exc.signal) from exc
+
+
 @task(cache_policy=NO_CACHE)
 def write_report(job: ScoreJob) -> Path:
     """Write OUT.report.html next to the output and link it as an artifact."""
@@ -256,41 +283,55 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     (parts_dir / RUNNING).touch()
     futures = []
     interrupted = False
-    try:
-        parts = [parts_dir / f"{i:05d}.parquet" for i in range(len(job.inputs))]
-        started = time.perf_counter()
-        futures = [score_file.submit(resolved, path, part, os.getcwd(), bundle["label_column"], bundle["modality"])
-                   for path, part in zip(inputs, parts)]
-        files, logged = [], set()
-        for future in futures:  # in input order, each file's warnings as its result comes
-            files.append(future.result())
-            log_warnings(files[-1]["warnings"], given, logged)
-        merge_parts([(str(p), part) for p, part in zip(job.inputs, parts)], resolved.output)
-        skipped = merge_error_files(parts, job.output)  # unreadable images of every input, next to the output
-        seconds = time.perf_counter() - started
-        labelled = label_metrics(parts)  # before the parts folder goes
-    except BaseException as exc:
-        interrupted = not isinstance(exc, Exception)  # Ctrl-C, SIGTERM
-        raise
-    finally:
+    with contextlib.ExitStack() as commit:
         try:
-            # A failed or interrupted run: tasks not started skip their input, and the flow waits for
-            # those running before the folder goes (a second Ctrl-C stops the wait). When interrupted,
-            # Dask's tasks are stopped instead (stop_tasks); any still running on a cluster named by
-            # --dask-address removes its part itself when it ends.
-            (parts_dir / RUNNING).unlink(missing_ok=True)
-            if not (interrupted and futures and stop_tasks(futures)):
-                for future in futures:
-                    future.wait()
+            parts = [parts_dir / f"{i:05d}.parquet" for i in range(len(job.inputs))]
+            started = time.perf_counter()
+            futures = [score_file.submit(resolved, path, part, os.getcwd(), bundle["label_column"],
+                                         bundle["modality"]) for path, part in zip(inputs, parts)]
+            files, logged = [], set()
+            for future in futures:  # in input order, each file's warnings as its result comes
+                try:
+                    files.append(future.result())
+                except Exception as exc:
+                    log_warnings(warnings_of(exc), given, logged)  # before its error, as the plain run says them
+                    raise
+                log_warnings(files[-1]["warnings"], given, logged)
+            # Merged beside the parts, not into place: the merge reads and writes every row (5 s for 10M
+            # rows to CSV here), too long to hold a signal over, and one now leaves nothing.
+            named = [(str(p), part) for p, part in zip(job.inputs, parts)]
+            merged = parts_dir / f"merged{resolved.output.suffix}"  # no part's name, whatever the output's
+            merge_parts(named, merged)
+            labelled = label_metrics(parts)  # before the parts folder goes
+            check_not_an_input(resolved.output, [source for source, _ in named])  # as merging into place did
+            # The scores, the images' errors file and their summary become real together: a signal from
+            # here on waits until all are written (commit_signals_held).
+            commit.enter_context(commit_signals_held())
+            os.replace(merged, resolved.output)
+            skipped = merge_error_files(parts, job.output)  # unreadable images of every input, next to the output
+            seconds = time.perf_counter() - started
+        except BaseException as exc:
+            interrupted = not isinstance(exc, Exception)  # Ctrl-C, SIGTERM
+            raise
         finally:
-            shutil.rmtree(parts_dir, ignore_errors=True)
-            remove_empty_folders(new_folders)  # a folder this run made stays only with the output in it
-    summary = combine_summaries(job, bundle, files, seconds, labelled)
-    if bundle["modality"] == "image":
-        summary["errors_file"] = str(errors_path(job.output)) if skipped else None
-    warn_unseen(summary["unseen_categories"])
-    # Before the report, which shows its warnings.
-    write_atomic(summary_path(job.output), json.dumps(summary, indent=2, allow_nan=False))
+            try:
+                # A failed or interrupted run: tasks not started skip their input, and the flow waits for
+                # those running before the folder goes (a second Ctrl-C stops the wait). When interrupted,
+                # Dask's tasks are stopped instead (stop_tasks); any still running on a cluster named by
+                # --dask-address removes its part itself when it ends.
+                (parts_dir / RUNNING).unlink(missing_ok=True)
+                if not (interrupted and futures and stop_tasks(futures)):
+                    for future in futures:
+                        future.wait()
+            finally:
+                shutil.rmtree(parts_dir, ignore_errors=True)
+                remove_empty_folders(new_folders)  # a folder this run made stays only with the output in it
+        summary = combine_summaries(job, bundle, files, seconds, labelled)
+        if bundle["modality"] == "image":
+            summary["errors_file"] = str(errors_path(job.output)) if skipped else None
+        warn_unseen(summary["unseen_categories"])
+        # Before the report, which shows its warnings.
+        write_atomic(summary_path(job.output), json.dumps(summary, indent=2, allow_nan=False))
     create_markdown_artifact(key="vaeguard-scoring-summary", markdown=summary_markdown(job),
                              description="Scores against calibration: anomaly rate and drift")
     if job.report:

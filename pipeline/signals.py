@@ -23,32 +23,49 @@ class StoppedAfterCommit(KeyboardInterrupt):
         self.signum = signum
 
 
+class _Hold:
+    """The handler a signals_held block puts in place: it keeps the signals it receives."""
+
+    def __init__(self) -> None:
+        self.caught: list[int] = []
+
+    def __call__(self, signum: int, frame) -> None:
+        self.caught.append(signum)
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """SIGINT and SIGTERM wait until the block ends; one that came then raises StoppedAfterCommit.
 
     A handler of the caller's that was in place gets the signal then, as it would have at once.
     If the block fails, its error goes on and the held signal is dropped: the run is ending anyway.
+    Blocks nest: an inner block hands what it held to the outer one when it ends, failed or not (the
+    outer one may catch its error and commit all the same), and the outer one acts on it at its end.
     Signals reach Python code only in the main thread, so elsewhere there is nothing to hold."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list[int] = []
+    hold = _Hold()
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     previous = {signum: handler for signum, handler in previous.items() if handler is not None}  # None: set in C
     for signum in previous:
-        signal.signal(signum, lambda received, frame: caught.append(received))
+        signal.signal(signum, hold)
     try:
         yield
+    except BaseException:
+        if hold.caught and isinstance(previous.get(hold.caught[0]), _Hold):
+            previous[hold.caught[0]](hold.caught[0], None)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if not caught or previous.get(caught[0]) in (signal.SIG_IGN, None):
+    if not hold.caught or previous.get(hold.caught[0]) in (signal.SIG_IGN, None):
         return
-    signum, handler = caught[0], previous[caught[0]]
+    signum, handler = hold.caught[0], previous[hold.caught[0]]
     if callable(handler) and handler is not signal.default_int_handler:
-        # The caller's own handler (a flag that asks for a graceful stop, Prefect's TerminationSignal)
-        # decides what the signal means; only an interrupt it raises is named as one after the commit.
+        # The caller's own handler (a flag that asks for a graceful stop, Prefect's TerminationSignal, the
+        # hold of a block around this one) decides what the signal means; only an interrupt it raises is
+        # named as one after the commit.
         try:
             handler(signum, None)
         except KeyboardInterrupt as exc:

@@ -161,7 +161,9 @@ def test_cli_dask_run_warns_once_each_as_the_plain_run_does(trained_bundle, tmp_
 def test_cli_dask_file_failing_mid_run_is_not_reported_by_its_worker(trained_bundle, tmp_path, capfd, monkeypatch):
     """A bad value that only the file's task finds: the worker logged the task's failure twice on
     the user's terminal, the first time with its traceback, and the flow's records repeated it, above
-    the CLI's one line, which is now all there is."""
+    the CLI's one line, which is now all there is. The file's warnings, which its worker logged in
+    Prefect's format with the absolute path, come back with the error: said once, before it, as the
+    plain run says them."""
     from pipeline.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -169,15 +171,22 @@ def test_cli_dask_file_failing_mid_run_is_not_reported_by_its_worker(trained_bun
     bad = make_sensor_table(SyntheticSpec(n_rows=200, seed=121))
     bad["pressure"] = bad["pressure"].astype(object)
     bad.loc[150, "pressure"] = "abc"
+    bad["note"] = "x"  # a column the bundle does not use
     bad.to_csv("bad.csv", index=False)
 
-    code = main(["score", str(trained_bundle), "in0.csv", "bad.csv", "--output", "scores.parquet", "--device", "cpu",
-                 "--task-runner", "dask"])
-    err = capfd.readouterr().err.splitlines()
-    assert code == 1
+    said = {}
+    for runner in ("local", "dask"):
+        code = main(["score", str(trained_bundle), "in0.csv", "bad.csv", "--output", f"{runner}/scores.parquet",
+                     "--device", "cpu", "--task-runner", runner])
+        err = capfd.readouterr().err.splitlines()  # the workers' console as well
+        assert code == 1
+        said[runner] = [line for line in err if "bad.csv" in line]
     assert err[-1].startswith("error: bad.csv: column 'pressure' must be numeric but row 151 (line 152) holds 'abc'")
     assert not any(line.startswith("Traceback") for line in err), "\n".join(err)
     assert [line for line in err if "must be numeric" in line] == [err[-1]]
+    assert said["dask"] == said["local"] == ["warning: bad.csv: ignoring 1 column(s) the bundle does not use: note",
+                                             err[-1]]
+    assert not (tmp_path / "dask").exists()
 
 
 def test_local_workers_are_quieted_only_without_verbose():
@@ -186,6 +195,32 @@ def test_local_workers_are_quieted_only_without_verbose():
 
     assert dask_task_runner(None).cluster_kwargs["preload"] == ["flows.dask_runner"]
     assert "preload" not in dask_task_runner(None, verbose=True).cluster_kwargs
+
+
+def test_a_local_cluster_takes_a_free_port_without_warning_that_8787_is_taken():
+    """With its dashboard off, the local cluster's scheduler still served HTTP on port 8787: a second
+    `vaeguard score --task-runner dask` at once (or anything else on that port) printed distributed's
+    "UserWarning: Port 8787 is already in use. Perhaps you already have a cluster running?"."""
+    import socket
+    import warnings
+
+    from flows.dask_runner import dask_task_runner
+
+    runner = dask_task_runner(None)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen()
+        except OSError:  # taken already, by another cluster: as good for this test
+            pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Its scheduler alone: the workers serve no HTTP (and take seconds to start).
+            with runner.cluster_class(**{**runner.cluster_kwargs, "n_workers": 0}) as cluster:
+                host, port = cluster.scheduler.http_server.address, cluster.scheduler.http_server.port
+    assert [str(w.message) for w in caught if "already in use" in str(w.message)] == []
+    assert host == "127.0.0.1" and port != 8787
 
 
 def test_dask_flow_scores_with_the_chosen_precision(trained_bundle, tmp_path):
@@ -380,6 +415,59 @@ def test_cli_dask_run_stopped_by_a_signal_leaves_nothing_behind(trained_bundle, 
     assert processes_with(marker) == []
 
 
+@pytest.mark.parametrize("signame, when", [
+    ("SIGINT", "as the merged scores are made"),
+    ("SIGINT", "between the scores and their summary"),
+    ("SIGTERM", "between the scores and their summary"),
+])
+def test_cli_dask_run_signalled_at_its_end_leaves_the_output_whole_or_untouched(trained_bundle, tmp_path, capsys,
+                                                                               monkeypatch, signame, when):
+    """A signal after the merge had put the scores in place, but before their summary was written,
+    left the new scores with the earlier run's summary, and the CLI said "no output was written".
+    Now the commit (scores, errors file, summary) holds the signal, as the plain run's does, and the
+    CLI says the output was kept; a signal while the parts are still being merged (every row read and
+    written again, so not held) leaves the earlier output and summary as they were."""
+    import flows.score
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    inputs = [write_table(make_sensor_table(SyntheticSpec(n_rows=300, seed=160 + i)), tmp_path / f"in{i}.parquet").name
+              for i in range(2)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.parquet").write_bytes(b"earlier scores")
+    (out / "scores.summary.json").write_text("earlier summary")
+    signum = getattr(signal, signame)
+    step = "merge_scored_parts" if when == "as the merged scores are made" else "merge_error_files"
+    real = getattr(flows.score, step)
+
+    def signalled(*args):
+        if step == "merge_error_files":
+            os.kill(os.getpid(), signum)
+        merged = real(*args)
+        if step == "merge_scored_parts":
+            os.kill(os.getpid(), signum)
+        return merged
+
+    monkeypatch.setattr(flows.score, step, signalled)
+    code = main(["score", str(trained_bundle), *inputs, "--output", "out/scores.parquet",
+                 "--device", "cpu", "--task-runner", "dask"])
+    err = capsys.readouterr().err
+    how = "terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 128 + signum, err
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.summary.json"]  # no parts, no temp
+    if when == "as the merged scores are made":
+        assert errors == [f"error: {how}; no output was written"]
+        assert (out / "scores.parquet").read_bytes() == b"earlier scores"
+        assert (out / "scores.summary.json").read_text() == "earlier summary"
+    else:
+        assert errors == [f"error: {how} after the output was written whole, which was kept; the steps after it "
+                          f"(such as --report) did not run"]
+        summary = json.loads((out / "scores.summary.json").read_text())
+        assert summary["rows"] == len(pd.read_parquet(out / "scores.parquet")) == 600
+
+
 @pytest.fixture(scope="module")
 def named_cluster():
     """A cluster of one single-threaded worker, as a user runs one for --dask-address: apart from the
@@ -566,50 +654,3 @@ def test_cli_dask_refuses_a_bad_header_before_any_task(trained_bundle, tmp_path,
                                                            else "column 'pressure' appears twice in the header"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores.parquet"]  # no parts folder
     assert (tmp_path / "out" / "scores.parquet").read_bytes() == b"earlier scores"
-
-
-def test_held_warnings_hold_each_threads_own_and_none_slip_through(caplog):
-    """Tasks score files in threads of one process (the thread-pool runner, a multi-threaded
-    worker). A filter added and removed per task raced the others' and let warnings through (a
-    reviewer saw 11 of 160,000; too rare to show here every time, so this guards the behaviour)."""
-    import logging
-    import threading
-
-    from flows.score import held_warnings
-
-    logger = logging.getLogger("vaeguard")
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible, where the race showed
-    held = {}
-
-    def task(name: str) -> None:
-        with held_warnings() as warnings:
-            for i in range(2000):
-                logger.warning("%s %d", name, i)
-        held[name] = warnings
-
-    try:
-        with caplog.at_level(logging.WARNING, logger="vaeguard"):
-            threads = [threading.Thread(target=task, args=(f"t{k}",)) for k in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-    finally:
-        sys.setswitchinterval(switch)
-    assert [r.getMessage() for r in caplog.records] == []
-    assert held == {f"t{k}": [f"t{k} {i}" for i in range(2000)] for k in range(8)}
-
-
-def test_held_warnings_of_a_failing_task_are_logged_as_they_are(caplog):
-    """The flow logs a task's warnings from its result, which a failed task has not: its unused
-    columns were said by the plain run before its error, and by a Dask run not at all."""
-    import logging
-
-    from flows.score import held_warnings
-
-    with caplog.at_level(logging.WARNING, logger="vaeguard"), pytest.raises(DataError):
-        with held_warnings():
-            logging.getLogger("vaeguard").warning("bad.csv: ignoring 1 column(s) the bundle does not use: note")
-            raise DataError("bad.csv: column 'pressure' must be numeric")
-    assert [r.getMessage() for r in caplog.records] == ["bad.csv: ignoring 1 column(s) the bundle does not use: note"]

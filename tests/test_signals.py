@@ -49,3 +49,37 @@ def test_ctrl_c_held_over_the_commit_raises_stopped_after_commit():
             signal.raise_signal(signal.SIGINT)
     assert stopped.value.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("when", ["during the inner block", "after the inner block", "as the inner block fails"])
+def test_nested_holds_stop_after_the_outer_commit(when):
+    """A commit made of commits: a signal during any part of it waits for the outer block to end.
+    Held by an inner block, it goes, when that block ends, to the outer block's hold. It used to be
+    dropped when the inner block failed, as a failed commit drops it: but the outer block may catch
+    that error and commit all the same, and the signal was lost."""
+    steps = []
+    with pytest.raises(StoppedAfterCommit) as stopped:
+        with signals_held():
+            try:
+                with signals_held():
+                    if when != "after the inner block":
+                        signal.raise_signal(signal.SIGINT)
+                    steps.append("inner")
+                    if when == "as the inner block fails":
+                        raise OSError("a step the outer commit can do without")
+            except OSError:
+                steps.append("caught")
+            if when == "after the inner block":
+                signal.raise_signal(signal.SIGINT)
+            steps.append("outer")
+    assert stopped.value.signum == signal.SIGINT
+    assert steps == ["inner", *(["caught"] if when == "as the inner block fails" else []), "outer"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_failed_commit_drops_its_signal_and_its_error_goes_on():
+    with pytest.raises(OSError):
+        with signals_held():
+            signal.raise_signal(signal.SIGINT)
+            raise OSError("disk full")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
