@@ -1,8 +1,9 @@
 """Scoring flow: one task per input (a table file, or an image folder), then one output and a
 summary table artifact.
 
-Each task scores its file into a part file beside the output; the parts are merged into the
-output atomically only when every file succeeded, so a failed run writes nothing.
+Each task scores its file into a part file beside the output; the parts are merged, and the
+merged file renamed into place with its summary, only when every file succeeded, so a failed run
+writes nothing.
 """
 
 from __future__ import annotations
@@ -223,24 +224,6 @@ def merge_parts(parts: list[tuple[str, Path]], output: Path) -> int:
     return merge_scored_parts(parts, output)
 
 
-@contextlib.contextmanager
-def commit_signals_held() -> Iterator[None]:
-    """pipeline.signals.signals_held, where Prefect's SIGTERM handler is the one to hand a held
-    SIGTERM to: the TerminationSignal it raises then is named as after the commit, as an interrupt
-    is (Prefect would hand it on as SIGTERM, which the CLI reports as no output written)."""
-    from prefect.exceptions import TerminationSignal
-
-    committed = False
-    try:
-        with signals_held():
-            yield
-            committed = True
-    except TerminationSignal as exc:
-        if not committed:  # it came before the signals were held, or the commit failed
-            raise
-        raise StoppedAfterCommit(exc.signal) from exc
-
-
 @task(cache_policy=NO_CACHE)
 def write_report(job: ScoreJob) -> Path:
     """Write OUT.report.html next to the output and link it as an artifact."""
@@ -283,7 +266,10 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     (parts_dir / RUNNING).touch()
     futures = []
     interrupted = False
-    with contextlib.ExitStack() as commit:
+    # The scores, the images' errors file and their summary become real together, or the earlier ones
+    # stay as they were (StagedOutputs); a signal in the steps after (the report) says they were kept.
+    staged = StagedOutputs()
+    with staged, stopped_after_commit(lambda: staged.committed):
         try:
             parts = [parts_dir / f"{i:05d}.parquet" for i in range(len(job.inputs))]
             started = time.perf_counter()
@@ -298,20 +284,27 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
                     raise
                 log_warnings(files[-1]["warnings"], given, logged)
             # Merged beside the parts, not into place: the merge reads and writes every row (5 s for 10M
-            # rows to CSV here), too long to hold a signal over, and one now leaves nothing.
+            # rows to CSV here), too long to hold a signal over. The commit renames it into place.
             named = [(str(p), part) for p, part in zip(job.inputs, parts)]
             merged = parts_dir / f"merged{resolved.output.suffix}"  # no part's name, whatever the output's
             merge_parts(named, merged)
             labelled = label_metrics(parts)  # before the parts folder goes
             check_not_an_input(resolved.output, [source for source, _ in named])  # as merging into place did
-            # The scores, the images' errors file and their summary become real together: a signal from
-            # here on waits until all are written (commit_signals_held).
-            commit.enter_context(commit_signals_held())
-            os.replace(merged, resolved.output)
-            skipped = merge_error_files(parts, job.output)  # unreadable images of every input, next to the output
             seconds = time.perf_counter() - started
+            summary = combine_summaries(job, bundle, files, seconds, labelled)
+            staged.add(merged, resolved.output)
+            if bundle["modality"] == "image":
+                # Only an image run's: a table run leaves that name alone, as the plain run does (it may
+                # even be one of the table inputs, which check_side_files checks for images only).
+                errors = read_error_files(parts)  # unreadable images of every input
+                stage_errors(staged, errors, resolved.output)
+                summary["errors_file"] = str(errors_path(job.output)) if errors else None
+            warn_unseen(summary["unseen_categories"])  # before the commit, as the plain run warns
+            staged.text(summary_path(resolved.output), json.dumps(summary, indent=2, allow_nan=False))
+            staged.commit()
         except BaseException as exc:
-            interrupted = not isinstance(exc, Exception)  # Ctrl-C, SIGTERM
+            # Ctrl-C, SIGTERM; one held over the commit comes when every task is done
+            interrupted = not isinstance(exc, Exception) and not staged.committed
             raise
         finally:
             try:
@@ -326,22 +319,16 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
             finally:
                 shutil.rmtree(parts_dir, ignore_errors=True)
                 remove_empty_folders(new_folders)  # a folder this run made stays only with the output in it
-        summary = combine_summaries(job, bundle, files, seconds, labelled)
-        if bundle["modality"] == "image":
-            summary["errors_file"] = str(errors_path(job.output)) if skipped else None
-        warn_unseen(summary["unseen_categories"])
-        # Before the report, which shows its warnings.
-        write_atomic(summary_path(job.output), json.dumps(summary, indent=2, allow_nan=False))
-    create_markdown_artifact(key="vaeguard-scoring-summary", markdown=summary_markdown(job),
-                             description="Scores against calibration: anomaly rate and drift")
-    if job.report:
-        write_report(dataclasses.replace(resolved, inputs=inputs))
-    # One flat row per file: the nested unseen counts are in the summary file, not in a table cell.
-    create_table_artifact(key="vaeguard-scoring", table=[{k: v for k, v in f.items() if k != "unseen_categories"}
-                                                         for f in summary["files"]],
-                          description=f"Scores of {len(job.inputs)} file(s) with bundle {bundle['name']}: "
-                                      f"{summary['rows']:,} rows, {summary['anomalies']:,} anomalies "
-                                      f"({summary['anomaly_rate']:.3%} against target {bundle['target_fpr']:.3%})")
+        create_markdown_artifact(key="vaeguard-scoring-summary", markdown=summary_markdown(job),
+                                 description="Scores against calibration: anomaly rate and drift")
+        if job.report:
+            write_report(dataclasses.replace(resolved, inputs=inputs))
+        # One flat row per file: the nested unseen counts are in the summary file, not in a table cell.
+        create_table_artifact(key="vaeguard-scoring",
+                              table=[{k: v for k, v in f.items() if k != "unseen_categories"} for f in summary["files"]],
+                              description=f"Scores of {len(job.inputs)} file(s) with bundle {bundle['name']}: "
+                                          f"{summary['rows']:,} rows, {summary['anomalies']:,} anomalies "
+                                          f"({summary['anomaly_rate']:.3%} against target {bundle['target_fpr']:.3%})")
     return summary
 
 

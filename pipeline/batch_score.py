@@ -2,14 +2,13 @@
 
 Files are streamed in chunks, so memory stays bounded whatever their size; a reader thread
 parses the next chunk while the current one is scored (parsing, not the model, is the slow
-part). Output goes to a temporary file beside the target and is renamed into place only when
-every input has been scored, so a failed run leaves no partial output and never replaces an
-existing one.
+part). Output goes to a temporary file beside the target and is renamed into place, with its
+summary, only when every input has been scored and the summary written, so a failed run leaves
+no partial output and never replaces an existing one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import queue
@@ -207,9 +206,9 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
     show = show_progress()
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
     progress = tqdm(total=total or None, unit="rows", unit_scale=True, desc="scoring", disable=not show, leave=False)
-    # The scores and their summary become real together: a signal from the end of the last batch
-    # on waits until both are written (pipeline.signals).
-    with contextlib.ExitStack() as commit:
+    # The scores and their summary become real together, or the earlier ones stay as they were
+    # (StagedOutputs): a failed summary must not leave new scores beside the old summary.
+    with staged:
         with progress, writer:
             for path, _, has_label in checked:
                 file_summary = FileSummary(str(path))
@@ -245,10 +244,10 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
             if labels:
                 # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.
                 summary.auroc, summary.auprc = label_metrics_of(np.concatenate(labels), np.concatenate(scores))
-            commit.enter_context(signals_held())
-        write_atomic(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
-    if warn:
-        warn_unseen(summary.unseen_categories)
+        staged.text(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
+        if warn:  # before the commit, after which a signal is one after the output was written
+            warn_unseen(summary.unseen_categories)
+        staged.commit()
     return summary
 
 

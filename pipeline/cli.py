@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.calibrate import describe_fpr_range
 from pipeline.console import quiet_console
 from pipeline.errors import PipelineError, one_line
-from pipeline.signals import StoppedAfterCommit
+from pipeline.signals import StoppedAfterCommit, stopped_after_commit
 
 log = logging.getLogger("vaeguard")
 
@@ -186,7 +186,7 @@ def format_training(facts: dict) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from pipeline.outputs import summary_path
+    from pipeline.outputs import file_identity, summary_path
     from pipeline.scoring import score
     from pipeline.config import ScoreJob
 
@@ -201,25 +201,29 @@ def cmd_score(args: argparse.Namespace) -> None:
         entry = bundle.manifest["variants"][job.precision]
         for warning in entry.get("warnings", []):
             log.warning("%s: %s", entry["file"], warning)
-    if args.task_runner == "dask":
-        from flows.dask_runner import dask_task_runner, prefect_api
-        from flows.score import score_flow
-        from pipeline.batch_score import ScoreSummary
+    # A signal once this run's summary is in place (the last file its commit renames) comes after the
+    # output was made whole: in the report, or as the Dask cluster and the Prefect server stop (seconds).
+    earlier = file_identity(summary_path(job.output))
+    with stopped_after_commit(lambda: file_identity(summary_path(job.output)) != earlier):
+        if args.task_runner == "dask":
+            from flows.dask_runner import dask_task_runner, prefect_api
+            from flows.score import score_flow
+            from pipeline.batch_score import ScoreSummary
 
-        with quiet_console(args.verbose), prefect_api(args.dask_address):
-            flowed = score_flow.with_options(task_runner=dask_task_runner(args.dask_address, args.verbose))(job)
-        # The flow's summary has ScoreSummary's fields: printed as the plain run's is.
-        printed = {f.name for f in dataclasses.fields(ScoreSummary)} - {"files"}
-        summary = ScoreSummary(**{k: v for k, v in flowed.items() if k in printed})
-    else:
-        summary = score(job)
-    if job.report:
-        from pipeline.scoring_report import report_path, write_scoring_report
+            with quiet_console(args.verbose), prefect_api(args.dask_address):
+                flowed = score_flow.with_options(task_runner=dask_task_runner(args.dask_address, args.verbose))(job)
+            # The flow's summary has ScoreSummary's fields: printed as the plain run's is.
+            printed = {f.name for f in dataclasses.fields(ScoreSummary)} - {"files"}
+            summary = ScoreSummary(**{k: v for k, v in flowed.items() if k in printed})
+        else:
+            summary = score(job)
+        if job.report:
+            from pipeline.scoring_report import report_path, write_scoring_report
 
-        # The flow wrote it already, as one of its tasks.
-        print(f"report:  {report_path(job.output) if args.task_runner == 'dask' else write_scoring_report(job)}")
-    print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary.describe()}")
-    print(f"device:  {summary.device}; {summary.rows / max(summary.seconds, 1e-9):,.0f} rows/s")
+            # The flow wrote it already, as one of its tasks.
+            print(f"report:  {report_path(job.output) if args.task_runner == 'dask' else write_scoring_report(job)}")
+        print(f"scores:  {job.output}\nsummary: {summary_path(job.output)}\n{summary.describe()}")
+        print(f"device:  {summary.device}; {summary.rows / max(summary.seconds, 1e-9):,.0f} rows/s")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -10,7 +10,6 @@ hidden staging folder and moved into ``maps_dir`` only when the run succeeds.
 from __future__ import annotations
 
 import csv
-import contextlib
 import json
 import os
 import shutil
@@ -30,8 +29,8 @@ from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, searched_by, text_path, write_errors
-from pipeline.outputs import (OutputWriter, check_location, check_outside_bundle, check_scores_target,
-                              missing_parents, remove_empty_folders, same_file, summary_path, write_atomic)
+from pipeline.outputs import (OutputWriter, StagedOutputs, check_location, check_outside_bundle, check_scores_target,
+                              missing_parents, remove_empty_folders, same_file, summary_path)
 from pipeline.runtime import check_scorer_agrees, check_variant_device, create_session, variant_device
 from pipeline.signals import signals_held
 
@@ -53,7 +52,8 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     check_side_files(job)
     if job.maps_dir is not None:
         check_outside_bundle(job.maps_dir, job.bundle, "--maps")
-    writer = OutputWriter(job.output)
+    staged = StagedOutputs()
+    writer = OutputWriter(job.output, into=staged)
     bundle = Bundle.load(job.bundle)
     spec = ImageSpec.from_dict(bundle.manifest["image"])
     sources = [(Path(p), list_images(Path(p))) for p in job.inputs]  # empty folders fail before any work
@@ -75,9 +75,9 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     started = time.perf_counter()
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
     try:
-        # The scores, their errors file, summary and maps become real together: a signal from the
-        # end of the last batch on waits until all are in place (pipeline.signals).
-        with contextlib.ExitStack() as commit:
+        # The scores, their errors file and summary become real together, or the earlier ones stay as
+        # they were (StagedOutputs); the maps move in under the same held signals.
+        with staged:
             with progress, writer:
                 for path, source in sources:
                     file_summary = FileSummary(str(path))
@@ -110,15 +110,15 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                     first = f" (first: {text_path(errors[0][0])}: {text_path(errors[0][1])})" if errors else ""
                     raise DataError(f"{', '.join(map(str, job.inputs))}: none of the {len(errors)} image file(s) could "
                                     f"be read{first}; expected PNG, JPEG or BMP images")
-                commit.enter_context(signals_held())
             summary.seconds = time.perf_counter() - started
             summary.skipped = len(errors)
-            errors_path(job.output).unlink(missing_ok=True)  # a stale list from an earlier run would mislead
-            write_errors(errors, errors_path(job.output))
+            stage_errors(staged, errors, job.output)
             report = summary.to_dict() | {"errors_file": str(errors_path(job.output)) if errors else None}
-            write_atomic(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
-            if staging is not None:
-                _publish_maps(staging, Path(job.maps_dir))
+            staged.text(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
+            with signals_held():
+                staged.commit()
+                if staging is not None:
+                    _publish_maps(staging, Path(job.maps_dir))
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)  # gone when published; the partial maps of a failed run
@@ -187,14 +187,21 @@ def _map_scale(threshold: float, spec: ImageSpec) -> float:
     return max(2.0 * threshold / (spec.size * spec.size), 1e-6)
 
 
-def merge_error_files(parts: list[Path], output: Path) -> int:
-    """Collect the errors files of per-input parts next to the merged output; returns the count."""
+def stage_errors(staged: StagedOutputs, errors: list[tuple[str, str]], output: Path) -> None:
+    """The run's unreadable images, in ``output``'s errors file when it commits; with none, an
+    earlier run's errors file goes then: beside this run's scores it would mislead."""
+    if errors:
+        write_errors(errors, staged.temp_for(errors_path(output)))
+    else:
+        staged.remove(errors_path(output))
+
+
+def read_error_files(parts: list[Path]) -> list[tuple[str, str]]:
+    """The unreadable images in the errors files of per-input parts, in the parts' order."""
     errors = []
     for part in parts:
         path = errors_path(part)
         if path.exists():
             with open(path, newline="", encoding="utf-8") as handle:
                 errors += [tuple(row) for row in list(csv.reader(handle))[1:]]
-    errors_path(output).unlink(missing_ok=True)
-    write_errors(errors, errors_path(output))
-    return len(errors)
+    return errors

@@ -1,7 +1,8 @@
 """Writing results so that a failed run leaves nothing behind and replaces nothing.
 
 Every output goes to a hidden temporary file beside its target and is renamed into place only
-when complete: readers never see half a file, and an existing file survives a failed run.
+when complete: readers never see half a file, and an existing file survives a failed run. The
+files of one run (scores, their summary, an errors file) are renamed together (StagedOutputs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, DataError
+from pipeline.signals import signals_held
 
 
 # Parquet dictionary-encodes only the columns with few distinct values. Tried on every column
@@ -35,6 +37,20 @@ ROW_GROUP_ROWS = 1 << 17
 
 def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     return pq.ParquetWriter(path, schema, use_dictionary=[c for c in DICTIONARY_COLUMNS if c in schema.names])
+
+
+def temp_path(target: Path) -> Path:
+    """A hidden name beside ``target`` for it to be written under until it is complete."""
+    return target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` names now (None: none): a file renamed into place there is another one."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_mtime_ns
 
 
 def summary_path(output: Path) -> Path:
@@ -184,8 +200,68 @@ def check_not_an_input(output: Path, inputs: Iterable[Path | str]) -> None:
                               f"which the summary would replace; choose another output name")
 
 
+class StagedOutputs:
+    """The files of one run, made real together.
+
+    Each is written first under a hidden name beside its target (``temp_for``, ``text``, an
+    OutputWriter handed this), and ``commit`` renames them into place in the order they came, in
+    one short block that holds Ctrl-C and SIGTERM (pipeline.signals). Until then no target is
+    touched: a run that fails or is stopped before the commit (a full disk as the summary is
+    written) leaves the earlier scores, summary and errors file as they were. As a context
+    manager, a block that fails before the commit removes the temporary files and the folders
+    made for them. Once the commit has begun only a rename can fail (a target made a folder, or
+    its folder read-only, meanwhile): those before it stay done, and the rest are removed.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[Path | None, Path]] = []  # (temporary file, target); None: remove the target
+        self._folders: list[Path] = []
+        self.committed = False
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None and not self.committed:
+            self.discard()
+
+    def temp_for(self, target: Path) -> Path:
+        """The name to write ``target`` under until the commit."""
+        temp = temp_path(target)
+        self._steps.append((temp, target))
+        return temp
+
+    def text(self, target: Path, text: str) -> None:
+        self.temp_for(target).write_text(text)
+
+    def add(self, temp: Path, target: Path, folders: Iterable[Path] = ()) -> None:
+        """``temp``, written already, becomes ``target``; ``folders`` were made for it (removed if it is discarded)."""
+        self._steps.append((temp, target))
+        self._folders.extend(folders)
+
+    def remove(self, target: Path) -> None:
+        """``target`` goes at the commit: a file of an earlier run that would mislead beside this one's."""
+        self._steps.append((None, target))
+
+    def commit(self) -> None:
+        with signals_held():
+            for temp, target in self._steps:
+                if temp is None:
+                    target.unlink(missing_ok=True)
+                else:
+                    os.replace(temp, target)
+            self.committed = True
+
+    def discard(self) -> None:
+        for temp, _ in self._steps:
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+        remove_empty_folders(self._folders)
+
+
 class OutputWriter:
-    """Writes result chunks to a hidden temp file; ``commit`` renames it into place.
+    """Writes result chunks to a hidden temp file; ``commit`` renames it into place, or hands it
+    to ``into`` (StagedOutputs) to be renamed with the run's other files.
 
     Chunks are written by a background thread (Parquet and CSV encoding release the GIL), so
     writing the output overlaps scoring the next chunk; at most a few chunks wait in between.
@@ -195,11 +271,12 @@ class OutputWriter:
 
     _DONE = object()
 
-    def __init__(self, target: Path, depth: int = 2):
+    def __init__(self, target: Path, depth: int = 2, into: StagedOutputs | None = None):
         self.target = target
         self.format = output_format(target)
         check_output_location(target)
-        self.temp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.temp = temp_path(target)
+        self._into = into
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -260,13 +337,16 @@ class OutputWriter:
         try:
             self._finish()
             self._raise_writer_error()
-            os.replace(self.temp, self.target)
+            if self._into is None:
+                os.replace(self.temp, self.target)
         except BaseException:
             # The writer or the rename failed (target turned into a folder, disk full, interrupted):
             # the half-written temp file must not stay behind either way.
             self.temp.unlink(missing_ok=True)
             remove_empty_folders(self._created)
             raise
+        if self._into is not None:
+            self._into.add(self.temp, self.target, self._created)
 
     def abort(self) -> None:
         try:
@@ -277,7 +357,7 @@ class OutputWriter:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    temp = temp_path(path)
     try:
         temp.write_text(text)
         os.replace(temp, path)

@@ -4,15 +4,17 @@ A run's output is committed in a few file operations: the scores renamed into pl
 summary; a precision variant moved in, then listed in the manifest. A signal between two of them
 left a half-committed result (scores with no summary, a bundle without the variant it had) while
 the CLI said that no output was written. Held over the commit, the signal waits until the output
-is whole, and then stops the run with ``StoppedAfterCommit`` so the message can say so.
+is whole, and then stops the run with ``StoppedAfterCommit`` so the message can say so. A signal
+in the steps after the commit (a report) is named so as well (``stopped_after_commit``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class StoppedAfterCommit(KeyboardInterrupt):
@@ -72,3 +74,32 @@ def signals_held() -> Iterator[None]:
             raise StoppedAfterCommit(signum) from exc
         return
     raise StoppedAfterCommit(signum)
+
+
+def stop_signal(error: BaseException) -> int | None:
+    """The signal that ``error`` stops the run for (SIGINT, SIGTERM), or None: an error, not a stop.
+
+    Inside a Prefect flow SIGTERM raises Prefect's TerminationSignal. Its class is looked up only
+    where Prefect is loaded: the library does not import Prefect, and without it none is raised."""
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C, unless it says (the CLI's Terminated)
+        return getattr(error, "signum", signal.SIGINT)
+    prefect = sys.modules.get("prefect.exceptions")
+    if prefect is not None and isinstance(error, prefect.TerminationSignal):
+        return error.signal
+    return None
+
+
+@contextlib.contextmanager
+def stopped_after_commit(committed: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """A signal in the block, once ``committed()`` says the output is whole, stops the run with
+    StoppedAfterCommit: the steps after the commit (the report) must not say no output was written.
+
+    Prefect's TerminationSignal is one too: only for a run whose caller says how it stopped (the
+    CLI). A served flow run needs it as it is, to tell a cancellation from a crash."""
+    try:
+        yield
+    except BaseException as exc:
+        signum = None if isinstance(exc, StoppedAfterCommit) or not committed() else stop_signal(exc)
+        if signum is None:
+            raise
+        raise StoppedAfterCommit(signum) from exc

@@ -335,3 +335,60 @@ def test_two_inputs_one_spelled_differently_each_file_has_its_counts_and_the_war
     assert warning.startswith(f"{inputs[1]}: column 'line': 300 of 300 rows (100%) hold values the bundle never saw (e.g. ")
     assert warning.count(str(inputs[1])) == 1 and "rows); it knows" not in warning
     assert alone.files[0].unseen_categories["line"] == {"rows": 300, "unseen": 300, "share": 1.0}
+
+
+@pytest.fixture
+def summary_write_fails(monkeypatch):
+    """The disk fills up as the run's summary (``scores.summary.json``) is written."""
+    import errno
+
+    real_write_text = Path.write_text
+
+    def failing(path, text, *args, **kwargs):
+        if ".scores.summary.json.tmp-" in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["earlier output", "none"])
+def test_a_summary_that_cannot_be_written_leaves_the_earlier_output(trained_bundle, frame, tmp_path,
+                                                                    summary_write_fails, earlier):
+    """The scores were renamed into place before their summary was written: a full disk then left
+    the new scores beside the earlier run's summary (which describes other rows), or with none."""
+    source = write_table(frame.head(500), tmp_path / "in.csv")
+    out = tmp_path / "out" / "scores.parquet"
+    if earlier:
+        out.parent.mkdir()
+        out.write_bytes(b"earlier scores")
+        summary_path(out).write_text("earlier summary")
+    with pytest.raises(OSError, match="No space left"):
+        score_files(ScoreJob(trained_bundle, (source,), out, device="cpu"))
+    if earlier:
+        assert sorted(p.name for p in out.parent.iterdir()) == ["scores.parquet", "scores.summary.json"]
+        assert out.read_bytes() == b"earlier scores" and summary_path(out).read_text() == "earlier summary"
+    else:
+        assert not out.parent.exists()  # nor the folder the run made for them
+
+
+def test_staged_outputs_are_renamed_at_the_commit_and_removed_if_the_block_fails(tmp_path):
+    from pipeline.outputs import StagedOutputs
+
+    (tmp_path / "stale.csv").write_text("earlier run")
+    (tmp_path / "kept.json").write_text("earlier")
+    with pytest.raises(OSError):
+        with StagedOutputs() as staged:
+            staged.text(tmp_path / "kept.json", "new")
+            staged.remove(tmp_path / "stale.csv")
+            raise OSError("a later step failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "stale.csv"]  # untouched, no temp file
+    assert (tmp_path / "kept.json").read_text() == "earlier"
+
+    with StagedOutputs() as staged:
+        staged.text(tmp_path / "kept.json", "new")
+        staged.remove(tmp_path / "stale.csv")
+        assert (tmp_path / "kept.json").read_text() == "earlier"  # nothing in place before the commit
+        staged.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"] and staged.committed
+    assert (tmp_path / "kept.json").read_text() == "new"

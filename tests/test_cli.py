@@ -187,27 +187,83 @@ def test_an_input_given_twice_is_refused_before_any_work(capsys, tmp_path, train
     assert not (tmp_path / "out").exists()
 
 
+AFTER_THE_COMMIT = ("after the output was written whole, which was kept; the steps after it (such as --report) "
+                    "did not run")
+
+
+def signal_on_renaming(monkeypatch, name: str, signum: int) -> None:
+    """A signal as a file called ``name`` is renamed into place, the first step of the commit."""
+    real_replace = os.replace
+
+    def signalled(source, target):
+        if Path(target).name == name:
+            os.kill(os.getpid(), signum)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", signalled)
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_a_signal_while_the_scores_are_committed_keeps_them_whole_and_says_so(capsys, monkeypatch, tmp_path,
                                                                                trained_bundle, incoming_csv, signame):
     """Before: a signal after the scores were renamed into place but before their summary was written
     left the scores without a summary, and the CLI said "no output was written"."""
-    import pipeline.batch_score as batch_score
-
     signum = getattr(signal, signame)
-    real_write = batch_score.write_atomic
-
-    def signalled_on_the_way(path, text):
-        os.kill(os.getpid(), signum)
-        return real_write(path, text)
-
-    monkeypatch.setattr(batch_score, "write_atomic", signalled_on_the_way)
+    signal_on_renaming(monkeypatch, "scores.parquet", signum)
     output = tmp_path / "scores.parquet"
     code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", output, "--device", "cpu")
     how = "terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted"
     assert code == 128 + signum
-    assert err.strip().splitlines() == [f"error: {how} after the output was written whole, which was kept; the steps "
-                                        f"after it (such as --report) did not run"]
+    assert err.strip().splitlines() == [f"error: {how} {AFTER_THE_COMMIT}"]
+    summary = json.loads((tmp_path / "scores.summary.json").read_text())
+    assert summary["rows"] == len(read_scores(output)) == len(pd.read_csv(incoming_csv))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "scores.summary.json"]
+
+
+def test_a_signal_while_the_summary_is_written_leaves_the_earlier_output(capsys, monkeypatch, tmp_path,
+                                                                        trained_bundle, incoming_csv):
+    """The summary is written under a hidden name before the commit, as the scores are: a signal
+    meanwhile stops the run before anything is in place, and the message says so."""
+    real_write_text = Path.write_text
+
+    def signalled(path, text, *args, **kwargs):
+        if path.name.startswith(".scores.summary.json.tmp-"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", signalled)
+    (tmp_path / "scores.parquet").write_bytes(b"earlier scores")
+    (tmp_path / "scores.summary.json").write_text("earlier summary")
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / "scores.parquet",
+                            "--device", "cpu")
+    assert code == 130 and err.strip().splitlines() == ["error: interrupted; no output was written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "scores.summary.json"]
+    assert (tmp_path / "scores.parquet").read_bytes() == b"earlier scores"
+    assert (tmp_path / "scores.summary.json").read_text() == "earlier summary"
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_report_is_written_says_the_output_was_kept(capsys, monkeypatch, tmp_path, trained_bundle,
+                                                                       incoming_csv, signame):
+    """The scores and their summary are in place when --report is written: a signal then said
+    "no output was written", and a user deleted scores that were whole. No report is left."""
+    import pipeline.scoring_report as scoring_report
+
+    signum = getattr(signal, signame)
+    real_sections = scoring_report.scoring_sections
+
+    def signalled(job):
+        sections = real_sections(job)
+        os.kill(os.getpid(), signum)
+        return sections
+
+    monkeypatch.setattr(scoring_report, "scoring_sections", signalled)
+    output = tmp_path / "scores.parquet"
+    code, out, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", output, "--device", "cpu",
+                              "--report")
+    how = "terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted"
+    assert code == 128 + signum
+    assert err.strip().splitlines() == [f"error: {how} {AFTER_THE_COMMIT}"] and out == ""
     summary = json.loads((tmp_path / "scores.summary.json").read_text())
     assert summary["rows"] == len(read_scores(output)) == len(pd.read_csv(incoming_csv))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "scores.summary.json"]

@@ -417,16 +417,23 @@ def test_cli_dask_run_stopped_by_a_signal_leaves_nothing_behind(trained_bundle, 
 
 @pytest.mark.parametrize("signame, when", [
     ("SIGINT", "as the merged scores are made"),
-    ("SIGINT", "between the scores and their summary"),
-    ("SIGTERM", "between the scores and their summary"),
+    ("SIGINT", "as the scores are renamed into place"),
+    ("SIGTERM", "as the scores are renamed into place"),
+    ("SIGINT", "as the report is written"),
+    ("SIGTERM", "as the report is written"),
+    ("SIGINT", "as the cluster stops after the flow"),
+    ("SIGTERM", "as the cluster stops after the flow"),
 ])
 def test_cli_dask_run_signalled_at_its_end_leaves_the_output_whole_or_untouched(trained_bundle, tmp_path, capsys,
                                                                                monkeypatch, signame, when):
     """A signal after the merge had put the scores in place, but before their summary was written,
     left the new scores with the earlier run's summary, and the CLI said "no output was written".
-    Now the commit (scores, errors file, summary) holds the signal, as the plain run's does, and the
-    CLI says the output was kept; a signal while the parts are still being merged (every row read and
-    written again, so not held) leaves the earlier output and summary as they were."""
+    Now the commit (scores, errors file, summary renamed into place) holds the signal, as the plain
+    run's does, and the CLI says the output was kept; so it does for a signal while the report is
+    written after it (inside the flow, SIGTERM is Prefect's TerminationSignal), which it said was
+    not, and for one while the cluster and the Prefect server stop after the flow (seconds). A
+    signal while the parts are still being merged (every row read and written again, so not
+    held) leaves the earlier output and summary as they were."""
     import flows.score
     from pipeline.cli import main
 
@@ -438,25 +445,49 @@ def test_cli_dask_run_signalled_at_its_end_leaves_the_output_whole_or_untouched(
     (out / "scores.parquet").write_bytes(b"earlier scores")
     (out / "scores.summary.json").write_text("earlier summary")
     signum = getattr(signal, signame)
-    step = "merge_scored_parts" if when == "as the merged scores are made" else "merge_error_files"
-    real = getattr(flows.score, step)
+    if when == "as the merged scores are made":
+        real_merge = flows.score.merge_scored_parts
 
-    def signalled(*args):
-        if step == "merge_error_files":
+        def merged_then_signalled(*args):
+            rows = real_merge(*args)
             os.kill(os.getpid(), signum)
-        merged = real(*args)
-        if step == "merge_scored_parts":
-            os.kill(os.getpid(), signum)
-        return merged
+            return rows
 
-    monkeypatch.setattr(flows.score, step, signalled)
-    code = main(["score", str(trained_bundle), *inputs, "--output", "out/scores.parquet",
-                 "--device", "cpu", "--task-runner", "dask"])
+        monkeypatch.setattr(flows.score, "merge_scored_parts", merged_then_signalled)
+    elif when == "as the scores are renamed into place":
+        real_replace = os.replace
+
+        def signalled_on_the_way(source, target):
+            if Path(target).name == "scores.parquet":
+                os.kill(os.getpid(), signum)
+            return real_replace(source, target)
+
+        monkeypatch.setattr(os, "replace", signalled_on_the_way)
+    elif when == "as the report is written":
+        def signalled_in_the_report(job):
+            os.kill(os.getpid(), signum)
+            raise AssertionError("the signal did not stop the report")
+
+        monkeypatch.setattr(flows.score, "write_scoring_report", signalled_in_the_report)
+    else:
+        real_flow = flows.score.score_flow
+
+        class SignalledAfterTheFlow:  # as the flow ends: its cluster and the temporary Prefect server stop
+            def with_options(self, **options):
+                def run(job):
+                    summary = real_flow.with_options(**options)(job)
+                    os.kill(os.getpid(), signum)
+                    return summary
+                return run
+
+        monkeypatch.setattr(flows.score, "score_flow", SignalledAfterTheFlow())
+    code = main(["score", str(trained_bundle), *inputs, "--output", "out/scores.parquet", "--device", "cpu",
+                 "--task-runner", "dask", *(["--report"] if when == "as the report is written" else [])])
     err = capsys.readouterr().err
     how = "terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted"
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 128 + signum, err
-    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.summary.json"]  # no parts, no temp
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.summary.json"]  # no parts, temp, report
     if when == "as the merged scores are made":
         assert errors == [f"error: {how}; no output was written"]
         assert (out / "scores.parquet").read_bytes() == b"earlier scores"
@@ -466,6 +497,53 @@ def test_cli_dask_run_signalled_at_its_end_leaves_the_output_whole_or_untouched(
                           f"(such as --report) did not run"]
         summary = json.loads((out / "scores.summary.json").read_text())
         assert summary["rows"] == len(pd.read_parquet(out / "scores.parquet")) == 600
+
+
+@pytest.fixture
+def summary_write_fails(monkeypatch):
+    """The disk fills up as the run's summary (``scores.summary.json``; not a part's) is written."""
+    import errno
+
+    real_write_text = Path.write_text
+
+    def failing(path, text, *args, **kwargs):
+        if ".scores.summary.json.tmp-" in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+
+
+def test_a_flow_whose_summary_cannot_be_written_leaves_the_earlier_output(trained_bundle, tmp_path,
+                                                                         summary_write_fails):
+    """The merged scores were renamed into place before their summary was written: a full disk
+    then left them beside the earlier run's summary. (The flow's own task runner: the commit is the
+    same whatever scored the parts, and a Dask cluster takes seconds to start.)"""
+    inputs = tuple(write_table(make_sensor_table(SyntheticSpec(n_rows=200, seed=170 + i)), tmp_path / f"in{i}.csv")
+                   for i in range(2))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.parquet").write_bytes(b"earlier scores")
+    (out / "scores.summary.json").write_text("earlier summary")
+    with pytest.raises(OSError, match="No space left"):
+        score_flow(ScoreJob(trained_bundle, inputs, out / "scores.parquet", device="cpu"))
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.summary.json"]  # no parts, no temp
+    assert (out / "scores.parquet").read_bytes() == b"earlier scores"
+    assert (out / "scores.summary.json").read_text() == "earlier summary"
+
+
+def test_a_table_flow_leaves_a_file_named_as_the_errors_file_alone(trained_bundle, tmp_path):
+    """Only an image run owns OUT.errors.csv (its unreadable images). The flow deleted that name for
+    tables too, which the plain run does not: even when it was one of the tables being scored,
+    since only image runs check that it is not an input."""
+    inputs = tuple(write_table(make_sensor_table(SyntheticSpec(n_rows=200, seed=175 + i)), tmp_path / name)
+                   for i, name in enumerate(["in.csv", "scores.errors.csv"]))
+    kept = inputs[1].read_bytes()
+    summary = score_flow(ScoreJob(trained_bundle, inputs, tmp_path / "scores.parquet", device="cpu"))
+    assert summary["rows"] == 400 and "errors_file" not in summary
+    assert inputs[1].read_bytes() == kept
+    score_files(ScoreJob(trained_bundle, inputs, tmp_path / "scores.parquet", device="cpu"))  # as the plain run
+    assert inputs[1].read_bytes() == kept
 
 
 @pytest.fixture(scope="module")

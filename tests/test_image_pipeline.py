@@ -272,15 +272,14 @@ def test_a_signal_while_image_scores_are_committed_keeps_scores_summary_and_maps
                                                                                   texture_bundle, mixed_folder):
     """Before: Ctrl-C after the scores were renamed into place left them without their errors file,
     summary and maps, and the CLI said "no output was written"."""
-    import pipeline.image_score as image_score
+    real_replace = os.replace
 
-    real_write = image_score.write_atomic
+    def interrupted_on_the_way(source, target):
+        if Path(target).name == "out.parquet":  # the first of the commit's renames
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_replace(source, target)
 
-    def interrupted_on_the_way(path, text):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_write(path, text)
-
-    monkeypatch.setattr(image_score, "write_atomic", interrupted_on_the_way)
+    monkeypatch.setattr(os, "replace", interrupted_on_the_way)
     folder, good, _ = mixed_folder
     output, maps = tmp_path / "out.parquet", tmp_path / "maps"
     code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps", maps,
@@ -290,6 +289,45 @@ def test_a_signal_while_image_scores_are_committed_keeps_scores_summary_and_maps
     summary = json.loads(summary_path(output).read_text())
     assert summary["rows"] == len(pd.read_parquet(output)) == len(good) and errors_path(output).exists()
     assert len(list(maps.glob("*.png"))) == summary["anomalies"] > 0
+
+
+def test_an_image_summary_that_cannot_be_written_leaves_the_earlier_output(monkeypatch, tmp_path, texture_bundle,
+                                                                          mixed_folder):
+    """The scores were renamed into place and the earlier errors file deleted and written anew
+    before the summary: a full disk then left new scores and errors beside the earlier summary."""
+    import errno
+
+    real_write_text = Path.write_text
+
+    def failing(path, text, *args, **kwargs):
+        if ".out.summary.json.tmp-" in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+    folder, _, _ = mixed_folder
+    output, maps = tmp_path / "out.parquet", tmp_path / "maps"
+    earlier = {output: b"earlier scores", summary_path(output): b"earlier summary", errors_path(output): b"earlier errors"}
+    for path, content in earlier.items():
+        path.write_bytes(content)
+    with pytest.raises(OSError, match="No space left"):
+        score(ScoreJob(texture_bundle, (folder,), output, device="cpu", maps_dir=maps))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in earlier)  # no maps, no temp files
+    assert {path: path.read_bytes() for path in earlier} == earlier
+
+
+def test_a_run_without_unreadable_images_removes_an_earlier_errors_file(tmp_path, texture_bundle):
+    """Beside scores that skipped nothing, an earlier run's list of unreadable images would mislead:
+    it goes at the commit, with the scores and summary renamed into place."""
+    folder = tmp_path / "clean"
+    for i, image in enumerate(textures(2, seed=12)):
+        save_png(folder / f"normal_{i}.png", image)
+    output = tmp_path / "out" / "scores.parquet"
+    output.parent.mkdir()
+    errors_path(output).write_text("earlier errors")
+    score(ScoreJob(texture_bundle, (folder,), output, device="cpu"))
+    assert sorted(p.name for p in output.parent.iterdir()) == ["scores.parquet", "scores.summary.json"]
+    assert json.loads(summary_path(output).read_text())["errors_file"] is None
 
 
 # --- 4. empty folders; other sizes and modes ------------------------------------------------

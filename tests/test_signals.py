@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from pipeline.signals import StoppedAfterCommit, signals_held
+from pipeline.signals import StoppedAfterCommit, signals_held, stopped_after_commit
 
 
 @pytest.fixture
@@ -83,3 +83,34 @@ def test_a_failed_commit_drops_its_signal_and_its_error_goes_on():
             signal.raise_signal(signal.SIGINT)
             raise OSError("disk full")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def stopped_by(error: BaseException, committed: bool = True) -> BaseException:
+    """What ``error``, raised in a stopped_after_commit block, leaves it as."""
+    try:
+        with stopped_after_commit(lambda: committed):
+            raise error
+    except BaseException as raised:  # noqa: BLE001 - the point of the test
+        return raised
+
+
+def test_a_signal_after_the_commit_is_a_stop_after_it_whatever_raised_it():
+    """Ctrl-C, the CLI's SIGTERM (a KeyboardInterrupt with its number) and, inside a Prefect flow,
+    Prefect's TerminationSignal: each said "no output was written" in the steps after the commit."""
+    from prefect.exceptions import TerminationSignal
+
+    from pipeline.cli import Terminated
+
+    for error, signum in ((KeyboardInterrupt(), signal.SIGINT), (Terminated(signal.SIGTERM), signal.SIGTERM),
+                          (TerminationSignal(signal.SIGTERM), signal.SIGTERM)):
+        stopped = stopped_by(error)
+        assert type(stopped) is StoppedAfterCommit and stopped.signum == signum and stopped.__cause__ is error
+
+
+def test_before_the_commit_and_for_errors_nothing_changes():
+    from prefect.exceptions import TerminationSignal
+
+    already = StoppedAfterCommit(signal.SIGINT)
+    for error, committed in ((KeyboardInterrupt(), False), (TerminationSignal(signal.SIGTERM), False),
+                             (OSError("disk full"), True), (already, True)):
+        assert stopped_by(error, committed) is error
