@@ -32,13 +32,13 @@ from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.batch_score import label_metrics_of, required_columns, score_files
-from pipeline.image_score import check_side_files, errors_path, merge_error_files
-from pipeline.outputs import (check_not_an_input, check_scores_target, make_parents, merge_scored_parts,
-                              remove_empty_folders, summary_path, write_atomic)
-from pipeline.schema import scored_labels
+from pipeline.image_score import check_side_files, errors_path, read_error_files, stage_errors
+from pipeline.outputs import (StagedOutputs, check_not_an_input, check_scores_target, make_parents, merge_scored_parts,
+                              remove_empty_folders, summary_path)
+from pipeline.schema import check_id_names, scored_labels
 from pipeline.scoring import score
 from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
-from pipeline.signals import StoppedAfterCommit, signals_held
+from pipeline.signals import stopped_after_commit
 from pipeline.tables import iter_batches, read_columns
 from pipeline.unseen import UnseenCounts, file_entries, unseen_counts_of, unseen_entries, warn_unseen
 
@@ -53,6 +53,7 @@ def check_bundle(bundle: Path, precision: str = "fp32", inputs: tuple[Path, ...]
     calibration = loaded.calibration_for(precision)  # the variant's own threshold and expected FPR
     modality = loaded.manifest.get("modality", "table")
     if modality == "table":
+        check_id_names(loaded.schema.id_columns, str(loaded.path), several_inputs=len(inputs) > 1, bundle=loaded.name)
         # As single-process scoring does before any work (headers only, no rows): otherwise a file
         # without a column the bundle needs fails only when its task runs, after the others have
         # been scored for nothing. Each task warns of its file's extra columns as it scores it.

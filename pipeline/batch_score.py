@@ -30,16 +30,13 @@ from pipeline.cores import resolve_threads
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError, EmptyInputError
 from pipeline.metrics import auprc, auroc
-from pipeline.outputs import OutputWriter, check_scores_target, summary_path, write_atomic
+from pipeline.outputs import OutputWriter, StagedOutputs, check_scores_target, summary_path
 from pipeline.runtime import BundleScorer, shared_scorer
-from pipeline.schema import scored_labels
-from pipeline.signals import signals_held
+from pipeline.schema import check_id_names, scored_labels
 from pipeline.tables import estimate_rows, iter_batches, read_columns
 from pipeline.unseen import UnseenCounts, file_entries, percent, unseen_entries, warn_unseen
 
 log = logging.getLogger("vaeguard")
-
-
 
 
 @dataclass
@@ -186,11 +183,13 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
     runs' counts (the scoring flow), so that each column warns once."""
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
-    writer = OutputWriter(job.output)  # validates the output extension before any work
+    staged = StagedOutputs()
+    writer = OutputWriter(job.output, into=staged)  # validates the output extension before any work
     check_scores_target(job.output, job.inputs, job.bundle)
     # Inputs are checked before the session is built, so a bad path fails with its own error
     # alone, not after a device warning.
     bundle = scorer.bundle if scorer else Bundle.load(job.bundle)
+    check_id_names(bundle.schema.id_columns, str(bundle.path), several_inputs=len(job.inputs) > 1, bundle=bundle.name)
     checked = [(Path(p), *required_columns(bundle, Path(p))) for p in job.inputs]
     scorer = scorer or shared_scorer(bundle, job.device, file_scoring_threads(job.threads), job.precision)
     bundle = scorer.bundle

@@ -9,6 +9,8 @@ ML_OPSET = 3  # ai.onnx.ml, for the string one-hot encoder and the LabelEncoder 
 IR_VERSION = 10
 BATCH_AXIS = "batch_size"
 OUTPUT_NAMES = ("score", "recon", "kl", "p_value", "is_anomaly")
+# The column that names each row's input when one scores file holds several inputs.
+SOURCE_COLUMN = "source"
 # Image scorers add the per-pixel error map and the reconstruction (for anomaly-map PNGs).
 IMAGE_OUTPUT_NAMES = OUTPUT_NAMES + ("anomaly_map", "reconstruction")
 IMAGE_INPUT = "images"

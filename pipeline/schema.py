@@ -6,6 +6,7 @@ can trust its input. Messages name the file, the column and the (1-based) data r
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import PreprocessConfig
+from pipeline.contract import OUTPUT_NAMES, SOURCE_COLUMN
 from pipeline.csv_errors import line_of_row
 from pipeline.errors import DataError
 from pipeline.tables import category_strings
@@ -65,13 +67,17 @@ def infer_schema(frame: pd.DataFrame, *, source: str, config: PreprocessConfig,
     """Classify every column of a training table, failing on columns that can't be used."""
     for name in (*id_columns, *([label_column] if label_column else [])):
         if name not in frame.columns:
-            raise DataError(
-                f"{source}: column {name!r} was named as {'label' if name == label_column else 'id'} "
-                f"column but is not in the file; columns are {list(frame.columns)}"
-            )
-    for name in (*config.categorical_columns, *config.numeric_columns):
-        if name not in frame.columns:
-            raise DataError(f"{source}: config names column {name!r}, which is not in the file")
+            option = "--label-column" if name == label_column else "--id-columns"
+            raise DataError(f"{source}: column {name!r} was named by {option} but is not in the file "
+                            f"({_nearest_columns(name, frame.columns)}); correct the name in {option}")
+    for key in ("categorical_columns", "numeric_columns"):
+        for name in getattr(config, key):
+            if name not in frame.columns:
+                raise DataError(
+                    f"{source}: the config's preprocess.{key} names column {name!r}, which is not in the file "
+                    f"({_nearest_columns(name, frame.columns)}); correct the name in the config file "
+                    f"(--config), or remove it from preprocess.{key}")
+    check_id_names(id_columns, source, several_inputs=True)
 
     unnamed = [position for position, name in enumerate(frame.columns, start=1) if not str(name).strip()]
     if unnamed:
@@ -103,6 +109,43 @@ def infer_schema(frame: pd.DataFrame, *, source: str, config: PreprocessConfig,
     for name in numeric:
         _warn_if_sequence(frame[name], name, source)
     return TableSchema(tuple(numeric), tuple(categorical), tuple(id_columns), label_column, tuple(dropped))
+
+
+_COLUMNS_SHOWN = 20
+
+
+def _nearest_columns(name: str, columns) -> str:
+    """The file's column nearest ``name`` (as 'did you mean'), else the columns it has: a long header
+    listed whole buries the one name that was meant."""
+    names = [str(c) for c in columns]
+    alike = {c.strip().casefold(): c for c in names}  # 'Pressure ' for 'pressure': hard to see in a list
+    nearest = alike.get(name.strip().casefold()) or next(iter(difflib.get_close_matches(name, names, n=1)), None)
+    if nearest is not None:
+        return f"did you mean {nearest!r}?"
+    shown = ", ".join(map(repr, names[:_COLUMNS_SHOWN]))
+    return f"its columns are {shown}" + (f" and {len(names) - _COLUMNS_SHOWN} more" if len(names) > _COLUMNS_SHOWN else "")
+
+
+def check_id_names(id_columns: tuple[str, ...] | list[str], where: str, *, several_inputs: bool,
+                   bundle: str | None = None) -> None:
+    """Id columns are copied into the scores beside vaeguard's own columns (and ``source`` when one
+    file holds several inputs): one named like those would give the scores two columns of one name,
+    which a Parquet reader refuses (pandas: "Multiple matches for FieldRef.Name"), and a CSV reader
+    renames or confuses. Training refuses them for any later run; scoring, for a bundle made before
+    that, refuses to write such a file. ``bundle`` names it at scoring, which then says to retrain."""
+    taken = (*((SOURCE_COLUMN,) if several_inputs else ()), *OUTPUT_NAMES)
+    clashes = [name for name in id_columns if name in taken]
+    if not clashes:
+        return
+    name = clashes[0]
+    fix = "rename that column in the file, or leave it out of --id-columns"
+    if bundle is not None:
+        fix = (f"retrain bundle {bundle!r} with that column renamed in its training file, or without it in "
+               f"--id-columns" + ("; or score each input into its own output" if name == SOURCE_COLUMN else ""))
+    written = ", ".join(OUTPUT_NAMES) + (f", and {SOURCE_COLUMN} when one output holds several inputs"
+                                         if several_inputs else "")
+    raise DataError(f"{where}: id column {name!r} has the name of a column vaeguard writes into the scores "
+                    f"({written}), which would then hold two columns named {name!r}; {fix}")
 
 
 # Fewer rows than this prove nothing: a short table can be sorted by a real measurement.
@@ -168,9 +211,14 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
         bad = np.flatnonzero((parsed.isna() & present).to_numpy())
         if len(bad):
             row = int(bad[0])
+            # Most values being numbers makes the column numeric; a column of codes with one letter
+            # among them ('L' among sizes 1..50) is categorical, which only the config can say.
+            override = "" if name in config.numeric_columns else (
+                f", or, if {name!r} holds categories, name it in the --config file: "
+                f"preprocess: {{categorical_columns: [{name}]}}")
             raise DataError(
                 f"{source}: column {name!r} must be numeric but {_where(source, row + 1)} holds {column.iloc[row]!r}; "
-                f"fix or blank out that value"
+                f"fix or blank out that value{override}"
             )
         return "numeric"
     return "categorical"

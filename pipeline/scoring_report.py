@@ -27,7 +27,7 @@ from pipeline.errors import InputFileError
 from pipeline.images import ImageSource, ImageSpec, list_images, load_images, text_path
 from pipeline.outputs import output_format, summary_path
 from pipeline.plots import feature_contributions, image_grid, score_histogram
-from pipeline.preprocess import source_column
+from pipeline.preprocess import Preprocessor
 from pipeline.report_html import Section, check_report_location, facts_table, write_report
 from pipeline.schema import as_category_array
 from pipeline.tables import iter_batches
@@ -142,16 +142,36 @@ def _top_rows(bundle: Bundle, job: ScoreJob, scored: pd.DataFrame, top: np.ndarr
     overflowed = ~np.isfinite(features)
     overflowed = np.where(overflowed.any(axis=1, keepdims=True), overflowed, ~np.isfinite(errors))
     errors = np.where(overflowed.any(axis=1, keepdims=True), overflowed.astype(np.float64), errors)
-    shares = pd.DataFrame(errors, columns=pre.feature_names)
-    per_column = shares.T.groupby(source_column).sum().T
-    share = per_column.div(per_column.sum(axis=1).replace(0, 1), axis=0)
-    table = rows.reset_index(drop=True)
-    table.insert(0, "score", scored["score"].to_numpy()[top])
-    table.insert(1, "main driver", share.idxmax(axis=1).to_numpy())
+    share = column_shares(errors, pre)
+    table = top_rows_table(rows, scored["score"].to_numpy()[top], share)
     return Section("Top anomalies", f"The {len(top)} highest-scoring rows and the columns that carry their "
                    f"reconstruction error.",
                    figures=[("feature contributions", feature_contributions(share.to_numpy(), list(share.columns)))],
                    tables=[("Top anomalies with their values", table.head(10))])
+
+
+def feature_sources(pre: Preprocessor) -> list[str]:
+    """The input column of each model feature, in Preprocessor.feature_names' order (numeric columns,
+    their missing flags, each categorical column's one-hot and unknown bucket). Taken from the
+    preprocessor's parts, not parsed from the feature names: a column named 'a=b' or 'x__missing'
+    reads as a one-hot of 'a' or the missing flag of 'x', and 'a=b' is also category 'b' of 'a'."""
+    return ([s.name for s in pre.numeric] + [s.name for s in pre.numeric if s.has_indicator]
+            + [s.name for s in pre.categorical for _ in range(len(s.categories) + 1)])
+
+
+def column_shares(errors: np.ndarray, pre: Preprocessor) -> pd.DataFrame:
+    """Each row's reconstruction error as shares per input column (one-hot and missing flags summed
+    into their column), the columns in the schema's order."""
+    per_column = pd.DataFrame(np.asarray(errors).T).groupby(feature_sources(pre), sort=False).sum().T
+    return per_column.div(per_column.sum(axis=1).replace(0, 1), axis=0)
+
+
+def top_rows_table(rows: pd.DataFrame, scores: np.ndarray, share: pd.DataFrame) -> pd.DataFrame:
+    """The top rows' values beside their score and main driver, under two headers: vaeguard's columns
+    and the data's. A data column may be named 'score' or 'main driver' (or anything the report
+    adds), which one flat header could not hold twice (pandas: "cannot insert score, already exists")."""
+    own = pd.DataFrame({"score": scores, "main driver": share.idxmax(axis=1).to_numpy()})
+    return pd.concat({"vaeguard": own, "data": rows.reset_index(drop=True)}, axis=1)
 
 
 def _top_images(bundle: Bundle, job: ScoreJob, top: pd.DataFrame) -> Section:

@@ -16,10 +16,10 @@ from pipeline.bundle import MANIFEST
 from pipeline.calibrate import FPR_RANGE_LEVEL, Calibration, format_fpr_range
 from pipeline.config import ImageTrainJob, TrainJob
 from pipeline.model import error_map
-from pipeline.preprocess import source_column
 from pipeline.plots import feature_contributions, image_grid, latent_projection, loss_curves, roc_pr_curves, score_histogram
 from pipeline.report_html import Section, facts_table, write_report
 from pipeline.scorer_graph import graph_inputs
+from pipeline.scoring_report import column_shares, top_rows_table
 from pipeline.workflow import RunDir, load_scorer_graph, load_splits, read_json
 
 TOP_ANOMALIES = 20
@@ -83,11 +83,8 @@ def table_sections(job: TrainJob, run: RunDir) -> list[Section]:
     sections.append(Section("Latent space", "The encoder's mean code of each row, projected on its two principal "
                             "components.", figures=[("latent space", latent_projection(mu.numpy(), scores, labels))]))
     top = np.argsort(-scores, kind="stable")[:TOP_ANOMALIES]
-    per_column = pd.DataFrame(shares[top], columns=pre.feature_names).T.groupby(source_column).sum().T
-    share = per_column.div(per_column.sum(axis=1).replace(0, 1), axis=0)
-    table = rows.iloc[top].copy()
-    table.insert(0, "score", scores[top])
-    table.insert(1, "main driver", share.idxmax(axis=1).to_numpy())
+    share = column_shares(shares[top], pre)
+    table = top_rows_table(rows.iloc[top], scores[top], share)
     sections.append(Section(
         "Top anomalies", f"The {len(top)} highest-scoring {'held-out' if labelled else 'calibration'} rows: which "
         f"columns carry their reconstruction error (one-hot and missing flags summed into their column).",

@@ -277,6 +277,53 @@ def test_train_column_named_twice(capsys, tmp_path, sensor_frame, out_dir, fast_
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["p_value", "source"])
+def test_train_id_column_named_like_a_scores_column(capsys, tmp_path, sensor_frame, out_dir, fast_yaml, name):
+    """Scoring would write two columns of that name (source: when several inputs share an output),
+    a file pandas.read_parquet refuses; refused before training, not after."""
+    data = write_table(sensor_frame.head(600).rename(columns={"row_id": name}), tmp_path / "ids.csv")
+    message = error_line(*run_train(capsys, data, out_dir, fast_yaml, "--id-columns", name))
+    assert message.startswith(f"error: {data}: id column {name!r} has the name of a column vaeguard writes into "
+                              f"the scores")
+    assert message.endswith("rename that column in the file, or leave it out of --id-columns")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_score_older_bundle_with_an_id_named_like_a_scores_column(capsys, monkeypatch, tmp_path, sensor_frame,
+                                                                   out_dir, fast_yaml, scores_dir):
+    """A bundle trained before training refused such ids: scoring refuses it in one line rather
+    than write scores that no Parquet reader opens."""
+    from pipeline import schema
+
+    data = write_table(sensor_frame.head(600).rename(columns={"row_id": "source"}), tmp_path / "ids.csv")
+    with monkeypatch.context() as patch:
+        patch.setattr(schema, "check_id_names", lambda *args, **kwargs: None)  # as before the check
+        code, err = run_train(capsys, data, out_dir, fast_yaml, "--id-columns", "source", name="old")
+    assert code == 0, err
+    bundle = out_dir / "old"
+    # One input: no source column is written, so nothing clashes.
+    code, err = run_score(capsys, bundle, [data], scores_dir / "one.parquet")
+    assert code == 0, err
+    assert list(pd.read_parquet(scores_dir / "one.parquet").columns) == ["source", *SCORE_COLUMNS[1:]]
+    second = write_table(sensor_frame.head(50).rename(columns={"row_id": "source"}), tmp_path / "more.csv")
+    message = error_line(*run_score(capsys, bundle, [data, second], scores_dir / "two.parquet"))
+    assert message.startswith(f"error: {bundle}: id column 'source' has the name of a column vaeguard writes")
+    assert message.endswith("retrain bundle 'old' with that column renamed in its training file, or without it in "
+                            "--id-columns; or score each input into its own output")
+    assert not (scores_dir / "two.parquet").exists()
+
+
+def test_train_config_column_not_in_the_file(capsys, tmp_path, sensor_frame, out_dir):
+    data = write_table(sensor_frame.head(600), tmp_path / "sensors.csv")
+    config = tmp_path / "typo.yaml"
+    config.write_text(FAST_YAML + "preprocess:\n  categorical_columns: [shfit]\n")
+    message = error_line(*run_train(capsys, data, out_dir, config))
+    assert message == (f"error: {data}: the config's preprocess.categorical_columns names column 'shfit', which is "
+                       f"not in the file (did you mean 'shift'?); correct the name in the config file (--config), "
+                       f"or remove it from preprocess.categorical_columns")
+    assert list(out_dir.iterdir()) == []
+
+
 def test_score_extra_columns_ignored_with_warning(capsys, tmp_path, batch, trained_bundle, scores_dir):
     frame = batch.copy()
     frame["firmware"] = "v1.2"

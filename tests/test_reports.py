@@ -13,7 +13,8 @@ from pipeline import workflow
 from pipeline.bundle import Bundle
 from pipeline.cli import main
 from pipeline.config import ScoreJob, TrainJob
-from pipeline.scoring_report import scoring_sections
+from pipeline.preprocess import CategoricalStats, NumericStats, Preprocessor
+from pipeline.scoring_report import column_shares, scoring_sections
 from pipeline.training_report import table_sections
 from tests.conftest import quiet_config
 
@@ -80,8 +81,8 @@ def test_training_report_plots_carry_the_bundle_numbers(finished_run):
     best = [line for ax in figure(sections, "loss curves").axes for line in ax.lines if "best" in str(line.get_label())]
     assert best and all(list(line.get_xdata()) == [manifest["training"]["best_epoch"]] * 2 for line in best)
     top = sections[4].tables[0][1]
-    assert np.all(np.diff(top["score"].to_numpy()) <= 0)  # highest scores first
-    assert set(top["main driver"]) <= set(manifest["schema"]["numeric"]) | set(manifest["schema"]["categorical"])
+    assert np.all(np.diff(top["vaeguard", "score"].to_numpy()) <= 0)  # highest scores first
+    assert set(top["vaeguard", "main driver"]) <= set(manifest["schema"]["numeric"]) | set(manifest["schema"]["categorical"])
 
 
 @needs_browser
@@ -110,7 +111,7 @@ def test_scoring_report_sections_match_the_scores(trained_bundle, incoming_csv, 
     rate = sections[1].tables[0][1].set_index("fact")["value"]
     assert rate["anomalies"] == f"{int(scored['is_anomaly'].sum()):,}"
     top = sections[3].tables[0][1]
-    assert top["row_id"].astype(int).tolist() == scored.nlargest(10, "score")["row_id"].astype(int).tolist()
+    assert top["data", "row_id"].astype(int).tolist() == scored.nlargest(10, "score")["row_id"].astype(int).tolist()
     assert (tmp_path / "scores.report.html").exists()
     # A second run into the same folder keeps the first run's report.
     first = (tmp_path / "scores.report.html").read_bytes()
@@ -133,8 +134,8 @@ def test_scoring_report_names_the_column_that_overflowed(trained_bundle, incomin
     rows.to_csv(data, index=False)
     out = tmp_path / "scores.parquet"
     assert main(["score", str(trained_bundle), str(data), "--output", str(out), "--device", "cpu", "--report"]) == 0
-    top = scoring_sections(ScoreJob(trained_bundle, (data,), out))[3].tables[0][1].set_index("row_id")
-    first_two = top.head(2)
+    top = scoring_sections(ScoreJob(trained_bundle, (data,), out))[3].tables[0][1]
+    first_two = top["vaeguard"].set_axis(top["data", "row_id"]).head(2)
     assert np.isinf(first_two["score"].astype(float)).all()
     assert first_two["main driver"].to_dict() == {rows.loc[10, "row_id"]: "vibration", rows.loc[20, "row_id"]: "pressure"}
 
@@ -161,6 +162,70 @@ def test_scoring_report_says_which_column_holds_values_the_bundle_never_saw(trai
     plain = tmp_path / "plain.parquet"
     assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(plain), "--device", "cpu"]) == 0
     assert "never saw" not in scoring_sections(ScoreJob(trained_bundle, (incoming_csv,), plain))[2].alert
+
+
+@pytest.fixture(scope="module")
+def named_like_the_report(tmp_path_factory):
+    """A finished training run on columns named like the reports' own ('score', 'main driver') and like a
+    one-hot ('a=b', a number, beside the categorical 'a' holding 'b'), and a batch whose row 7 is far out in
+    'a=b'."""
+    import pandas as pd
+
+    rng = np.random.default_rng(5)
+
+    def frame(n: int) -> pd.DataFrame:
+        return pd.DataFrame({"row": np.arange(n), "score": rng.normal(size=n), "main driver": rng.choice(["p", "q"], n),
+                             "a=b": rng.normal(size=n), "a": rng.choice(["b", "c"], n), "x": rng.normal(size=n)})
+
+    folder = tmp_path_factory.mktemp("named-like-the-report")
+    frame(400).to_csv(folder / "train.csv", index=False)
+    batch = frame(50)
+    batch.loc[7, "a=b"] = 40.0
+    batch.to_csv(folder / "batch.csv", index=False)
+    job = TrainJob(data=folder / "train.csv", name="clash", out_dir=folder / "exported", id_columns=("row",),
+                   config=quiet_config(max_epochs=10))
+    run = workflow.RunDir.create(job)
+    for step in workflow.STEPS[:-1]:
+        step(job, run)
+    return job, run, folder / "batch.csv"
+
+
+def test_reports_keep_data_columns_named_like_their_own_apart(named_like_the_report, tmp_path):
+    """A feature named 'score' or 'main driver' is data: the training report failed after the whole run
+    ("cannot insert score, already exists"); and a column 'a=b' was reported as the one-hot of 'a'."""
+    import pandas as pd
+
+    job, run, batch = named_like_the_report
+    top = table_sections(job, run)[-2].tables[0][1]
+    rows = pd.read_parquet(run.rows)
+    assert list(top["vaeguard"].columns) == ["score", "main driver"]
+    assert list(top["data"].columns) == list(rows.columns) and {"score", "main driver"} <= set(rows.columns)
+    rows = rows.set_index("row")
+    assert np.all(np.diff(top["vaeguard", "score"].to_numpy()) <= 0)
+    assert top["data", "score"].tolist() == rows.loc[top["data", "row"], "score"].tolist()
+    assert set(top["vaeguard", "main driver"]) <= {"score", "main driver", "a=b", "a", "x"}
+
+    workflow.STEPS[-1](job, run)  # the training report, written whole
+    bundle, out = workflow.publish(job, run), tmp_path / "scores.parquet"
+    assert main(["score", str(bundle), str(batch), "--output", str(out), "--device", "cpu", "--report"]) == 0
+    assert list(pd.read_parquet(out).columns) == ["row", "score", "recon", "kl", "p_value", "is_anomaly"]
+    top = scoring_sections(ScoreJob(bundle, (batch,), out))[3].tables[0][1]
+    assert top["data", "row"].iloc[0] == "7" and top["data", "a=b"].iloc[0] == 40.0
+    assert top["vaeguard", "main driver"].iloc[0] == "a=b"
+    assert top["data", "score"].iloc[0] == pd.read_csv(batch)["score"].iloc[7]
+
+
+def test_column_shares_sum_each_columns_features_by_position_not_by_name():
+    """'a=b' (a number) and category 'b' of 'a' give features of one name; 'x__missing' reads like the
+    missing flag of 'x'. Each feature's error goes to the column it came from."""
+    pre = Preprocessor(numeric=(NumericStats("a=b", 0.0, 1.0, False), NumericStats("x__missing", 0.0, 1.0, True),
+                                NumericStats("x", 0.0, 1.0, False)),
+                       categorical=(CategoricalStats("a", ("b",)),))
+    assert pre.feature_names == ["a=b", "x__missing", "x", "x__missing__missing", "a=b", "a=__unknown__"]
+    errors = np.array([[1.0, 2.0, 4.0, 8.0, 16.0, 32.0]])
+    shares = column_shares(errors, pre)
+    assert list(shares.columns) == ["a=b", "x__missing", "x", "a"]
+    assert shares.iloc[0].tolist() == [1 / 63, 10 / 63, 4 / 63, 48 / 63]
 
 
 @needs_browser

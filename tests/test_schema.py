@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.config import PreprocessConfig
 from pipeline.errors import DataError
-from pipeline.schema import infer_schema, label_vector, numeric_matrix, scored_labels
+from pipeline.schema import check_id_names, infer_schema, label_vector, numeric_matrix, scored_labels
 
 
 @pytest.fixture
@@ -85,6 +85,56 @@ def test_label_must_be_binary(table):
 def test_named_columns_must_exist(table):
     with pytest.raises(DataError, match="'nope'"):
         infer_schema(table, source="t", config=PreprocessConfig(), id_columns=("nope",))
+
+
+@pytest.mark.parametrize("key", ["categorical_columns", "numeric_columns"])
+def test_a_config_column_not_in_the_file_names_its_key_and_the_nearest_column(table, key):
+    config = PreprocessConfig(**{key: ("Temp ",)})
+    with pytest.raises(DataError) as raised:
+        infer_schema(table, source="t.csv", config=config, id_columns=("id",))
+    message = str(raised.value)
+    assert message.startswith("t.csv: the config's preprocess.")
+    assert f"preprocess.{key} names column 'Temp '" in message and "did you mean 'temp'?" in message
+    assert f"or remove it from preprocess.{key}" in message and "\n" not in message
+    # Nothing near it: the file's columns instead.
+    with pytest.raises(DataError, match=r"preprocess\.categorical_columns names column 'zzz', which is not in the file "
+                                        r"\(its columns are 'id', 'temp', 'count', 'mode', 'site', 'const', 'label'\)"):
+        infer_schema(table, source="t.csv", config=PreprocessConfig(categorical_columns=("zzz",)))
+
+
+def test_a_long_header_is_not_listed_whole(table):
+    wide = pd.concat([table, pd.DataFrame(np.zeros((100, 30)), columns=[f"c{i}" for i in range(30)])], axis=1)
+    with pytest.raises(DataError, match=r"'c12' and 17 more\); correct the name in --id-columns"):
+        infer_schema(wide, source="t.csv", config=PreprocessConfig(), id_columns=("zzz",))
+
+
+@pytest.mark.parametrize("name", ["score", "recon", "kl", "p_value", "is_anomaly", "source"])
+def test_an_id_column_named_like_a_scores_column_is_refused_at_training(table, name):
+    """The scores would hold two columns of that name, which pandas.read_parquet refuses."""
+    with pytest.raises(DataError) as raised:
+        infer_schema(table.rename(columns={"id": name}), source="t.csv", config=PreprocessConfig(),
+                     id_columns=(name,))
+    assert str(raised.value) == (
+        f"t.csv: id column {name!r} has the name of a column vaeguard writes into the scores (score, recon, kl, "
+        f"p_value, is_anomaly, and source when one output holds several inputs), which would then hold two "
+        f"columns named {name!r}; rename that column in the file, or leave it out of --id-columns")
+
+
+def test_features_named_like_the_scores_columns_are_taken(table):
+    """Features are not copied into the scores: their names clash with nothing there."""
+    renamed = table.rename(columns={"temp": "score", "site": "source", "count": "p_value", "id": "Score"})
+    schema = infer_schema(renamed, source="t", config=PreprocessConfig(), id_columns=("Score",))
+    assert schema.numeric == ("score", "p_value") and schema.categorical == ("mode", "source", "label")
+
+
+def test_an_older_bundle_with_such_an_id_is_refused_at_scoring():
+    with pytest.raises(DataError, match=r"^exported/old: id column 'kl' has .* retrain bundle 'old' with that column "
+                                        r"renamed in its training file, or without it in --id-columns$"):
+        check_id_names(("row", "kl"), "exported/old", several_inputs=False, bundle="old")
+    # 'source' clashes only when one output holds several inputs, and then says so.
+    check_id_names(("source",), "exported/old", several_inputs=False, bundle="old")
+    with pytest.raises(DataError, match=r"id column 'source' .*; or score each input into its own output$"):
+        check_id_names(("source",), "exported/old", several_inputs=True, bundle="old")
 
 
 def test_category_arrays_share_one_str_per_category_and_accept_chunked_columns():
@@ -248,3 +298,17 @@ def test_integer_codes_stored_as_text_are_judged_as_a_csvs_integers(tmp_path):
     assert from_parquet.numeric == ("x", "many", "decimal")
     forced = PreprocessConfig(numeric_columns=("code",))
     assert "code" in infer_schema(read_table(parquet), source="t", config=forced).numeric
+
+
+def test_a_text_value_in_a_mostly_numeric_column_names_the_categorical_override(table):
+    """A code column with a letter among its numbers ('L' among sizes) was refused with "fix or blank
+    out that value" alone, where the fix was to say it holds categories."""
+    table["size"] = [str(i % 50) for i in range(100)]
+    table.loc[41, "size"] = "L"
+    with pytest.raises(DataError, match=r"column 'size' must be numeric but row 42 holds 'L'; fix or blank out that "
+                                        r"value, or, if 'size' holds categories, name it in the --config file: "
+                                        r"preprocess: \{categorical_columns: \[size\]\}$"):
+        infer_schema(table, source="t.csv", config=PreprocessConfig())
+    assert "size" in infer_schema(table, source="t.csv", config=PreprocessConfig(categorical_columns=("size",))).categorical
+    with pytest.raises(DataError, match=r"holds 'L'; fix or blank out that value$"):  # named numeric: no such way out
+        infer_schema(table, source="t.csv", config=PreprocessConfig(numeric_columns=("size",)))
