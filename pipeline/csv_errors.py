@@ -4,7 +4,7 @@ pyarrow's CSV errors say what went wrong but not where a person would look: "Exp
 columns, got 4" gives the line's text, not its number, and its row numbers skip the line breaks
 inside quoted fields and blank lines. These helpers run only once a read has failed, so they may
 read the file again; all but quote_may_be_open, which looks at the last bytes of every CSV read,
-and finds most files fine without reading more.
+and finds most files fine without reading more, and not_csv_text_error, which looks at its first.
 """
 
 from __future__ import annotations
@@ -23,6 +23,20 @@ _CONVERSION = re.compile(r"CSV conversion error to \w+: invalid value '(.*)'", r
 _QUOTE, _FIELD_ENDS, _BOM, _GZIP_MAGIC = 0x22, b",\n\r", b"\xef\xbb\xbf", b"\x1f\x8b"
 # A quoted value's bytes, "" included, up to its closing quote (or to the end of the bytes).
 _QUOTED_BODY = re.compile(rb'(?:[^"]++|"")*+')
+
+
+# Files that are no CSV text, told by their first bytes: what the file is, and how to make it one.
+# A CSV's header can't start so (control bytes, or bytes no UTF-8 text starts with), except for
+# Parquet's, which a NUL byte after it tells from a column named "PAR1...".
+_OTHER_FORMATS = (
+    (b"PAR1", "a Parquet file (it starts with Parquet's PAR1 marker)", "name it .parquet"),
+    (b"PK\x03\x04", "a zip archive, as an Excel .xlsx workbook is", "export the sheet as CSV UTF-8, or unzip it"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Excel 97-2003 (.xls) workbook", "export the sheet as CSV UTF-8"),
+    (b"\x1f\x8b", "gzip-compressed data", "name it .csv.gz, which vaeguard decompresses"),
+)
+_UTF_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+             (b"\xfe\xff", "UTF-16"))
+_HEAD_BYTES = 4096
 
 
 def _open_bytes(path: Path):
@@ -58,6 +72,53 @@ def structure_error(path: Path, exc: Exception) -> InputFileError | None:
                               f"as UTF-8")
     if "invalid UTF8" in message:
         return InputFileError(f"{path}: holds text that is not UTF-8 ({one_line(exc)}); save the file as UTF-8")
+    return None
+
+
+def not_csv_text_error(path: Path) -> InputFileError | None:
+    """The error for a file named .csv (or .csv.gz) that its first bytes show is no UTF-8 text, or None.
+
+    Read as CSV, a Parquet file or a workbook was refused as "separated by '\\t'" with its binary
+    header shown, and UTF-16 text (Excel's "Unicode Text", Windows tools) for a line "that has 1
+    field": messages that sent the user to fix the wrong thing. A few KiB, read before the file is
+    parsed; a .gz file that does not decompress is left to the gzip checks (gzip_data_end).
+    """
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with _open_bytes(path) as handle:
+            head = handle.read(_HEAD_BYTES)
+    except (OSError, EOFError, zlib.error):
+        return None
+    inside = "its gzip data is" if compressed else "is"
+    for magic, what, fix in _OTHER_FORMATS:
+        if head.startswith(magic) and (magic != b"PAR1" or b"\0" in head):
+            if compressed and magic == _GZIP_MAGIC:
+                what, fix = "gzip-compressed again", "decompress it once (gunzip)"
+            elif compressed:
+                fix = f"decompress it (gunzip), then {fix}"
+            return InputFileError(f"{path}: {inside} {what}, not CSV text; {fix}")
+    encoding = _wide_encoding(head)
+    if encoding:
+        return InputFileError(f"{path}: {inside} not UTF-8 text (it looks {encoding}); save it as CSV in UTF-8")
+    return None
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """How the text of ``head`` looks encoded when not UTF-8 but UTF-16 or UTF-32, with why; or None.
+
+    Without a byte-order mark, UTF-16 shows as NUL bytes at every other position: a CSV's commas,
+    digits and line ends are ASCII, one NUL byte beside each. A stray NUL in UTF-8 text is no sign.
+    """
+    for bom, encoding in _UTF_BOMS:
+        if head.startswith(bom):
+            return f"{encoding}: it starts with a {encoding} byte-order mark"
+    if len(head) < 8:
+        return None
+    even, odd = head[0::2].count(0) / len(head[0::2]), head[1::2].count(0) / len(head[1::2])
+    if min(even, odd) > 0.25:
+        return "UTF-32: it has three NUL bytes beside each character"
+    if max(even, odd) > 0.25:
+        return "UTF-16: it has NUL bytes between its characters"
     return None
 
 

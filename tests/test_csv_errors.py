@@ -7,8 +7,8 @@ import re
 import pytest
 
 from pipeline import csv_errors
-from pipeline.csv_errors import (gzip_data_end, line_holding, line_of_row, quote_may_be_open, unclosed_quote_error,
-                                 unclosed_quote_line)
+from pipeline.csv_errors import (gzip_data_end, line_holding, line_of_row, not_csv_text_error, quote_may_be_open,
+                                 unclosed_quote_error, unclosed_quote_line)
 from pipeline.errors import InputFileError
 
 LINES = ["id,x"] + [f"{i},{i / 7}" for i in range(400)]
@@ -114,3 +114,37 @@ def test_padded_gzip_end_looks_only_at_the_last_bytes_of_a_file_not_padded(tmp_p
         path.write_bytes(data)
         assert csv_errors.padded_gzip_end(path) is None, data[-8:]
     assert csv_errors.padded_gzip_end(plain) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"PAR1,PAR2\n1,2\n",                          # a column named like Parquet's marker: no NUL byte follows
+    b"id,note\n1,a\0b\n" + b"2,plain\n" * 50,      # a stray NUL in a value is the reader's to judge
+    "\ufeffid,caf\xe9\n1,\xe9t\xe9\n".encode(),      # UTF-8 with its byte order mark
+    "id,caf\xe9\n1,2\n".encode("latin-1"),          # not UTF-8, but no wider encoding: the reader names the value
+    b"a\n1\n",                                     # shorter than the look at NUL bytes needs
+])
+def test_csv_text_in_utf8_is_not_taken_for_another_format(tmp_path, data):
+    path = tmp_path / "t.csv"
+    path.write_bytes(data)
+    assert not_csv_text_error(path) is None
+    path = tmp_path / "t.csv.gz"
+    path.write_bytes(gzip.compress(data))
+    assert not_csv_text_error(path) is None
+
+
+def test_csv_text_in_utf16_is_told_from_its_nul_bytes_without_a_byte_order_mark(tmp_path):
+    text = "\u03b8\u03b5\u03c3\u03b7,\u03c4\u03b9\u03bc\u03ae\n" + "".join(f"\u03b1{i},{i / 7}\n" for i in range(200))
+    path = tmp_path / "t.csv"
+    for encoding in ("utf-16-le", "utf-16-be"):  # Greek names: only the ASCII digits and commas have a NUL byte
+        path.write_bytes(text.encode(encoding))
+        assert "it looks UTF-16: it has NUL bytes between its characters" in str(not_csv_text_error(path)), encoding
+    path.write_bytes(text.encode("utf-32-le"))
+    assert "it looks UTF-32: it has three NUL bytes beside each character" in str(not_csv_text_error(path))
+
+
+def test_a_gz_file_that_is_no_gzip_is_left_to_the_gzip_check(tmp_path):
+    path = tmp_path / "t.csv.gz"
+    path.write_bytes(b"id,x\n1,2\n")
+    assert not_csv_text_error(path) is None
+    with pytest.raises(InputFileError, match="is not gzip data"):
+        gzip_data_end(path)

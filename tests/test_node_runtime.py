@@ -94,9 +94,10 @@ def test_node_matches_python_on_parsing_edge_cases(trained_bundle, incoming_csv,
     rows[4][at["humidity"]] = " 45.5 "                 # spaces around a number
     rows[5][at["shift"]] = "null"                      # a null marker in a text column
     rows[6][at["pressure"]] = "1e1"                    # exponent notation
-    rows[7][at["row_id"]] = "NA"                       # a missing id: written as an empty cell
+    rows[7][at["row_id"]] = "NA"                       # an id spelled like a null marker: kept as written
     rows[8][at["temperature"]] = "500"                 # far out: an anomaly
     rows[9][at["rpm"]] = ""                            # an empty numeric cell
+    rows[10][at["row_id"]] = ""                        # an empty id: "", as a CSV holds no null
     source = tmp_path / "edge.csv"
     with source.open("w", newline="") as handle:        # csv's default line end is CRLF
         writer = csv.writer(handle)
@@ -106,7 +107,8 @@ def test_node_matches_python_on_parsing_edge_cases(trained_bundle, incoming_csv,
         writer.writerows(rows[6:])
     python, node = score_both(node_example, trained_bundle, source, tmp_path)
     assert_same_results(python, node)
-    assert len(node) == 12 and node["row_id"][3] == 'id,with "quotes"' and node["row_id"][7] == ""
+    assert len(node) == 12 and node["row_id"][3] == 'id,with "quotes"'
+    assert node["row_id"][7] == "NA" and node["row_id"][10] == ""
     assert node["is_anomaly"][8]
 
 

@@ -419,7 +419,7 @@ def test_a_parquet_texts_missing_spellings_are_missing_as_in_a_csv(tmp_path, enc
         [batch] = list(iter_batches(path, ["x"], ["c"], ["id"], batch_rows=100))
         assert batch.column("c").to_pylist() == ["a", "b"] * n + [None] * n, path
         assert batch.column("x").to_pylist() == [1.5, 2.0] * n + [None] * n, path
-        assert batch.column("id").null_count == n, path
+        assert batch.column("id").to_pylist() == columns["id"], path  # ids as written (iter_batches)
     # Text that only resembles a spelling is kept, in both formats.
     pq.write_table(pa.table({"c": ["None", " NA", "na"]}), parquet)
     assert read_table(parquet)["c"].tolist() == ["None", " NA", "na"]
@@ -593,3 +593,96 @@ def test_an_io_error_while_diagnosing_a_bad_value_is_still_one_error_naming_the_
     monkeypatch.setattr(tables, "_stream_csv", failing_again)
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: could not be parsed: "):
         list(iter_batches(path, ["a", "b"], [], [], 100))
+
+
+ID_SPELLINGS = ["007", "NA", "", "nan", " 7 ", "1e5", "1,000", "null", "N/A", "NaN"]
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.csv.gz", "t.parquet"])
+def test_ids_are_kept_as_written_while_features_and_labels_read_markers_as_missing(tmp_path, name):
+    """Ids join the scores back to their rows: 'NA', 'nan', 'null' and an empty id came out null, rows
+    no one could find again. Categories, labels and numbers still read the markers as missing."""
+    import csv
+    import gzip
+    import io
+
+    import pyarrow.parquet as pq
+
+    n = len(ID_SPELLINGS)
+    markers = ["NA", "", "nan", "null"] * 3
+    columns = {"id": ID_SPELLINGS + ["r10", "r11"], "c": markers, "label": markers, "x": markers}
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({**columns, "id": pa.array(ID_SPELLINGS + [None, "r11"])}), path)
+    else:
+        text = io.StringIO()
+        csv.writer(text).writerows([list(columns), *zip(*columns.values())])  # quotes "1,000" only
+        data = text.getvalue().encode()
+        path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    batches = list(iter_batches(path, ["x"], ["c", "label"], ["id"], batch_rows=5))
+    ids = [value for batch in batches for value in batch.column("id").to_pylist()]
+    # A CSV holds text, no null: its empty id is "", as a Parquet file's; a Parquet null stays null.
+    assert ids == ID_SPELLINGS + [None if name.endswith(".parquet") else "r10", "r11"]
+    for column in ("c", "label", "x"):
+        assert [v for batch in batches for v in batch.column(column).to_pylist()] == [None] * (n + 2), column
+    # Without id columns, the same read (the other way of reading a CSV's text).
+    [plain] = list(iter_batches(path, ["x"], ["c", "label"], [], batch_rows=100))
+    assert plain.column("c").null_count == plain.column("label").null_count == n + 2
+
+
+TABLE_TEXT = "id,x,c\n" + "".join(f"{i:03d},{i / 7},c{i % 3}\n" for i in range(600))
+
+
+def _not_csv_text(kind: str, tmp_path) -> bytes:
+    """A table as bytes that are not CSV in UTF-8: another format, or another encoding."""
+    import gzip
+
+    if kind == "parquet":
+        pd.DataFrame({"id": ["001"], "x": [1.5]}).to_parquet(tmp_path / "t.parquet")
+        return (tmp_path / "t.parquet").read_bytes()
+    if kind == "xlsx":
+        import zipfile
+
+        with zipfile.ZipFile(tmp_path / "t.xlsx", "w", zipfile.ZIP_DEFLATED) as book:
+            book.writestr("xl/worksheets/sheet1.xml", "<sheetData/>" * 50)
+        return (tmp_path / "t.xlsx").read_bytes()
+    if kind == "gzip":
+        return gzip.compress(TABLE_TEXT.encode())
+    return TABLE_TEXT.encode(kind)
+
+
+NOT_CSV_TEXT = {
+    "parquet": r"is a Parquet file \(it starts with Parquet's PAR1 marker\), not CSV text; name it \.parquet$",
+    "xlsx": r"is a zip archive, as an Excel \.xlsx workbook is, not CSV text; export the sheet as CSV UTF-8",
+    "gzip": r"is gzip-compressed data, not CSV text; name it \.csv\.gz",
+    "utf-16": r"is not UTF-8 text \(it looks UTF-16: it starts with a UTF-16 byte-order mark\); save it as CSV in UTF-8$",
+    "utf-16-le": r"is not UTF-8 text \(it looks UTF-16: it has NUL bytes between its characters\); save it as",
+    "utf-16-be": r"is not UTF-8 text \(it looks UTF-16: it has NUL bytes between its characters\); save it as",
+    "utf-32": r"is not UTF-8 text \(it looks UTF-32: it starts with a UTF-32 byte-order mark\); save it as",
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_CSV_TEXT))
+def test_a_csv_that_is_another_format_or_encoding_is_named_for_what_it_is(tmp_path, kind):
+    """A Parquet file named .csv was "a single column ... separated by '\\t'" with its binary header
+    shown, a UTF-16 CSV "line 602 has 1 fields": both sent the user to fix the wrong thing."""
+    path = tmp_path / "t.csv"
+    path.write_bytes(_not_csv_text(kind, tmp_path))
+    reads = (read_table, read_columns, lambda p: list(iter_batches(p, ["x"], ["c"], ["id"], batch_rows=100)),
+             lambda p: read_text_columns(p, ["c"]))
+    for read in reads:
+        with pytest.raises(InputFileError, match=re.escape(str(path)) + ": " + NOT_CSV_TEXT[kind]):
+            read(path)
+
+
+def test_a_gzipped_csv_in_another_encoding_is_named_for_it(tmp_path):
+    import gzip
+
+    path = tmp_path / "t.csv.gz"
+    path.write_bytes(gzip.compress(TABLE_TEXT.encode("utf-16")))
+    with pytest.raises(InputFileError, match=r"its gzip data is not UTF-8 text \(it looks UTF-16: it starts with"):
+        read_table(path)
+    path.write_bytes(gzip.compress(gzip.compress(TABLE_TEXT.encode())))
+    with pytest.raises(InputFileError, match=r"its gzip data is gzip-compressed again, not CSV text; decompress it "
+                                             r"once \(gunzip\)$"):
+        read_columns(path)

@@ -12,8 +12,8 @@
 //
 // The CSV is read the way the Python pipeline reads it (pyarrow's defaults), so both give the
 // same decisions: the usual null markers ("", "NA", "null", "NaN", ...) are missing in every
-// column, numeric cells are parsed as float64 then rounded to float32, and categorical cells
-// are passed verbatim as strings (missing -> ""). Text that is not UTF-8 is refused in the
+// feature and label column (an id column keeps them as written), numeric cells are parsed as
+// float64 then rounded to float32, and categorical cells are passed verbatim as strings (missing -> ""). Text that is not UTF-8 is refused in the
 // header and in the columns read (ids, features, label), and ignored in the others, as pyarrow
 // does; a label column, when the input has one, must hold 0/1 or true/false, as `vaeguard score` reads it.
 // Input names are those `vaeguard score` reads as CSV: .csv or .csv.gz in any case; a .gz input
@@ -655,7 +655,7 @@ class ChunkScorer {
     this.ids.forEach((id, k) => {
       const raw = fields[id.at];
       this.checkText(raw, id.name, row, line);
-      this.idValues[k][r] = NULL_VALUES.has(raw) ? null : raw;
+      this.idValues[k][r] = raw; // verbatim, null markers included: ids join the scores back to rows
     });
     if (this.label && !isLabel(fields[this.label.at])) {
       throw inputError(`${this.inputPath}: label column ${JSON.stringify(this.label.name)} must be 0 (normal) or ` +
