@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import re
 import shutil
 import uuid
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.outputs import check_location, write_atomic
+from pipeline.outputs import check_location, temp_path
 from pipeline.plots import png_bytes
+from pipeline.signals import signals_held
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
@@ -107,15 +109,21 @@ def write_report(path: Path, title: str, sections: list[Section]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     fresh, stale = path.parent / f".{png_dir.name}.tmp-{tag}", path.parent / f".{png_dir.name}.old-{tag}"
+    page = temp_path(path)
     try:
         fresh.mkdir()
         for name, data in pngs.items():
             (fresh / name).write_bytes(data)
-        write_atomic(path, text)
-        if png_dir.is_dir():
-            png_dir.rename(stale)
-        fresh.rename(png_dir)
+        page.write_text(text)
+        # The page and its figures change together: a signal between the renames left a new page
+        # beside no figures folder, or beside the earlier report's figures.
+        with signals_held():
+            if png_dir.is_dir():
+                png_dir.rename(stale)
+            fresh.rename(png_dir)
+            os.replace(page, path)
     finally:
+        page.unlink(missing_ok=True)
         shutil.rmtree(fresh, ignore_errors=True)
         shutil.rmtree(stale, ignore_errors=True)
     return path

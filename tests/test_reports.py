@@ -335,6 +335,33 @@ def test_failed_report_leaves_nothing_and_a_new_one_leaves_no_stale_figure(tmp_p
     assert [p.name for p in (out / "report_files").iterdir()] == ["first.png"]
 
 
+def test_a_signal_while_a_report_replaces_the_last_one_leaves_page_and_figures_of_one_report(tmp_path, monkeypatch):
+    """The page was renamed into place first, then the figures folder: Ctrl-C between the two left
+    the new page beside no figures folder (the earlier one moved aside and deleted)."""
+    import pathlib
+    import signal
+
+    from pipeline.report_html import Section, write_report
+    from pipeline.signals import StoppedAfterCommit
+
+    out = tmp_path / "report.html"
+    write_report(out, "first", [Section("x", figures=[("old", small_figure())])])
+    rename = pathlib.Path.rename
+
+    def interrupted_rename(self, target):
+        moved = rename(self, target)
+        if self.name == "report_files":  # the earlier report's figures, moved aside
+            signal.raise_signal(signal.SIGINT)
+        return moved
+
+    monkeypatch.setattr(pathlib.Path, "rename", interrupted_rename)
+    with pytest.raises(StoppedAfterCommit):
+        write_report(out, "second", [Section("x", figures=[("new", small_figure())])])
+    assert "second" in out.read_text(encoding="ascii")
+    assert [p.name for p in (tmp_path / "report_files").iterdir()] == ["new.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report_files"]
+
+
 def test_report_where_a_folder_or_file_is_in_the_way_says_so(tmp_path):
     from pipeline.errors import ConfigError
     from pipeline.report_html import Section, write_report
