@@ -105,6 +105,14 @@ class Preprocessor:
         return names
 
     @property
+    def feature_columns(self) -> list[str]:
+        """The input column of each feature, in feature_names' order. Taken from the parts, not parsed
+        from the names: a column named 'a=b' or 'x__missing' reads as a one-hot of 'a' or the missing
+        flag of 'x', and 'a=b' is also category 'b' of 'a'."""
+        return ([s.name for s in self.numeric] + [s.name for s in self.numeric if s.has_indicator]
+                + [s.name for s in self.categorical for _ in range(len(s.categories) + 1)])
+
+    @property
     def n_features(self) -> int:
         return len(self.feature_names)
 
@@ -179,11 +187,6 @@ def _share(entry: dict) -> float | None:
         raise TypeError(f"categorical column {entry.get('name')!r}: 'unknown_share' must be a number from 0 to 1, "
                         f"got {value!r}")
     return None if value is None else float(value)
-
-
-def source_column(feature: str) -> str:
-    """The input column a feature came from: one-hot and missing-indicator features name theirs."""
-    return re.split(r"=|__missing$", feature, maxsplit=1)[0]
 
 
 def fit_preprocessor(frame: pd.DataFrame, schema: TableSchema, config: PreprocessConfig,

@@ -150,19 +150,10 @@ def _top_rows(bundle: Bundle, job: ScoreJob, scored: pd.DataFrame, top: np.ndarr
                    tables=[("Top anomalies with their values", table.head(10))])
 
 
-def feature_sources(pre: Preprocessor) -> list[str]:
-    """The input column of each model feature, in Preprocessor.feature_names' order (numeric columns,
-    their missing flags, each categorical column's one-hot and unknown bucket). Taken from the
-    preprocessor's parts, not parsed from the feature names: a column named 'a=b' or 'x__missing'
-    reads as a one-hot of 'a' or the missing flag of 'x', and 'a=b' is also category 'b' of 'a'."""
-    return ([s.name for s in pre.numeric] + [s.name for s in pre.numeric if s.has_indicator]
-            + [s.name for s in pre.categorical for _ in range(len(s.categories) + 1)])
-
-
 def column_shares(errors: np.ndarray, pre: Preprocessor) -> pd.DataFrame:
     """Each row's reconstruction error as shares per input column (one-hot and missing flags summed
     into their column), the columns in the schema's order."""
-    per_column = pd.DataFrame(np.asarray(errors).T).groupby(feature_sources(pre), sort=False).sum().T
+    per_column = pd.DataFrame(np.asarray(errors).T).groupby(pre.feature_columns, sort=False).sum().T
     return per_column.div(per_column.sum(axis=1).replace(0, 1), axis=0)
 
 
