@@ -348,6 +348,10 @@ def _read_file(item: str) -> Image.Image | str:
                 if opened.mode == "F":
                     # Float pixels have no agreed range (0..1? 0..255?); guessing turns a whole set black.
                     return "32-bit float pixels (mode F) have no fixed range; save the image as 8-bit or 16-bit"
+                if opened.mode == "I" and _wider_than_16_bits(opened):
+                    # Mode I is also how Pillow opens a 16-bit PGM, which is scaled as 16-bit; a 32-bit
+                    # TIFF holding 0..255 was scaled so too, and came out almost black, with no word.
+                    return "32-bit integer pixels (mode I) have no fixed range; save the image as 8-bit or 16-bit"
                 # Camera JPEGs store rotation as a tag; apply it so the model sees what viewers show.
                 return ImageOps.exif_transpose(opened)
     except FileNotFoundError:
@@ -367,6 +371,16 @@ def _read_file(item: str) -> Image.Image | str:
     # them means "this one file is bad", which must not stop the run.
     except Exception as exc:  # noqa: BLE001
         return one_line(exc)
+
+
+def _wider_than_16_bits(picture: Image.Image) -> bool:
+    """A mode I image that is not 16-bit data: a TIFF stored with more than 16 bits per sample, or
+    any pixel outside 0..65535."""
+    bits = getattr(picture, "tag_v2", {}).get(258)  # TIFF's BitsPerSample
+    if bits is not None and max(bits if isinstance(bits, tuple) else (bits,)) > 16:
+        return True
+    low, high = picture.getextrema()
+    return low < 0 or high > 65535
 
 
 def _npy_pictures(source: ImageSource, start: int, stop: int | None) -> Iterator[Image.Image | str]:

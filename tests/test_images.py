@@ -432,6 +432,24 @@ def test_float_tiff_from_a_csv_is_skipped_not_loaded_black(tmp_path):
                                                     "save the image as 8-bit or 16-bit")]
 
 
+def test_a_32_bit_integer_image_is_skipped_and_a_16_bit_pgm_is_read(tmp_path):
+    """Mode I was taken as 16-bit: a 32-bit TIFF holding 0..255 came out almost black, and one
+    holding more than 65535 white, with no word; a 16-bit PGM, which Pillow also opens as mode I,
+    must still read as the same picture in 16 bits."""
+    pixels = _pixels(60, 8, 8, channels=1)
+    Image.fromarray(pixels.astype(np.int32)).save(tmp_path / "small.tif")  # mode I, 0..255
+    Image.fromarray((pixels.astype(np.uint16) * 257)).save(tmp_path / "wide.pgm")  # mode I, 16-bit
+    _save(tmp_path / "ok.png", Image.fromarray(pixels, mode="L"))
+    index = tmp_path / "index.csv"
+    index.write_text("path\nsmall.tif\nwide.pgm\nok.png\n")
+    assert Image.open(tmp_path / "small.tif").mode == Image.open(tmp_path / "wide.pgm").mode == "I"
+    images, names, errors = load_images(list_images(index), ImageSpec(size=8))
+    assert names == [str(tmp_path / "wide.pgm"), str(tmp_path / "ok.png")]
+    np.testing.assert_array_equal(images[0], images[1])
+    assert errors == [(str(tmp_path / "small.tif"), "32-bit integer pixels (mode I) have no fixed range; "
+                                                    "save the image as 8-bit or 16-bit")]
+
+
 def test_a_broken_link_is_skipped_with_where_it_points(tmp_path):
     root = tmp_path / "imgs"
     _save(root / "a.png", Image.fromarray(_pixels(1, channels=1), mode="L"))
