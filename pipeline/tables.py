@@ -57,6 +57,9 @@ def check_input_file(path: str | Path) -> Path:
     another format or text not in UTF-8 (its first bytes tell)."""
     path = Path(path)
     check_utf8_path(path, "input", InputFileError)
+    if path.is_dir():  # else "unsupported file type '(none)'": a table bundle handed an image folder
+        raise InputFileError(f"{path}: a folder, where a table file was expected ({', '.join(SUPPORTED_SUFFIXES)}); "
+                             f"this bundle scores tables: score an image folder with a bundle trained on images")
     kind = table_format(path)
     if not path.exists():
         raise InputFileError(f"{path}: file not found; check the path")

@@ -603,6 +603,18 @@ def test_score_output_folder_that_does_not_exist_is_created(capsys, tmp_path, ba
     assert sorted(p.name for p in output.parent.iterdir()) == ["scores.parquet", "scores.summary.json"]
 
 
+def test_score_an_image_folder_with_a_table_bundle_says_so(capsys, tmp_path, trained_bundle, scores_dir):
+    """It said "unsupported file type '(none)'; expected one of ('.csv', ...)", never that the input
+    was a folder and the bundle scores tables."""
+    folder = tmp_path / "today"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG")
+    message = error_line(*run_score(capsys, trained_bundle, [folder], scores_dir / "s.parquet"))
+    assert message == (f"error: {folder}: a folder, where a table file was expected (.csv, .csv.gz, .parquet, .pq); "
+                       f"this bundle scores tables: score an image folder with a bundle trained on images")
+    assert not (scores_dir / "s.parquet").exists()
+
+
 # A Latin-1 folder name, as Linux hands it to Python (os.fsdecode keeps the byte as a surrogate).
 NOT_UTF8 = os.fsdecode(b"caf\xe9")
 
