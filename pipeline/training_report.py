@@ -18,9 +18,11 @@ from pipeline.config import ImageTrainJob, TrainJob
 from pipeline.model import error_map
 from pipeline.plots import feature_contributions, image_grid, latent_projection, loss_curves, roc_pr_curves, score_histogram
 from pipeline.report_html import Section, facts_table, write_report
+from pipeline.runtime import create_session
+from pipeline.schema import TableSchema
 from pipeline.scorer_graph import graph_inputs
 from pipeline.scoring_report import column_shares, top_rows_table
-from pipeline.workflow import RunDir, load_scorer_graph, load_splits, read_json
+from pipeline.workflow import RunDir, load_scorer_graph, load_splits, read_json, scorer_scores
 
 TOP_ANOMALIES = 20
 REPORT = "report.html"
@@ -71,7 +73,9 @@ def table_sections(job: TrainJob, run: RunDir) -> list[Section]:
         x = graph.features(*graph_inputs(pre, rows, str(job.data)))
         mu, logvar = graph.vae.encoder(x)
         shares = error_map(x, graph.vae.decoder(mu), graph.vae.decoder.bounded_log_scale()).numpy()
-        scores = graph.components(*graph_inputs(pre, rows, str(job.data)))[0].numpy()
+    # The bundle's own scores, as its metrics and threshold are (PyTorch's differ by about 1e-6).
+    scores = scorer_scores(create_session(run.bundle / "scorer.onnx", "cpu", job.config.training.threads),
+                           TableSchema.from_dict(read_json(run.schema)), rows, str(job.data))
     sections = _common_sections(job, run, manifest, calibration)
     labels = rows[label].to_numpy().astype(int) if labelled else None
     if labelled:

@@ -173,6 +173,12 @@ def load_model(run: RunDir) -> VAE:
     return model.eval()
 
 
+def scorer_scores(session, schema: TableSchema, rows: pd.DataFrame, source: str) -> np.ndarray:
+    """The scores a scorer graph's onnxruntime session gives ``rows``, in the chunks `vaeguard export
+    --precision` scores the kept calibration rows in."""
+    return score_in_chunks(session, frame_feeds(schema, rows, source), TABLE_CHUNK, ["score"])["score"]
+
+
 def calibrate_threshold(job: TrainJob, run: RunDir) -> dict:
     """Export the scorer, score the calibration rows with it in onnxruntime, set the threshold at
     the target FPR; measure on test rows."""
@@ -190,8 +196,7 @@ def calibrate_threshold(job: TrainJob, run: RunDir) -> dict:
     session = create_session(run.scorer, "cpu", job.config.training.threads)
 
     def scores(rows: pd.DataFrame) -> np.ndarray:
-        # In the chunks `vaeguard export --precision` scores the kept calibration rows in.
-        return score_in_chunks(session, frame_feeds(schema, rows, _source(job)), TABLE_CHUNK, ["score"])["score"]
+        return scorer_scores(session, schema, rows, _source(job))
 
     calibration = calibrate(scores(frame.iloc[splits.cal]), target_fpr)
     metrics: dict = {}

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import workflow
@@ -82,6 +83,13 @@ def test_training_report_plots_carry_the_bundle_numbers(finished_run):
     assert best and all(list(line.get_xdata()) == [manifest["training"]["best_epoch"]] * 2 for line in best)
     top = sections[4].tables[0][1]
     assert np.all(np.diff(top["vaeguard", "score"].to_numpy()) <= 0)  # highest scores first
+    # The bundle's own scores (onnxruntime), as its threshold and metrics are, not PyTorch's.
+    from pipeline.bundle import Bundle
+    from pipeline.runtime import BundleScorer
+
+    held_out = pd.read_parquet(run.rows).iloc[workflow.load_splits(run).test]
+    own = BundleScorer(Bundle.load(run.bundle), device="cpu").score_frame(held_out, "held-out rows")["score"]
+    np.testing.assert_array_equal(top["vaeguard", "score"].to_numpy(), np.sort(own.to_numpy())[::-1][:len(top)])
     assert set(top["vaeguard", "main driver"]) <= set(manifest["schema"]["numeric"]) | set(manifest["schema"]["categorical"])
 
 
