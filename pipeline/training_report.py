@@ -15,9 +15,11 @@ import torch
 from pipeline.bundle import MANIFEST
 from pipeline.calibrate import FPR_RANGE_LEVEL, Calibration, format_fpr_range
 from pipeline.config import ImageTrainJob, TrainJob
+from pipeline.contract import IMAGE_INPUT
 from pipeline.model import error_map
 from pipeline.plots import feature_contributions, image_grid, latent_projection, loss_curves, roc_pr_curves, score_histogram
 from pipeline.report_html import Section, facts_table, write_report
+from pipeline.precision import IMAGE_CHUNK, score_in_chunks
 from pipeline.runtime import create_session
 from pipeline.schema import TableSchema
 from pipeline.scorer_graph import graph_inputs
@@ -107,9 +109,11 @@ def image_sections(job: ImageTrainJob, run: RunDir) -> list[Section]:
     images = np.ascontiguousarray(load_run_images(run)[np.concatenate([splits.cal, splits.val])])
     with torch.no_grad():
         tensor = torch.from_numpy(images)
-        score, _, _, maps, reconstruction = graph.components(tensor)
+        _, _, _, maps, reconstruction = graph.components(tensor)
         mu, _ = graph.vae.encoder(tensor)
-    scores = score.numpy()
+    # The bundle's own scores, as its threshold is (PyTorch's differ by about 1e-6).
+    scores = score_in_chunks(create_session(run.bundle / "scorer.onnx", "cpu", job.config.training.threads),
+                             {IMAGE_INPUT: images}, IMAGE_CHUNK, ["score"])["score"]
     top = np.argsort(-scores, kind="stable")[:8]
     sections = _common_sections(job, run, manifest, calibration)
     sections += [
