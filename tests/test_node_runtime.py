@@ -536,3 +536,134 @@ def test_a_quote_never_closed_is_refused_naming_file_and_line(trained_bundle, in
     assert done.returncode == 2, done.stderr
     assert f"{source}: line 6 opens a quoted field that is never closed" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
+
+
+def bad_value_at_row_42(incoming_csv: Path, tmp_path: Path) -> Path:
+    """The incoming batch with a value Node refuses at row 42: an output error that names the output
+    instead of this shows the output was checked before any row was read."""
+    frame = pd.read_csv(incoming_csv).astype({"temperature": object})
+    frame.loc[41, "temperature"] = "broken"
+    source = tmp_path / "bad.csv"
+    frame.to_csv(source, index=False)
+    return source
+
+
+@pytest.mark.parametrize("link", ["same", "dot", "hard", "symbolic"])
+def test_an_output_that_is_the_input_is_refused_before_any_work(trained_bundle, incoming_csv, node_example, tmp_path,
+                                                                link):
+    # `vaeguard score` refuses it (pipeline.outputs.check_not_an_input); Node scored the file and
+    # renamed the scores over it, exit 0.
+    source = tmp_path / "t.csv"
+    shutil.copy(incoming_csv, source)
+    out = {"same": str(source), "dot": f"{tmp_path}/./t.csv", "hard": tmp_path / "hard.csv",
+           "symbolic": tmp_path / "link.csv"}[link]
+    if link == "hard":
+        os.link(source, out)
+    elif link == "symbolic":
+        os.symlink(source, out)
+    done = run_node(node_example, trained_bundle, source, out)  # "/./" kept as written
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: output {out}: is the input {source}, which the scores would replace; " \
+        "write the scores to another file\n"
+    assert source.read_bytes() == incoming_csv.read_bytes()
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("folder.csv", "is an existing directory; expected a path for a file, or move that directory away"),
+    ("scores.parquet", 'unsupported extension ".parquet"; this example writes CSV: name the output .csv'),
+    ("file.csv/scores.csv", "TMP/file.csv is a file, not a directory; write into a directory, or move that file away"),
+    ("BUNDLE/scores.csv", "is inside the bundle"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(trained_bundle, incoming_csv, node_example,
+                                                                     tmp_path, output, expected):
+    # Node scored every row first and then failed on a raw EISDIR, wrote CSV text into a .parquet
+    # file, and wrote scores into the bundle folder a retrain replaces whole.
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "file.csv").write_text("x\n")
+    out = tmp_path / output.replace("BUNDLE", "bundle")
+    done = run_node(node_example, bundle, bad_value_at_row_42(incoming_csv, tmp_path), out)
+    assert done.returncode == 2, done.stderr
+    expected = expected.replace("TMP", str(tmp_path))
+    assert done.stderr.startswith(f"error: output {out}: {expected}") and done.stderr.count("\n") == 1
+    assert not out.is_file() and sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in trained_bundle.iterdir())
+
+
+def test_missing_output_folders_are_created_and_removed_again_on_failure(trained_bundle, incoming_csv, node_example,
+                                                                        tmp_path):
+    # As `vaeguard score` does; Node failed on a raw "ENOENT ... '.o.csv.tmp-<pid>'".
+    out = tmp_path / "new" / "deeper" / "scores.csv"
+    done = run_node(node_example, trained_bundle, bad_value_at_row_42(incoming_csv, tmp_path), out)
+    assert done.returncode == 2 and 'must be numeric but row 42' in done.stderr
+    assert not (tmp_path / "new").exists()  # a failed run leaves no folder it made
+    done = run_node(node_example, trained_bundle, incoming_csv, out)
+    assert done.returncode == 0, done.stderr
+    assert len(pd.read_csv(out)) == len(pd.read_csv(incoming_csv))
+
+
+def reverse_numeric(manifest: dict) -> None:
+    for columns in (manifest["schema"]["numeric"], manifest["onnx"]["scorer_inputs"][0]["columns"],
+                    manifest["preprocessing"]["numeric"]):
+        columns.reverse()
+
+
+def raise_threshold(manifest: dict) -> None:
+    manifest["calibration"]["threshold"] *= 1.5
+
+
+def another_target(manifest: dict) -> None:
+    manifest["calibration"]["target_fpr"] = 0.05
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (reverse_numeric, "its numeric columns are ['"),
+    (raise_threshold, "its threshold is "),
+    (another_target, "its target FPR is 0.01, the manifest's 0.05"),
+])
+def test_a_manifest_edited_by_hand_is_refused_as_python_refuses_it(trained_bundle, incoming_csv, node_example,
+                                                                   tmp_path, edit, expected):
+    # Only scorer.onnx is hash-checked: with the numeric order reversed Node fed each column into
+    # another's slot, and with the threshold raised it reported one the graph does not flag at,
+    # exit 0. `vaeguard score` checks the manifest against the graph's own metadata; Node too now.
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    python = python_error(bundle, incoming_csv, tmp_path)
+    assert expected in python
+    done = run_node(node_example, bundle, incoming_csv, tmp_path / "out.csv")
+    assert done.returncode == 1
+    assert done.stderr == f"error: {python}\n"
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_categorical_inputs_swapped_in_the_manifest_are_refused(trained_bundle, incoming_csv, node_example, tmp_path):
+    # Python feeds cat_<column> by the schema's names; Node reads the pairing from
+    # onnx.scorer_inputs, where two swapped columns fed each one's values to the other's input.
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    first, second = [entry for entry in manifest["onnx"]["scorer_inputs"] if entry["dtype"] == "string"][:2]
+    first["column"], second["column"] = second["column"], first["column"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    done = run_node(node_example, bundle, incoming_csv, tmp_path / "out.csv")
+    assert done.returncode == 1
+    assert f'scorer input "{first["name"]}" is given column "{first["column"]}"' in done.stderr
+
+
+def test_onnx_metadata_reads_as_onnx_reads_it(trained_bundle, node_example):
+    """onnxruntime-node exposes no custom metadata: score.js reads ModelProto.metadata_props itself."""
+    import onnx
+
+    program = """
+    const { onnxMetadata } = require(process.argv[1]);
+    const files = process.argv.slice(2);
+    const read = (f) => Object.fromEntries(onnxMetadata(require('node:fs').readFileSync(f), f));
+    process.stdout.write(JSON.stringify(files.map(read)));
+    """
+    files = [trained_bundle / name for name in ("scorer.onnx", "encoder.onnx", "decoder.onnx")]
+    done = subprocess.run(["node", "-e", program, str(node_example), *map(str, files)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    expected = [{p.key: p.value for p in onnx.load(str(f), load_external_data=False).metadata_props} for f in files]
+    assert json.loads(done.stdout) == expected
+    assert "vaeguard.numeric_columns" in expected[0] and "vaeguard.threshold" in expected[0]

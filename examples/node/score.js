@@ -3,8 +3,10 @@
 //
 //   node score.js BUNDLE_DIR INPUT.csv OUTPUT.csv [--chunk-rows N]
 //
-// Reads BUNDLE_DIR/manifest.json, checks scorer.onnx against the sha256 the manifest records,
-// feeds the CSV's feature columns to the graph in chunks and writes one row per input row:
+// Reads BUNDLE_DIR/manifest.json, checks scorer.onnx against the sha256 the manifest records and
+// the manifest against scorer.onnx's own metadata and inputs (numeric column order, threshold,
+// target FPR, calibration size), as `vaeguard score` does, feeds the CSV's feature columns to the
+// graph in chunks and writes one row per input row:
 // the id columns the manifest names (required, as the features are), then score, recon, kl,
 // p_value and is_anomaly, the same columns `vaeguard score ... -o OUTPUT.csv` writes.
 // The threshold is baked into scorer.onnx, so is_anomaly needs no extra step. A categorical
@@ -22,8 +24,11 @@
 //
 // Exit status: 0 on success, 2 when the command line or the input CSV is wrong (missing
 // column, non-numeric value, malformed CSV), 1 when the bundle is unusable (bad manifest,
-// sha256 mismatch) or scoring fails. Errors are one line on stderr; the output file is
-// written to a temporary name and renamed into place only when every row has been scored.
+// sha256 mismatch, a manifest that disagrees with the graph) or scoring fails. Errors are one line
+// on stderr; the output file is written to a temporary name and renamed into place only when every
+// row has been scored. OUTPUT is checked before any work, as `vaeguard score` checks --output: it
+// must be named .csv, and may not be the input, an existing folder or inside the bundle; folders
+// above it that are missing are created (and removed again if the run fails).
 
 'use strict';
 
@@ -82,24 +87,135 @@ function readManifest(bundleDir) {
   return manifest;
 }
 
-async function sha256File(file) {
-  const digest = crypto.createHash('sha256');
-  for await (const block of fs.createReadStream(file)) digest.update(block);
-  return digest.digest('hex');
-}
-
-/** Refuse a scorer.onnx that is not the file the manifest was written for. */
-async function verifyScorer(bundleDir, manifest) {
+/**
+ * scorer.onnx's bytes, refused unless they are the file the manifest was written for. The session
+ * is made from these same bytes, so the file checked is the file scored with.
+ */
+function readScorer(bundleDir, manifest) {
   const scorerPath = path.join(bundleDir, 'scorer.onnx');
   const expected = (manifest.files || {})['scorer.onnx'];
   if (!expected) throw new UserError(`${bundleDir}/manifest.json: no sha256 recorded for scorer.onnx`);
   if (!fs.existsSync(scorerPath)) throw new UserError(`${scorerPath}: missing; copy the whole bundle folder`);
-  const actual = await sha256File(scorerPath);
+  const bytes = fs.readFileSync(scorerPath);
+  const actual = crypto.createHash('sha256').update(bytes).digest('hex');
   if (actual !== expected) {
     throw new UserError(`${scorerPath}: sha256 ${actual.slice(0, 12)}... does not match the manifest's ` +
       `${expected.slice(0, 12)}...; the file was modified or corrupted: re-export or re-copy the bundle`);
   }
-  return scorerPath;
+  return { scorerPath, bytes };
+}
+
+/**
+ * The custom metadata of an ONNX file (ModelProto.metadata_props, field 14: repeated key = 1,
+ * value = 2), which onnxruntime-node does not expose (only input and output names and types).
+ * The file's top-level fields are walked and skipped; only those entries are decoded.
+ */
+function onnxMetadata(bytes, file) {
+  const entries = new Map();
+  for (const [field, entry] of lengthDelimitedFields(bytes, file)) {
+    if (field !== 14) continue;
+    let key = '';
+    let value = '';
+    for (const [part, text] of lengthDelimitedFields(entry, file)) {
+      if (part === 1) key = text.toString('utf8');
+      else if (part === 2) value = text.toString('utf8');
+    }
+    entries.set(key, value);
+  }
+  return entries;
+}
+
+/** [field number, bytes] of each length-delimited field of one protobuf message; other fields are skipped. */
+function* lengthDelimitedFields(bytes, file) {
+  const malformed = () => new UserError(`${file}: not a readable ONNX file (protobuf ends early or is malformed); ` +
+    're-export or re-copy the bundle');
+  let at = 0;
+  const varint = () => {
+    let value = 0;
+    for (let scale = 1; scale < 2 ** 64; scale *= 128) {
+      if (at >= bytes.length) throw malformed();
+      const b = bytes[at++];
+      value += (b & 0x7f) * scale; // a Number: exact for any length a file can have
+      if (b < 0x80) return value;
+    }
+    throw malformed();
+  };
+  while (at < bytes.length) {
+    const tag = varint();
+    const field = Math.floor(tag / 8);
+    const wire = tag % 8;
+    if (wire === 0) varint();
+    else if (wire === 1) at += 8;
+    else if (wire === 5) at += 4;
+    else if (wire === 2) {
+      const n = varint();
+      if (at + n > bytes.length) throw malformed();
+      yield [field, bytes.subarray(at, at + n)];
+      at += n;
+    } else throw malformed(); // groups (3, 4) are not in ONNX's schema
+    if (at > bytes.length) throw malformed();
+  }
+}
+
+/**
+ * The manifest says which column goes into which slot and what the threshold is, but only
+ * scorer.onnx is hash-checked: a hand-edited manifest (numeric columns reordered, a threshold
+ * "adjusted") fed columns into the wrong slots, or reported a rate the graph does not flag at,
+ * with exit status 0. The scorer's own metadata and inputs, covered by its hash, are the
+ * reference, as `vaeguard score` holds them (pipeline.runtime.check_scorer_agrees, same words).
+ * Returns the graph's threshold as its metadata writes it.
+ */
+function checkScorerAgrees(scorerPath, manifest, inputs, metadata, session) {
+  const refuse = (what) => new UserError(`${scorerPath}: ${what}; the manifest was edited or belongs to another ` +
+    'bundle: restore manifest.json or re-export the bundle');
+  const calibration = manifest.calibration;
+  if (!calibration || typeof calibration.threshold !== 'number') {
+    throw new UserError(`${path.dirname(scorerPath)}/manifest.json: no calibration.threshold; restore manifest.json ` +
+      'or re-export the bundle');
+  }
+  const baked = (key) => (metadata.has(`vaeguard.${key}`) ? metadata.get(`vaeguard.${key}`) : null);
+  const threshold = baked('threshold');
+  if (threshold !== null && Number(threshold) !== calibration.threshold) {
+    throw refuse(`its threshold is ${threshold}, the manifest's ${calibration.threshold} (the threshold is baked ` +
+      'into the graph; to flag at another rate, use p_value <= that rate)');
+  }
+  // The line at the end states the target FPR from the manifest: edited, a run flagging at 1%
+  // reported itself against 5%.
+  for (const [key, what] of [['target_fpr', 'target FPR'], ['n_calibration', 'number of calibration inputs']]) {
+    const value = baked(key);
+    if (value !== null && Number(value) !== calibration[key]) {
+      throw refuse(`its ${what} is ${value}, the manifest's ${calibration[key]}`);
+    }
+  }
+  if (calibration.expected_fpr !== calibration.rank / (calibration.n_calibration + 1)) {
+    throw refuse(`the manifest's expected FPR ${calibration.expected_fpr} is not its rank / (n_calibration + 1) ` +
+      `= ${calibration.rank} / ${calibration.n_calibration + 1}`);
+  }
+  const numeric = inputs.find((input) => input.kind === 'numeric');
+  const columns = baked('numeric_columns');
+  if (columns !== null) {
+    const graph = JSON.parse(columns);
+    const fed = numeric ? numeric.columns : [];
+    if (JSON.stringify(graph) !== JSON.stringify(fed)) {
+      throw refuse(`its numeric columns are ${pyList(graph)}, the manifest's ${pyList(fed)}`);
+    }
+  }
+  const graphInputs = [...session.inputNames].sort();
+  const declared = inputs.map((input) => input.name).sort();
+  if (JSON.stringify(graphInputs) !== JSON.stringify(declared)) {
+    throw refuse(`its inputs are ${pyList(graphInputs)}, the manifest's onnx.scorer_inputs ${pyList(declared)}`);
+  }
+  const shape = numeric && (session.inputMetadata.find((m) => m.name === 'numeric') || {}).shape;
+  if (shape && typeof shape[1] === 'number' && shape[1] !== numeric.columns.length) {
+    throw refuse(`its numeric input takes ${shape[1]} columns, the manifest's onnx.scorer_inputs names ` +
+      `${numeric.columns.length}`);
+  }
+  return threshold !== null ? threshold : String(calibration.threshold);
+}
+
+/** Python's repr() of a list of str, as `vaeguard score`'s messages write one. */
+function pyList(names) {
+  return `[${names.map(pyRepr).join(', ')}]`;
 }
 
 /**
@@ -117,6 +233,13 @@ function scorerInputs(manifest) {
       return { name: input.name, kind: 'numeric', columns: input.columns };
     }
     if (input.dtype === 'string' && typeof input.column === 'string') {
+      // The graph's inputs are hash-checked (checkScorerAgrees), this pairing is not: two columns
+      // swapped here would feed each one's values to the other's input.
+      if (input.name !== `cat_${input.column}`) {
+        throw new UserError(`manifest.json: scorer input ${JSON.stringify(input.name)} is given column ` +
+          `${JSON.stringify(input.column)}, but a categorical column's input is named cat_<column>; the manifest was ` +
+          'edited: restore manifest.json or re-export the bundle');
+      }
       // onnxruntime-node hands strings to the graph as C strings, cut at the first NUL: "A\0x"
       // would score as the known "A", while `vaeguard score` passes it whole, an unseen value.
       // Such a cell is fed as a string the graph does not know (`unseen`) instead.
@@ -742,12 +865,100 @@ function parseArgs(argv) {
   return { bundleDir, inputPath, outputPath, chunkRows };
 }
 
+// ---------------------------------------------------------------------------------------------
+// The output file, checked before any work as `vaeguard score` checks its --output
+// (pipeline.outputs.check_scores_target): otherwise every row was scored first and the last
+// step failed, or the scores replaced the input or landed in the bundle.
+
+/**
+ * The path with symbolic links and '..' resolved, existing or not (Python's os.path.realpath):
+ * the deepest part that exists is resolved by the system, the rest appended.
+ */
+function realPath(file) {
+  const absolute = path.resolve(file);
+  const rest = [];
+  for (let at = absolute; ; at = path.dirname(at)) {
+    try {
+      return path.join(fs.realpathSync.native(at), ...rest.reverse());
+    } catch {
+      if (path.dirname(at) === at) return absolute;
+      rest.push(path.basename(at));
+    }
+  }
+}
+
+/** Two names of one file: the same real path, or (hard links) the same device and inode. */
+function sameFile(a, b) {
+  if (realPath(a) === realPath(b)) return true;
+  try {
+    const [x, y] = [fs.statSync(a), fs.statSync(b)];
+    return x.dev === y.dev && x.ino === y.ino;
+  } catch {
+    return false; // one of them does not exist (yet)
+  }
+}
+
+function checkOutput(outputPath, inputPath, bundleDir) {
+  const fail = (what) => inputError(`output ${outputPath}: ${what}`);
+  // The output is CSV text whatever it is named: a .parquet holding CSV is unreadable as Parquet.
+  const suffix = path.extname(outputPath).toLowerCase();
+  if (suffix !== '.csv') {
+    throw fail(`unsupported extension ${suffix ? JSON.stringify(suffix) : '(none)'}; this example writes CSV: ` +
+      'name the output .csv (`vaeguard score` writes Parquet)');
+  }
+  let status = null;
+  try { status = fs.statSync(outputPath); } catch { /* not there yet */ }
+  if (status && status.isDirectory()) {
+    throw fail('is an existing directory; expected a path for a file, or move that directory away');
+  }
+  let above = path.dirname(outputPath); // as given, so the message names it as the user wrote it
+  while (!fs.existsSync(above) && path.dirname(above) !== above) above = path.dirname(above);
+  if (!fs.statSync(above).isDirectory()) {
+    throw fail(`${above} is a file, not a directory; write into a directory, or move that file away`);
+  }
+  if (sameFile(outputPath, inputPath)) {
+    throw fail(`is the input ${inputPath}, which the scores would replace; write the scores to another file`);
+  }
+  // A file the manifest lists would break the bundle's hashes, anything else is lost when a
+  // retrain replaces the folder whole.
+  const root = realPath(bundleDir);
+  const relative = path.relative(root, realPath(outputPath));
+  if (relative === '' || !(relative === '..' || relative.startsWith(`..${path.sep}`) || path.isAbsolute(relative))) {
+    throw fail(`is inside the bundle ${bundleDir}, which a retrain replaces whole and whose files are hash-checked; ` +
+      'write it outside the bundle folder');
+  }
+}
+
+/** Create the folders above `file` that are missing, as `vaeguard score` does; returns them, deepest first. */
+function makeParents(file) {
+  const missing = [];
+  for (let at = path.dirname(path.resolve(file)); !fs.existsSync(at); at = path.dirname(at)) missing.push(at);
+  if (missing.length) {
+    try {
+      fs.mkdirSync(missing[0], { recursive: true });
+    } catch (err) {
+      removeEmptyFolders(missing);
+      throw new UserError(`output ${file}: cannot create its folder (${err.code || err.message}); check the path ` +
+        'and its permissions');
+    }
+  }
+  return missing;
+}
+
+/** Remove `folders` (deepest first) while they are empty: a failed run leaves no folder it made. */
+function removeEmptyFolders(folders) {
+  for (const folder of folders) {
+    try { fs.rmdirSync(folder); } catch { return; }
+  }
+}
+
 async function main(argv) {
   const { bundleDir, inputPath, outputPath, chunkRows } = parseArgs(argv);
+  checkInputName(inputPath);
+  checkOutput(outputPath, inputPath, bundleDir);
   const manifest = readManifest(bundleDir);
   const inputs = scorerInputs(manifest);
-  const scorerPath = await verifyScorer(bundleDir, manifest);
-  checkInputName(inputPath);
+  const { scorerPath, bytes } = readScorer(bundleDir, manifest);
   if (!fs.existsSync(inputPath) || !fs.statSync(inputPath).isFile()) {
     throw inputError(`${inputPath}: file not found; check the path`);
   }
@@ -755,12 +966,20 @@ async function main(argv) {
   if (fs.statSync(inputPath).size === 0) {
     throw inputError(`${inputPath}: the file is empty; expected a header row and data rows`);
   }
-  const session = await ort.InferenceSession.create(scorerPath, { executionProviders: ['cpu'] });
+  const session = await ort.InferenceSession.create(bytes, { executionProviders: ['cpu'] });
+  const threshold = checkScorerAgrees(scorerPath, manifest, inputs, onnxMetadata(bytes, scorerPath), session);
 
   // Write beside the target and rename at the end: a failed run leaves no partial output.
+  const folders = makeParents(outputPath);
   const temp = path.join(path.dirname(outputPath), `.${path.basename(outputPath)}.tmp-${process.pid}`);
-  const out = fs.openSync(temp, 'w');
+  let out = null;
   try {
+    try {
+      out = fs.openSync(temp, 'w');
+    } catch (err) {
+      throw new UserError(`output ${outputPath}: cannot write in its folder (${err.code || err.message}); check its ` +
+        'permissions, or write elsewhere');
+    }
     let scorer = null;
     for await (const record of csvRecords(inputPath)) {
       if (scorer === null) { // the first record is the header
@@ -780,11 +999,13 @@ async function main(argv) {
     for (const line of scorer.unseenWarnings()) {
       process.stderr.write(`warning: ${line.replace(NOT_PRINTABLE, pyEscape)}\n`);
     }
+    // The threshold the graph flags with (its metadata; the manifest's agrees, checked above).
     process.stderr.write(`${outputPath}: ${scorer.rowsBefore} rows, ${scorer.anomalies} anomalies ` +
-      `(threshold ${manifest.calibration.threshold}, target FPR ${manifest.calibration.target_fpr})\n`);
+      `(threshold ${threshold}, target FPR ${manifest.calibration.target_fpr})\n`);
   } catch (err) {
-    try { fs.closeSync(out); } catch { /* already closed */ }
+    if (out !== null) try { fs.closeSync(out); } catch { /* already closed */ }
     fs.rmSync(temp, { force: true });
+    removeEmptyFolders(folders);
     throw err;
   }
 }
@@ -800,4 +1021,4 @@ if (require.main === module) {
   });
 }
 
-module.exports = { CsvParser, parseNumber, formatFloat32, decodeUtf8, percent, shown };
+module.exports = { CsvParser, parseNumber, formatFloat32, decodeUtf8, percent, shown, onnxMetadata };
