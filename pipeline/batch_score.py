@@ -9,6 +9,7 @@ no partial output and never replaces an existing one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -33,6 +34,7 @@ from pipeline.metrics import auprc, auroc
 from pipeline.outputs import OutputWriter, StagedOutputs, check_scores_target, summary_path
 from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.schema import check_id_names, scored_labels
+from pipeline.signals import join_thread, queue_get, queue_put, raise_deferred, signals_deferred
 from pipeline.tables import estimate_rows, iter_batches, read_columns
 from pipeline.unseen import UnseenCounts, file_entries, percent, unseen_entries, warn_unseen
 
@@ -115,40 +117,52 @@ def required_columns(bundle: Bundle, path: Path, warn: bool = True) -> tuple[lis
     return needed, has_label
 
 
-def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
-    """Parse ahead in a thread; pyarrow releases the GIL, so parsing overlaps scoring."""
+# How long a stopped run waits for the reader thread to leave pyarrow: a chunk parses in milliseconds.
+READER_STOP_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[Iterator[pa.RecordBatch]]:
+    """Parse ahead in a thread; pyarrow releases the GIL, so parsing overlaps scoring.
+
+    The thread has ended when the block does, whatever ended it: left parsing while a stopped
+    run removed its files and the process exited, it crashed the process."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    done, gone = object(), object()
     stop = threading.Event()
 
     def produce() -> None:
         try:
             for batch in batches:
-                while not stop.is_set():
-                    try:
-                        slots.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not queue_put(slots, batch, lambda: not stop.is_set()):
                     return
-            slots.put(done)
+            queue_put(slots, done, lambda: not stop.is_set())
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            slots.put(exc)
+            queue_put(slots, exc, lambda: not stop.is_set())
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # its open file, here where it is read, not in whichever thread collects it
+
+    def consume() -> Iterator[pa.RecordBatch]:
+        while True:
+            item = queue_get(slots, worker.is_alive, gone=gone)
+            if item is done:
+                return
+            if item is gone:
+                raise RuntimeError("the reader thread ended without a reason")  # not expected: produce says why
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     worker = threading.Thread(target=produce, daemon=True)
     worker.start()
     try:
-        while True:
-            item = slots.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield consume()
     finally:
         stop.set()
-        worker.join(timeout=5)
+        if not join_thread(worker, READER_STOP_SECONDS):
+            log.warning("the reader thread did not stop within %.0f s (a stalled input?)", READER_STOP_SECONDS)
 
 
 def _result_table(batch: pa.RecordBatch, id_columns: list[str], outputs: dict[str, np.ndarray],
@@ -206,8 +220,10 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
     progress = tqdm(total=total or None, unit="rows", unit_scale=True, desc="scoring", disable=not show, leave=False)
     # The scores and their summary become real together, or the earlier ones stay as they were
-    # (StagedOutputs): a failed summary must not leave new scores beside the old summary.
-    with staged:
+    # (StagedOutputs): a failed summary must not leave new scores beside the old summary. Ctrl-C
+    # and SIGTERM stop the run between two chunks or while it waits for one, never inside a
+    # hand-over between threads or inside onnxruntime (pipeline.signals).
+    with staged, signals_deferred():
         with progress, writer:
             for path, _, has_label in checked:
                 file_summary = FileSummary(str(path))
@@ -215,17 +231,20 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
                 text = list(schema.categorical) + ([schema.label_column] if has_label else [])
                 source = str(path) if len(checked) > 1 else None
                 batches = iter_batches(path, list(schema.numeric), text, list(schema.id_columns), job.batch_size)
-                for batch in _prefetch(batches):
-                    if has_label:
-                        labels.append(scored_labels(batch.column(schema.label_column), schema.label_column, str(path),
-                                                    file_summary.rows))
-                    outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows, unseen=file_unseen)
-                    writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
-                    file_summary.rows += batch.num_rows
-                    file_summary.anomalies += int(outputs["is_anomaly"].sum())
-                    if has_label:
-                        scores.append(outputs["score"])
-                    progress.update(batch.num_rows)
+                with _prefetch(batches) as chunks:
+                    for batch in chunks:
+                        raise_deferred()
+                        if has_label:
+                            labels.append(scored_labels(batch.column(schema.label_column), schema.label_column,
+                                                        str(path), file_summary.rows))
+                        outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows,
+                                                     unseen=file_unseen)
+                        writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
+                        file_summary.rows += batch.num_rows
+                        file_summary.anomalies += int(outputs["is_anomaly"].sum())
+                        if has_label:
+                            scores.append(outputs["score"])
+                        progress.update(batch.num_rows)
                 file_summary.unseen_categories = file_entries(bundle.preprocessor.categorical, file_unseen)
                 for name, tally in file_unseen.items():
                     unseen.setdefault(name, UnseenCounts()).add(tally)
@@ -246,6 +265,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
         staged.text(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
         if warn:  # before the commit, after which a signal is one after the output was written
             warn_unseen(summary.unseen_categories)
+        raise_deferred()  # one that came before the commit stops the run with no output
         staged.commit()
     return summary
 

@@ -7,6 +7,8 @@ traceback, and the exit status is 1; `--verbose` adds the traceback and debug lo
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,12 +17,13 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.calibrate import describe_fpr_range
 from pipeline.console import quiet_console
 from pipeline.errors import PipelineError, one_line
-from pipeline.signals import StoppedAfterCommit, stopped_after_commit
+from pipeline.signals import SIGNALS, StoppedAfterCommit, stopped_after_commit
 
 log = logging.getLogger("vaeguard")
 
@@ -146,12 +149,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         size = 64 if args.image_size is None else args.image_size
         job = ImageTrainJob(data=args.data, name=args.name, out_dir=args.out, image_size=size,
                             channels=args.channels, path_column=args.path_column, config=config)
-        facts = run_image_training(job)
     else:
         job = TrainJob(data=args.data, name=args.name, out_dir=args.out, label_column=args.label_column,
                        id_columns=args.id_columns, config=config)
-        facts = run_training(job)
-    print(format_training(facts))
+    # A signal once the new bundle is in place (its manifest with it) came after the output was made whole.
+    with stopped_after_commit(_replaced(job.bundle_dir / "manifest.json")):
+        facts = run_image_training(job) if isinstance(job, ImageTrainJob) else run_training(job)
+        print(format_training(facts))
+
+
+def _replaced(path: Path) -> Callable[[], bool]:
+    """Whether ``path`` names another file than when this was called: the command's output was
+    committed, and a signal from then on came after it (stopped_after_commit)."""
+    from pipeline.outputs import file_identity
+
+    earlier = file_identity(path)
+    return lambda: file_identity(path) != earlier
 
 
 def format_training(facts: dict) -> str:
@@ -186,7 +199,7 @@ def format_training(facts: dict) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from pipeline.outputs import file_identity, summary_path
+    from pipeline.outputs import summary_path
     from pipeline.scoring import score
     from pipeline.config import ScoreJob
 
@@ -203,8 +216,7 @@ def cmd_score(args: argparse.Namespace) -> None:
             log.warning("%s: %s", entry["file"], warning)
     # A signal once this run's summary is in place (the last file its commit renames) comes after the
     # output was made whole: in the report, or as the Dask cluster and the Prefect server stop (seconds).
-    earlier = file_identity(summary_path(job.output))
-    with stopped_after_commit(lambda: file_identity(summary_path(job.output)) != earlier):
+    with stopped_after_commit(_replaced(summary_path(job.output))):
         if args.task_runner == "dask":
             from flows.dask_runner import dask_task_runner, prefect_api
             from flows.score import score_flow
@@ -229,10 +241,12 @@ def cmd_score(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from pipeline.precision import describe_variant, export_variant
 
-    entry = export_variant(args.bundle, args.precision, device=args.device, threads=args.threads)
-    print(f"bundle:      {args.bundle}\n{describe_variant(entry)}")
-    for warning in entry["warnings"]:
-        log.warning("%s: %s", entry["file"], warning)
+    # The variant is in place once the manifest lists it (pipeline.precision commits it that way).
+    with stopped_after_commit(_replaced(args.bundle / "manifest.json")):
+        entry = export_variant(args.bundle, args.precision, device=args.device, threads=args.threads)
+        print(f"bundle:      {args.bundle}\n{describe_variant(entry)}")
+        for warning in entry["warnings"]:
+            log.warning("%s: %s", entry["file"], warning)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -338,10 +352,32 @@ def main(argv: list[str] | None = None) -> int:
     log.handlers[:] = [handler]  # replace, not add: main() may run many times in one process
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.propagate = False
+    # No argv: main() is the program (`vaeguard`, `python -m pipeline.cli`), which exits when it returns.
+    # Called with one (tests, other code), it leaves the process's signal handlers as it found them.
+    leaving = _Leaving() if argv is None and threading.current_thread() is threading.main_thread() else None
     previous = _stop_cleanly_on_sigterm()
+
+    def ended() -> None:
+        if leaving is not None:
+            leaving.begin()
+        elif previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    status = _run(args, ended)
+    if leaving is not None:
+        leaving.status = status
+    return status
+
+
+def _run(args: argparse.Namespace, ended: Callable[[], None]) -> int:
+    """Runs the command and returns the exit status, printing what went wrong as one line.
+    ``ended()`` is called as soon as the command is over, whether it returned or raised."""
     try:
-        COMMANDS[args.command](args)
-        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
+        try:
+            COMMANDS[args.command](args)
+            sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
+        finally:
+            ended()
     except BrokenPipeError:
         # `vaeguard inspect B | head`: the reader took what it wanted and left. Quiet, as `cat` is, with
         # the status a shell gives a process a closed pipe stopped; stdout goes nowhere so that
@@ -369,10 +405,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run with --verbose for the traceback)",
               file=sys.stderr)
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class _Leaving:
+    """Ctrl-C and SIGTERM once the command is over, while Python shuts down (about 1.2 s after
+    `train`, most of it collecting torch's objects).
+
+    Then the default handlers were back: a signal ended a successful run with 130 or 143 and
+    nothing said, or printed a KeyboardInterrupt traceback from one of torch's exit handlers and
+    exited 0. The command's work is done and said: a signal is ignored, and the exit status is the
+    command's. A second one leaves at once with it (an exit step that hangs), skipping the
+    rest of the shutdown."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.caught = 0
+        # The last exit handler (those registered later run first, torch's and Prefect's among them):
+        # after it Python resets its signal handlers to the default while it frees its modules, and
+        # only an ignored signal can't end the process there.
+        atexit.register(_ignore_signals)
+
+    def begin(self) -> None:
+        for signum in SIGNALS:
+            if signal.getsignal(signum) not in (None, signal.SIG_IGN):  # None: set outside Python
+                signal.signal(signum, self)
+
+    def __call__(self, signum: int, frame) -> None:
+        self.caught += 1
+        if self.caught > 1:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(128 + signum if self.status is None else self.status)
+
+
+def _ignore_signals() -> None:
+    for signum in SIGNALS:
+        if signal.getsignal(signum) is not None:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 class Terminated(KeyboardInterrupt):

@@ -8,6 +8,7 @@ files of one run (scores, their summary, an errors file) are renamed together (S
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -20,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.signals import signals_held
+from pipeline.signals import join_thread, queue_get, queue_put, signals_deferred, signals_held
 
 
 # Parquet dictionary-encodes only the columns with few distinct values. Tried on every column
@@ -33,6 +34,8 @@ DICTIONARY_COLUMNS = ("source", "p_value")  # booleans are bit-packed anyway
 # chunks into row groups of this many rows took writing 1M scored rows from 0.09 to 0.06 CPU-s,
 # and readers filter on fewer, larger statistics. About 7 MB of results wait at most.
 ROW_GROUP_ROWS = 1 << 17
+
+log = logging.getLogger("vaeguard")
 
 
 def parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
@@ -253,10 +256,11 @@ class StagedOutputs:
             self.committed = True
 
     def discard(self) -> None:
-        for temp, _ in self._steps:
-            if temp is not None:
-                temp.unlink(missing_ok=True)
-        remove_empty_folders(self._folders)
+        with signals_deferred():  # a second Ctrl-C must not leave some of the temporary files behind
+            for temp, _ in self._steps:
+                if temp is not None:
+                    temp.unlink(missing_ok=True)
+            remove_empty_folders(self._folders)
 
 
 class OutputWriter:
@@ -266,10 +270,17 @@ class OutputWriter:
     Chunks are written by a background thread (Parquet and CSV encoding release the GIL), so
     writing the output overlaps scoring the next chunk; at most a few chunks wait in between.
     As a context manager it commits when the block succeeds and removes the temp file when it
-    raises, so callers can't forget either.
+    raises, so callers can't forget either. The hand-over between the threads takes Ctrl-C and
+    SIGTERM only where that is safe (pipeline.signals), and a failed or stopped run ends the
+    writer thread before its file is removed: left running, it was still inside pyarrow as
+    the process exited, which crashed it.
     """
 
     _DONE = object()
+
+    # How long a stopped run waits for the writer thread to leave pyarrow: a row group takes
+    # milliseconds; only a stalled disk takes longer, and the run must end all the same.
+    STOP_SECONDS = 10.0
 
     def __init__(self, target: Path, depth: int = 2, into: StagedOutputs | None = None):
         self.target = target
@@ -279,6 +290,7 @@ class OutputWriter:
         self._into = into
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread: threading.Thread | None = None
+        self._abandoned = threading.Event()  # stop at once: the output is not wanted any more
         self._error: BaseException | None = None
         self._created: list[Path] = []  # folders this writer made, removed again if it fails
 
@@ -297,16 +309,18 @@ class OutputWriter:
             self._created = make_parents(self.target)
             self._thread = threading.Thread(target=self._drain, args=(table.schema,), daemon=True)
             self._thread.start()
-        self._queue.put(table)
+        if not queue_put(self._queue, table, self._thread.is_alive):
+            self._raise_writer_error()  # it ended on an error, which it keeps for here
 
     def _drain(self, schema: pa.Schema) -> None:
         writer = None
-        finished = False
         try:
             writer = parquet_writer(self.temp, schema) if self.format == "parquet" else pacsv.CSVWriter(self.temp, schema)
             waiting: list[pa.Table] = []
-            while not finished:
-                table = self._queue.get()
+            while not self._abandoned.is_set():
+                table = queue_get(self._queue, lambda: not self._abandoned.is_set(), gone=self._DONE)
+                if self._abandoned.is_set():
+                    return
                 finished = table is self._DONE
                 if not finished:
                     waiting.append(table)
@@ -314,18 +328,27 @@ class OutputWriter:
                 if waiting and (full or finished):
                     writer.write_table(pa.concat_tables(waiting))
                     waiting = []
+                if finished:
+                    return
         except BaseException as exc:  # noqa: BLE001 - handed to the caller at its next call
-            self._error = exc
-            while not finished and self._queue.get() is not self._DONE:  # keep the producer from blocking
-                pass
+            self._error = exc  # and the thread ends: the caller's next put finds it gone
         finally:
             if writer is not None:
-                writer.close()
+                try:
+                    writer.close()  # Parquet's footer: a full disk can show only here
+                except BaseException as exc:  # noqa: BLE001 - as above
+                    self._error = self._error or exc
 
-    def _finish(self) -> None:
-        if self._thread is not None:
-            self._queue.put(self._DONE)
-            self._thread.join()
+    def _stop(self, abandon: bool) -> bool:
+        """Ends the writer thread: once it has written every chunk, or (``abandon``) at once, waiting
+        at most STOP_SECONDS then. False if it is still running."""
+        if self._thread is None:
+            return True
+        if abandon:
+            self._abandoned.set()
+            return join_thread(self._thread, self.STOP_SECONDS)
+        queue_put(self._queue, self._DONE, self._thread.is_alive)
+        return join_thread(self._thread)
 
     def _raise_writer_error(self) -> None:
         if self._error is not None:
@@ -335,25 +358,26 @@ class OutputWriter:
         if self._thread is None:
             raise DataError(f"nothing to write to {self.target}: the inputs had no rows")
         try:
-            self._finish()
+            self._stop(abandon=False)
             self._raise_writer_error()
             if self._into is None:
                 os.replace(self.temp, self.target)
         except BaseException:
             # The writer or the rename failed (target turned into a folder, disk full, interrupted):
             # the half-written temp file must not stay behind either way.
-            self.temp.unlink(missing_ok=True)
-            remove_empty_folders(self._created)
+            self.abort()
             raise
         if self._into is not None:
             self._into.add(self.temp, self.target, self._created)
 
     def abort(self) -> None:
-        try:
-            self._finish()
-        finally:
+        with signals_deferred():  # a signal now must not leave the temp file behind
+            stopped = self._stop(abandon=True)
             self.temp.unlink(missing_ok=True)
             remove_empty_folders(self._created)
+        if not stopped:
+            log.warning("%s: the writer thread did not stop within %.0f s (a stalled disk?); its temporary file "
+                        "was removed all the same", self.target, self.STOP_SECONDS)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -97,6 +97,46 @@ def test_a_failing_output_writer_leaves_nothing(tmp_path):
     assert pd.read_parquet(target)["score"].tolist() == [1.0, 2.0]
 
 
+def test_a_read_ahead_stopped_early_ends_its_thread_at_once():
+    """A run stopped (a signal, an error) while the reader, at the end of its file, waited for room
+    for its last item: the reader waited forever, and the run 5 s for it; the process then exited
+    with it still there."""
+    import threading
+    import time
+
+    import pyarrow as pa
+
+    from pipeline.batch_score import _prefetch
+
+    before = set(threading.enumerate())
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with _prefetch(iter([pa.record_batch({"x": [i]}) for i in range(3)])) as chunks:
+            next(chunks)
+            time.sleep(0.3)  # the reader fills the two slots and waits to put the end
+            raise KeyboardInterrupt
+    assert time.monotonic() - started < 2
+    assert [thread for thread in threading.enumerate() if thread not in before] == []
+
+
+def test_a_writer_that_fails_as_it_closes_the_file_fails_the_run(tmp_path, monkeypatch):
+    """Parquet writes its footer as the file is closed, where a full disk shows: that error was lost
+    in the writer thread, and a file without its footer was renamed into place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.outputs import OutputWriter
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "close", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        with OutputWriter(tmp_path / "out.parquet") as writer:
+            writer.write(pa.table({"score": [1.0, 2.0]}))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_writer_removes_the_folders_it_made_and_keeps_the_users(tmp_path):
     """An output folder that did not exist before a failed run does not stay behind, empty."""
     import pyarrow as pa

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import signal
+import threading
+import time
 
 import pytest
 
-from pipeline.signals import StoppedAfterCommit, signals_held, stopped_after_commit
+from pipeline.signals import (StoppedAfterCommit, join_thread, queue_get, queue_put, raise_deferred, signals_deferred,
+                              signals_held, stopped_after_commit)
 
 
 @pytest.fixture
@@ -114,3 +119,94 @@ def test_before_the_commit_and_for_errors_nothing_changes():
     for error, committed in ((KeyboardInterrupt(), False), (TerminationSignal(signal.SIGTERM), False),
                              (OSError("disk full"), True), (already, True)):
         assert stopped_by(error, committed) is error
+
+
+def test_a_deferred_signal_is_raised_where_the_block_says_it_is_safe():
+    """A handler's exception lands wherever the main thread is: inside a queue's condition it left the
+    queue broken, and a run that was stopped there hung. Deferred, it waits for a safe point."""
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            steps.append("went on")
+            raise_deferred()
+            steps.append("not reached")
+    assert steps == ["went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_deferred_signal_is_raised_when_the_block_ends_at_the_latest():
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            with signals_deferred():  # part of the block around it
+                signal.raise_signal(signal.SIGINT)
+                steps.append("inner")
+            steps.append("outer")
+    assert steps == ["inner", "outer"]
+    raise_deferred()  # nothing left over
+
+
+def test_a_deferred_signal_goes_to_the_callers_own_handler(own_sigterm_handler):
+    with signals_deferred():
+        signal.raise_signal(signal.SIGTERM)
+        assert own_sigterm_handler == []
+        raise_deferred()
+        assert own_sigterm_handler == [signal.SIGTERM]
+
+
+def test_a_signal_while_the_block_fails_stops_the_run_and_is_raised_once():
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            raise OSError("disk full")
+    assert isinstance(stopped.value.__context__, OSError)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            raise KeyboardInterrupt("the first")
+    assert stopped.value.args == ("the first",) and stopped.value.__context__ is None
+
+
+def test_a_commit_inside_a_deferred_block_still_says_the_output_was_kept():
+    with pytest.raises(StoppedAfterCommit) as stopped:
+        with signals_deferred():
+            with signals_held():
+                signal.raise_signal(signal.SIGINT)
+            pytest.fail("the commit's end is where the run stops")
+    assert stopped.value.signum == signal.SIGINT
+    with pytest.raises(StoppedAfterCommit):  # and the other way round: held, then stopped after the commit
+        with signals_held():
+            with signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                raise_deferred()
+
+
+def test_a_wait_on_a_queue_is_stopped_by_a_signal_and_leaves_the_queue_working():
+    slots: queue.Queue = queue.Queue(maxsize=1)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        queue_get(slots, alive=lambda: True)  # nothing ever comes
+    assert time.monotonic() - started < 5
+    assert queue_put(slots, "chunk") and queue_get(slots, alive=lambda: True) == "chunk"
+    assert queue_get(slots, alive=lambda: False, gone="gone") == "gone"
+    slots.put("chunk")
+    assert queue_put(slots, "another", alive=lambda: False) is False  # full, and no one takes from it
+
+
+def test_a_bounded_join_gives_up_and_a_signal_does_not_cut_it_short():
+    """A bounded join is part of a stop (a worker on its way out): a second Ctrl-C must not leave the
+    worker inside pyarrow as the process exits, which crashed it."""
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait, daemon=True)
+    worker.start()
+    assert join_thread(worker, limit=0.2) is False
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):  # raised once the wait is over, not during it
+        join_thread(worker, limit=0.5)
+    assert time.monotonic() - started >= 0.5
+    release.set()
+    assert join_thread(worker)
