@@ -22,6 +22,7 @@ from pathlib import Path
 from pipeline.calibrate import Calibration
 from pipeline.errors import BundleError, ConfigError, one_line
 from pipeline.outputs import file_above, write_atomic
+from pipeline.signals import signals_held
 from pipeline.preprocess import Preprocessor
 from pipeline.schema import TableSchema
 
@@ -268,7 +269,9 @@ def publish_bundle(staging: Path, target: Path) -> None:
     """
     check_publish_target(target)  # again: something may have appeared there while training ran
     retired = target.parent / f".{target.name}.retired-{uuid.uuid4().hex[:8]}"
-    if target.exists():
-        os.replace(target, retired)
-    os.replace(staging, target)
+    # A signal between the two renames left no bundle at ``target`` and the old one hidden aside.
+    with signals_held():
+        if target.exists():
+            os.replace(target, retired)
+        os.replace(staging, target)
     shutil.rmtree(retired, ignore_errors=True)

@@ -32,7 +32,7 @@ from pipeline.images import ImageSpec, iter_image_batches, list_images, searched
 from pipeline.outputs import (OutputWriter, StagedOutputs, check_location, check_outside_bundle, check_scores_target,
                               missing_parents, remove_empty_folders, same_file, summary_path)
 from pipeline.runtime import check_scorer_agrees, check_variant_device, create_session, variant_device
-from pipeline.signals import signals_held
+from pipeline.signals import raise_deferred, signals_deferred, signals_held
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
 MAX_IMAGE_BATCH = 256
@@ -76,12 +76,14 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
     try:
         # The scores, their errors file and summary become real together, or the earlier ones stay as
-        # they were (StagedOutputs); the maps move in under the same held signals.
-        with staged:
+        # they were (StagedOutputs); the maps move in under the same held signals. Ctrl-C and SIGTERM
+        # stop the run between two batches, never inside onnxruntime or Pillow (pipeline.signals).
+        with staged, signals_deferred():
             with progress, writer:
                 for path, source in sources:
                     file_summary = FileSummary(str(path))
                     for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
+                        raise_deferred()
                         errors += bad
                         if not names:
                             continue
@@ -115,6 +117,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
             stage_errors(staged, errors, job.output)
             report = summary.to_dict() | {"errors_file": str(errors_path(job.output)) if errors else None}
             staged.text(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
+            raise_deferred()  # one that came before the commit stops the run with no output
             with signals_held():
                 staged.commit()
                 if staging is not None:

@@ -199,3 +199,31 @@ def test_publish_refuses_to_replace_what_is_not_a_bundle(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".x.run-1", "file", "folder"]
     publish_bundle(staging, tmp_path / "new")  # a free target, and then a bundle, may be replaced
     assert (tmp_path / "new" / "manifest.json").is_file()
+
+
+def test_a_signal_between_the_renames_of_a_publish_leaves_the_new_bundle_in_place(tmp_path, monkeypatch):
+    """The old bundle was renamed aside, then the new one into place: Ctrl-C between them left no
+    bundle at the target, and the old one hidden in .NAME.retired-*."""
+    import os
+    import signal
+
+    from pipeline.bundle import publish_bundle
+    from pipeline.signals import StoppedAfterCommit
+
+    target, staging = tmp_path / "machines", tmp_path / ".machines.run"
+    target.mkdir()
+    (target / "manifest.json").write_text("old")
+    staging.mkdir()
+    (staging / "manifest.json").write_text("new")
+    real_replace = os.replace
+
+    def interrupted(source, destination):
+        real_replace(source, destination)
+        if ".retired-" in str(destination):  # the old bundle moved aside
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    monkeypatch.setattr("pipeline.bundle.check_publish_target", lambda target: None)
+    with pytest.raises(StoppedAfterCommit):
+        publish_bundle(staging, target)
+    assert (target / "manifest.json").read_text() == "new"

@@ -291,6 +291,30 @@ def test_a_signal_while_image_scores_are_committed_keeps_scores_summary_and_maps
     assert len(list(maps.glob("*.png"))) == summary["anomalies"] > 0
 
 
+def test_ctrl_c_while_images_are_scored_stops_between_batches_with_no_output(capsys, monkeypatch, tmp_path,
+                                                                             texture_bundle, mixed_folder):
+    """Before: the KeyboardInterrupt was raised wherever the main thread was, inside onnxruntime's or
+    Pillow's work among the reader and writer threads (a crash at exit on tables). Now the batch
+    being scored ends, and the run stops before the next one, leaving nothing."""
+    import onnxruntime as ort
+
+    real_run, finished = ort.InferenceSession.run, []
+
+    def interrupted_run(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        outputs = real_run(self, *args, **kwargs)
+        finished.append(True)  # not reached if the signal stops the run here
+        return outputs
+
+    monkeypatch.setattr(ort.InferenceSession, "run", interrupted_run)
+    folder, _, _ = mixed_folder
+    output = tmp_path / "scores" / "out.parquet"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--device", "cpu")
+    assert code == 130 and err.strip().splitlines()[-1] == "error: interrupted; no output was written"
+    assert finished == [True]  # the batch it came in was scored, and none after it
+    assert not (tmp_path / "scores").exists()
+
+
 def test_an_image_summary_that_cannot_be_written_leaves_the_earlier_output(monkeypatch, tmp_path, texture_bundle,
                                                                           mixed_folder):
     """The scores were renamed into place and the earlier errors file deleted and written anew
