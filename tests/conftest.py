@@ -150,3 +150,18 @@ def prefect_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def disk_full_when_writing(monkeypatch, name: str) -> None:
+    """The disk fills up as the file ``name`` is written under its hidden temporary name (a run's
+    summary, e.g. "scores.summary.json"), and at no other write."""
+    import errno
+
+    real_write_text = Path.write_text
+
+    def failing(path, text, *args, **kwargs):
+        if path.name.startswith(f".{name}.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)

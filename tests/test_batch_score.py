@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.runtime import BundleScorer
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 from pipeline.workflow import run_training
-from tests.conftest import quiet_config
+from tests.conftest import disk_full_when_writing, quiet_config
 
 
 @pytest.fixture(scope="module")
@@ -380,16 +380,7 @@ def test_two_inputs_one_spelled_differently_each_file_has_its_counts_and_the_war
 @pytest.fixture
 def summary_write_fails(monkeypatch):
     """The disk fills up as the run's summary (``scores.summary.json``) is written."""
-    import errno
-
-    real_write_text = Path.write_text
-
-    def failing(path, text, *args, **kwargs):
-        if ".scores.summary.json.tmp-" in path.name:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write_text(path, text, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", failing)
+    disk_full_when_writing(monkeypatch, "scores.summary.json")
 
 
 @pytest.mark.parametrize("earlier", [True, False], ids=["earlier output", "none"])

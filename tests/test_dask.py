@@ -24,6 +24,7 @@ from pipeline.errors import DataError
 from pipeline.preprocess import CategoricalStats
 from pipeline.runtime import gpu_present
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+from tests.conftest import disk_full_when_writing
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -502,16 +503,7 @@ def test_cli_dask_run_signalled_at_its_end_leaves_the_output_whole_or_untouched(
 @pytest.fixture
 def summary_write_fails(monkeypatch):
     """The disk fills up as the run's summary (``scores.summary.json``; not a part's) is written."""
-    import errno
-
-    real_write_text = Path.write_text
-
-    def failing(path, text, *args, **kwargs):
-        if ".scores.summary.json.tmp-" in path.name:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write_text(path, text, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", failing)
+    disk_full_when_writing(monkeypatch, "scores.summary.json")
 
 
 def test_a_flow_whose_summary_cannot_be_written_leaves_the_earlier_output(trained_bundle, tmp_path,

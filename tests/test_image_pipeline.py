@@ -39,7 +39,7 @@ from pipeline.metrics import auroc
 from pipeline.outputs import summary_path
 from pipeline.scorer_graph import ImageScorerGraph
 from pipeline.scoring import score
-from tests.conftest import run_main
+from tests.conftest import disk_full_when_writing, run_main
 
 SCORE_COLUMNS = ["path", "score", "recon", "kl", "p_value", "is_anomaly"]
 TEXTURE = 24  # side of the synthetic textures
@@ -319,16 +319,7 @@ def test_an_image_summary_that_cannot_be_written_leaves_the_earlier_output(monke
                                                                           mixed_folder):
     """The scores were renamed into place and the earlier errors file deleted and written anew
     before the summary: a full disk then left new scores and errors beside the earlier summary."""
-    import errno
-
-    real_write_text = Path.write_text
-
-    def failing(path, text, *args, **kwargs):
-        if ".out.summary.json.tmp-" in path.name:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write_text(path, text, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", failing)
+    disk_full_when_writing(monkeypatch, "out.summary.json")
     folder, _, _ = mixed_folder
     output, maps = tmp_path / "out.parquet", tmp_path / "maps"
     earlier = {output: b"earlier scores", summary_path(output): b"earlier summary", errors_path(output): b"earlier errors"}
