@@ -394,8 +394,10 @@ def _run(args: argparse.Namespace, ended: Callable[[], None]) -> int:
         how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
         if isinstance(exc, StoppedAfterCommit):
             # The signal came while the output was being committed and waited for it (pipeline.signals).
-            print(f"error: {how} after the output was written whole, which was kept; the steps after it "
-                  f"(such as --report) did not run", file=sys.stderr)
+            # After train's or export's commit there is only the summary to print: no report to name.
+            which = " (such as --report)" if args.command == "score" else ""
+            print(f"error: {how} after the output was written whole, which was kept; the steps after it{which} "
+                  f"did not run", file=sys.stderr)
         else:
             print(f"error: {how}; no output was written", file=sys.stderr)
         return 128 + signum

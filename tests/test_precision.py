@@ -433,7 +433,7 @@ def test_sigterm_while_a_variant_is_committed_keeps_a_whole_variant(capsys, monk
     code, _, err = run_main(capsys, "export", bundle, "--precision", "int8", "--threads", "2")
     assert code == 128 + signal.SIGTERM
     assert err.strip().splitlines()[-1] == ("error: terminated (SIGTERM) after the output was written whole, which "
-                                            "was kept; the steps after it (such as --report) did not run")
+                                            "was kept; the steps after it did not run")
     loaded = Bundle.load(bundle)  # every listed file matches its hash
     assert set(loaded.manifest["variants"]) == {"fp16", "int8"}
     assert loaded.manifest["variants"]["int8"]["created_at"] != \
