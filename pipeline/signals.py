@@ -50,16 +50,13 @@ class _Hold:
         self.caught.append(signum)
 
 
-class _Deferral:
+class _Deferral(_Hold):
     """The handler a signals_deferred block puts in place: it notes the signals it receives, for the
     block to raise where that is safe."""
 
     def __init__(self, previous: dict[int, Callable]) -> None:
+        super().__init__()
         self.previous = previous  # the Python handlers it stands in for: SIG_DFL and SIG_IGN stay in place
-        self.caught: list[int] = []
-
-    def __call__(self, signum: int, frame) -> None:
-        self.caught.append(signum)
 
     def deliver(self) -> None:
         """Hands the first signal caught to the handler it was deferred from (which raises, as a rule)."""
@@ -176,19 +173,18 @@ def signals_held() -> Iterator[None]:
         yield
         return
     hold = _Hold()
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
     previous = {signum: handler for signum, handler in previous.items() if handler is not None}  # None: set in C
     for signum in previous:
         signal.signal(signum, hold)
     try:
         yield
     except BaseException:
-        if hold.caught and isinstance(previous.get(hold.caught[0]), (_Hold, _Deferral)):
+        if hold.caught and isinstance(previous.get(hold.caught[0]), _Hold):  # a block around it, of either kind
             previous[hold.caught[0]](hold.caught[0], None)
         raise
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _restore(previous)
     if not hold.caught or previous.get(hold.caught[0]) in (signal.SIG_IGN, None):
         return
     signum, handler = hold.caught[0], previous[hold.caught[0]]
