@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import logging
 import os
+import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -165,3 +168,33 @@ def disk_full_when_writing(monkeypatch, name: str) -> None:
         return real_write_text(path, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", failing)
+
+
+# A small table's CSV text, and the same table as bytes that are not CSV in UTF-8: what a .csv
+# that is really another format or encoding brings (tests/test_tables.py, tests/test_node_runtime.py).
+TABLE_TEXT = "id,x,c\n" + "".join(f"{i:03d},{i / 7},c{i % 3}\n" for i in range(600))
+
+
+def not_csv_text(kind: str, tmp_path) -> bytes:
+    """A table as bytes that are not CSV in UTF-8: another format, or another encoding."""
+    if kind == "parquet":
+        pd.DataFrame({"id": ["001"], "x": [1.5]}).to_parquet(tmp_path / "t.parquet")
+        return (tmp_path / "t.parquet").read_bytes()
+    if kind == "xlsx":
+        with zipfile.ZipFile(tmp_path / "t.xlsx", "w", zipfile.ZIP_DEFLATED) as book:
+            book.writestr("xl/worksheets/sheet1.xml", "<sheetData/>" * 50)
+        return (tmp_path / "t.xlsx").read_bytes()
+    if kind == "gzip":
+        return gzip.compress(TABLE_TEXT.encode())
+    return TABLE_TEXT.encode(kind)
+
+
+NOT_CSV_TEXT = {
+    "parquet": r"is a Parquet file \(it starts with Parquet's PAR1 marker\), not CSV text; name it \.parquet$",
+    "xlsx": r"is a zip archive, as an Excel \.xlsx workbook is, not CSV text; export the sheet as CSV UTF-8",
+    "gzip": r"is gzip-compressed data, not CSV text; name it \.csv\.gz",
+    "utf-16": r"is not UTF-8 text \(it looks UTF-16: it starts with a UTF-16 byte-order mark\); save it as CSV in UTF-8$",
+    "utf-16-le": r"is not UTF-8 text \(it looks UTF-16: it has NUL bytes between its characters\); save it as",
+    "utf-16-be": r"is not UTF-8 text \(it looks UTF-16: it has NUL bytes between its characters\); save it as",
+    "utf-32": r"is not UTF-8 text \(it looks UTF-32: it starts with a UTF-32 byte-order mark\); save it as",
+}

@@ -17,7 +17,7 @@ from pipeline.batch_score import score_files
 from pipeline.config import ScoreJob, TrainJob
 from pipeline.errors import PipelineError
 from pipeline.workflow import run_training
-from tests.conftest import quiet_config, run_main
+from tests.conftest import NOT_CSV_TEXT, not_csv_text, quiet_config, run_main
 
 pytestmark = pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")), reason="needs node and npm")
 
@@ -237,6 +237,53 @@ def test_an_empty_gz_file_is_empty_not_corrupt(trained_bundle, node_example, tmp
     done = run_node(node_example, trained_bundle, source, tmp_path / "out.csv")
     assert done.returncode == 2
     assert f"{source}: the file is empty" in done.stderr
+
+
+@pytest.mark.parametrize("name, kind", [
+    *[("t.csv", kind) for kind in NOT_CSV_TEXT],
+    ("t.csv", "utf-32-be"),       # no byte-order mark: three NUL bytes beside each character
+    ("t.csv.gz", "utf-16"),       # the gzip data is what is looked at
+    ("t.csv.gz", "gzip"),         # compressed twice
+    ("t.csv.gz", "parquet"),
+])
+def test_a_csv_that_is_another_format_or_encoding_is_refused_as_python_refuses_it(trained_bundle, node_example,
+                                                                                  tmp_path, name, kind):
+    # Node parsed such bytes as CSV text: Parquet, a workbook or gzip data was "text that is not
+    # UTF-8 (header, column 1)", UTF-16 without a byte-order mark "missing column(s) "row_id", ...".
+    made = tmp_path / "made"
+    made.mkdir()
+    data = not_csv_text(kind, made)
+    source = tmp_path / name
+    source.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    out = tmp_path / "out.csv"
+    out.write_bytes(b"earlier scores\n")
+    python = python_error(trained_bundle, source, tmp_path)
+    assert "not CSV text; " in python or "not UTF-8 text (it looks UTF-" in python, python
+    done = run_node(node_example, trained_bundle, source, out)
+    assert done.returncode == 2, done.stderr
+    if "Parquet" in python:  # the same words up to the fix: this example reads no Parquet
+        what = python.split("; ")[0]
+        assert done.stderr.startswith(f"error: {what}; ") and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.endswith("name it .parquet and score it with `vaeguard score` (this example reads CSV "
+                                    "only)\n")
+    else:
+        assert done.stderr == f"error: {python}\n"
+    assert out.read_bytes() == b"earlier scores\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["made", name, "out.csv"])  # no temp file left
+
+
+@pytest.mark.parametrize("first, value", [
+    ("PAR1", "x"),         # a column named like Parquet's marker: no NUL byte follows it
+    ("note", "a\0b"),      # a stray NUL in a value the bundle does not read
+])
+def test_csv_text_that_starts_like_another_format_is_scored_as_python_scores_it(trained_bundle, incoming_csv,
+                                                                               node_example, tmp_path, first, value):
+    header, rows = edited_rows(incoming_csv, lambda at, rows: None)
+    source = write_rows(tmp_path / "looks.csv", [first, *header], [["MARK", *row] for row in rows])
+    source.write_bytes(source.read_bytes().replace(b"MARK", value.encode()))
+    python, node = score_both(node_example, trained_bundle, source, tmp_path)
+    assert_same_results(python, node)
+    assert len(node) == 12
 
 
 def test_a_missing_id_column_is_refused_as_python_refuses_it(trained_bundle, incoming_csv, node_example, tmp_path):

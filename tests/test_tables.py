@@ -8,6 +8,7 @@ import pytest
 from pipeline.errors import DataError, InputFileError
 from pipeline.tables import (category_strings, estimate_rows, iter_batches, read_columns, read_table,
                              read_text_columns)
+from tests.conftest import NOT_CSV_TEXT, TABLE_TEXT, not_csv_text
 
 
 def test_missing_empty_and_header_only_files(tmp_path):
@@ -630,44 +631,12 @@ def test_ids_are_kept_as_written_while_features_and_labels_read_markers_as_missi
     assert plain.column("c").null_count == plain.column("label").null_count == n + 2
 
 
-TABLE_TEXT = "id,x,c\n" + "".join(f"{i:03d},{i / 7},c{i % 3}\n" for i in range(600))
-
-
-def _not_csv_text(kind: str, tmp_path) -> bytes:
-    """A table as bytes that are not CSV in UTF-8: another format, or another encoding."""
-    import gzip
-
-    if kind == "parquet":
-        pd.DataFrame({"id": ["001"], "x": [1.5]}).to_parquet(tmp_path / "t.parquet")
-        return (tmp_path / "t.parquet").read_bytes()
-    if kind == "xlsx":
-        import zipfile
-
-        with zipfile.ZipFile(tmp_path / "t.xlsx", "w", zipfile.ZIP_DEFLATED) as book:
-            book.writestr("xl/worksheets/sheet1.xml", "<sheetData/>" * 50)
-        return (tmp_path / "t.xlsx").read_bytes()
-    if kind == "gzip":
-        return gzip.compress(TABLE_TEXT.encode())
-    return TABLE_TEXT.encode(kind)
-
-
-NOT_CSV_TEXT = {
-    "parquet": r"is a Parquet file \(it starts with Parquet's PAR1 marker\), not CSV text; name it \.parquet$",
-    "xlsx": r"is a zip archive, as an Excel \.xlsx workbook is, not CSV text; export the sheet as CSV UTF-8",
-    "gzip": r"is gzip-compressed data, not CSV text; name it \.csv\.gz",
-    "utf-16": r"is not UTF-8 text \(it looks UTF-16: it starts with a UTF-16 byte-order mark\); save it as CSV in UTF-8$",
-    "utf-16-le": r"is not UTF-8 text \(it looks UTF-16: it has NUL bytes between its characters\); save it as",
-    "utf-16-be": r"is not UTF-8 text \(it looks UTF-16: it has NUL bytes between its characters\); save it as",
-    "utf-32": r"is not UTF-8 text \(it looks UTF-32: it starts with a UTF-32 byte-order mark\); save it as",
-}
-
-
 @pytest.mark.parametrize("kind", list(NOT_CSV_TEXT))
 def test_a_csv_that_is_another_format_or_encoding_is_named_for_what_it_is(tmp_path, kind):
     """A Parquet file named .csv was "a single column ... separated by '\\t'" with its binary header
     shown, a UTF-16 CSV "line 602 has 1 fields": both sent the user to fix the wrong thing."""
     path = tmp_path / "t.csv"
-    path.write_bytes(_not_csv_text(kind, tmp_path))
+    path.write_bytes(not_csv_text(kind, tmp_path))
     reads = (read_table, read_columns, lambda p: list(iter_batches(p, ["x"], ["c"], ["id"], batch_rows=100)),
              lambda p: read_text_columns(p, ["c"]))
     for read in reads:

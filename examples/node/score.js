@@ -21,6 +21,8 @@
 // Input names are those `vaeguard score` reads as CSV: .csv or .csv.gz in any case; a .gz input
 // is decompressed as it streams. The header is checked as `vaeguard score` checks it:
 // a single column holding ;, | or a tab (another separator) and a column named twice are refused.
+// Before the CSV is parsed, a file whose first bytes show it is no UTF-8 text (Parquet, a
+// workbook, gzip data, UTF-16 or UTF-32) is refused, named for what it is, as `vaeguard score` does.
 //
 // Exit status: 0 on success, 2 when the command line or the input CSV is wrong (missing
 // column, non-numeric value, malformed CSV), 1 when the bundle is unusable (bad manifest,
@@ -452,13 +454,103 @@ function checkInputName(file) {
     `.csv.gz${suffix === '.parquet' || suffix === '.pq' ? ' (this example reads CSV only: score Parquet with `vaeguard score`)' : ''}`);
 }
 
+// Files that are no CSV text, told by their first bytes, as `vaeguard score` tells them
+// (pipeline.csv_errors.not_csv_text_error, same rules and words): read as CSV, a Parquet file,
+// a workbook or gzip data named .csv was "text that is not UTF-8 (header, column 1)", and UTF-16
+// text without a byte-order mark was "missing column(s)" that are plainly there (their letters
+// hold NUL bytes): messages that sent the user to fix the wrong thing. Per format: its first
+// bytes, what the file is, how to make it CSV. No header starts so (control bytes, or bytes no
+// UTF-8 text starts with), except Parquet's, which a NUL byte after it tells from a column
+// named "PAR1...". This example reads no Parquet, so its fix points to `vaeguard score`.
+const GZIP_MAGIC = Buffer.from([0x1f, 0x8b]);
+const PARQUET_MAGIC = Buffer.from('PAR1');
+const OTHER_FORMATS = [
+  [PARQUET_MAGIC, "a Parquet file (it starts with Parquet's PAR1 marker)",
+    'name it .parquet and score it with `vaeguard score` (this example reads CSV only)'],
+  [Buffer.from('PK\x03\x04', 'latin1'), 'a zip archive, as an Excel .xlsx workbook is',
+    'export the sheet as CSV UTF-8, or unzip it'],
+  [Buffer.from([0xd0, 0xcf, 0x11, 0xe0, 0xa1, 0xb1, 0x1a, 0xe1]), 'an Excel 97-2003 (.xls) workbook',
+    'export the sheet as CSV UTF-8'],
+  [GZIP_MAGIC, 'gzip-compressed data', 'name it .csv.gz, which vaeguard decompresses'],
+];
+// UTF-32's little-endian mark starts with UTF-16's, so it is looked for first.
+const UTF_BOMS = [
+  [Buffer.from([0xff, 0xfe, 0, 0]), 'UTF-32'], [Buffer.from([0, 0, 0xfe, 0xff]), 'UTF-32'],
+  [Buffer.from([0xff, 0xfe]), 'UTF-16'], [Buffer.from([0xfe, 0xff]), 'UTF-16'],
+];
+const HEAD_BYTES = 4096;
+
+const isGzipName = (file) => file.toLowerCase().endsWith('.gz');
+
+/**
+ * The first HEAD_BYTES bytes of the file's text (decompressed for a .gz), fewer in a shorter file;
+ * null where a .gz fails to decompress before that: csvRecords then names its gzip error.
+ */
+async function textHead(file) {
+  const source = fs.createReadStream(file, { highWaterMark: HEAD_BYTES });
+  const stream = isGzipName(file) ? source.pipe(zlib.createGunzip()) : source;
+  const chunks = [];
+  let size = 0;
+  try {
+    for await (const chunk of stream) {
+      chunks.push(chunk);
+      size += chunk.length;
+      if (size >= HEAD_BYTES) break; // a few KiB tell; the rest of the file is not read twice
+    }
+  } catch {
+    return null;
+  } finally {
+    source.destroy(); // piped, it would stay open once the gunzip stream is left
+  }
+  return Buffer.concat(chunks).subarray(0, HEAD_BYTES);
+}
+
+/** The one-line error for a .csv (.csv.gz) that its first bytes show is no UTF-8 text, or null. */
+async function notCsvTextError(file) {
+  const head = await textHead(file);
+  if (head === null) return null;
+  const compressed = isGzipName(file);
+  const inside = compressed ? 'its gzip data is' : 'is';
+  for (const [magic, what, fix] of OTHER_FORMATS) {
+    if (!head.subarray(0, magic.length).equals(magic) || (magic === PARQUET_MAGIC && !head.includes(0))) continue;
+    if (compressed && magic === GZIP_MAGIC) {
+      return inputError(`${file}: ${inside} gzip-compressed again, not CSV text; decompress it once (gunzip)`);
+    }
+    const how = compressed ? `decompress it (gunzip), then ${fix}` : fix;
+    return inputError(`${file}: ${inside} ${what}, not CSV text; ${how}`);
+  }
+  const encoding = wideEncoding(head);
+  if (!encoding) return null;
+  return inputError(`${file}: ${inside} not UTF-8 text (it looks ${encoding}); save it as CSV in UTF-8`);
+}
+
+/**
+ * How `head` looks encoded when it is UTF-16 or UTF-32 rather than UTF-8, with why; or null.
+ * Without a byte-order mark, UTF-16 shows as NUL bytes at every other position: a CSV's commas,
+ * digits and line ends are ASCII, one NUL byte beside each (three in UTF-32). A stray NUL in
+ * UTF-8 text is no sign, hence a share of a quarter of the even or odd bytes.
+ */
+function wideEncoding(head) {
+  for (const [bom, encoding] of UTF_BOMS) {
+    if (head.subarray(0, bom.length).equals(bom)) return `${encoding}: it starts with a ${encoding} byte-order mark`;
+  }
+  if (head.length < 8) return null;
+  const nuls = [0, 0]; // NUL bytes at even and at odd positions
+  for (let i = 0; i < head.length; i++) if (head[i] === 0) nuls[i % 2] += 1;
+  const even = nuls[0] / Math.ceil(head.length / 2);
+  const odd = nuls[1] / Math.floor(head.length / 2);
+  if (Math.min(even, odd) > 0.25) return 'UTF-32: it has three NUL bytes beside each character';
+  if (Math.max(even, odd) > 0.25) return 'UTF-16: it has NUL bytes between its characters';
+  return null;
+}
+
 async function* csvRecords(file) {
   const parser = new CsvParser(file);
   let first = true;
   // A .gz file is decompressed as it streams, as pyarrow does for `vaeguard score`, which
   // recognises ".gz" in any case ("X.CSV.GZ" too).
   let stream = fs.createReadStream(file, { highWaterMark: 1 << 20 });
-  if (file.toLowerCase().endsWith('.gz')) stream = stream.pipe(zlib.createGunzip());
+  if (isGzipName(file)) stream = stream.pipe(zlib.createGunzip());
   try {
     for await (let text of decodeUtf8(stream)) {
       if (first && text.charCodeAt(0) === 0xfeff) text = text.slice(1);
@@ -966,6 +1058,8 @@ async function main(argv) {
   if (fs.statSync(inputPath).size === 0) {
     throw inputError(`${inputPath}: the file is empty; expected a header row and data rows`);
   }
+  const notText = await notCsvTextError(inputPath);
+  if (notText) throw notText;
   const session = await ort.InferenceSession.create(bytes, { executionProviders: ['cpu'] });
   const threshold = checkScorerAgrees(scorerPath, manifest, inputs, onnxMetadata(bytes, scorerPath), session);
 
