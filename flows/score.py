@@ -34,7 +34,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.batch_score import label_metrics_of, required_columns, score_files
 from pipeline.image_score import check_side_files, errors_path, read_error_files, stage_errors
 from pipeline.outputs import (StagedOutputs, check_not_an_input, check_scores_target, make_parents, merge_scored_parts,
-                              remove_empty_folders, summary_path)
+                              remove_empty_folders, stage_report_removal, summary_path)
 from pipeline.schema import check_id_names, scored_labels
 from pipeline.scoring import score
 from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
@@ -268,8 +268,10 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     futures = []
     interrupted = False
     # The scores, the images' errors file and their summary become real together, or the earlier ones
-    # stay as they were (StagedOutputs); a signal in the steps after (the report) says they were kept.
+    # stay as they were (StagedOutputs), and an earlier report goes with them; a signal in the steps
+    # after (the report) says they were kept.
     staged = StagedOutputs()
+    stage_report_removal(staged, resolved.output)
     with staged, stopped_after_commit(lambda: staged.committed):
         try:
             parts = [parts_dir / f"{i:05d}.parquet" for i in range(len(job.inputs))]

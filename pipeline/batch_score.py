@@ -31,7 +31,7 @@ from pipeline.cores import resolve_threads
 from pipeline.contract import OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError, EmptyInputError
 from pipeline.metrics import auprc, auroc
-from pipeline.outputs import OutputWriter, StagedOutputs, check_scores_target, summary_path
+from pipeline.outputs import OutputWriter, StagedOutputs, check_scores_target, stage_report_removal, summary_path
 from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.schema import check_id_names, scored_labels
 from pipeline.signals import join_thread, queue_get, queue_put, raise_deferred, signals_deferred
@@ -199,6 +199,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
     staged = StagedOutputs()
     writer = OutputWriter(job.output, into=staged)  # validates the output extension before any work
+    stage_report_removal(staged, job.output)
     check_scores_target(job.output, job.inputs, job.bundle)
     # Inputs are checked before the session is built, so a bad path fails with its own error
     # alone, not after a device warning.
@@ -220,7 +221,8 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
     progress = tqdm(total=total or None, unit="rows", unit_scale=True, desc="scoring", disable=not show, leave=False)
     # The scores and their summary become real together, or the earlier ones stay as they were
-    # (StagedOutputs): a failed summary must not leave new scores beside the old summary. Ctrl-C
+    # (StagedOutputs): a failed summary must not leave new scores beside the old summary. An earlier
+    # report goes in the same commit, so a --report that fails or is stopped after it leaves none. Ctrl-C
     # and SIGTERM stop the run between two chunks or while it waits for one, never inside a
     # hand-over between threads or inside onnxruntime (pipeline.signals).
     with staged, signals_deferred():

@@ -4,7 +4,7 @@ Images are read and preprocessed in bounded batches exactly as the manifest says
 unreadable image is skipped, recorded with its reason in ``<output>.errors.csv`` and counted
 in the summary; the batch goes on. With ``maps_dir`` every flagged image also gets a PNG:
 the image, its reconstruction and a heat map of the per-pixel error. Maps are written into a
-hidden staging folder and moved into ``maps_dir`` only when the run succeeds.
+hidden staging folder inside ``maps_dir`` and moved into it in the commit of the run's scores.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
 from pipeline.images import ImageSpec, iter_image_batches, list_images, searched_by, text_path, write_errors
 from pipeline.outputs import (OutputWriter, StagedOutputs, check_location, check_outside_bundle, check_scores_target,
-                              missing_parents, remove_empty_folders, same_file, summary_path)
+                              figures_dir, missing_parents, remove_empty_folders, report_path, same_file,
+                              stage_report_removal, summary_path)
 from pipeline.runtime import check_scorer_agrees, check_variant_device, create_session, variant_device
-from pipeline.signals import raise_deferred, signals_deferred, signals_held
+from pipeline.signals import raise_deferred, signals_deferred
 
 # Images are far larger than table rows: a batch of 256 64x64 RGB images is 12 MB.
 MAX_IMAGE_BATCH = 256
@@ -53,6 +54,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     if job.maps_dir is not None:
         check_outside_bundle(job.maps_dir, job.bundle, "--maps")
     staged = StagedOutputs()
+    stage_report_removal(staged, job.output)
     writer = OutputWriter(job.output, into=staged)
     bundle = Bundle.load(job.bundle)
     spec = ImageSpec.from_dict(bundle.manifest["image"])
@@ -69,15 +71,17 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     check_scorer_agrees(session, bundle, job.precision)
     errors: list[tuple[str, str]] = []
     # A failed run must not leave maps of the images scored before it failed: they go to a hidden
-    # folder beside the maps folder and move in only at the end (see _publish_maps).
-    staging = None if job.maps_dir is None else _staging_folder(Path(job.maps_dir))
+    # folder inside the maps folder, and each moves into place in the commit of the scores.
+    maps_dir = None if job.maps_dir is None else Path(job.maps_dir)
+    staging = None if maps_dir is None else _staging_folder(maps_dir)
     new_folders = [] if staging is None else missing_parents(staging)  # made by the first map, if any
+    mapped: set[str] = set()
     started = time.perf_counter()
     progress = tqdm(unit="img", desc="scoring", disable=not show_progress(), leave=False)
     try:
-        # The scores, their errors file and summary become real together, or the earlier ones stay as
-        # they were (StagedOutputs); the maps move in under the same held signals. Ctrl-C and SIGTERM
-        # stop the run between two batches, never inside onnxruntime or Pillow (pipeline.signals).
+        # The maps, the scores, their errors file and summary become real together, or the earlier ones
+        # stay as they were (StagedOutputs). Ctrl-C and SIGTERM stop the run between two batches, never
+        # inside onnxruntime or Pillow (pipeline.signals).
         with staged, signals_deferred():
             with progress, writer:
                 for path, source in sources:
@@ -98,9 +102,13 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                         writer.write(pa.table(columns))
                         if staging is not None:
                             for i in np.flatnonzero(outputs["is_anomaly"]):
+                                name = map_name(texts[i])
                                 # One colour scale for every map: the threshold's share per pixel.
-                                write_map(staging / map_name(texts[i]), images[i], outputs["reconstruction"][i],
+                                write_map(staging / name, images[i], outputs["reconstruction"][i],
                                           outputs["anomaly_map"][i], vmax=_map_scale(threshold, spec))
+                                if name not in mapped:  # an image listed twice is drawn twice, moved in once
+                                    mapped.add(name)
+                                    staged.add(staging / name, maps_dir / name)
                         file_summary.rows += len(names)
                         file_summary.anomalies += int(outputs["is_anomaly"].sum())
                         progress.update(len(names))
@@ -118,14 +126,11 @@ def score_images(job: ScoreJob) -> ScoreSummary:
             report = summary.to_dict() | {"errors_file": str(errors_path(job.output)) if errors else None}
             staged.text(summary_path(job.output), json.dumps(report, indent=2, allow_nan=False))
             raise_deferred()  # one that came before the commit stops the run with no output
-            with signals_held():
-                staged.commit()
-                if staging is not None:
-                    _publish_maps(staging, Path(job.maps_dir))
+            staged.commit()
     finally:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)  # gone when published; the partial maps of a failed run
-            remove_empty_folders(new_folders)  # a published maps folder keeps them
+            shutil.rmtree(staging, ignore_errors=True)  # empty once committed; the maps of a failed run
+            remove_empty_folders(new_folders)  # a maps folder with maps in it stays
     return summary
 
 
@@ -136,9 +141,6 @@ def check_side_files(job: ScoreJob) -> None:
     output, maps_dir = job.output, job.maps_dir
     pictures = [] if maps_dir is None else [("--maps", Path(maps_dir))]
     if job.report:
-        from pipeline.report_html import figures_dir
-        from pipeline.scoring_report import report_path
-
         pictures.append(("--report", figures_dir(report_path(output))))
     for source in map(Path, job.inputs):
         # Listed with the folder, the bundle's report figures would be scored (and flagged) as images.
@@ -160,29 +162,18 @@ def check_side_files(job: ScoreJob) -> None:
         return
     maps_dir = Path(maps_dir)
     if maps_dir.is_symlink() and not maps_dir.exists():
-        # Found only when the maps were published, after the scores: a failed run that left its output.
+        # Else found only as the first map is drawn, after scoring the images before it.
         raise ConfigError(f"--maps {maps_dir}: is a link to {os.readlink(maps_dir)}, which does not exist; "
                           f"create that folder, or give another path")
     check_location(maps_dir, "--maps", "directory")
 
 
 def _staging_folder(maps_dir: Path) -> Path:
-    return maps_dir.parent / f".{maps_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-
-def _publish_maps(staging: Path, maps_dir: Path) -> None:
-    """Move the run's maps into ``maps_dir``; maps already there from earlier runs stay (same names are replaced)."""
-    if not staging.exists():
-        return  # nothing was flagged: no maps folder, as before
-    if not maps_dir.exists():
-        try:
-            os.rename(staging, maps_dir)  # one rename when the folder is new
-            return
-        except OSError:
-            pass  # created meanwhile: move file by file
-    maps_dir.mkdir(parents=True, exist_ok=True)
-    for png in staging.iterdir():
-        os.replace(png, maps_dir / png.name)
+    """A hidden folder inside ``maps_dir`` (made by the first map), so that moving a map into place
+    stays on one file system, in a folder this run could write into already: from beside a maps
+    folder that links to another disk it failed, after the scores were in place. Maps of earlier
+    runs stay in ``maps_dir``; this run's replace those of the same images."""
+    return maps_dir / f".{maps_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
 def _map_scale(threshold: float, spec: ImageSpec) -> float:

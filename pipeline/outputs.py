@@ -2,18 +2,21 @@
 
 Every output goes to a hidden temporary file beside its target and is renamed into place only
 when complete: readers never see half a file, and an existing file survives a failed run. The
-files of one run (scores, their summary, an errors file) are renamed together (StagedOutputs).
+files of one run (scores, their summary, an errors file, anomaly maps) are renamed together, and an
+earlier run's files that would describe other data beside them (an errors file, a scoring report)
+removed in the same step (StagedOutputs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import queue
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -58,6 +61,22 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
 
 def summary_path(output: Path) -> Path:
     return output.with_name(output.stem + ".summary.json")
+
+
+def report_path(output: Path) -> Path:
+    """<output stem>.report.html beside the scores, like the summary: nightly runs writing into one
+    folder keep one report each (a shared report.html kept only the last run's)."""
+    return output.with_name(output.stem + ".report.html")
+
+
+def figures_dir(page: Path) -> Path:
+    """The folder of a report page's PNGs: ``<stem>_files/`` beside it."""
+    return page.parent / f"{page.stem}_files"
+
+
+# The PNGs a scoring report writes into its figures folder (pipeline.report_html names each figure
+# by its title), and so the only files a later run's commit removes from there.
+SCORING_REPORT_FIGURES = frozenset({"scores_against_calibration.png", "feature_contributions.png", "top_images.png"})
 
 
 def output_format(path: Path) -> str:
@@ -208,16 +227,21 @@ class StagedOutputs:
 
     Each is written first under a hidden name beside its target (``temp_for``, ``text``, an
     OutputWriter handed this), and ``commit`` renames them into place in the order they came, in
-    one short block that holds Ctrl-C and SIGTERM (pipeline.signals). Until then no target is
-    touched: a run that fails or is stopped before the commit (a full disk as the summary is
-    written) leaves the earlier scores, summary and errors file as they were. As a context
-    manager, a block that fails before the commit removes the temporary files and the folders
-    made for them. Once the commit has begun only a rename can fail (a target made a folder, or
-    its folder read-only, meanwhile): those before it stay done, and the rest are removed.
+    one short block that holds Ctrl-C and SIGTERM (pipeline.signals); files of an earlier run that
+    would mislead beside them (``remove``) go in the same block. Until then no target is touched: a
+    run that fails or is stopped before the commit (a full disk as the summary is written) leaves
+    the earlier scores, summary, errors file, report and maps as they were. As a context manager, a
+    block that fails before the commit removes the temporary files and the folders made for them.
+    The commit first checks that no target is a folder (one made meanwhile, or a user's folder named
+    like a map), which would fail its rename after the files before it were replaced; it fails
+    then with nothing changed. After that only a rename the file system refuses can fail (a folder
+    made read-only meanwhile): those before it stay done, and the rest are removed.
     """
 
     def __init__(self) -> None:
-        self._steps: list[tuple[Path | None, Path]] = []  # (temporary file, target); None: remove the target
+        # (temporary file, target, owned): a temporary file is renamed to its target; None: the target
+        # goes, a file, or with ``owned`` a folder of which only the files ``owned`` names go.
+        self._steps: list[tuple[Path | None, Path, Callable[[str], bool] | None]] = []
         self._folders: list[Path] = []
         self.committed = False
 
@@ -231,7 +255,7 @@ class StagedOutputs:
     def temp_for(self, target: Path) -> Path:
         """The name to write ``target`` under until the commit."""
         temp = temp_path(target)
-        self._steps.append((temp, target))
+        self._steps.append((temp, target, None))
         return temp
 
     def text(self, target: Path, text: str) -> None:
@@ -239,28 +263,67 @@ class StagedOutputs:
 
     def add(self, temp: Path, target: Path, folders: Iterable[Path] = ()) -> None:
         """``temp``, written already, becomes ``target``; ``folders`` were made for it (removed if it is discarded)."""
-        self._steps.append((temp, target))
+        self._steps.append((temp, target, None))
         self._folders.extend(folders)
 
-    def remove(self, target: Path) -> None:
-        """``target`` goes at the commit: a file of an earlier run that would mislead beside this one's."""
-        self._steps.append((None, target))
+    def remove(self, target: Path, owned: Callable[[str], bool] | None = None) -> None:
+        """``target`` goes at the commit: a file of an earlier run that would mislead beside this one's.
+
+        With ``owned``, ``target`` is a folder an earlier run wrote files into: the files whose names
+        ``owned`` accepts go, and the folder once nothing else is in it (a file of the user's stays,
+        and the folder with it). A folder where a file was, or a link where a folder was, is not the
+        earlier run's: it stays."""
+        self._steps.append((None, target, owned))
 
     def commit(self) -> None:
         with signals_held():
-            for temp, target in self._steps:
-                if temp is None:
-                    target.unlink(missing_ok=True)
-                else:
+            for temp, target, _ in self._steps:
+                if temp is not None and target.is_dir() and not target.is_symlink():  # a link is replaced
+                    raise ConfigError(f"{target}: is a folder, where this run puts a file; nothing was replaced, "
+                                      f"and the earlier output stays; move that folder away and run again")
+            for temp, target, owned in self._steps:
+                if temp is not None:
                     os.replace(temp, target)
+                elif owned is not None:
+                    remove_owned_files(target, owned)
+                elif target.is_symlink() or not target.is_dir():
+                    target.unlink(missing_ok=True)
             self.committed = True
 
     def discard(self) -> None:
         with signals_deferred():  # a second Ctrl-C must not leave some of the temporary files behind
-            for temp, _ in self._steps:
+            for temp, _, _ in self._steps:
                 if temp is not None:
                     temp.unlink(missing_ok=True)
             remove_empty_folders(self._folders)
+
+
+def remove_owned_files(folder: Path, owned: Callable[[str], bool]) -> None:
+    """The files in ``folder`` whose names ``owned`` accepts, then ``folder`` if that left it empty.
+
+    A file that can't be removed stays, and the commit goes on: a report's PNG left without its
+    page describes nothing. A link to a folder is not followed: what it points at is not the run's."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    with os.scandir(folder) as entries:
+        doomed = [entry.path for entry in entries if owned(entry.name) and not entry.is_dir(follow_symlinks=False)]
+    for path in doomed:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    remove_empty_folders([folder])
+
+
+def stage_report_removal(staged: StagedOutputs, output: Path) -> None:
+    """An earlier run's scoring report beside ``output`` goes in the commit of this run's scores: it
+    names that file and describes other data. A run with --report writes its own after the commit,
+    so one that fails or is stopped then leaves no report rather than the earlier one.
+
+    Called before the run's files are staged, so that these steps come first in the commit, the
+    figures before the page: if the page can't be removed the commit fails before anything else
+    changed (the earlier scores keep their page, maybe without some figures), not halfway."""
+    page = report_path(output)
+    staged.remove(figures_dir(page), owned=SCORING_REPORT_FIGURES.__contains__)
+    staged.remove(page)
 
 
 class OutputWriter:

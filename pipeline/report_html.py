@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.outputs import check_location, temp_path
+from pipeline.outputs import check_location, figures_dir, temp_path
 from pipeline.plots import png_bytes
 from pipeline.signals import signals_held
 
@@ -42,6 +42,7 @@ class Section:
 
 
 def slug(text: str) -> str:
+    """A figure's file name without ``.png`` (pipeline.outputs.SCORING_REPORT_FIGURES lists the scoring report's)."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "figure"
 
 
@@ -84,10 +85,6 @@ def _ascii(text: str) -> str:
     except UnicodeEncodeError:  # surrogates that are not escaped bytes
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text.encode("ascii", "xmlcharrefreplace").decode("ascii")
-
-
-def figures_dir(path: Path) -> Path:
-    return path.parent / f"{path.stem}_files"
 
 
 def check_report_location(path: Path) -> None:

@@ -25,7 +25,7 @@ from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
 from pipeline.drift import drift_report
 from pipeline.errors import InputFileError
 from pipeline.images import ImageSource, ImageSpec, list_images, load_images, text_path
-from pipeline.outputs import output_format, summary_path
+from pipeline.outputs import output_format, report_path, summary_path
 from pipeline.plots import feature_contributions, image_grid, score_histogram
 from pipeline.preprocess import Preprocessor
 from pipeline.report_html import Section, check_report_location, facts_table, write_report
@@ -33,12 +33,6 @@ from pipeline.schema import as_category_array
 from pipeline.tables import iter_batches
 
 TOP_ANOMALIES = 20
-
-
-def report_path(output: Path) -> Path:
-    """<output stem>.report.html beside the scores, like the summary: nightly runs writing into one
-    folder keep one report each (a shared report.html kept only the last run's)."""
-    return output.with_name(output.stem + ".report.html")
 
 
 def check_report_target(output: Path) -> None:

@@ -423,3 +423,47 @@ def test_staged_outputs_are_renamed_at_the_commit_and_removed_if_the_block_fails
         staged.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"] and staged.committed
     assert (tmp_path / "kept.json").read_text() == "new"
+
+
+def test_staged_outputs_remove_only_the_named_files_of_a_folder(tmp_path):
+    """A removed folder keeps what the earlier run did not write there (and itself, then); a link is not followed."""
+    from pipeline.outputs import StagedOutputs
+
+    figures, elsewhere = tmp_path / "r_files", tmp_path / "elsewhere"
+    for folder in (figures, elsewhere):
+        folder.mkdir()
+        (folder / "plot.png").write_bytes(b"a figure")
+    (figures / "notes.txt").write_text("the user's")
+    (tmp_path / "linked_files").symlink_to(elsewhere)
+    (tmp_path / "page.html").mkdir()  # a folder where a file of an earlier run was: not that file
+    with StagedOutputs() as staged:
+        for folder in (figures, tmp_path / "linked_files", tmp_path / "gone_files"):
+            staged.remove(folder, owned={"plot.png"}.__contains__)
+        staged.remove(tmp_path / "page.html")
+        assert (figures / "plot.png").exists()  # nothing goes before the commit
+        staged.commit()
+    assert sorted(p.name for p in figures.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["plot.png"] and (tmp_path / "page.html").is_dir()
+    (figures / "notes.txt").unlink()
+    (figures / "plot.png").write_bytes(b"a figure")
+    with StagedOutputs() as staged:
+        staged.remove(figures, owned={"plot.png"}.__contains__)
+        staged.commit()
+    assert not figures.exists()
+
+
+def test_staged_outputs_with_a_folder_in_the_way_replace_nothing(tmp_path):
+    """A folder where the second file goes failed its rename after the first file was replaced."""
+    from pipeline.outputs import StagedOutputs
+
+    (tmp_path / "first.csv").write_text("earlier")
+    (tmp_path / "stale.csv").write_text("earlier run")
+    (tmp_path / "second.json").mkdir()
+    with pytest.raises(ConfigError, match=r"second.json: is a folder, where this run puts a file; nothing was replaced"):
+        with StagedOutputs() as staged:
+            staged.text(tmp_path / "first.csv", "new")
+            staged.remove(tmp_path / "stale.csv")
+            staged.text(tmp_path / "second.json", "new")
+            staged.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.csv", "second.json", "stale.csv"]  # no temp file
+    assert (tmp_path / "first.csv").read_text() == "earlier" and not staged.committed

@@ -445,6 +445,9 @@ def test_cli_dask_run_signalled_at_its_end_leaves_the_output_whole_or_untouched(
     out.mkdir()
     (out / "scores.parquet").write_bytes(b"earlier scores")
     (out / "scores.summary.json").write_text("earlier summary")
+    (out / "scores.report.html").write_text("earlier report")  # it names scores.parquet: it goes with them
+    (out / "scores.report_files").mkdir()
+    (out / "scores.report_files" / "scores_against_calibration.png").write_bytes(b"earlier figure")
     signum = getattr(signal, signame)
     if when == "as the merged scores are made":
         real_merge = flows.score.merge_scored_parts
@@ -488,14 +491,18 @@ def test_cli_dask_run_signalled_at_its_end_leaves_the_output_whole_or_untouched(
     how = "terminated (SIGTERM)" if signame == "SIGTERM" else "interrupted"
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 128 + signum, err
-    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.summary.json"]  # no parts, temp, report
     if when == "as the merged scores are made":
         assert errors == [f"error: {how}; no output was written"]
+        assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.report.html", "scores.report_files",
+                                                        "scores.summary.json"]  # no parts or temp files
+        assert (out / "scores.report.html").read_text() == "earlier report"
         assert (out / "scores.parquet").read_bytes() == b"earlier scores"
         assert (out / "scores.summary.json").read_text() == "earlier summary"
     else:
         assert errors == [f"error: {how} after the output was written whole, which was kept; the steps after it "
                           f"(such as --report) did not run"]
+        # No parts or temp files, and no report: the earlier one went with the earlier scores.
+        assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.summary.json"]
         summary = json.loads((out / "scores.summary.json").read_text())
         assert summary["rows"] == len(pd.read_parquet(out / "scores.parquet")) == 600
 

@@ -714,6 +714,52 @@ def test_failed_run_leaves_no_maps_and_keeps_the_old_ones(capsys, tmp_path, text
     assert sorted(p.name for p in maps.parent.iterdir()) == ["maps", "s.csv", "s.summary.json"]
 
 
+def test_a_folder_where_a_map_goes_fails_the_run_before_anything_is_replaced(capsys, tmp_path, texture_bundle):
+    """The maps were moved in one by one after the scores' commit: a folder named like a map failed the
+    run there, with an unexpected IsADirectoryError, after the scores and the maps before it were
+    replaced. Now the maps go in the scores' commit, which checks every target first."""
+    blobs, _ = with_defects(6, seed=6)
+    folder = tmp_path / "defects"
+    images = [save_png(folder / f"blob_{i}.png", blobs[i]) for i in (0, 2, 4)]  # bright blobs: flagged
+    output, maps = tmp_path / "out" / "s.csv", tmp_path / "out" / "maps"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps", maps,
+                            "--device", "cpu")
+    assert code == 0, err
+    names = sorted(map_name(str(image)) for image in images)
+    assert sorted(p.name for p in maps.iterdir()) == names
+    earlier = {path: b"earlier" for path in [output, summary_path(output), *(maps / name for name in names[:2])]}
+    for path, content in earlier.items():
+        path.write_bytes(content)
+    (maps / names[2]).unlink()
+    (maps / names[2]).mkdir()  # a folder where the last map goes
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--maps", maps,
+                            "--device", "cpu")
+    assert code == 1 and str(maps / names[2]) in one_error_line(err) and "is a folder" in err
+    assert {path: path.read_bytes() for path in earlier} == earlier
+    assert sorted(p.name for p in maps.iterdir()) == names and (maps / names[2]).is_dir()  # no staging folder
+    assert sorted(p.name for p in output.parent.iterdir()) == ["maps", "s.csv", "s.summary.json"]
+
+
+def test_maps_into_a_folder_that_links_to_another_file_system(capsys, tmp_path, texture_bundle):
+    """The maps were staged beside the maps folder and moved into where it links to: across file
+    systems, os.replace failed (EXDEV) after the scores were in place."""
+    elsewhere = Path("/dev/shm")
+    if not elsewhere.is_dir() or os.stat(elsewhere).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's folder")
+    folder = tmp_path / "defects"
+    image = save_png(folder / "blob_0.png", with_defects(2, seed=6)[0][0])  # flagged
+    target = elsewhere / f"vaeguard-maps-{os.getpid()}-{tmp_path.name}"
+    target.mkdir()
+    try:
+        (tmp_path / "maps").symlink_to(target)
+        code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", tmp_path / "s.csv", "--maps",
+                                tmp_path / "maps", "--device", "cpu")
+        assert code == 0, err
+        assert [p.name for p in target.iterdir()] == [map_name(str(image))]
+    finally:
+        shutil.rmtree(target)
+
+
 def test_failed_run_leaves_no_folders_it_created(capsys, tmp_path, texture_bundle):
     blobs, _ = with_defects(2, seed=6)
     folder = tmp_path / "defects"

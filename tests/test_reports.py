@@ -14,10 +14,11 @@ from pipeline import workflow
 from pipeline.bundle import Bundle
 from pipeline.cli import main
 from pipeline.config import ScoreJob, TrainJob
+from pipeline.outputs import SCORING_REPORT_FIGURES
 from pipeline.preprocess import CategoricalStats, NumericStats, Preprocessor
 from pipeline.scoring_report import column_shares, scoring_sections
 from pipeline.training_report import table_sections
-from tests.conftest import quiet_config
+from tests.conftest import disk_full_when_writing, quiet_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
@@ -128,6 +129,8 @@ def test_scoring_report_sections_match_the_scores(trained_bundle, incoming_csv, 
     assert (tmp_path / "scores.report.html").read_bytes() == first
     assert sorted(p.name for p in tmp_path.glob("*.report*")) == ["feb.report.html", "feb.report_files",
                                                                   "scores.report.html", "scores.report_files"]
+    # The only PNGs a later run's commit removes from there (pipeline.outputs.stage_report_removal).
+    assert {p.name for p in (tmp_path / "scores.report_files").iterdir()} <= SCORING_REPORT_FIGURES
 
 
 def test_scoring_report_names_the_column_that_overflowed(trained_bundle, incoming_csv, tmp_path):
@@ -431,6 +434,7 @@ def test_scoring_report_shows_each_top_image_of_an_array(image_bundle, tmp_path)
     assert titles == [f"batch.npy[{i}]: score {s:.4g}" for i, s in zip(indices, scored["score"])]
     for index, picture in zip(indices, pictures):
         np.testing.assert_allclose(picture, array[index] / 255.0, atol=1e-6)
+    assert {p.name for p in (tmp_path / "scores.report_files").iterdir()} <= SCORING_REPORT_FIGURES
 
 
 def test_scoring_report_of_undecodable_and_dollar_file_names(image_bundle, tmp_path):
@@ -477,3 +481,71 @@ def test_score_with_a_report_that_cannot_be_written_fails_before_scoring(capsys,
                  "--report"]) == 1
     assert "report figures" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.report_files"]
+
+
+def earlier_report(tmp_path: Path, trained_bundle: Path, incoming_csv: Path) -> tuple[Path, bytes]:
+    """An earlier run's scores with their report; the report page's bytes."""
+    out = tmp_path / "scores.parquet"
+    assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(out), "--device", "cpu",
+                 "--report"]) == 0
+    assert sorted(p.name for p in (tmp_path / "scores.report_files").iterdir()) == ["feature_contributions.png",
+                                                                                   "scores_against_calibration.png"]
+    return out, (tmp_path / "scores.report.html").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "error"])
+def test_a_report_that_stops_or_fails_after_the_scores_leaves_no_earlier_report(capsys, monkeypatch, tmp_path,
+                                                                                trained_bundle, incoming_csv, how):
+    """The report is written after the scores' commit: stopped or failed then, it left the earlier
+    run's report, which names the same scores file, beside the new scores it does not describe."""
+    import os
+    import signal
+
+    import pipeline.scoring_report as scoring_report
+
+    out, _ = earlier_report(tmp_path, trained_bundle, incoming_csv)
+    summary = (tmp_path / "scores.summary.json").read_text()
+
+    def stopped(job):
+        if how == "error":
+            raise RuntimeError("the report failed")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(scoring_report, "scoring_sections", stopped)
+    code = main(["score", str(trained_bundle), str(incoming_csv), "--output", str(out), "--device", "cpu", "--report"])
+    err = capsys.readouterr().err
+    assert code == (130 if how == "Ctrl-C" else 1)
+    assert "after the output was written whole" in err if how == "Ctrl-C" else "the report failed" in err
+    assert (tmp_path / "scores.summary.json").read_text() != summary  # the new scores were committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "scores.summary.json"]
+
+
+def test_scores_without_a_report_remove_the_earlier_report_and_only_its_figures(capsys, tmp_path, trained_bundle,
+                                                                                 incoming_csv):
+    """Without --report, an earlier OUT.report.html stayed beside the new OUT: a report that names the
+    scores file and describes other data. A file of the user's in its figures folder stays."""
+    out, _ = earlier_report(tmp_path, trained_bundle, incoming_csv)
+    assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "scores.summary.json"]
+
+    earlier_report(tmp_path, trained_bundle, incoming_csv)
+    (tmp_path / "scores.report_files" / "notes.txt").write_text("mine")
+    (tmp_path / "scores.report_files" / "slide.png").write_bytes(b"mine too")
+    assert main(["score", str(trained_bundle), str(incoming_csv), "--output", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "scores.report_files", "scores.summary.json"]
+    assert sorted(p.name for p in (tmp_path / "scores.report_files").iterdir()) == ["notes.txt", "slide.png"]
+
+
+def test_a_run_that_fails_before_its_commit_keeps_the_earlier_report(monkeypatch, tmp_path, trained_bundle,
+                                                                      incoming_csv):
+    """The earlier report goes with the commit of the new scores, not before it."""
+    from pipeline.scoring import score
+
+    out, page = earlier_report(tmp_path, trained_bundle, incoming_csv)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    disk_full_when_writing(monkeypatch, "scores.summary.json")
+    with pytest.raises(OSError, match="No space left"):
+        score(ScoreJob(trained_bundle, (incoming_csv,), out, device="cpu"))
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "scores.report.html", "scores.report_files",
+                                                          "scores.summary.json"]  # and no temporary file
