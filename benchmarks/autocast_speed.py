@@ -12,6 +12,7 @@ BENCHMARKS.md, "GPU").
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -20,7 +21,11 @@ import numpy as np
 CASES = ((28, 1, 10_000), (64, 1, 6000), (64, 3, 6000))  # (size, channels, images)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # No options: parsed all the same, so that --help explains the run instead of starting it.
+    argparse.ArgumentParser(prog="python -m benchmarks.autocast_speed", description=__doc__.split("\n\n")[0],
+                            epilog="Needs torch with a CUDA GPU; prints one JSON line per case, then all of them."
+                            ).parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():

@@ -192,8 +192,12 @@ def _csv_header(path: Path) -> list[str]:
 
 def _check_path_column(path: Path, header: list[str], path_column: str) -> int:
     if path_column not in header:
-        raise DataError(f"{path}: no {path_column!r} column (columns: {header[:10]}); "
-                        f"add a column named {path_column!r} with one image path per row")
+        # Most often a table given to an image bundle: say how images read a CSV, and show enough of
+        # its header to recognise it (the first ten names only said neither).
+        shown = ", ".join(map(repr, header[:10])) + (f", ... ({len(header)} in all)" if len(header) > 10 else "")
+        raise DataError(f"{path}: no {path_column!r} column (columns: {shown}); images are read from a CSV as a "
+                        f"list of image paths: add a column named {path_column!r} with one image path per row, "
+                        f"or score a table with a bundle trained on tables")
     if header.count(path_column) > 1:
         raise DataError(f"{path}: the header names {path_column!r} {header.count(path_column)} times; "
                         f"keep one column of image paths with that name")

@@ -371,3 +371,21 @@ def test_infinite_scores_are_counted_and_shown(tmp_path, monkeypatch):
     assert result["records"][0]["infinite_scores"] == {"normal": 3, "anomaly": 2}
     assert "- thyroid semi knn seed 0: infinite test scores on 3 normal and 2 anomalous rows" in \
         quality.render_markdown(result)
+
+
+BENCHMARK_MODULES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
+                           if p.stem != "__init__")
+
+
+# Ids other than the bare names: a test whose keywords hold "gpu" is skipped without a GPU (conftest).
+@pytest.mark.parametrize("module", BENCHMARK_MODULES, ids=lambda module: f"benchmarks.{module}")
+def test_every_benchmark_explains_itself_with_help_and_runs_nothing(module):
+    """BENCHMARKS.md names these commands; --help must describe one, not start it (autocast_speed
+    took no options: on a GPU, --help ran the benchmark, and here it failed for want of CUDA)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: ") and done.stderr == "", (done.stdout, done.stderr)

@@ -193,8 +193,15 @@ def test_bad_csv_and_npy_inputs_raise(tmp_path):
     no_column = tmp_path / "t.csv"
     no_column.write_text("file,label\na.png,0\n")
     assert not is_image_input(no_column)
-    with pytest.raises(DataError, match="no 'path' column"):
+    with pytest.raises(DataError, match=r"no 'path' column \(columns: 'file', 'label'\); images are read from a CSV "
+                                        r"as a list of image paths"):
         list_images(no_column)
+    # A table given to an image bundle: its header shown in part, with how many columns it has.
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(12)) + "\n" + ",".join("1" * 12) + "\n")
+    with pytest.raises(DataError, match=r"\(columns: 'c0', .*'c9', \.\.\. \(12 in all\)\); .* or score a table "
+                                        r"with a bundle trained on tables$"):
+        list_images(wide)
     flat = tmp_path / "flat.npy"
     np.save(flat, np.zeros((4, 10)))
     with pytest.raises(DataError, match=r"shape \(4, 10\)"):
