@@ -222,12 +222,20 @@ class TrainJob:
         if self.label_column is not None and not isinstance(self.label_column, str):
             raise ConfigError(f"--label-column must be a column name, got {self.label_column!r}; "
                               f"pass e.g. --label-column label")
+        if self.label_column == "":
+            # An unset shell variable (--label-column "$LABEL"): read as no label, the labelled
+            # anomalies were trained and calibrated on as normal rows, without a word.
+            raise ConfigError("--label-column is empty; give the label column's name, or leave the option out "
+                              "when the data has no labels (is a shell variable unset?)")
         # A bare string would be taken as one column per character.
         if isinstance(self.id_columns, list):
             object.__setattr__(self, "id_columns", tuple(self.id_columns))
         if not isinstance(self.id_columns, tuple) or not all(isinstance(c, str) for c in self.id_columns):
             raise ConfigError(f"--id-columns must be a list of column names, got {self.id_columns!r}; "
                               f"pass e.g. --id-columns row_id,batch (id_columns=('row_id', 'batch') in Python)")
+        if "" in self.id_columns:
+            raise ConfigError(f"--id-columns names an empty column, got {self.id_columns!r}; give each id column's "
+                              f"name, e.g. --id-columns row_id,batch (is a shell variable unset?)")
         _pipeline_config(self.config)
         # A column named twice would be copied twice into the run's table, which pandas refuses
         # only after the whole file is read; and an id column cannot be the label as well.

@@ -198,6 +198,18 @@ def test_job_refuses_a_column_named_twice(tmp_path, ids, label):
         TrainJob(data=tmp_path / "d.csv", name="x", id_columns=ids, label_column=label)
 
 
+@pytest.mark.parametrize("ids, label, message", [
+    ((), "", r"--label-column is empty; give the label column's name, or leave the option out"),
+    (("row_id", ""), "label", r"--id-columns names an empty column, got \('row_id', ''\)"),
+])
+def test_an_empty_label_or_id_column_name_is_a_config_error(tmp_path, ids, label, message):
+    """`--label-column "$LABEL"` with LABEL unset trained the labelled anomalies as normal rows."""
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        TrainJob(data=tmp_path / "d.csv", name="x", id_columns=ids, label_column=label)
+
+
 def test_negative_seed_is_a_config_error():
     from pipeline.config import PipelineConfig
     from pipeline.errors import ConfigError
