@@ -128,6 +128,12 @@ class Bundle:
         if path.is_file() and (path.parent / MANIFEST).is_file():
             # A file of a bundle (its scorer.onnx, its manifest) named instead of the bundle's folder.
             raise BundleError(f"{path}: is a file of bundle folder {path.parent}; pass the folder itself")
+        if not path.exists():
+            # A bundle moved or deleted under a nightly job: "not a bundle" sent the user to check a
+            # folder that is not there.
+            where = "" if path.parent.is_dir() else f" (nor does its folder {path.parent})"
+            raise BundleError(f"{path}: no such bundle folder{where}; pass the folder `vaeguard train` wrote "
+                              f"(was it moved or deleted?)")
         if not manifest_path.is_file():
             raise BundleError(f"{path}: not a bundle (no {MANIFEST}); pass a folder written by `vaeguard train`")
         try:

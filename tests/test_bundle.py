@@ -40,6 +40,15 @@ def test_missing_file_and_missing_manifest(bundle_copy, tmp_path):
         Bundle.load(tmp_path)
 
 
+def test_a_bundle_folder_that_is_not_there_says_so(tmp_path):
+    """A bundle moved or deleted under a nightly job was "not a bundle (no manifest.json)"."""
+    with pytest.raises(BundleError, match=r"/gone: no such bundle folder; pass the folder `vaeguard train` wrote "
+                                          r"\(was it moved or deleted\?\)$"):
+        Bundle.load(tmp_path / "gone")
+    with pytest.raises(BundleError, match=r"/m: no such bundle folder \(nor does its folder .*/exported\)"):
+        Bundle.load(tmp_path / "exported" / "m")
+
+
 def edit_manifest(bundle, edit) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     edit(manifest)
