@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import queue
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable
@@ -108,6 +109,24 @@ def check_location(path: Path, option: str, kind: str) -> None:
     if blocking is not None:
         raise ConfigError(f"{option} {path}: {blocking} is a file, not a directory; write into a directory, "
                           f"or move that file away")
+    check_writable(path if kind == "directory" and path.is_dir() else next(p for p in path.parents if p.exists()),
+                   path, option)
+
+
+def check_writable(folder: Path, path: Path, option: str) -> None:
+    """Fail when ``folder``, where ``path`` (or the folders above it) would be made, refuses new files.
+
+    Found only when the first chunk was written, it was "unexpected PermissionError" naming a hidden
+    temporary file, after the inputs were opened and the model loaded. An unnamed temporary file
+    (O_TMPFILE, which leaves no trace) asks the file system itself: permission bits, a read-only
+    mount, an immutable folder, which os.access does not see for root.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write into {folder} ({exc.strerror or exc}); choose a folder "
+                          f"you can write into, or change that one's permissions") from None
 
 
 def check_scores_target(output: Path, inputs: Iterable[Path | str], bundle: Path) -> None:

@@ -1,0 +1,58 @@
+"""pipeline.outputs: where results may be written, checked before any work."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.outputs import check_location, check_output_location
+from tests.conftest import run_main
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path) -> Path:
+    """A folder that refuses new files to this process: read-only bits, or for root (whom they do not
+    stop) a folder of /sys, which refuses new files to everyone."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        yield folder
+        folder.chmod(stat.S_IRWXU)
+        return
+    folder = Path("/sys/kernel")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pytest.skip("no folder here refuses new files to root")
+    except OSError:
+        yield folder
+
+
+def test_an_output_in_a_folder_that_refuses_files_fails_before_any_work(unwritable_folder):
+    with pytest.raises(ConfigError, match=rf"^--output {unwritable_folder}/new/s\.parquet: cannot write into "
+                                          rf"{unwritable_folder} \(.+\); choose a folder you can write into"):
+        check_output_location(unwritable_folder / "new" / "s.parquet")
+    with pytest.raises(ConfigError, match=rf"^--maps {unwritable_folder}: cannot write into {unwritable_folder} "):
+        check_location(unwritable_folder, "--maps", "directory")
+
+
+def test_a_writable_output_folder_is_left_as_it_was(tmp_path):
+    check_output_location(tmp_path / "new" / "s.parquet")
+    check_location(tmp_path, "--maps", "directory")
+    assert list(tmp_path.iterdir()) == []  # the check leaves no file, and makes no folder
+
+
+def test_score_into_a_folder_that_refuses_files_is_one_line_naming_the_output(capsys, trained_bundle, incoming_csv,
+                                                                             unwritable_folder):
+    """It was `error: unexpected PermissionError: ... Failed to open local file '.../.s.parquet.tmp-...'`."""
+    output = unwritable_folder / "s.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", output)
+    assert code == 1
+    [line] = err.splitlines()
+    assert line.startswith(f"error: --output {output}: cannot write into {unwritable_folder} (")
+    assert line.endswith("); choose a folder you can write into, or change that one's permissions")
