@@ -32,9 +32,10 @@ from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.batch_score import label_metrics_of, required_columns, score_files
-from pipeline.image_score import check_side_files, errors_path, read_error_files, stage_errors
+from pipeline.image_score import (check_side_files, errors_path, read_error_files, remove_staging_folder,
+                                  stage_drawn_maps, stage_errors, staging_folder)
 from pipeline.outputs import (StagedOutputs, check_not_an_input, check_scores_target, make_parents, merge_scored_parts,
-                              remove_empty_folders, stage_report_removal, summary_path)
+                              missing_parents, remove_empty_folders, stage_report_removal, summary_path)
 from pipeline.schema import check_id_names, scored_labels
 from pipeline.scoring import score
 from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
@@ -79,13 +80,23 @@ def run_wants(part: Path) -> bool:
     return (part.parent / RUNNING).exists()
 
 
-def discard_part(part: Path) -> None:
+def discard_part(part: Path, maps: Path | None = None) -> None:
     """Remove what a task wrote for a run that is over (the part and the files named after it: its
-    summary, labels, unreadable images), and the parts folder once it is empty."""
+    summary, labels, unreadable images; the maps it drew), and the parts folder and the maps'
+    staging folder once they are empty."""
     for path in part.parent.glob(f"{part.stem}.*"):
         path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # the flow's to remove, or another task's files are still in it
         part.parent.rmdir()
+    if maps is not None:
+        shutil.rmtree(maps, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            maps.parent.rmdir()
+
+
+def part_maps(staging: Path, part: Path) -> Path:
+    """The folder a task draws its input's maps in: one per part, inside the run's staging folder."""
+    return staging / part.stem
 
 
 @task(cache_policy=NO_CACHE)
@@ -93,8 +104,10 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
                label_column: str | None = None, modality: str = "table") -> dict | None:
     """Score one input (table file or image folder) into a part file; None once the run is over.
 
-    The summary's ``warnings`` are the ones scoring it logged, for the flow to log (log_warnings);
-    if it fails, they go with its error instead (warnings_of).
+    ``job.maps_dir`` is the run's staging folder for maps (the flow moves them in with the scores),
+    in which the input's maps go to a folder of their own (part_maps). The summary's ``warnings``
+    are the ones scoring it logged, for the flow to log (log_warnings); if it fails, they go with
+    its error instead (warnings_of).
     """
     if not run_wants(part):
         return None
@@ -102,9 +115,9 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
         raise ConfigError(f"{input_path}: a relative path, but the Dask worker runs in {os.getcwd()}, not in {cwd} "
                           f"where vaeguard was started; pass the input as an absolute path, or start the workers "
                           f"in {cwd}")
+    maps = None if job.maps_dir is None else part_maps(job.maps_dir, part)
     single = ScoreJob(bundle=job.bundle, inputs=(input_path,), output=part, device=job.device,
-                      batch_size=job.batch_size, threads=job.threads, maps_dir=job.maps_dir,
-                      precision=job.precision)
+                      batch_size=job.batch_size, threads=job.threads, maps_dir=maps, precision=job.precision)
     try:
         with held_warnings() as warnings:
             # A table's unseen categories warn once for the run, from the merged counts (combine_summaries).
@@ -116,7 +129,7 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
             raise
         # The run is over, and no one waits for this error (often the folder removed under the writer).
     if not run_wants(part):
-        discard_part(part)
+        discard_part(part, maps)
         return None
     return {**summary, "warnings": warnings}
 
@@ -262,6 +275,12 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
         # folder holding the bundle would fail only once the folders before it were scored.
         check_side_files(job)
     new_folders = make_parents(resolved.output)
+    # The tasks draw an image run's maps into a hidden folder inside the maps folder, and the maps move
+    # in with the scores, as in a plain run: a run that fails or is stopped leaves the maps folder as it was.
+    maps_staging = None
+    if bundle["modality"] == "image" and resolved.maps_dir is not None:
+        maps_staging = staging_folder(resolved.maps_dir)
+    map_folders = [] if maps_staging is None else missing_parents(maps_staging)
     parts_dir = resolved.output.parent / f".{job.output.name}.parts-{uuid.uuid4().hex[:8]}"
     parts_dir.mkdir()
     (parts_dir / RUNNING).touch()
@@ -275,8 +294,13 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
     with staged, stopped_after_commit(lambda: staged.committed):
         try:
             parts = [parts_dir / f"{i:05d}.parquet" for i in range(len(job.inputs))]
+            if maps_staging is not None:
+                # Made before any task: a task that made it, or removed it empty after drawing no maps,
+                # would race with the others.
+                maps_staging.mkdir(parents=True)
+            tasks_job = dataclasses.replace(resolved, maps_dir=maps_staging)
             started = time.perf_counter()
-            futures = [score_file.submit(resolved, path, part, os.getcwd(), bundle["label_column"],
+            futures = [score_file.submit(tasks_job, path, part, os.getcwd(), bundle["label_column"],
                                          bundle["modality"]) for path, part in zip(inputs, parts)]
             files, logged = [], set()
             for future in futures:  # in input order, each file's warnings as its result comes
@@ -295,6 +319,8 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
             check_not_an_input(resolved.output, [source for source, _ in named])  # as merging into place did
             seconds = time.perf_counter() - started
             summary = combine_summaries(job, bundle, files, seconds, labelled)
+            if maps_staging is not None:  # before the scores, as a plain run stages them
+                stage_drawn_maps(staged, [part_maps(maps_staging, part) for part in parts], resolved.maps_dir)
             staged.add(merged, resolved.output)
             if bundle["modality"] == "image":
                 # Only an image run's: a table run leaves that name alone, as the plain run does (it may
@@ -321,6 +347,8 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
                         future.wait()
             finally:
                 shutil.rmtree(parts_dir, ignore_errors=True)
+                if maps_staging is not None:
+                    remove_staging_folder(maps_staging, map_folders)
                 remove_empty_folders(new_folders)  # a folder this run made stays only with the output in it
         create_markdown_artifact(key="vaeguard-scoring-summary", markdown=summary_markdown(job),
                                  description="Scores against calibration: anomaly rate and drift")

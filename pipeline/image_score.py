@@ -73,7 +73,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     # A failed run must not leave maps of the images scored before it failed: they go to a hidden
     # folder inside the maps folder, and each moves into place in the commit of the scores.
     maps_dir = None if job.maps_dir is None else Path(job.maps_dir)
-    staging = None if maps_dir is None else _staging_folder(maps_dir)
+    staging = None if maps_dir is None else staging_folder(maps_dir)
     new_folders = [] if staging is None else missing_parents(staging)  # made by the first map, if any
     mapped: set[str] = set()
     started = time.perf_counter()
@@ -129,8 +129,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
             staged.commit()
     finally:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)  # empty once committed; the maps of a failed run
-            remove_empty_folders(new_folders)  # a maps folder with maps in it stays
+            remove_staging_folder(staging, new_folders)
     return summary
 
 
@@ -168,12 +167,34 @@ def check_side_files(job: ScoreJob) -> None:
     check_location(maps_dir, "--maps", "directory")
 
 
-def _staging_folder(maps_dir: Path) -> Path:
-    """A hidden folder inside ``maps_dir`` (made by the first map), so that moving a map into place
-    stays on one file system, in a folder this run could write into already: from beside a maps
-    folder that links to another disk it failed, after the scores were in place. Maps of earlier
-    runs stay in ``maps_dir``; this run's replace those of the same images."""
+def staging_folder(maps_dir: Path) -> Path:
+    """A hidden folder inside ``maps_dir`` (made by the first map; by the scoring flow before its tasks,
+    which draw into a subfolder each), so that moving a map into place stays on one file system, in a
+    folder this run could write into already: from beside a maps folder that links to another disk it
+    failed, after the scores were in place. Maps of earlier runs stay in ``maps_dir``; this run's
+    replace those of the same images."""
     return maps_dir / f".{maps_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def remove_staging_folder(staging: Path, new_folders: list[Path]) -> None:
+    """The end of a run with maps, committed or not: ``staging`` goes (empty once committed; the maps
+    of a failed run), and the folders made for it (``missing_parents``) while empty: a maps folder
+    with maps in it stays."""
+    shutil.rmtree(staging, ignore_errors=True)
+    remove_empty_folders(new_folders)
+
+
+def stage_drawn_maps(staged: StagedOutputs, folders: list[Path], maps_dir: Path) -> None:
+    """The maps drawn into ``folders`` (one per input, in input order: the scoring flow's tasks) move
+    into ``maps_dir`` in ``staged``'s commit. Where two inputs list one image, a later input's map of
+    that name replaces an earlier one's, as in a plain run, which draws it twice and moves it in once."""
+    latest: dict[str, Path] = {}
+    for folder in folders:
+        if folder.is_dir():  # none when nothing in that input was flagged
+            for png in sorted(folder.glob("*.png")):  # what its task committed: no temporary file is left
+                latest[png.name] = png
+    for name, png in latest.items():
+        staged.add(png, maps_dir / name)
 
 
 def _map_scale(threshold: float, spec: ImageSpec) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,10 +24,16 @@ from pipeline.config import ScoreJob
 from pipeline.errors import DataError
 from pipeline.preprocess import CategoricalStats
 from pipeline.runtime import gpu_present
+from pipeline.scoring import score
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
+from tests import test_image_flows
 from tests.conftest import disk_full_when_writing
+from tests.test_image_flows import files_under, flagged_folder, unreadable_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+# The image bundle of the flow tests, trained once for this module too.
+image_folder, flow_facts = test_image_flows.image_folder, test_image_flows.flow_facts
 
 
 def sessions_in_process() -> int:
@@ -731,3 +738,71 @@ def test_cli_dask_refuses_a_bad_header_before_any_task(trained_bundle, tmp_path,
                                                            else "column 'pressure' appears twice in the header"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores.parquet"]  # no parts folder
     assert (tmp_path / "out" / "scores.parquet").read_bytes() == b"earlier scores"
+
+
+def test_dask_run_failing_on_a_later_input_leaves_the_maps_folder_as_it_was(flow_facts, image_folder, tmp_path):
+    """Each task moved its input's maps in as it ended: a run that failed on its second input kept the
+    first input's maps, and replaced an earlier run's map of the same image."""
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    first = flagged_folder(image_folder, tmp_path / "monday")
+    maps = tmp_path / "maps"
+    score(ScoreJob(Path(flow_facts["bundle"]), (first,), tmp_path / "earlier.parquet", device="cpu", maps_dir=maps))
+    earlier = sorted(maps.iterdir())[0]
+    earlier.write_bytes(b"an earlier run's map of this image")  # which this run's would replace
+    (maps / "other.png").write_bytes(b"a map of another image")
+    before = files_under(maps)
+    job = ScoreJob(Path(flow_facts["bundle"]), (first, unreadable_folder(tmp_path / "tuesday")),
+                   tmp_path / "out" / "scores.parquet", device="cpu", maps_dir=maps)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with pytest.raises(DataError, match="none of the 1 image file"):
+            score_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(job)
+    assert files_under(maps) == before  # no new map, none replaced, no hidden folder
+    assert not (tmp_path / "out").exists()
+
+
+def test_dask_run_moves_in_the_maps_a_plain_run_does(flow_facts, image_folder, tmp_path):
+    """The same names and bytes: two folders holding files of one name, and an image listed by two
+    inputs (a folder and its subfolder), whose map the later input's replaces, as a plain run draws it again."""
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    first = flagged_folder(image_folder, tmp_path / "monday")
+    second = flagged_folder(image_folder, tmp_path / "tuesday")  # the same file names as monday's
+    nested = flagged_folder(image_folder, second / "late", n=2)
+    job = ScoreJob(Path(flow_facts["bundle"]), (first, second, nested), tmp_path / "plain.parquet", device="cpu",
+                   maps_dir=tmp_path / "plain-maps")
+    score(job)
+    flowed = dataclasses.replace(job, output=tmp_path / "dask.parquet", maps_dir=tmp_path / "dask-maps")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        score_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(flowed)
+    plain = files_under(job.maps_dir)
+    assert any("__tuesday__late__noise_" in name for name in plain)  # a map two inputs drew
+    assert files_under(flowed.maps_dir) == plain
+
+
+def test_an_image_task_that_ends_after_its_run_stopped_leaves_no_maps(flow_facts, image_folder, tmp_path, monkeypatch):
+    """A run stopped on a cluster named by --dask-address removes its maps' staging folder without
+    waiting for the tasks running there: one that drew maps made it again, and must remove them."""
+    import flows.score
+    from flows.score import RUNNING, score_file
+
+    source = flagged_folder(image_folder, tmp_path / "monday")
+    parts = tmp_path / ".scores.parquet.parts-1234abcd"
+    parts.mkdir()
+    (parts / RUNNING).touch()
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    real = flows.score.score
+
+    def stopped_meanwhile(job):
+        summary = real(job)
+        shutil.rmtree(parts)
+        return summary
+
+    monkeypatch.setattr(flows.score, "score", stopped_meanwhile)
+    job = ScoreJob(Path(flow_facts["bundle"]), (source,), tmp_path / "scores.parquet", device="cpu",
+                   maps_dir=maps / ".maps.tmp-1234abcd")  # the run's staging folder, as the flow hands it
+    assert score_file.fn(job, source, parts / "00000.parquet", modality="image") is None
+    assert list(maps.iterdir()) == []

@@ -15,7 +15,7 @@ from PIL import Image
 from flows.score import score_flow
 from flows.train import train_flow
 from pipeline.config import CalibrationConfig, ImageTrainJob, PipelineConfig, ScoreJob, TrainingConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.image_score import errors_path
 from pipeline.outputs import summary_path
 from pipeline.scoring import score
@@ -42,6 +42,29 @@ def image_folder(tmp_path_factory) -> Path:
     for i, pixels in enumerate(blobs(N_IMAGES, seed=0)):
         Image.fromarray(pixels, mode="L").save(folder / f"img_{i:03d}.png")
     return folder
+
+
+def flagged_folder(image_folder: Path, folder: Path, n: int = 10) -> Path:
+    """``folder`` with ``n`` of the normal images and 3 of noise, which the bundle flags: an input with maps."""
+    folder.mkdir(parents=True)
+    for image in sorted(image_folder.glob("*.png"))[:n]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    rng = np.random.default_rng(len(folder.name))
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8), mode="L").save(folder / f"noise_{i}.png")
+    return folder
+
+
+def unreadable_folder(folder: Path) -> Path:
+    """An input whose scoring fails (no image can be read), after the inputs before it are scored."""
+    folder.mkdir(parents=True)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+def files_under(folder: Path) -> dict[str, bytes | None]:
+    """What ``folder`` holds, hidden files and folders too (None for a folder), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +167,17 @@ def test_score_flow_refuses_a_folder_holding_the_bundle_before_any_folder_is_sco
     with pytest.raises(ConfigError, match=rf"^{second}: holds the bundle {bundle}, whose report figures"):
         score_flow(job)
     assert scored == [] and not (tmp_path / "out").exists()
+
+
+def test_score_flow_failing_on_a_later_input_makes_no_maps(flow_facts, image_folder, tmp_path):
+    """Each task moved its input's maps in as it ended: a run that failed on its second input left the
+    first input's maps, in a maps folder it had made."""
+    first = flagged_folder(image_folder, tmp_path / "monday")
+    maps = tmp_path / "new" / "maps"
+    job = ScoreJob(bundle=Path(flow_facts["bundle"]), inputs=(first, unreadable_folder(tmp_path / "tuesday")),
+                   output=tmp_path / "scores.parquet", device="cpu", maps_dir=maps)
+    with pytest.raises(DataError, match="none of the 1 image file"):
+        score_flow(job)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["monday", "tuesday"]  # no maps folder, no parts
+    score_flow(dataclasses.replace(job, inputs=(first,)))  # the first input alone does get maps
+    assert list(maps.glob("*.png")) and not [p for p in maps.iterdir() if p.name.startswith(".")]
