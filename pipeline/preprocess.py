@@ -18,6 +18,7 @@ column's spellings (CategoricalStats.spellings) are read alike here and in score
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import pandas as pd
 from pipeline.config import PreprocessConfig
 from pipeline.errors import DataError
 from pipeline.schema import TableSchema, categorical_strings, numeric_matrix
+
+log = logging.getLogger("vaeguard")
 
 UNKNOWN = "__unknown__"
 # A boolean's spellings (what pandas' to_csv, pyarrow and other tools write) and what each means;
@@ -194,7 +197,7 @@ def fit_preprocessor(frame: pd.DataFrame, schema: TableSchema, config: Preproces
     """Learn medians, robust scales and category lists from training rows only."""
     numeric = numeric_matrix(frame, schema.numeric, source).astype(np.float64)
     stats = [
-        _numeric_stats(name, numeric[:, i]) for i, name in enumerate(schema.numeric)
+        _numeric_stats(name, numeric[:, i], source) for i, name in enumerate(schema.numeric)
     ]
     categorical = [
         _categorical_stats(name, values, config, source)
@@ -212,8 +215,43 @@ def _categorical_stats(name: str, values: np.ndarray, config: PreprocessConfig, 
     elif integer:
         values = np.array([v.removesuffix(".0") for v in values], dtype=object)  # '3.0' and '3' count as one
     kept = _kept_categories(values, config, name, source)
-    unknown = len(values) - int(pd.Series(values).isin(kept).sum())
-    return CategoricalStats(name, kept, boolean, integer, round(unknown / len(values), 6) if len(values) else 0.0)
+    unknown = ~pd.Series(values).isin(kept).to_numpy()
+    share = round(int(unknown.sum()) / len(values), 6) if len(values) else 0.0
+    if share > MAX_UNKNOWN_SHARE and name not in config.categorical_columns:
+        _warn_mostly_unknown(name, values, unknown, kept, config, source)
+    return CategoricalStats(name, kept, boolean, integer, share)
+
+
+# Past this share of training rows in the unknown bucket, a column's one-hot block says nothing
+# about most rows, and it is seldom a category at all: numbers written with thousands separators
+# ('264,000') or a currency ('€101.23'), or a near-unique code, sent 83-92% there. Categories stay
+# far below it: 0.08% at most among the ADBench datasets' integer codes, 0 in the demo's line and
+# shift; a long tail (Zipf-like, 500 values) cut at the default 50 most common sends about a third.
+MAX_UNKNOWN_SHARE = 0.5
+
+
+def _warn_mostly_unknown(name: str, values: np.ndarray, unknown: np.ndarray, kept: tuple[str, ...],
+                         config: PreprocessConfig, source: str) -> None:
+    """Warn about a categorical column whose values are mostly too rare to be categories.
+
+    Nothing fails: such a column trains and scores, but reads as 'unknown' on most rows, while
+    what it holds (an amount, a count, an id) is lost; the usual causes are fixed in the file.
+    """
+    counts = pd.Series(values).value_counts()
+    example = next((v for v in values[unknown] if v), "")
+    # Where most of those rows hold values common enough for a category but beyond max_categories,
+    # raising it is the fix.
+    cut = int(counts[(counts >= config.min_category_count) & ~counts.index.isin(kept)].sum())
+    more = (f"; if it is a category with more than {config.max_categories} common values, raise "
+            f"preprocess.max_categories in the --config file" if 2 * cut > unknown.sum() else "")
+    log.warning("%s: column %r puts %s of the %s training rows in its 'unknown' category (%s distinct values, "
+                "e.g. %r; a category must be seen at least %d times and be among the %d most common), so the "
+                "model learns little from it: if it holds numbers written with thousands separators or units, "
+                "write them as plain numbers; if it is an identifier, pass it with --id-columns %s%s; or, to keep "
+                "it as it is without this warning, name it in the --config file: preprocess: "
+                "{categorical_columns: [%s]}",
+                source, name, f"{unknown.mean():.0%}", f"{len(values):,}", f"{len(counts):,}", example[:40],
+                config.min_category_count, config.max_categories, name, more, name)
 
 
 # An integer as Python, pandas and pyarrow write it ('-12'), or as pandas writes it from a float64
@@ -245,8 +283,20 @@ def check_training_scale(pre: Preprocessor, frame: pd.DataFrame, source: str) ->
         )
 
 
-def _numeric_stats(name: str, values: np.ndarray) -> NumericStats:
+def _numeric_stats(name: str, values: np.ndarray, source: str) -> NumericStats:
     present = values[~np.isnan(values)]
+    if not present.size:
+        # A sparse column whose few values all fell in the held-out rows (which rows those are
+        # depends on the seed). Refused, training would fail with one seed or night and not the
+        # next on the same kind of data; so it is learned as training saw it, always blank. Median
+        # 0 and scale 1 (the fallback of a column without spread, below) keep it defined; at
+        # scoring a value there differs from training through its missing indicator (1 on every
+        # training row) and its distance from 0.
+        log.warning("%s: numeric column %r has no value in any of the %s training rows (its few values all fell "
+                    "in the rows held out from training), so the model learns it as always blank and nothing "
+                    "from its values; leave the column out of the file, unless later training data will hold "
+                    "values in it", source, name, f"{len(values):,}")
+        return NumericStats(name, 0.0, 1.0, True)
     median = float(np.median(present))
     q25, q75 = np.percentile(present, [25, 75])
     scale = float(q75 - q25) / _IQR_TO_SIGMA

@@ -1,11 +1,14 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.config import PreprocessConfig
 from pipeline.errors import DataError
-from pipeline.preprocess import UNKNOWN, Preprocessor, fit_preprocessor
+from pipeline.preprocess import UNKNOWN, NumericStats, Preprocessor, fit_preprocessor
 from pipeline.schema import infer_schema
+from pipeline.synthetic import SyntheticSpec, make_sensor_table
 
 
 @pytest.fixture
@@ -182,3 +185,89 @@ def test_the_integer_flag_round_trips_and_old_manifests_read_as_before(frame):
     raw["categorical"][1]["integer"] = 1
     with pytest.raises(TypeError, match="'integer' must be true or false, got 1"):
         Preprocessor.from_dict(raw)
+
+
+def test_a_numeric_column_without_a_value_in_the_training_rows_is_learned_as_always_blank(frame, caplog):
+    """A sparse column whose two values fell in the held-out rows (seed 0 did so on 1,500 rows) crashed
+    training after two numpy "Mean of empty slice" warnings: "unexpected IndexError: index -1 is out
+    of bounds for axis 0 with size 0". The whole table has values, so the schema keeps it numeric."""
+    rare = np.full(len(frame), np.nan)
+    rare[[59, 175]] = [2.0, 1.0]
+    table = frame.assign(rare=rare)
+    config = PreprocessConfig()
+    schema = infer_schema(table, source="t", config=config)
+    assert "rare" in schema.numeric
+    held_out = np.isin(np.arange(len(table)), [59, 175])
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="vaeguard"):
+        warnings.simplefilter("error")  # numpy's RuntimeWarnings too
+        pre = fit_preprocessor(table[~held_out], schema, config, "t")
+    assert pre.numeric[schema.numeric.index("rare")] == NumericStats("rare", 0.0, 1.0, True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "t: numeric column 'rare' has no value in any of the 998 training rows (its few values all fell in the rows "
+        "held out from training), so the model learns it as always blank and nothing from its values; leave the "
+        "column out of the file, unless later training data will hold values in it"]
+    features = pre.transform_frame(table[held_out | (np.arange(len(table)) == 0)], "t")
+    names = pre.feature_names
+    np.testing.assert_array_equal(features[:, names.index("rare")], [0.0, 2.0, 1.0])  # blank: the median, 0
+    np.testing.assert_array_equal(features[:, names.index("rare__missing")], [1.0, 0.0, 0.0])
+    assert np.isfinite(features).all()
+    # One value in training (no spread): its own median, scale 1, as before; no warning of either kind.
+    caplog.clear()
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="vaeguard"):
+        warnings.simplefilter("error")
+        one = fit_preprocessor(table.drop(index=59), schema, config, "t")
+    assert one.numeric[schema.numeric.index("rare")] == NumericStats("rare", 1.0, 1.0, True) and not caplog.records
+
+
+def _mostly_unknown_warnings(caplog, table, **config) -> list[str]:
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vaeguard"):
+        fitted(table, **config)
+    return [r.getMessage() for r in caplog.records]
+
+
+_RAISE_MAX_CATEGORIES = ("; if it is a category with more than 50 common values, raise preprocess.max_categories in "
+                         "the --config file")
+
+
+@pytest.mark.parametrize("values, example, more", [
+    # Thousands: most of those rows hold values seen 2 or 3 times, beyond the 50 most common.
+    ([f"{n:,}" for n in np.random.default_rng(1).integers(1, 1000, 1000) * 1000], "'473,000'", _RAISE_MAX_CATEGORIES),
+    ([f"€{v:.2f}" for v in np.random.default_rng(1).normal(100, 10, 1000)], "'€108.22'", ""),  # a currency
+    ([f"ORD-{i // 2 if i < 400 else i:06d}" for i in range(1000)], "'ORD-000050'", ""),  # an undeclared code
+])
+def test_a_categorical_column_mostly_in_the_unknown_bucket_is_warned_about(frame, caplog, values, example, more):
+    """Numbers written with separators or a currency, or a code nearly unique per row, trained as
+    categories with 83-92% of the rows in the unknown bucket (the manifest's unknown_share), and no
+    word at training: the column taught the model nothing, and only the manifest told."""
+    table = frame.assign(amount=values)
+    [warning] = _mostly_unknown_warnings(caplog, table)
+    share = fitted(table).categorical[1].unknown_share
+    assert share > 0.5
+    assert warning == (
+        f"t: column 'amount' puts {share:.0%} of the 1,000 training rows in its 'unknown' category "
+        f"({len(set(values)):,} distinct values, e.g. {example}; a category must be seen at least 2 times and be "
+        f"among the 50 most common), so the model learns little from it: if it holds numbers written with "
+        f"thousands separators or units, write them as plain numbers; if it is an identifier, pass it with "
+        f"--id-columns amount{more}; or, to keep it as it is without this warning, name it in the --config file: "
+        f"preprocess: {{categorical_columns: [amount]}}")
+    # Named a category in the config, the column is kept knowingly: no warning.
+    assert _mostly_unknown_warnings(caplog, table, categorical_columns=("amount",)) == []
+
+
+def test_the_mostly_unknown_warning_spares_ordinary_categories_and_names_max_categories_where_it_is_the_cause(
+        frame, caplog):
+    assert _mostly_unknown_warnings(caplog, frame) == []  # a few common categories
+    # A long tail: a Zipf-like column of 500 values cut at the 50 most common sends about a third.
+    rng = np.random.default_rng(2)
+    weights = 1 / np.arange(1, 501)
+    tail = rng.choice([f"v{i}" for i in range(500)], 5000, p=weights / weights.sum())
+    wide = pd.DataFrame({"x": rng.normal(size=5000), "kind": tail})
+    assert 0.25 < fitted(wide).categorical[0].unknown_share < 0.5 and _mostly_unknown_warnings(caplog, wide) == []
+    # The synthetic demo's table (its labelled anomalies, line 'D' among them, are held out of training).
+    demo = make_sensor_table(SyntheticSpec(n_rows=2000, seed=0))
+    assert _mostly_unknown_warnings(caplog, demo[demo["label"] == 0].drop(columns=["row_id", "label"])) == []
+    # 200 values seen 20 times each: common enough, but beyond max_categories; raising it is the fix.
+    many = pd.DataFrame({"x": rng.normal(size=4000), "kind": np.tile([f"k{i}" for i in range(200)], 20)})
+    [warning] = _mostly_unknown_warnings(caplog, many)
+    assert "puts 75% of the 4,000 training rows" in warning and f"{_RAISE_MAX_CATEGORIES}; or, to keep it" in warning

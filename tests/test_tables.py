@@ -1,4 +1,6 @@
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -655,3 +657,85 @@ def test_a_gzipped_csv_in_another_encoding_is_named_for_it(tmp_path):
     with pytest.raises(InputFileError, match=r"its gzip data is gzip-compressed again, not CSV text; decompress it "
                                              r"once \(gunzip\)$"):
         read_columns(path)
+
+
+def _decimal_table(rows: int = 600) -> tuple[pa.Table, pa.Table]:
+    """A table with a code column of three whole numbers, as int64 and as a database export's
+    decimal128(5, 0) (blank in one row), and an amount with two digits after the point."""
+    from decimal import Decimal
+
+    rng = np.random.default_rng(0)
+    codes = [None if i == 7 else int(c) for i, c in enumerate(rng.integers(1, 4, rows))]
+    cents = rng.integers(100, 100_000, rows)
+    plain = pa.table({"row_id": [f"r{i}" for i in range(rows)], "x": rng.normal(size=rows),
+                      "code": pa.array(codes, pa.int64()), "amount": cents / 100})
+    exported = plain.set_column(2, "code", pa.array([None if c is None else Decimal(c) for c in codes],
+                                                    pa.decimal128(5, 0)))
+    exported = exported.set_column(3, "amount", pa.array([Decimal(int(c)).scaleb(-2) for c in cents],
+                                                         pa.decimal128(10, 2)))
+    return plain, exported
+
+
+def test_parquet_decimals_read_as_the_integers_or_floats_they_hold(tmp_path):
+    """A decimal128(p, 0) code column (database exports) reached the schema as Decimal objects and
+    trained as numeric, where the same values as int64 or in a CSV are categories; scoring spelled a
+    decimal category 1.50 as '1.50', where training's float reads '1.5'."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.schema import categorical_strings, infer_schema
+
+    plain, exported = _decimal_table()
+    paths = {"plain": tmp_path / "plain.parquet", "exported": tmp_path / "exported.parquet"}
+    pq.write_table(plain, paths["plain"])
+    pq.write_table(exported, paths["exported"])
+    frames = {kind: read_table(path) for kind, path in paths.items()}
+    assert str(frames["exported"]["code"].dtype) == "Int64" and frames["exported"]["amount"].dtype == np.float64
+    pd.testing.assert_frame_equal(frames["exported"], frames["plain"])
+    config = PreprocessConfig(categorical_columns=("amount",))  # its spelling as a category, too
+    schemas = {kind: infer_schema(frame, source=kind, config=config, id_columns=("row_id",))
+               for kind, frame in frames.items()}
+    assert schemas["exported"] == schemas["plain"] and schemas["exported"].categorical == ("code", "amount")
+    trained = categorical_strings(frames["exported"], ("code", "amount"))
+    for path in paths.values():  # scoring reads either file as training read it
+        [batch] = iter_batches(path, ["x"], ["code", "amount"], ["row_id"], batch_rows=1000)
+        assert batch.column("code").to_pylist() == [c or None for c in trained[0]]
+        assert batch.column("amount").to_pylist() == list(trained[1])
+    assert trained[1][0] == f"{plain['amount'][0].as_py():g}"  # '123.4', not '123.40'
+    [batch] = iter_batches(paths["exported"], ["code", "amount"], [], [], batch_rows=1000)
+    assert batch.column("code").to_pylist() == plain["code"].cast(pa.float64()).to_pylist()
+    assert batch.column("amount").to_pylist() == plain["amount"].to_pylist()
+    # An id keeps its text as stored; a whole number beyond int64 is a float, as a CSV reads it.
+    [batch] = iter_batches(paths["exported"], [], [], ["amount"], batch_rows=1000)
+    assert batch.column("amount")[0].as_py() == str(exported["amount"][0].as_py())
+    huge = tmp_path / "huge.parquet"
+    pq.write_table(pa.table({"n": pa.array([10**30, 1], pa.decimal128(38, 0)),
+                             "m": pa.array([2**62, None], pa.decimal128(38, 0))}), huge)
+    assert read_table(huge)["n"].tolist() == [1e30, 1.0] and read_table(huge)["m"].tolist() == [2**62, pd.NA]
+
+
+def test_a_bundle_trained_on_decimal_codes_decides_as_one_trained_on_integers(tmp_path):
+    """The decimal file trained another model than the int64 one (its codes numeric), so the same rows
+    got other scores and decisions; each bundle must score either file as the other does."""
+    import pyarrow.parquet as pq
+
+    from pipeline.batch_score import score_files
+    from pipeline.config import ScoreJob, TrainJob
+    from pipeline.workflow import run_training
+    from tests.conftest import quiet_config
+
+    plain, exported = _decimal_table()
+    scores = {}
+    for kind, table in (("plain", plain), ("exported", exported)):
+        pq.write_table(table, tmp_path / f"{kind}.parquet")
+        bundle = run_training(TrainJob(data=tmp_path / f"{kind}.parquet", name=kind, out_dir=tmp_path / "bundles",
+                                       id_columns=("row_id",), config=quiet_config(max_epochs=3)))["bundle"]
+        schema = json.loads((Path(bundle) / "manifest.json").read_text())["schema"]
+        assert (schema["numeric"], schema["categorical"]) == (["x", "amount"], ["code"])
+    for kind in ("plain", "exported"):
+        for data in ("plain", "exported"):
+            out = tmp_path / f"{kind}-{data}.parquet"
+            score_files(ScoreJob(tmp_path / "bundles" / kind, (tmp_path / f"{data}.parquet",), out, device="cpu"))
+            scores[kind, data] = pd.read_parquet(out)
+    for frame in scores.values():
+        pd.testing.assert_frame_equal(frame, scores["plain", "plain"])
