@@ -79,16 +79,22 @@ def infer_schema(frame: pd.DataFrame, *, source: str, config: PreprocessConfig,
                     f"(--config), or remove it from preprocess.{key}")
     check_id_names(id_columns, source, several_inputs=True)
 
-    unnamed = [position for position, name in enumerate(frame.columns, start=1) if not str(name).strip()]
+    trailing = _trailing_separator_column(frame)
+    if trailing is not None:
+        log.info("%s: ignoring column %d, which has no name and no values (every line ends with a separator)",
+                 source, len(frame.columns))
+    unnamed = [position for position, name in enumerate(frame.columns, start=1)
+               if not str(name).strip() and position != trailing]
     if unnamed:
         # A pandas index written with to_csv() looks so: a row counter, learned as a feature that every
         # later batch lies beyond, and one that neither --id-columns nor the config can name.
-        raise DataError(f"{source}: column {unnamed[0]} has no name in the header; name it (and pass it as "
-                        f"--id-columns if it is a row number, as a pandas index written by to_csv() is), or "
-                        f"leave it out of the file (to_csv(index=False))")
+        index_hint = (" (and pass it as --id-columns if it is a row number, as a pandas index written by "
+                      "to_csv() is), or leave it out of the file (to_csv(index=False))") if unnamed[0] == 1 else \
+            ", or leave it out of the file"
+        raise DataError(f"{source}: column {unnamed[0]} has no name in the header; name it{index_hint}")
     numeric, categorical, dropped = [], [], []
-    for name in frame.columns:
-        if name in id_columns or name == label_column:
+    for position, name in enumerate(frame.columns, start=1):
+        if name in id_columns or name == label_column or position == trailing:
             continue
         column = frame[name]
         if column.isna().all():
@@ -107,8 +113,19 @@ def infer_schema(frame: pd.DataFrame, *, source: str, config: PreprocessConfig,
     if not numeric and not categorical:
         raise DataError(f"{source}: no usable feature columns; every column is an id, the label, or constant")
     for name in numeric:
-        _warn_if_sequence(frame[name], name, source)
+        column = frame[name]
+        # Numbers stored as text (a Parquet string column) are judged as the numbers they become.
+        _warn_if_sequence(column if pd.api.types.is_numeric_dtype(column) else pd.to_numeric(column, errors="coerce"),
+                          name, source)
     return TableSchema(tuple(numeric), tuple(categorical), tuple(id_columns), label_column, tuple(dropped))
+
+
+def _trailing_separator_column(frame: pd.DataFrame) -> int | None:
+    """The position of a last column without name or values: what a separator at the end of every
+    line (header included) makes, which is no column anyone wrote. None where there is none."""
+    if len(frame.columns) < 2 or str(frame.columns[-1]).strip() or not frame.iloc[:, -1].isna().all():
+        return None
+    return len(frame.columns)
 
 
 _COLUMNS_SHOWN = 20
@@ -150,21 +167,34 @@ def check_id_names(id_columns: tuple[str, ...] | list[str], where: str, *, sever
 
 # Fewer rows than this prove nothing: a short table can be sorted by a real measurement.
 _SEQUENCE_MIN_ROWS = 100
+# A column that never falls is a date or a clock only with this many values: a setting raised twice
+# over the file is none, while a week of dates written as numbers (20240301) is one.
+_SEQUENCE_MIN_DISTINCT = 7
 
 
 def _warn_if_sequence(column: pd.Series, name: str, source: str) -> None:
-    """Warn about a feature that rises on every row, like a row id or a timestamp.
+    """Warn about a feature that rises on every row, like a row id, or never falls over the file,
+    like a date with many rows per day (20240301 as a number) or a running count.
 
     Its training range ends where training data ends, so every later batch lies beyond it and
     scores as anomalous: a forgotten --id-columns makes the whole next night's file an alarm.
+    A file sorted by a real measurement warns too; that is rare, and the warning says so.
     """
     values = column.dropna()
     # Monotonic first: one vectorised pass that fails fast, before is_unique's hashing.
-    if len(values) >= _SEQUENCE_MIN_ROWS and values.is_monotonic_increasing and values.is_unique:
+    if len(values) < _SEQUENCE_MIN_ROWS or not values.is_monotonic_increasing:
+        return
+    if values.is_unique:
         log.warning("%s: column %r rises on every row, like an id or a timestamp; as a feature, later "
                     "rows fall outside its training range and score as anomalies. If it is an id, pass "
                     "--id-columns %s; if it is a time, leave it out or give its cyclic parts instead",
                     source, name, name)
+    elif (distinct := values.nunique()) >= _SEQUENCE_MIN_DISTINCT:
+        log.warning("%s: column %r never falls over the file (%s distinct values in %s rows), like a date, a "
+                    "timestamp or a running count; as a feature, later rows fall outside its training range and "
+                    "score as anomalies. If it is a date or time, leave it out or derive numeric features from it "
+                    "(e.g. day of week); if it is an id, pass --id-columns %s; if the file is only sorted by "
+                    "this measurement, ignore this", source, name, f"{distinct:,}", f"{len(values):,}", name)
 
 
 def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source: str) -> str:
@@ -189,15 +219,15 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
     # Dates and times are refused, not guessed at: to_numeric below would turn them into
     # nanosecond counts, and as a feature a time's training range ends where training data ends,
     # so every later row would score as an anomaly; as categories each date would be new.
-    if (pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(column)
-            or isinstance(column.dtype, pd.PeriodDtype)
-            or inferred in ("datetime64", "datetime", "date", "time", "timedelta64", "timedelta", "period")):
-        raise DataError(
-            f"{source}: column {name!r} holds dates or times ({column.dtype}), which cannot be a feature; "
-            f"leave it out of the file, pass it as --id-columns {name}, or convert it to a number "
-            f"(e.g. hour of day)"
-        )
-    integers = _integers_in_text(column)
+    # Written as text, they are the same: pyarrow's CSV reader types ISO dates alone, and a Parquet
+    # text column none, so 01/03/2024 trained as a category that every later night's date missed.
+    kind = _typed_date_or_time(column, inferred)
+    if kind is not None:
+        raise _date_or_time_error(source, name, kind, column.dropna().iloc[0])
+    text = _text_values(column)
+    if (dates := _dates_in_text(text)) is not None:
+        raise _date_or_time_error(source, name, *dates)
+    integers = _integers_in_text(text)
     if integers is not None and name not in config.numeric_columns:
         # Integer codes stored as text (a Parquet string column) are judged as the CSV reader's
         # integers of the same text are: as numbers stored as text, they trained as numeric in a
@@ -213,15 +243,90 @@ def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source:
             row = int(bad[0])
             # Most values being numbers makes the column numeric; a column of codes with one letter
             # among them ('L' among sizes 1..50) is categorical, which only the config can say.
-            override = "" if name in config.numeric_columns else (
-                f", or, if {name!r} holds categories, name it in the --config file: "
-                f"preprocess: {{categorical_columns: [{name}]}}")
+            if name in config.numeric_columns:
+                # The config, not the data, made it numeric: a column of words is most likely named there by mistake.
+                raise DataError(
+                    f"{source}: column {name!r} must be numeric, as the config's preprocess.numeric_columns says, but "
+                    f"{_where(source, row + 1)} holds {column.iloc[row]!r}; fix or blank out that value, or remove "
+                    f"{name!r} from preprocess.numeric_columns in the --config file")
             raise DataError(
                 f"{source}: column {name!r} must be numeric but {_where(source, row + 1)} holds {column.iloc[row]!r}; "
-                f"fix or blank out that value{override}"
+                f"fix or blank out that value, or, if {name!r} holds categories, name it in the --config file: "
+                f"preprocess: {{categorical_columns: [{name}]}}"
             )
         return "numeric"
     return "categorical"
+
+
+def _typed_date_or_time(column: pd.Series, inferred: str) -> str | None:
+    """What a column of date or time values holds, in words; None for any other column."""
+    if pd.api.types.is_datetime64_any_dtype(column) or inferred in ("datetime64", "datetime"):
+        return "timestamps"
+    if inferred == "date":  # datetime.date objects: a CSV's ISO dates, a Parquet date32
+        return "dates"
+    if inferred == "time":  # a CSV's 06:00, a Parquet time64
+        return "times of day"
+    if pd.api.types.is_timedelta64_dtype(column) or inferred in ("timedelta64", "timedelta"):
+        return "durations"
+    if isinstance(column.dtype, pd.PeriodDtype) or inferred == "period":
+        return "periods"
+    return None
+
+
+# Dates and times written as text, in the shapes that exports write: what pyarrow's CSV reader
+# types as dates, timestamps and times (so that a Parquet text column of them is judged as the same
+# CSV's), and the day-month-year orders it leaves as text (01/03/2024, 1.3.2024, 01-Mar-2024,
+# Mar 1, 2024), with a time of day or not. Strict on purpose: a year has four digits (two only in
+# d/m/yy), day and month are in range, so codes ('2024A'), versions ('1.2.3', '1.2.10') and ratios
+# ('1:10') are no dates. A year and month alone ('2024-03') and a date as a number (20240301) are
+# not taken: codes are written so too.
+_DAY = r"(?:0?[1-9]|[12][0-9]|3[01])"
+_MONTH = r"(?:0?[1-9]|1[0-2])"
+_YEAR = r"[12][0-9]{3}"
+_MONTH_NAME = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
+_SECONDS = r"(?::[0-5][0-9](?:[.,][0-9]+)?)?"
+_CLOCK = rf"(?:[01]?[0-9]|2[0-3]):[0-5][0-9]{_SECONDS}(?: ?[ap]\.?m\.?)?(?: ?(?:z|utc|gmt|[+-][0-9]{{2}}:?[0-9]{{2}}))?"
+_DATE = (rf"(?:(?:mon|tue|wed|thu|fri|sat|sun)[a-z]*\.?,? )?"
+         rf"(?:{_YEAR}[-/.]{_MONTH}[-/.]{_DAY}|{_DAY}[-/.]{_DAY}[-/.]{_YEAR}|{_DAY}/{_DAY}/[0-9]{{2}}"
+         rf"|{_DAY}[- ]{_MONTH_NAME}[- ,]+{_YEAR}|{_MONTH_NAME} {_DAY}(?:st|nd|rd|th)?,? {_YEAR})")
+# A time of day alone has two-digit hours, as the CSV reader asks ('06:00'), or says am/pm ('6:00 pm').
+_TIME = rf"(?:(?:[01][0-9]|2[0-3]):[0-5][0-9]{_SECONDS}|(?:[01]?[0-9]):[0-5][0-9]{_SECONDS} ?[ap]\.?m\.?)"
+_DATE_OR_TIME_TEXT = rf"^[ \t]*(?:{_DATE}(?:(?:[ T]|, ){_CLOCK})?|{_TIME})[ \t]*$"
+_TIME_TEXT = re.compile(rf"[ \t]*{_TIME}[ \t]*", re.IGNORECASE)
+# Share of a text column's values that must be dates for it to count as dates: a column of dates
+# with the odd typo or 'unknown' among them is one all the same.
+_DATE_TEXT_SHARE = 0.9
+
+
+def _dates_in_text(text: pa.Array | None) -> tuple[str, str] | None:
+    """What a text column holds in words, and its first such value, where nearly all its present
+    values (_text_values) are dates or times written in one of the shapes above; None otherwise."""
+    if text is None or len(text) == 0:
+        return None
+    # One pass of RE2 over the column, about 70 ms a million values.
+    matched = pc.match_substring_regex(text, _DATE_OR_TIME_TEXT, ignore_case=True)
+    if pc.sum(matched).as_py() < _DATE_TEXT_SHARE * len(text):
+        return None
+    example = text[pc.index(matched, True).as_py()].as_py()
+    return ("times of day" if _TIME_TEXT.fullmatch(example) else "dates") + " written as text", example
+
+
+def _date_or_time_error(source: str, name: str, kind: str, example: object) -> DataError:
+    """Dates can't be features: each new day lies beyond training's (as a number) or is a category it
+    never saw (as text), so every later row would score as an anomaly. Numbers derived from them can."""
+    if kind.startswith("times of day"):
+        why, fix = "", (f"derive a number from it (e.g. hour of day), pass it as --id-columns {name}, or leave it out "
+                        f"of the file; if it holds a few times that recur (a shift's start), name it in the --config "
+                        f"file: preprocess: {{categorical_columns: [{name}]}}")
+    elif kind == "durations":
+        why, fix = "", (f"convert it to a number (e.g. seconds), pass it as --id-columns {name}, or leave it out "
+                        f"of the file")
+    else:
+        why = ": later rows hold dates that training never saw, so all of them would score as anomalies"
+        fix = (f"leave it out of the file, derive numeric features from it (e.g. day of week, hour of day), "
+               f"or pass it as --id-columns {name}")
+    return DataError(f"{source}: column {name!r} holds dates or times ({kind}, e.g. {str(example)!r}), which cannot "
+                     f"be a feature{why}; {fix}")
 
 
 def _where(source: str, row: int) -> str:
@@ -238,14 +343,21 @@ def _where(source: str, row: int) -> str:
 _CSV_INTEGER_TEXT = r"^[ \t]*-?[0-9]+[ \t]*$"
 
 
-def _integers_in_text(column: pd.Series) -> pa.Array | None:
-    """The values of a text column as integers, where the CSV reader would read every present one
-    as an int64; None otherwise (decimals, other text, integers beyond int64, not text at all)."""
+def _text_values(column: pd.Series) -> pa.Array | None:
+    """The present values of a text column as one Arrow string array; None for any other column."""
     try:
         text = pa.array(column.dropna(), from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None  # objects of mixed types: not one text column
-    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+    if isinstance(text, pa.ChunkedArray):
+        text = text.combine_chunks()
+    return text if pa.types.is_string(text.type) or pa.types.is_large_string(text.type) else None
+
+
+def _integers_in_text(text: pa.Array | None) -> pa.Array | None:
+    """A text column's present values (_text_values) as integers, where the CSV reader would read every
+    one as an int64; None otherwise (decimals, other text, integers beyond int64, not text at all)."""
+    if text is None:
         return None
     if not pc.all(pc.match_substring_regex(text, _CSV_INTEGER_TEXT)).as_py():
         return None

@@ -74,6 +74,22 @@ def rows_needed(cal: CalibrationConfig, training: TrainingConfig, labelled: bool
     return next(m for m in range(low + 1, n + 1) if _enough(m, cal, training, labelled))
 
 
+def check_enough_rows(n_normal: int, cal: CalibrationConfig, training: TrainingConfig, labelled: bool,
+                      source: str, counted: str = "normal rows") -> None:
+    """Fail when ``n_normal`` rows (``counted``, in the message) can't give every split its minimum size.
+
+    The training workflow asks it of all the rows before the columns are judged, as an upper bound
+    of the normal ones: in one row every column is constant, and such a file was refused as having
+    "no usable feature columns" instead of for its length.
+    """
+    if not _enough(n_normal, cal, training, labelled):
+        raise DataError(
+            f"{source}: too few rows to train and calibrate: {n_normal} {counted}, need "
+            f"at least {rows_needed(cal, training, labelled)} for target FPR {cal.target_fpr} (calibration alone "
+            f"needs {min_calibration_rows(cal.target_fpr)}); add rows or raise --target-fpr"
+        )
+
+
 def split_rows(labels: np.ndarray | None, n_rows: int, cal: CalibrationConfig,
                training: TrainingConfig, source: str) -> Splits:
     rng = np.random.default_rng(training.seed)
@@ -81,13 +97,7 @@ def split_rows(labels: np.ndarray | None, n_rows: int, cal: CalibrationConfig,
     normal = np.flatnonzero(labels == 0) if labelled else np.arange(n_rows)
     anomalies = np.flatnonzero(labels == 1) if labelled else np.array([], dtype=np.int64)
     n_cal, n_val, n_test, n_train = _sizes(len(normal), cal, training, labelled)
-    if not _enough(len(normal), cal, training, labelled):
-        needed = rows_needed(cal, training, labelled)
-        raise DataError(
-            f"{source}: too few rows to train and calibrate: {len(normal)} normal rows, need at "
-            f"least {needed} for target FPR {cal.target_fpr} (calibration alone needs "
-            f"{min_calibration_rows(cal.target_fpr)}); add rows or raise --target-fpr"
-        )
+    check_enough_rows(len(normal), cal, training, labelled, source)
     shuffled = rng.permutation(normal)
     cuts = np.cumsum([n_train, n_val, n_cal])
     train, val, cal_rows, test_normal = np.split(shuffled, cuts)

@@ -35,7 +35,7 @@ from pipeline.preprocess import Preprocessor, check_training_scale, fit_preproce
 from pipeline.runtime import create_session, frame_feeds
 from pipeline.schema import TableSchema, infer_schema, label_vector, numeric_matrix
 from pipeline.scorer_graph import ScorerGraph
-from pipeline.splits import Splits, split_rows
+from pipeline.splits import Splits, check_enough_rows, split_rows
 from pipeline.tables import read_table, read_text_columns, table_format
 from pipeline.train import train_vae
 from pipeline.verify import verify_export
@@ -93,6 +93,10 @@ def read_json(path: Path) -> dict:
 def load_and_validate(job: TrainJob, run: RunDir) -> dict:
     """Read the table, infer and check the schema, keep the usable columns."""
     frame = read_table(job.data)
+    # Before the columns are judged: a short file is refused for its length (all its rows bound the
+    # normal ones), not as one whose every column is constant.
+    check_enough_rows(len(frame), job.config.calibration, job.config.training, job.label_column is not None,
+                      _source(job), counted="rows")
     schema = infer_schema(frame, source=_source(job), config=job.config.preprocess,
                           label_column=job.label_column, id_columns=job.id_columns)
     # Numeric columns stored otherwise (decimals, numbers as text) become floats here, so every

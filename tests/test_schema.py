@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -165,16 +167,17 @@ def test_a_feature_rising_on_every_row_is_warned_about(table, caplog):
     assert not caplog.records
 
 
-@pytest.mark.parametrize("values", [
-    pd.date_range("2024-01-01", periods=100, freq="min"),
-    pd.date_range("2024-01-01", periods=100, freq="min", tz="UTC"),
-    pd.timedelta_range(0, periods=100, freq="s"),
-    pd.date_range("2024-01-01", periods=100).date,  # datetime.date objects, as Parquet date32 reads
+@pytest.mark.parametrize("values, holds", [
+    (pd.date_range("2024-01-01", periods=100, freq="min"), "timestamps, e.g. '2024-01-01 00:00:00'"),
+    (pd.date_range("2024-01-01", periods=100, freq="min", tz="UTC"), "timestamps, e.g. '2024-01-01 00:00:00+00:00'"),
+    (pd.timedelta_range(0, periods=100, freq="s"), "durations, e.g. '0 days 00:00:00'"),
+    (pd.date_range("2024-01-01", periods=100).date, "dates, e.g. '2024-01-01'"),  # datetime.date objects, as Parquet date32 reads
 ], ids=["datetime", "datetime_tz", "timedelta", "date_objects"])
-def test_a_date_or_time_column_is_named_with_the_fix(table, values):
-    """to_numeric reads every time as a number, so nothing was 'bad' and bad[0] raised IndexError."""
+def test_a_date_or_time_column_is_named_with_the_fix(table, values, holds):
+    """to_numeric reads every time as a number, so nothing was 'bad' and bad[0] raised IndexError.
+    The message named the dtype, '(object)' for dates, where it should say what the column holds."""
     table["ts"] = values
-    with pytest.raises(DataError, match=r"column 'ts' holds dates or times.*--id-columns ts"):
+    with pytest.raises(DataError, match=rf"column 'ts' holds dates or times \({re.escape(holds)}\).*--id-columns ts"):
         infer_schema(table, source="t.csv", config=PreprocessConfig(), label_column="label", id_columns=("id",))
     # Given as an id column, it is accepted.
     infer_schema(table, source="t.csv", config=PreprocessConfig(), label_column="label", id_columns=("id", "ts"))
@@ -310,5 +313,138 @@ def test_a_text_value_in_a_mostly_numeric_column_names_the_categorical_override(
                                         r"preprocess: \{categorical_columns: \[size\]\}$"):
         infer_schema(table, source="t.csv", config=PreprocessConfig())
     assert "size" in infer_schema(table, source="t.csv", config=PreprocessConfig(categorical_columns=("size",))).categorical
-    with pytest.raises(DataError, match=r"holds 'L'; fix or blank out that value$"):  # named numeric: no such way out
+    with pytest.raises(DataError, match=r"holds 'L'; fix or blank out that value, or remove 'size' from "
+                                        r"preprocess\.numeric_columns"):  # named numeric: the config is the way out
         infer_schema(table, source="t.csv", config=PreprocessConfig(numeric_columns=("size",)))
+
+
+def test_a_column_the_config_makes_numeric_names_the_config_in_its_error(table, tmp_path):
+    """A text column named in preprocess.numeric_columns failed with "column 'line' must be numeric but
+    row 1 (line 2) holds 'A'; fix or blank out that value": the data was blamed for the config's word."""
+    table["line"] = np.tile(["A", "B", "C", "D"], 25)
+    path = tmp_path / "t.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(DataError) as raised:
+        infer_schema(pd.read_csv(path), source=str(path), config=PreprocessConfig(numeric_columns=("line",)))
+    assert str(raised.value) == (
+        f"{path}: column 'line' must be numeric, as the config's preprocess.numeric_columns says, but row 1 (line 2) "
+        f"holds 'A'; fix or blank out that value, or remove 'line' from preprocess.numeric_columns in the --config file")
+
+
+def _days(n: int = 100, rows_per_day: int = 10) -> pd.DatetimeIndex:
+    return pd.date_range("2024-03-01", periods=-(-n // rows_per_day)).repeat(rows_per_day)[:n]
+
+
+@pytest.mark.parametrize("suffix, written, example, holds", [
+    (".csv", "%d/%m/%Y", "01/03/2024", "dates written as text"),      # the CSV reader leaves these as text
+    (".parquet", "%Y-%m-%d", "2024-03-01", "dates written as text"),  # a Parquet text column of ISO dates
+    (".csv", "%Y-%m-%d", "2024-03-01", "dates"),                      # the CSV reader types these: not '(object)'
+    (".parquet", "%d-%b-%Y %H:%M", "01-Mar-2024 00:00", "dates written as text"),
+], ids=["dmy_csv", "iso_parquet_text", "iso_csv_typed", "timestamp_text"])
+def test_dates_written_as_text_are_refused_as_typed_dates_are(table, tmp_path, suffix, written, example, holds):
+    """A CSV's 01/03/2024 or a Parquet text column of 2024-03-01 trained as a category, and the next
+    night every row held a date training never saw; a CSV's ISO dates were refused as '(object)'."""
+    from pipeline.tables import read_table
+
+    table["day"] = _days().strftime(written)
+    if holds != "dates":  # (a typo makes the CSV reader leave a column as text)
+        table.loc[7, "day"] = "n/a?"  # a typo among them: nearly all are dates, so the column holds dates
+    path = tmp_path / f"t{suffix}"
+    table.to_csv(path, index=False) if suffix == ".csv" else table.to_parquet(path)
+    with pytest.raises(DataError) as raised:
+        infer_schema(read_table(path), source=str(path), config=PreprocessConfig(), label_column="label",
+                     id_columns=("id",))
+    assert str(raised.value) == (
+        f"{path}: column 'day' holds dates or times ({holds}, e.g. {example!r}), which cannot be a feature: later "
+        f"rows hold dates that training never saw, so all of them would score as anomalies; leave it out of the "
+        f"file, derive numeric features from it (e.g. day of week, hour of day), or pass it as --id-columns day")
+    schema = infer_schema(read_table(path), source=str(path), config=PreprocessConfig(), label_column="label",
+                          id_columns=("id", "day"))
+    assert "day" not in schema.feature_columns
+
+
+@pytest.mark.parametrize("values", [
+    ["2024A", "2024B", "2023C"],               # codes with a year in them
+    ["1.2.3", "1.2.10", "2.0.1"],              # version strings
+    ["1:10", "1:20", "1:50"],                  # ratios
+    ["2024-03", "2024-04", "2024-05"],         # a year and month: codes are written so too
+    ["12-34-56", "AB-12-2024", "v2024.03.01"],
+])
+def test_text_that_is_not_a_date_stays_a_category(table, values):
+    table["code"] = np.tile(values, 34)[:100]
+    assert "code" in infer_schema(table, source="t.parquet", config=PreprocessConfig(), id_columns=("id",)).categorical
+
+
+def test_only_a_column_of_nearly_all_dates_is_refused(table):
+    dates = pd.Series(_days().strftime("%d/%m/%Y"))
+    table["day"] = dates.where(table.index % 10 != 0, "unknown")  # 90% dates: a date column with blanks spelled out
+    with pytest.raises(DataError, match=r"column 'day' holds dates or times \(dates written as text, e\.g\. '01/03/2024'\)"):
+        infer_schema(table, source="t.parquet", config=PreprocessConfig(), id_columns=("id",))
+    table["day"] = dates.where(table.index % 5 != 0, "unknown")  # 80%: text that holds some dates
+    assert "day" in infer_schema(table, source="t.parquet", config=PreprocessConfig(), id_columns=("id",)).categorical
+
+
+def test_times_of_day_written_as_text_are_refused_as_a_csvs_typed_ones(table, tmp_path):
+    """The CSV reader types 06:00 as a time, refused; the same text in a Parquet column trained as a
+    category. A few recurring times (a shift's start) stay categories when the config says so."""
+    from pipeline.tables import read_table
+
+    table["start"] = np.tile(["06:00", "14:00", "22:00", "06:30"], 25)
+    for suffix in (".csv", ".parquet"):
+        path = tmp_path / f"t{suffix}"
+        table.to_csv(path, index=False) if suffix == ".csv" else table.to_parquet(path)
+        holds = "times of day" if suffix == ".csv" else "times of day written as text"
+        with pytest.raises(DataError, match=rf"column 'start' holds dates or times \({holds}, e\.g\. '06:00(:00)?'\), "
+                                            r"which cannot be a feature; derive a number from it \(e\.g\. hour of day\).*"
+                                            r"name it in the --config file: preprocess: \{categorical_columns: \[start\]\}$"):
+            infer_schema(read_table(path), source=str(path), config=PreprocessConfig(), id_columns=("id",))
+        forced = PreprocessConfig(categorical_columns=("start",))
+        assert "start" in infer_schema(read_table(path), source=str(path), config=forced, id_columns=("id",)).categorical
+
+
+def test_a_feature_that_never_falls_with_many_values_is_warned_about(table, tmp_path, caplog):
+    """A date written as a number (20240301, ten rows a day, in order) trained with no warning, as the
+    check asked for a new value on every row; every later night's dates lie beyond training's."""
+    from pipeline.tables import read_table
+
+    table["day"] = _days().strftime("%Y%m%d").astype(int)  # 10 days
+    table["step"] = np.repeat([1.0, 1.5, 2.0], 34)[:100]    # a setting raised twice: no date
+    table["sorted"] = np.sort(table["temp"].to_numpy()).round(1)  # repeats, in order: a file sorted by it
+    path = tmp_path / "t.parquet"
+    table.assign(day=table["day"].astype(str)).to_parquet(path)  # numbers as text: judged as those numbers
+    for frame in (table, read_table(path)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vaeguard"):
+            schema = infer_schema(frame, source="t.csv", config=PreprocessConfig(), id_columns=("id",))
+        assert {"day", "step", "sorted"} <= set(schema.numeric)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"t.csv: column {name!r} never falls over the file ({distinct} distinct values in 100 rows), like a date, "
+            f"a timestamp or a running count; as a feature, later rows fall outside its training range and score as "
+            f"anomalies. If it is a date or time, leave it out or derive numeric features from it (e.g. day of week); "
+            f"if it is an id, pass --id-columns {name}; if the file is only sorted by this measurement, ignore this"
+            for name, distinct in (("day", 10), ("sorted", table["sorted"].nunique()))]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vaeguard"):  # in another order, or an ordinary feature: no warning
+        infer_schema(table.sample(frac=1.0, random_state=0), source="t.csv", config=PreprocessConfig(), id_columns=("id",))
+    assert not caplog.records
+
+
+def test_a_separator_at_the_end_of_every_line_makes_no_column(table, tmp_path):
+    """A CSV whose every line ends with a comma has a last column with no name and no values: it was
+    refused as "column 9 has no name ... as a pandas index written by to_csv() is"."""
+    from pipeline.tables import read_table
+
+    path = tmp_path / "t.csv"
+    table.to_csv(path, index=False)
+    path.write_text("".join(line + ",\n" for line in path.read_text().splitlines()))
+    frame = read_table(path)
+    assert frame.columns[-1] == "" and frame.iloc[:, -1].isna().all()
+    schema = infer_schema(frame, source=str(path), config=PreprocessConfig(), label_column="label", id_columns=("id",))
+    assert schema == infer_schema(table, source="t", config=PreprocessConfig(), label_column="label", id_columns=("id",))
+
+    # A last column without a name that holds values is refused, and is no pandas index.
+    frame.iloc[3, -1] = "x"
+    with pytest.raises(DataError, match=rf"column {len(frame.columns)} has no name in the header; name it, or leave "
+                                        r"it out of the file$"):
+        infer_schema(frame, source=str(path), config=PreprocessConfig(), label_column="label", id_columns=("id",))

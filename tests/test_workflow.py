@@ -210,6 +210,27 @@ def test_an_empty_label_or_id_column_name_is_a_config_error(tmp_path, ids, label
         TrainJob(data=tmp_path / "d.csv", name="x", id_columns=ids, label_column=label)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 150])
+def test_a_table_too_short_to_split_says_so_before_its_columns_are_judged(tmp_path, sensor_frame, rows):
+    """One row makes every column constant: it was refused as "no usable feature columns; every
+    column is an id, the label, or constant" instead of for its length."""
+    from pipeline.config import PipelineConfig
+    from pipeline.errors import DataError
+    from pipeline.splits import rows_needed
+
+    config = PipelineConfig()
+    needed = rows_needed(config.calibration, config.training, labelled=True)
+    assert rows < needed
+    data = tmp_path / "short.csv"
+    sensor_frame.head(rows).to_csv(data, index=False)
+    with pytest.raises(DataError, match=rf"short\.csv: too few rows to train and calibrate: {rows} rows, need at "
+                                        rf"least {needed} for target FPR 0\.01 \(calibration alone needs 99\); add rows "
+                                        r"or raise --target-fpr$"):
+        workflow.run_training(TrainJob(data=data, name="short", out_dir=tmp_path / "out", label_column="label",
+                                       id_columns=("row_id",), config=config))
+    assert not (tmp_path / "out").exists()
+
+
 def test_negative_seed_is_a_config_error():
     from pipeline.config import PipelineConfig
     from pipeline.errors import ConfigError
