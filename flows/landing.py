@@ -12,6 +12,7 @@ report, so someone looks. `vaeguard serve` serves this flow on a schedule (flows
 # No `from __future__ import annotations` here: a served run gets the flow's function pickled by
 # value (cloudpickle, into a spawned process) with only the globals its body uses, so string
 # annotations such as "Path" could not be resolved there when Prefect validates the parameters.
+import contextlib
 import difflib
 import inspect
 import json
@@ -27,7 +28,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.batch_score import read_score_column, score_files
-from pipeline.outputs import write_atomic
+from pipeline.outputs import text_path, write_atomic
 from pipeline.bundle import Bundle
 from pipeline.config import LandingJob, ScoreJob
 from pipeline.drift import DriftLimits, drift_report
@@ -35,11 +36,15 @@ from pipeline.errors import ConfigError, EmptyInputError, PipelineError, one_lin
 from pipeline.landing import (
     DATA_FAULTS,
     LandedFile,
+    LandingRunError,
     Ledger,
     check_folders,
+    claim_output,
+    name_fault,
     output_path,
     pending_files,
     record_empty,
+    record_failed,
     record_failure,
     record_scored,
     run_failure,
@@ -122,30 +127,37 @@ def _landing_run(bundle, watch, output, settle_seconds, device, batch_size, rate
                      batch_size=batch_size, max_psi=max_psi, rate_p_value=rate_p_value)
     bundle, watch, output = job.bundle, job.watch, job.output
     check_folders(watch, output, bundle)
-    output.mkdir(parents=True, exist_ok=True)
     manifest = Bundle.load(bundle).manifest  # a corrupted bundle fails the run before any file moves
-    with run_lock(output) as acquired:
+    with contextlib.ExitStack() as stack:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            acquired = stack.enter_context(run_lock(output))
+            if acquired:
+                claim_output(output, watch)
+        except OSError as exc:  # check_folders found it writable: it changed since, or the disk is full
+            raise _unwritable(output, exc) from None
         if not acquired:
             logger.warning("another run holds %s; skipping this one (its files are picked up next time)", output)
             return {"skipped": True}
         ledger = Ledger(output)
         landed = pending_files(watch, ledger, job.settle_seconds)
+        # A name the readers can't open is quarantined without a task: no retry can score it.
+        unreadable_names = {item.relative: fault for item in landed if (fault := name_fault(item)) is not None}
         futures = {item.relative: (item, score_landed_file.submit(bundle, item, output_path(output, item), job.device,
-                                                                  job.batch_size)) for item in landed}
+                                                                  job.batch_size))
+                   for item in landed if item.relative not in unreadable_names}
         files = []
-        for relative, (item, future) in futures.items():
-            future.wait()
-            state = future.state
-            if state.is_completed():
-                result = future.result()
-                entry = (record_empty(item, ledger) if result.get("empty")
-                         else record_scored(item, output_path(output, item), result, ledger))
+        for item in landed:
+            if item.relative in unreadable_names:
+                entry = _settle(output, item, None, unreadable_names[item.relative], ledger)
             else:
-                entry = record_failure(output, item, _failure(state), ledger)
+                future = futures[item.relative][1]
+                future.wait()
+                entry = _settle(output, item, future, None, ledger)
             if entry["status"] == "empty":
-                logger.info("%s: %s", relative, entry["reason"])
+                logger.info("%s: %s", text_path(item.relative), entry["reason"])
             elif entry["status"] != "scored":
-                logger.warning("%s: %s: %s", relative, entry["status"], entry["reason"])
+                logger.warning("%s: %s: %s", text_path(item.relative), entry["status"], entry["reason"])
             files.append(entry)
     scored_outputs = [output_path(output, futures[f["file"]][0]) for f in files if f["status"] == "scored"]
     calibration = manifest["calibration"]
@@ -157,17 +169,48 @@ def _landing_run(bundle, watch, output, settle_seconds, device, batch_size, rate
     report = {"finished_at": datetime.now(timezone.utc).isoformat(), "bundle": str(bundle),
               "version": manifest["version"], "files": files, "drift": drift.to_dict(), "alert": drift.alert}
     stamp = report["finished_at"].replace(":", "").replace("-", "")
-    (output / "runs").mkdir(exist_ok=True)
-    write_atomic(output / "runs" / f"{stamp}.json", json.dumps(report, indent=2, allow_nan=False))
+    try:
+        (output / "runs").mkdir(exist_ok=True)
+        write_atomic(output / "runs" / f"{stamp}.json", json.dumps(report, indent=2, allow_nan=False))
+    except OSError as exc:  # the artifact still tells what the run did
+        unwritten = _unwritable(output, exc)
+    else:
+        unwritten = None
     create_markdown_artifact(key="vaeguard-landing-alert" if drift.alert else "vaeguard-landing",
                              markdown=run_markdown(report, calibration["target_fpr"]),
                              description=("ALERT: " if drift.alert else "") + f"{len(scored_outputs)} of "
                                          f"{len(files)} file(s) scored from {watch}")
     # Raised only now, so the report and artifact exist; the run ends Failed so the cause is seen.
-    failure = run_failure(files)
+    failure = run_failure(files) or unwritten
     if failure is not None:
         raise failure
     return report
+
+
+def _settle(output: Path, item: LandedFile, future, fault: BaseException | None, ledger: Ledger) -> dict:
+    """Record one file's outcome (its finished task, or a fault found before scoring); its run-report entry.
+
+    A write that fails meanwhile (a quarantine folder or ledger that can't be written, a full
+    disk) makes the file 'failed', left for the next run, instead of ending the run with a
+    traceback before the other files were recorded: they were then scored again every run.
+    """
+    try:
+        if fault is not None:
+            return record_failure(output, item, fault, ledger)
+        if not future.state.is_completed():
+            return record_failure(output, item, _failure(future.state), ledger)
+        result = future.result()
+        if result.get("empty"):
+            return record_empty(item, ledger)
+        return record_scored(item, output_path(output, item), result, ledger)
+    except OSError as exc:
+        return record_failed(item, f"could not be recorded ({one_line(exc)}); it is tried again next run",
+                             type(exc).__name__, ledger)
+
+
+def _unwritable(output: Path, exc: OSError) -> LandingRunError:
+    return LandingRunError(f"output folder {output} can't be written ({one_line(exc)}); expected a folder this user "
+                           f"can write: fix its permissions or free space, or give another --output")
 
 
 def _calibration_scores(calibration: dict) -> np.ndarray:
@@ -185,7 +228,7 @@ def _failure(state) -> BaseException:
 
 def run_markdown(report: dict, target_fpr: float) -> str:
     drift = report["drift"]
-    rows = [f"| {f['file']} | {f['status']} | {f['rows']:,} | {f['anomalies']:,} | "
+    rows = [f"| {text_path(f['file'])} | {f['status']} | {f['rows']:,} | {f['anomalies']:,} | "
             f"{(f['anomalies'] / f['rows']) if f['rows'] else 0:.3%} |" for f in report["files"]]
     lines = [
         f"# {'ALERT: ' if report['alert'] else ''}landing run of bundle version {report['version']}",
@@ -196,7 +239,7 @@ def run_markdown(report: dict, target_fpr: float) -> str:
         f"- score drift: PSI {fmt(drift['psi'], '.3f')}, KS {fmt(drift['ks_statistic'], '.3f')} "
         f"(p = {fmt(drift['ks_p_value'], '.3g')})",
         *[f"- **alert**: {a}" for a in drift["alerts"]],
-        *[f"- {f['file']} {f['status']}: {f['reason']}" for f in report["files"] if f.get("reason")],
+        *[f"- {text_path(f['file'])} {f['status']}: {f['reason']}" for f in report["files"] if f.get("reason")],
     ]
     return "\n".join(lines)
 

@@ -6,6 +6,11 @@ score every landed file exactly once:
 
 - a file is keyed by (relative path, sha256): new content under the same name is a new version
   and is scored again, the same content is never scored twice;
+- an output folder serves one landing folder (``claim_output``): its ledger keys files by their
+  path inside the landing folder, so a day.csv landed in two folders sharing it was one key, and
+  the second was never scored;
+- a file whose (relative path, size, mtime_ns) matches a version recorded as done is not hashed
+  again: hashing every file still in the folder re-read all the history on every run;
 - a file whose mtime moved within ``settle_seconds`` is still being written and waits;
 - the output name is a function of (relative path, sha256), one output per landed file, so a run
   killed after writing the output but before the ledger line rewrites the same file on restart
@@ -15,7 +20,8 @@ score every landed file exactly once:
 - ``run_lock`` keeps overlapping runs apart with a kernel lock that dies with its process;
 - ``quarantine`` takes a file whose data keeps failing out of the landing folder, with the
   reason beside it, so it stops being retried; a failure outside the file (device, full disk,
-  unwritable output) is recorded as "failed" and leaves the file to be retried next run;
+  unwritable output or quarantine folder) is recorded as "failed" and leaves the file to be
+  retried next run;
 - a file rewritten or deleted between listing and the end of its scoring is neither recorded
   nor quarantined: what was read belongs to no complete version, and the next run lists the
   new content.
@@ -40,12 +46,13 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.bundle import sha256_file
 from pipeline.errors import ConfigError, DataError, EmptyInputError, InputFileError, PipelineError, one_line
-from pipeline.outputs import summary_path, write_atomic
+from pipeline.outputs import check_utf8_path, summary_path, text_path, write_atomic
 
 log = logging.getLogger("vaeguard")
 
 LEDGER_NAME = "ledger.jsonl"
 LOCK_NAME = ".run.lock"
+CLAIM_NAME = "landing.json"  # which landing folder the output folder serves
 SCORES_DIR = "scores"
 QUARANTINE_DIR = "quarantine"
 DEFAULT_PATTERNS = ("*.csv", "*.csv.gz", "*.parquet", "*.pq")
@@ -111,6 +118,13 @@ class Ledger:
     def done_keys(self) -> set[tuple[str, str]]:
         """(relative, sha256) of every version scored or quarantined; read once per listing."""
         return {(e.get("relative"), e.get("sha256")) for e in self.entries() if e.get("status") in DONE_STATUSES}
+
+    def done_stats(self) -> set[tuple[str, int, int]]:
+        """(relative, size, mtime_ns) of every version done, where recorded (ledgers written before
+        they were recorded lack them: those files are hashed as before)."""
+        return {(e["relative"], e["size"], e["mtime_ns"]) for e in self.entries()
+                if e.get("status") in DONE_STATUSES and isinstance(e.get("size"), int)
+                and isinstance(e.get("mtime_ns"), int)}
 
     def done(self, relative: str, sha256: str) -> bool:
         return (relative, sha256) in self.done_keys()
@@ -208,19 +222,29 @@ def pending_files(landing_dir: Path, ledger: Ledger, settle_seconds: float = 30.
                   patterns: tuple[str, ...] = DEFAULT_PATTERNS, now: float | None = None) -> list[LandedFile]:
     """Landed files not yet scored or quarantined with their current content, sorted by relative path.
 
-    Recursive. Skips hidden files and folders (writers' temp files), anything under a folder
-    named 'quarantine', names matching none of ``patterns`` (case-insensitive, like the
-    readers), and files whose mtime is younger than ``settle_seconds``: a writer keeps moving
-    mtime, so a file that has been still that long is taken as complete.
+    Recursive. Skips hidden files and folders (writers' temp files: rsync and curl write
+    ``.name.tmp`` beside the final name), names matching none of ``patterns`` (case-insensitive,
+    like the readers), and files whose mtime is younger than ``settle_seconds``: a writer keeps
+    moving mtime, so a file that has been still that long is taken as complete. A file whose
+    size and mtime_ns are those recorded with a done version of its path is that version, and is
+    not read again: the folder keeps every file ever landed, and hashing them all re-read the
+    whole history (on a mounted bucket, downloaded it) on every run.
     """
     landing_dir = Path(landing_dir).resolve()
     if not landing_dir.is_dir():
         raise LedgerError(f"landing folder {landing_dir} does not exist or is not a folder; "
                           f"create it or fix the path")
     now = time.time() if now is None else now
-    done = ledger.done_keys()
+    done, unchanged = ledger.done_keys(), ledger.done_stats()
     pending = []
     for path in candidate_paths(landing_dir, patterns):
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None  # settled_file says why, or skips it silently when it vanished
+        relative = path.relative_to(landing_dir).as_posix()
+        if stat is not None and (relative, stat.st_size, stat.st_mtime_ns) in unchanged:
+            continue
         landed = settled_file(path, landing_dir, settle_seconds, now)
         if landed is not None and (landed.relative, landed.sha256) not in done:
             pending.append(landed)
@@ -230,8 +254,10 @@ def pending_files(landing_dir: Path, ledger: Ledger, settle_seconds: float = 30.
 def candidate_paths(landing_dir: Path, patterns: tuple[str, ...]) -> Iterator[Path]:
     lowered = tuple(pattern.lower() for pattern in patterns)
     for folder, dirs, files in os.walk(landing_dir):
-        # Pruning in place stops os.walk from descending into them at all.
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d != QUARANTINE_DIR]
+        # Pruning in place stops os.walk from descending into them at all. A folder named like
+        # OUT/quarantine is not skipped: outputs are never inside the landing folder
+        # (check_folders), so it is the upstream's own folder.
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if not name.startswith(".") and any(fnmatchcase(name.lower(), p) for p in lowered):
                 yield Path(folder) / name
@@ -283,8 +309,7 @@ def record_scored(landed: LandedFile, output: Path, result: dict, ledger: Ledger
         summary_path(Path(output)).unlink(missing_ok=True)
         return {"file": landed.relative, "status": change, "rows": 0, "anomalies": 0,
                 "reason": f"{change} while being scored; output discarded, its current content is scored next run"}
-    ledger.record({"relative": landed.relative, "sha256": landed.sha256, "status": "scored",
-                   "output": str(output), **result})
+    ledger.record({**version(landed), "status": "scored", "output": str(output), **result})
     return {"file": landed.relative, "status": "scored", **result}
 
 
@@ -296,8 +321,28 @@ def record_empty(landed: LandedFile, ledger: Ledger) -> dict:
     if change:
         return {**entry, "status": change,
                 "reason": f"{change} while being read (it had no data rows); its current content is scored next run"}
-    ledger.record({"relative": landed.relative, "sha256": landed.sha256, "status": "empty", "rows": 0, "anomalies": 0})
+    ledger.record({**version(landed), "status": "empty", "rows": 0, "anomalies": 0})
     return {**entry, "status": "empty", "reason": "header only, no data rows: nothing to score"}
+
+
+def version(landed: LandedFile) -> dict:
+    """What the ledger records of a landed file: its key, and the size and mtime_ns that let a
+    later listing know it unchanged without reading it."""
+    return {"relative": landed.relative, "sha256": landed.sha256, "size": landed.size, "mtime_ns": landed.mtime_ns}
+
+
+def name_fault(landed: LandedFile) -> InputFileError | None:
+    """The error for a landed file whose path is not UTF-8 text, which the readers can't open, or None.
+
+    Such a name can't be scored under any retry, and is quarantined like bad data: it failed in
+    its task with ConfigError (so a 'failed' line, retried every run), and then the run itself,
+    sending its name to Prefect in the run's artifact.
+    """
+    try:
+        check_utf8_path(landed.relative, "landed file", InputFileError)
+    except InputFileError as exc:
+        return exc
+    return None
 
 
 def record_failure(out_dir: Path, landed: LandedFile, error: BaseException, ledger: Ledger) -> dict:
@@ -314,16 +359,37 @@ def record_failure(out_dir: Path, landed: LandedFile, error: BaseException, ledg
     entry = {"file": landed.relative, "rows": 0, "anomalies": 0}
     change = change_since_listing(landed)
     if change is None and isinstance(error, DATA_FAULTS):
-        if quarantine(out_dir, landed, reason, ledger) is not None:
+        try:
+            moved = quarantine(out_dir, landed, reason, ledger)
+        except OSError as exc:  # an unwritable or full quarantine folder must not stop the run
+            if not landed.path.exists():
+                # Moved, with its reason, but not recorded: out of the landing folder all the same.
+                return {**entry, "status": "quarantined",
+                        "reason": f"{reason} (the ledger could not record it: {one_line(exc)})"}
+            return record_failed(landed, f"{reason}; could not be quarantined ({one_line(exc)}): it stays in the "
+                                         f"landing folder and is tried again next run; make "
+                                         f"{Path(out_dir) / QUARANTINE_DIR} writable", type(exc).__name__, ledger)
+        if moved is not None:
             return {**entry, "status": "quarantined", "reason": reason}
         change = change_since_listing(landed) or "vanished"  # moved on between the check and the move
     if change:
         return {**entry, "status": change,
                 "reason": f"{change} while being scored (scoring failed: {reason}); not quarantined, "
                           f"its current content is tried next run"}
-    ledger.record({"relative": landed.relative, "sha256": landed.sha256, "size": landed.size,
-                   "status": "failed", "reason": reason, "error": type(error).__name__})
-    return {**entry, "status": "failed", "reason": reason}
+    return record_failed(landed, reason, type(error).__name__, ledger)
+
+
+def record_failed(landed: LandedFile, reason: str, error: str, ledger: Ledger) -> dict:
+    """Record a version that stays in the landing folder for the next run; its run-report entry, status 'failed'.
+
+    A ledger that can't be written either (full disk) is said in the reason, not raised: the run
+    still settles its other files and publishes its report, and the version is retried anyway.
+    """
+    try:
+        ledger.record({**version(landed), "status": "failed", "reason": reason, "error": error})
+    except OSError as exc:
+        reason = f"{reason} (the ledger could not record it either: {one_line(exc)})"
+    return {"file": landed.relative, "rows": 0, "anomalies": 0, "status": "failed", "reason": reason}
 
 
 def run_failure(files: list[dict]) -> LandingRunError | None:
@@ -333,8 +399,9 @@ def run_failure(files: list[dict]) -> LandingRunError | None:
         return None
     return LandingRunError(
         f"{len(failed)} landed file(s) could not be scored for a reason outside their data (first: "
-        f"{failed[0]['file']}: {failed[0]['reason']}); expected every file to score or be quarantined: they stay "
-        f"in the landing folder and are retried next run, once the cause (device, disk space, permissions) is fixed")
+        f"{text_path(failed[0]['file'])}: {failed[0]['reason']}); expected every file to score or be quarantined: "
+        f"they stay in the landing folder and are retried next run, once the cause (device, disk space, "
+        f"permissions) is fixed")
 
 
 def output_path(out_dir: Path, landed: LandedFile, suffix: str = ".parquet") -> Path:
@@ -370,12 +437,22 @@ def quarantine(out_dir: Path, landed: LandedFile, reason: str, ledger: Ledger) -
         move_file(landed.path, target)
     except FileNotFoundError:
         if landed.path.exists():
+            _remove_quietly(reason_path)
             raise  # not the file vanishing: something else is missing, and hiding it would hide a bug
         reason_path.unlink(missing_ok=True)  # deleted between the check and the move
         return None
-    ledger.record({"relative": landed.relative, "sha256": landed.sha256, "size": landed.size,
-                   "status": "quarantined", "reason": reason, "quarantined_to": str(target)})
+    except OSError:
+        _remove_quietly(reason_path)  # the file stays: a reason beside nothing would say it was quarantined
+        raise
+    ledger.record({**version(landed), "status": "quarantined", "reason": reason, "quarantined_to": str(target)})
     return target
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the error being raised says more than this one
 
 
 def free_quarantine_path(out_dir: Path, landed: LandedFile) -> Path:
@@ -393,7 +470,7 @@ def free_quarantine_path(out_dir: Path, landed: LandedFile) -> Path:
 
 
 def reason_text(landed: LandedFile, reason: str) -> str:
-    return (f"file: {landed.relative}\n"
+    return (f"file: {text_path(landed.relative)}\n"
             f"sha256: {landed.sha256}\n"
             f"size: {landed.size}\n"
             f"quarantined_at: {utc_now()}\n"
@@ -417,15 +494,84 @@ def move_file(source: Path, target: Path) -> None:
 
 
 def check_folders(landing_dir: Path, out_dir: Path, bundle_dir: Path | None = None) -> None:
-    """Neither the output folder nor the bundle may sit inside the landing folder: scores would be
+    """The landing folder a folder, the output folder one this user can create or write, and
+    serving this landing folder alone, or a one-line ConfigError; `vaeguard serve` checks before
+    serving, and each run again.
+
+    Neither the output folder nor the bundle may sit inside the landing folder: scores would be
     re-scored, and the bundle's calibration_rows.parquet scored, found wanting and quarantined,
     that is moved out of the bundle, which then fails its hash check on every later run."""
     landing, out = Path(landing_dir).resolve(), Path(out_dir).resolve()
+    if landing.exists() and not landing.is_dir():
+        raise ConfigError(f"landing folder {landing_dir} is a file, not a folder; --watch takes the folder files "
+                          f"land in (this file's is {landing.parent})")
     if not landing.is_dir():
         raise ConfigError(f"landing folder {landing_dir} does not exist; create it or fix the path")
+    check_utf8_path(landing, "landing folder")
+    check_utf8_path(out, "output folder")
     if out == landing or out.is_relative_to(landing):
         raise ConfigError(f"output folder {out_dir} is inside the landing folder {landing_dir}; "
                           f"put outputs elsewhere, or their scores would be scored as landed files")
     if bundle_dir is not None and Path(bundle_dir).resolve().is_relative_to(landing):
         raise ConfigError(f"bundle {bundle_dir} is inside the landing folder {landing_dir}; keep bundles elsewhere, "
                           f"or the runs would score its files as landed ones and quarantine (move) them out of it")
+    check_output_folder(out_dir)
+    claimed = claimed_landing(out)
+    if claimed is not None and claimed != landing:
+        raise _claimed_by(out_dir, claimed, landing_dir)
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """A folder this user can write, or one it can create; else a one-line ConfigError.
+
+    Either failed every run with a traceback (mkdir or the run lock's OSError), scoring nothing."""
+    out = Path(out_dir).resolve()
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"can't be created: {existing} is a file"
+        raise ConfigError(f"output folder {out_dir} {where}, not a folder; --output takes a folder (created if "
+                          f"missing) for the scores, ledger, quarantine and run reports")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == out else f"can't be created: {existing} is not writable"
+        raise ConfigError(f"output folder {out_dir} {where} by this user (uid {os.geteuid()}); make it writable "
+                          f"(on Linux `lsattr -d` shows an immutable folder) or give another --output")
+
+
+def claimed_landing(out_dir: Path) -> Path | None:
+    """The landing folder that OUT_DIR serves (its OUT_DIR/landing.json), or None before its first run."""
+    path = Path(out_dir) / CLAIM_NAME
+    try:
+        claim = json.loads(path.read_text())
+        return Path(claim["watch"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{path}: expected {{\"watch\": \"/the/landing/folder\"}}, the landing folder this output "
+                          f"folder serves, but it can't be read ({one_line(exc)}); fix it, or delete it if this output "
+                          f"folder serves one landing folder only") from None
+
+
+def claim_output(out_dir: Path, landing_dir: Path) -> None:
+    """Tie OUT_DIR to the landing folder on its first run (OUT_DIR/landing.json); refuse another after.
+
+    The ledger keys a file by its path inside the landing folder: two landing folders scored
+    into one output folder each with a day.csv were one key, so the second was never scored,
+    and their runs shared one lock, scores folder and quarantine. Keying by the landing folder
+    too would not part the rest, so one output folder serves one landing folder, whatever the
+    bundle (a new bundle version for the same folder goes on with its ledger). Call it holding
+    the run lock: two runs claiming at once would both find the folder free.
+    """
+    landing = Path(landing_dir).resolve()
+    claimed = claimed_landing(out_dir)
+    if claimed is None:
+        write_atomic(Path(out_dir) / CLAIM_NAME, json.dumps({"watch": str(landing), "claimed_at": utc_now()}) + "\n")
+    elif claimed != landing:
+        raise _claimed_by(out_dir, claimed, landing_dir)
+
+
+def _claimed_by(out_dir: Path, claimed: Path, landing_dir: Path) -> ConfigError:
+    return ConfigError(f"output folder {out_dir} serves the landing folder {text_path(str(claimed))}, not "
+                       f"{landing_dir}: its ledger keys files by their path inside the landing folder, so a file "
+                       f"with the same name in both would be scored once; give each landing folder its own --output "
+                       f"(and its own --name), or, if the landing folder moved, delete "
+                       f"{Path(out_dir) / CLAIM_NAME}")

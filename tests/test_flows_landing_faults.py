@@ -298,3 +298,95 @@ def test_at_most_two_files_are_scored_at_once(trained_bundle, tmp_path, monkeypa
     report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
     assert [f["status"] for f in report["files"]] == ["scored"] * 6
     assert peak[0] == 2, f"{peak[0]} files were scored at once"
+
+
+def test_two_landing_folders_can_not_share_one_output_folder(trained_bundle, tmp_path):
+    """plantA and plantB served into one --output, both with a day.csv: the ledger keyed a file by its
+    path inside the landing folder and its sha256, so plantB's day.csv (same bytes) was never scored,
+    silently. The output folder now serves the landing folder of its first run, and refuses another."""
+    import shutil
+
+    plant_a, plant_b, out = tmp_path / "plantA", tmp_path / "plantB", tmp_path / "out"
+    plant_a.mkdir(), plant_b.mkdir()
+    shutil.copy2(land_sensors(plant_a, "day.csv", 90), plant_b / "day.csv")
+    first = landing_flow(trained_bundle, plant_a, out, settle_seconds=0.0, device="cpu")
+    assert [(f["file"], f["status"]) for f in first["files"]] == [("day.csv", "scored")]
+    state = landing_flow(trained_bundle, plant_b, out, settle_seconds=0.0, device="cpu", return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith(f"output folder {out} serves the landing folder {plant_a}, not {plant_b}: ")
+    assert "own --output" in state.message and "\n" not in state.message
+    assert [(e["relative"], e["status"]) for e in ledger_lines(out)] == [("day.csv", "scored")]
+    assert (plant_b / "day.csv").exists()
+
+
+def test_a_quarantine_that_fails_to_write_leaves_the_file_failed_and_the_others_recorded(trained_bundle, tmp_path):
+    """The quarantine folder could not be written: the run ended with a traceback before recording the
+    files it had scored, so every run scored them again and crashed again."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    land_sensors(landing, "a-good.csv", 91)
+    land_sensors(landing, "c-good.csv", 92)
+    settled(write_table(make_sensor_table(SyntheticSpec(n_rows=50, seed=93)).drop(columns="pressure"),
+                        landing / "b-bad.csv"))
+    out.mkdir()
+    (out / "quarantine").write_text("a file in the way: as unwritable as a read-only folder, for root too")
+    with pytest.raises(PipelineError, match=r"^1 landed file\(s\) could not be scored .*first: b-bad\.csv: .*could "
+                                            r"not be quarantined"):
+        landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    [report] = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert [(f["file"], f["status"]) for f in report["files"]] == [("a-good.csv", "scored"), ("b-bad.csv", "failed"),
+                                                                  ("c-good.csv", "scored")]
+    assert [(e["relative"], e["status"]) for e in ledger_lines(out)] == [
+        ("a-good.csv", "scored"), ("b-bad.csv", "failed"), ("c-good.csv", "scored")]
+    assert (landing / "b-bad.csv").exists()
+
+    (out / "quarantine").unlink()  # fixed: the next run quarantines the bad file and scores nothing again
+    again = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert [(f["file"], f["status"]) for f in again["files"]] == [("b-bad.csv", "quarantined")]
+
+
+def test_an_output_folder_that_cannot_be_written_fails_the_run_with_one_line(trained_bundle, tmp_path, monkeypatch,
+                                                                            caplog):
+    """The output folder turned unwritable after serve checked it (remounted read-only, permissions
+    changed): every run ended with a PermissionError traceback from the run lock."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    land_sensors(landing, "day.csv", 94)
+
+    def read_only(out_dir):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(out_dir / ".run.lock"))
+
+    monkeypatch.setattr(landing_module, "run_lock", read_only)
+    state = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu", return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith(f"output folder {out} can't be written ([Errno 30] Read-only file system: ")
+    assert "give another --output" in state.message
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [state.message]
+    assert not any(r.exc_info or r.exc_text for r in errors)
+
+
+def test_a_file_name_that_is_not_utf8_is_quarantined_once_and_shown_escaped(trained_bundle, tmp_path, monkeypatch):
+    """`printf 'land/caf\\xe9.csv'`: its task failed (a 'failed' line), then the run crashed sending the
+    name to Prefect in its artifact (UnicodeEncodeError), and so again every run."""
+    import os
+
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    land_sensors(landing, "ok.csv", 95)
+    weird = os.fsdecode(bytes(landing / "caf") + b"\xe9.csv")
+    land_sensors(landing, os.path.basename(weird), 96)
+    published = []
+    real_artifact = landing_module.create_markdown_artifact
+
+    def keeping(**kwargs):
+        published.append(kwargs["markdown"])
+        return real_artifact(**kwargs)
+
+    monkeypatch.setattr(landing_module, "create_markdown_artifact", keeping)
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert [(f["file"], f["status"]) for f in report["files"]] == [("caf\udce9.csv", "quarantined"),
+                                                                  ("ok.csv", "scored")]
+    assert "| caf\\xe9.csv | quarantined |" in published[0] and "not UTF-8" in published[0]
+    assert (out / "quarantine" / "caf\udce9.csv").exists() and sorted(os.listdir(landing)) == ["ok.csv"]
+    assert landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")["files"] == []

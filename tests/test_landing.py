@@ -114,17 +114,74 @@ def test_file_still_being_written_waits_for_settle_time(dirs):
     assert len(pending_files(landing, ledger, settle_seconds=0, now=later)) == 2
 
 
-def test_listing_skips_hidden_quarantine_and_unsupported_and_recurses(dirs):
+def test_listing_skips_hidden_and_unsupported_and_recurses(dirs):
+    """Hidden names are writers' uploads in progress (rsync and curl write .name.tmp). A folder named
+    quarantine is the upstream's own: the runs' quarantine is OUT/quarantine, never inside the
+    landing folder (check_folders), and skipping it left a plant's quarantine/day.csv unscored."""
     landing, out = dirs
     for relative in [".hidden.csv", ".part.csv.tmp", ".tmp-upload/x.csv", "quarantine/bad.csv",
                      "deep/quarantine/bad.csv", "notes.txt", "data.json", "b/c/d.PARQUET", "a.csv", "b/c.pq",
                      "e.csv.gz", "f.json.gz"]:
         land(landing, relative)
     found = pending_files(landing, Ledger(out))
-    assert [f.relative for f in found] == ["a.csv", "b/c.pq", "b/c/d.PARQUET", "e.csv.gz"]
-    assert output_path(out, found[3]) == out / "scores" / f"e.csv.gz.{found[3].sha256[:12]}.parquet"
+    assert [f.relative for f in found] == ["a.csv", "b/c.pq", "b/c/d.PARQUET", "deep/quarantine/bad.csv", "e.csv.gz",
+                                           "quarantine/bad.csv"]
+    assert output_path(out, found[4]) == out / "scores" / f"e.csv.gz.{found[4].sha256[:12]}.parquet"
     nested = found[2]
     assert output_path(out, nested, ".csv") == out / "scores" / "b" / "c" / f"d.PARQUET.{nested.sha256[:12]}.csv"
+
+
+def count_hashes(monkeypatch) -> list[Path]:
+    import pipeline.landing as landing_module
+
+    hashed, real = [], landing_module.sha256_file
+
+    def counting(path):
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(landing_module, "sha256_file", counting)
+    return hashed
+
+
+def test_a_file_done_and_unchanged_is_not_read_again(dirs, monkeypatch):
+    """Every run hashed every file still in the landing folder before looking in the ledger: with
+    2 GB scored, a run with nothing to do read 2 GB (on a mounted bucket, downloaded it)."""
+    landing, out = dirs
+    ledger = Ledger(out)
+    land(landing, "old.csv")
+    land(landing, "sub/quiet.csv", "a,b\n")
+    land(landing, "bad.csv", "a\n")
+    items = {f.relative: f for f in pending_files(landing, ledger)}
+    old, bad, quiet = items["old.csv"], items["bad.csv"], items["sub/quiet.csv"]
+    record_scored(old, output_path(out, old), {"rows": 1, "anomalies": 0}, ledger)
+    record_empty(quiet, ledger)
+    entry = ledger.entries()[0]
+    assert (entry["size"], entry["mtime_ns"]) == (old.size, old.mtime_ns)
+    record_failure(out, bad, DeviceError("no GPU"), ledger)  # failed: retried, so hashed again
+
+    hashed = count_hashes(monkeypatch)
+    assert [f.relative for f in pending_files(landing, ledger)] == ["bad.csv"]
+    assert [p.name for p in hashed] == ["bad.csv"]
+
+    # Touched (same bytes): read once more, found done by its hash, not scored again.
+    hashed.clear()
+    os.utime(old.path, (LONG_AGO + 10, LONG_AGO + 10))
+    assert [f.relative for f in pending_files(landing, ledger)] == ["bad.csv"]
+    assert sorted(p.name for p in hashed) == ["bad.csv", "old.csv"]
+    # Rewritten with the same size and a new mtime: a new version.
+    land(landing, "old.csv", "a,b\n9,9\n", mtime=LONG_AGO + 20)
+    assert [f.relative for f in pending_files(landing, ledger)] == ["bad.csv", "old.csv"]
+
+
+def test_a_ledger_without_sizes_and_mtimes_still_reads_and_its_files_stay_done(dirs, monkeypatch):
+    landing, out = dirs
+    ledger = Ledger(out)
+    land(landing, "before-upgrade.csv")
+    [landed] = pending_files(landing, ledger)
+    scored(ledger, landed)  # a line as written before size and mtime_ns were recorded
+    hashed = count_hashes(monkeypatch)
+    assert pending_files(landing, ledger) == [] and len(hashed) == 1
 
 
 def test_torn_last_ledger_line_is_ignored_and_appends_continue(dirs):
@@ -233,6 +290,71 @@ def test_failed_attempts_are_counted_but_keep_the_file_pending(dirs):
         ledger.record({"relative": landed.relative, "sha256": landed.sha256, "status": "failed", "error": "boom"})
     assert ledger.failures(landed.relative, landed.sha256) == 2
     assert pending_files(landing, ledger) == [landed]
+
+
+def test_a_watch_or_output_that_is_a_file_is_refused_before_serving(tmp_path):
+    """`serve --watch batch1.csv` said "landing folder batch1.csv does not exist"; `--output` naming a
+    file was accepted, and every run then crashed with a traceback in mkdir."""
+    from pipeline.landing import check_folders
+
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "batch1.csv").write_text("a\n1\n")
+    with pytest.raises(ConfigError, match=r"^landing folder .*batch1\.csv is a file, not a folder; --watch takes"):
+        check_folders(tmp_path / "batch1.csv", tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"^output folder .*batch1\.csv is a file, not a folder; --output takes"):
+        check_folders(tmp_path / "landing", tmp_path / "batch1.csv")
+    with pytest.raises(ConfigError, match=r"^output folder .*batch1\.csv/out can't be created: .*batch1\.csv is a "
+                                          r"file"):
+        check_folders(tmp_path / "landing", tmp_path / "batch1.csv" / "out")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder this process can't write: by its mode, or for root (whom modes don't stop) immutable."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if os.access(folder, os.W_OK):
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if not immutable or os.access(folder, os.W_OK):
+            pytest.skip("no way to make a folder read-only for this user here")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_serving(tmp_path, read_only_folder):
+    from pipeline.landing import check_folders
+
+    (tmp_path / "landing").mkdir()
+    with pytest.raises(ConfigError, match=r"^output folder .*read-only is not writable by this user"):
+        check_folders(tmp_path / "landing", read_only_folder)
+    with pytest.raises(ConfigError, match=r"^output folder .*read-only/out can't be created: .*read-only is not "
+                                          r"writable"):
+        check_folders(tmp_path / "landing", read_only_folder / "out")
+
+
+def test_an_output_folder_serves_one_landing_folder(tmp_path):
+    """Two landing folders scored into one output folder, each with a day.csv: the ledger keyed both
+    by "day.csv" and its sha256, so the second folder's file was never scored, and no one was told."""
+    from pipeline.landing import check_folders, claim_output
+
+    plant_a, plant_b, out = tmp_path / "plantA", tmp_path / "plantB", tmp_path / "out"
+    plant_a.mkdir(), plant_b.mkdir(), out.mkdir()
+    check_folders(plant_a, out), check_folders(plant_b, out)  # nothing claimed yet
+    claim_output(out, plant_a)
+    claim_output(out, plant_a / ".." / "plantA")  # the same folder, named otherwise
+    check_folders(plant_a, out)
+    message = rf"^output folder {out} serves the landing folder {plant_a}, not {plant_b}: .*own --output"
+    with pytest.raises(ConfigError, match=message):
+        check_folders(plant_b, out)
+    with pytest.raises(ConfigError, match=message):
+        claim_output(out, plant_b)
+    (out / "landing.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"landing\.json: expected .*can't be read"):
+        check_folders(plant_a, out)
 
 
 def test_output_inside_the_landing_folder_is_refused(tmp_path):
@@ -381,6 +503,53 @@ def test_quarantine_survives_the_file_vanishing_between_check_and_move(dirs, mon
     assert quarantine(out, landed, "column 'a' missing", ledger) is None
     assert ledger.entries() == [] and not list(out.rglob("*.reason.txt"))
     assert record_failure(out, landed, DataError("x"), ledger)["status"] == "vanished"
+
+
+def test_a_quarantine_folder_that_cannot_be_written_leaves_the_file_failed_for_the_next_run(dirs):
+    """The write failure while quarantining ended the run with a traceback before the files scored
+    with it were recorded: they were scored again every run, and crashed it again."""
+    landing, out = dirs
+    ledger = Ledger(out)
+    land(landing, "bad.csv")
+    [landed] = pending_files(landing, ledger)
+    out.mkdir()
+    (out / "quarantine").write_text("in the way")  # as unwritable as a read-only folder, for root too
+    entry = record_failure(out, landed, DataError("bad.csv: column 'a' row 2: expected a number"), ledger)
+    assert entry["status"] == "failed"
+    assert entry["reason"].startswith("bad.csv: column 'a' row 2: expected a number; could not be quarantined (")
+    assert "tried again next run" in entry["reason"] and "\n" not in entry["reason"]
+    assert [(e["relative"], e["status"]) for e in ledger.entries()] == [("bad.csv", "failed")]
+    assert landed.path.exists() and [f.relative for f in pending_files(landing, ledger)] == ["bad.csv"]
+
+
+def test_a_failure_the_ledger_cannot_record_is_reported_not_raised(dirs):
+    from pipeline.landing import record_failed
+
+    landing, out = dirs
+    land(landing, "a.csv")
+    [landed] = pending_files(landing, Ledger(out))
+    out.mkdir()
+    (out / "ledger.jsonl").mkdir()  # the ledger can't be opened for appending
+    entry = record_failed(landed, "no GPU", "DeviceError", Ledger(out))
+    assert entry["status"] == "failed" and entry["reason"].startswith("no GPU (the ledger could not record it either: ")
+
+
+def test_a_name_that_is_not_utf8_is_a_fault_of_the_file_shown_escaped(dirs):
+    from pipeline.landing import name_fault
+    from pipeline.outputs import text_path
+
+    landing, out = dirs
+    land(landing, "caf\udce9.csv")  # os.fsdecode(b"caf\xe9.csv")
+    land(landing, "café.csv")
+    weird, fine = sorted(pending_files(landing, Ledger(out)), key=lambda f: f.relative.isprintable())
+    assert name_fault(fine) is None
+    fault = name_fault(weird)
+    assert isinstance(fault, InputFileError) and r"landed file caf\xe9.csv: the path is not UTF-8" in str(fault)
+    assert text_path(weird.relative) == r"caf\xe9.csv" and text_path(fine.relative) == "café.csv"
+    entry = record_failure(out, weird, fault, Ledger(out))
+    assert entry["status"] == "quarantined"
+    assert r"file: caf\xe9.csv" in (out / "quarantine" / "caf\udce9.csv.reason.txt").read_text()
+    assert pending_files(landing, Ledger(out)) == [fine]
 
 
 def test_header_only_file_is_done_as_empty_unless_it_changed_meanwhile(dirs):
