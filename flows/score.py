@@ -37,11 +37,13 @@ from pipeline.image_score import (check_side_files, errors_path, read_error_file
 from pipeline.outputs import (StagedOutputs, check_not_an_input, check_scores_target, make_parents, merge_scored_parts,
                               missing_parents, remove_empty_folders, stage_report_removal, summary_path)
 from pipeline.schema import check_id_names, scored_labels
-from pipeline.scoring import score
+from pipeline.scoring import check_maps_wanted, score
 from pipeline.scoring_report import check_report_target, summary_markdown, write_scoring_report
 from pipeline.signals import stopped_after_commit
 from pipeline.tables import iter_batches, read_columns
-from pipeline.unseen import UnseenCounts, file_entries, unseen_counts_of, unseen_entries, warn_unseen
+from pipeline.unseen import (MissingCounts, UnseenCounts, file_entries, missing_counts_of, missing_entries,
+                             missing_file_entries, training_missing_shares, unseen_counts_of, unseen_entries,
+                             warn_unseen)
 
 log = logging.getLogger("vaeguard")
 
@@ -65,7 +67,10 @@ def check_bundle(bundle: Path, precision: str = "fp32", inputs: tuple[Path, ...]
             "fpr_range": stored_fpr_range(calibration), "modality": modality,
             "label_column": loaded.schema.label_column if modality == "table" else None,
             # The merged summary judges the run's unseen values by the categorical columns' statistics.
-            "categorical": loaded.preprocessor.categorical if modality == "table" else ()}
+            "categorical": loaded.preprocessor.categorical if modality == "table" else (),
+            # ... and its blank numeric values by training's share of them.
+            "numeric": loaded.preprocessor.numeric if modality == "table" else (),
+            "numeric_missing": training_missing_shares(loaded) if modality == "table" else {}}
 
 
 # In the parts folder while the run wants parts; removed when it fails or is stopped. Tasks not
@@ -122,7 +127,7 @@ def score_file(job: ScoreJob, input_path: Path, part: Path, cwd: str | None = No
         with held_warnings() as warnings:
             # A table's unseen categories warn once for the run, from the merged counts (combine_summaries).
             summary = (score_files(single, warn=False) if modality == "table" else score(single)).to_dict()
-            if label_column and label_column in read_columns(input_path):
+            if label_column and label_column in read_columns(input_path, used=[label_column]):
                 save_labels(input_path, label_column, part, job.batch_size)
     except Exception:
         if run_wants(part):
@@ -266,6 +271,7 @@ def score_flow(job: ScoreJob) -> dict:
 
 def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> dict:
     bundle = check_bundle(resolved.bundle, job.precision, job.inputs)
+    check_maps_wanted(job, bundle["modality"])
     # An image's row names it by its input folder's path, so image inputs stay as given (a worker
     # in another folder says so) and the output reads as with the local runner.
     inputs = job.inputs if bundle["modality"] == "image" else tuple(absolute(p) for p in job.inputs)
@@ -328,7 +334,8 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
                 errors = read_error_files(parts)  # unreadable images of every input
                 stage_errors(staged, errors, resolved.output)
                 summary["errors_file"] = str(errors_path(job.output)) if errors else None
-            warn_unseen(summary["unseen_categories"])  # before the commit, as the plain run warns
+            # Before the commit, as the plain run warns.
+            warn_unseen(summary["unseen_categories"], summary["missing_numeric"])
             staged.text(summary_path(resolved.output), json.dumps(summary, indent=2, allow_nan=False))
             staged.commit()
         except BaseException as exc:
@@ -356,7 +363,8 @@ def _score_parts(job: ScoreJob, resolved: ScoreJob, given: dict[str, str]) -> di
             write_report(dataclasses.replace(resolved, inputs=inputs))
         # One flat row per file: the nested unseen counts are in the summary file, not in a table cell.
         create_table_artifact(key="vaeguard-scoring",
-                              table=[{k: v for k, v in f.items() if k != "unseen_categories"} for f in summary["files"]],
+                              table=[{k: v for k, v in f.items() if k not in ("unseen_categories", "missing_numeric")}
+                                     for f in summary["files"]],
                               description=f"Scores of {len(job.inputs)} file(s) with bundle {bundle['name']}: "
                                           f"{summary['rows']:,} rows, {summary['anomalies']:,} anomalies "
                                           f"({summary['anomaly_rate']:.3%} against target {bundle['target_fpr']:.3%})")
@@ -382,22 +390,31 @@ def combine_summaries(job: ScoreJob, bundle: dict, files: list[dict], seconds: f
     # A task scores one file: its run's counts are that file's own.
     per_file = [(str(path), {name: unseen_counts_of(entry) for name, entry in f["unseen_categories"].items()})
                 for path, f in zip(job.inputs, files)]
+    numeric = bundle["numeric"]
+    blank_per_file = [(str(path), {name: missing_counts_of(entry) for name, entry in f["missing_numeric"].items()})
+                      for path, f in zip(job.inputs, files)]
     table = [{"input": str(path), "rows": f["rows"], "anomalies": f["anomalies"],
               "anomaly_rate": round(f["anomaly_rate"], 6), "target_fpr": bundle["target_fpr"],
               "skipped": f["skipped"], "auroc": None if f["auroc"] is None else round(f["auroc"], 4),
               "rows_per_second": round(f["rows_per_second"] or 0),
-              "unseen_categories": file_entries(categorical, counts)}
-             for (path, counts), f in zip(per_file, files)]
+              "unseen_categories": file_entries(categorical, counts),
+              "missing_numeric": missing_file_entries(numeric, blanks)}
+             for (path, counts), (_, blanks), f in zip(per_file, blank_per_file, files)]
     # Each worker picks its device (auto: CUDA where it has it); one list says if they differed.
     device = ", ".join(sorted({f["device"] for f in files}))
     unseen: dict[str, UnseenCounts] = {}
     for _, counts in per_file:
         for name, tally in counts.items():
             unseen.setdefault(name, UnseenCounts()).add(tally)
+    blank: dict[str, MissingCounts] = {}
+    for _, counts in blank_per_file:
+        for name, tally in counts.items():
+            blank.setdefault(name, MissingCounts()).add(tally)
     where = f"{job.inputs[0]}: " if len(job.inputs) == 1 else ""
     return {"bundle": str(job.bundle), "output": str(job.output), "device": device,
             "target_fpr": bundle["target_fpr"], "expected_fpr": bundle["expected_fpr"],
             "fpr_range": bundle["fpr_range"], "rows": rows, "anomalies": anomalies, "seconds": seconds,
             "files": table, "auroc": labelled[0], "auprc": labelled[1], "skipped": sum(f["skipped"] for f in files),
             "unseen_categories": unseen_entries(categorical, unseen, where, per_file),
+            "missing_numeric": missing_entries(numeric, bundle["numeric_missing"], blank, where, blank_per_file),
             "anomaly_rate": anomalies / rows if rows else 0.0, "rows_per_second": rows / seconds if seconds else None}

@@ -36,7 +36,8 @@ from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.schema import check_id_names, scored_labels
 from pipeline.signals import join_thread, queue_get, queue_put, raise_deferred, signals_deferred
 from pipeline.tables import estimate_rows, iter_batches, read_columns
-from pipeline.unseen import UnseenCounts, file_entries, percent, unseen_entries, warn_unseen
+from pipeline.unseen import (MissingCounts, UnseenCounts, file_entries, missing_entries, missing_file_entries, percent,
+                             training_missing_shares, unseen_entries, warn_unseen)
 
 log = logging.getLogger("vaeguard")
 
@@ -48,6 +49,8 @@ class FileSummary:
     anomalies: int = 0
     # This input's own rows, unseen rows and share per categorical column (unseen.file_entries).
     unseen_categories: dict[str, dict] = field(default_factory=dict)
+    # This input's own rows, blank rows and share per numeric column (unseen.missing_file_entries).
+    missing_numeric: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +70,8 @@ class ScoreSummary:
     skipped: int = 0  # image inputs: unreadable files, listed in <output>.errors.csv
     # Per categorical column, the rows its unknown bucket took and the warning, if any (unseen_entries).
     unseen_categories: dict[str, dict] = field(default_factory=dict)
+    # Per numeric column, the blank rows (given training's median) and the warning, if any (missing_entries).
+    missing_numeric: dict[str, dict] = field(default_factory=dict)
 
     @property
     def anomaly_rate(self) -> float:
@@ -88,6 +93,10 @@ class ScoreSummary:
                   for name, entry in self.unseen_categories.items() if entry["warning"]]
         if warned:
             text += f"; values the bundle never saw in {', '.join(warned)}: see the warning"
+        blank = [f"{name!r} ({percent(entry['share'])} of rows)"
+                 for name, entry in self.missing_numeric.items() if entry["warning"]]
+        if blank:
+            text += f"; far more blanks than in training in {', '.join(blank)}: see the warning"
         return text
 
 
@@ -97,8 +106,8 @@ def required_columns(bundle: Bundle, path: Path, warn: bool = True) -> tuple[lis
     ``warn=False`` for a check ahead of a task that scores the file, and so warns, itself.
     """
     schema = bundle.schema
-    columns = read_columns(path)
     needed = list(schema.id_columns) + list(schema.feature_columns)
+    columns = read_columns(path, used=[*needed, *([schema.label_column] if schema.label_column else [])])
     missing = [c for c in needed if c not in columns]
     if missing:
         # 'pressure ' against 'pressure', or 'Pressure': hard to see in a list of names, so named.
@@ -110,10 +119,13 @@ def required_columns(bundle: Bundle, path: Path, warn: bool = True) -> tuple[lis
             + "; add them (empty values are allowed) or score with a bundle trained on these columns"
         )
     has_label = bool(schema.label_column) and schema.label_column in columns
-    extra = [c for c in columns if c not in needed and c != schema.label_column]
+    extra = [(position, c) for position, c in enumerate(columns, start=1)
+             if c not in needed and c != schema.label_column]
     if extra and warn:
+        # Quoted, as a name may be blank or end in a space; a pandas index written by to_csv() has no name.
+        shown = [repr(c) if c else f"column {position} (no name)" for position, c in extra[:10]]
         log.warning("%s: ignoring %d column(s) the bundle does not use: %s", path, len(extra),
-                    ", ".join(extra[:10]) + (" ..." if len(extra) > 10 else ""))
+                    ", ".join(shown) + (" ..." if len(extra) > 10 else ""))
     return needed, has_label
 
 
@@ -193,8 +205,8 @@ def file_scoring_threads(threads: int | None) -> int:
 def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = True) -> ScoreSummary:
     """Score every input into one output file (with a ``source`` column when several).
 
-    ``warn=False`` leaves the warnings on unseen categories to a caller that adds up several
-    runs' counts (the scoring flow), so that each column warns once."""
+    ``warn=False`` leaves the warnings on unseen categories and blank numeric columns to a caller
+    that adds up several runs' counts (the scoring flow), so that each column warns once."""
     if job.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive number of rows, got {job.batch_size}")
     staged = StagedOutputs()
@@ -216,6 +228,8 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
     labels, scores = [], []
     unseen: dict[str, UnseenCounts] = {}
     per_file: list[tuple[str, dict[str, UnseenCounts]]] = []
+    missing: dict[str, MissingCounts] = {}
+    missing_per_file: list[tuple[str, dict[str, MissingCounts]]] = []
     started = time.perf_counter()
     show = show_progress()
     total = sum(estimate_rows(path) or 0 for path, _, _ in checked) if show else None
@@ -230,6 +244,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
             for path, _, has_label in checked:
                 file_summary = FileSummary(str(path))
                 file_unseen: dict[str, UnseenCounts] = {}
+                file_missing: dict[str, MissingCounts] = {}
                 text = list(schema.categorical) + ([schema.label_column] if has_label else [])
                 source = str(path) if len(checked) > 1 else None
                 batches = iter_batches(path, list(schema.numeric), text, list(schema.id_columns), job.batch_size)
@@ -240,7 +255,7 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
                             labels.append(scored_labels(batch.column(schema.label_column), schema.label_column,
                                                         str(path), file_summary.rows))
                         outputs = scorer.score_batch(batch, str(path), row_offset=file_summary.rows,
-                                                     unseen=file_unseen)
+                                                     unseen=file_unseen, missing=file_missing)
                         writer.write(_result_table(batch, list(schema.id_columns), outputs, source))
                         file_summary.rows += batch.num_rows
                         file_summary.anomalies += int(outputs["is_anomaly"].sum())
@@ -252,6 +267,10 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
                     unseen.setdefault(name, UnseenCounts()).add(tally)
                     tally.examples.clear()  # the run's counts have them; a file's warning names it by its counts
                 per_file.append((str(path), file_unseen))
+                file_summary.missing_numeric = missing_file_entries(bundle.preprocessor.numeric, file_missing)
+                for name, tally in file_missing.items():
+                    missing.setdefault(name, MissingCounts()).add(tally)
+                missing_per_file.append((str(path), file_missing))
                 summary.files.append(file_summary)
                 summary.rows += file_summary.rows
                 summary.anomalies += file_summary.anomalies
@@ -259,14 +278,16 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
                 raise EmptyInputError(f"{', '.join(map(str, job.inputs))}: no data rows to score; "
                                       f"expected at least one row")
             summary.seconds = time.perf_counter() - started
-            summary.unseen_categories = unseen_entries(bundle.preprocessor.categorical, unseen,
-                                                       f"{checked[0][0]}: " if len(checked) == 1 else "", per_file)
+            where = f"{checked[0][0]}: " if len(checked) == 1 else ""
+            summary.unseen_categories = unseen_entries(bundle.preprocessor.categorical, unseen, where, per_file)
+            summary.missing_numeric = missing_entries(bundle.preprocessor.numeric, training_missing_shares(bundle),
+                                                      missing, where, missing_per_file)
             if labels:
                 # Needs every labelled row's score in memory (12 bytes a row), unlike the scoring itself.
                 summary.auroc, summary.auprc = label_metrics_of(np.concatenate(labels), np.concatenate(scores))
         staged.text(summary_path(job.output), json.dumps(summary.to_dict(), indent=2, allow_nan=False))
         if warn:  # before the commit, after which a signal is one after the output was written
-            warn_unseen(summary.unseen_categories)
+            warn_unseen(summary.unseen_categories, summary.missing_numeric)
         raise_deferred()  # one that came before the commit stops the run with no output
         staged.commit()
     return summary

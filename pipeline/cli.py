@@ -22,14 +22,28 @@ from pathlib import Path
 
 from pipeline.calibrate import describe_fpr_range
 from pipeline.console import quiet_console
-from pipeline.errors import PipelineError, one_line
+from pipeline.errors import ConfigError, PipelineError, one_line
 from pipeline.signals import SIGNALS, StoppedAfterCommit, stopped_after_commit
 
 log = logging.getLogger("vaeguard")
 
 
-def _columns(text: str) -> tuple[str, ...]:
-    return tuple(c.strip() for c in text.split(",") if c.strip())
+def id_column_names(text: str, columns: list[str]) -> tuple[str, ...]:
+    """--id-columns' names: split at commas, each piece taken without the spaces around it
+    (`row_id, batch`), unless the file's header has it as written, spaces included (`"Order ID "`),
+    or a run of pieces is one name with its commas (`"id,part"`): stripped, such names could not be
+    given at all."""
+    pieces, names, start, known = text.split(","), [], 0, set(columns)
+    while start < len(pieces):
+        for end in range(len(pieces), start, -1):  # the longest run of pieces that is a column first
+            joined = ",".join(pieces[start:end])
+            name = joined if joined in known else joined.strip()
+            if name in known or end == start + 1:
+                break
+        if name:
+            names.append(name)
+        start = end
+    return tuple(names)
 
 
 def _path(text: str) -> Path:
@@ -53,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or images (a folder, a CSV of paths, a .npy) with --image-size")
     train.add_argument("--name", required=True, help="bundle name: written to OUT/NAME/")
     train.add_argument("--label-column", help="0/1 column (1 = anomaly); anomalies are never trained on")
-    train.add_argument("--id-columns", type=_columns, default=(), help="comma-separated columns copied to scores")
+    train.add_argument("--id-columns", help="comma-separated columns copied to scores; a name with "
+                       "spaces around it or a comma in it is taken as the header writes it (quote it for the shell)")
     train.add_argument("--target-fpr", type=float, help="false-positive rate of the threshold (default 0.01)")
     train.add_argument("--config", type=_path, help="YAML file with preprocess/model/training/calibration sections; "
                        "--target-fpr, --seed, --trim-fraction and --device, when given, win over its values")
@@ -65,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=_path, default=Path("exported"), help="output folder (default exported/)")
     images = train.add_argument_group("images (DATA is a folder of images, a CSV with a path column, or a .npy)")
     images.add_argument("--image-size", type=int, help="square side images are resized to (default 64)")
-    images.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 = grayscale, 3 = RGB")
+    images.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale (default), 3 = RGB")
     images.add_argument("--path-column", default="path", help="column of image paths in a CSV (default path)")
 
     score = commands.add_parser("score", parents=[common], help="score tables or image folders with a bundle")
@@ -91,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", parents=[common],
                                  help="add a reduced-precision scorer (fp16 or int8), checked and recalibrated on the bundle's "
-                                      "calibration inputs, to a bundle; on a CPU neither was faster than fp32 (BENCHMARKS.md, "
+                                      "calibration inputs, to a bundle; on a CPU neither was reliably faster than fp32 (BENCHMARKS.md, "
                                       "\"Precision variants\")")
     export.add_argument("bundle", type=_path, help="bundle folder written by `vaeguard train`")
     export.add_argument("--precision", choices=("fp16", "int8"), required=True)
@@ -123,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the raw manifest")
 
     demo = commands.add_parser("demo", parents=[common], help="train and score on generated data through Prefect")
+    parser.set_defaults(commands=commands.choices)
     demo.add_argument("--rows", type=int, default=20_000, help="rows of generated training data")
     demo.add_argument("--out", type=_path, default=Path("exported"), help="bundle folder (default exported/)")
     demo.add_argument("--work", type=_path, default=Path("runs/demo"), help="folder for data and scores")
@@ -148,10 +164,23 @@ def cmd_train(args: argparse.Namespace) -> None:
         # `is None`, not `or`: --image-size 0 must be refused, not read as "no size, so a table".
         size = 64 if args.image_size is None else args.image_size
         job = ImageTrainJob(data=args.data, name=args.name, out_dir=args.out, image_size=size,
-                            channels=args.channels, path_column=args.path_column, config=config)
+                            channels=1 if args.channels is None else args.channels, path_column=args.path_column,
+                            config=config)
     else:
+        from pipeline.tables import read_columns
+
+        if args.channels is not None:
+            # Said, not ignored: a table trains on its columns, and the user expected images.
+            raise ConfigError(f"--channels {args.channels}: {args.data} is read as a table, and --channels is for "
+                              f"images; leave it out, or add --image-size N to train on the images it lists")
+        if args.id_columns is not None and not args.id_columns.strip(", "):
+            # An unset shell variable (--id-columns "$IDS"): read as none, each id became a feature.
+            raise ConfigError(f"--id-columns is empty (got {args.id_columns!r}); give the id columns' names, e.g. "
+                              f"--id-columns row_id, or leave the option out (is a shell variable unset?)")
+        # The header says which pieces of --id-columns are names (no header read without the option).
+        id_columns = id_column_names(args.id_columns, read_columns(args.data)) if args.id_columns else ()
         job = TrainJob(data=args.data, name=args.name, out_dir=args.out, label_column=args.label_column,
-                       id_columns=args.id_columns, config=config)
+                       id_columns=id_columns, config=config)
     # A signal once the new bundle is in place (its manifest with it) came after the output was made whole.
     with stopped_after_commit(_replaced(job.bundle_dir / "manifest.json")):
         facts = run_image_training(job) if isinstance(job, ImageTrainJob) else run_training(job)
@@ -203,6 +232,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     from pipeline.scoring import score
     from pipeline.config import ScoreJob
 
+    if args.dask_address and args.task_runner != "dask":
+        # Said, not ignored: the run would score here, on one machine, while the user meant the cluster.
+        raise ConfigError(f"--dask-address {args.dask_address}: a Dask scheduler is used only with --task-runner "
+                          f"dask; add --task-runner dask, or leave --dask-address out")
     job = ScoreJob(bundle=args.bundle, inputs=tuple(args.inputs), output=args.output, device=args.device,
                    batch_size=args.batch_size, threads=args.threads, maps_dir=args.maps, report=args.report,
                    precision=args.precision)
@@ -295,7 +328,8 @@ def _serve(args: argparse.Namespace) -> None:
     check_folders(args.watch, args.output, args.bundle)
     from flows.serve import serve_landing
 
-    serve_landing(job, bundle.name)
+    with quiet_console(args.verbose):  # Prefect's records of a lost API connection, without their tracebacks
+        serve_landing(job, bundle.name)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -310,7 +344,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     # them disagree, say so here rather than first at the night's `vaeguard score`, which refuses it.
     for precision in ("fp32", *bundle.manifest.get("variants", {})):
         try:
-            check_scorer_agrees(create_session(bundle.scorer_path_for(precision), "cpu", threads=1), bundle, precision)
+            check_scorer_agrees(create_session(bundle.scorer_path_for(precision), "cpu", threads=1,
+                                               contents=bundle.scorer_bytes(precision)), bundle, precision)
         except BundleError as exc:
             log.warning("%s (`vaeguard score` refuses the bundle until then)", exc)
 
@@ -345,7 +380,11 @@ class OneLineFormatter(logging.Formatter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Known arguments first: argparse hands a subcommand's unknown ones to the top parser, which
+    # printed its own usage and "vaeguard: error:" for a typo such as `score ... --tagret`.
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # Only our own logger: Prefect configures its own, and a root handler would print its logs twice.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(levelname)s: %(message)s" if args.verbose else "warning: %(message)s"))

@@ -60,7 +60,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
     spec = ImageSpec.from_dict(bundle.manifest["image"])
     sources = [(Path(p), list_images(Path(p))) for p in job.inputs]  # empty folders fail before any work
     session = create_session(bundle.scorer_path_for(job.precision), variant_device(bundle, job.precision, job.device),
-                             job.threads)
+                             job.threads, contents=bundle.scorer_bytes(job.precision))
     calibration = bundle.calibration_for(job.precision)
     threshold = calibration["threshold"]
     summary = ScoreSummary(bundle=str(bundle.path), output=str(job.output),

@@ -49,10 +49,10 @@ from pipeline.bundle import (CALIBRATION_IMAGES, CALIBRATION_ROWS, VARIANT_FILES
 from pipeline.calibrate import Calibration, calibrate, conformal_p_values
 from pipeline.config import check_threads
 from pipeline.contract import IMAGE_INPUT, IR_VERSION
-from pipeline.errors import BundleError, ConfigError, ExportError, PipelineError
+from pipeline.errors import BundleError, ConfigError, ExportError
 from pipeline.inspect import agreeing, rounding_note
 from pipeline.precision_graphs import CONVERTERS, find_table, write_table
-from pipeline.runtime import CUDA, create_session, frame_feeds
+from pipeline.runtime import CUDA, check_scorer_agrees, create_session, frame_feeds
 from pipeline.signals import signals_held
 
 TOOLS = {"fp16": "onnxruntime.transformers.float16",
@@ -91,13 +91,14 @@ def is_image(bundle: Bundle) -> bool:
 def calibration_feeds(bundle: Bundle) -> dict[str, np.ndarray]:
     """The scorer's inputs for the bundle's calibration rows (or images)."""
     name = CALIBRATION_IMAGES if is_image(bundle) else CALIBRATION_ROWS
-    path = bundle.path / name
-    if name not in bundle.manifest["files"] or not path.is_file():
+    if name not in bundle.manifest["files"]:
         raise BundleError(f"{bundle.path}: no {name} (bundles trained before reduced-precision export do not keep "
                           f"their calibration inputs); retrain with `vaeguard train` to add variants")
-    if is_image(bundle):
-        return {IMAGE_INPUT: np.ascontiguousarray(np.load(path), dtype=np.float32)}
-    return frame_feeds(bundle.schema, pd.read_parquet(path), str(path))
+    with bundle.open_checked(name) as handle:  # the inputs of this bundle, not of one swapped in since
+        if is_image(bundle):
+            return {IMAGE_INPUT: np.ascontiguousarray(np.load(handle), dtype=np.float32)}
+        rows = pd.read_parquet(handle)
+    return frame_feeds(bundle.schema, rows, str(bundle.path / name))
 
 
 def rows_of(feeds: dict[str, np.ndarray]) -> int:
@@ -234,9 +235,13 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
     directory = bundle.path
     image = is_image(bundle)
     chunk = IMAGE_CHUNK if image else TABLE_CHUNK
+    # The fp32 scorer as load hash-checked it (a retrain may replace the file meanwhile), and a
+    # manifest that `vaeguard score` would refuse is refused here, before a variant is built on it.
+    reference_session = create_session(bundle.scorer_path, device, threads, contents=bundle.scorer_bytes())
+    check_scorer_agrees(reference_session, bundle, "fp32")
     feeds = calibration_feeds(bundle)
     fp32_calibration = bundle.calibration
-    fp32_model = onnx.load(str(bundle.scorer_path))
+    fp32_model = onnx.load_from_string(bundle.scorer_bytes())
     find_table(fp32_model, fp32_calibration)
     tag = uuid.uuid4().hex[:8]
     draft, final = directory / f".{name}.draft-{tag}", directory / f".{name}.tmp-{tag}"
@@ -249,11 +254,10 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
         save_model(variant, draft, props)
         try:
             session = create_session(draft, device, threads)
-        except PipelineError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error, made one line
+        except BundleError as exc:  # onnxruntime's own error, which create_session made one line
             raise ExportError(f"onnxruntime cannot run the {precision} scorer of {'an image' if image else 'a table'} "
-                              f"bundle on this machine ({str(exc).splitlines()[0][:200]}); keep using fp32") from exc
+                              f"bundle on this machine ({str(exc.__cause__).splitlines()[0][:200]}); keep using "
+                              f"fp32") from exc
         # The table does not enter the score, so the draft scores as the final variant will.
         scores = score_in_chunks(session, feeds, chunk)["score"]
         if not np.all(np.isfinite(scores)):
@@ -269,7 +273,6 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
         consistency = check_consistency(outputs, calibration, precision)
         batch_independence = check_batch_independence(session, feeds, outputs["score"], chunk,
                                                       calibration.threshold, precision)
-        reference_session = create_session(bundle.scorer_path, device, threads)
         reference = score_in_chunks(reference_session, feeds, chunk)
         used = "cuda" if session.get_providers()[0] == CUDA else "cpu"
         speed_feeds = tiled(feeds, SPEED_IMAGES if image else SPEED_ROWS)

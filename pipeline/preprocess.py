@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -251,7 +252,7 @@ def _warn_mostly_unknown(name: str, values: np.ndarray, unknown: np.ndarray, kep
                 "it as it is without this warning, name it in the --config file: preprocess: "
                 "{categorical_columns: [%s]}",
                 source, name, f"{unknown.mean():.0%}", f"{len(values):,}", f"{len(counts):,}", example[:40],
-                config.min_category_count, config.max_categories, name, more, name)
+                config.min_category_count, config.max_categories, shlex.quote(name), more, name)
 
 
 # An integer as Python, pandas and pyarrow write it ('-12'), or as pandas writes it from a float64
@@ -319,7 +320,7 @@ def _kept_categories(values: np.ndarray, config: PreprocessConfig, name: str, so
                 if example.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")) else "")
         raise DataError(f"{source}: column {name!r} has {len(counts):,} distinct values in {len(values):,} training "
                         f"rows and none seen {config.min_category_count} times (e.g. {example!r}), so it is no "
-                        f"category: it looks like an identifier; pass it with --id-columns {name}, or leave it out "
+                        f"category: it looks like an identifier; pass it with --id-columns {shlex.quote(name)}, or leave it out "
                         f"of the file{hint}")
     counts = kept
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -19,19 +19,23 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from onnx import helper
 
-from pipeline.bundle import Bundle
+from pipeline.bundle import Bundle, remake_hint
+from pipeline.calibrate import Calibration, calibrate
 from pipeline.cores import resolve_threads
 from pipeline.cuda_libraries import cuda_failure, preload_cuda_libraries
-from pipeline.errors import BundleError, ConfigError, DeviceError
+from pipeline.errors import BundleError, ConfigError, DeviceError, ExportError
 from pipeline.contract import (CUDA_PROVIDER_OPTIONS, CUDA_SESSION_OPTIONS, OUTPUT_NAMES,
                                categorical_input_name)
+from pipeline.precision_graphs import find_table
 from pipeline.schema import TableSchema, as_category_array, categorical_strings, check_finite, numeric_matrix
-from pipeline.unseen import UnseenCounts
+from pipeline.unseen import MissingCounts, UnseenCounts
 
 log = logging.getLogger("vaeguard")
 
@@ -39,19 +43,29 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def create_session(model_path: Path, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+# onnxruntime's errors about the model itself, whichever provider loads it: bytes that do not
+# parse as one, a graph that does not check. A provider that fails raises others.
+MODEL_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile")
+
+
+def create_session(model_path: Path, device: str = "auto", threads: int | None = None,
+                   contents: bytes | None = None) -> ort.InferenceSession:
+    """``contents``: the model's bytes as their hash was checked (Bundle.scorer_bytes), loaded
+    instead of opening ``model_path`` again, which then only names the model in messages. A model
+    onnxruntime cannot load is a one-line BundleError naming its file."""
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = resolve_threads(threads)
     options.inter_op_num_threads = 1
+    model = str(model_path) if contents is None else contents
     if device == "cpu":
-        return ort.InferenceSession(str(model_path), options, providers=[CPU])
+        return _load_session(model_path, model, options, [CPU])
     if CUDA not in ort.get_available_providers():
-        return _cpu_fallback(model_path, options, device, "this onnxruntime build has no CUDA provider",
+        return _cpu_fallback(model_path, model, options, device, "this onnxruntime build has no CUDA provider",
                              "pip install onnxruntime-gpu (installing plain onnxruntime after it replaces it)")
     if not gpu_present():
-        return _cpu_fallback(model_path, options, device, "no NVIDIA GPU driver on this machine",
+        return _cpu_fallback(model_path, model, options, device, "no NVIDIA GPU driver on this machine",
                              "run on a machine with an NVIDIA GPU")
     preload_cuda_libraries()
     for name, value in CUDA_SESSION_OPTIONS.items():  # deterministic kernels where CUDA has a choice
@@ -59,15 +73,29 @@ def create_session(model_path: Path, device: str = "auto", threads: int | None =
     # Quiet the provider's own loader errors; the check after it says what happened, once.
     ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(model_path), options,
-                                       providers=[(CUDA, dict(CUDA_PROVIDER_OPTIONS)), CPU])
+        session = ort.InferenceSession(model, options, providers=[(CUDA, dict(CUDA_PROVIDER_OPTIONS)), CPU])
     except Exception as exc:  # noqa: BLE001 - some builds raise instead of falling back
-        return _cpu_fallback(model_path, options, device, *cuda_failure(str(exc).splitlines()[0]))
+        if type(exc).__name__ in MODEL_ERRORS:  # the model's fault: no CUDA would load it either
+            raise unloadable(model_path, exc) from exc
+        return _cpu_fallback(model_path, model, options, device, *cuda_failure(str(exc).splitlines()[0]))
     finally:
         ort.set_default_logger_severity(2)
     if session.get_providers()[0] != CUDA:
-        return _cpu_fallback(model_path, options, device, *cuda_failure())
+        return _cpu_fallback(model_path, model, options, device, *cuda_failure())
     return session
+
+
+def unloadable(model_path: Path, exc: Exception) -> BundleError:
+    return BundleError(f"{model_path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]}); re-export the "
+                       f"bundle{remake_hint(model_path.parent, model_path.name)}")
+
+
+def _load_session(model_path: Path, model: str | bytes, options: ort.SessionOptions,
+                  providers: list) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise unloadable(model_path, exc) from exc
 
 
 def gpu_present() -> bool:
@@ -75,7 +103,7 @@ def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
 
 
-def _cpu_fallback(model_path: Path, options: ort.SessionOptions, device: str, why: str,
+def _cpu_fallback(model_path: Path, model: str | bytes, options: ort.SessionOptions, device: str, why: str,
                   fix: str) -> ort.InferenceSession:
     if device == "cuda":
         raise DeviceError(f"--device cuda asked for, but onnxruntime's CUDA provider is not active ({why}); "
@@ -84,7 +112,7 @@ def _cpu_fallback(model_path: Path, options: ort.SessionOptions, device: str, wh
     # to find a GPU would teach users to skip warnings. Where a GPU is there, CUDA should have worked.
     level = logging.WARNING if gpu_present() else logging.INFO
     log.log(level, "CUDA is not active (%s; %s); scoring on the CPU", why, fix)
-    return ort.InferenceSession(str(model_path), options, providers=[CPU])
+    return _load_session(model_path, model, options, [CPU])
 
 
 def variant_device(bundle: Bundle, precision: str, device: str) -> str:
@@ -138,6 +166,17 @@ def check_scorer_agrees(session: ort.InferenceSession, bundle: Bundle, precision
     if calibration["expected_fpr"] != calibration["rank"] / (calibration["n_calibration"] + 1):
         refuse(f"the manifest's expected FPR {calibration['expected_fpr']!r} is not its rank / (n_calibration + 1) "
                f"= {calibration['rank']} / {calibration['n_calibration'] + 1}")
+    # The graph holds the calibration table too: scores scaled by hand, or a rank edited with its
+    # expected FPR, passed the checks above and changed what inspect, the report and drift state.
+    model, table = onnx.load_from_string(bundle.scorer_bytes(precision)), Calibration.from_dict(calibration)
+    try:
+        find_table(model, table)
+    except ExportError:
+        refuse("its baked calibration table is not the manifest's calibration scores and threshold")
+    rank = calibrate(table.scores, table.target_fpr).rank
+    if rank != calibration["rank"]:
+        refuse(f"its calibration table puts the threshold at rank {rank} for the target FPR "
+               f"{calibration['target_fpr']!r}, the manifest's rank is {calibration['rank']!r}")
     if bundle.manifest.get("modality") == "image":
         return  # one image input, whose size the session checks on every batch
     schema = bundle.schema
@@ -149,6 +188,37 @@ def check_scorer_agrees(session: ort.InferenceSession, bundle: Bundle, precision
     expected = ({"numeric"} if schema.numeric else set()) | {categorical_input_name(c) for c in schema.categorical}
     if set(inputs) != expected or (schema.numeric and inputs["numeric"][1] != len(schema.numeric)):
         refuse(f"its inputs are {inputs}, the manifest's schema needs {sorted(expected)}")
+    # Scoring counts a value the bundle never saw by the manifest's categories (pipeline.unseen),
+    # while the graph decides by its own: the two must be the same.
+    def taken(spellings: dict[str, str] | None) -> str:
+        return "values as written" if spellings is None else f"the spellings {spellings}"
+
+    front = baked_categories(model)
+    for stats in bundle.preprocessor.categorical:
+        categories, spellings = front.get(categorical_input_name(stats.name), (None, None))
+        if categories != list(stats.categories):
+            refuse(f"its categories of column {stats.name!r} are {categories}, the manifest's {list(stats.categories)}")
+        if spellings != stats.spellings:
+            refuse(f"its column {stats.name!r} takes {taken(spellings)}, the manifest's {taken(stats.spellings)} "
+                   f"(preprocessing.categorical[].boolean / .integer)")
+
+
+def baked_categories(model: onnx.ModelProto) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """Per categorical input of a table scorer, the categories its OneHotEncoder keeps and the
+    spellings its LabelEncoder maps first (None without one), as pipeline.export built them."""
+    made_by = {output: node for node in model.graph.node for output in node.output}
+    baked = {}
+    for node in model.graph.node:
+        if node.op_type != "OneHotEncoder":
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        source, spellings = node.input[0], None
+        if source in made_by and made_by[source].op_type == "LabelEncoder":
+            labels = {a.name: helper.get_attribute_value(a) for a in made_by[source].attribute}
+            source = made_by[source].input[0]
+            spellings = {k.decode(): v.decode() for k, v in zip(labels["keys_strings"], labels["values_strings"])}
+        baked[source] = ([c.decode() for c in attributes["cats_strings"]], spellings)
+    return baked
 
 
 def table_feeds(schema: TableSchema, numeric: np.ndarray, categories: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -186,7 +256,7 @@ class BundleScorer:
         self.schema = bundle.schema
         self.precision = precision
         self.session = create_session(bundle.scorer_path_for(precision), variant_device(bundle, precision, device),
-                                      threads)
+                                      threads, contents=bundle.scorer_bytes(precision))
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         check_variant_device(bundle, precision, self.device)
         check_scorer_agrees(self.session, bundle, precision)
@@ -206,17 +276,21 @@ class BundleScorer:
         return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
 
     def score_batch(self, batch: pa.RecordBatch, source: str, row_offset: int = 0,
-                    unseen: dict[str, UnseenCounts] | None = None) -> dict[str, np.ndarray]:
+                    unseen: dict[str, UnseenCounts] | None = None,
+                    missing: dict[str, MissingCounts] | None = None) -> dict[str, np.ndarray]:
         """A record batch with numeric columns as float64 and categorical ones as strings.
 
         With ``unseen``, each categorical column's rows and the rows the scorer sends to its
-        unknown bucket are added to that column's counts (made here on first use)."""
+        unknown bucket are added to that column's counts (made here on first use); with
+        ``missing``, each numeric column's rows and blank rows, likewise."""
         # Filled column by column straight into float32 (the same rounding as a float64 matrix
         # cast afterwards, without that matrix and its extra pass: file scoring is CPU-bound).
         numeric = np.empty((batch.num_rows, len(self.schema.numeric)), dtype=np.float32)
         for i, name in enumerate(self.schema.numeric):
             column = batch.column(name).to_numpy(zero_copy_only=False)
             check_finite(column[:, None], [name], source, row_offset)
+            if missing is not None:
+                missing.setdefault(name, MissingCounts()).count(column)
             numeric[:, i] = column
         categories = []
         for name in self.schema.categorical:

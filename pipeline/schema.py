@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,13 +189,14 @@ def _warn_if_sequence(column: pd.Series, name: str, source: str) -> None:
         log.warning("%s: column %r rises on every row, like an id or a timestamp; as a feature, later "
                     "rows fall outside its training range and score as anomalies. If it is an id, pass "
                     "--id-columns %s; if it is a time, leave it out or give its cyclic parts instead",
-                    source, name, name)
+                    source, name, shlex.quote(name))
     elif (distinct := values.nunique()) >= _SEQUENCE_MIN_DISTINCT:
         log.warning("%s: column %r never falls over the file (%s distinct values in %s rows), like a date, a "
                     "timestamp or a running count; as a feature, later rows fall outside its training range and "
                     "score as anomalies. If it is a date or time, leave it out or derive numeric features from it "
                     "(e.g. day of week); if it is an id, pass --id-columns %s; if the file is only sorted by "
-                    "this measurement, ignore this", source, name, f"{distinct:,}", f"{len(values):,}", name)
+                    "this measurement, ignore this", source, name, f"{distinct:,}", f"{len(values):,}",
+                    shlex.quote(name))
 
 
 def _column_kind(column: pd.Series, name: str, config: PreprocessConfig, source: str) -> str:
@@ -315,16 +317,16 @@ def _date_or_time_error(source: str, name: str, kind: str, example: object) -> D
     """Dates can't be features: each new day lies beyond training's (as a number) or is a category it
     never saw (as text), so every later row would score as an anomaly. Numbers derived from them can."""
     if kind.startswith("times of day"):
-        why, fix = "", (f"derive a number from it (e.g. hour of day), pass it as --id-columns {name}, or leave it out "
+        why, fix = "", (f"derive a number from it (e.g. hour of day), pass it as --id-columns {shlex.quote(name)}, or leave it out "
                         f"of the file; if it holds a few times that recur (a shift's start), name it in the --config "
                         f"file: preprocess: {{categorical_columns: [{name}]}}")
     elif kind == "durations":
-        why, fix = "", (f"convert it to a number (e.g. seconds), pass it as --id-columns {name}, or leave it out "
+        why, fix = "", (f"convert it to a number (e.g. seconds), pass it as --id-columns {shlex.quote(name)}, or leave it out "
                         f"of the file")
     else:
         why = ": later rows hold dates that training never saw, so all of them would score as anomalies"
         fix = (f"leave it out of the file, derive numeric features from it (e.g. day of week, hour of day), "
-               f"or pass it as --id-columns {name}")
+               f"or pass it as --id-columns {shlex.quote(name)}")
     return DataError(f"{source}: column {name!r} holds dates or times ({kind}, e.g. {str(example)!r}), which cannot "
                      f"be a feature{why}; {fix}")
 

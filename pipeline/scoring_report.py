@@ -54,14 +54,16 @@ def scorer_calibration(bundle: Bundle, precision: str) -> Calibration:
     return Calibration.from_dict(bundle.calibration_for(precision))
 
 
-def unseen_warnings(output: Path) -> list[str]:
-    """The run's warnings on categorical values the bundle never saw, from its summary (written
-    before the report): they say why a night's scores rose, which the drift figures only show."""
+def input_warnings(output: Path) -> list[str]:
+    """The run's warnings on categorical values the bundle never saw and on numeric columns blank far
+    more often than in training, from its summary (written before the report): they say why a night's
+    scores rose, or why they look calmer than they are, which the drift figures only show."""
     try:
         summary = json.loads(summary_path(output).read_text())
     except FileNotFoundError:  # scores written by an older version, without a summary beside them
         return []
-    return [entry["warning"] for entry in summary.get("unseen_categories", {}).values() if entry["warning"]]
+    return [entry["warning"] for field in ("unseen_categories", "missing_numeric")
+            for entry in summary.get(field, {}).values() if entry["warning"]]
 
 
 def scorer_name(bundle: Bundle, precision: str) -> str:
@@ -88,7 +90,7 @@ def scoring_sections(job: ScoreJob) -> list[Section]:
         Section("Anomaly rate", tables=[("Flagged rows against the target false-positive rate", facts_table(rate))]),
         Section("Drift", "Population stability index (PSI) and Kolmogorov-Smirnov statistic of the scores "
                 "against the calibration scores; PSI above 0.25 usually means the data changed.",
-                alert="\n".join([*drift.alerts, *unseen_warnings(job.output)]),
+                alert="\n".join([*drift.alerts, *input_warnings(job.output)]),
                 tables=[("", facts_table({"PSI": _fmt(drift.psi), "KS statistic": _fmt(drift.ks_statistic),
                                           "KS p-value": _fmt(drift.ks_p_value)}))]),
     ]
@@ -181,7 +183,8 @@ def _top_images(bundle: Bundle, job: ScoreJob, top: pd.DataFrame) -> Section:
         return Section(title, f"None of the {len(wanted)} highest-scoring images could be read again for this "
                        f"report (first: {unread[0]}); their scores are in {job.output.name}.")
     stacked = np.stack(images)
-    session = ort.InferenceSession(str(bundle.scorer_path_for(job.precision)), providers=["CPUExecutionProvider"])
+    # The bytes the bundle's load hash-checked: the path may name a retrained bundle's scorer by now.
+    session = ort.InferenceSession(bundle.scorer_bytes(job.precision), providers=["CPUExecutionProvider"])
     outputs = dict(zip(IMAGE_OUTPUT_NAMES, session.run(list(IMAGE_OUTPUT_NAMES), {IMAGE_INPUT: stacked})))
     titles = [f"{Path(n).name}: score {s:.4g}" for n, s in zip(names, outputs["score"])]
     if unread:
@@ -227,5 +230,5 @@ def summary_markdown(job: ScoreJob) -> str:
              f"| KS statistic | {_fmt(drift.ks_statistic)} |",
              f"| median score (calibration median) | {np.median(scored['score']):.4g} "
              f"({np.median(calibration.scores):.4g}) |"]
-    alerts = [*drift.alerts, *unseen_warnings(job.output)]
+    alerts = [*drift.alerts, *input_warnings(job.output)]
     return "\n".join(lines + [f"\n**Alert:** {alert}" for alert in alerts])

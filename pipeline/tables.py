@@ -9,7 +9,7 @@ text as written, markers included (iter_batches).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -361,8 +361,9 @@ def read_text_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
             f"{path}: could not be read as csv: {one_line(exc)}") from exc
 
 
-def read_columns(path: str | Path) -> list[str]:
-    """The column names of a table, without reading its rows."""
+def read_columns(path: str | Path, used: Collection[str] | None = None) -> list[str]:
+    """The column names of a table, without reading its rows. ``used``: the only columns the caller
+    reads, where alone a name twice is refused (check_header)."""
     path = check_input_file(path)
     try:
         if table_format(path) == "csv":
@@ -374,17 +375,22 @@ def read_columns(path: str | Path) -> list[str]:
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise structure_error(path, exc) or InputFileError(
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
-    check_header(path, names)
+    check_header(path, names, used)
     return names
 
 
-def check_header(path: Path, names: list[str]) -> None:
-    """Column names that would be read wrongly without a word: another separator, or a name twice."""
+def check_header(path: Path, names: list[str], used: Collection[str] | None = None) -> None:
+    """Column names that would be read wrongly without a word: another separator, or a name twice
+    among the ``used`` columns (all, if not given). Twice, a column read by name is ambiguous (pyarrow's
+    CSV reader takes the first, silently); one no one reads is not (a pandas index and a trailing comma
+    on every line make two unnamed columns)."""
     other_separator = separator_error(path, names)
     if other_separator:
         raise other_separator
     first: dict[str, int] = {}
     for position, name in enumerate(names, start=1):
+        if used is not None and name not in used:
+            continue
         if name in first:
             raise DataError(f"{path}: column {name!r} appears twice in the header (columns {first[name]} and "
                             f"{position}); rename or drop one, so that each column means one thing")

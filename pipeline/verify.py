@@ -119,8 +119,8 @@ def verify_image_export(bundle_dir: Path, graph: ImageScorerGraph, images: np.nd
         expected = dict(zip(IMAGE_OUTPUT_NAMES, (t.numpy() for t in graph(torch.from_numpy(images)))))
         mu, logvar = graph.vae.encoder(torch.from_numpy(images))
     bundle = Bundle.load(bundle_dir)
-    actual = score_in_chunks(create_session(bundle.scorer_path, "cpu"), {IMAGE_INPUT: images}, IMAGE_CHUNK,
-                             IMAGE_OUTPUT_NAMES)
+    actual = score_in_chunks(create_session(bundle.scorer_path, "cpu", contents=bundle.scorer_bytes()),
+                             {IMAGE_INPUT: images}, IMAGE_CHUNK, IMAGE_OUTPUT_NAMES)
     onnx_mu, onnx_logvar = _session(bundle_dir / "encoder.onnx").run(None, {"images": images})
     (onnx_reconstruction,) = _session(bundle_dir / "decoder.onnx").run(None, {"z": mu.numpy()})
     pairs = {name: (actual[name], expected[name]) for name in ("score", "recon", "kl", "anomaly_map")}

@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.runtime import BundleScorer
 from pipeline.synthetic import SyntheticSpec, make_sensor_table, write_table
 from pipeline.workflow import run_training
-from tests.conftest import disk_full_when_writing, quiet_config
+from tests.conftest import disk_full_when_writing, quiet_config, run_main
 
 
 @pytest.fixture(scope="module")
@@ -467,3 +467,76 @@ def test_staged_outputs_with_a_folder_in_the_way_replace_nothing(tmp_path):
             staged.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.csv", "second.json", "stale.csv"]  # no temp file
     assert (tmp_path / "first.csv").read_text() == "earlier" and not staged.committed
+
+
+def test_a_numeric_column_left_blank_warns_and_is_in_the_summary(trained_bundle, tmp_path, capsys):
+    """An export left 'temperature' empty: every row got training's median, so the night looked calmer
+    than ever ("0 anomalies") with no word of why, where a blank categorical column warned."""
+    night = make_sensor_table(SyntheticSpec(n_rows=500, seed=90))
+    night["temperature"] = np.nan  # training had no blank here
+    night["vibration"] = np.nan  # training had a few (2%)
+    night.loc[night.index[:3], "pressure"] = np.nan  # the odd blank cell does not warn
+    source = write_table(night, tmp_path / "night.csv")
+    out = tmp_path / "night.parquet"
+    code, printed, err = run_main(capsys, "score", trained_bundle, source, "--output", out, "--device", "cpu")
+    assert code == 0, err
+    written = json.loads(summary_path(out).read_text())
+    entries = written["missing_numeric"]
+    assert {k: entries["temperature"][k] for k in ("rows", "missing", "share", "training_share")} == {
+        "rows": 500, "missing": 500, "share": 1.0, "training_share": 0.0}
+    assert 0 < entries["vibration"]["training_share"] < 0.1 and entries["vibration"]["missing"] == 500
+    assert (entries["pressure"]["missing"], entries["pressure"]["warning"]) == (3, None)
+    medians = {s.name: s.median for s in Bundle.load(trained_bundle).preprocessor.numeric}
+    warnings = [line for line in err.splitlines() if "are blank" in line]
+    assert warnings == [
+        f"warning: {source}: column '{name}': 500 of 500 rows (100%; {training} in training) are blank; scoring gives "
+        f"a blank training's median ({medians[name]:.6g}), so no value of this column can flag those rows: fill the "
+        f"column, or check the export that wrote the file"
+        for name, training in (("temperature", "none"), ("vibration", f"{entries['vibration']['training_share']:.1%}"))]
+    assert ("; far more blanks than in training in 'temperature' (100% of rows), 'vibration' (100% of rows): see the "
+            "warning") in printed
+    assert written["files"][0]["missing_numeric"]["temperature"] == {"rows": 500, "missing": 500, "share": 1.0}
+    from pipeline.scoring_report import input_warnings
+
+    assert input_warnings(out) == [line[len("warning: "):] for line in warnings]  # the report's alerts
+
+
+def test_of_several_inputs_the_one_left_blank_is_named(trained_bundle, tmp_path):
+    mon = make_sensor_table(SyntheticSpec(n_rows=300, seed=91))
+    tue = make_sensor_table(SyntheticSpec(n_rows=300, seed=92))
+    tue["temperature"] = np.nan
+    inputs = (write_table(mon, tmp_path / "mon.parquet"), write_table(tue, tmp_path / "tue.csv"))
+    summary = score_files(ScoreJob(trained_bundle, inputs, tmp_path / "both.parquet", device="cpu", batch_size=128))
+    assert [f.missing_numeric["temperature"]["missing"] for f in summary.files] == [0, 300]
+    entry = summary.missing_numeric["temperature"]
+    assert (entry["rows"], entry["missing"]) == (600, 300)
+    assert entry["warning"].startswith(f"column 'temperature': 300 of 600 rows (50%; none in training) are blank in "
+                                       f"{inputs[1]} (300 of 300 rows); scoring gives ")
+    assert all(not e["warning"] for name, e in summary.missing_numeric.items() if name != "temperature")
+
+
+def test_an_unnamed_column_the_bundle_does_not_use_is_named_readably(trained_bundle, tmp_path, caplog):
+    """A pandas index written by to_csv() has no name: the warning ended in nothing ('...does not use: ')."""
+    frame = make_sensor_table(SyntheticSpec(n_rows=50, seed=93))
+    frame["note "] = "x"
+    source = tmp_path / "indexed.csv"
+    frame.to_csv(source)  # index=True: an unnamed first column
+    with caplog.at_level("WARNING", logger="vaeguard"):
+        score_files(ScoreJob(trained_bundle, (source,), tmp_path / "indexed.parquet", device="cpu"))
+    assert f"{source}: ignoring 2 column(s) the bundle does not use: column 1 (no name), 'note '" in caplog.messages
+
+
+def test_twice_named_columns_the_bundle_does_not_use_are_ignored(trained_bundle, tmp_path):
+    """A pandas index (unnamed) and a trailing comma on every line (another unnamed column): neither is
+    read, yet the file was refused as "column '' appears twice". Twice among the columns read, a name
+    is ambiguous (pyarrow's CSV reader silently takes the first) and is still refused."""
+    frame = make_sensor_table(SyntheticSpec(n_rows=50, seed=94))
+    source = tmp_path / "trailing.csv"
+    source.write_text("".join(line + ",\n" for line in frame.to_csv().splitlines()))
+    summary = score_files(ScoreJob(trained_bundle, (source,), tmp_path / "trailing.parquet", device="cpu"))
+    assert summary.rows == 50
+    twice = tmp_path / "twice.csv"
+    twice.write_text("".join(line + f",{line.split(',')[1]}\n" for line in frame.to_csv(index=False).splitlines()))
+    assert twice.read_text().splitlines()[0].endswith(",temperature")
+    with pytest.raises(DataError, match="column 'temperature' appears twice in the header"):
+        score_files(ScoreJob(trained_bundle, (twice,), tmp_path / "twice.parquet", device="cpu"))

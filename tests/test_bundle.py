@@ -1,4 +1,10 @@
+import builtins
+import errno
+import hashlib
+import io
 import json
+import os
+import re
 import shutil
 
 import pytest
@@ -233,6 +239,176 @@ def test_a_signal_between_the_renames_of_a_publish_leaves_the_new_bundle_in_plac
 
     monkeypatch.setattr(os, "replace", interrupted)
     monkeypatch.setattr("pipeline.bundle.check_publish_target", lambda target: None)
+    monkeypatch.setattr("pipeline.bundle.exchange", lambda first, second: False)  # where no swap in one step is
     with pytest.raises(StoppedAfterCommit):
         publish_bundle(staging, target)
     assert (target / "manifest.json").read_text() == "new"
+
+
+def _link_to_a_copy_outside(bundle, name, outside):
+    """``name`` in the bundle made a symbolic link to ``outside`` (holding the file's very bytes)."""
+    shutil.copyfile(bundle / name, outside)
+    (bundle / name).unlink()
+    (bundle / name).symlink_to(outside)
+
+
+@pytest.mark.parametrize("name", ["scorer.onnx", "calibration_rows.parquet"])
+def test_a_named_file_that_is_a_symbolic_link_is_refused(capsys, bundle_copy, tmp_path, name):
+    """Before: a link was followed out of the bundle: scorer.onnx linked to an identical file outside
+    was accepted, and calibration_rows.parquet linked to /etc/passwd had the start of its sha256 printed."""
+    _link_to_a_copy_outside(bundle_copy, name, tmp_path / "outside")
+    message = f"{bundle_copy / name}: is a symbolic link; every file a bundle's manifest names must be a plain file"
+    with pytest.raises(BundleError, match=re.escape(message)):
+        Bundle.load(bundle_copy)
+    (bundle_copy / name).unlink()
+    (bundle_copy / name).symlink_to("/etc/passwd")
+    assert main(["inspect", str(bundle_copy)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "sha256" not in err
+
+
+def test_a_bundle_folder_that_is_a_symbolic_link_loads(bundle_copy, tmp_path):
+    (tmp_path / "link").symlink_to(bundle_copy)
+    assert Bundle.load(tmp_path / "link").manifest == Bundle.load(bundle_copy).manifest
+
+
+def _with_a_variant(bundle):
+    """An int8 entry whose file is a copy of scorer.onnx: enough for a load and for inspect."""
+    shutil.copyfile(bundle / "scorer.onnx", bundle / "scorer.int8.onnx")
+
+    def add(manifest):
+        _add_variant(manifest)
+        manifest["files"].pop("scorer.fp16.onnx")
+        manifest["files"]["scorer.int8.onnx"] = sha256_file(bundle / "scorer.int8.onnx")
+        shown = {"decision_agreement": 1.0, "decisions_differ": 0, "median_rel_score_error": 0.0, "speed_ratio": 1.0}
+        manifest["variants"] = {"int8": dict(manifest["variants"]["fp16"], file="scorer.int8.onnx", **shown)}
+
+    edit_manifest(bundle, add)
+
+
+def _refuse_to_open(monkeypatch, refused: str) -> None:
+    """Opening a file named ``refused`` fails as for a file of mode 000 (as root, chmod 000 does not
+    bite), whichever way it is opened."""
+    def refusing(real):
+        def open_(path, *args, **kwargs):
+            if not isinstance(path, int) and os.path.basename(os.fspath(path)) == refused:
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return open_
+
+    for module in (os, io, builtins):
+        monkeypatch.setattr(module, "open", refusing(module.open))
+
+
+UNREADABLE = {
+    "manifest.json": "manifest.json: cannot read it (Permission denied); make the bundle readable: chmod -R u+rX {b}",
+    "encoder.onnx": "encoder.onnx: cannot read it (Permission denied); make the bundle readable: chmod -R u+rX {b}",
+    # An unused variant: fp32 scoring does not use it, but the bundle's files are checked whole.
+    "scorer.int8.onnx": "scorer.int8.onnx: cannot read it (Permission denied); make the bundle readable: chmod -R "
+                        "u+rX {b}, or make it again with `vaeguard export {b} --precision int8`",
+}
+
+
+@pytest.mark.parametrize("name", UNREADABLE)
+def test_an_unreadable_file_is_a_one_line_error_with_the_fix(capsys, monkeypatch, bundle_copy, tmp_path, name):
+    """Before: `error: unexpected PermissionError: [Errno 13] ... (run with --verbose ...)`."""
+    _with_a_variant(bundle_copy)
+    _refuse_to_open(monkeypatch, name)
+    code = main(["score", str(bundle_copy), str(tmp_path / "in.csv"), "--output", str(tmp_path / "out.csv")])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"error: {bundle_copy / UNREADABLE[name].format(b=bundle_copy)}\n"
+
+
+def test_a_files_name_too_long_for_a_file_name_is_a_one_line_error(capsys, bundle_copy, tmp_path):
+    edit_manifest(bundle_copy, lambda m: m["files"].update({"x" * 300: "0" * 64}))
+    with pytest.raises(BundleError, match=r"manifest\.json: files names a file of 300 characters, too long for a "
+                                          r"file name here; re-export the bundle, or restore its manifest\.json$"):
+        Bundle.load(bundle_copy)
+
+
+def test_a_folder_or_a_pipe_in_a_files_place_says_what_it_is(bundle_copy):
+    """Before: a folder was "missing; copy the whole bundle folder", and a FIFO made the load wait forever."""
+    (bundle_copy / "decoder.onnx").unlink()
+    (bundle_copy / "decoder.onnx").mkdir()
+    with pytest.raises(BundleError, match=r"decoder\.onnx: is a folder, the manifest names a file of that name"):
+        Bundle.load(bundle_copy)
+    (bundle_copy / "decoder.onnx").rmdir()
+    os.mkfifo(bundle_copy / "decoder.onnx")
+    with pytest.raises(BundleError, match=r"decoder\.onnx: cannot read it \(not a regular file: a pipe, socket or "
+                                          r"device\)"):
+        Bundle.load(bundle_copy)
+
+
+def _retrained(bundle, other):
+    """``other``: a copy of ``bundle`` as a retrain would publish it, with other bytes in its files."""
+    import onnx
+
+    shutil.copytree(bundle, other)
+    for name in ("encoder.onnx", "scorer.onnx"):
+        model = onnx.load(str(other / name))
+        model.doc_string = "retrained"
+        onnx.save(model, str(other / name))
+    edit_manifest(other, lambda m: m.update(version="retrained", files={**m["files"], **{
+        name: sha256_file(other / name) for name in ("encoder.onnx", "scorer.onnx")}}))
+    return other
+
+
+def test_publishing_swaps_the_folders_in_one_step(bundle_copy, tmp_path, monkeypatch):
+    """Before: the old bundle was renamed aside, then the new one into place: a nightly score in
+    between found no bundle folder."""
+    from pipeline.bundle import exchange, publish_bundle
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, name in ((first, "f"), (second, "s")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+    if not exchange(first, second):
+        pytest.skip("this system or filesystem cannot exchange two paths in one step")
+    assert [p.name for p in first.iterdir()] == ["s"] and [p.name for p in second.iterdir()] == ["f"]
+
+    staging = _retrained(bundle_copy, tmp_path / ".copy.run-1")
+
+    def no_rename(*args):
+        raise AssertionError("a rename left a moment with no bundle at the target")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    monkeypatch.setattr(os, "rename", no_rename)
+    publish_bundle(staging, bundle_copy)
+    assert Bundle.load(bundle_copy).manifest["version"] == "retrained"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "first", "second"]  # the old one deleted
+
+
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_a_bundle_replaced_while_it_is_loaded_is_read_again(bundle_copy, tmp_path, monkeypatch, swap):
+    """A retrain publishing between the manifest read and the files hashed: before, the new files
+    failed the old manifest's hashes ("sha256 ... does not match"), a false alarm in a nightly score."""
+    from pipeline import bundle as bundle_module
+
+    staging = _retrained(bundle_copy, tmp_path / ".copy.run-1")
+    if swap == "two renames":
+        monkeypatch.setattr(bundle_module, "exchange", lambda first, second: False)
+    real, pending = json.loads, [staging]
+
+    def publish_after_the_manifest_is_read(*args, **kwargs):
+        parsed = real(*args, **kwargs)
+        if pending and isinstance(parsed, dict) and parsed.get("format") == "vaeguard-bundle":
+            bundle_module.publish_bundle(pending.pop(), bundle_copy)
+        return parsed
+
+    monkeypatch.setattr(json, "loads", publish_after_the_manifest_is_read)
+    loaded = Bundle.load(bundle_copy)
+    assert not pending and loaded.manifest["version"] == "retrained"
+    assert hashlib.sha256(loaded.scorer_bytes()).hexdigest() == loaded.manifest["files"]["scorer.onnx"]
+
+
+def test_a_failure_where_nothing_changed_is_not_read_again(bundle_copy, monkeypatch):
+    from pipeline import bundle as bundle_module
+
+    with open(bundle_copy / "decoder.onnx", "ab") as handle:
+        handle.write(b"\0")
+    hashed, real = [], bundle_module.BundleFolder.hashed
+    monkeypatch.setattr(bundle_module.BundleFolder, "hashed",
+                        lambda self, name, keep=False: hashed.append(name) or real(self, name, keep))
+    with pytest.raises(BundleError, match=r"decoder\.onnx: sha256 .* does not match the manifest"):
+        Bundle.load(bundle_copy)
+    assert hashed.count("decoder.onnx") == 1

@@ -504,7 +504,7 @@ def test_a_warning_naming_a_file_with_a_line_break_stays_one_line(capsys, tmp_pa
     write_table(sensor_frame.head(50).assign(note="n"), named)
     code, _, err = run_main(capsys, "score", trained_bundle, named, "--output", tmp_path / "s.csv", "--device", "cpu")
     assert code == 0
-    assert err.splitlines() == [f"warning: {tmp_path}/x\\ny.csv: ignoring 1 column(s) the bundle does not use: note"]
+    assert err.splitlines() == [f"warning: {tmp_path}/x\\ny.csv: ignoring 1 column(s) the bundle does not use: 'note'"]
 
 
 @pytest.mark.parametrize("signame, status, message", [("SIGINT", 130, "error: interrupted; no output was written"),
@@ -629,3 +629,80 @@ def test_an_empty_path_is_refused_not_taken_as_the_current_folder(argv, capsys):
         main(argv)
     assert stopped.value.code == 2
     assert "an empty path; give a file or folder (is a shell variable unset?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, names", [
+    ("row_id, batch", ("row_id", "batch")),           # spaces around a name, as before
+    ("Order ID ", ("Order ID ",)),                    # a header's name with its trailing space
+    ("Order ID", ("Order ID",)),                      # not a column: left for training's "did you mean"
+    ("lot,part", ("lot,part",)),                      # one name with its comma
+    ("Order ID ,lot,part, batch", ("Order ID ", "lot,part", "batch")),
+    (" a", (" a",)), ("a, a", ("a", " a")),           # as written first, then without the spaces
+    (",,", ()),
+])
+def test_id_columns_take_a_name_as_the_header_writes_it(text, names):
+    from pipeline.cli import id_column_names
+
+    assert id_column_names(text, ["Order ID ", "lot,part", "row_id", "batch", " a", "a"]) == names
+
+
+def test_train_takes_id_columns_named_with_spaces_and_commas(capsys, tmp_path, sensor_frame):
+    """`--id-columns "Order ID "` was stripped to 'Order ID' and refused ("did you mean 'Order ID '?"),
+    and a name with a comma could not be given at all: the header says which pieces are names."""
+    frame = sensor_frame.iloc[:1200].drop(columns="row_id")
+    frame.insert(0, "Order ID ", [f"o{i}" for i in range(len(frame))])
+    frame.insert(1, "lot,part", [f"l{i}" for i in range(len(frame))])
+    data = write_table(frame, tmp_path / "orders.csv")
+    config = tmp_path / "fast.yaml"
+    config.write_text(FAST_YAML.replace("max_epochs: 30", "max_epochs: 2"))
+    code, _, err = run_main(capsys, "train", data, "--name", "orders", "--id-columns", "Order ID ,lot,part",
+                            "--label-column", "label", "--config", config, "--out", tmp_path / "exported")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "exported" / "orders" / "manifest.json").read_text())
+    assert manifest["schema"]["id_columns"] == ["Order ID ", "lot,part"]
+
+
+@pytest.mark.parametrize("argv, command, unknown", [
+    (["score", "b", "in.csv", "--output", "o.parquet", "--tagret-fpr", "0.1"], "score", "--tagret-fpr 0.1"),
+    (["train", "d.csv", "--name", "x", "--bogus"], "train", "--bogus"),
+    (["inspect", "b", "extra"], "inspect", "extra"),
+])
+def test_an_unknown_argument_gets_its_command_usage_and_name(argv, command, unknown, capsys):
+    """argparse handed a subcommand's unknown argument to the top parser: its usage (the command
+    list) and `vaeguard: error:`, where the README promises the command's own."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.startswith(f"usage: vaeguard {command} "), err
+    assert err.splitlines()[-1] == f"vaeguard {command}: error: unrecognized arguments: {unknown}"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--id-columns", ""], "--id-columns is empty (got ''); give the id columns' names, e.g. --id-columns row_id, or "
+                           "leave the option out (is a shell variable unset?)"),
+    (["--id-columns", " , "], "--id-columns is empty (got ' , ')"),
+    (["--channels", "3"], "--channels 3: {data} is read as a table, and --channels is for images; leave it out, or "
+                          "add --image-size N to train on the images it lists"),
+])
+def test_train_refuses_options_it_would_have_ignored(capsys, tmp_path, sensor_csv, extra, message):
+    """Taken as no option at all, `--id-columns "$IDS"` with IDS unset trained each id as a feature,
+    and --channels on a table did nothing."""
+    code, _, err = run_main(capsys, "train", sensor_csv, "--name", "x", "--out", tmp_path / "out", *extra)
+    assert code == 1
+    assert err.startswith("error: " + message.format(data=sensor_csv)) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_refuses_options_it_would_have_ignored(capsys, tmp_path, trained_bundle, incoming_csv):
+    """--dask-address without --task-runner dask scored on this machine alone, and --maps with a table
+    bundle drew nothing: both without a word."""
+    out = tmp_path / "new" / "s.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", out,
+                            "--dask-address", "tcp://scheduler:8786")
+    assert (code, err) == (1, "error: --dask-address tcp://scheduler:8786: a Dask scheduler is used only with "
+                              "--task-runner dask; add --task-runner dask, or leave --dask-address out\n")
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", out, "--maps", tmp_path / "m")
+    assert (code, err) == (1, f"error: --maps {tmp_path / 'm'}: bundle {trained_bundle} scores tables, and maps are "
+                              f"drawn for image bundles only; leave --maps out\n")
+    assert list(tmp_path.iterdir()) == []

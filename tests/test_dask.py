@@ -129,9 +129,11 @@ def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_p
     assert warned["dask"][0].startswith(f"warning: column 'line': {line['unseen']} of 600 rows (")
     # Counts per file add up: rows, unseen rows and the examples' counts.
     bundle = {"target_fpr": 0.01, "expected_fpr": 0.01, "fpr_range": "r",
-              "categorical": (CategoricalStats("line", ("A", "B", "C"), unknown_share=0.0),)}
+              "categorical": (CategoricalStats("line", ("A", "B", "C"), unknown_share=0.0),), "numeric": (),
+              "numeric_missing": {}}
     files = [{"rows": 300, "anomalies": 0, "anomaly_rate": 0.0, "skipped": 0, "auroc": None, "rows_per_second": 1,
-              "device": "cpu", "unseen_categories": {"line": {"rows": 300, "unseen": unseen, "examples": examples}}}
+              "device": "cpu", "unseen_categories": {"line": {"rows": 300, "unseen": unseen, "examples": examples}},
+              "missing_numeric": {}}
              for unseen, examples in ((4, {"D": 4}), (300, {"a": 150, "b": 100, "D": 50}))]
     job = ScoreJob(trained_bundle, tuple(inputs), tmp_path / "merged.parquet")
     merged = combine_summaries(job, bundle, files, 1.0, (None, None))["unseen_categories"]["line"]
@@ -162,7 +164,7 @@ def test_cli_dask_run_warns_once_each_as_the_plain_run_does(trained_bundle, tmp_
                      "--task-runner", runner]) == 0
         err = capfd.readouterr().err  # the workers' console as well
         warned[runner] = [line for line in err.splitlines() if "CUDA is not active" in line or "not use" in line]
-    assert warned["local"] == ["warning: in2.csv: ignoring 1 column(s) the bundle does not use: note"]
+    assert warned["local"] == ["warning: in2.csv: ignoring 1 column(s) the bundle does not use: 'note'"]
     assert warned["dask"] == warned["local"]
 
 
@@ -192,7 +194,7 @@ def test_cli_dask_file_failing_mid_run_is_not_reported_by_its_worker(trained_bun
     assert err[-1].startswith("error: bad.csv: column 'pressure' must be numeric but row 151 (line 152) holds 'abc'")
     assert not any(line.startswith("Traceback") for line in err), "\n".join(err)
     assert [line for line in err if "must be numeric" in line] == [err[-1]]
-    assert said["dask"] == said["local"] == ["warning: bad.csv: ignoring 1 column(s) the bundle does not use: note",
+    assert said["dask"] == said["local"] == ["warning: bad.csv: ignoring 1 column(s) the bundle does not use: 'note'",
                                              err[-1]]
     assert not (tmp_path / "dask").exists()
 

@@ -121,6 +121,6 @@ def test_demo_that_fails_prints_one_error_line_and_a_traceback_only_with_verbose
     assert len(errors) == 1 and "too few rows" in errors[0], proc.stderr
     # Prefect's records of the failed task and flow repeated the error above it; --verbose keeps them.
     assert (proc.stderr.count("too few rows") == 1) is not verbose, proc.stderr
-    assert ("Task run 'split" in proc.stderr) is verbose, proc.stderr
+    assert ("Task run 'load_and_validate" in proc.stderr) is verbose, proc.stderr
     assert ("Traceback" in proc.stderr) is verbose, proc.stderr
     assert not (tmp_path / "exported").exists()  # the failed run removed the --out folder it made

@@ -55,7 +55,7 @@ def test_a_failed_part_is_noted_in_one_line(error):
 def test_the_cuda_comparisons_say_they_need_a_gpu(capsys):
     from benchmarks import autocast_speed, cuda_options
 
-    assert cuda_options.main([]) == 2 and autocast_speed.main() == 2
+    assert cuda_options.main([]) == 2 and autocast_speed.main([]) == 2
     err = capsys.readouterr().err
     assert "cuda_options needs onnxruntime-gpu and torch with a CUDA GPU" in err
     assert "autocast_speed needs torch with a CUDA GPU" in err

@@ -1,7 +1,12 @@
 """How a bundle's facts read (pipeline/inspect.py); `vaeguard inspect` itself is run in tests/test_cli.py."""
 
+import shutil
+
 from pipeline.bundle import Bundle
 from pipeline.inspect import describe_manifest, parity_of_decisions
+from tests.conftest import run_main
+from tests.test_bundle import _with_a_variant
+from tests.test_runtime import _truncated_with_its_hash
 
 
 def test_a_difference_at_the_threshold_reads_as_what_it_is():
@@ -24,3 +29,18 @@ def test_inspect_says_the_scorer_flags_its_own_calibration_rows_as_calibrated(tr
     own = [line.split(None, 2)[2] for line in lines if line.strip().startswith("own calibration")]
     assert own == [f"scorer.onnx flags {calibration['rank'] - 1} of its {calibration['n_calibration']} calibration "
                    f"inputs, those above the threshold"]
+
+
+def test_inspect_warns_of_a_variant_onnxruntime_cannot_load(capsys, trained_bundle, tmp_path):
+    """Before: inspect printed the whole description, then failed with `error: unexpected
+    InvalidProtobuf`; it warns of a broken variant as of one whose manifest disagrees."""
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    _with_a_variant(bundle)
+    _truncated_with_its_hash(bundle, "scorer.int8.onnx")
+    code, out, err = run_main(capsys, "inspect", bundle)
+    assert code == 0 and out.startswith("bundle sensors") and "files (sha256):" in out
+    variant = bundle / "scorer.int8.onnx"
+    # onnxruntime's own words between the parentheses (they differ as it loads a file or bytes).
+    assert err.startswith(f"warning: {variant}: not a loadable ONNX model ([ONNXRuntimeError] : 7 : INVALID_PROTOBUF : ")
+    assert err.endswith(f"); re-export the bundle, or make it again with `vaeguard export {bundle} --precision int8` "
+                        f"(`vaeguard score` refuses the bundle until then)\n") and err.count("\n") == 1

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -584,3 +585,61 @@ def test_image_variants(monkeypatch, tmp_path, image_bundle):
         score(ScoreJob(bundle=bundle, inputs=(tmp_path / "fresh.npy",), output=tmp_path / "refused.parquet",
                        device="cpu", threads=2, precision="int8"))
     assert not list(tmp_path.glob("refused*"))
+
+
+def _swap_two_numeric_columns(manifest):
+    numeric = manifest["schema"]["numeric"]
+    numeric[0], numeric[1] = numeric[1], numeric[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["calibration"].update(target_fpr=0.05), r"its target FPR is 0\.01, the manifest's 0\.05"),
+    (_swap_two_numeric_columns, r"its numeric columns are \['temperature', 'pressure'.*the manifest's \['pressure'"),
+])
+def test_export_refuses_a_manifest_that_scoring_refuses(capsys, tmp_path, trained_bundle, edit, message):
+    """Before: the export built, calibrated (at the edited target FPR) and added a variant on a
+    manifest that `vaeguard score` then refused."""
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(bundle)
+    code, out, err = run_main(capsys, "export", bundle, "--precision", "fp16", "--threads", "2")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {bundle / 'scorer.onnx'}: ") and re.search(message, err), err
+    assert err.endswith("the manifest was edited or belongs to another bundle: restore manifest.json or re-export "
+                        "the bundle\n")
+    assert snapshot(bundle) == before
+
+
+def test_an_export_uses_the_bundle_it_loaded_when_a_retrain_replaces_it(monkeypatch, tmp_path, trained_bundle):
+    """A retrain publishing right after the export loaded the bundle: before, the new scorer.onnx was
+    read against the old manifest ("scorer.onnx's baked calibration table does not match the manifest's;
+    re-export the bundle", a false alarm about a sound bundle)."""
+    from pipeline.bundle import publish_bundle
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    retrained = shutil.copytree(trained_bundle, tmp_path / ".sensors.run-1")
+    table = pd.read_parquet(retrained / CALIBRATION_ROWS)
+    table.iloc[::-1].to_parquet(retrained / CALIBRATION_ROWS)  # other rows: other bytes
+    manifest = json.loads((retrained / "manifest.json").read_text())
+    old = Calibration.from_dict(manifest["calibration"])
+    model = precision_graphs.write_table(onnx.load(str(retrained / "scorer.onnx")),  # another table: another graph
+                                         Calibration(old.scores * 2, old.target_fpr, old.threshold * 2, old.rank))
+    onnx.save(model, str(retrained / "scorer.onnx"))
+    manifest["files"] |= {name: sha256_file(retrained / name) for name in ("scorer.onnx", CALIBRATION_ROWS)}
+    (retrained / "manifest.json").write_text(json.dumps(manifest))
+    real, pending = Bundle.load, [retrained]
+
+    def load_then_retrain(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        if pending:
+            publish_bundle(pending.pop(), bundle)
+        return loaded
+
+    monkeypatch.setattr(precision.Bundle, "load", load_then_retrain)
+    published = snapshot(retrained)
+    with pytest.raises(BundleError, match=rf"{CALIBRATION_ROWS}: changed since bundle 'sensors' was loaded .*: was "
+                                          rf"the bundle replaced meanwhile, by a retrain\? run the command again$"):
+        precision.export_variant(bundle, "int8", device="cpu", threads=2, repeats=1)
+    assert snapshot(bundle) == published  # the retrained bundle, as published

@@ -96,6 +96,12 @@ def test_a_text_column_of_rare_values_only_is_named_as_an_identifier(frame, valu
         fitted(frame.assign(code=values))
 
 
+def test_a_suggested_id_column_is_spelled_for_the_shell(frame):
+    """`pass it with --id-columns Order ID ,` split in the shell into two arguments."""
+    with pytest.raises(DataError, match=r"pass it with --id-columns 'Order ID ', or leave it out of the file$"):
+        fitted(frame.assign(**{"Order ID ": [f"c{i}" for i in range(1000)]}))
+
+
 def _flag_features(pre: Preprocessor, values: list[str]) -> np.ndarray:
     return pre.onehot_block([np.array(values, dtype=object)] + [np.array(["red"] * len(values), dtype=object)],
                             len(values))[:, :len(pre.categorical[0].categories) + 1]

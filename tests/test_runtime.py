@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -167,6 +168,27 @@ def test_score_batch_counts_the_rows_each_column_sends_to_the_unknown_bucket(tra
     assert scorer.score_batch(batches[0], "t")["score"].shape == (300,)  # without counts, as before
 
 
+def test_score_batch_counts_each_numeric_columns_blank_rows_a_null_and_nan_alike(trained_bundle, sensor_frame):
+    """A blank number gets training's median, silently: the counts say how many rows of each column
+    were blank, whether the file wrote a null (CSV) or a NaN (a Parquet double)."""
+    scorer = BundleScorer(Bundle.load(trained_bundle), device="cpu", threads=1)
+    frame = sensor_frame.iloc[:1000].copy()
+    frame["temperature"] = np.nan
+    missing = {}
+    batches = pa.Table.from_pandas(frame, preserve_index=False).to_batches(max_chunksize=300)
+    # pandas writes NaN as null; a writer that keeps NaN (pyarrow from numpy, Spark) is the other half.
+    batches = [b.set_column(b.schema.get_field_index("pressure"), "pressure",
+                            pa.array(b.column("pressure").to_numpy(zero_copy_only=False) * np.nan,
+                                     from_pandas=False)) if i == 0 else b for i, b in enumerate(batches)]
+    assert batches[0].column("pressure").null_count == 0
+    scores = np.concatenate([scorer.score_batch(b, "t", missing=missing)["score"] for b in batches])
+    assert len(scores) == 1000
+    expected = {name: int(frame[name].isna().sum()) for name in scorer.numeric_columns} | {"pressure": 300}
+    assert {name: (tally.rows, tally.missing) for name, tally in missing.items()} == {
+        name: (1000, count) for name, count in expected.items()}
+    assert expected["temperature"] == 1000 and expected["vibration"] > 0
+
+
 @pytest.mark.parametrize("column", [
     pa.array(["b", None, "a", "b", ""], pa.string()),
     pa.chunked_array([pa.array(["x", None]), pa.array(["y", "x"])]),
@@ -230,6 +252,18 @@ def test_inspect_shows_the_edited_manifest_and_says_where_it_disagrees(capsys, t
                         r"50\.0 .*\(`vaeguard score` refuses the bundle until then\)\n", err), err
 
 
+def _next_rank(manifest):
+    calibration = manifest["calibration"]
+    calibration["rank"] += 1
+    calibration["expected_fpr"] = calibration["rank"] / (calibration["n_calibration"] + 1)
+
+
+def _rename_a_category(manifest):
+    [line] = [c for c in manifest["preprocessing"]["categorical"] if c["name"] == "line"]
+    assert line["categories"] == ["A", "B", "C"]
+    line["categories"][0] = "Z"
+
+
 @pytest.mark.parametrize("edit, message", [
     (_swap_two_columns, r"its numeric columns are \['temperature', 'pressure'.*the manifest's \['pressure', 'temperature'"),
     (lambda m: m["schema"].update(categorical=["line"]), r"its inputs are .*'cat_shift'.*the manifest's schema needs "
@@ -237,6 +271,14 @@ def test_inspect_shows_the_edited_manifest_and_says_where_it_disagrees(capsys, t
     (lambda m: m["calibration"].update(threshold=50.0), r"its threshold is [0-9.]+, the manifest's 50\.0 .*p_value <="),
     (lambda m: m["calibration"].update(target_fpr=0.05), r"its target FPR is 0\.01, the manifest's 0\.05"),
     (lambda m: m["calibration"].update(expected_fpr=0.05), r"the manifest's expected FPR 0\.05 is not its rank"),
+    # Before, each of these passed: scoring and inspect stated what the graph does not do.
+    (_next_rank, r"its calibration table puts the threshold at rank [0-9]+ for the target FPR 0\.01, the manifest's "
+                 r"rank is [0-9]+;"),
+    (lambda m: m["calibration"].update(scores=[2 * s for s in m["calibration"]["scores"]]),
+     r"its baked calibration table is not the manifest's calibration scores and threshold;"),
+    (_rename_a_category, r"its categories of column 'line' are \['A', 'B', 'C'\], the manifest's \['Z', 'B', 'C'\];"),
+    (lambda m: m["preprocessing"]["categorical"][0].update(boolean=True),
+     r"its column 'line' takes values as written, the manifest's the spellings \{'false': 'false'"),
 ])
 def test_a_manifest_that_disagrees_with_its_scorer_is_refused(capsys, trained_bundle, tmp_path, incoming_csv,
                                                               edit, message):
@@ -249,6 +291,42 @@ def test_a_manifest_that_disagrees_with_its_scorer_is_refused(capsys, trained_bu
     assert main(["score", str(bundle.path), str(incoming_csv), "--output", str(output), "--device", "cpu"]) == 1
     last = capsys.readouterr().err.splitlines()[-1]  # after a warning about the column the edit dropped
     assert last.startswith(f"error: {bundle.path / 'scorer.onnx'}: ") and re.search(message, last), last
+    assert not output.exists()
+
+
+def test_a_scorer_is_built_from_the_bytes_load_checked(trained_bundle, tmp_path, sensor_frame):
+    """Before: BundleScorer opened scorer.onnx again by path after Bundle.load had hashed it, so a
+    retrain in between scored with the new graph against the old manifest (or failed)."""
+    bundle = Bundle.load(shutil.copytree(trained_bundle, tmp_path / "sensors"))
+    expected = BundleScorer(Bundle.load(trained_bundle), device="cpu", threads=1).score_frame(sensor_frame.head(50))
+    (bundle.path / "scorer.onnx").write_bytes(b"what a retrain put there meanwhile")
+    scored = BundleScorer(bundle, device="cpu", threads=1).score_frame(sensor_frame.head(50))
+    assert scored.equals(expected)
+
+
+def _truncated_with_its_hash(bundle: Path, name: str) -> None:
+    """``name`` cut in half, and the manifest's sha256 made to match: a hash check alone passes it."""
+    data = (bundle / name).read_bytes()
+    (bundle / name).write_bytes(data[: len(data) // 2])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256(data[: len(data) // 2]).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_scorer_onnxruntime_cannot_load_is_a_one_line_bundle_error(capsys, trained_bundle, tmp_path,
+                                                                       incoming_csv):
+    """Before: `error: unexpected InvalidProtobuf: [ONNXRuntimeError] ...`."""
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    _truncated_with_its_hash(bundle, "scorer.onnx")
+    message = (f"{bundle / 'scorer.onnx'}: not a loadable ONNX model ([ONNXRuntimeError] : 7 : INVALID_PROTOBUF : "
+               f"Failed to load model because protobuf parsing failed.); re-export the bundle")
+    with pytest.raises(BundleError, match=re.escape(message)):
+        BundleScorer(Bundle.load(bundle), device="cpu", threads=1)
+    with pytest.raises(BundleError, match=r"scorer\.onnx: not a loadable ONNX model \(.*\); re-export the bundle"):
+        create_session(bundle / "scorer.onnx", "auto")  # by path, through the CPU fallback
+    output = tmp_path / "scores.parquet"
+    assert main(["score", str(bundle), str(incoming_csv), "--output", str(output), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert not output.exists()
 
 

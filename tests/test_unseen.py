@@ -2,14 +2,18 @@
 
 from collections import Counter
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 
 from pipeline.batch_score import ScoreSummary
-from pipeline.preprocess import CategoricalStats
+from pipeline.bundle import Bundle
+from pipeline.preprocess import CategoricalStats, NumericStats
 from pipeline.runtime import category_codes
 from pipeline.schema import as_category_array
-from pipeline.unseen import EXAMPLES_KEPT, UnseenCounts, file_entries, unseen_counts_of, unseen_entries, unseen_limit
+from pipeline.unseen import (EXAMPLES_KEPT, MissingCounts, UnseenCounts, file_entries, missing_counts_of, missing_entries,
+                             missing_file_entries, training_missing_shares, unseen_counts_of, unseen_entries,
+                             unseen_limit)
 from tests.conftest import unknown_bucket_rows
 
 
@@ -109,3 +113,76 @@ def test_a_files_entry_has_its_own_counts_without_examples():
     assert file_entries(stats, counts) == {"flag": {"rows": 600, "unseen": 150, "share": 0.25},
                                            "site": {"rows": 0, "unseen": 0, "share": 0.0}}
     assert unseen_counts_of(file_entries(stats, counts)["flag"]) == UnseenCounts(600, 150)
+
+
+def _blank(missing: int, rows: int, training_share: float | None, files=(), where: str = "") -> dict:
+    stats = NumericStats("temperature", 69.914, 4.93, training_share != 0.0)
+    return missing_entries([stats], {"temperature": training_share}, {"temperature": MissingCounts(rows, missing)},
+                           where, files)["temperature"]
+
+
+@pytest.mark.parametrize("missing, rows, training_share, warns", [
+    (500, 500, 0.0, True),        # an export that left the column empty
+    (12, 600, 0.0, True),         # 2% of rows, where training had no blank
+    (6, 600, 0.0, False),         # the odd blank cell: fewer rows than a handful of ten
+    (60, 10_000, 0.0, False),     # 0.6%: not above 1% of the rows
+    (9, 9, 0.0, False),           # a whole column, but of fewer than ten rows
+    (500, 500, 0.02, True),       # training had a few blanks
+    (90, 1_000, 0.02, False),     # 9%: not above 5 times training's 2%
+    (110, 1_000, 0.02, True),
+    (500, 500, 0.4, True),        # at most halfway from training's share to every row
+    (690, 1_000, 0.4, False),
+    (500, 500, 0.6, False),       # a sparse column: a night without a value is its normal ...
+    (500, 500, 1.0, False),       # ... as for one that trained as always blank
+    (500, 500, None, False),      # training had blanks, in a share the bundle can't say
+    (0, 0, 0.0, False),
+])
+def test_a_numeric_column_warns_only_when_blank_far_more_often_than_in_training(missing, rows, training_share,
+                                                                                warns):
+    entry = _blank(missing, rows, training_share)
+    assert (entry["rows"], entry["missing"], entry["training_share"]) == (rows, missing, training_share)
+    assert entry["share"] == (missing / rows if rows else 0.0)
+    assert bool(entry["warning"]) == warns
+
+
+def test_the_blank_column_warning_names_the_column_its_share_and_the_median_it_got():
+    assert _blank(500, 500, 0.0, where="new.csv: ")["warning"] == (
+        "new.csv: column 'temperature': 500 of 500 rows (100%; none in training) are blank; scoring gives a blank "
+        "training's median (69.914), so no value of this column can flag those rows: fill the column, or check the "
+        "export that wrote the file")
+    assert "(100%; 2.0% in training) are blank;" in _blank(500, 500, 0.02)["warning"]
+    summary = ScoreSummary("b", "o", "cpu", 0.01, 0.01, "r", rows=500,
+                           missing_numeric={"temperature": _blank(500, 500, 0.0), "flow": _blank(1, 500, 0.0)})
+    assert summary.describe().endswith("; far more blanks than in training in 'temperature' (100% of rows): see the "
+                                       "warning")
+
+
+def test_with_several_inputs_a_file_left_blank_warns_and_is_named_though_the_run_is_not():
+    """Nine nights with a blank a night and one left empty: the run's share (600 of 6,000, 10%) is not
+    above 5 times training's 3%, and the file's own counts show which export changed."""
+    own = {f"d{i}.csv": (18, 600) for i in range(9)} | {"tue.csv": (600, 600)}
+    files = [(name, {"temperature": MissingCounts(rows, missing)}) for name, (missing, rows) in own.items()]
+    entry = _blank(762, 6000, 0.03, files)
+    assert entry["warning"].startswith("column 'temperature': 762 of 6,000 rows (13%; 3.0% in training) are blank "
+                                       "in tue.csv (600 of 600 rows); scoring gives a blank ")
+    assert missing_file_entries([NumericStats("temperature", 1.0, 1.0, True), NumericStats("flow", 1.0, 1.0, False)],
+                                files[-1][1]) == {"temperature": {"rows": 600, "missing": 600, "share": 1.0},
+                                                  "flow": {"rows": 0, "missing": 0, "share": 0.0}}
+    assert missing_counts_of(entry) == MissingCounts(6000, 762)
+
+
+def test_trainings_blank_share_is_none_where_it_had_no_blank_else_its_calibration_rows_share(trained_bundle):
+    bundle = Bundle.load(trained_bundle)
+    shares = training_missing_shares(bundle)
+    calibration = pd.read_parquet(trained_bundle / "calibration_rows.parquet")
+    for stats in bundle.preprocessor.numeric:
+        expected = calibration[stats.name].isna().mean() if stats.has_indicator else 0.0
+        assert shares[stats.name] == pytest.approx(expected), stats.name
+    assert shares["temperature"] == 0.0 and 0 < shares["vibration"] < 0.1
+
+
+def test_blank_counts_take_a_null_and_nan_alike():
+    counts = MissingCounts()
+    counts.count(pa.array([1.0, None, float("nan"), 2.0]).to_numpy(zero_copy_only=False))
+    counts.add(MissingCounts(3, 1))
+    assert counts == MissingCounts(7, 3)

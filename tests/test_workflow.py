@@ -321,8 +321,8 @@ def test_a_csv_is_parsed_again_only_for_categories_its_reader_typed(sensor_frame
     real = tables._read_csv
     monkeypatch.setattr(tables, "_read_csv", lambda path, convert, *a, **k: columns.append(
         list(convert.include_columns)) or real(path, convert, *a, **k))
-    frame = sensor_frame.head(300)
-    data = write_table(frame.assign(site=(codes * 150)) if codes else frame, tmp_path / "t.csv")
+    frame = sensor_frame.head(400)  # enough rows to train and calibrate on, checked as they are read
+    data = write_table(frame.assign(site=(codes * 200)) if codes else frame, tmp_path / "t.csv")
     job = TrainJob(data=data, name="t", out_dir=tmp_path / "out", id_columns=("row_id",), label_column="label",
                    config=quiet_config())
     run = workflow.RunDir.create(job)
