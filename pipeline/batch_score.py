@@ -47,10 +47,24 @@ class FileSummary:
     input: str
     rows: int = 0
     anomalies: int = 0
+    target_fpr: float = 0.0
+    skipped: int = 0  # image inputs: this input's unreadable files
+    auroc: float | None = None  # only when this input carries the bundle's label column, both classes
+    seconds: float = 0.0
     # This input's own rows, unseen rows and share per categorical column (unseen.file_entries).
     unseen_categories: dict[str, dict] = field(default_factory=dict)
     # This input's own rows, blank rows and share per numeric column (unseen.missing_file_entries).
     missing_numeric: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The summary's entry for this input: the fields and rounding of the scoring flow's entries
+        (flows.score.combine_summaries), so that a plain run's summary and a Dask run's read alike."""
+        return {"input": self.input, "rows": self.rows, "anomalies": self.anomalies,
+                "anomaly_rate": round(self.anomalies / self.rows, 6) if self.rows else 0.0,
+                "target_fpr": self.target_fpr, "skipped": self.skipped,
+                "auroc": None if self.auroc is None else round(self.auroc, 4),
+                "rows_per_second": round(self.rows / self.seconds) if self.seconds else 0,
+                "unseen_categories": self.unseen_categories, "missing_numeric": self.missing_numeric}
 
 
 @dataclass
@@ -78,7 +92,7 @@ class ScoreSummary:
         return self.anomalies / self.rows if self.rows else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "anomaly_rate": self.anomaly_rate,
+        return {**asdict(self), "files": [f.to_dict() for f in self.files], "anomaly_rate": self.anomaly_rate,
                 "rows_per_second": self.rows / self.seconds if self.seconds else None}
 
     def describe(self) -> str:
@@ -242,7 +256,8 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
     with staged, signals_deferred():
         with progress, writer:
             for path, _, has_label in checked:
-                file_summary = FileSummary(str(path))
+                file_summary = FileSummary(str(path), target_fpr=summary.target_fpr)
+                file_started, file_labels = time.perf_counter(), len(labels)
                 file_unseen: dict[str, UnseenCounts] = {}
                 file_missing: dict[str, MissingCounts] = {}
                 text = list(schema.categorical) + ([schema.label_column] if has_label else [])
@@ -262,6 +277,10 @@ def score_files(job: ScoreJob, scorer: BundleScorer | None = None, warn: bool = 
                         if has_label:
                             scores.append(outputs["score"])
                         progress.update(batch.num_rows)
+                file_summary.seconds = time.perf_counter() - file_started
+                if len(labels) > file_labels:
+                    file_summary.auroc, _ = label_metrics_of(np.concatenate(labels[file_labels:]),
+                                                             np.concatenate(scores[file_labels:]))
                 file_summary.unseen_categories = file_entries(bundle.preprocessor.categorical, file_unseen)
                 for name, tally in file_unseen.items():
                     unseen.setdefault(name, UnseenCounts()).add(tally)

@@ -85,10 +85,12 @@ def score_images(job: ScoreJob) -> ScoreSummary:
         with staged, signals_deferred():
             with progress, writer:
                 for path, source in sources:
-                    file_summary = FileSummary(str(path))
+                    file_summary = FileSummary(str(path), target_fpr=summary.target_fpr)
+                    file_started = time.perf_counter()
                     for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
                         raise_deferred()
                         errors += bad
+                        file_summary.skipped += len(bad)
                         if not names:
                             continue
                         outputs = dict(zip(IMAGE_OUTPUT_NAMES,
@@ -112,6 +114,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                         file_summary.rows += len(names)
                         file_summary.anomalies += int(outputs["is_anomaly"].sum())
                         progress.update(len(names))
+                    file_summary.seconds = time.perf_counter() - file_started
                     summary.files.append(file_summary)
                     summary.rows += file_summary.rows
                     summary.anomalies += file_summary.anomalies

@@ -106,7 +106,7 @@ def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_p
     frames = [make_sensor_table(SyntheticSpec(n_rows=300, seed=80 + i)) for i in range(2)]
     frames[1]["line"] = frames[1]["line"].str.lower()  # one export spells the line differently
     inputs = [write_table(frame, tmp_path / f"in{i}.parquet") for i, frame in enumerate(frames)]
-    summaries, warned, per_file = {}, {}, {}
+    summaries, warned, per_file, entries = {}, {}, {}, {}
     for runner in ("local", "dask"):
         out = tmp_path / runner / "scores.parquet"
         assert main(["score", str(trained_bundle), *map(str, inputs), "--output", str(out), "--device", "cpu",
@@ -117,7 +117,14 @@ def test_dask_run_adds_up_unseen_categories_and_warns_once(trained_bundle, tmp_p
         written = json.loads((out.parent / "scores.summary.json").read_text())
         summaries[runner] = written["unseen_categories"]
         per_file[runner] = [f["unseen_categories"]["line"] for f in written["files"]]
+        entries[runner] = [{k: v for k, v in f.items() if k != "rows_per_second"} for f in written["files"]]
     assert summaries["dask"] == summaries["local"] and per_file["dask"] == per_file["local"]
+    # Each file's entry: the same fields, in the same order, with the same values but the speed (the
+    # plain run's entries lacked the rate, target, skipped, AUROC and speed the flow's have).
+    assert [list(e) for e in entries["local"]] == [list(e) for e in entries["dask"]]
+    assert [{**e, "input": Path(e["input"]).name} for e in entries["local"]] == \
+        [{**e, "input": Path(e["input"]).name} for e in entries["dask"]]
+    assert all(e["auroc"] is not None and e["target_fpr"] == 0.01 for e in entries["local"])
     # Each file's own counts, and the line names the file spelled differently, not the other.
     assert [f["rows"] for f in per_file["dask"]] == [300, 300] and per_file["dask"][1]["unseen"] >= 300 - 10
     assert per_file["dask"][0]["unseen"] + per_file["dask"][1]["unseen"] == summaries["dask"]["line"]["unseen"]
