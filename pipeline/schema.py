@@ -104,7 +104,9 @@ def infer_schema(frame: pd.DataFrame, *, source: str, config: PreprocessConfig,
                 f"or fill it"
             )
         kind = _column_kind(column, name, config, source)
-        distinct = column.nunique(dropna=kind == "numeric")
+        # A numeric column with one value and blanks (an error code, a flag set only on some rows)
+        # carries its signal in which rows are blank: it stays, and its missing indicator learns that.
+        distinct = column.nunique(dropna=kind == "numeric") + int(kind == "numeric" and bool(column.isna().any()))
         if distinct <= 1:
             dropped.append((name, "constant"))
         elif kind == "numeric":

@@ -448,3 +448,13 @@ def test_a_separator_at_the_end_of_every_line_makes_no_column(table, tmp_path):
     with pytest.raises(DataError, match=rf"column {len(frame.columns)} has no name in the header; name it, or leave "
                                         r"it out of the file$"):
         infer_schema(frame, source=str(path), config=PreprocessConfig(), label_column="label", id_columns=("id",))
+
+
+@pytest.mark.parametrize("value", [1.0, 2.5])
+def test_a_numeric_column_of_one_value_and_blanks_is_kept(table, value):
+    """Which rows are blank is the signal of such a column (an error code set on some rows): it
+    trains as numeric, where its missing indicator learns it, not dropped as constant."""
+    table["flag"] = np.where(np.arange(100) % 3 == 0, value, np.nan)
+    schema = infer_schema(table, source="t.csv", config=PreprocessConfig(), label_column="label", id_columns=("id",))
+    assert "flag" in schema.numeric
+    assert schema.dropped == (("const", "constant"),)

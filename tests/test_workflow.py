@@ -408,3 +408,25 @@ def test_an_integer_code_scores_alike_after_pandas_rewrote_it_with_a_blank(tmp_p
     assert sorted(entry["categories"]) == ["1", "2", "3"] and bundle.manifest["verification"]["passed"]
     example = entry["categories"][0]
     assert f"integer-coded ('{example}.0' reads as '{example}')" in describe_manifest(bundle.manifest)
+
+
+def test_a_flag_column_of_one_value_and_blanks_is_learned_from_which_rows_are_blank(tmp_path):
+    """The flag is set exactly when `a` is high; anomalies have it flipped and nothing else odd.
+    Before, the column was dropped as constant and these rows scored as normal (AUROC about 0.5)."""
+    rng = np.random.default_rng(0)
+
+    def rows(n: int, flipped: int) -> pd.DataFrame:
+        a = rng.normal(size=n)
+        flag = np.where(a > 0.5, 1.0, np.nan)
+        flag[:flipped] = np.where(a[:flipped] > 0.5, np.nan, 1.0)
+        return pd.DataFrame({"a": a, "b": a + 0.1 * rng.normal(size=n), "flag": flag,
+                             "label": (np.arange(n) < flipped).astype(int)})
+
+    job = TrainJob(data=write_table(rows(3000, 0), tmp_path / "train.csv"), name="flags", out_dir=tmp_path / "out",
+                   label_column="label", config=quiet_config(max_epochs=40))
+    bundle = Path(workflow.run_training(job)["bundle"])
+    assert "flag" in Bundle.load(bundle).manifest["schema"]["numeric"]
+    batch = rows(1000, 50)
+    scored = tmp_path / "scores.parquet"
+    score_files(ScoreJob(bundle, (write_table(batch, tmp_path / "batch.csv"),), scored, device="cpu"))
+    assert auroc(batch["label"].to_numpy(), pd.read_parquet(scored)["score"].to_numpy()) >= 0.9
