@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import queue
@@ -136,8 +137,27 @@ def check_scores_target(output: Path, inputs: Iterable[Path | str], bundle: Path
     check_utf8_path(bundle, "bundle")
     check_output_location(output)
     check_not_an_input(output, inputs)
+    check_summary_not_anothers(output)
     check_outside_bundle(output, bundle, "--output")
     check_inputs_distinct(inputs)
+
+
+def check_summary_not_anothers(output: Path) -> None:
+    """Refuse an output whose summary (and errors file and report, named alike) belong to other
+    scores that are still there: ``s.csv`` and ``s.parquet`` share ``s.summary.json``, so scoring
+    one after the other left the first file's scores with the second run's summary."""
+    summary = summary_path(output)
+    try:
+        recorded = json.loads(summary.read_text(encoding="utf-8")).get("output")
+    except (OSError, ValueError, AttributeError):
+        return  # no summary, or not one of ours: nothing that a run's summary describes
+    if not isinstance(recorded, str):
+        return
+    owner = output.with_name(Path(recorded).name)  # recorded as given, relative to where that run started
+    if owner.name != output.name and owner.exists():
+        raise ConfigError(f"--output {output}: its summary {summary} is that of the scores {owner}, which share "
+                          f"its name up to the extension, and this run would replace it; choose another output "
+                          f"name, or remove {owner} first")
 
 
 def check_inputs_distinct(inputs: Iterable[Path | str]) -> None:

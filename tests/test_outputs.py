@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
@@ -56,3 +57,29 @@ def test_score_into_a_folder_that_refuses_files_is_one_line_naming_the_output(ca
     [line] = err.splitlines()
     assert line.startswith(f"error: --output {output}: cannot write into {unwritable_folder} (")
     assert line.endswith("); choose a folder you can write into, or change that one's permissions")
+
+
+@pytest.mark.parametrize("first, second", [("s.csv", "s.parquet"), ("s.parquet", "s.pq")])
+def test_scores_that_would_take_another_outputs_summary_are_refused(capsys, trained_bundle, incoming_csv, tmp_path,
+                                                                   first, second):
+    """`s.csv` and then `s.parquet` both wrote `s.summary.json`: the CSV's scores were left with the
+    Parquet run's summary. Once the first file is gone, its summary is free to replace."""
+    code, _, _ = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / first)
+    assert code == 0
+    summary = (tmp_path / "s.summary.json").read_bytes()
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / second)
+    assert code == 1
+    assert err.splitlines() == [
+        f"error: --output {tmp_path / second}: its summary {tmp_path / 's.summary.json'} is that of the scores "
+        f"{tmp_path / first}, which share its name up to the extension, and this run would replace it; choose "
+        f"another output name, or remove {tmp_path / first} first"]
+    assert (tmp_path / "s.summary.json").read_bytes() == summary and not (tmp_path / second).exists()
+    (tmp_path / first).unlink()
+    code, _, _ = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / second)
+    assert code == 0 and json.loads((tmp_path / "s.summary.json").read_text())["output"] == str(tmp_path / second)
+
+
+def test_scoring_again_into_the_same_output_replaces_its_own_summary(capsys, trained_bundle, incoming_csv, tmp_path):
+    for _ in range(2):
+        code, _, _ = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / "s.csv")
+        assert code == 0
