@@ -24,7 +24,7 @@ import onnxruntime as ort
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from pipeline.bundle import Bundle, remake_hint
 from pipeline.calibrate import Calibration, calibrate
@@ -184,6 +184,17 @@ def check_scorer_agrees(session: ort.InferenceSession, bundle: Bundle, precision
     baked = metadata.get("vaeguard.numeric_columns")
     if baked is not None and json.loads(baked) != list(schema.numeric):
         refuse(f"its numeric columns are {json.loads(baked)}, the manifest's {list(schema.numeric)}")
+    # The numeric medians and scales are folded into unnamed constants of the graph, but they are
+    # there by value: a manifest whose numbers were edited (which a runtime feeding encoder.onnx
+    # itself would preprocess by) names none of them.
+    if schema.numeric:
+        numeric = bundle.preprocessor.numeric
+        constants = [numpy_helper.to_array(init).ravel() for init in model.graph.initializer
+                     if init.data_type == onnx.TensorProto.FLOAT and np.prod(init.dims) == len(numeric)]
+        for what in ("median", "scale"):
+            values = np.array([getattr(s, what) for s in numeric], dtype=np.float32)
+            if not any(np.array_equal(values, constant) for constant in constants):
+                refuse(f"none of its constants is the manifest's numeric {what}s {values.tolist()}")
     inputs = {value.name: value.shape for value in session.get_inputs()}
     expected = ({"numeric"} if schema.numeric else set()) | {categorical_input_name(c) for c in schema.categorical}
     if set(inputs) != expected or (schema.numeric and inputs["numeric"][1] != len(schema.numeric)):

@@ -279,6 +279,11 @@ def _rename_a_category(manifest):
     (_rename_a_category, r"its categories of column 'line' are \['A', 'B', 'C'\], the manifest's \['Z', 'B', 'C'\];"),
     (lambda m: m["preprocessing"]["categorical"][0].update(boolean=True),
      r"its column 'line' takes values as written, the manifest's the spellings \{'false': 'false'"),
+    # Before, these passed: a runtime preprocessing for encoder.onnx by the manifest scaled otherwise.
+    (lambda m: m["preprocessing"]["numeric"][0].update(median=m["preprocessing"]["numeric"][0]["median"] + 1),
+     r"none of its constants is the manifest's numeric medians \[[-0-9.e, ]+\];"),
+    (lambda m: m["preprocessing"]["numeric"][-1].update(scale=2 * m["preprocessing"]["numeric"][-1]["scale"]),
+     r"none of its constants is the manifest's numeric scales \[[-0-9.e, ]+\];"),
 ])
 def test_a_manifest_that_disagrees_with_its_scorer_is_refused(capsys, trained_bundle, tmp_path, incoming_csv,
                                                               edit, message):
