@@ -405,16 +405,17 @@ def test_a_nul_inside_a_category_scores_as_in_python(trained_bundle, incoming_cs
     np.testing.assert_allclose(python["score"], unseen_python["score"], rtol=1e-6)
 
 
-def unseen_warnings_of_both(capsys, script: Path, bundle: Path, source: Path,
-                            tmp_path: Path) -> tuple[list[str], list[str]]:
-    """The lines on values the bundle never saw that `vaeguard score` and Node print on stderr for ``source``."""
+def unseen_warnings_of_both(capsys, script: Path, bundle: Path, source: Path, tmp_path: Path,
+                            marker: str = "never saw") -> tuple[list[str], list[str]]:
+    """The lines on values the bundle never saw (with ``marker``, other warnings on the input) that
+    `vaeguard score` and Node print on stderr for ``source``."""
     code, _, err = run_main(capsys, "score", bundle, source, "--output", tmp_path / f"{source.stem}.py.parquet",
                             "--device", "cpu")
     assert code == 0, err
     done = run_node(script, bundle, source, tmp_path / f"{source.stem}.node.csv")
     assert done.returncode == 0, done.stderr
-    return ([line for line in err.splitlines() if "never saw" in line],
-            [line for line in done.stderr.splitlines() if "never saw" in line])
+    return ([line for line in err.splitlines() if marker in line],
+            [line for line in done.stderr.splitlines() if marker in line])
 
 
 def respelled(at, rows):
@@ -469,6 +470,106 @@ def test_a_few_new_values_warn_for_neither_and_the_limit_is_the_same(trained_bun
     assert node == python
     assert len(python) == (unseen == 21)
     assert not python or "column 'line': 21 of 2,000 rows (1.1%) hold values the bundle never saw" in python[0]
+
+
+def left_blank(at, rows):
+    """A night whose export left 'temperature' (never blank in training) and 'vibration' (a few percent
+    blank in training) empty, spelled as pyarrow's null markers, and 'pressure' blank in 3 rows only."""
+    for i, row in enumerate(rows):
+        row[at["temperature"]] = ("", "NA", "nan", "NULL")[i % 4]
+        row[at["vibration"]] = "" if i % 2 else "NaN"
+        if i < 3:
+            row[at["pressure"]] = ""
+
+
+def test_a_numeric_column_left_blank_warns_as_vaeguard_score_does(trained_bundle, incoming_csv, node_example,
+                                                                  tmp_path, capsys):
+    # `vaeguard score` warns when a numeric column is blank far more often than in training (every such
+    # row gets training's median, so the column can flag none of them); Node scored it without a word.
+    source = write_rows(tmp_path / "night.csv", *edited_rows(incoming_csv, left_blank, rows=2000))
+    python, node = unseen_warnings_of_both(capsys, node_example, trained_bundle, source, tmp_path, "are blank")
+    assert node == python
+    medians = {s["name"]: s["median"] for s in
+               json.loads((trained_bundle / "manifest.json").read_text())["preprocessing"]["numeric"]}
+    assert python[0] == (f"warning: {source}: column 'temperature': 2,000 of 2,000 rows (100%; none in training) are "
+                         f"blank; scoring gives a blank training's median ({medians['temperature']:.6g}), so no value "
+                         f"of this column can flag those rows: fill the column, or check the export that wrote the file")
+    # Training's share of a column it saw blank comes from the bundle's calibration rows (Parquet,
+    # whose footer Node reads): the same share, so the same words.
+    assert len(python) == 2 and python[1].startswith(f"warning: {source}: column 'vibration': 2,000 of 2,000 rows "
+                                                     f"(100%; ") and "% in training) are blank;" in python[1]
+    # Counts add up alike over chunks of a few rows (Node) and one batch (Python).
+    chunked = run_node(node_example, trained_bundle, source, tmp_path / "chunked.csv", "--chunk-rows", "7")
+    assert [line for line in chunked.stderr.splitlines() if "are blank" in line] == python
+
+
+@pytest.mark.parametrize("blank", [20, 21])
+def test_a_few_blank_cells_warn_for_neither_and_the_limit_is_the_same(trained_bundle, incoming_csv, node_example,
+                                                                      tmp_path, capsys, blank):
+    # 'temperature' was never blank in training: 20 blank rows of 2,000 are 1.0%, not above the 1% a
+    # warning needs, 21 are.
+    def edit(at, rows):
+        assert all(row[at["temperature"]] for row in rows)
+        for row in rows[:blank]:
+            row[at["temperature"]] = ""
+    source = write_rows(tmp_path / "few.csv", *edited_rows(incoming_csv, edit, rows=2000))
+    python, node = unseen_warnings_of_both(capsys, node_example, trained_bundle, source, tmp_path, "are blank")
+    assert node == python
+    assert len(python) == (blank == 21)
+    assert not python or "column 'temperature': 21 of 2,000 rows (1.1%; none in training) are blank" in python[0]
+
+
+def test_training_blank_shares_are_python_s(trained_bundle, incoming_csv, node_example, tmp_path):
+    """Node reads training's share of blank rows from the calibration rows' Parquet footer, Python from
+    the rows themselves: the same numbers; and a calibration file that was changed is refused by both."""
+    from pipeline.bundle import Bundle
+    from pipeline.unseen import training_missing_shares
+
+    program = """
+    const { trainingBlankShares } = require(process.argv[1]);
+    const bundle = process.argv[2];
+    const manifest = JSON.parse(require('node:fs').readFileSync(`${bundle}/manifest.json`, 'utf8'));
+    process.stdout.write(JSON.stringify(Object.fromEntries(trainingBlankShares(bundle, manifest))));
+    """
+    done = subprocess.run(["node", "-e", program, str(node_example), str(trained_bundle)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    python = training_missing_shares(Bundle.load(trained_bundle))
+    assert json.loads(done.stdout) == python
+    assert 0 < python["vibration"] < 0.1 and python["temperature"] == 0.0  # not vacuous: both kinds of column
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    rows = bundle / "calibration_rows.parquet"
+    data = bytearray(rows.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rows.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="sha256"):
+        Bundle.load(bundle)
+    out = tmp_path / "out.csv"
+    done = run_node(node_example, bundle, incoming_csv, out)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith(f"error: {rows}: sha256 ") and "does not match the manifest's" in done.stderr
+    assert not out.exists()
+
+
+def test_a_median_is_written_as_python_writes_it(node_example):
+    """The warning's median, f"{median:.6g}": Python rounds an exact half to even and writes an exponent
+    below 1e-4 and from 1e6 up, where JS's toPrecision rounds up and writes others."""
+    rng = np.random.default_rng(5)
+    values = [0.0, -0.0, 1.0, 0.5, -2.5, 123456.5, 123457.5, 1234565.0, 999999.5, 9999995.0, 1e-4, 9.999995e-5,
+              1e-5, 1.234565e-5, 100000.0, 1e6, 1e16, 1e22, 5e-324, 1.7976931348623157e308, 2.675, 69.85539245605469]
+    values += [float(v) for v in rng.normal(size=300) * 10.0 ** rng.integers(-9, 10, size=300)]
+    values += [float(np.float32(v)) for v in rng.uniform(-1e4, 1e4, size=300)]
+    values += [int(v) / 2 ** int(k) for v, k in zip(rng.integers(-10**9, 10**9, size=300), rng.integers(0, 12, size=300))]
+    program = """
+    const { general } = require(process.argv[1]);
+    const values = JSON.parse(require('node:fs').readFileSync(0, 'utf8'));
+    process.stdout.write(JSON.stringify(values.map((v) => general(v === 'negative zero' ? -0 : v))));
+    """
+    done = subprocess.run(["node", "-e", program, str(node_example)], capture_output=True, text=True, timeout=60,
+                          input=json.dumps(["negative zero" if v == 0 and np.signbit(v) else v for v in values]))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [f"{v:.6g}" for v in values]
+    assert f"{123456.5:.6g}" == "123456" and f"{1e-5:.6g}" == "1e-05"  # not vacuous: a half to even, an exponent
 
 
 def test_percentages_and_values_are_written_as_python_writes_them(node_example):

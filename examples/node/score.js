@@ -10,7 +10,8 @@
 // the id columns the manifest names (required, as the features are), then score, recon, kl,
 // p_value and is_anomaly, the same columns `vaeguard score ... -o OUTPUT.csv` writes.
 // The threshold is baked into scorer.onnx, so is_anomaly needs no extra step. A categorical
-// column whose values are mostly ones the bundle never saw gets `vaeguard score`'s warning on stderr.
+// column whose values are mostly ones the bundle never saw, and a numeric column blank far more
+// often than in training, get `vaeguard score`'s warnings on stderr.
 //
 // The CSV is read the way the Python pipeline reads it (pyarrow's defaults), so both give the
 // same decisions: the usual null markers ("", "NA", "null", "NaN", ...) are missing in every
@@ -94,17 +95,145 @@ function readManifest(bundleDir) {
  * is made from these same bytes, so the file checked is the file scored with.
  */
 function readScorer(bundleDir, manifest) {
-  const scorerPath = path.join(bundleDir, 'scorer.onnx');
-  const expected = (manifest.files || {})['scorer.onnx'];
-  if (!expected) throw new UserError(`${bundleDir}/manifest.json: no sha256 recorded for scorer.onnx`);
-  if (!fs.existsSync(scorerPath)) throw new UserError(`${scorerPath}: missing; copy the whole bundle folder`);
-  const bytes = fs.readFileSync(scorerPath);
-  const actual = crypto.createHash('sha256').update(bytes).digest('hex');
-  if (actual !== expected) {
-    throw new UserError(`${scorerPath}: sha256 ${actual.slice(0, 12)}... does not match the manifest's ` +
-      `${expected.slice(0, 12)}...; the file was modified or corrupted: re-export or re-copy the bundle`);
+  if (!(manifest.files || {})['scorer.onnx']) {
+    throw new UserError(`${bundleDir}/manifest.json: no sha256 recorded for scorer.onnx`);
   }
-  return { scorerPath, bytes };
+  const { file, bytes } = readChecked(bundleDir, manifest, 'scorer.onnx');
+  return { scorerPath: file, bytes };
+}
+
+/** A file of the bundle that the manifest lists, refused unless its sha256 is the manifest's (as Bundle.load). */
+function readChecked(bundleDir, manifest, name) {
+  const file = path.join(bundleDir, name);
+  if (!fs.existsSync(file)) throw new UserError(`${file}: missing; copy the whole bundle folder`);
+  const bytes = fs.readFileSync(file);
+  const actual = crypto.createHash('sha256').update(bytes).digest('hex');
+  const expected = manifest.files[name];
+  if (actual !== expected) {
+    throw new UserError(`${file}: sha256 ${actual.slice(0, 12)}... does not match the manifest's ` +
+      `${String(expected).slice(0, 12)}...; the file was modified or corrupted: re-export or re-copy the bundle`);
+  }
+  return { file, bytes };
+}
+
+const CALIBRATION_ROWS = 'calibration_rows.parquet';
+
+/**
+ * Training's share of blank rows per numeric column, as `vaeguard score` takes it
+ * (pipeline.unseen.training_missing_shares): 0 where the column got no missing indicator (training
+ * had no blank in it); otherwise the share among the calibration rows the bundle keeps, or null
+ * (unknown: never warns) in a bundle without them. Those rows are Parquet, which this example does
+ * not read; their footer's null count per column is the same number (pandas writes a blank as a
+ * null), so only the footer is decoded.
+ */
+function trainingBlankShares(bundleDir, manifest) {
+  const numeric = (manifest.preprocessing || {}).numeric || [];
+  const shares = new Map(numeric.map((stats) => [stats.name, stats.has_indicator ? null : 0]));
+  const sampled = numeric.filter((stats) => stats.has_indicator).map((stats) => stats.name);
+  if (!sampled.length || !(CALIBRATION_ROWS in (manifest.files || {}))) return shares;
+  const { file, bytes } = readChecked(bundleDir, manifest, CALIBRATION_ROWS);
+  const { rows, nulls } = parquetNullCounts(bytes, file);
+  for (const name of sampled) {
+    if (rows && nulls.get(name) !== undefined) shares.set(name, nulls.get(name) / rows);
+  }
+  return shares;
+}
+
+/**
+ * The rows of a Parquet file and each top-level column's null count (undefined where a row group
+ * records none), from its footer: FileMetaData (num_rows = 3, row_groups = 4), RowGroup (columns = 1),
+ * ColumnChunk (meta_data = 3), ColumnMetaData (path_in_schema = 3, statistics = 12), Statistics
+ * (null_count = 3).
+ */
+function parquetNullCounts(bytes, file) {
+  const footer = parquetFooter(bytes, file);
+  const nulls = new Map();
+  for (const group of footer.get(4) || []) {
+    for (const chunk of group.get(1) || []) {
+      const meta = chunk.get(3);
+      const names = meta && meta.get(3);
+      if (!names || names.length !== 1) continue;
+      const name = names[0].toString('utf8');
+      const count = meta.has(12) ? meta.get(12).get(3) : undefined;
+      const before = nulls.has(name) ? nulls.get(name) : 0;
+      nulls.set(name, before === undefined || count === undefined ? undefined : before + count);
+    }
+  }
+  return { rows: footer.get(3) || 0, nulls };
+}
+
+/**
+ * A Parquet file's FileMetaData, which its last bytes frame (the footer, its length as 4 bytes, "PAR1"),
+ * in Thrift's compact protocol, decoded whole: a struct as a Map of field id to value, a list as an
+ * Array, binary as a Buffer, an integer as a Number (exact for any count a file can hold).
+ */
+function parquetFooter(bytes, file) {
+  const malformed = () => new UserError(`${file}: not a readable Parquet file (its footer ends early or is ` +
+    'malformed); re-export or re-copy the bundle');
+  const n = bytes.length;
+  if (n < 12 || bytes.toString('latin1', n - 4) !== 'PAR1') throw malformed();
+  const end = n - 8;
+  let at = end - bytes.readUInt32LE(end);
+  if (at < 4) throw malformed();
+  const byte = () => {
+    if (at >= end) throw malformed();
+    return bytes[at++];
+  };
+  const varint = () => {
+    let value = 0;
+    for (let scale = 1; scale < 2 ** 70; scale *= 128) {
+      const b = byte();
+      value += (b & 0x7f) * scale;
+      if (b < 0x80) return value;
+    }
+    throw malformed();
+  };
+  const zigzag = () => {
+    const v = varint();
+    return v % 2 ? -(v + 1) / 2 : v / 2;
+  };
+  const skip = (length) => {
+    if (at + length > end) throw malformed();
+    at += length;
+    return bytes.subarray(at - length, at);
+  };
+  // A boolean is its field's type (1 true, 2 false) in a struct, one byte in a list or map.
+  const element = (type) => (type === 1 || type === 2 ? byte() === 1 : value(type));
+  const value = (type) => {
+    switch (type) {
+      case 1: return true;
+      case 2: return false;
+      case 3: return byte();
+      case 4: case 5: case 6: return zigzag();
+      case 7: skip(8); return null; // a double: none is read here
+      case 8: return skip(varint());
+      case 9: case 10: { // list, set
+        const head = byte();
+        const count = head >> 4 === 15 ? varint() : head >> 4;
+        const items = [];
+        for (let i = 0; i < count; i++) items.push(element(head & 15));
+        return items;
+      }
+      case 11: { // map
+        const entries = new Map();
+        const count = varint();
+        const types = count ? byte() : 0;
+        for (let i = 0; i < count; i++) entries.set(element(types >> 4), element(types & 15));
+        return entries;
+      }
+      case 12: { // struct: field headers hold the id as a delta from the last one's, or 0 and the id after it
+        const fields = new Map();
+        for (let id = 0; ;) {
+          const head = byte();
+          if (head === 0) return fields;
+          id = head >> 4 ? id + (head >> 4) : zigzag();
+          fields.set(id, value(head & 15));
+        }
+      }
+      default: throw malformed();
+    }
+  };
+  return value(12);
 }
 
 /**
@@ -232,7 +361,9 @@ function scorerInputs(manifest) {
   const preprocessing = manifest.preprocessing || {};
   return declared.map((input) => {
     if (input.dtype === 'float32' && Array.isArray(input.columns)) {
-      return { name: input.name, kind: 'numeric', columns: input.columns };
+      // Per column, the manifest's entry (its median is what the graph gives a blank, which a warning names).
+      const stats = input.columns.map((name) => (preprocessing.numeric || []).find((s) => s.name === name) || { name });
+      return { name: input.name, kind: 'numeric', columns: input.columns, stats };
     }
     if (input.dtype === 'string' && typeof input.column === 'string') {
       // The graph's inputs are hash-checked (checkScorerAgrees), this pairing is not: two columns
@@ -790,11 +921,76 @@ function shown(value) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Numeric columns blank far more often than in training (pipeline/unseen.py, same rule and words)
+//
+// The graph gives a blank number training's median, silently: such a row looks normal in that
+// column, so a column an export left empty hides every anomaly in it and the night reads as calm.
+
+// A column blank in more than this share of training's rows is sparse by nature: it never warns.
+const MISSING_SPARSE_SHARE = 0.5;
+
+/**
+ * The line `vaeguard score` warns with for a numeric column (pipeline.unseen.missing_entries and
+ * _missing_warning), or null: at least UNSEEN_MIN_ROWS of `rows` blank, a share above
+ * unseenLimit(training's share); never where training's share is unknown (null) or sparse.
+ */
+function blankWarning(where, stats, blank, rows, trainingShare) {
+  if (blank < UNSEEN_MIN_ROWS || !rows || trainingShare === null || trainingShare > MISSING_SPARSE_SHARE) return null;
+  const share = blank / rows;
+  if (!(share > unseenLimit(trainingShare))) return null;
+  const training = trainingShare === 0 ? 'none in training' : `${percent(trainingShare)} in training`;
+  return `${where}column ${pyRepr(stats.name)}: ${thousands(blank)} of ${thousands(rows)} rows (${percent(share)}; ` +
+    `${training}) are blank; scoring gives a blank training's median (${general(stats.median)}), so no value of ` +
+    'this column can flag those rows: fill the column, or check the export that wrote the file';
+}
+
+/**
+ * As Python's f"{x:.6g}" (`digits` significant digits, trailing zeros dropped, an exponent below
+ * 1e-4 and from 10**digits up). toPrecision rounds an exact half up and Python to even, and writes
+ * other exponents, so the float's exact decimal value is rounded here.
+ */
+function general(x, digits = 6) {
+  if (Number.isNaN(x)) return 'nan';
+  const sign = x < 0 || Object.is(x, -0) ? '-' : '';
+  const magnitude = Math.abs(x);
+  if (magnitude === Infinity) return `${sign}inf`;
+  if (magnitude === 0) return `${sign}0`;
+  // magnitude = m * 2**e exactly, m an integer of at most 53 bits; as a decimal, its digits * 10**scale.
+  const view = new DataView(new ArrayBuffer(8));
+  view.setFloat64(0, magnitude);
+  const biased = view.getUint16(0) >> 4;
+  let m = (BigInt(view.getUint32(0) & 0xfffff) << 32n) | BigInt(view.getUint32(4));
+  if (biased) m |= 1n << 52n;
+  const e = (biased || 1) - 1075;
+  const exact = e >= 0 ? (m << BigInt(e)).toString() : (m * 5n ** BigInt(-e)).toString();
+  let exponent = exact.length - 1 + Math.min(e, 0);
+  let kept = exact.slice(0, digits).padEnd(digits, '0');
+  const rest = exact.slice(digits).replace(/0+$/, ''); // the digits cut: above half, a half, or below
+  if (rest > '5' || (rest === '5' && Number(kept[digits - 1]) % 2 === 1)) {
+    kept = (BigInt(kept) + 1n).toString();
+    if (kept.length > digits) {
+      kept = kept.slice(0, digits);
+      exponent += 1;
+    }
+  }
+  if (exponent < -4 || exponent >= digits) {
+    const fraction = kept.slice(1).replace(/0+$/, '');
+    const power = `${exponent < 0 ? '-' : '+'}${String(Math.abs(exponent)).padStart(2, '0')}`;
+    return `${sign}${kept[0]}${fraction ? `.${fraction}` : ''}e${power}`;
+  }
+  const whole = exponent >= 0 ? kept.slice(0, exponent + 1) : '0';
+  const fraction = (exponent >= 0 ? kept.slice(exponent + 1) : '0'.repeat(-exponent - 1) + kept).replace(/0+$/, '');
+  return `${sign}${whole}${fraction ? `.${fraction}` : ''}`;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Scoring
 
 class ChunkScorer {
-  constructor(session, inputs, header, schema, chunkRows, inputPath) {
+  // `blankShares`: training's share of blank rows per numeric column (trainingBlankShares).
+  constructor(session, inputs, header, schema, chunkRows, inputPath, blankShares = new Map()) {
     this.session = session;
+    this.blankShares = blankShares;
     this.inputs = inputs;
     this.chunkRows = chunkRows;
     this.inputPath = inputPath;
@@ -817,7 +1013,8 @@ class ChunkScorer {
       ? { name: schema.label_column, at: position.get(schema.label_column) } : null;
     // Per input: where its columns sit in a CSV record, and a buffer for one chunk.
     this.feeds = inputs.map((input) => (input.kind === 'numeric'
-      ? { input, at: input.columns.map((c) => position.get(c)), values: new Float32Array(chunkRows * input.columns.length) }
+      ? { input, at: input.columns.map((c) => position.get(c)), values: new Float32Array(chunkRows * input.columns.length),
+        blanks: input.columns.map(() => 0) } // per column, the rows blank (NaN as read) over the run
       : { input, at: position.get(input.column), values: new Array(chunkRows),
         unseenCounts: new UnseenCounts(input.stats) }));
     this.idValues = this.ids.map(() => new Array(chunkRows));
@@ -852,6 +1049,7 @@ class ChunkScorer {
                 `expected finite numbers within float32's range (|x| <= 3.4e+38): replace it with a number ` +
                 `in range or leave the cell empty`);
           }
+          if (value !== value) feed.blanks[j] += 1; // NaN: a null marker or a nan spelling, as Python counts it
           feed.values[r * width + j] = value; // a Float32Array store rounds to nearest, as numpy's cast does
         }
       } else {
@@ -920,11 +1118,16 @@ class ChunkScorer {
     return lines.join('\n') + '\n';
   }
 
-  /** The warnings on values the bundle never saw, one per column at most, in the manifest's order. */
-  unseenWarnings() {
-    return this.feeds.filter((feed) => feed.unseenCounts)
-      .map((feed) => feed.unseenCounts.warning(`${this.inputPath}: `))
-      .filter((line) => line !== null);
+  /**
+   * The warnings on the input, one per column at most, in `vaeguard score`'s order: values the bundle
+   * never saw, per categorical column, then blanks far above training's, per numeric column.
+   */
+  inputWarnings() {
+    const where = `${this.inputPath}: `;
+    const unseen = this.feeds.filter((feed) => feed.unseenCounts).map((feed) => feed.unseenCounts.warning(where));
+    const blank = this.feeds.filter((feed) => feed.blanks).flatMap((feed) => feed.input.stats.map((stats, j) => (
+      blankWarning(where, stats, feed.blanks[j], this.rowsBefore, this.blankShares.get(stats.name) ?? null))));
+    return [...unseen, ...blank].filter((line) => line !== null);
   }
 
   outputHeader() {
@@ -1051,6 +1254,7 @@ async function main(argv) {
   const manifest = readManifest(bundleDir);
   const inputs = scorerInputs(manifest);
   const { scorerPath, bytes } = readScorer(bundleDir, manifest);
+  const blankShares = trainingBlankShares(bundleDir, manifest);
   if (!fs.existsSync(inputPath) || !fs.statSync(inputPath).isFile()) {
     throw inputError(`${inputPath}: file not found; check the path`);
   }
@@ -1078,7 +1282,8 @@ async function main(argv) {
     for await (const record of csvRecords(inputPath)) {
       if (scorer === null) { // the first record is the header
         checkHeader(inputPath, record.fields);
-        scorer = new ChunkScorer(session, inputs, record.fields, manifest.schema || {}, chunkRows, inputPath);
+        scorer = new ChunkScorer(session, inputs, record.fields, manifest.schema || {}, chunkRows, inputPath,
+          blankShares);
         fs.writeSync(out, scorer.outputHeader());
       } else if (scorer.add(record)) {
         fs.writeSync(out, await scorer.flush());
@@ -1090,7 +1295,7 @@ async function main(argv) {
     fs.closeSync(out);
     fs.renameSync(temp, outputPath);
     // As `vaeguard score` prints them: "warning: " and the line, its control characters escaped.
-    for (const line of scorer.unseenWarnings()) {
+    for (const line of scorer.inputWarnings()) {
       process.stderr.write(`warning: ${line.replace(NOT_PRINTABLE, pyEscape)}\n`);
     }
     // The threshold the graph flags with (its metadata; the manifest's agrees, checked above).
@@ -1115,4 +1320,6 @@ if (require.main === module) {
   });
 }
 
-module.exports = { CsvParser, parseNumber, formatFloat32, decodeUtf8, percent, shown, onnxMetadata };
+module.exports = {
+  CsvParser, parseNumber, formatFloat32, decodeUtf8, percent, shown, general, onnxMetadata, trainingBlankShares,
+};
