@@ -49,6 +49,10 @@ class NumericStats:
     median: float
     scale: float
     has_indicator: bool
+    # Share of training rows blank in this column (0 exactly where it has no indicator): scoring warns
+    # when a run's share is far above it. In the manifest so that every runtime reads it there, not
+    # from the calibration rows' Parquet. None: a bundle exported before it was recorded.
+    missing_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,9 @@ class Preprocessor:
         return {
             "missing_category": "",
             "unknown_category": UNKNOWN,
-            "numeric": [vars(s) for s in self.numeric],
+            # The shares only where known: a manifest without them reads as before.
+            "numeric": [{key: value for key, value in vars(s).items() if key != "missing_share" or value is not None}
+                        for s in self.numeric],
             # "boolean" and "integer" only where true: a manifest without them reads as before.
             "categorical": [{"name": s.name, "categories": list(s.categories), **({"boolean": True} if s.boolean else {}),
                              **({"integer": True} if s.integer else {}),
@@ -171,9 +177,10 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, raw: dict) -> "Preprocessor":
         return cls(
-            numeric=tuple(NumericStats(**s) for s in raw["numeric"]),
+            numeric=tuple(NumericStats(**{**s, "missing_share": _share(s, "missing_share", "numeric")})
+                          for s in raw["numeric"]),
             categorical=tuple(CategoricalStats(s["name"], tuple(s["categories"]), _flag(s, "boolean"), _flag(s, "integer"),
-                                               _share(s))
+                                               _share(s, "unknown_share", "categorical"))
                               for s in raw["categorical"]),
         )
 
@@ -185,11 +192,10 @@ def _flag(entry: dict, key: str) -> bool:
     return value
 
 
-def _share(entry: dict) -> float | None:
-    value = entry.get("unknown_share")
+def _share(entry: dict, key: str, kind: str) -> float | None:
+    value = entry.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
-        raise TypeError(f"categorical column {entry.get('name')!r}: 'unknown_share' must be a number from 0 to 1, "
-                        f"got {value!r}")
+        raise TypeError(f"{kind} column {entry.get('name')!r}: {key!r} must be a number from 0 to 1, got {value!r}")
     return None if value is None else float(value)
 
 
@@ -297,7 +303,7 @@ def _numeric_stats(name: str, values: np.ndarray, source: str) -> NumericStats:
                     "in the rows held out from training), so the model learns it as always blank and nothing "
                     "from its values; leave the column out of the file, unless later training data will hold "
                     "values in it", source, name, f"{len(values):,}")
-        return NumericStats(name, 0.0, 1.0, True)
+        return NumericStats(name, 0.0, 1.0, True, 1.0)
     median = float(np.median(present))
     q25, q75 = np.percentile(present, [25, 75])
     scale = float(q75 - q25) / _IQR_TO_SIGMA
@@ -305,8 +311,8 @@ def _numeric_stats(name: str, values: np.ndarray, source: str) -> NumericStats:
         # Mostly-constant columns (sparse counts, rare flags): the IQR is zero, so fall back to
         # the spread of all values, and to 1 if even that is zero.
         scale = float(np.std(present)) or 1.0
-    return NumericStats(name, float(np.float32(median)), float(np.float32(scale)),
-                        bool(np.isnan(values).any()))
+    blank = int(np.count_nonzero(np.isnan(values)))
+    return NumericStats(name, float(np.float32(median)), float(np.float32(scale)), blank > 0, blank / len(values))
 
 
 def _kept_categories(values: np.ndarray, config: PreprocessConfig, name: str, source: str) -> tuple[str, ...]:

@@ -154,13 +154,15 @@ class MissingCounts:
 
 
 def training_missing_shares(bundle: Bundle) -> dict[str, float | None]:
-    """Training's share of blank rows per numeric column: 0 where the column got no missing indicator
-    (training had no blank in it). Otherwise the manifest says only that it had some, so the share is
-    that of the calibration rows the bundle keeps (held out at random from the same training rows: up
-    to 20,000, read in milliseconds), or None (unknown) in a bundle without them."""
+    """Training's share of blank rows per numeric column: the manifest's ``missing_share``. A bundle
+    exported before it was recorded says only whether training had a blank (``has_indicator``): 0
+    where it had none, else the share among the calibration rows the bundle keeps (held out at random
+    from the same rows as training's: up to 20,000, read in milliseconds), or None (unknown) in a
+    bundle without them."""
     numeric = bundle.preprocessor.numeric
-    shares: dict[str, float | None] = {s.name: None if s.has_indicator else 0.0 for s in numeric}
-    sampled = [s.name for s in numeric if s.has_indicator]
+    shares: dict[str, float | None] = {
+        s.name: s.missing_share if s.missing_share is not None else (None if s.has_indicator else 0.0) for s in numeric}
+    sampled = [s.name for s in numeric if shares[s.name] is None]
     path = bundle.path / CALIBRATION_ROWS
     if sampled and CALIBRATION_ROWS in bundle.manifest.get("files", {}) and path.is_file():
         rows = pq.read_table(path, columns=sampled)

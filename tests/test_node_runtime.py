@@ -16,6 +16,7 @@ import pytest
 from pipeline.batch_score import score_files
 from pipeline.config import ScoreJob, TrainJob
 from pipeline.errors import PipelineError
+from pipeline.unseen import percent
 from pipeline.workflow import run_training
 from tests.conftest import NOT_CSV_TEXT, not_csv_text, quiet_config, run_main
 
@@ -489,15 +490,16 @@ def test_a_numeric_column_left_blank_warns_as_vaeguard_score_does(trained_bundle
     source = write_rows(tmp_path / "night.csv", *edited_rows(incoming_csv, left_blank, rows=2000))
     python, node = unseen_warnings_of_both(capsys, node_example, trained_bundle, source, tmp_path, "are blank")
     assert node == python
-    medians = {s["name"]: s["median"] for s in
+    numeric = {s["name"]: s for s in
                json.loads((trained_bundle / "manifest.json").read_text())["preprocessing"]["numeric"]}
     assert python[0] == (f"warning: {source}: column 'temperature': 2,000 of 2,000 rows (100%; none in training) are "
-                         f"blank; scoring gives a blank training's median ({medians['temperature']:.6g}), so no value "
-                         f"of this column can flag those rows: fill the column, or check the export that wrote the file")
-    # Training's share of a column it saw blank comes from the bundle's calibration rows (Parquet,
-    # whose footer Node reads): the same share, so the same words.
+                         f"blank; scoring gives a blank training's median ({numeric['temperature']['median']:.6g}), so "
+                         f"no value of this column can flag those rows: fill the column, or check the export that "
+                         f"wrote the file")
+    # Training's share of a column it saw blank is the manifest's, for both: the same words.
+    training = percent(numeric["vibration"]["missing_share"])
     assert len(python) == 2 and python[1].startswith(f"warning: {source}: column 'vibration': 2,000 of 2,000 rows "
-                                                     f"(100%; ") and "% in training) are blank;" in python[1]
+                                                     f"(100%; {training} in training) are blank;")
     # Counts add up alike over chunks of a few rows (Node) and one batch (Python).
     chunked = run_node(node_example, trained_bundle, source, tmp_path / "chunked.csv", "--chunk-rows", "7")
     assert [line for line in chunked.stderr.splitlines() if "are blank" in line] == python
@@ -519,36 +521,53 @@ def test_a_few_blank_cells_warn_for_neither_and_the_limit_is_the_same(trained_bu
     assert not python or "column 'temperature': 21 of 2,000 rows (1.1%; none in training) are blank" in python[0]
 
 
-def test_training_blank_shares_are_python_s(trained_bundle, incoming_csv, node_example, tmp_path):
-    """Node reads training's share of blank rows from the calibration rows' Parquet footer, Python from
-    the rows themselves: the same numbers; and a calibration file that was changed is refused by both."""
+def node_blank_shares(script: Path, bundle: Path) -> dict:
+    """Node's trainingBlankShares for the bundle's manifest."""
+    program = """
+    const { trainingBlankShares } = require(process.argv[1]);
+    const manifest = JSON.parse(require('node:fs').readFileSync(`${process.argv[2]}/manifest.json`, 'utf8'));
+    process.stdout.write(JSON.stringify(Object.fromEntries(trainingBlankShares(manifest))));
+    """
+    done = subprocess.run(["node", "-e", program, str(script), str(bundle)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_training_blank_shares_are_python_s(trained_bundle, incoming_csv, node_example, tmp_path, capsys):
+    """Both take training's share of blank rows from the manifest (preprocessing.numeric[].missing_share),
+    where Node decoded the calibration rows' Parquet footer, and Python read the rows, for the share of
+    other rows. A bundle exported before it: 0 where training had no blank, else unknown to Node (it
+    never warns there), while Python still reads the calibration rows."""
     from pipeline.bundle import Bundle
     from pipeline.unseen import training_missing_shares
 
-    program = """
-    const { trainingBlankShares } = require(process.argv[1]);
-    const bundle = process.argv[2];
-    const manifest = JSON.parse(require('node:fs').readFileSync(`${bundle}/manifest.json`, 'utf8'));
-    process.stdout.write(JSON.stringify(Object.fromEntries(trainingBlankShares(bundle, manifest))));
-    """
-    done = subprocess.run(["node", "-e", program, str(node_example), str(trained_bundle)], capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
     python = training_missing_shares(Bundle.load(trained_bundle))
-    assert json.loads(done.stdout) == python
+    assert node_blank_shares(node_example, trained_bundle) == python
     assert 0 < python["vibration"] < 0.1 and python["temperature"] == 0.0  # not vacuous: both kinds of column
+    # The manifest's number, whatever it is: neither program computes its own.
     bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
-    rows = bundle / "calibration_rows.parquet"
-    data = bytearray(rows.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    rows.write_bytes(bytes(data))
-    with pytest.raises(PipelineError, match="sha256"):
-        Bundle.load(bundle)
-    out = tmp_path / "out.csv"
-    done = run_node(node_example, bundle, incoming_csv, out)
-    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
-    assert done.stderr.startswith(f"error: {rows}: sha256 ") and "does not match the manifest's" in done.stderr
-    assert not out.exists()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    vibration = next(e for e in manifest["preprocessing"]["numeric"] if e["name"] == "vibration")
+    vibration["missing_share"] = 0.25
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert node_blank_shares(node_example, bundle) == training_missing_shares(Bundle.load(bundle)) == {
+        **python, "vibration": 0.25}
+    # A bundle exported before the share was recorded.
+    has_indicator = {}
+    for entry in manifest["preprocessing"]["numeric"]:
+        del entry["missing_share"]
+        has_indicator[entry["name"]] = entry["has_indicator"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    node = node_blank_shares(node_example, bundle)
+    assert node == {name: None if indicator else 0.0 for name, indicator in has_indicator.items()}
+    old = training_missing_shares(Bundle.load(bundle))
+    assert all(old[name] == 0.0 for name, indicator in has_indicator.items() if not indicator)
+    assert 0 < old["vibration"] < 0.1  # Python: the calibration rows' share
+    source = write_rows(tmp_path / "night.csv", *edited_rows(incoming_csv, left_blank, rows=2000))
+    python_lines, node_lines = unseen_warnings_of_both(capsys, node_example, bundle, source, tmp_path, "are blank")
+    assert [line.split("'")[1] for line in python_lines] == ["temperature", "vibration"]
+    assert node_lines == python_lines[:1]  # as documented: unknown, so no warning on 'vibration' from Node
 
 
 def test_a_median_is_written_as_python_writes_it(node_example):

@@ -82,6 +82,29 @@ def test_the_share_of_training_rows_in_the_unknown_bucket_is_recorded(frame):
             Preprocessor.from_dict(raw)
 
 
+def test_the_share_of_training_rows_blank_in_each_numeric_column_is_recorded(frame):
+    """Scoring warns when a numeric column is blank far more often than in training: that share was
+    not in the manifest, so each runtime read it from the calibration rows' Parquet (Node decoded
+    its footer). The share is of the rows fitted on, and 0 exactly where there is no indicator."""
+    x = frame["x"].to_numpy().copy()
+    x[[1, 2, 3]] = np.nan  # besides every 50th row's, the fixture's
+    trained = frame.assign(x=x).iloc[:800]  # the rows fitted on: 16 + 3 blanks
+    pre = fitted(trained)
+    assert pre.numeric[0].missing_share == trained["x"].isna().mean() == 19 / 800
+    assert pre.numeric[0].has_indicator and pre.numeric[1].missing_share == 0.0 and not pre.numeric[1].has_indicator
+    raw = pre.to_dict()
+    assert raw["numeric"][0] == {"name": "x", "median": pre.numeric[0].median, "scale": pre.numeric[0].scale,
+                                 "has_indicator": True, "missing_share": 19 / 800}
+    assert Preprocessor.from_dict(raw) == pre
+    del raw["numeric"][0]["missing_share"]  # a bundle exported before it: training's share is not known
+    assert Preprocessor.from_dict(raw).numeric[0].missing_share is None
+    assert "missing_share" not in Preprocessor.from_dict(raw).to_dict()["numeric"][0]
+    for bad in ("0.1", 1.5, -0.1, True):
+        raw["numeric"][0]["missing_share"] = bad
+        with pytest.raises(TypeError, match=r"^numeric column 'x': 'missing_share' must be a number from 0 to 1, got "):
+            Preprocessor.from_dict(raw)
+
+
 @pytest.mark.parametrize("values, hint", [
     ([f"c{i}" for i in range(1000)], ""),
     ([f"images/{i}.png" for i in range(1000)], r" \(if the rows are image paths, train on images with --image-size\)"),
@@ -207,7 +230,7 @@ def test_a_numeric_column_without_a_value_in_the_training_rows_is_learned_as_alw
     with warnings.catch_warnings(), caplog.at_level("WARNING", logger="vaeguard"):
         warnings.simplefilter("error")  # numpy's RuntimeWarnings too
         pre = fit_preprocessor(table[~held_out], schema, config, "t")
-    assert pre.numeric[schema.numeric.index("rare")] == NumericStats("rare", 0.0, 1.0, True)
+    assert pre.numeric[schema.numeric.index("rare")] == NumericStats("rare", 0.0, 1.0, True, 1.0)
     assert [r.getMessage() for r in caplog.records] == [
         "t: numeric column 'rare' has no value in any of the 998 training rows (its few values all fell in the rows "
         "held out from training), so the model learns it as always blank and nothing from its values; leave the "
@@ -222,7 +245,8 @@ def test_a_numeric_column_without_a_value_in_the_training_rows_is_learned_as_alw
     with warnings.catch_warnings(), caplog.at_level("WARNING", logger="vaeguard"):
         warnings.simplefilter("error")
         one = fit_preprocessor(table.drop(index=59), schema, config, "t")
-    assert one.numeric[schema.numeric.index("rare")] == NumericStats("rare", 1.0, 1.0, True) and not caplog.records
+    assert one.numeric[schema.numeric.index("rare")] == NumericStats("rare", 1.0, 1.0, True, 998 / 999)
+    assert not caplog.records
 
 
 def _mostly_unknown_warnings(caplog, table, **config) -> list[str]:

@@ -1,5 +1,7 @@
 """Unseen categorical values: the counts, the rule that decides a warning, and its line."""
 
+import json
+import shutil
 from collections import Counter
 
 import pandas as pd
@@ -11,10 +13,11 @@ from pipeline.bundle import Bundle
 from pipeline.preprocess import CategoricalStats, NumericStats
 from pipeline.runtime import category_codes
 from pipeline.schema import as_category_array
+from pipeline.splits import split_rows
 from pipeline.unseen import (EXAMPLES_KEPT, MissingCounts, UnseenCounts, file_entries, missing_counts_of, missing_entries,
                              missing_file_entries, training_missing_shares, unseen_counts_of, unseen_entries,
                              unseen_limit)
-from tests.conftest import unknown_bucket_rows
+from tests.conftest import quiet_config, unknown_bucket_rows
 
 
 @pytest.mark.parametrize("stats, values", [
@@ -171,14 +174,40 @@ def test_with_several_inputs_a_file_left_blank_warns_and_is_named_though_the_run
     assert missing_counts_of(entry) == MissingCounts(6000, 762)
 
 
-def test_trainings_blank_share_is_none_where_it_had_no_blank_else_its_calibration_rows_share(trained_bundle):
+def test_trainings_blank_share_is_the_manifests_share_of_the_rows_trained_on(trained_bundle, sensor_frame):
+    """The manifest records it (preprocessing.numeric[].missing_share), so every runtime reads one
+    number; before, each read the calibration rows' Parquet for a share of other rows."""
     bundle = Bundle.load(trained_bundle)
     shares = training_missing_shares(bundle)
+    config = quiet_config()
+    train = split_rows(sensor_frame["label"].to_numpy().astype(int), len(sensor_frame), config.calibration,
+                       config.training, "t").train
+    trained_on = sensor_frame.iloc[train]
+    entries = bundle.manifest["preprocessing"]["numeric"]
+    assert shares == {e["name"]: e["missing_share"] for e in entries}
+    assert shares == {e["name"]: trained_on[e["name"]].isna().mean() for e in entries}
+    assert shares["temperature"] == 0.0 and 0 < shares["vibration"] < 0.1  # both kinds of column
     calibration = pd.read_parquet(trained_bundle / "calibration_rows.parquet")
-    for stats in bundle.preprocessor.numeric:
-        expected = calibration[stats.name].isna().mean() if stats.has_indicator else 0.0
-        assert shares[stats.name] == pytest.approx(expected), stats.name
+    assert shares["vibration"] != calibration["vibration"].isna().mean()  # not the calibration rows' share
+
+
+def test_a_bundle_exported_before_the_share_takes_its_calibration_rows_share(trained_bundle, tmp_path):
+    """A manifest without missing_share, as every bundle before it: 0 where training had no blank, else
+    the share among the calibration rows the bundle keeps, or None (unknown) without them."""
+    bundle = shutil.copytree(trained_bundle, tmp_path / "old")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for entry in manifest["preprocessing"]["numeric"]:
+        del entry["missing_share"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    numeric = Bundle.load(bundle).preprocessor.numeric
+    shares = training_missing_shares(Bundle.load(bundle))
+    calibration = pd.read_parquet(bundle / "calibration_rows.parquet")
+    assert shares == {s.name: calibration[s.name].isna().mean() if s.has_indicator else 0.0 for s in numeric}
     assert shares["temperature"] == 0.0 and 0 < shares["vibration"] < 0.1
+    del manifest["files"]["calibration_rows.parquet"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "calibration_rows.parquet").unlink()
+    assert training_missing_shares(Bundle.load(bundle)) == {s.name: None if s.has_indicator else 0.0 for s in numeric}
 
 
 def test_blank_counts_take_a_null_and_nan_alike():

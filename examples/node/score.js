@@ -116,124 +116,17 @@ function readChecked(bundleDir, manifest, name) {
   return { file, bytes };
 }
 
-const CALIBRATION_ROWS = 'calibration_rows.parquet';
-
 /**
  * Training's share of blank rows per numeric column, as `vaeguard score` takes it
- * (pipeline.unseen.training_missing_shares): 0 where the column got no missing indicator (training
- * had no blank in it); otherwise the share among the calibration rows the bundle keeps, or null
- * (unknown: never warns) in a bundle without them. Those rows are Parquet, which this example does
- * not read; their footer's null count per column is the same number (pandas writes a blank as a
- * null), so only the footer is decoded.
+ * (pipeline.unseen.training_missing_shares): the manifest's `missing_share` of each
+ * preprocessing.numeric entry. A bundle exported before it was recorded says only whether training
+ * had a blank (`has_indicator`): 0 where it had none, otherwise null (unknown: never warns). Python
+ * reads such a bundle's share from its calibration rows, Parquet, which this example does not read.
  */
-function trainingBlankShares(bundleDir, manifest) {
+function trainingBlankShares(manifest) {
   const numeric = (manifest.preprocessing || {}).numeric || [];
-  const shares = new Map(numeric.map((stats) => [stats.name, stats.has_indicator ? null : 0]));
-  const sampled = numeric.filter((stats) => stats.has_indicator).map((stats) => stats.name);
-  if (!sampled.length || !(CALIBRATION_ROWS in (manifest.files || {}))) return shares;
-  const { file, bytes } = readChecked(bundleDir, manifest, CALIBRATION_ROWS);
-  const { rows, nulls } = parquetNullCounts(bytes, file);
-  for (const name of sampled) {
-    if (rows && nulls.get(name) !== undefined) shares.set(name, nulls.get(name) / rows);
-  }
-  return shares;
-}
-
-/**
- * The rows of a Parquet file and each top-level column's null count (undefined where a row group
- * records none), from its footer: FileMetaData (num_rows = 3, row_groups = 4), RowGroup (columns = 1),
- * ColumnChunk (meta_data = 3), ColumnMetaData (path_in_schema = 3, statistics = 12), Statistics
- * (null_count = 3).
- */
-function parquetNullCounts(bytes, file) {
-  const footer = parquetFooter(bytes, file);
-  const nulls = new Map();
-  for (const group of footer.get(4) || []) {
-    for (const chunk of group.get(1) || []) {
-      const meta = chunk.get(3);
-      const names = meta && meta.get(3);
-      if (!names || names.length !== 1) continue;
-      const name = names[0].toString('utf8');
-      const count = meta.has(12) ? meta.get(12).get(3) : undefined;
-      const before = nulls.has(name) ? nulls.get(name) : 0;
-      nulls.set(name, before === undefined || count === undefined ? undefined : before + count);
-    }
-  }
-  return { rows: footer.get(3) || 0, nulls };
-}
-
-/**
- * A Parquet file's FileMetaData, which its last bytes frame (the footer, its length as 4 bytes, "PAR1"),
- * in Thrift's compact protocol, decoded whole: a struct as a Map of field id to value, a list as an
- * Array, binary as a Buffer, an integer as a Number (exact for any count a file can hold).
- */
-function parquetFooter(bytes, file) {
-  const malformed = () => new UserError(`${file}: not a readable Parquet file (its footer ends early or is ` +
-    'malformed); re-export or re-copy the bundle');
-  const n = bytes.length;
-  if (n < 12 || bytes.toString('latin1', n - 4) !== 'PAR1') throw malformed();
-  const end = n - 8;
-  let at = end - bytes.readUInt32LE(end);
-  if (at < 4) throw malformed();
-  const byte = () => {
-    if (at >= end) throw malformed();
-    return bytes[at++];
-  };
-  const varint = () => {
-    let value = 0;
-    for (let scale = 1; scale < 2 ** 70; scale *= 128) {
-      const b = byte();
-      value += (b & 0x7f) * scale;
-      if (b < 0x80) return value;
-    }
-    throw malformed();
-  };
-  const zigzag = () => {
-    const v = varint();
-    return v % 2 ? -(v + 1) / 2 : v / 2;
-  };
-  const skip = (length) => {
-    if (at + length > end) throw malformed();
-    at += length;
-    return bytes.subarray(at - length, at);
-  };
-  // A boolean is its field's type (1 true, 2 false) in a struct, one byte in a list or map.
-  const element = (type) => (type === 1 || type === 2 ? byte() === 1 : value(type));
-  const value = (type) => {
-    switch (type) {
-      case 1: return true;
-      case 2: return false;
-      case 3: return byte();
-      case 4: case 5: case 6: return zigzag();
-      case 7: skip(8); return null; // a double: none is read here
-      case 8: return skip(varint());
-      case 9: case 10: { // list, set
-        const head = byte();
-        const count = head >> 4 === 15 ? varint() : head >> 4;
-        const items = [];
-        for (let i = 0; i < count; i++) items.push(element(head & 15));
-        return items;
-      }
-      case 11: { // map
-        const entries = new Map();
-        const count = varint();
-        const types = count ? byte() : 0;
-        for (let i = 0; i < count; i++) entries.set(element(types >> 4), element(types & 15));
-        return entries;
-      }
-      case 12: { // struct: field headers hold the id as a delta from the last one's, or 0 and the id after it
-        const fields = new Map();
-        for (let id = 0; ;) {
-          const head = byte();
-          if (head === 0) return fields;
-          id = head >> 4 ? id + (head >> 4) : zigzag();
-          fields.set(id, value(head & 15));
-        }
-      }
-      default: throw malformed();
-    }
-  };
-  return value(12);
+  return new Map(numeric.map((stats) => [stats.name,
+    typeof stats.missing_share === 'number' ? stats.missing_share : stats.has_indicator ? null : 0]));
 }
 
 /**
@@ -1254,7 +1147,7 @@ async function main(argv) {
   const manifest = readManifest(bundleDir);
   const inputs = scorerInputs(manifest);
   const { scorerPath, bytes } = readScorer(bundleDir, manifest);
-  const blankShares = trainingBlankShares(bundleDir, manifest);
+  const blankShares = trainingBlankShares(manifest);
   if (!fs.existsSync(inputPath) || !fs.statSync(inputPath).isFile()) {
     throw inputError(`${inputPath}: file not found; check the path`);
   }
