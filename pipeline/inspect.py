@@ -141,12 +141,19 @@ def _unknown_share(entry: dict) -> str:
     return "" if share is None else f"unknown in training {percent(share)}"
 
 
+def _blank_share(entry: dict) -> str:
+    """Training's share of blank rows, which scoring's warning on blank columns is judged against;
+    bundles exported before it was recorded have none."""
+    share = entry.get("missing_share")
+    return "" if share is None else f"blank in training {percent(share)}"
+
+
 def _table_inputs(manifest: dict) -> list[str]:
     schema, pre = manifest["schema"], manifest["preprocessing"]
     lines = [
-        "numeric columns (median, robust scale, missing indicator):",
-        *_table([(s["name"], _fmt(s["median"]), _fmt(s["scale"]), "yes" if s["has_indicator"] else "")
-                 for s in pre["numeric"]]),
+        "numeric columns (median, robust scale, missing indicator, blank share in training):",
+        *_table([(s["name"], _fmt(s["median"]), _fmt(s["scale"]), "yes" if s["has_indicator"] else "",
+                  _blank_share(s)) for s in pre["numeric"]]),
         "categorical columns (kept categories; others map to unknown):",
         *_table([(s["name"], ", ".join(repr(c) for c in s["categories"][:12])
                   + (" ..." if len(s["categories"]) > 12 else ""),

@@ -13,6 +13,7 @@ from pipeline.bundle import Bundle, sha256_file
 from pipeline.cli import main
 from pipeline.errors import BundleError
 from pipeline.inspect import describe_manifest
+from pipeline.unseen import percent
 
 
 @pytest.fixture
@@ -193,6 +194,24 @@ def test_inspect_shows_each_categorical_columns_unknown_share_in_training(bundle
 
     edit_manifest(bundle_copy, unrecorded)
     assert "unknown in training" not in describe_manifest(Bundle.load(bundle_copy).manifest)
+
+
+def test_inspect_shows_each_numeric_columns_blank_share_in_training(bundle_copy):
+    """Scoring warns on blank numeric columns against training's share of blanks; inspect did not show it."""
+    numeric = Bundle.load(bundle_copy).manifest["preprocessing"]["numeric"]
+    shown = describe_manifest(Bundle.load(bundle_copy).manifest).splitlines()
+    rows = {line.split()[0]: line for line in shown if line.strip() and line.split()[0] in {e["name"] for e in numeric}}
+    assert len(rows) == len(numeric) >= 2
+    assert any(e["missing_share"] > 0 for e in numeric)  # the sensor table has blanks in some column
+    for entry in numeric:
+        assert f"blank in training {percent(entry['missing_share'])}" in rows[entry["name"]]
+
+    def unrecorded(manifest):  # a bundle exported before the share was recorded
+        for entry in manifest["preprocessing"]["numeric"]:
+            entry.pop("missing_share")
+
+    edit_manifest(bundle_copy, unrecorded)
+    assert "blank in training" not in describe_manifest(Bundle.load(bundle_copy).manifest)
 
 
 def test_publish_refuses_to_replace_what_is_not_a_bundle(tmp_path):
