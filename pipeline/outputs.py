@@ -135,6 +135,7 @@ def check_scores_target(output: Path, inputs: Iterable[Path | str], bundle: Path
     scoring and the scoring flow share it."""
     check_utf8_path(output, "--output")
     check_utf8_path(bundle, "bundle")
+    output_format(output)  # first: the other checks' advice is moot for a file that can't be written
     check_output_location(output)
     check_not_an_input(output, inputs)
     check_summary_not_anothers(output)

@@ -83,3 +83,13 @@ def test_scoring_again_into_the_same_output_replaces_its_own_summary(capsys, tra
     for _ in range(2):
         code, _, _ = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / "s.csv")
         assert code == 0
+
+
+def test_an_unsupported_output_extension_is_said_before_a_summary_that_is_anothers(capsys, trained_bundle,
+                                                                                  incoming_csv, tmp_path):
+    """Before: `--output e.txt` beside `e.parquet` was told to remove e.parquet, and then only that
+    .txt can't be written."""
+    assert run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / "e.parquet")[0] == 0
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / "e.txt")
+    assert code == 1
+    assert err.splitlines() == [f"error: --output {tmp_path / 'e.txt'}: unsupported extension '.txt'; use .parquet or .csv"]
