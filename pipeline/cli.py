@@ -316,7 +316,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from pipeline.bundle import Bundle
     from pipeline.config import LandingJob, ServeJob
-    from pipeline.landing import check_folders
+    from pipeline.landing import check_folders, output_claimed
 
     # Every value is checked here, before the bundle is read or Prefect is reached. Absolute
     # paths: the scheduled runs start in another working directory.
@@ -326,9 +326,18 @@ def _serve(args: argparse.Namespace) -> None:
     job = ServeJob(landing=landing, cron=args.cron, interval=args.interval, name=args.name, api_wait=args.api_wait)
     bundle = Bundle.load(args.bundle)
     check_folders(args.watch, args.output, args.bundle)
+    if landing.device == "cuda":
+        from pipeline.runtime import create_session
+
+        # `vaeguard score --device cuda`'s own check, once here: where CUDA is not active, every
+        # scheduled run failed on it, file after file, retried each run.
+        create_session(bundle.scorer_path_for("fp32"), "cuda", threads=1, contents=bundle.scorer_bytes("fp32"))
     from flows.serve import serve_landing
 
-    with quiet_console(args.verbose):  # Prefect's records of a lost API connection, without their tracebacks
+    # Claimed from here, not from the first run on: another serve of the output folder is refused at
+    # once. Taken back on the way out if no run wrote into it, so a refused serve leaves nothing.
+    with output_claimed(landing.output, landing.watch), quiet_console(args.verbose):
+        # Prefect's records of a lost API connection, without their tracebacks
         serve_landing(job, bundle.name)
 
 

@@ -46,13 +46,17 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.bundle import sha256_file
 from pipeline.errors import ConfigError, DataError, EmptyInputError, InputFileError, PipelineError, one_line
-from pipeline.outputs import check_utf8_path, summary_path, text_path, write_atomic
+from pipeline.outputs import (check_utf8_path, make_parents, remove_empty_folders, summary_path, text_path,
+                              write_atomic)
+from pipeline.signals import signals_held
 
 log = logging.getLogger("vaeguard")
 
 LEDGER_NAME = "ledger.jsonl"
 LOCK_NAME = ".run.lock"
 CLAIM_NAME = "landing.json"  # which landing folder the output folder serves
+# How long `vaeguard serve` waits for a run holding the output folder's lock to write its claim.
+CLAIM_WAIT_SECONDS = 5.0
 SCORES_DIR = "scores"
 QUARANTINE_DIR = "quarantine"
 DEFAULT_PATTERNS = ("*.csv", "*.csv.gz", "*.parquet", "*.pq")
@@ -551,8 +555,9 @@ def claimed_landing(out_dir: Path) -> Path | None:
                           f"folder serves one landing folder only") from None
 
 
-def claim_output(out_dir: Path, landing_dir: Path) -> None:
-    """Tie OUT_DIR to the landing folder on its first run (OUT_DIR/landing.json); refuse another after.
+def claim_output(out_dir: Path, landing_dir: Path) -> bool:
+    """Tie OUT_DIR to the landing folder on its first run or serve (OUT_DIR/landing.json); refuse
+    another after. True when this call wrote the claim.
 
     The ledger keys a file by its path inside the landing folder: two landing folders scored
     into one output folder each with a day.csv were one key, so the second was never scored,
@@ -565,8 +570,72 @@ def claim_output(out_dir: Path, landing_dir: Path) -> None:
     claimed = claimed_landing(out_dir)
     if claimed is None:
         write_atomic(Path(out_dir) / CLAIM_NAME, json.dumps({"watch": str(landing), "claimed_at": utc_now()}) + "\n")
-    elif claimed != landing:
+        return True
+    if claimed != landing:
         raise _claimed_by(out_dir, claimed, landing_dir)
+    return False
+
+
+@contextmanager
+def output_claimed(out_dir: Path, landing_dir: Path, wait: float = CLAIM_WAIT_SECONDS) -> Iterator[None]:
+    """OUT_DIR claimed for the landing folder (claim_output, under the run lock) while the block
+    runs: `vaeguard serve` from its start-up checks to its stop.
+
+    The first run claimed it, and only then: a second serve of another landing folder into the same
+    output folder, started before that run, passed every start-up check, and each of its runs failed.
+    On the way out, a claim this wrote is taken back, with the lock file and folders it made, where
+    no run wrote anything beside them: a serve refused or stopped before any run leaves the output
+    folder as it found it. A claim that was there (a serve restarted on its landing folder) stays.
+    """
+    out, landing = Path(out_dir), Path(landing_dir).resolve()
+    made, lock_made, wrote = [], False, False
+    try:
+        try:
+            made = make_parents(out / LOCK_NAME)
+            lock_made = not (out / LOCK_NAME).exists()
+            wrote = _claim_when_free(out, landing, wait)
+        except OSError as exc:  # check_folders found it writable: it changed since, or the disk is full
+            raise ConfigError(f"output folder {out_dir} can't be written ({one_line(exc)}); expected a folder this "
+                              f"user can write: fix its permissions or free space, or give another --output") from None
+        yield
+    finally:
+        with signals_held():  # a stop signal must not leave the claim gone and its folder there
+            _take_back(out, wrote, lock_made, made)
+
+
+def _claim_when_free(out: Path, landing: Path, wait: float) -> bool:
+    """claim_output under the run lock; where a run holds the lock, its claim is judged instead."""
+    deadline = time.monotonic() + wait
+    while True:
+        with run_lock(out) as acquired:
+            if acquired:
+                return claim_output(out, landing)
+        # A run claims right after it takes the lock: its claim is there, or is within moments.
+        claimed = claimed_landing(out)
+        if claimed is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if claimed is not None and claimed != landing:
+        raise _claimed_by(out, claimed, landing)
+    return False
+
+
+def _take_back(out: Path, claim: bool, lock: bool, made: list[Path]) -> None:
+    """Remove the claim (``claim``), the lock file (``lock``) and the folders (``made``) that
+    output_claimed made, unless a run wrote into the output folder meanwhile."""
+    if not (claim or lock or made):
+        return
+    try:
+        with run_lock(out) as acquired:
+            if not acquired or set(os.listdir(out)) - {CLAIM_NAME, LOCK_NAME}:
+                return  # a run is in it, or left its ledger, scores or report: they are keyed by the claim
+            if claim:
+                (out / CLAIM_NAME).unlink(missing_ok=True)
+            if lock:
+                (out / LOCK_NAME).unlink(missing_ok=True)
+        remove_empty_folders(made)
+    except OSError as exc:  # what is left says nothing wrong: a later serve of the same folder goes on with it
+        log.debug("could not remove the claim of %s (%s)", out, one_line(exc))
 
 
 def _claimed_by(out_dir: Path, claimed: Path, landing_dir: Path) -> ConfigError:

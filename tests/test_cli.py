@@ -706,3 +706,36 @@ def test_score_refuses_options_it_would_have_ignored(capsys, tmp_path, trained_b
     assert (code, err) == (1, f"error: --maps {tmp_path / 'm'}: bundle {trained_bundle} scores tables, and maps are "
                               f"drawn for image bundles only; leave --maps out\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rows", ["150", "0"])
+def test_demo_with_too_few_rows_is_refused_before_any_file_or_flow(rows, capsys, tmp_path, monkeypatch):
+    """150 rows failed inside the training flow, saying to raise --target-fpr, which demo does not
+    take; 0 rows said "SyntheticSpec.n_rows must be at least 1". The minimum named is the training
+    flow's own: the generated table's normal rows at it pass the flow's check, one row fewer fail it."""
+    import re
+
+    import flows.demo
+    from pipeline.config import PipelineConfig
+    from pipeline.errors import DataError
+    from pipeline.splits import check_enough_rows
+    from pipeline.synthetic import SyntheticSpec, make_sensor_table
+
+    monkeypatch.setattr(flows.demo, "write_table", lambda *args: pytest.fail("wrote the demo's data"))
+    monkeypatch.setattr(flows.demo, "train_flow", lambda job: pytest.fail("ran the training flow"))
+    code, out, err = run_main(capsys, "demo", "--rows", rows, "--out", tmp_path / "exported", "--work",
+                              tmp_path / "work")
+    said = re.fullmatch(rf"error: --rows {rows}: the demo needs at least (\d+) rows \(training and calibrating at "
+                        rf"target FPR 0\.01 takes \d+ normal ones, and 3% of the generated rows are anomalies\); "
+                        rf"pass --rows \1 or more\n", err)
+    assert (code, out) == (1, "") and said, err
+    config, needed = PipelineConfig(), int(said[1])
+
+    def check(n: int) -> None:
+        normal = int((make_sensor_table(SyntheticSpec(n_rows=n, seed=0))["label"] == 0).sum())
+        check_enough_rows(normal, config.calibration, config.training, True, "demo")
+
+    check(needed)
+    with pytest.raises(DataError, match="too few rows"):
+        check(needed - 1)
+    assert list(tmp_path.iterdir()) == []

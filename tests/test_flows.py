@@ -104,6 +104,25 @@ def test_a_failed_score_flow_leaves_no_folder_it_made(flow_bundle, sensor_frame,
         score_flow(ScoreJob(bundle=flow_bundle["bundle"], inputs=(good, bad), output=tmp_path / "new" / "s.parquet"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "good.parquet"]
 
+# The demo through the CLI's own entry point, with the first step inside the training flow failing
+# (too few rows, which did that, is refused before the flow now).
+FAILING_DEMO = """
+import sys
+
+import pipeline.workflow
+from pipeline.cli import main
+from pipeline.errors import DataError
+
+
+def unreadable(path, *args, **kwargs):
+    raise DataError(f"{path}: unreadable table (a failure the test put in the flow)")
+
+
+pipeline.workflow.read_table = unreadable
+sys.exit(main())
+"""
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_demo_that_fails_prints_one_error_line_and_a_traceback_only_with_verbose(tmp_path, verbose):
     """A real process: Prefect's console handler writes to the stderr it found at start-up."""
@@ -113,14 +132,14 @@ def test_demo_that_fails_prints_one_error_line_and_a_traceback_only_with_verbose
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--rows", "100", "--out", "exported",
+    proc = subprocess.run([sys.executable, "-c", FAILING_DEMO, "demo", "--rows", "400", "--out", "exported",
                            "--work", "work", *(["--verbose"] if verbose else [])],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "too few rows" in errors[0], proc.stderr
+    assert errors == ["error: work/train.csv: unreadable table (a failure the test put in the flow)"], proc.stderr
     # Prefect's records of the failed task and flow repeated the error above it; --verbose keeps them.
-    assert (proc.stderr.count("too few rows") == 1) is not verbose, proc.stderr
+    assert (proc.stderr.count("unreadable table") == 1) is not verbose, proc.stderr
     assert ("Task run 'load_and_validate" in proc.stderr) is verbose, proc.stderr
     assert ("Traceback" in proc.stderr) is verbose, proc.stderr
     assert not (tmp_path / "exported").exists()  # the failed run removed the --out folder it made

@@ -5,6 +5,7 @@ of tests/test_flows_landing.py, which serves for real)."""
 import asyncio
 import contextlib
 import http.server
+import json
 import logging
 import os
 import threading
@@ -236,3 +237,134 @@ def test_two_serves_of_one_deployment_started_at_once_serve_it_once(prefect_serv
                  "the first serve to serve", poll=0.5)
         first.stop()
     assert first.returncode == 0, first.output
+
+
+def serve_argv(bundle, watch, out, *options) -> list:
+    return ["serve", bundle, "--watch", watch, "--output", out, "--interval", "60", *options]
+
+
+def test_a_second_serve_of_another_landing_folder_into_one_output_folder_is_refused_at_once(
+        trained_bundle, tmp_path, monkeypatch, capsys):
+    """The first run claimed the output folder, and only then: a second serve started before it
+    passed every check, and each of its runs failed on the claim. Here the second comes while the
+    first serves (Prefect's part stood in for), before any run."""
+    from tests.conftest import run_main
+
+    plant_a, plant_b, out = tmp_path / "plantA", tmp_path / "plantB", tmp_path / "out"
+    plant_a.mkdir(), plant_b.mkdir()
+    served, seen = [], {}
+
+    def serving(job, bundle_name):  # what is seen here is asserted after: the CLI catches every error
+        served.append(job.landing.watch)
+        if job.landing.watch == plant_a and not seen:  # the first serve, serving
+            seen["claim"] = json.loads((out / "landing.json").read_text())["watch"]
+            seen["before"] = {p.name: p.read_bytes() for p in out.iterdir()}
+            seen["second"] = run_main(capsys, *serve_argv(trained_bundle, plant_b, out, "--name", "plant-b"))
+            seen["after"] = {p.name: p.read_bytes() for p in out.iterdir()}
+            # The usual restart of the same landing folder (a serve of it under another name here) goes on.
+            seen["again"] = run_main(capsys, *serve_argv(trained_bundle, plant_a, out, "--name", "plant-a2"))
+
+    monkeypatch.setattr(serve, "serve_landing", serving)
+    code, _, err = run_main(capsys, *serve_argv(trained_bundle, plant_a, out))
+    assert (code, err) == (0, "")
+    assert seen["claim"] == str(plant_a)  # claimed from the start
+    assert seen["second"][::2] == (1, (
+        f"error: output folder {out} serves the landing folder {plant_a}, not {plant_b}: its ledger keys files by "
+        f"their path inside the landing folder, so a file with the same name in both would be scored once; give each "
+        f"landing folder its own --output (and its own --name), or, if the landing folder moved, delete "
+        f"{out / 'landing.json'}\n"))
+    assert seen["after"] == seen["before"]  # the refused serve left nothing
+    assert seen["again"][::2] == (0, "") and served == [plant_a, plant_a]
+    assert not out.exists()  # stopped before any run: the claim and the folder it made are taken back
+
+
+def test_a_serve_restarted_on_its_landing_folder_keeps_its_claim_and_ledger(trained_bundle, tmp_path, monkeypatch,
+                                                                           capsys):
+    from pipeline.landing import claim_output
+    from tests.conftest import run_main
+
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    out.mkdir()
+    claim_output(out, landing)  # as an earlier serve's runs left it
+    (out / "ledger.jsonl").write_text("")
+    claim = (out / "landing.json").read_bytes()
+    served = []
+    monkeypatch.setattr(serve, "serve_landing", lambda job, name: served.append(job.landing.watch))
+    code, _, err = run_main(capsys, *serve_argv(trained_bundle, landing, out))
+    assert (code, err) == (0, "")
+    assert served == [landing]
+    assert (out / "landing.json").read_bytes() == claim
+    assert {p.name for p in out.iterdir()} - {".run.lock"} == {"landing.json", "ledger.jsonl"}
+
+
+def test_a_serve_refused_after_claiming_leaves_no_output_folder(trained_bundle, tmp_path, capsys):
+    from tests.conftest import run_main
+
+    (tmp_path / "landing").mkdir()
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        code, _, err = run_main(capsys, *serve_argv(trained_bundle, tmp_path / "landing", tmp_path / "new" / "out",
+                                                    "--api-wait", "0"))
+    assert code == 1 and err.startswith(f"error: no Prefect API at PREFECT_API_URL={url} (") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["landing"]
+
+
+def test_a_run_holding_the_output_folder_has_its_claim_judged(tmp_path):
+    """A run takes the run lock, then claims: serve waits for that claim rather than the lock,
+    which a run holds as long as it scores."""
+    from pipeline.landing import claim_output, output_claimed, run_lock
+
+    plant_a, plant_b, out = tmp_path / "plantA", tmp_path / "plantB", tmp_path / "out"
+    with run_lock(out) as acquired:
+        assert acquired
+        threading.Timer(0.3, claim_output, (out, plant_a)).start()  # the run's claim, a moment after its lock
+        began = time.monotonic()
+        with pytest.raises(ConfigError, match=f"serves the landing folder {plant_a}, not {plant_b}"):
+            with output_claimed(out, plant_b):
+                pytest.fail("served")
+        assert 0.3 <= time.monotonic() - began < 3
+        with output_claimed(out, plant_a):
+            pass
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock", "landing.json"]  # the run's claim stays
+
+
+def test_serve_device_cuda_where_cuda_is_not_active_is_refused_before_prefect(trained_bundle, tmp_path,
+                                                                             monkeypatch, capsys):
+    """Each scheduled run failed on it instead, file after file. The line is `vaeguard score`'s."""
+    from pipeline.bundle import Bundle
+    from pipeline.errors import DeviceError
+    from pipeline.runtime import create_session
+    from tests.conftest import run_main
+
+    bundle = Bundle.load(trained_bundle)
+    try:
+        create_session(bundle.scorer_path, "cuda", threads=1)
+    except DeviceError as exc:
+        expected = f"error: {exc}\n"
+    else:
+        pytest.skip("CUDA is active here")
+    (tmp_path / "landing").mkdir()
+    monkeypatch.setattr(serve, "serve_landing", lambda job, name: pytest.fail("served"))
+    code, _, err = run_main(capsys, *serve_argv(trained_bundle, tmp_path / "landing", tmp_path / "out",
+                                                "--device", "cuda"))
+    assert (code, err) == (1, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["landing"]
+
+
+def test_an_output_folder_that_cannot_take_the_claim_is_one_line_and_left_as_found(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.landing
+    from pipeline.landing import output_claimed
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.landing, "write_atomic", full)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ConfigError, match=rf"^output folder {out} can't be written \(\[Errno 28\] No space left on "
+                                          rf"device\); expected a folder this user can write: .* another --output$"):
+        with output_claimed(out, tmp_path / "landing"):
+            pytest.fail("served")
+    assert list(tmp_path.iterdir()) == []
