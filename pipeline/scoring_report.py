@@ -89,9 +89,12 @@ def scoring_sections(job: ScoreJob) -> list[Section]:
                     calibration.scores, calibration.threshold, calibration.target_fpr, scored=scores))]),
         Section("Anomaly rate", tables=[("Flagged rows against the target false-positive rate", facts_table(rate))]),
         Section("Drift", "Population stability index (PSI) and Kolmogorov-Smirnov statistic of the scores "
-                "against the calibration scores; PSI above 0.25 usually means the data changed.",
+                "against the calibration scores; PSI above 0.25 usually means the data changed, and alerts where "
+                "so high a PSI is also unlikely with no drift (p below 0.001: on few rows it often is not)."
+                + "".join(f"\n\n{note}" for note in drift.not_judged),
                 alert="\n".join([*drift.alerts, *input_warnings(job.output)]),
-                tables=[("", facts_table({"PSI": _fmt(drift.psi), "KS statistic": _fmt(drift.ks_statistic),
+                tables=[("", facts_table({"PSI": _fmt(drift.psi), "PSI p-value with no drift": _fmt(drift.psi_p_value),
+                                          "KS statistic": _fmt(drift.ks_statistic),
                                           "KS p-value": _fmt(drift.ks_p_value)}))]),
     ]
     top = np.argsort(-scores, kind="stable")[:TOP_ANOMALIES]
@@ -231,4 +234,4 @@ def summary_markdown(job: ScoreJob) -> str:
              f"| median score (calibration median) | {np.median(scored['score']):.4g} "
              f"({np.median(calibration.scores):.4g}) |"]
     alerts = [*drift.alerts, *input_warnings(job.output)]
-    return "\n".join(lines + [f"\n**Alert:** {alert}" for alert in alerts])
+    return "\n".join(lines + [f"\n{note}" for note in drift.not_judged] + [f"\n**Alert:** {alert}" for alert in alerts])

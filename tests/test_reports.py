@@ -3,6 +3,7 @@ in a real headless Chromium with every image loaded."""
 
 from __future__ import annotations
 
+import html
 import shutil
 from pathlib import Path
 
@@ -462,6 +463,22 @@ def test_scoring_report_of_undecodable_and_dollar_file_names(image_bundle, tmp_p
         picture.unlink()  # scored, then moved away before the report was rebuilt
     (last,) = [s for s in scoring_sections(ScoreJob(image_bundle, (folder,), out)) if s.title == "Most anomalous images"]
     assert not last.figures and "None of the 4 highest-scoring images could be read again" in last.text
+
+
+def test_scoring_report_says_when_a_batch_was_too_small_to_judge_drift(trained_bundle, incoming_csv, tmp_path):
+    """A one-row batch can't reach either limit, whatever it holds; the report said nothing of it,
+    and its lack of an alert read as a calm batch."""
+    from pipeline.scoring_report import summary_markdown
+
+    data = tmp_path / "hour.csv"
+    pd.read_csv(incoming_csv).head(1).to_csv(data, index=False)
+    out = tmp_path / "scores.parquet"
+    assert main(["score", str(trained_bundle), str(data), "--output", str(out), "--device", "cpu", "--report"]) == 0
+    job = ScoreJob(trained_bundle, (data,), out)
+    notes = [paragraph for paragraph in scoring_sections(job)[2].text.split("\n\n") if "not judged" in paragraph]
+    assert [n.split(":")[0] for n in notes] == ["anomaly rate not judged", "PSI not judged"]
+    page, markdown = (tmp_path / "scores.report.html").read_text(), summary_markdown(job)
+    assert all(html.escape(note, quote=False) in page and f"\n{note}" in markdown for note in notes)
 
 
 def test_each_drift_alert_is_its_own_paragraph(tmp_path):
