@@ -28,7 +28,7 @@ from pipeline.calibrate import stored_fpr_range
 from pipeline.config import ScoreJob, show_progress
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, OUTPUT_NAMES
 from pipeline.errors import ConfigError, DataError
-from pipeline.images import ImageSpec, iter_image_batches, list_images, searched_by, text_path, write_errors
+from pipeline.images import ImageNotes, ImageSpec, iter_image_batches, list_images, searched_by, text_path, write_errors
 from pipeline.outputs import (OutputWriter, StagedOutputs, check_location, check_outside_bundle, check_scores_target,
                               figures_dir, missing_parents, remove_empty_folders, report_path, same_file,
                               stage_report_removal, summary_path)
@@ -87,7 +87,9 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                 for path, source in sources:
                     file_summary = FileSummary(str(path), target_fpr=summary.target_fpr)
                     file_started = time.perf_counter()
-                    for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH)):
+                    notes = ImageNotes()  # warnings about images that were scored, said once per input
+                    for images, names, bad in iter_image_batches(source, spec, min(job.batch_size, MAX_IMAGE_BATCH),
+                                                                 notes):
                         raise_deferred()
                         errors += bad
                         file_summary.skipped += len(bad)
@@ -114,6 +116,7 @@ def score_images(job: ScoreJob) -> ScoreSummary:
                         file_summary.rows += len(names)
                         file_summary.anomalies += int(outputs["is_anomaly"].sum())
                         progress.update(len(names))
+                    notes.log(text_path(str(path)))
                     file_summary.seconds = time.perf_counter() - file_started
                     summary.files.append(file_summary)
                     summary.rows += file_summary.rows

@@ -23,7 +23,7 @@ from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES, IR_VERSION, OPSET
 from pipeline.errors import ConfigError, DataError
 from pipeline.export import export_image_encoder_decoder, export_image_scorer, set_metadata, write_calibrated_scorer
 from pipeline.image_model import ConvVAE
-from pipeline.images import ImageSource, ImageSpec, iter_image_batches, list_images, searched_by
+from pipeline.images import ImageNotes, ImageSource, ImageSpec, iter_image_batches, list_images, searched_by
 from pipeline.images import load_images as read_images  # `load_images` is this module's step
 from pipeline.precision import IMAGE_CHUNK, score_in_chunks
 from pipeline.runtime import create_session
@@ -75,12 +75,14 @@ def load_images(job: ImageTrainJob, run: RunDir) -> dict:
     # not twice the whole set.
     stored = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(len(source), *spec.shape))
     names, errors = [], []
-    for images, ok, bad in iter_image_batches(source, spec, _load_batch(spec)):
+    notes = ImageNotes()  # warnings about images that were loaded, said once for the whole set
+    for images, ok, bad in iter_image_batches(source, spec, _load_batch(spec), notes):
         stored[len(names):len(names) + len(ok)] = images
         names += ok
         errors += bad
     stored.flush()
     del stored
+    notes.log(str(job.data))
     if spec.channels == 1:
         _warn_colour(job, source, spec)
     for item, reason in errors:
@@ -152,7 +154,8 @@ def _warn_colour(job: ImageTrainJob, source: ImageSource, spec: ImageSpec, sampl
     else:
         step = max(1, len(source) // sample)
         picked = ImageSource(items=source.items[::step][:sample], kind=source.kind, origin=source.origin)
-    images, names, _ = read_images(picked, ImageSpec(size=spec.size, channels=3))
+    # Its notes are dropped: these images were just loaded, and what they warned about said then.
+    images, names, _ = read_images(picked, ImageSpec(size=spec.size, channels=3), notes=ImageNotes())
     # Mean spread between an image's channels: 0 for gray stored as RGB, a few levels for JPEG noise.
     spread = (images.max(axis=1) - images.min(axis=1)).mean(axis=(1, 2))
     colour = int((spread > COLOUR_SPREAD).sum())

@@ -17,14 +17,15 @@ import csv
 import io
 import logging
 import os
+import re
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ConfigError, DataError, InputFileError, one_line
 from pipeline.outputs import text_path  # noqa: F401  (also imported from here)
@@ -105,6 +106,37 @@ class ImageSource:
         if self.kind == "npy":
             return f"{self.origin.name}{item[len(str(self.origin)):]}"
         return item
+
+
+@dataclass
+class ImageNotes:
+    """Warnings about images that were read and used, not skipped, gathered over a run.
+
+    Each image's warning is one line naming it; a run logs one line per kind of warning, the
+    first image's line when only one has it, else a count with an example (every image with
+    --verbose), so a folder of thousands of camera JPEGs with broken EXIF is not thousands of lines.
+    """
+
+    found: dict[str, list[str]] = field(default_factory=dict)  # kind (a key of _NOTE_KINDS) -> lines
+
+    def add(self, kind: str, line: str) -> None:
+        self.found.setdefault(kind, []).append(line)
+
+    def log(self, where: str) -> None:
+        """Log what was gathered for the input ``where`` and forget it."""
+        for kind, lines in self.found.items():
+            if len(lines) == 1:
+                log.warning("%s", lines[0])
+                continue
+            for line in lines:
+                log.debug("%s", line)
+            log.warning("%s: %s images %s (each with --verbose), e.g. %s", where, f"{len(lines):,}", _NOTE_KINDS[kind],
+                        lines[0])
+        self.found.clear()
+
+
+_NOTE_KINDS = {"pixels": "over Pillow's pixel limit", "exif": "with corrupt EXIF data",
+               "pillow": "that Pillow warned about"}
 
 
 def is_image_input(path: Path, path_column: str = "path") -> bool:
@@ -255,8 +287,7 @@ def _list_npy(path: Path) -> ImageSource:
         raise DataError(f"{path}: array of shape {shape} is not a stack of images; expected (N, H, W), "
                         f"(N, H, W, C) or (N, C, H, W) with C = 1 or 3")
     if array.dtype.kind not in "uif":
-        raise DataError(f"{path}: array of dtype {array.dtype} is not pixel data; "
-                        f"save uint8 values in 0..255 or floats in 0..1")
+        raise DataError(f"{path}: array of dtype {array.dtype} is not pixel data; {_PIXEL_DTYPES}")
     if shape[0] == 0:
         raise DataError(f"{path}: the array holds no images (shape {shape}); expected at least one")
     # Zero-sized images would load as all-black ones (PIL resizes nothing to zeros), not fail.
@@ -266,22 +297,45 @@ def _list_npy(path: Path) -> ImageSource:
     return ImageSource(items=[f"{path}[{i}]" for i in range(shape[0])], kind="npy", origin=path, layout=layout)
 
 
+_PIXEL_DTYPES = "save uint8 values in 0..255 or floats in 0..1 (any integer or float dtype, in those ranges)"
+
+
 def _open_npy(path: Path) -> np.ndarray:
     # Memory-mapped so a large array is read one batch at a time, not whole.
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
+        # numpy.save writes arrays of Python objects too (pickled), which cannot be memory-mapped;
+        # "save it with numpy.save" would then be no help to someone who did.
+        dtype = _npy_dtype(path)
+        if dtype is not None and dtype.hasobject:
+            # Most often images of different sizes put in one array, which numpy can only hold as objects.
+            raise DataError(f"{path}: holds Python objects (dtype {dtype}), not pixel values; {_PIXEL_DTYPES}; "
+                            f"images of different sizes can't make one such array: save them as image files in a "
+                            f"folder, or resize them to one size and numpy.stack them") from exc
         raise InputFileError(f"{path}: could not be read as a .npy array: {one_line(exc)}; "
                              f"save it with numpy.save") from exc
 
 
-def load_images(source: ImageSource, spec: ImageSpec, start: int = 0, stop: int | None = None
-                ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+def _npy_dtype(path: Path) -> np.dtype | None:
+    """The dtype a .npy file's header declares, or None where the header can't be read."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return read(handle)[2]
+    except (ValueError, OSError, EOFError):
+        return None
+
+
+def load_images(source: ImageSource, spec: ImageSpec, start: int = 0, stop: int | None = None,
+                notes: ImageNotes | None = None) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """Load ``source.items[start:stop]`` as float32 [n_ok, channels, size, size] in [0, 1].
 
     Returns the images, the names of the items that loaded, and (item, reason) for those that
     did not; those are skipped, never raised. Other sizes or modes than the spec's are
-    converted, never an error.
+    converted, never an error. Warnings about images that loaded go to ``notes`` for the caller
+    to log once for a whole run; without it they are logged for these items before returning.
     """
     # A truncated image must be reported, not padded with grey: that flag makes PIL hide it.
     # This module never sets it; refuse to run if other code in the process did.
@@ -292,20 +346,24 @@ def load_images(source: ImageSource, spec: ImageSpec, start: int = 0, stop: int 
     out = np.empty((len(items), *spec.shape), dtype=np.float32)
     ok: list[str] = []
     errors: list[tuple[str, str]] = []
+    own_notes = notes is None
+    notes = ImageNotes() if notes is None else notes
     if source.kind == "npy":
         pictures = _npy_pictures(source, start, stop)
     else:
-        pictures = (_read_file(item) for item in items)
+        pictures = (_read_file(item, notes) for item in items)
     for item, picture in zip(items, pictures):
         if isinstance(picture, str):
             errors.append((item, picture))
             continue
         out[len(ok)] = _to_array(picture, spec)
         ok.append(item)
+    if own_notes:
+        notes.log(text_path(str(source.origin)))
     return out[:len(ok)], ok, errors
 
 
-def iter_image_batches(source: ImageSource, spec: ImageSpec, batch_size: int
+def iter_image_batches(source: ImageSource, spec: ImageSpec, batch_size: int, notes: ImageNotes | None = None
                        ) -> Iterator[tuple[np.ndarray, list[str], list[tuple[str, str]]]]:
     """``load_images`` over consecutive slices of ``batch_size`` items, so memory stays bounded.
 
@@ -314,7 +372,7 @@ def iter_image_batches(source: ImageSource, spec: ImageSpec, batch_size: int
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"image batch size must be a positive integer, got {batch_size!r}")
     for start in range(0, len(source.items), batch_size):
-        yield load_images(source, spec, start, start + batch_size)
+        yield load_images(source, spec, start, start + batch_size, notes)
 
 
 def write_errors(errors: list[tuple[str, str]], path: Path) -> None:
@@ -334,21 +392,20 @@ def write_errors(errors: list[tuple[str, str]], path: Path) -> None:
         temp.unlink(missing_ok=True)
 
 
-def _read_file(item: str) -> Image.Image | str:
-    """The decoded image, or a short reason why it could not be decoded."""
+def _read_file(item: str, notes: ImageNotes) -> Image.Image | str:
+    """The decoded image, or a short reason why it could not be decoded; warnings about an image
+    that was decoded go to ``notes``."""
     try:
         if os.path.getsize(item) == 0:
             return "empty file (0 bytes)"
-        with warnings.catch_warnings():
-            # Pillow's own warning for a large image spans two lines and does not name the file.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Pillow's own warnings (a large image, corrupt EXIF) span two lines, name a file of Pillow's
+        # and not the image, and come once per image: caught here, they become notes naming the image.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below, with the sizes
             with Image.open(item) as opened:
                 # load() decodes every pixel now, so a truncated file fails here and not later.
                 opened.load()
-                if Image.MAX_IMAGE_PIXELS and opened.width * opened.height > Image.MAX_IMAGE_PIXELS:
-                    log.warning("%s: %s x %s pixels, more than Pillow's limit of %s; decoded, but an image over "
-                                "%s pixels is skipped", text_path(item), opened.width, opened.height,
-                                f"{Image.MAX_IMAGE_PIXELS:,}", f"{2 * Image.MAX_IMAGE_PIXELS:,}")
                 if opened.mode == "F":
                     # Float pixels have no agreed range (0..1? 0..255?); guessing turns a whole set black.
                     return "32-bit float pixels (mode F) have no fixed range; save the image as 8-bit or 16-bit"
@@ -357,7 +414,14 @@ def _read_file(item: str) -> Image.Image | str:
                     # TIFF holding 0..255 was scaled so too, and came out almost black, with no word.
                     return "32-bit integer pixels (mode I) have no fixed range; save the image as 8-bit or 16-bit"
                 # Camera JPEGs store rotation as a tag; apply it so the model sees what viewers show.
-                return ImageOps.exif_transpose(opened)
+                orientation = opened.getexif().get(ExifTags.Base.Orientation)
+                picture = ImageOps.exif_transpose(opened)
+                if Image.MAX_IMAGE_PIXELS and opened.width * opened.height > Image.MAX_IMAGE_PIXELS:
+                    notes.add("pixels", f"{text_path(item)}: {opened.width} x {opened.height} pixels, more than "
+                                        f"Pillow's limit of {Image.MAX_IMAGE_PIXELS:,}; decoded, but an image over "
+                                        f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels is skipped")
+        _note_pillow_warnings(item, [str(w.message) for w in caught], orientation, notes)
+        return picture
     except FileNotFoundError:
         try:  # a broken link: `ls` shows it, so "file not found" alone would puzzle
             return f"a link to {text_path(os.readlink(item))}, which does not exist"
@@ -375,6 +439,25 @@ def _read_file(item: str) -> Image.Image | str:
     # them means "this one file is bad", which must not stop the run.
     except Exception as exc:  # noqa: BLE001
         return one_line(exc)
+
+
+def _note_pillow_warnings(item: str, messages: list[str], orientation: object, notes: ImageNotes) -> None:
+    """One note per kind for what Pillow warned about while reading ``item`` (often several warnings)."""
+    exif = [m for m in messages if "exif" in m.lower()]
+    if exif:
+        # Pillow keeps the EXIF tags read before the damage and drops the rest, so the orientation
+        # (what exif_transpose applies) may have been read or lost.
+        detail = re.sub(r"^(possibly )?corrupt exif( makernote)? data\.\s*", "", " ".join(exif[0].split()),
+                        flags=re.IGNORECASE).rstrip(". ")
+        detail = detail[:1].lower() + detail[1:]
+        applied = (f"its orientation ({orientation}) was read before the damage and applied" if orientation is not None
+                   else "no orientation could be read from it, so it is used as stored, not rotated")
+        notes.add("exif", f"{text_path(item)}: corrupt EXIF data ({detail}); {applied}; to repair it, save it "
+                          f"again without EXIF, turned as it should appear")
+    other = [m for m in messages if m not in exif]
+    if other:
+        notes.add("pillow", f"{text_path(item)}: Pillow warned while reading it: {' '.join(other[0].split())}; "
+                            f"it is used as decoded: check that it looks right, or save it again")
 
 
 def _wider_than_16_bits(picture: Image.Image) -> bool:
@@ -399,7 +482,7 @@ def _npy_pictures(source: ImageSource, start: int, stop: int | None) -> Iterator
     if bad.any():
         where = tuple(np.argwhere(bad)[0])
         raise DataError(f"{source.origin}: image {start + int(where[0])} has value {block[where].item():.6g}, outside "
-                        f"0..{high} for dtype {block.dtype}; save uint8 values in 0..255 or floats in 0..1")
+                        f"0..{high} for dtype {block.dtype}; {_PIXEL_DTYPES}")
     # Back to 8-bit pixels so an array and the files it was made from go through PIL identically;
     # floats that came from x / 255 round-trip exactly.
     pixels = np.rint(block * 255.0).astype(np.uint8) if is_float else block.astype(np.uint8)

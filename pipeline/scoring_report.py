@@ -24,7 +24,7 @@ from pipeline.config import ScoreJob
 from pipeline.contract import IMAGE_INPUT, IMAGE_OUTPUT_NAMES
 from pipeline.drift import drift_report
 from pipeline.errors import InputFileError
-from pipeline.images import ImageSource, ImageSpec, list_images, load_images, text_path
+from pipeline.images import ImageNotes, ImageSource, ImageSpec, list_images, load_images, text_path
 from pipeline.outputs import output_format, report_path, summary_path
 from pipeline.plots import feature_contributions, image_grid, score_histogram
 from pipeline.preprocess import Preprocessor
@@ -174,7 +174,8 @@ def _top_images(bundle: Bundle, job: ScoreJob, top: pd.DataFrame) -> Section:
             unread.append(f"{text}: no longer among the inputs")
             continue
         source, index = where[text]
-        loaded, ok, bad = load_images(source, spec, index, index + 1)
+        # Scoring warned about these images already: a throwaway ImageNotes keeps it to once.
+        loaded, ok, bad = load_images(source, spec, index, index + 1, notes=ImageNotes())
         if ok:
             images.append(loaded[0])
             names.append(text)

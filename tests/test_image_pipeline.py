@@ -393,6 +393,25 @@ def test_other_sizes_and_modes_score_without_error(capsys, tmp_path, texture_bun
     assert by_name["rgb_24.png"] == by_name["gray_24.png"]
 
 
+@pytest.mark.parametrize("report", [False, True], ids=["plain", "report"])
+def test_an_image_with_corrupt_exif_is_scored_with_one_warning_line_naming_it(capsys, tmp_path, texture_bundle,
+                                                                              report):
+    """Scoring printed Pillow's two-line warning, naming Pillow's own file and not the image; the
+    report, reading the top images again, warned a second time."""
+    folder = tmp_path / "camera"
+    save_png(folder / "good.png", textures(1, seed=9)[0])
+    exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06"  # cut short
+    Image.fromarray(np.rint(textures(1, seed=10)[0] * 255).astype(np.uint8)).save(folder / "bad.jpg", exif=exif)
+    output = tmp_path / "scores.csv"
+    code, _, err = run_main(capsys, "score", texture_bundle, folder, "--output", output, "--device", "cpu",
+                            *(["--report"] if report else []))
+    assert code == 0, err
+    assert sorted(pd.read_csv(output)["path"]) == [str(folder / "bad.jpg"), str(folder / "good.png")]
+    [line] = err.splitlines()
+    assert line.startswith(f"warning: {folder / 'bad.jpg'}: corrupt EXIF data (expecting to read 12 bytes but only "
+                           f"got 10); no orientation could be read from it, so it is used as stored, not rotated; ")
+
+
 # --- 5. ONNX parity -------------------------------------------------------------------------
 
 PARITY_BATCHES = [1, 7, 64]

@@ -17,8 +17,8 @@ from PIL import Image, ImageFile
 from pipeline.config import CalibrationConfig, ImageTrainJob, PipelineConfig, TrainingConfig
 from pipeline.errors import ConfigError, DataError, InputFileError
 from pipeline.image_workflow import run_image_training
-from pipeline.images import (IMAGE_SUFFIXES, ImageSpec, is_image_input, iter_image_batches, list_images,
-                             load_images, text_path, write_errors)
+from pipeline.images import (IMAGE_SUFFIXES, ImageNotes, ImageSpec, is_image_input, iter_image_batches,
+                             list_images, load_images, text_path, write_errors)
 
 
 def _pixels(seed: int, height: int = 12, width: int = 10, channels: int = 3) -> np.ndarray:
@@ -82,6 +82,74 @@ def test_a_large_image_warns_in_one_line_that_names_it(tmp_path, monkeypatch, ca
     assert [(Path(item).name, reason.split(":")[0]) for item, reason in errors] == [("huge.png", "too many pixels")]
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(large)]
     assert "12 x 12 pixels" in caplog.records[0].getMessage() and "\n" not in caplog.records[0].getMessage()
+
+
+# A big-endian EXIF block whose entry count says 5 but whose bytes end inside the first entry
+# (an orientation tag): Pillow warns "Corrupt EXIF data" and reads no tag at all.
+CORRUPT_EXIF = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06"
+# Two entries: a whole orientation tag (6: turn 90 degrees clockwise), then one cut short.
+ORIENTATION_THEN_CORRUPT = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x02"
+                            b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x01\x1a\x00\x05")
+
+
+def _no_python_warnings(record: list) -> None:
+    assert [str(w.message) for w in record] == []
+
+
+def test_corrupt_exif_is_one_line_naming_the_image_which_is_used(tmp_path, caplog, recwarn):
+    """Pillow's warning (two lines naming Pillow's file, not the image) became one line naming the image,
+    saying truthfully whether its orientation was applied; the image is still loaded."""
+    pixels = _pixels(3, 16, 16, channels=1)
+    bad = _save(tmp_path / "bad" / "a.jpg", Image.fromarray(pixels, mode="L"), exif=CORRUPT_EXIF)
+    turned = _save(tmp_path / "turned" / "b.jpg", Image.fromarray(pixels, mode="L"), exif=ORIENTATION_THEN_CORRUPT)
+    plain = _save(tmp_path / "plain" / "c.jpg", Image.fromarray(pixels, mode="L"))
+    loaded, lines = [], []
+    for path in (bad, turned, plain):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="vaeguard"):
+            images, names, errors = load_images(list_images(path.parent), ImageSpec(size=16))
+        assert names == [str(path)] and errors == []
+        loaded.append(images[0, 0])
+        lines.append([r.getMessage() for r in caplog.records])
+    _no_python_warnings(recwarn.list)
+    assert [len(said) for said in lines] == [1, 1, 0] and not any("\n" in said[0] for said in lines[:2])
+    assert lines[0][0].startswith(f"{bad}: corrupt EXIF data (expecting to read 12 bytes but only got 10); no "
+                                  f"orientation could be read from it, so it is used as stored, not rotated; ")
+    assert lines[1][0].startswith(f"{turned}: corrupt EXIF data (expecting to read 12 bytes but only got 4); its "
+                                  f"orientation (6) was read before the damage and applied; ")
+    # What was said is what happened: the same JPEG pixels, as stored and turned clockwise.
+    np.testing.assert_array_equal(loaded[0], loaded[2])
+    np.testing.assert_array_equal(loaded[1], np.rot90(loaded[2], k=-1))
+
+
+def test_many_images_with_corrupt_exif_are_one_warning_with_each_under_verbose(tmp_path, caplog, recwarn):
+    for i in range(3):
+        _save(tmp_path / "set" / f"{i}.jpg", Image.fromarray(_pixels(i, 8, 8, channels=1), mode="L"),
+              exif=CORRUPT_EXIF)
+    notes = ImageNotes()
+    with caplog.at_level(logging.DEBUG, logger="vaeguard"):
+        loaded = [names for _, names, _ in iter_image_batches(list_images(tmp_path / "set"), ImageSpec(size=8), 2,
+                                                              notes)]
+        assert caplog.records == []  # said once for the whole run, by its caller
+        notes.log("set")
+    _no_python_warnings(recwarn.list)
+    assert sum(map(len, loaded)) == 3
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"set: 3 images with corrupt EXIF data (each with --verbose), e.g. "
+                              f"{tmp_path / 'set' / '0.jpg'}: corrupt EXIF data")
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 3
+
+
+def test_an_npy_of_python_objects_says_so_and_what_it_must_hold(tmp_path):
+    """It said "could not be read as a .npy array: ...; save it with numpy.save", which is how it was saved."""
+    path = tmp_path / "ragged.npy"
+    np.save(path, np.array([np.zeros((4, 4)), np.zeros((5, 5))], dtype=object))
+    with pytest.raises(DataError) as raised:
+        list_images(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: holds Python objects (dtype object), not pixel values; save uint8 values in "
+                              f"0..255 or floats in 0..1")
+    assert "numpy.save" not in message and "\n" not in message
 
 
 def test_hidden_and_other_files_are_ignored_and_order_is_sorted(tmp_path):
@@ -414,6 +482,19 @@ def test_csv_listing_an_image_twice_warns(tmp_path, caplog):
         _train(index, tmp_path / "out", path_column="path")
     [warning] = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
     assert "1 image(s) listed more than once, e.g. " in warning and "img_007.png" in warning
+
+
+def test_training_warns_once_about_images_with_corrupt_exif_and_trains_on_them(tmp_path, caplog, recwarn):
+    """Training printed Pillow's two-line warning twice (loading, then the colour check)."""
+    folder = _gray_folder(tmp_path / "set", ENOUGH - 2)
+    for name in ("zz_a.jpg", "zz_b.jpg"):
+        _save(folder / name, Image.fromarray(_pixels(7, channels=1), mode="L"), exif=CORRUPT_EXIF)
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        facts = _train(folder, tmp_path / "out")
+    _no_python_warnings(recwarn.list)
+    assert facts["load_images"] == {"images": ENOUGH, "skipped": 0}
+    [warning] = [r.getMessage() for r in caplog.records if "EXIF" in r.getMessage()]
+    assert warning.startswith(f"{folder}: 2 images with corrupt EXIF data (each with --verbose), e.g. {folder}/zz_a.jpg")
 
 
 def test_an_image_set_larger_than_memory_fails_before_loading(tmp_path, monkeypatch):
