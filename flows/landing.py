@@ -39,6 +39,7 @@ from pipeline.landing import (
     LandingRunError,
     Ledger,
     check_folders,
+    check_table_bundle,
     claim_output,
     name_fault,
     output_path,
@@ -127,7 +128,9 @@ def _landing_run(bundle, watch, output, settle_seconds, device, batch_size, rate
                      batch_size=batch_size, max_psi=max_psi, rate_p_value=rate_p_value)
     bundle, watch, output = job.bundle, job.watch, job.output
     check_folders(watch, output, bundle)
-    manifest = Bundle.load(bundle).manifest  # a corrupted bundle fails the run before any file moves
+    loaded = Bundle.load(bundle)  # a corrupted bundle fails the run before any file moves
+    check_table_bundle(loaded)  # so does one that scores images, not the tables landed here
+    manifest = loaded.manifest
     with contextlib.ExitStack() as stack:
         try:
             output.mkdir(parents=True, exist_ok=True)
@@ -166,6 +169,8 @@ def _landing_run(bundle, watch, output, settle_seconds, device, batch_size, rate
                          DriftLimits(rate_p_value=job.rate_p_value, max_psi=job.max_psi))
     for alert in drift.alerts:
         logger.warning("drift alert: %s", alert)
+    for note in drift.not_judged:  # a quiet small run is not a calm one
+        logger.info("drift: %s", note)
     report = {"finished_at": datetime.now(timezone.utc).isoformat(), "bundle": str(bundle),
               "version": manifest["version"], "files": files, "drift": drift.to_dict(), "alert": drift.alert}
     stamp = report["finished_at"].replace(":", "").replace("-", "")
@@ -236,8 +241,9 @@ def run_markdown(report: dict, target_fpr: float) -> str:
         f"- rows {drift['rows']:,}, anomalies {drift['anomalies']:,}: rate {fmt(drift['observed_rate'], '.3%')} "
         f"against target FPR {target_fpr:.3%} (p = {fmt(drift['calibrated_p_value'], '.3g')} given the "
         f"calibration sample; plain binomial p = {fmt(drift['rate_p_value'], '.3g')})",
-        f"- score drift: PSI {fmt(drift['psi'], '.3f')}, KS {fmt(drift['ks_statistic'], '.3f')} "
-        f"(p = {fmt(drift['ks_p_value'], '.3g')})",
+        f"- score drift: PSI {fmt(drift['psi'], '.3f')} (p = {fmt(drift['psi_p_value'], '.2g')} with no drift), "
+        f"KS {fmt(drift['ks_statistic'], '.3f')} (p = {fmt(drift['ks_p_value'], '.3g')})",
+        *[f"- {note}" for note in drift["not_judged"]],
         *[f"- **alert**: {a}" for a in drift["alerts"]],
         *[f"- {text_path(f['file'])} {f['status']}: {f['reason']}" for f in report["files"] if f.get("reason")],
     ]

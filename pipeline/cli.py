@@ -316,7 +316,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from pipeline.bundle import Bundle
     from pipeline.config import LandingJob, ServeJob
-    from pipeline.landing import check_folders, output_claimed
+    from pipeline.landing import check_folders, check_table_bundle, output_claimed
 
     # Every value is checked here, before the bundle is read or Prefect is reached. Absolute
     # paths: the scheduled runs start in another working directory.
@@ -325,6 +325,7 @@ def _serve(args: argparse.Namespace) -> None:
                          rate_p_value=args.rate_p_value)
     job = ServeJob(landing=landing, cron=args.cron, interval=args.interval, name=args.name, api_wait=args.api_wait)
     bundle = Bundle.load(args.bundle)
+    check_table_bundle(bundle)
     check_folders(args.watch, args.output, args.bundle)
     if landing.device == "cuda":
         from pipeline.runtime import create_session

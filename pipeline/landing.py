@@ -11,7 +11,11 @@ score every landed file exactly once:
   the second was never scored;
 - a file whose (relative path, size, mtime_ns) matches a version recorded as done is not hashed
   again: hashing every file still in the folder re-read all the history on every run;
-- a file whose mtime moved within ``settle_seconds`` is still being written and waits;
+- a file whose mtime moved within ``settle_seconds`` is still being written and waits; one whose
+  mtime is far in the future was not written now (a write sets it to now), so it is watched for
+  ``settle_seconds`` instead, and taken when neither its size nor its mtime moved;
+- only regular files (or links to them) are read: a named pipe would block the run, holding the
+  lock every later run needs, and a link to nothing would be skipped without a word;
 - the output name is a function of (relative path, sha256), one output per landed file, so a run
   killed after writing the output but before the ledger line rewrites the same file on restart
   instead of adding one;
@@ -31,23 +35,25 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
-from pipeline.bundle import sha256_file
+from pipeline.bundle import Bundle, sha256_file
 from pipeline.errors import ConfigError, DataError, EmptyInputError, InputFileError, PipelineError, one_line
-from pipeline.outputs import (check_utf8_path, make_parents, remove_empty_folders, summary_path, text_path,
-                              write_atomic)
+from pipeline.outputs import (check_utf8_path, figures_dir, make_parents, remove_empty_folders, report_path,
+                              summary_path, temp_path, text_path, write_atomic)
 from pipeline.signals import signals_held
 
 log = logging.getLogger("vaeguard")
@@ -59,6 +65,9 @@ CLAIM_NAME = "landing.json"  # which landing folder the output folder serves
 CLAIM_WAIT_SECONDS = 5.0
 SCORES_DIR = "scores"
 QUARANTINE_DIR = "quarantine"
+REASON_SUFFIX = ".reason.txt"  # beside each quarantined file
+# Copies of one content under one name that quarantine names fit for (a name shortened for it).
+QUARANTINE_COPIES = 9999
 DEFAULT_PATTERNS = ("*.csv", "*.csv.gz", "*.parquet", "*.pq")
 # "failed" lines record a version that could not be scored for a reason outside its data (device,
 # disk, permissions); only the final states make a version done, so a failed one is retried.
@@ -69,6 +78,11 @@ DONE_STATUSES = frozenset({"scored", "empty", "quarantined"})
 # Only these say the file's own content is unusable: retrying it unchanged cannot help, so it is
 # quarantined. Anything else is the machine's fault, and quarantining would punish good data.
 DATA_FAULTS = (DataError, InputFileError)
+# A write sets a file's mtime to the writer's now, so an mtime further ahead than clocks drift was
+# set otherwise (a copy that kept a bad clock's time, `touch -d`) and says nothing about writing now.
+FUTURE_MTIME_SECONDS = 60.0
+# Bytes in one file name on Linux's file systems (ext4, xfs, btrfs, tmpfs); PC_NAME_MAX says 255.
+NAME_MAX = 255
 
 
 class LedgerError(PipelineError, ValueError):
@@ -228,11 +242,14 @@ def pending_files(landing_dir: Path, ledger: Ledger, settle_seconds: float = 30.
 
     Recursive. Skips hidden files and folders (writers' temp files: rsync and curl write
     ``.name.tmp`` beside the final name), names matching none of ``patterns`` (case-insensitive,
-    like the readers), and files whose mtime is younger than ``settle_seconds``: a writer keeps
-    moving mtime, so a file that has been still that long is taken as complete. A file whose
-    size and mtime_ns are those recorded with a done version of its path is that version, and is
-    not read again: the folder keeps every file ever landed, and hashing them all re-read the
-    whole history (on a mounted bucket, downloaded it) on every run.
+    like the readers), entries that are not regular files (warned: ``regular_file``), and files
+    whose mtime is younger than ``settle_seconds``: a writer keeps moving mtime, so a file that has
+    been still that long is taken as complete. A file whose mtime is more than
+    FUTURE_MTIME_SECONDS ahead can't be judged so (it would wait until then, forever with a bad
+    clock): it is watched for ``settle_seconds``, once for all such files, and taken if its size
+    and mtime stayed. A file whose size and mtime_ns are those recorded with a done version of
+    its path is that version, and is not read again: the folder keeps every file ever landed, and
+    hashing them all re-read the whole history (on a mounted bucket, downloaded it) on every run.
     """
     landing_dir = Path(landing_dir).resolve()
     if not landing_dir.is_dir():
@@ -240,18 +257,22 @@ def pending_files(landing_dir: Path, ledger: Ledger, settle_seconds: float = 30.
                           f"create it or fix the path")
     now = time.time() if now is None else now
     done, unchanged = ledger.done_keys(), ledger.done_stats()
-    pending = []
+    found, ahead = [], []
     for path in candidate_paths(landing_dir, patterns):
-        try:
-            stat = path.stat()
-        except OSError:
-            stat = None  # settled_file says why, or skips it silently when it vanished
-        relative = path.relative_to(landing_dir).as_posix()
-        if stat is not None and (relative, stat.st_size, stat.st_mtime_ns) in unchanged:
+        status = regular_file(path)
+        if status is None:
             continue
-        landed = settled_file(path, landing_dir, settle_seconds, now)
-        if landed is not None and (landed.relative, landed.sha256) not in done:
-            pending.append(landed)
+        relative = path.relative_to(landing_dir).as_posix()
+        if (relative, status.st_size, status.st_mtime_ns) in unchanged:
+            continue
+        if status.st_mtime - now > FUTURE_MTIME_SECONDS:
+            ahead.append((path, status))
+            last_ahead = time.monotonic()
+        else:
+            found.append(settled_file(path, landing_dir, settle_seconds, now))
+    if ahead:
+        found.extend(still_files(ahead, landing_dir, settle_seconds, now, last_ahead))
+    pending = [landed for landed in found if landed is not None and (landed.relative, landed.sha256) not in done]
     return sorted(pending, key=lambda f: f.relative)
 
 
@@ -267,26 +288,108 @@ def candidate_paths(landing_dir: Path, patterns: tuple[str, ...]) -> Iterator[Pa
                 yield Path(folder) / name
 
 
-def settled_file(path: Path, landing_dir: Path, settle_seconds: float, now: float) -> LandedFile | None:
-    """The file with its hash, or None when it is still being written, vanished meanwhile or is unreadable."""
+def regular_file(path: Path) -> os.stat_result | None:
+    """The stat of a listed file, a link followed, or None, with a warning for what is no file.
+
+    os.walk lists whatever is not a folder: a named pipe (FIFO) hung the run in its first read,
+    holding the lock, so every later run skipped; a link to nothing was skipped without a word.
+    A file that vanished since the listing is skipped quietly: nothing was there to score.
+    """
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            log.warning("%s: skipped, a symbolic link to %s, which does not exist; expected a landed file: "
+                        "point the link at the file, or remove it", path, _link_target(path))
+        return None
+    except PermissionError as exc:  # a folder on its way that this user may not search
+        _warn_unreadable(path, exc)
+        return None
+    except OSError as exc:  # a loop of links (ELOOP), a name too long to follow
+        log.warning("%s: skipped, it can't be followed to a file (%s); expected a landed file", path,
+                    exc.strerror or exc)
+        return None
+    if not stat.S_ISREG(status.st_mode):
+        log.warning("%s: skipped, not a regular file (%s); expected a landed file: only files are scored, "
+                    "remove it or land a file there", path, _file_kind(status.st_mode))
+        return None
+    return status
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return text_path(os.readlink(path))
+    except OSError:
+        return "?"
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def settled_file(path: Path, landing_dir: Path, settle_seconds: float, now: float,
+                 still: os.stat_result | None = None) -> LandedFile | None:
+    """The file with its hash, or None when it is still being written, vanished meanwhile or is unreadable.
+
+    Settled: its mtime at least ``settle_seconds`` old, or, given ``still`` (how it was at least
+    that long ago), its size and mtime unchanged since.
+    """
     try:
         before = path.stat()
-        if now - before.st_mtime < settle_seconds:
+        if still is not None:
+            if (before.st_size, before.st_mtime_ns) != (still.st_size, still.st_mtime_ns):
+                return None
+        elif now - before.st_mtime < settle_seconds:
             return None
         digest = sha256_file(path)
         after = path.stat()
     except FileNotFoundError:
         return None  # moved or deleted between listing and reading: nothing to score
     except PermissionError as exc:
-        # One file a writer left unreadable must not stop the others from being scored.
-        log.warning("%s: skipped, this process may not read it (%s); expected a readable landed file: "
-                    "give the user running the flow read permission, and it is scored next run",
-                    path, exc.strerror or exc)
+        _warn_unreadable(path, exc)
         return None
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         return None  # written to while hashing: the hash matches no complete version
     relative = path.relative_to(landing_dir).as_posix()
     return LandedFile(path=path, relative=relative, sha256=digest, size=after.st_size, mtime_ns=after.st_mtime_ns)
+
+
+def _warn_unreadable(path: Path, exc: OSError) -> None:
+    # One file a writer left unreadable must not stop the others from being scored.
+    log.warning("%s: skipped, this process may not read it (%s); expected a readable landed file: "
+                "give the user running the flow read permission, and it is scored next run",
+                path, exc.strerror or exc)
+
+
+def still_files(ahead: list[tuple[Path, os.stat_result]], landing_dir: Path, settle_seconds: float,
+                now: float, listed: float) -> list[LandedFile | None]:
+    """Files with an mtime far ahead (``ahead``: each with its stat when listed, the last at
+    time.monotonic() ``listed``), judged by their size and mtime staying the same for
+    ``settle_seconds`` from then, waited once for them all.
+
+    Their mtime was not set by a write now (one would set it to now): judged by it, they waited
+    until that time came, forever with a clock set years ahead. A writer still at work moves the
+    size or the mtime within the wait, and its file waits for the next run.
+    """
+    for path, status in ahead:
+        log.warning("%s: its mtime, %s, is %s ahead of this machine's clock (a copy that kept a wrong clock's "
+                    "time?); judged settled if its size and mtime stay the same for %g s instead", path,
+                    datetime.fromtimestamp(status.st_mtime, timezone.utc).isoformat(timespec="seconds"),
+                    _duration(status.st_mtime - now), settle_seconds)
+    # Watched since they were listed: hashing the others counted towards the wait.
+    time.sleep(max(0.0, settle_seconds - (time.monotonic() - listed)))
+    return [settled_file(path, landing_dir, settle_seconds, now, still=status) for path, status in ahead]
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def change_since_listing(landed: LandedFile) -> str | None:
@@ -371,8 +474,9 @@ def record_failure(out_dir: Path, landed: LandedFile, error: BaseException, ledg
                 return {**entry, "status": "quarantined",
                         "reason": f"{reason} (the ledger could not record it: {one_line(exc)})"}
             return record_failed(landed, f"{reason}; could not be quarantined ({one_line(exc)}): it stays in the "
-                                         f"landing folder and is tried again next run; make "
-                                         f"{Path(out_dir) / QUARANTINE_DIR} writable", type(exc).__name__, ledger)
+                                         f"landing folder and is tried again next run; "
+                                         f"{_quarantine_fix(Path(out_dir) / QUARANTINE_DIR, exc)}",
+                                 type(exc).__name__, ledger)
         if moved is not None:
             return {**entry, "status": "quarantined", "reason": reason}
         change = change_since_listing(landed) or "vanished"  # moved on between the check and the move
@@ -381,6 +485,16 @@ def record_failure(out_dir: Path, landed: LandedFile, error: BaseException, ledg
                 "reason": f"{change} while being scored (scoring failed: {reason}); not quarantined, "
                           f"its current content is tried next run"}
     return record_failed(landed, reason, type(error).__name__, ledger)
+
+
+def _quarantine_fix(folder: Path, exc: OSError) -> str:
+    """What to do about a quarantine that failed with ``exc``: "make it writable" was said of every
+    failure, a full disk and a name too long included."""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR):
+        return f"make {folder} a folder this user can write"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space where {folder} is"
+    return f"fix that, and it is quarantined in {folder} then"
 
 
 def record_failed(landed: LandedFile, reason: str, error: str, ledger: Ledger) -> dict:
@@ -409,7 +523,8 @@ def run_failure(files: list[dict]) -> LandingRunError | None:
 
 
 def output_path(out_dir: Path, landed: LandedFile, suffix: str = ".parquet") -> Path:
-    """OUT_DIR/scores/<relative>.<sha256[:12]><suffix>, subfolders mirrored.
+    """OUT_DIR/scores/<relative>.<sha256[:12]><suffix>, subfolders mirrored; a name too long for
+    it is shortened (``fitted_name``).
 
     Deterministic per (relative, content): re-scoring after a crash overwrites the same file
     instead of adding a duplicate; a changed file gets a new output next to the old one. The
@@ -418,8 +533,55 @@ def output_path(out_dir: Path, landed: LandedFile, suffix: str = ".parquet") -> 
     was written by both, and discarding one (rewritten while scored) took the other's too.
     """
     relative = PurePosixPath(landed.relative)
-    name = f"{relative.name}.{landed.sha256[:12]}{suffix}"
+    tag = f".{landed.sha256[:12]}{suffix}"
+    name = fitted_name(relative.name, lambda base: _output_names(base + tag)) + tag
     return Path(out_dir) / SCORES_DIR / Path(*relative.parent.parts) / name
+
+
+def _output_names(name: str) -> list[str]:
+    """The names scoring writes, reads or removes for an output named ``name``: it, its summary,
+    its report and the report's figures folder, and the hidden temporary name of each."""
+    output = Path(name)
+    paths = [output, summary_path(output), report_path(output), figures_dir(report_path(output))]
+    return [path.name for path in paths] + [temp_path(path).name for path in paths]
+
+
+def fitted_name(name: str, derived: Callable[[str], list[str]]) -> str:
+    """``name`` itself when every name ``derived`` from it fits in NAME_MAX bytes; else its first
+    bytes, "~", 8 hex digits of the sha1 of the whole name and its extension, as many first bytes
+    as leave every derived name within NAME_MAX, e.g. "売上売上…売上~3f2a9c1b.csv".
+
+    A landed name is at most NAME_MAX bytes itself, and the run writes names longer by up to 40:
+    a name of 72 CJK characters (220 bytes) was never scored, nor quarantined, and failed every
+    run on ENAMETOOLONG. The digest keeps apart long names that begin alike, as anomaly_maps.map_name
+    does, and is the same on every run, so a rerun overwrites its output rather than adding one.
+    """
+    def longest(candidate: str) -> int:
+        return max(len(os.fsencode(item)) for item in derived(candidate))
+
+    if longest(name) <= NAME_MAX:
+        return name
+    extension = _extension(name)
+    start = os.fsencode(name[:len(name) - len(extension)])
+    tag = f"~{hashlib.sha1(os.fsencode(name)).hexdigest()[:8]}{extension}"
+    keep, fitted = len(start), name
+    while keep > 0 and longest(fitted) > NAME_MAX:
+        keep = max(0, keep - (longest(fitted) - NAME_MAX))
+        while 0 < keep < len(start) and (start[keep] & 0xC0) == 0x80:
+            keep -= 1  # a UTF-8 character is cut before its first byte, never inside it
+        fitted = os.fsdecode(start[:keep]) + tag
+    return fitted
+
+
+def _extension(name: str) -> str:
+    """The landed format's extension of ``name`` (".csv.gz", ".CSV"), as written; else its last
+    suffix, where short: a shortened name still says what it holds."""
+    lowered = name.lower()
+    known = [len(pattern) - 1 for pattern in DEFAULT_PATTERNS if lowered.endswith(pattern[1:])]
+    if known:
+        return name[-max(known):]
+    suffix = PurePosixPath(name).suffix
+    return suffix if len(os.fsencode(suffix)) <= 16 else ""
 
 
 def quarantine(out_dir: Path, landed: LandedFile, reason: str, ledger: Ledger) -> Path | None:
@@ -435,7 +597,7 @@ def quarantine(out_dir: Path, landed: LandedFile, reason: str, ledger: Ledger) -
         return None
     target = free_quarantine_path(Path(out_dir), landed)
     target.parent.mkdir(parents=True, exist_ok=True)
-    reason_path = target.with_name(target.name + ".reason.txt")
+    reason_path = target.with_name(target.name + REASON_SUFFIX)
     write_atomic(reason_path, reason_text(landed, reason))
     try:
         move_file(landed.path, target)
@@ -460,17 +622,30 @@ def _remove_quietly(path: Path) -> None:
 
 
 def free_quarantine_path(out_dir: Path, landed: LandedFile) -> Path:
+    """OUT_DIR/quarantine/<relative>, subfolders mirrored, its name shortened where too long
+    (``fitted_name``); <stem>.<sha256[:12]><suffix>, then -2, -3 ..., where that is taken."""
     relative = PurePosixPath(landed.relative)
     folder = out_dir / QUARANTINE_DIR / Path(*relative.parent.parts)
-    first = folder / relative.name
+    name = PurePosixPath(fitted_name(relative.name, _quarantine_names))
+    first = folder / name.name
     if not first.exists():
         return first
-    tagged = f"{relative.stem}.{landed.sha256[:12]}"
-    candidate, n = folder / f"{tagged}{relative.suffix}", 2
+    tagged = f"{name.stem}.{landed.sha256[:12]}"
+    candidate, n = folder / f"{tagged}{name.suffix}", 2
     # The same content can be quarantined twice (landed again after the first time).
     while candidate.exists():
-        candidate, n = folder / f"{tagged}-{n}{relative.suffix}", n + 1
+        candidate, n = folder / f"{tagged}-{n}{name.suffix}", n + 1
     return candidate
+
+
+def _quarantine_names(name: str) -> list[str]:
+    """The names quarantine writes for a file quarantined as ``name``: it, its reason, each one's
+    temporary name (a move across file systems copies to one), and the same for its tagged
+    names, up to QUARANTINE_COPIES copies of one content."""
+    path = PurePosixPath(name)
+    tagged = f"{path.stem}.{'0' * 12}-{QUARANTINE_COPIES}{path.suffix}"
+    return [item for base in (name, tagged) for written in (base, base + REASON_SUFFIX)
+            for item in (written, temp_path(Path(written)).name)]
 
 
 def reason_text(landed: LandedFile, reason: str) -> str:
@@ -523,6 +698,21 @@ def check_folders(landing_dir: Path, out_dir: Path, bundle_dir: Path | None = No
     claimed = claimed_landing(out)
     if claimed is not None and claimed != landing:
         raise _claimed_by(out_dir, claimed, landing_dir)
+
+
+def check_table_bundle(bundle: Bundle) -> None:
+    """A bundle that scores table rows, or a one-line ConfigError; `vaeguard serve` checks before
+    serving, and each run again.
+
+    Landed files are tables (DEFAULT_PATTERNS) scored as tables: an image bundle failed every file
+    on the table schema it lacks, was retried, and ended each run blaming the device or the disk."""
+    modality = bundle.manifest.get("modality", "table")
+    if modality != "table":
+        kind = "images" if modality == "image" else f"{modality!r} inputs"
+        raise ConfigError(f"bundle {bundle.name} ({bundle.path}) scores {kind}; landing folders are scored with a "
+                          f"table bundle (their {', '.join(DEFAULT_PATTERNS)} files are tables): serve a bundle "
+                          f"trained on a table, or score a folder of images with `vaeguard score {bundle.path} "
+                          f"FOLDER --output scores.parquet`")
 
 
 def check_output_folder(out_dir: Path) -> None:

@@ -390,3 +390,82 @@ def test_a_file_name_that_is_not_utf8_is_quarantined_once_and_shown_escaped(trai
     assert "| caf\\xe9.csv | quarantined |" in published[0] and "not UTF-8" in published[0]
     assert (out / "quarantine" / "caf\udce9.csv").exists() and sorted(os.listdir(landing)) == ["ok.csv"]
     assert landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")["files"] == []
+
+
+def train_image_bundle(folder: Path, out: Path) -> Path:
+    """A tiny bundle that scores images (70 gray 16x16 noise images, 2 epochs, target FPR 0.1): about 3 s."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.config import CalibrationConfig, ImageTrainJob
+    from pipeline.image_workflow import run_image_training
+    from tests.conftest import quiet_config
+
+    rng = np.random.default_rng(0)
+    for i in range(70):
+        Image.fromarray(rng.integers(100, 140, (16, 16), dtype=np.uint8)).save(folder / f"{i}.png")
+    config = dataclasses.replace(quiet_config(max_epochs=2), calibration=CalibrationConfig(target_fpr=0.1))
+    return Path(run_image_training(ImageTrainJob(data=folder, name="parts", out_dir=out, image_size=16,
+                                                 config=config))["bundle"])
+
+
+def test_an_image_bundle_fails_the_run_in_one_line_before_a_file_is_read(tmp_path_factory, tmp_path):
+    """Each landed table failed on the image bundle's missing table schema (a KeyError traceback), was
+    retried, recorded 'failed', and the run blamed the device, the disk or permissions."""
+    bundle = train_image_bundle(tmp_path_factory.mktemp("images"), tmp_path_factory.mktemp("exported"))
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    land_sensors(landing, "day.csv", 97)
+    state = landing_flow(bundle, landing, out, settle_seconds=0.0, device="cpu", return_state=True)
+    assert state.is_failed()
+    assert state.message == (
+        f"bundle parts ({bundle}) scores images; landing folders are scored with a table bundle (their *.csv, "
+        f"*.csv.gz, *.parquet, *.pq files are tables): serve a bundle trained on a table, or score a folder of "
+        f"images with `vaeguard score {bundle} FOLDER --output scores.parquet`")
+    assert not out.exists() and [p.name for p in landing.iterdir()] == ["day.csv"]
+
+
+def test_landed_files_with_long_names_are_scored_and_quarantined_under_names_that_fit(trained_bundle, tmp_path):
+    """A legal name of 72 CJK characters (220 bytes) failed every run on ENAMETOOLONG, its temporary
+    summary's name 260 bytes long, and was retried for ever; a bad file of 248 bytes could not be
+    quarantined. Every name a run writes now fits in 255 bytes."""
+    import os
+
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    good, bad = "売上" * 36 + ".csv", "é" * 122 + ".csv"
+    land_sensors(landing, good, 98)
+    settled(write_table(make_sensor_table(SyntheticSpec(n_rows=50, seed=99)).drop(columns="pressure"),
+                        landing / bad))
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert [(f["file"], f["status"]) for f in report["files"]] == [(bad, "quarantined"), (good, "scored")]
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert max(len(os.fsencode(p.name)) for p in written) <= 255
+    [entry] = [e for e in ledger_lines(out) if e["status"] == "scored"]
+    output = Path(entry["output"])
+    assert output.is_file() and output.name.startswith("売上" * 30) and output.name.endswith(
+        f".csv.{entry['sha256'][:12]}.parquet")
+    [quarantined] = [e for e in ledger_lines(out) if e["status"] == "quarantined"]
+    assert Path(quarantined["quarantined_to"]).is_file() and "pressure" in quarantined["reason"]
+    assert os.listdir(landing) == [good]
+    assert landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")["files"] == []
+
+
+def test_a_small_far_out_file_alerts_and_a_one_row_file_says_what_was_not_judged(trained_bundle, tmp_path):
+    """Before, a run under 100 rows never alerted: an hourly file of 90 rows, every one far out,
+    was published as calm. A one-row run can reach neither limit: its artifact says so."""
+    landing, out = tmp_path / "landing", tmp_path / "out"
+    landing.mkdir()
+    far = make_sensor_table(SyntheticSpec(n_rows=90, seed=44))
+    far["temperature"] = far["temperature"] + 1000
+    settled(write_table(far, landing / "hour1.csv"))
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    assert report["alert"] and report["drift"]["alerts"][0].startswith("anomaly rate 100.00%")
+    settled(write_table(make_sensor_table(SyntheticSpec(n_rows=1, seed=45)), landing / "hour2.csv"))
+    report = landing_flow(trained_bundle, landing, out, settle_seconds=0.0, device="cpu")
+    notes = report["drift"]["not_judged"]
+    assert [n.split(":")[0] for n in notes] == ["anomaly rate not judged", "PSI not judged"] and not report["alert"]
+    markdown = landing_module.run_markdown(report, 0.01)
+    assert all(f"\n- {note}" in markdown for note in notes)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from pipeline.config import LandingJob, ServeJob
 from pipeline.errors import ConfigError, DataError, DeviceError, InputFileError
-from pipeline.outputs import summary_path
+from pipeline.outputs import summary_path, temp_path
 from pipeline.landing import (
     STATUSES,
     LandedFile,
@@ -34,6 +35,7 @@ from pipeline.landing import (
     record_scored,
     run_failure,
     run_lock,
+    version,
 )
 
 LONG_AGO = time.time() - 3600
@@ -281,6 +283,76 @@ def test_quarantine_moves_file_with_reason_and_never_overwrites(dirs):
     assert ledger_summary(ledger)["quarantined"] == 2
 
 
+LONG_NAME = "売上" * 36 + ".csv"  # 220 bytes: legal, and 40 more in a temporary summary's name were not
+
+
+def test_a_long_landed_name_gets_outputs_whose_every_name_fits(dirs):
+    """A summary's temporary name (.NAME.<sha12>.summary.json.tmp-xxxxxxxx) of a 220-byte landed name
+    was 260 bytes: ENAMETOOLONG, every run, and the file was never scored."""
+    landing, out = dirs
+    gzipped, longest_kept = "sub/" + LONG_NAME[:-4] + "!.csv.gz", "a" * 211 + ".csv"  # 215 bytes
+    for relative in (LONG_NAME, gzipped, "short.csv", longest_kept):
+        land(landing, relative)
+    found = {f.relative: f for f in pending_files(landing, Ledger(out))}
+    outputs = {relative: output_path(out, landed) for relative, landed in found.items()}
+    for output in outputs.values():
+        for written in (output, summary_path(output)):
+            temp = temp_path(written)
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            temp.write_text("")  # the name the run writes first: it must fit in 255 bytes too
+            temp.rename(written)
+    sha = found[LONG_NAME].sha256[:12]
+    assert outputs["short.csv"].name == f"short.csv.{found['short.csv'].sha256[:12]}.parquet"  # as before
+    assert outputs[longest_kept].name.startswith(longest_kept + ".")  # the longest name kept as it is
+    long_output = outputs[LONG_NAME].name
+    assert long_output.startswith("売上" * 30) and long_output.endswith(f".csv.{sha}.parquet")
+    assert "~" in long_output and len(long_output.encode()) <= 255
+    assert outputs[gzipped].name.endswith(f"~{outputs[gzipped].name.split('~')[1][:8]}.csv.gz."
+                                          f"{found[gzipped].sha256[:12]}.parquet")
+    assert outputs[gzipped].parent == out / "scores" / "sub"
+    # The same on every run (a rerun overwrites its output), and apart from a long name that begins alike.
+    assert output_path(out, found[LONG_NAME]) == outputs[LONG_NAME]
+    twin = dataclasses.replace(found[LONG_NAME], relative=LONG_NAME[:-5] + "X.csv")
+    assert output_path(out, twin) != outputs[LONG_NAME]
+
+
+def test_a_bad_file_with_a_long_name_is_quarantined_with_its_reason(dirs):
+    """Its reason file's temporary name was too long: the file could not be quarantined, stayed
+    'failed' for ever, and the reason said to make the quarantine folder writable."""
+    landing, out = dirs
+    ledger = Ledger(out)
+    name = "é" * 122 + ".csv"  # 248 bytes
+    land(landing, name, "x,y\n1,2\n")
+    [landed] = pending_files(landing, ledger)
+    entry = record_failure(out, landed, DataError(f"{name}: column 'a' missing"), ledger)
+    assert entry["status"] == "quarantined", entry["reason"]
+    [target] = [p for p in (out / "quarantine").iterdir() if not p.name.endswith(".reason.txt")]
+    assert target.name.startswith("é" * 90) and target.name.endswith(".csv") and target.read_text() == "x,y\n1,2\n"
+    assert f"file: {name}\n" in Path(f"{target}.reason.txt").read_text()  # the reason keeps the whole name
+    land(landing, name, "x,y\n1,2\n")  # the same content lands again: quarantined beside the first
+    second = quarantine(out, landed, "column 'a' missing", ledger)
+    assert second.parent == target.parent and second != target and Path(f"{second}.reason.txt").exists()
+
+
+def test_a_quarantine_that_fails_says_what_to_fix_for_its_cause(dirs, monkeypatch):
+    import pipeline.landing as landing_module
+
+    landing, out = dirs
+    ledger = Ledger(out)
+    land(landing, "bad.csv")
+    [landed] = pending_files(landing, ledger)
+    reasons = {}
+    for code in (errno.EACCES, errno.ENOSPC, errno.EIO):
+        def failing(source, target, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(landing_module, "move_file", failing)
+        reasons[code] = record_failure(out, landed, DataError("bad.csv: column 'a' missing"), ledger)["reason"]
+    assert reasons[errno.EACCES].endswith(f"make {out / 'quarantine'} a folder this user can write")
+    assert reasons[errno.ENOSPC].endswith(f"free space where {out / 'quarantine'} is")
+    assert "writable" not in reasons[errno.EIO] and "can write" not in reasons[errno.EIO]
+
+
 def test_failed_attempts_are_counted_but_keep_the_file_pending(dirs):
     landing, out = dirs
     ledger = Ledger(out)
@@ -402,6 +474,74 @@ def test_unreadable_file_is_skipped_with_a_warning_and_the_others_listed(dirs, m
     assert [f.relative for f in found] == ["a.csv"]
     [warning] = [r for r in caplog.records if r.name == "vaeguard"]
     assert str(locked.resolve()) in warning.getMessage() and "read permission" in warning.getMessage()
+
+
+def test_a_named_pipe_is_skipped_with_a_warning_not_read(dirs, caplog):
+    """`mkfifo landing/pipe.csv`: hashing it blocked the run for ever, holding the lock every later
+    run needs. Were it opened, a writer let in after 5 s ends the read, and the pipe is listed."""
+    landing, out = dirs
+    land(landing, "a.csv")
+    pipe = landing / "pipe.csv"
+    os.mkfifo(pipe)
+    unblock = threading.Timer(5, lambda: os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vaeguard"):
+            found = pending_files(landing, Ledger(out), settle_seconds=0)
+    finally:
+        unblock.cancel()
+    assert [f.relative for f in found] == ["a.csv"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "vaeguard"]
+    assert warning.startswith(f"{pipe.resolve()}: skipped, not a regular file (a named pipe)")
+
+
+def test_a_link_to_nothing_is_skipped_with_a_warning_naming_its_target_and_a_link_to_a_file_is_read(dirs, caplog,
+                                                                                                   tmp_path):
+    landing, out = dirs
+    (landing / "broken.csv").symlink_to("/nonexistent/day.csv")
+    (landing / "linked.csv").symlink_to(land(tmp_path, "elsewhere.csv"))
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        found = pending_files(landing, Ledger(out))
+    assert [f.relative for f in found] == ["linked.csv"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "vaeguard"]
+    assert warning.startswith(f"{landing.resolve() / 'broken.csv'}: skipped, a symbolic link to /nonexistent/day.csv, "
+                              f"which does not exist")
+
+
+def test_a_file_dated_in_the_future_is_taken_once_its_size_and_mtime_stay_for_the_settle_time(dirs, monkeypatch,
+                                                                                             caplog):
+    """`touch -d 2100-01-01 day.csv` (or a copy that kept a bad clock's time): judged by its mtime, it
+    waited until 2100. A write sets the mtime to now, so one far ahead was not written now: the run
+    watches it for the settle time instead."""
+    landing, out = dirs
+    ahead = time.time() + 75 * 365 * 86400
+    path = land(landing, "day.csv", mtime=ahead)
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    with caplog.at_level(logging.WARNING, logger="vaeguard"):
+        [found] = pending_files(landing, Ledger(out), settle_seconds=30)
+    assert found.relative == "day.csv" and found.mtime_ns == path.stat().st_mtime_ns
+    assert len(waits) == 1 and 29 < waits[0] <= 30
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "vaeguard"]
+    assert "is 75 years ahead of this machine's clock" in warning and "for 30 s instead" in warning
+
+    ledger = Ledger(out)
+    ledger.record({**version(found), "status": "scored"})
+    waits.clear()
+    assert pending_files(landing, ledger, settle_seconds=30) == [] and waits == []  # done: not watched again
+
+
+def test_a_file_dated_in_the_future_that_is_written_meanwhile_waits(dirs, monkeypatch):
+    """The settle guarantee holds for it too: a writer at work (on a server whose clock is ahead)
+    moves its size or mtime within the wait."""
+    landing, out = dirs
+    path = land(landing, "day.csv", mtime=time.time() + 3600)
+    monkeypatch.setattr(time, "sleep", lambda seconds: path.write_text("a,b\n1,2\n3,4\n"))
+    assert pending_files(landing, Ledger(out), settle_seconds=30) == []
+    slightly_ahead = land(landing, "soon.csv", mtime=time.time() + 30)  # clocks that drift apart: as before
+    assert pending_files(landing, Ledger(out), settle_seconds=30) == []
+    assert [f.relative for f in pending_files(landing, Ledger(out), settle_seconds=30, now=time.time() + 90)] == [
+        "day.csv", slightly_ahead.name]
 
 
 def test_scored_file_that_changed_or_vanished_meanwhile_is_not_recorded(dirs):

@@ -368,3 +368,20 @@ def test_an_output_folder_that_cannot_take_the_claim_is_one_line_and_left_as_fou
         with output_claimed(out, tmp_path / "landing"):
             pytest.fail("served")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_refuses_an_image_bundle_in_one_line_before_prefect(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """Served, every run failed each landed table on the image bundle's missing table schema, and
+    blamed the device, the disk or permissions."""
+    from tests.conftest import run_main
+    from tests.test_flows_landing_faults import train_image_bundle
+
+    bundle = train_image_bundle(tmp_path_factory.mktemp("images"), tmp_path_factory.mktemp("exported"))
+    (tmp_path / "landing").mkdir()
+    monkeypatch.setattr(serve, "serve_landing", lambda job, name: pytest.fail("served"))
+    code, _, err = run_main(capsys, *serve_argv(bundle, tmp_path / "landing", tmp_path / "out"))
+    assert (code, err) == (1, f"error: bundle parts ({bundle}) scores images; landing folders are scored with a table "
+                              f"bundle (their *.csv, *.csv.gz, *.parquet, *.pq files are tables): serve a bundle "
+                              f"trained on a table, or score a folder of images with `vaeguard score {bundle} FOLDER "
+                              f"--output scores.parquet`\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["landing"]
