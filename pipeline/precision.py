@@ -324,8 +324,11 @@ def export_variant(bundle_path: str | Path, precision: str, device: str = "cpu",
                 f"the bundle still loads, possibly without its {precision} scorer: run the export again")
         raise cannot_write(directory, name, exc, left) from exc
     finally:
-        draft.unlink(missing_ok=True)
-        final.unlink(missing_ok=True)
+        # On a read-only folder these fail too (EROFS, not a missing file): the error to report is
+        # the one above, which says what to fix, not the cleanup's.
+        for leftover in (draft, final):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
 
 
 def variant_warnings(entry: dict) -> list[str]:

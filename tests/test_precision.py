@@ -418,6 +418,28 @@ def test_export_into_a_folder_it_cannot_write_is_a_one_line_error(capsys, monkey
     assert snapshot(bundle) == before
 
 
+def test_on_a_read_only_folder_the_cleanup_does_not_hide_what_to_fix(capsys, monkeypatch, tmp_path, trained_bundle):
+    """Before: on a read-only mount the draft's removal failed too (EROFS, which missing_ok does not
+    cover), and replaced the one-line message with `error: unexpected OSError: [Errno 30] ...`."""
+    bundle = shutil.copytree(trained_bundle, tmp_path / "sensors")
+    real_unlink = Path.unlink
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0] if args else ""))
+
+    def unlink(path, missing_ok=False):
+        if path.name.startswith(".scorer.int8.onnx."):
+            read_only(path)
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(onnx, "save", read_only)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    code, out, err = run_main(capsys, "export", bundle, "--precision", "int8", "--threads", "2")
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: {bundle}: cannot write scorer.int8.onnx into the bundle folder (Read-only file "
+                          f"system); ") and err.count("\n") == 1
+
+
 def test_sigterm_while_a_variant_is_committed_keeps_a_whole_variant(capsys, monkeypatch, tmp_path, variant_bundle):
     """Before: SIGTERM between the re-export's first manifest write (old int8 entry dropped) and the
     second left a bundle without its int8 scorer, and `error: terminated; no output was written`."""
