@@ -29,7 +29,7 @@ from pipeline.contract import IR_VERSION, OPSET, OUTPUT_NAMES, categorical_input
 from pipeline.export import export_decoder, export_encoder, export_scorer, set_metadata, write_calibrated_scorer
 from pipeline.metrics import auprc, auroc
 from pipeline.model import VAE
-from pipeline.outputs import check_utf8_path, make_parents, remove_empty_folders
+from pipeline.outputs import check_location, check_utf8_path, make_parents, remove_empty_folders
 from pipeline.precision import TABLE_CHUNK, score_in_chunks
 from pipeline.preprocess import Preprocessor, check_training_scale, fit_preprocessor
 from pipeline.runtime import create_session, frame_feeds
@@ -54,6 +54,8 @@ class RunDir:
         # with this, so a target that must not be replaced fails before any data is read.
         check_utf8_path(job.bundle_dir, "--out/--name")
         check_publish_target(job.bundle_dir)
+        # A read-only or foreign --out: one line saying so, not "unexpected OSError" on the run folder.
+        check_location(job.out_dir, "--out", "directory")
         root = job.out_dir / f".{job.name}.run-{uuid.uuid4().hex[:8]}"
         made = tuple(make_parents(root))
         root.mkdir()

@@ -93,3 +93,13 @@ def test_an_unsupported_output_extension_is_said_before_a_summary_that_is_anothe
     code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", tmp_path / "e.txt")
     assert code == 1
     assert err.splitlines() == [f"error: --output {tmp_path / 'e.txt'}: unsupported extension '.txt'; use .parquet or .csv"]
+
+
+def test_train_into_a_folder_that_refuses_files_is_one_line_naming_out(capsys, sensor_csv, unwritable_folder):
+    """It was `error: unexpected OSError: [Errno 30] Read-only file system: '.../.q.run-...'`."""
+    for out in (unwritable_folder, unwritable_folder / "sub"):
+        code, _, err = run_main(capsys, "train", sensor_csv, "--name", "q", "--out", out)
+        assert code == 1
+        [line] = err.splitlines()
+        assert line.startswith(f"error: --out {out}: cannot write into {unwritable_folder} (")
+        assert line.endswith("); choose a folder you can write into, or change that one's permissions")
