@@ -10,9 +10,11 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -450,13 +452,63 @@ def _run(args: argparse.Namespace, ended: Callable[[], None]) -> int:
         else:
             print(f"error: {how}; no output was written", file=sys.stderr)
         return 128 + signum
+    except OSError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {disk_full(args, exc) or _unexpected(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.verbose:
             traceback.print_exc()
-        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (run with --verbose for the traceback)",
-              file=sys.stderr)
+        print(f"error: {_unexpected(exc)}{_space_left_hint(args)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _unexpected(exc: BaseException) -> str:
+    return f"unexpected {type(exc).__name__}: {one_line(exc)} (run with --verbose for the traceback)"
+
+
+# Where each command writes, to name in a disk-full error: the exception names at best a hidden
+# temporary file (or, from pyarrow, nothing at all).
+WRITES_TO = {"score": ("--output", "output"), "train": ("--out", "out"), "demo": ("--out", "out"),
+             "export": ("bundle", "bundle")}
+
+
+# Free space below which an unexpected failure of a writing command is most likely a full disk.
+LOW_SPACE_BYTES = 1 << 20
+
+
+def _space_left_hint(args: argparse.Namespace) -> str:
+    """For a command that writes, where its folder's disk is (nearly) full: the likely cause. A full
+    disk does not always come as ENOSPC: torch.save, for one, raises "RuntimeError: [enforce fail
+    at inline_container.cc] unexpected pos"."""
+    option, attribute = WRITES_TO.get(args.command, ("", ""))
+    target = getattr(args, attribute, None)
+    if target is None:
+        return ""
+    folder = next((p for p in (Path(target), *Path(target).absolute().parents) if p.is_dir()), None)
+    try:
+        free = shutil.disk_usage(folder).free if folder is not None else None
+    except OSError:
+        return ""
+    if free is None or free >= LOW_SPACE_BYTES:
+        return ""
+    return (f"; the disk of {option} {target} has {free:,} bytes free, the likely cause: free space on it, or write "
+            f"elsewhere")
+
+
+def disk_full(args: argparse.Namespace, exc: OSError) -> str | None:
+    """The one line for a disk or quota that filled up while the command wrote (None for any other
+    OSError): where, and what to do. Every command writes through a temporary name it removes on
+    failure, so nothing half-written is left, and an earlier output stays as it was."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    option, attribute = WRITES_TO.get(args.command, ("", ""))
+    where = f"{option} {getattr(args, attribute)}" if hasattr(args, attribute) else (exc.filename or "the output")
+    quota = "the disk quota is used up" if exc.errno == errno.EDQUOT else "the disk is full"
+    return (f"{where}: {quota} ({os.strerror(exc.errno)}) while writing there; free space on it, or write elsewhere; "
+            f"nothing was written, and an earlier output is as it was")
 
 
 class _Leaving:

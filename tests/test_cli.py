@@ -739,3 +739,44 @@ def test_demo_with_too_few_rows_is_refused_before_any_file_or_flow(rows, capsys,
     with pytest.raises(DataError, match="too few rows"):
         check(needed - 1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_while_scoring_is_one_line_naming_the_output(capsys, monkeypatch, trained_bundle,
+                                                                         incoming_csv, tmp_path):
+    """It was `error: unexpected OSError: [Errno 28] No space left on device: '.../.s.summary.json.tmp-...'`:
+    neither the output nor what to do."""
+    from tests.conftest import disk_full_when_writing
+
+    disk_full_when_writing(monkeypatch, "s.summary.json")
+    output = tmp_path / "s.parquet"
+    code, _, err = run_main(capsys, "score", trained_bundle, incoming_csv, "--output", output, "--device", "cpu")
+    assert code == 1
+    assert err.splitlines() == [f"error: --output {output}: the disk is full (No space left on device) while writing "
+                                f"there; free space on it, or write elsewhere; nothing was written, and an earlier "
+                                f"output is as it was"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unexpected_failure_on_a_nearly_full_disk_names_it_as_the_likely_cause(capsys, monkeypatch, sensor_csv,
+                                                                                 tmp_path):
+    """torch.save on a full disk raises RuntimeError ("unexpected pos"), not ENOSPC."""
+    import shutil
+    from collections import namedtuple
+
+    import pipeline.workflow as workflow
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2944 vs 2896")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(workflow, "STEPS", (full,))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    code, _, err = run_main(capsys, "train", sensor_csv, "--name", "q", "--out", tmp_path / "out")
+    assert code == 1
+    [line] = err.splitlines()
+    assert line.startswith("error: unexpected RuntimeError: [enforce fail at inline_container.cc:672]")
+    assert line.endswith(f"; the disk of --out {tmp_path / 'out'} has 4,096 bytes free, the likely cause: free space "
+                         f"on it, or write elsewhere")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 1 << 30))
+    code, _, err = run_main(capsys, "train", sensor_csv, "--name", "q", "--out", tmp_path / "out")
+    assert err.strip().endswith("(run with --verbose for the traceback)")  # room to spare: no such guess
