@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     images = train.add_argument_group("images (DATA is a folder of images, a CSV with a path column, or a .npy)")
     images.add_argument("--image-size", type=int, help="square side images are resized to (default 64)")
     images.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale (default), 3 = RGB")
-    images.add_argument("--path-column", default="path", help="column of image paths in a CSV (default path)")
+    images.add_argument("--path-column", help="column of image paths in a CSV (default path)")
 
     score = commands.add_parser("score", parents=[common], help="score tables or image folders with a bundle")
     score.add_argument("bundle", type=_path, help="bundle folder written by `vaeguard train`")
@@ -161,20 +161,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     if overrides:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, **overrides))
     # A CSV is a table unless --image-size says its path column points at images.
+    path_column = "path" if args.path_column is None else args.path_column
     if args.image_size is not None or (args.data.suffix.lower() != ".csv"
-                                       and is_image_input(args.data, args.path_column)):
+                                       and is_image_input(args.data, path_column)):
         # `is None`, not `or`: --image-size 0 must be refused, not read as "no size, so a table".
         size = 64 if args.image_size is None else args.image_size
         job = ImageTrainJob(data=args.data, name=args.name, out_dir=args.out, image_size=size,
-                            channels=1 if args.channels is None else args.channels, path_column=args.path_column,
+                            channels=1 if args.channels is None else args.channels, path_column=path_column,
                             config=config)
     else:
         from pipeline.tables import read_columns
 
-        if args.channels is not None:
-            # Said, not ignored: a table trains on its columns, and the user expected images.
-            raise ConfigError(f"--channels {args.channels}: {args.data} is read as a table, and --channels is for "
-                              f"images; leave it out, or add --image-size N to train on the images it lists")
+        for option, value in (("--channels", args.channels), ("--path-column", args.path_column)):
+            if value is not None:
+                # Said, not ignored: a table trains on its columns, and the user expected images.
+                raise ConfigError(f"{option} {value}: {args.data} is read as a table, and {option} is for "
+                                  f"images; leave it out, or add --image-size N to train on the images it lists")
         if args.id_columns is not None and not args.id_columns.strip(", "):
             # An unset shell variable (--id-columns "$IDS"): read as none, each id became a feature.
             raise ConfigError(f"--id-columns is empty (got {args.id_columns!r}); give the id columns' names, e.g. "

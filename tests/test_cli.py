@@ -684,6 +684,8 @@ def test_an_unknown_argument_gets_its_command_usage_and_name(argv, command, unkn
     (["--id-columns", " , "], "--id-columns is empty (got ' , ')"),
     (["--channels", "3"], "--channels 3: {data} is read as a table, and --channels is for images; leave it out, or "
                           "add --image-size N to train on the images it lists"),
+    (["--path-column", "row_id"], "--path-column row_id: {data} is read as a table, and --path-column is for images; "
+                                  "leave it out, or add --image-size N to train on the images it lists"),
 ])
 def test_train_refuses_options_it_would_have_ignored(capsys, tmp_path, sensor_csv, extra, message):
     """Taken as no option at all, `--id-columns "$IDS"` with IDS unset trained each id as a feature,
