@@ -29,6 +29,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ConfigError, DataError, InputFileError, one_line
 from pipeline.outputs import text_path  # noqa: F401  (also imported from here)
+from pipeline.tables import SUPPORTED_SUFFIXES
 
 log = logging.getLogger("vaeguard")
 
@@ -182,6 +183,7 @@ def searched_by(folder: Path, path: Path) -> bool:
 
 def _list_folder(folder: Path) -> ImageSource:
     found: list[Path] = []
+    tables: list[Path] = []  # said when no image is found: a partitioned table is a folder too
     # Linked folders are followed (data sets are often assembled from links), each real folder
     # once, so a link back up the tree cannot loop.
     seen = {os.path.realpath(folder)}
@@ -203,6 +205,13 @@ def _list_folder(folder: Path) -> ImageSource:
         dirs[:] = kept
         found.extend(Path(root) / name for name in files
                      if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES))
+        tables.extend(Path(root) / name for name in files
+                      if not name.startswith(".") and name.lower().endswith(SUPPORTED_SUFFIXES))
+    if not found and tables:
+        raise InputFileError(
+            f"no PNG, JPEG or BMP images in {folder}, but {len(tables):,} table file(s) such as {min(tables)}; a table "
+            f"is trained on as one file: join the parts into one (e.g. pandas.concat(map(pandas.read_parquet, "
+            f"parts)).to_parquet('all.parquet')) and pass that file; for images, pass a folder of them")
     if not found:
         raise InputFileError(f"no PNG, JPEG or BMP images in {folder} (searched recursively); "
                              f"expected files ending in {', '.join(IMAGE_SUFFIXES)}")

@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError, DataError, InputFileError
 from pipeline.image_workflow import run_image_training
 from pipeline.images import (IMAGE_SUFFIXES, ImageNotes, ImageSpec, is_image_input, iter_image_batches,
                              list_images, load_images, text_path, write_errors)
+from tests.conftest import run_main
 
 
 def _pixels(seed: int, height: int = 12, width: int = 10, channels: int = 3) -> np.ndarray:
@@ -180,6 +181,21 @@ def test_a_subfolder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, mo
     with pytest.raises(InputFileError, match=r"cam2: could not be listed \(Permission denied\)") as caught:
         list_images(tmp_path)
     assert "\n" not in str(caught.value)
+
+
+def test_a_folder_of_table_parts_says_a_table_trains_as_one_file(capsys, tmp_path):
+    """A partitioned table (part-0.parquet, part-1.parquet) was told it held no images, as if the
+    user had meant images."""
+    parts = tmp_path / "ds"
+    parts.mkdir()
+    for i in range(2):
+        pd.DataFrame({"x": [1.0, 2.0]}).to_parquet(parts / f"part-{i}.parquet")
+    code, _, err = run_main(capsys, "train", parts, "--name", "ds", "--out", tmp_path / "out")
+    assert code == 1
+    assert err.splitlines() == [
+        f"error: no PNG, JPEG or BMP images in {parts}, but 2 table file(s) such as {parts / 'part-0.parquet'}; a "
+        f"table is trained on as one file: join the parts into one (e.g. pandas.concat(map(pandas.read_parquet, "
+        f"parts)).to_parquet('all.parquet')) and pass that file; for images, pass a folder of them"]
 
 
 def test_folder_without_images_names_the_folder(tmp_path):
