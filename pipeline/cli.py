@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "train, calibrate, export to ONNX, batch-score.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", "-v", action="store_true", help="show debug logs and tracebacks")
+    # Also before the command (`vaeguard --verbose score ...`), where git and docker take theirs. Its
+    # own name: the command's parser would set `verbose` back to its default.
+    parser.add_argument("--verbose", "-v", action="store_true", dest="verbose_first", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", parents=[common], help="train a bundle from a CSV or Parquet table, or from images")
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.verbose = args.verbose or args.verbose_first
     # Only our own logger: Prefect configures its own, and a root handler would print its logs twice.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(levelname)s: %(message)s" if args.verbose else "warning: %(message)s"))

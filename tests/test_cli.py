@@ -782,3 +782,13 @@ def test_an_unexpected_failure_on_a_nearly_full_disk_names_it_as_the_likely_caus
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 1 << 30))
     code, _, err = run_main(capsys, "train", sensor_csv, "--name", "q", "--out", tmp_path / "out")
     assert err.strip().endswith("(run with --verbose for the traceback)")  # room to spare: no such guess
+
+
+@pytest.mark.parametrize("flag", ["--verbose", "-v"])
+def test_verbose_before_the_command_is_taken_as_after_it(capsys, tmp_path, trained_bundle, flag):
+    """`vaeguard --verbose score ...` printed the score usage and `unrecognized arguments: --verbose`."""
+    missing = tmp_path / "nothere.csv"
+    code, _, err = run_main(capsys, flag, "score", trained_bundle, missing, "--output", tmp_path / "s.csv")
+    assert code == 1
+    assert "Traceback (most recent call last)" in err  # the traceback --verbose asks for
+    assert err.splitlines()[-1] == f"error: {missing}: file not found; check the path"
