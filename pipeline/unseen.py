@@ -15,6 +15,7 @@ reads as calm. Counting is one pass over each numeric column of a batch (pipelin
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -61,12 +62,26 @@ class UnseenCounts:
         top = np.argsort(-rows, kind="stable")[:EXAMPLES_PER_BATCH]
         for i in top:  # a null and "" are one text, "": each adds to it
             if rows[i]:
-                self.examples[values[i]] += int(rows[i])
+                self.examples[example_key(values[i])] += int(rows[i])
         self._trim()
 
     def _trim(self) -> None:
         if len(self.examples) > EXAMPLES_KEPT:
             self.examples = Counter(dict(self.examples.most_common(EXAMPLES_KEPT)))
+
+
+# An example value longer than this is kept as its start and a digest: the summary holds examples
+# whole otherwise, and one 20 MB cell made a 20 MB summary.
+EXAMPLE_CHARS = 200
+
+
+def example_key(value: str) -> str:
+    """``value`` itself, or where long its first EXAMPLE_CHARS characters, its length and a digest of
+    the whole: two long values that begin alike stay two examples, each counted on its own."""
+    if len(value) <= EXAMPLE_CHARS:
+        return value
+    digest = hashlib.sha1(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{value[:EXAMPLE_CHARS]}... ({len(value):,} characters, sha1 {digest})"
 
 
 # When a categorical column's unknown bucket took far more of a run's rows than of training's, its

@@ -51,6 +51,20 @@ def test_unseen_examples_keep_the_most_frequent_values_and_stay_bounded():
     assert (counts.rows, counts.unseen, counts.examples["N"]) == (1780, 1774, 124)
 
 
+def test_a_long_unseen_value_is_kept_as_its_start_and_a_digest_and_counted_apart_from_its_likes():
+    """One 20 MB cell made a 20 MB summary: examples were kept whole."""
+    long_a, long_b = "y" * 5_000_000 + "a", "y" * 5_000_000 + "b"
+    counts = UnseenCounts()
+    texts, indices = category_codes(pa.array([long_a, long_a, long_b, "N"]))
+    counts.count(texts, indices, frozenset({"yes", "no"}))
+    entry = unseen_entries([CategoricalStats("flag", ("no", "yes"))], {"flag": counts})["flag"]
+    assert len(json.dumps(entry)) < 2_000
+    keys = sorted(entry["examples"], key=lambda key: -entry["examples"][key])
+    assert [entry["examples"][k] for k in keys] == [2, 1, 1]
+    assert keys[0].startswith("y" * 200 + "... (5,000,001 characters, sha1 ") and keys[0] != keys[1]
+    assert "N" in keys
+
+
 def _judged(unseen: int, rows: int, training_share: float | None, categories=("no", "yes")) -> dict:
     stats = CategoricalStats("flag", categories, unknown_share=training_share)
     counts = {"flag": UnseenCounts(rows, unseen, Counter({"Y": unseen // 2, "N": unseen - unseen // 2}))}
