@@ -35,7 +35,7 @@ from pipeline.outputs import OutputWriter, StagedOutputs, check_scores_target, s
 from pipeline.runtime import BundleScorer, shared_scorer
 from pipeline.schema import check_id_names, scored_labels
 from pipeline.signals import join_thread, queue_get, queue_put, raise_deferred, signals_deferred
-from pipeline.tables import estimate_rows, iter_batches, read_columns
+from pipeline.tables import estimate_rows, headerless_hint, iter_batches, read_columns
 from pipeline.unseen import (MissingCounts, UnseenCounts, file_entries, missing_entries, missing_file_entries, percent,
                              training_missing_shares, unseen_entries, warn_unseen)
 
@@ -128,8 +128,10 @@ def required_columns(bundle: Bundle, path: Path, warn: bool = True) -> tuple[lis
         alike = {c.strip().casefold(): c for c in columns}
         near = [f"{alike[c.strip().casefold()]!r} for {c!r}" for c in missing if c.strip().casefold() in alike]
         raise DataError(
-            f"{path}: missing column(s) {missing} that bundle {bundle.name!r} was trained on"
-            + (f" (the file has {', '.join(near)}, which differ in case or spaces: rename them)" if near else "")
+            f"{path}: missing column(s) [{first_of([repr(c) for c in missing])}] that bundle {bundle.name!r} was "
+            f"trained on"
+            + (f" (the file has {first_of(near)}, which differ in case or spaces: rename them)" if near else "")
+            + headerless_hint(columns)
             + "; add them (empty values are allowed) or score with a bundle trained on these columns"
         )
     has_label = bool(schema.label_column) and schema.label_column in columns
@@ -137,10 +139,15 @@ def required_columns(bundle: Bundle, path: Path, warn: bool = True) -> tuple[lis
              if c not in needed and c != schema.label_column]
     if extra and warn:
         # Quoted, as a name may be blank or end in a space; a pandas index written by to_csv() has no name.
-        shown = [repr(c) if c else f"column {position} (no name)" for position, c in extra[:10]]
-        log.warning("%s: ignoring %d column(s) the bundle does not use: %s", path, len(extra),
-                    ", ".join(shown) + (" ..." if len(extra) > 10 else ""))
+        shown = [repr(c) if c else f"column {position} (no name)" for position, c in extra]
+        log.warning("%s: ignoring %d column(s) the bundle does not use: %s", path, len(extra), first_of(shown))
     return needed, has_label
+
+
+def first_of(items: list[str], shown: int = 10) -> str:
+    """The first ``shown`` items, and how many more: a 2,000-column table renamed made a 57 KB line."""
+    more = f" and {len(items) - shown:,} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 # How long a stopped run waits for the reader thread to leave pyarrow: a chunk parses in milliseconds.

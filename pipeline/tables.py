@@ -9,7 +9,7 @@ text as written, markers included (iter_batches).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -393,8 +393,26 @@ def check_header(path: Path, names: list[str], used: Collection[str] | None = No
             continue
         if name in first:
             raise DataError(f"{path}: column {name!r} appears twice in the header (columns {first[name]} and "
-                            f"{position}); rename or drop one, so that each column means one thing")
+                            f"{position}); rename or drop one, so that each column means one thing"
+                            + headerless_hint(names))
         first[name] = position
+
+
+def headerless_hint(names: Sequence[str]) -> str:
+    """For an error about a header's names: where most of them are numbers, the file most likely has
+    no header, and its first data row was read as one (two equal values there were "a column named
+    twice"; scoring found every column missing). Only a hint: numbers are names in some tables."""
+    def number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    if len(names) < 2 or sum(number(name) for name in names) * 2 < len(names):
+        return ""
+    return (f" (its first line, {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}, looks like data: is the "
+            f"header row missing? add a first line naming the columns)")
 
 
 def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthrough: list[str],

@@ -540,3 +540,24 @@ def test_twice_named_columns_the_bundle_does_not_use_are_ignored(trained_bundle,
     assert twice.read_text().splitlines()[0].endswith(",temperature")
     with pytest.raises(DataError, match="column 'temperature' appears twice in the header"):
         score_files(ScoreJob(trained_bundle, (twice,), tmp_path / "twice.parquet", device="cpu"))
+
+
+def test_a_file_without_its_header_row_is_told_so_and_a_long_list_of_missing_columns_is_cut(trained_bundle, frame,
+                                                                                            tmp_path):
+    """Scoring a CSV whose header row was lost listed every column as missing, and a 2,000-column
+    table with its names in capitals made a 57 KB error line."""
+    from pipeline.batch_score import first_of
+
+    headerless = tmp_path / "night.csv"
+    frame.head(50).to_csv(headerless, index=False, header=False)
+    with pytest.raises(DataError, match=r"night\.csv: missing column\(s\) \[.*\] that bundle 'sensors' was trained "
+                                        r"on \(its first line, [^()]*, looks like data: is the header row missing\? add "
+                                        r"a first line naming the columns\); add them"):
+        score_files(ScoreJob(trained_bundle, (headerless,), tmp_path / "s.parquet", device="cpu"))
+    named = tmp_path / "named.csv"
+    frame.head(50).rename(columns=str.upper).to_csv(named, index=False)
+    with pytest.raises(DataError) as caught:
+        score_files(ScoreJob(trained_bundle, (named,), tmp_path / "s.parquet", device="cpu"))
+    assert "looks like data" not in str(caught.value) and "which differ in case or spaces" in str(caught.value)
+    names = [f"'c{i}'" for i in range(2000)]
+    assert first_of(names) == ", ".join(names[:10]) + " and 1,990 more" and first_of(names[:10]) == ", ".join(names[:10])

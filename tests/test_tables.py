@@ -739,3 +739,18 @@ def test_a_bundle_trained_on_decimal_codes_decides_as_one_trained_on_integers(tm
             scores[kind, data] = pd.read_parquet(out)
     for frame in scores.values():
         pd.testing.assert_frame_equal(frame, scores["plain", "plain"])
+
+
+def test_a_headerless_table_whose_first_row_repeats_a_value_is_told_its_header_looks_like_data(tmp_path):
+    """Training on a CSV without its header row said `column '1.0' appears twice in the header`."""
+    path = tmp_path / "t.csv"
+    path.write_text("1.0,1.0,2.0\n" + "3.5,4.5,5.5\n" * 20)
+    with pytest.raises(DataError, match=r"column '1\.0' appears twice in the header \(columns 1 and 2\); rename or "
+                                        r"drop one, so that each column means one thing \(its first line, 1\.0, 1\.0, "
+                                        r"2\.0, looks like data: is the header row missing\?"):
+        read_table(path)
+    named = tmp_path / "named.csv"
+    named.write_text("x,x,y\n" + "3.5,4.5,5.5\n" * 20)
+    with pytest.raises(DataError) as caught:
+        read_table(named)
+    assert "looks like data" not in str(caught.value)
