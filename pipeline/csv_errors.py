@@ -71,8 +71,53 @@ def structure_error(path: Path, exc: Exception) -> InputFileError | None:
         return InputFileError(f"{path}: its header holds text that is not UTF-8 ({one_line(exc)}); save the file "
                               f"as UTF-8")
     if "invalid UTF8" in message:
-        return InputFileError(f"{path}: holds text that is not UTF-8 ({one_line(exc)}); save the file as UTF-8")
+        found = first_invalid_utf8(path)
+        if found is None:
+            return InputFileError(f"{path}: holds text that is not UTF-8 ({one_line(exc)}); save the file as UTF-8")
+        line, column, text = found
+        where = f"line {line}" + (f", column {column!r}" if column is not None else "")
+        return InputFileError(f"{path}: {where} holds text that is not UTF-8 ({text}); save the file as UTF-8 (from "
+                              f"Windows-1252 or Latin-1, as Excel and older exports write: iconv -f cp1252 -t utf-8, "
+                              f"or pandas' encoding='cp1252' and to_csv)")
     return None
+
+
+def first_invalid_utf8(path: Path) -> tuple[int, str | None, str] | None:
+    """Where the first bytes that are not UTF-8 are: their line, the header's name of their column
+    (None where it can't be told: a line begun in an earlier block, or past the header's columns),
+    and the bytes among their neighbours. pyarrow says only "CSV column #4", numbered from 0."""
+    newlines, carry, first = 0, b"", True
+    with _open_bytes(path) as handle:
+        while True:
+            block = handle.read(SCAN_BLOCK)
+            data = carry + block
+            if not data:
+                return None
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if block and exc.reason == "unexpected end of data":  # a character cut by the block's end
+                    newlines += data.count(b"\n", 0, exc.start)
+                    carry, first = data[exc.start:], first and b"\n" not in data[:exc.start]
+                    continue
+                return _located(data, exc.start, exc.end, newlines, first, path)
+            if not block:
+                return None
+            newlines += data.count(b"\n")
+            carry, first = b"", first and b"\n" not in data
+
+
+def _located(data: bytes, start: int, end: int, newlines: int, first: bool, path: Path) -> tuple[int, str | None, str]:
+    line_start = data.rfind(b"\n", 0, start) + 1
+    line = newlines + data.count(b"\n", 0, start) + 1
+    shown = data[max(line_start, start - 20):end + 20].split(b"\n")[0]
+    column = None
+    if line_start or first:  # the whole line is in hand
+        before = data[line_start:start].decode("utf-8", "replace").lstrip("\ufeff")
+        index = len(next(csv.reader([before]), [""])) - 1 if before else 0
+        names = next(csv.reader([_first_line(path)]), [])
+        column = names[index] if line > 1 and index < len(names) else None
+    return line, column, f"bytes {data[start:end]!r} in {shown.decode('utf-8', 'backslashreplace')!r}"
 
 
 def not_csv_text_error(path: Path) -> InputFileError | None:

@@ -148,3 +148,31 @@ def test_a_gz_file_that_is_no_gzip_is_left_to_the_gzip_check(tmp_path):
     assert not_csv_text_error(path) is None
     with pytest.raises(InputFileError, match="is not gzip data"):
         gzip_data_end(path)
+
+
+LATIN1_ROWS = "id,note,x\n" + "".join(f"{i},caf\u00e9 {i},{i / 3}\n" for i in range(40))
+
+
+@pytest.mark.parametrize("block", [csv_errors.SCAN_BLOCK, 7, 5])
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_text_that_is_not_utf8_is_found_by_line_and_column_name(tmp_path, monkeypatch, block, suffix):
+    """pyarrow said `In CSV column #1: ... invalid UTF8 data`, numbered from 0 and with no line. Small
+    blocks cut lines and UTF-8 characters at block ends (the 'é's above line 22 are UTF-8 here)."""
+    monkeypatch.setattr(csv_errors, "SCAN_BLOCK", block)
+    head, bad = LATIN1_ROWS.splitlines(keepends=True)[:22], LATIN1_ROWS.splitlines(keepends=True)[22:]
+    data = "".join(head).encode("utf-8") + "".join(bad).encode("latin-1")
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    line, column, shown = csv_errors.first_invalid_utf8(path)
+    assert line == 23 and shown.startswith("bytes b'\\xe9' in '") and "\\\\xe9" in shown
+    assert "21,caf" in shown or block < 20  # the line as far as the block holds it
+    assert column == "note" or (block < 20 and column is None)  # a line begun in an earlier block: not told
+    if block > 1000:
+        error = csv_errors.structure_error(path, ValueError("In CSV column #1: CSV conversion error to string: "
+                                                            "invalid UTF8 data"))
+        assert str(error).startswith(f"{path}: line 23, column 'note' holds text that is not UTF-8 (bytes b'\\xe9' ")
+        assert str(error).endswith("save the file as UTF-8 (from Windows-1252 or Latin-1, as Excel and older "
+                                   "exports write: iconv -f cp1252 -t utf-8, or pandas' encoding='cp1252' and to_csv)")
+    whole = LATIN1_ROWS.encode("utf-8")
+    path.write_bytes(gzip.compress(whole) if suffix.endswith(".gz") else whole)
+    assert csv_errors.first_invalid_utf8(path) is None
