@@ -229,6 +229,25 @@ def _categorical_stats(name: str, values: np.ndarray, config: PreprocessConfig, 
     return CategoricalStats(name, kept, boolean, integer, share)
 
 
+# A number written for people: a currency before it ('€1,546.46', 'USD 12'), thousands separators in it
+# ('264,000'), or a unit after it ('12.5 kg', '45%'). Not a code ('X000123', 'AB-12'): nothing but a
+# currency may come before the digits.
+_DECORATED_NUMBER = re.compile(r"\s*(?P<currency>[$\u20ac\u00a3\u00a5\u20b9]|[A-Z]{3} )?\s*[+-]?\s*"
+                               r"(?P<digits>\d{1,3}(?:[,\u00a0\u202f' ]\d{3})+|\d+)(?:\.\d+)?"
+                               r"\s*(?P<unit>%|[A-Za-z\u00b0\u00b5/]{1,4})?\s*")
+
+
+def _decorated_number(text: str) -> bool:
+    match = _DECORATED_NUMBER.fullmatch(text)
+    return bool(match) and bool(match["currency"] or match["unit"] or not match["digits"].isdigit())
+
+
+def _mostly_decorated_numbers(texts) -> bool:
+    """Nine in ten of ``texts`` (a column's distinct values) are numbers written for people."""
+    texts = [str(t) for t in texts]
+    return bool(texts) and sum(map(_decorated_number, texts)) >= 0.9 * len(texts)
+
+
 # Past this share of training rows in the unknown bucket, a column's one-hot block says nothing
 # about most rows, and it is seldom a category at all: numbers written with thousands separators
 # ('264,000') or a currency ('€101.23'), or a near-unique code, sent 83-92% there. Categories stay
@@ -324,10 +343,19 @@ def _kept_categories(values: np.ndarray, config: PreprocessConfig, name: str, so
         example = str(counts.index[0])
         hint = (" (if the rows are image paths, train on images with --image-size)"
                 if example.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")) else "")
+        named = ("; naming it in preprocess.categorical_columns keeps a column categorical, but no value of this "
+                 "one repeats, so it has no category to keep" if name in config.categorical_columns else "")
+        if _mostly_decorated_numbers(counts.index[:1000]):
+            # '€1,546.46': an amount, not an id. "Pass it with --id-columns" lost it from the model.
+            raise DataError(f"{source}: column {name!r} holds numbers written with separators or units (e.g. "
+                            f"{example!r}), {len(counts):,} distinct values in {len(values):,} training rows, none "
+                            f"seen {config.min_category_count} times, so it is no category: write them as plain "
+                            f"numbers (1546.46, not €1,546.46) and it trains as numeric; or leave it out of the "
+                            f"file{named}")
         raise DataError(f"{source}: column {name!r} has {len(counts):,} distinct values in {len(values):,} training "
                         f"rows and none seen {config.min_category_count} times (e.g. {example!r}), so it is no "
-                        f"category: it looks like an identifier; pass it with --id-columns {shlex.quote(name)}, or leave it out "
-                        f"of the file{hint}")
+                        f"category: it looks like an identifier; pass it with --id-columns {shlex.quote(name)}, or "
+                        f"leave it out of the file{hint}{named}")
     counts = kept
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return tuple(str(c) for c, _ in ordered[: config.max_categories])

@@ -119,6 +119,23 @@ def test_a_text_column_of_rare_values_only_is_named_as_an_identifier(frame, valu
         fitted(frame.assign(code=values))
 
 
+@pytest.mark.parametrize("spelled", ["\u20ac{:,.2f}", "{:,.0f}", "{:.1f} kg", "USD {:.2f}"])
+def test_a_column_of_amounts_written_for_people_is_told_to_be_plain_numbers_not_an_id(frame, spelled):
+    """'€1,546.46' was called an identifier, and passing it with --id-columns lost the amount from
+    the model; naming it in categorical_columns (the README's advice for such columns) did nothing."""
+    values = [spelled.format(x) for x in np.random.default_rng(5).uniform(1_000, 3_000_000, 1000)]
+    for config, named in (({}, ""),
+                          ({"categorical_columns": ("price",)},
+                           "; naming it in preprocess.categorical_columns keeps a column categorical, but no value "
+                           "of this one repeats, so it has no category to keep")):
+        with pytest.raises(DataError) as caught:
+            fitted(frame.assign(price=values), **config)
+        assert str(caught.value).startswith("t: column 'price' holds numbers written with separators or units (e.g. ")
+        assert str(caught.value).endswith("so it is no category: write them as plain numbers (1546.46, not "
+                                          "\u20ac1,546.46) and it trains as numeric; or leave it out of the file"
+                                          + named)
+
+
 def test_a_suggested_id_column_is_spelled_for_the_shell(frame):
     """`pass it with --id-columns Order ID ,` split in the shell into two arguments."""
     with pytest.raises(DataError, match=r"pass it with --id-columns 'Order ID ', or leave it out of the file$"):
