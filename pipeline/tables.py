@@ -256,6 +256,30 @@ def _with_missing_as_null(batch: pa.RecordBatch, columns: list[str]) -> pa.Recor
     return batch
 
 
+def not_parquet_error(path: Path, exc: Exception) -> InputFileError | None:
+    """For a .parquet whose end is not Parquet's (pyarrow: "magic bytes not found in footer"), what it
+    is by its first bytes: a Parquet file cut short (a copy that stopped), or another format named
+    .parquet; None for other errors."""
+    if table_format(path) != "parquet" or "magic bytes not found" not in str(exc):
+        return None
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"PAR1"):
+        return InputFileError(f"{path}: a Parquet file that ends early ({path.stat().st_size:,} bytes, without the "
+                              f"PAR1 marker a whole one ends with): it was cut off while written or copied; copy or "
+                              f"export it again")
+    if head.startswith(b"\x1f\x8b"):
+        what, fix = "gzip-compressed data", "if it is a gzipped CSV, name it .csv.gz"
+    else:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        what, fix = (("CSV text", "name it .csv") if "," in text or ";" in text or "\t" in text else
+                     ("neither Parquet nor CSV", "export it again as Parquet or CSV"))
+    return InputFileError(f"{path}: is {what}, not Parquet (a Parquet file starts and ends with PAR1); {fix}")
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a whole table for training; the header alone, or nothing, is an error."""
     path = check_input_file(path)
@@ -269,7 +293,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except PipelineError:
         raise  # check_header's own message; an InputFileError is an OSError too
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise structure_error(path, exc) or InputFileError(
+        raise structure_error(path, exc) or not_parquet_error(path, exc) or InputFileError(
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     if table.num_rows == 0:
         raise DataError(f"{path}: has a header but no data rows; expected at least one row")
@@ -373,7 +397,7 @@ def read_columns(path: str | Path, used: Collection[str] | None = None) -> list[
     except PipelineError:
         raise  # an InputFileError is an OSError too
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise structure_error(path, exc) or InputFileError(
+        raise structure_error(path, exc) or not_parquet_error(path, exc) or InputFileError(
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     check_header(path, names, used)
     return names

@@ -754,3 +754,24 @@ def test_a_headerless_table_whose_first_row_repeats_a_value_is_told_its_header_l
     with pytest.raises(DataError) as caught:
         read_table(named)
     assert "looks like data" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["csv", "gzip", "truncated"])
+def test_a_parquet_name_on_other_bytes_says_what_they_are(tmp_path, kind):
+    """Each was pyarrow's "Parquet magic bytes not found in footer. Either the file is corrupted or
+    this is not a parquet file.", which says neither which nor what to do."""
+    import gzip
+
+    path = tmp_path / "t.parquet"
+    if kind == "truncated":
+        pd.DataFrame({"x": np.arange(500.0)}).to_parquet(path)
+        path.write_bytes(path.read_bytes()[:-300])
+        expected = (r"a Parquet file that ends early \([0-9,]+ bytes, without the PAR1 marker a whole one ends with\): "
+                    r"it was cut off while written or copied; copy or export it again")
+    else:
+        path.write_bytes(TABLE_TEXT.encode() if kind == "csv" else gzip.compress(TABLE_TEXT.encode()))
+        expected = ("is CSV text, not Parquet .*; name it .csv" if kind == "csv" else
+                    "is gzip-compressed data, not Parquet .*; if it is a gzipped CSV, name it .csv.gz")
+    for read in (read_table, read_columns):
+        with pytest.raises(InputFileError, match=rf"^{re.escape(str(path))}: {expected}$"):
+            read(path)
