@@ -392,7 +392,7 @@ def check_finite(values: np.ndarray, columns: tuple[str, ...] | list[str], sourc
     if out_of_range.any():
         row, col = map(int, np.argwhere(out_of_range)[0])
         raise DataError(
-            f"{source}: column {columns[col]!r} holds {values[row, col]} at row {row_offset + row + 1}; "
+            f"{source}: column {columns[col]!r} holds {values[row, col]} at {_where(source, row_offset + row + 1)}; "
             f"expected finite numbers within float32's range (|x| <= {FLOAT32_MAX:.3g}): replace it with "
             f"a number in range or leave the cell empty"
         )
@@ -424,7 +424,7 @@ def label_vector(frame: pd.DataFrame, label_column: str, source: str) -> np.ndar
         # Marking the anomalies alone is a common way to label: say what the blanks must become.
         only_anomalies = {_label_meaning(v) for v in column.dropna().astype(str).unique()} == {1.0}
         raise DataError(
-            f"{source}: label column {label_column!r} is missing a value at row {row + 1}; "
+            f"{source}: label column {label_column!r} is missing a value at {_where(source, row + 1)}; "
             f"expected 0 (normal) or 1 (anomaly) on every row"
             + ("; only anomalies (1) are labelled: fill the other rows with 0 if they are normal"
                if only_anomalies else "")

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import PreprocessConfig
 from pipeline.errors import DataError
-from pipeline.schema import check_id_names, infer_schema, label_vector, numeric_matrix, scored_labels
+from pipeline.schema import check_finite, check_id_names, infer_schema, label_vector, numeric_matrix, scored_labels
 
 
 @pytest.fixture
@@ -458,3 +458,15 @@ def test_a_numeric_column_of_one_value_and_blanks_is_kept(table, value):
     schema = infer_schema(table, source="t.csv", config=PreprocessConfig(), label_column="label", id_columns=("id",))
     assert "flag" in schema.numeric
     assert schema.dropped == (("const", "constant"),)
+
+
+def test_an_infinity_and_a_missing_label_in_a_csv_are_named_by_row_and_line(tmp_path):
+    """"row 3" alone, where a quoted line break above puts it on line 5, and where a bad number in
+    the same file was already "row 3 (line 5)" (and the Node example's infinity too)."""
+    path = tmp_path / "t.csv"
+    path.write_text('x,note,label\n1.0,"two\nlines",0\n2.0,b,\ninf,c,1\n')
+    frame = pd.read_csv(path)
+    with pytest.raises(DataError, match=r"column 'x' holds inf at row 3 \(line 5\); expected finite"):
+        check_finite(frame[["x"]].to_numpy(dtype=np.float64), ["x"], str(path))
+    with pytest.raises(DataError, match=r"label column 'label' is missing a value at row 2 \(line 4\); expected 0"):
+        label_vector(frame, "label", str(path))
