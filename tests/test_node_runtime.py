@@ -456,23 +456,6 @@ def test_a_column_spelled_anew_warns_as_vaeguard_score_does(trained_bundle, inco
     assert [line for line in chunked.stderr.splitlines() if "never saw" in line] == python
 
 
-@pytest.mark.parametrize("unseen", [20, 21])
-def test_a_few_new_values_warn_for_neither_and_the_limit_is_the_same(trained_bundle, incoming_csv, node_example,
-                                                                     tmp_path, capsys, unseen):
-    # The batch has some lines 'D', never seen in training; more become 'E' until `unseen` of its
-    # 2,000 rows are new: 20 is 1.0%, not above the 1% a warning needs, 21 is.
-    def edit(at, rows):
-        new = sum(row[at["line"]] not in ("A", "B", "C") for row in rows)
-        assert 10 <= new < unseen
-        for row in [row for row in rows if row[at["line"]] == "A"][:unseen - new]:
-            row[at["line"]] = "E"
-    source = write_rows(tmp_path / "few.csv", *edited_rows(incoming_csv, edit, rows=2000))
-    python, node = unseen_warnings_of_both(capsys, node_example, trained_bundle, source, tmp_path)
-    assert node == python
-    assert len(python) == (unseen == 21)
-    assert not python or "column 'line': 21 of 2,000 rows (1.1%) hold values the bundle never saw" in python[0]
-
-
 def left_blank(at, rows):
     """A night whose export left 'temperature' (never blank in training) and 'vibration' (a few percent
     blank in training) empty, spelled as pyarrow's null markers, and 'pressure' blank in 3 rows only."""
@@ -505,20 +488,38 @@ def test_a_numeric_column_left_blank_warns_as_vaeguard_score_does(trained_bundle
     assert [line for line in chunked.stderr.splitlines() if "are blank" in line] == python
 
 
-@pytest.mark.parametrize("blank", [20, 21])
-def test_a_few_blank_cells_warn_for_neither_and_the_limit_is_the_same(trained_bundle, incoming_csv, node_example,
-                                                                      tmp_path, capsys, blank):
-    # 'temperature' was never blank in training: 20 blank rows of 2,000 are 1.0%, not above the 1% a
-    # warning needs, 21 are.
+def _new_values(count: int):
+    """Some lines of the batch are 'D', never seen in training; more become 'E' until ``count`` are new."""
+    def edit(at, rows):
+        new = sum(row[at["line"]] not in ("A", "B", "C") for row in rows)
+        assert 10 <= new < count
+        for row in [row for row in rows if row[at["line"]] == "A"][:count - new]:
+            row[at["line"]] = "E"
+    return edit
+
+
+def _blank_cells(count: int):
+    """'temperature', never blank in training, blank in ``count`` rows."""
     def edit(at, rows):
         assert all(row[at["temperature"]] for row in rows)
-        for row in rows[:blank]:
+        for row in rows[:count]:
             row[at["temperature"]] = ""
-    source = write_rows(tmp_path / "few.csv", *edited_rows(incoming_csv, edit, rows=2000))
-    python, node = unseen_warnings_of_both(capsys, node_example, trained_bundle, source, tmp_path, "are blank")
+    return edit
+
+
+@pytest.mark.parametrize("count", [20, 21])
+@pytest.mark.parametrize("edit, said, warning", [
+    (_new_values, "never saw", "column 'line': 21 of 2,000 rows (1.1%) hold values the bundle never saw"),
+    (_blank_cells, "are blank", "column 'temperature': 21 of 2,000 rows (1.1%; none in training) are blank"),
+], ids=["unseen", "blank"])
+def test_a_few_new_values_or_blank_cells_warn_for_neither_and_the_limit_is_the_same(
+        trained_bundle, incoming_csv, node_example, tmp_path, capsys, count, edit, said, warning):
+    # 20 rows of 2,000 are 1.0%, not above the 1% a warning needs; 21 are.
+    source = write_rows(tmp_path / "few.csv", *edited_rows(incoming_csv, edit(count), rows=2000))
+    python, node = unseen_warnings_of_both(capsys, node_example, trained_bundle, source, tmp_path, said)
     assert node == python
-    assert len(python) == (blank == 21)
-    assert not python or "column 'temperature': 21 of 2,000 rows (1.1%; none in training) are blank" in python[0]
+    assert len(python) == (count == 21)
+    assert not python or warning in python[0]
 
 
 def node_blank_shares(script: Path, bundle: Path) -> dict:

@@ -73,13 +73,7 @@ def test_the_share_of_training_rows_in_the_unknown_bucket_is_recorded(frame):
     assert flags.boolean and flags.unknown_share == 0.0
     raw = pre.to_dict()
     assert raw["categorical"][0]["unknown_share"] == color.unknown_share and Preprocessor.from_dict(raw) == pre
-    del raw["categorical"][0]["unknown_share"]  # a bundle exported before it: training's share is not known
-    assert Preprocessor.from_dict(raw).categorical[0].unknown_share is None
-    assert "unknown_share" not in Preprocessor.from_dict(raw).to_dict()["categorical"][0]
-    for bad in ("0.1", 1.5, -0.1, True):
-        raw["categorical"][0]["unknown_share"] = bad
-        with pytest.raises(TypeError, match=r"'unknown_share' must be a number from 0 to 1, got "):
-            Preprocessor.from_dict(raw)
+    check_share_is_optional_and_checked(raw, "categorical", "unknown_share")
 
 
 def test_the_share_of_training_rows_blank_in_each_numeric_column_is_recorded(frame):
@@ -96,12 +90,19 @@ def test_the_share_of_training_rows_blank_in_each_numeric_column_is_recorded(fra
     assert raw["numeric"][0] == {"name": "x", "median": pre.numeric[0].median, "scale": pre.numeric[0].scale,
                                  "has_indicator": True, "missing_share": 19 / 800}
     assert Preprocessor.from_dict(raw) == pre
-    del raw["numeric"][0]["missing_share"]  # a bundle exported before it: training's share is not known
-    assert Preprocessor.from_dict(raw).numeric[0].missing_share is None
-    assert "missing_share" not in Preprocessor.from_dict(raw).to_dict()["numeric"][0]
+    check_share_is_optional_and_checked(raw, "numeric", "missing_share")
+
+
+def check_share_is_optional_and_checked(raw: dict, kind: str, key: str) -> None:
+    """A bundle exported before ``key`` was recorded reads as not knowing it (None), and writes it back
+    without it; a value that is no share from 0 to 1 is refused, naming the column."""
+    del raw[kind][0][key]
+    assert getattr(getattr(Preprocessor.from_dict(raw), kind)[0], key) is None
+    assert key not in Preprocessor.from_dict(raw).to_dict()[kind][0]
     for bad in ("0.1", 1.5, -0.1, True):
-        raw["numeric"][0]["missing_share"] = bad
-        with pytest.raises(TypeError, match=r"^numeric column 'x': 'missing_share' must be a number from 0 to 1, got "):
+        raw[kind][0][key] = bad
+        with pytest.raises(TypeError, match=rf"^{kind} column '{raw[kind][0]['name']}': '{key}' must be a number from "
+                                            rf"0 to 1, got "):
             Preprocessor.from_dict(raw)
 
 
