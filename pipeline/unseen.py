@@ -137,11 +137,16 @@ def unseen_entries(categorical: Sequence[CategoricalStats], counts: dict[str, Un
 def file_entries(categorical: Sequence[CategoricalStats], counts: dict[str, UnseenCounts]) -> dict[str, dict]:
     """One input's own counts per categorical column, for its entry in the summary's ``files``:
     compact (no examples), as a run may have thousands of inputs."""
+    return _own_counts(categorical, counts, "unseen")
+
+
+def _own_counts(columns: Sequence[CategoricalStats | NumericStats], counts: dict, counted: str) -> dict[str, dict]:
+    """Per column, the rows scored, the rows ``counted`` ("unseen" or "missing") and their share."""
     entries = {}
-    for stats in categorical:
-        tally = counts.get(stats.name, UnseenCounts())
-        entries[stats.name] = {"rows": tally.rows, "unseen": tally.unseen,
-                               "share": tally.unseen / tally.rows if tally.rows else 0.0}
+    for stats in columns:
+        tally = counts.get(stats.name)
+        rows, count = (tally.rows, getattr(tally, counted)) if tally is not None else (0, 0)
+        entries[stats.name] = {"rows": rows, counted: count, "share": count / rows if rows else 0.0}
     return entries
 
 
@@ -234,12 +239,7 @@ def missing_entries(numeric: Sequence[NumericStats], training: dict[str, float |
 
 def missing_file_entries(numeric: Sequence[NumericStats], counts: dict[str, MissingCounts]) -> dict[str, dict]:
     """One input's own counts per numeric column, for its entry in the summary's ``files``."""
-    entries = {}
-    for stats in numeric:
-        tally = counts.get(stats.name, MissingCounts())
-        entries[stats.name] = {"rows": tally.rows, "missing": tally.missing,
-                               "share": tally.missing / tally.rows if tally.rows else 0.0}
-    return entries
+    return _own_counts(numeric, counts, "missing")
 
 
 def missing_counts_of(entry: dict) -> MissingCounts:
