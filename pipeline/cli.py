@@ -461,7 +461,7 @@ def _run(args: argparse.Namespace, ended: Callable[[], None]) -> int:
     except OSError as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"error: {disk_full(args, exc) or _unexpected(exc)}", file=sys.stderr)
+        print(f"error: {storage_error(args, exc) or _unexpected(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.verbose:
@@ -475,10 +475,28 @@ def _unexpected(exc: BaseException) -> str:
     return f"unexpected {type(exc).__name__}: {one_line(exc)} (run with --verbose for the traceback)"
 
 
-# Where each command writes, to name in a disk-full error: the exception names at best a hidden
-# temporary file (or, from pyarrow, nothing at all).
-WRITES_TO = {"score": ("--output", "output"), "train": ("--out", "out"), "demo": ("--out", "out"),
-             "export": ("bundle", "bundle")}
+# Where each command writes, to name in a disk-full error: the error names at best a hidden
+# temporary file there (or, from pyarrow and pandas, nothing at all).
+WRITES_TO = {"score": (("--output", "output"), ("--maps", "maps")), "train": (("--out", "out"),),
+             "demo": (("--out", "out"), ("--work", "work")), "export": (("bundle", "bundle"),)}
+# Commands whose every write goes through a temporary name removed on failure (demo writes its
+# generated data straight into --work).
+WRITES_WHOLE = {"score", "train", "export"}
+
+
+def _written_to(args: argparse.Namespace, filename: str | bytes | None = None) -> list[tuple[str, Path]]:
+    """The command's outputs (option, path) ``filename`` may be written for: the deepest one holding
+    it, or every one where no file is named; none for a file outside them all."""
+    places = [(option, Path(getattr(args, attribute))) for option, attribute in WRITES_TO.get(args.command, ())
+              if getattr(args, attribute, None) is not None]
+    if not filename:
+        return places
+    file = Path(os.fsdecode(filename)).absolute()
+    # --output is a file: its temporary name, summary and report are written beside it.
+    holding = [(len(root.parts), option, place) for option, place in places
+               for root in [place.absolute().parent if option == "--output" else place.absolute()]
+               if file == root or root in file.parents]
+    return [max(holding)[1:]] if holding else []
 
 
 # Free space below which an unexpected failure of a writing command is most likely a full disk.
@@ -489,32 +507,49 @@ def _space_left_hint(args: argparse.Namespace) -> str:
     """For a command that writes, where its folder's disk is (nearly) full: the likely cause. A full
     disk does not always come as ENOSPC: torch.save, for one, raises "RuntimeError: [enforce fail
     at inline_container.cc] unexpected pos"."""
-    option, attribute = WRITES_TO.get(args.command, ("", ""))
-    target = getattr(args, attribute, None)
-    if target is None:
-        return ""
-    folder = next((p for p in (Path(target), *Path(target).absolute().parents) if p.is_dir()), None)
+    for option, target in _written_to(args):
+        free = _free_bytes(target)
+        if free is not None and free < LOW_SPACE_BYTES:
+            return (f"; the disk of {option} {target} has {free:,} bytes free, the likely cause: free space on it, "
+                    f"or write elsewhere")
+    return ""
+
+
+def _free_bytes(target: Path) -> int | None:
+    """Free space on the disk ``target`` is (or would be made) on; None where that can't be told."""
+    folder = next((p for p in (target, *target.absolute().parents) if p.is_dir()), None)
     try:
-        free = shutil.disk_usage(folder).free if folder is not None else None
+        return shutil.disk_usage(folder).free if folder is not None else None
     except OSError:
-        return ""
-    if free is None or free >= LOW_SPACE_BYTES:
-        return ""
-    return (f"; the disk of {option} {target} has {free:,} bytes free, the likely cause: free space on it, or write "
-            f"elsewhere")
-
-
-def disk_full(args: argparse.Namespace, exc: OSError) -> str | None:
-    """The one line for a disk or quota that filled up while the command wrote (None for any other
-    OSError): where, and what to do. Every command writes through a temporary name it removes on
-    failure, so nothing half-written is left, and an earlier output stays as it was."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
-    option, attribute = WRITES_TO.get(args.command, ("", ""))
-    where = f"{option} {getattr(args, attribute)}" if hasattr(args, attribute) else (exc.filename or "the output")
-    quota = "the disk quota is used up" if exc.errno == errno.EDQUOT else "the disk is full"
-    return (f"{where}: {quota} ({os.strerror(exc.errno)}) while writing there; free space on it, or write elsewhere; "
-            f"nothing was written, and an earlier output is as it was")
+
+
+STORAGE_ERRORS = {errno.ENOSPC: ("the disk is full", "free space on it, or write elsewhere"),
+                  errno.EDQUOT: ("the disk quota is used up", "free space on it, or write elsewhere"),
+                  # Checked before any work (pipeline.outputs.check_location): here the file system
+                  # turned read-only during the run, as ext4 does after a disk error.
+                  errno.EROFS: ("the file system is read-only", "make it writable, or write elsewhere")}
+
+
+def storage_error(args: argparse.Namespace, exc: OSError) -> str | None:
+    """The one line for a disk or quota that filled up, or a file system that turned read-only, while
+    the command wrote (None for any other OSError): where, and what to do."""
+    if exc.errno not in STORAGE_ERRORS:
+        return None
+    what, fix = STORAGE_ERRORS[exc.errno]
+    written = _written_to(args, exc.filename)
+    if not exc.filename and exc.errno != errno.EROFS:
+        # Several outputs and no file named (--output and --maps): the one whose disk is full, if told.
+        written = [(option, place) for option, place in written
+                   if (free := _free_bytes(place)) is not None and free < LOW_SPACE_BYTES] or written
+    if written:
+        where = " or ".join(f"{option} {place}" for option, place in written)
+    elif exc.filename:  # outside the outputs: a temporary folder, say
+        where = str(Path(os.fsdecode(exc.filename)).parent)
+    else:  # a command that writes nothing, and no file named: nothing to say where
+        return None
+    kept = "; nothing was written, and an earlier output is as it was" if args.command in WRITES_WHOLE else ""
+    return f"{where}: {what} ({os.strerror(exc.errno)}) while writing there; {fix}{kept}"
 
 
 class _Leaving:

@@ -181,6 +181,22 @@ def searched_by(folder: Path, path: Path) -> bool:
     return not any(part.startswith(".") for part in Path(os.path.relpath(target, root)).parts)
 
 
+def _tables_not_images(folder: Path, example: Path, count: int) -> str:
+    """What to do with a folder of table files (a table written in parts) given where images are
+    read: said for `train` and `score` alike, since both list a folder this way. The join is a
+    command to run as it is, for the kind of file found."""
+    suffix = next(s for s in SUPPORTED_SUFFIXES[::-1] if example.name.lower().endswith(s))  # .csv.gz before .csv
+    suffix = example.name[-len(suffix):]  # as written: the glob below tells case apart
+    kind = "parquet" if suffix.lower() in (".parquet", ".pq") else "csv"
+    write = "to_parquet('{}.parquet')" if kind == "parquet" else "to_csv('{}.csv', index=False)"
+    join = (f"python -c \"import glob, pandas as pd; pd.concat(map(pd.read_{kind}, sorted(glob.glob("
+            f"{str(folder / '**' / ('*' + suffix))!r}, recursive=True)))).{write.format(folder.name or 'all')}\"")
+    return (f"no PNG, JPEG or BMP images in {folder}, but {count:,} table file(s) such as {example}: a table is read "
+            f"from a file, not a folder; `vaeguard train` takes one file (join the parts: {join}) and `vaeguard "
+            f"score` takes the files themselves ({folder / ('*' + suffix)}) with a bundle trained on a table; for "
+            f"images, pass a folder of them")
+
+
 def _list_folder(folder: Path) -> ImageSource:
     found: list[Path] = []
     tables: list[Path] = []  # said when no image is found: a partitioned table is a folder too
@@ -208,10 +224,7 @@ def _list_folder(folder: Path) -> ImageSource:
         tables.extend(Path(root) / name for name in files
                       if not name.startswith(".") and name.lower().endswith(SUPPORTED_SUFFIXES))
     if not found and tables:
-        raise InputFileError(
-            f"no PNG, JPEG or BMP images in {folder}, but {len(tables):,} table file(s) such as {min(tables)}; a table "
-            f"is trained on as one file: join the parts into one (e.g. pandas.concat(map(pandas.read_parquet, "
-            f"parts)).to_parquet('all.parquet')) and pass that file; for images, pass a folder of them")
+        raise InputFileError(_tables_not_images(folder, min(tables), len(tables)))
     if not found:
         raise InputFileError(f"no PNG, JPEG or BMP images in {folder} (searched recursively); "
                              f"expected files ending in {', '.join(IMAGE_SUFFIXES)}")

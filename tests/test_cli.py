@@ -759,6 +759,72 @@ def test_a_disk_that_fills_up_while_scoring_is_one_line_naming_the_output(capsys
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_disk_that_fills_up_while_training_is_one_line_naming_out(capsys, monkeypatch, sensor_csv, tmp_path):
+    """It was `error: unexpected OSError: [Errno 28] No space left on device: '.../.q.run-.../schema.json'`."""
+    import errno
+
+    real_write_text = Path.write_text
+
+    def full(path, *args, **kwargs):
+        if path.name == "schema.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "out"
+    code, _, err = run_main(capsys, "train", sensor_csv, "--name", "q", "--out", out)
+    assert code == 1
+    assert err.splitlines()[-1] == (f"error: --out {out}: the disk is full (No space left on device) while writing "
+                                    f"there; free space on it, or write elsewhere; nothing was written, and an "
+                                    f"earlier output is as it was")
+    assert not out.exists()
+
+
+def _storage_line(argv, error, free=None, monkeypatch=None):
+    import shutil
+    from collections import namedtuple
+
+    from pipeline.cli import build_parser, storage_error
+
+    if free is not None:  # bytes free on each disk, by the folder asked about
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 0, free(Path(path))))
+    return storage_error(build_parser().parse_args([str(a) for a in argv]), error)
+
+
+def test_a_full_disk_or_read_only_file_system_names_the_output_written_and_only_claims_what_holds(monkeypatch,
+                                                                                                  tmp_path):
+    """Before, every full disk named the command's first output (--output, while --maps on another disk
+    filled; --out, while demo filled --work) and claimed nothing was written (demo writes its data in
+    place); a file system turned read-only was `unexpected OSError`."""
+    import errno
+
+    output, maps = tmp_path / "s" / "s.parquet", tmp_path / "maps"
+    output.parent.mkdir()
+    maps.mkdir()  # where its disk is told apart from the output's
+    score = ["score", "B", "x.csv", "--output", output, "--maps", maps]
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert _storage_line(score, OSError(errno.ENOSPC, "No space left on device", str(maps / ".stage" / "1.png"))
+                         ).startswith(f"--maps {maps}: the disk is full (No space left on device) while writing there")
+    assert _storage_line(score, OSError(errno.ENOSPC, "No space left on device", str(output.parent / ".s.parquet.tmp"))
+                         ).startswith(f"--output {output}: the disk is full")
+    # No file named (pyarrow, pandas): the output whose disk is nearly full, where one is.
+    assert _storage_line(score, full, lambda path: 0 if maps in (path, *path.parents) else 1 << 30,
+                         monkeypatch).startswith(f"--maps {maps}: the disk is full")
+    assert _storage_line(score, full, lambda path: 1 << 30, monkeypatch).startswith(
+        f"--output {output} or --maps {maps}: the disk is full")
+    assert _storage_line(score, OSError(errno.EROFS, "Read-only file system", str(output.parent / "s.summary.json"))
+                         ) == (f"--output {output}: the file system is read-only (Read-only file system) while "
+                               f"writing there; make it writable, or write elsewhere; nothing was written, and an "
+                               f"earlier output is as it was")
+    demo = _storage_line(["demo", "--out", tmp_path / "ex", "--work", tmp_path / "work"],
+                         OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "work" / "train.csv")))
+    assert demo == f"--work {tmp_path / 'work'}: the disk is full (No space left on device) while writing there; " \
+                   f"free space on it, or write elsewhere"
+    assert _storage_line(["inspect", "B"], full) is None  # writes nothing, names nothing: the plain error
+    assert _storage_line(score, OSError(errno.EACCES, "Permission denied", str(output))) is None
+
+
 def test_an_unexpected_failure_on_a_nearly_full_disk_names_it_as_the_likely_cause(capsys, monkeypatch, sensor_csv,
                                                                                  tmp_path):
     """torch.save on a full disk raises RuntimeError ("unexpected pos"), not ENOSPC."""

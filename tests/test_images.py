@@ -192,10 +192,32 @@ def test_a_folder_of_table_parts_says_a_table_trains_as_one_file(capsys, tmp_pat
         pd.DataFrame({"x": [1.0, 2.0]}).to_parquet(parts / f"part-{i}.parquet")
     code, _, err = run_main(capsys, "train", parts, "--name", "ds", "--out", tmp_path / "out")
     assert code == 1
-    assert err.splitlines() == [
-        f"error: no PNG, JPEG or BMP images in {parts}, but 2 table file(s) such as {parts / 'part-0.parquet'}; a "
-        f"table is trained on as one file: join the parts into one (e.g. pandas.concat(map(pandas.read_parquet, "
-        f"parts)).to_parquet('all.parquet')) and pass that file; for images, pass a folder of them"]
+    [line] = err.splitlines()
+    assert line.startswith(f"error: no PNG, JPEG or BMP images in {parts}, but 2 table file(s) such as "
+                           f"{parts / 'part-0.parquet'}: a table is read from a file, not a folder; `vaeguard train` "
+                           f"takes one file (join the parts: python -c ")
+
+
+@pytest.mark.parametrize("suffix, read", [(".parquet", pd.read_parquet), (".csv.gz", pd.read_csv)])
+def test_the_join_a_folder_of_table_parts_is_told_runs_and_score_is_told_too(monkeypatch, tmp_path, suffix, read):
+    """The join was `pandas.concat(map(pandas.read_parquet, parts))`, `parts` left to the reader and
+    Parquet's for CSV parts too; and scoring an image bundle on the folder was told "a table is
+    trained on as one file", a step of training."""
+    parts = tmp_path / "ds"
+    (parts / "day=2").mkdir(parents=True)  # a partitioned data set's nested parts
+    frame = pd.DataFrame({"x": [1.0, 2.0, 3.0], "c": ["a", "b", "c"]})
+    for i, part in enumerate((parts / f"part-0{suffix}", parts / "day=2" / f"part-1{suffix}")):
+        write = frame.to_parquet if suffix == ".parquet" else lambda path: frame.to_csv(path, index=False)
+        write(part)
+    with pytest.raises(InputFileError) as caught:
+        list_images(parts)
+    message = str(caught.value)
+    assert "`vaeguard score` takes the files themselves" in message and "trained on a table" in message
+    command = message.split('python -c "', 1)[1].split('")', 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(command, {})
+    joined = next(p for p in tmp_path.iterdir() if p.is_file())
+    assert read(joined).shape == (6, 2) and joined.name == "ds" + (".parquet" if suffix == ".parquet" else ".csv")
 
 
 def test_folder_without_images_names_the_folder(tmp_path):
