@@ -22,7 +22,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.contract import OUTPUT_NAMES, SOURCE_COLUMN
 from pipeline.csv_errors import line_of_row
 from pipeline.errors import DataError
-from pipeline.tables import category_strings
+from pipeline.tables import category_strings, headerless_note
 
 log = logging.getLogger("vaeguard")
 
@@ -143,7 +143,8 @@ def _nearest_columns(name: str, columns) -> str:
     if nearest is not None:
         return f"did you mean {nearest!r}?"
     shown = ", ".join(map(repr, names[:_COLUMNS_SHOWN]))
-    return f"its columns are {shown}" + (f" and {len(names) - _COLUMNS_SHOWN} more" if len(names) > _COLUMNS_SHOWN else "")
+    return headerless_note(names) or (f"its columns are {shown}" + (
+        f" and {len(names) - _COLUMNS_SHOWN} more" if len(names) > _COLUMNS_SHOWN else ""))
 
 
 def check_id_names(id_columns: tuple[str, ...] | list[str], where: str, *, several_inputs: bool,

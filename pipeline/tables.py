@@ -9,6 +9,9 @@ text as written, markers included (iter_batches).
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +27,8 @@ from pipeline.csv_errors import (gzip_data_end, line_of_row, not_csv_text_error,
                                  separator_error, structure_error, unclosed_quote_error)
 from pipeline.errors import DataError, InputFileError, PipelineError, one_line
 from pipeline.outputs import check_utf8_path
+
+log = logging.getLogger("vaeguard")
 
 # .csv.gz: nightly batch files often arrive gzipped; pyarrow decompresses them as it streams.
 SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
@@ -287,6 +292,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if table_format(path) == "csv":
             table = _read_csv(path, _convert_options(), check_end=True)
             check_header(path, table.column_names)
+            if table.num_rows:
+                check_first_line(path, table)
         else:
             check_header(path, pq.ParquetFile(path).schema_arrow.names)  # before pyarrow refuses twice-named columns
             table = pq.read_table(path)
@@ -296,7 +303,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise structure_error(path, exc) or not_parquet_error(path, exc) or InputFileError(
             f"{path}: could not be read as {table_format(path)}: {one_line(exc)}") from exc
     if table.num_rows == 0:
-        raise DataError(f"{path}: has a header but no data rows; expected at least one row")
+        raise DataError(f"{path}: has a header but no data rows; expected at least one row"
+                        + headerless_hint(table.column_names))
     return _to_pandas(_plain_types(table, path))
 
 
@@ -422,21 +430,90 @@ def check_header(path: Path, names: list[str], used: Collection[str] | None = No
         first[name] = position
 
 
-def headerless_hint(names: Sequence[str]) -> str:
+def headerless_note(names: Sequence[str]) -> str:
     """For an error about a header's names: where most of them are numbers, the file most likely has
     no header, and its first data row was read as one (two equal values there were "a column named
-    twice"; scoring found every column missing). Only a hint: numbers are names in some tables."""
-    def number(text: str) -> bool:
-        try:
-            float(text)
-        except ValueError:
-            return False
-        return True
-
-    if len(names) < 2 or sum(number(name) for name in names) * 2 < len(names):
+    twice"; scoring found every column missing): a note that says so, else "". Only a hint: numbers
+    are names in some tables."""
+    if not _mostly_numbers(names):
         return ""
-    return (f" (its first line, {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}, looks like data: is the "
-            f"header row missing? add a first line naming the columns)")
+    return (f"its first line, {_first_fields(names)}, looks like data: is the header row missing? add a first line "
+            f"naming the columns")
+
+
+def headerless_hint(names: Sequence[str]) -> str:
+    """headerless_note in parentheses, to follow an error's own words; else ""."""
+    note = headerless_note(names)
+    return f" ({note})" if note else ""
+
+
+def _mostly_numbers(names: Sequence[str]) -> bool:
+    return len(names) >= 2 and 2 * sum(_number(name) is not None for name in names) >= len(names)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _first_fields(names: Sequence[str], shown: int = 4) -> str:
+    # Each cut short: in a file without its header, a "name" is a value, and may be a long text.
+    fields = [name if len(name) <= 40 else name[:40] + "..." for name in names[:shown]]
+    return ", ".join(fields) + (", ..." if len(names) > shown else "")
+
+
+def check_first_line(path: Path, table: pa.Table) -> None:
+    """Refuse a CSV whose header is most likely its first data row: the header row was lost, and a
+    bundle trained so names its columns by one row's values, which no later file has. Most of the
+    names are numbers, and nearly every one could be a value of its column (_could_be_value). Sure
+    where one is a fraction ('70.62865110546697') or a text that its column holds ('B', 'False'): no
+    one names columns so. Where every such name is a whole number it may be a name (a year, a
+    wavelength), so it only warns. Checked only where most names are numbers: nothing to do
+    otherwise."""
+    names = table.column_names
+    if not _mostly_numbers(names):
+        return
+    fitting = [name for name, column in zip(names, table.columns) if _could_be_value(name, column)]
+    if len(names) - len(fitting) > len(names) // 10:
+        return
+    sure = any(not _WHOLE_NUMBER.fullmatch(name) for name in fitting if name.strip())
+    if sure:
+        raise DataError(f"{path}: its first line ({_first_fields(names)}) looks like data, not a header: is the header "
+                        f"row missing? add a first line naming the columns")
+    log.warning("%s: its header (%s) could be a line of data, each a number within its column's range: if the header "
+                "row is missing, add a first line naming the columns; if these are the columns' names, ignore this",
+                path, _first_fields(names))
+
+
+_WHOLE_NUMBER = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def _could_be_value(name: str, column: pa.ChunkedArray) -> bool:
+    """Whether a header's ``name`` could be one of ``column``'s values (the rows under it, as read):
+    a number within the column's range widened by its width on each side (the first row of a file is
+    rarely its extreme, but may be: an id counting from 0), a text the column holds, a boolean or a
+    date a boolean or date column reads, or a blank where the column has blanks."""
+    kind = column.type
+    if not name.strip():
+        return column.null_count > 0
+    if pa.types.is_null(kind):
+        return True
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        value, (low, high) = _number(name), pc.min_max(column).values()
+        if value is None or low.as_py() is None:
+            return value is not None
+        width = high.as_py() - low.as_py()
+        return low.as_py() - width <= value <= high.as_py() + width
+    if _is_text(kind):
+        return pc.index(column, name).as_py() >= 0
+    try:
+        pa.scalar(name).cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True
 
 
 def iter_batches(path: str | Path, numeric: list[str], text: list[str], passthrough: list[str],

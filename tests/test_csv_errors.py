@@ -155,24 +155,35 @@ LATIN1_ROWS = "id,note,x\n" + "".join(f"{i},caf\u00e9 {i},{i / 3}\n" for i in ra
 
 @pytest.mark.parametrize("block", [csv_errors.SCAN_BLOCK, 7, 5])
 @pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
-def test_text_that_is_not_utf8_is_found_by_line_and_column_name(tmp_path, monkeypatch, block, suffix):
+def test_text_that_is_not_utf8_is_found_by_row_line_and_column_name(tmp_path, monkeypatch, block, suffix):
     """pyarrow said `In CSV column #1: ... invalid UTF8 data`, numbered from 0 and with no line. Small
-    blocks cut lines and UTF-8 characters at block ends (the 'é's above line 22 are UTF-8 here)."""
+    blocks cut lines and UTF-8 characters at block ends (the 'é's above line 22 are UTF-8 here): a line
+    begun in an earlier block lost its column's name."""
     monkeypatch.setattr(csv_errors, "SCAN_BLOCK", block)
     head, bad = LATIN1_ROWS.splitlines(keepends=True)[:22], LATIN1_ROWS.splitlines(keepends=True)[22:]
     data = "".join(head).encode("utf-8") + "".join(bad).encode("latin-1")
     path = tmp_path / f"t{suffix}"
     path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
-    line, column, shown = csv_errors.first_invalid_utf8(path)
-    assert line == 23 and shown.startswith("bytes b'\\xe9' in '") and "\\\\xe9" in shown
-    assert "21,caf" in shown or block < 20  # the line as far as the block holds it
-    assert column == "note" or (block < 20 and column is None)  # a line begun in an earlier block: not told
-    if block > 1000:
-        error = csv_errors.structure_error(path, ValueError("In CSV column #1: CSV conversion error to string: "
-                                                            "invalid UTF8 data"))
-        assert str(error).startswith(f"{path}: line 23, column 'note' holds text that is not UTF-8 (bytes b'\\xe9' ")
-        assert str(error).endswith("save the file as UTF-8 (from Windows-1252 or Latin-1, as Excel and older "
-                                   "exports write: iconv -f cp1252 -t utf-8, or pandas' encoding='cp1252' and to_csv)")
+    assert csv_errors.first_invalid_utf8(path) == (23, 22, "note", "bytes b'\\xe9' in '21,caf\\xe9 21,7.0'")
+    error = csv_errors.structure_error(path, ValueError("In CSV column #1: CSV conversion error to string: "
+                                                        "invalid UTF8 data"))
+    assert str(error) == (f"{path}: row 22 (line 23), column 'note' holds text that is not UTF-8 (bytes b'\\xe9' in "
+                          f"'21,caf\\xe9 21,7.0'); save the file as UTF-8 (from Windows-1252 or Latin-1, as Excel and "
+                          f"older exports write: iconv -f cp1252 -t utf-8, or pandas' encoding='cp1252' and to_csv)")
     whole = LATIN1_ROWS.encode("utf-8")
     path.write_bytes(gzip.compress(whole) if suffix.endswith(".gz") else whole)
     assert csv_errors.first_invalid_utf8(path) is None
+
+
+def test_bad_utf8_after_quoted_line_breaks_or_in_a_long_line_is_told_by_what_is_sure(tmp_path, monkeypatch):
+    """Quoted line breaks and blank lines above make the row uncertain (the line is still sure); a line
+    longer than what is kept between blocks loses its column's name, not its line; neighbours far
+    from the line's ends are cut with '...'."""
+    path = tmp_path / "t.csv"
+    path.write_bytes(b'id,note,x\n1,"two\nlines",2\n\n2,caf\xe9,3\n')
+    assert csv_errors.first_invalid_utf8(path) == (5, None, "note", "bytes b'\\xe9' in '2,caf\\xe9,3'")
+    monkeypatch.setattr(csv_errors, "SCAN_BLOCK", 64)
+    monkeypatch.setattr(csv_errors, "_LINE_KEPT", 32)
+    path.write_bytes(b"id,note,x\n1," + b"y" * 100 + b"\xe9" + b"z" * 100 + b",2\n")
+    assert csv_errors.first_invalid_utf8(path) == (2, 1, None, "bytes b'\\xe9' in '..." + "y" * 20 + "\\xe9"
+                                                   + "z" * 20 + "...'")

@@ -110,6 +110,16 @@ def test_a_long_header_is_not_listed_whole(table):
         infer_schema(wide, source="t.csv", config=PreprocessConfig(), id_columns=("zzz",))
 
 
+def test_a_named_column_missing_from_a_header_of_numbers_says_the_header_row_may_be_missing():
+    """A file without its header row, whose first line was read as the names, listed those values as
+    "its columns", as if the user had misspelled --id-columns."""
+    frame = pd.DataFrame(np.arange(60).reshape(20, 3), columns=["23", "25", "37"])
+    with pytest.raises(DataError, match=r"^t\.csv: column 'row_id' was named by --id-columns but is not in the file "
+                                        r"\(its first line, 23, 25, 37, looks like data: is the header row missing\? "
+                                        r"add a first line naming the columns\); correct the name in --id-columns$"):
+        infer_schema(frame, source="t.csv", config=PreprocessConfig(), id_columns=("row_id",))
+
+
 @pytest.mark.parametrize("name", ["score", "recon", "kl", "p_value", "is_anomaly", "source"])
 def test_an_id_column_named_like_a_scores_column_is_refused_at_training(table, name):
     """The scores would hold two columns of that name, which pandas.read_parquet refuses."""

@@ -775,3 +775,57 @@ def test_a_parquet_name_on_other_bytes_says_what_they_are(tmp_path, kind):
     for read in (read_table, read_columns):
         with pytest.raises(InputFileError, match=rf"^{re.escape(str(path))}: {expected}$"):
             read(path)
+
+
+def _without_header(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False, header=False)
+    return path
+
+
+def test_training_on_a_csv_without_its_header_row_is_refused_where_its_first_line_is_surely_data(tmp_path, caplog):
+    """With no equal values in its first line, a headerless CSV trained without a word: a bundle
+    whose columns were named '0', '70.62865110546697', ..., which no later file has."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"row_id": np.arange(300), "temp": rng.normal(70, 5, 300), "speed": rng.integers(100, 200, 300),
+                          "line": rng.choice(["A", "B"], 300)})
+    fractions = _without_header(frame, tmp_path / "fractions.csv")
+    first = frame.iloc[0]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(fractions))}: its first line \(0, {first.temp}, "
+                                        rf"{first.speed}, {first.line}\) looks like data, not a header: is the header "
+                                        rf"row missing\? add a first line naming the columns$"):
+        read_table(fractions)
+    # Whole numbers, but a text its column holds ('A' or 'B'): no header names a column so.
+    words = _without_header(frame.drop(columns="temp"), tmp_path / "words.csv")
+    with pytest.raises(DataError, match="looks like data, not a header"):
+        read_table(words)
+    # Whole numbers alone may be names (years, heights): read, with a warning.
+    counts = _without_header(frame[["row_id", "speed"]], tmp_path / "counts.csv")
+    with caplog.at_level("WARNING", logger="vaeguard"):
+        assert read_table(counts).columns.tolist() == ["0", str(first.speed)]
+    assert caplog.messages == [f"{counts}: its header (0, {first.speed}) could be a line of data, each a number within "
+                               f"its column's range: if the header row is missing, add a first line naming the "
+                               f"columns; if these are the columns' names, ignore this"]
+
+
+@pytest.mark.parametrize("names", [["400", "410", "420"], ["2019", "2020", "note"], ["x", "y", "1.5"]])
+def test_a_header_of_numbers_that_are_no_values_of_their_columns_is_read_without_a_word(tmp_path, caplog, names):
+    """Wavelengths over reflectances, years over a few percent: names, not a row of data. And a header
+    where most names are words is not looked at."""
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({name: rng.uniform(0, 1, 50) for name in names})
+    if "note" in names:
+        frame["note"] = rng.choice(["a", "b"], 50)
+    path = tmp_path / "t.csv"
+    frame.to_csv(path, index=False)
+    with caplog.at_level("WARNING", logger="vaeguard"):
+        assert read_table(path).columns.tolist() == names
+    assert not caplog.messages
+
+
+def test_a_file_of_one_line_of_data_says_its_header_row_may_be_missing(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("3.5,4.5," + "z" * 100 + "\n")
+    with pytest.raises(DataError, match=r"has a header but no data rows; expected at least one row \(its first line, "
+                                        r"3\.5, 4\.5, z{40}\.\.\., looks like data: is the header row missing\? add a "
+                                        r"first line naming the columns\)$"):
+        read_table(path)
